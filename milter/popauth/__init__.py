@@ -1,0 +1,1 @@
+"""popauth: POP-before-SMTP relay control as a milter."""

@@ -1,0 +1,5 @@
+import sys
+
+from popauth.cli import main
+
+sys.exit(main())

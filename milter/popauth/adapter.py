@@ -1,0 +1,187 @@
+"""The pymilter adapter: MTA callbacks in, relay verdicts out, nothing more.
+
+Round trips are what a milter costs the MTA, so the adapter negotiates away
+every callback the decision does not use (HELO, headers, body, DATA,
+unknown commands) and answers with a final verdict as early as it is known:
+
+- a trusted client is accepted at CONNECT, for the whole connection;
+- an authenticated or whitelisted client is accepted at MAIL, for that
+  message only, so the next MAIL on the same connection is checked again;
+- otherwise each RCPT is judged; an accepted local recipient gets CONTINUE,
+  never ACCEPT, because ACCEPT at RCPT would wave through the recipients
+  that follow it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import Milter
+import structlog
+
+from popauth.addresses import AddressError, IPAddress, parse_client_address
+from popauth.decision import Client, Decision, Verdict
+from popauth.gate import RelayGate
+from popauth.recipients import Recipient
+
+# The macros each stage needs. Asking for them (SMFIF_SETSYMLIST) makes an MTA
+# send them even where its configured macro lists lack them, and nothing else.
+SYMBOL_LISTS: dict[int, str] = {
+    Milter.M_CONNECT: "{client_addr}",
+    Milter.M_ENVFROM: "{auth_authen}",
+    Milter.M_ENVRCPT: "{rcpt_mailer} {rcpt_addr} {rcpt_host}",
+}
+
+_Callback = TypeVar("_Callback", bound=Callable[..., int])
+
+
+def fail_closed(callback: _Callback) -> _Callback:
+    """Answer TEMPFAIL when a callback breaks: never let mail through by accident."""
+
+    @functools.wraps(callback)
+    def guarded(self: RelayMilter, *args: Any) -> int:
+        try:
+            return callback(self, *args)
+        except Exception:
+            self.log.exception("milter_callback_failed", callback=callback.__name__)
+            self.setreply("451", "4.3.0", "Relay check failed, try again later")
+            return int(Milter.TEMPFAIL)
+
+    return guarded  # type: ignore[return-value]
+
+
+def client_address_of(hostaddr: object) -> IPAddress | None:
+    """The IP address in connect()'s hostaddr, or None (UNIX socket, unknown)."""
+    if isinstance(hostaddr, tuple) and hostaddr and isinstance(hostaddr[0], str):
+        try:
+            return parse_client_address(hostaddr[0])
+        except AddressError:
+            return None
+    return None
+
+
+class RelayMilter(Milter.Base):  # type: ignore[misc]
+    def __init__(
+        self,
+        gate: RelayGate,
+        reject_text: str,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._gate = gate
+        self._reject_text = reject_text
+        self.log = log
+        self._address: IPAddress | None = None
+        self._client: Client | None = None
+
+    def negotiate(self, opts: list[int]) -> int:
+        offered_actions, offered_protocol, _, _ = opts
+        # pymilter's own symlist support passes bytes the C module rejects
+        # and then silently drops every protocol option, so do it here.
+        self._actions = offered_actions & Milter.SETSYMLIST
+        if self._actions:
+            for stage, macros in SYMBOL_LISTS.items():
+                self._ctx.setsymlist(stage, macros)
+        opts[0] = self._actions
+        opts[1] = self._protocol = offered_protocol & ~self.protocol_mask()
+        opts[2] = 0
+        opts[3] = 0
+        return int(Milter.CONTINUE)
+
+    @fail_closed
+    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+        self._address = client_address_of(hostaddr)
+        if self._gate.connection(self._address) is not None:
+            return int(Milter.ACCEPT)
+        return int(Milter.CONTINUE)
+
+    @fail_closed
+    def envfrom(self, sender: str, *parameters: str) -> int:
+        auth_user = self.getsymval("{auth_authen}") or ""
+        decision, self._client = self._gate.message(self._address, auth_user)
+        return int(Milter.ACCEPT) if decision is not None else int(Milter.CONTINUE)
+
+    @fail_closed
+    def envrcpt(self, recipient: str, *parameters: str) -> int:
+        client = self._client or Client(self._address)
+        rcpt = Recipient(
+            envelope=recipient,
+            mailer=self.getsymval("{rcpt_mailer}"),
+            resolved=self.getsymval("{rcpt_addr}"),
+        )
+        return self._reply(self._gate.recipient(client, rcpt))
+
+    def _reply(self, decision: Decision) -> int:
+        if decision.verdict is Verdict.ACCEPT:
+            return int(Milter.CONTINUE)
+        if decision.verdict is Verdict.TEMPFAIL:
+            self.setreply("451", "4.3.0", "Relay check unavailable, try again later")
+            return int(Milter.TEMPFAIL)
+        self.setreply("550", "5.7.1", f"Relaying denied. {self._reject_text}".rstrip())
+        return int(Milter.REJECT)
+
+    def abort(self) -> int:
+        self._client = None
+        return int(Milter.CONTINUE)
+
+    def eom(self) -> int:
+        return int(Milter.CONTINUE)
+
+    def close(self) -> int:
+        return int(Milter.CONTINUE)
+
+
+MilterFactory = Callable[[], RelayMilter]
+
+
+def run_milter(
+    *,
+    name: str,
+    spec: str,
+    timeout: int,
+    factory: MilterFactory,
+    on_ready: Callable[[], None],
+) -> None:
+    """Serve the milter on ``spec`` until libmilter is told to stop (SIGTERM).
+
+    Like ``Milter.runmilter``, but the factory is passed in rather than set
+    as a module global, and ``on_ready`` runs once the socket listens.
+    """
+    import milter as libmilter  # pymilter's C module
+
+    def negotiate(ctx: Any, opts: list[int]) -> int:
+        instance = factory()
+        instance._setctx(ctx)
+        return instance.negotiate(opts)
+
+    def connect(ctx: Any, hostname: str, family: int, hostaddr: object) -> int:
+        instance = ctx.getpriv()
+        if instance is None:  # an MTA that skips option negotiation
+            instance = factory()
+            instance._setctx(ctx)
+        return int(instance.connect(hostname, family, hostaddr))
+
+    def close(ctx: Any) -> int:
+        instance = ctx.getpriv()
+        if instance is None:
+            return int(Milter.CONTINUE)
+        try:
+            return int(instance.close())
+        finally:
+            instance._setctx(None)
+
+    libmilter.set_exception_policy(libmilter.TEMPFAIL)
+    libmilter.set_flags(libmilter.SETSYMLIST)
+    libmilter.set_connect_callback(connect)
+    libmilter.set_envfrom_callback(lambda ctx, *args: ctx.getpriv().envfrom_bytes(*args))
+    libmilter.set_envrcpt_callback(lambda ctx, *args: ctx.getpriv().envrcpt_bytes(*args))
+    libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    libmilter.set_close_callback(close)
+    libmilter.setconn(spec)
+    libmilter.settimeout(timeout)
+    libmilter.register(name, negotiate=negotiate)
+    libmilter.opensocket(True)
+    on_ready()
+    libmilter.main()

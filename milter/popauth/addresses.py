@@ -1,0 +1,121 @@
+"""Client addresses as the MTAs hand them over, normalised one way everywhere.
+
+Every door (milter, ingest socket, CLI) turns a textual address into the same
+value, so a login reported as ``::ffff:192.0.2.1`` whitelists the client that
+Postfix later reports as ``192.0.2.1`` and Sendmail as ``IPv6:::ffff:192.0.2.1``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Longest textual address we bother to parse: a full IPv6 address with an
+# ``IPv6:`` tag, brackets and a zone index fits well within this.
+_MAX_ADDRESS_TEXT = 100
+
+
+class AddressError(ValueError):
+    """The text is not a usable client IP address."""
+
+
+def parse_client_address(text: str) -> IPAddress:
+    """Parse an address from an MTA macro, a POP server hook or a person.
+
+    Accepts ``192.0.2.1``, ``2001:db8::1``, ``IPv6:2001:db8::1`` (Sendmail and
+    Postfix ``{client_addr}`` form), ``[192.0.2.1]`` and zone-qualified
+    link-local addresses. IPv4-mapped IPv6 becomes the IPv4 address.
+    """
+    if len(text) > _MAX_ADDRESS_TEXT:
+        raise AddressError("address too long")
+    candidate = text.strip()
+    if candidate.startswith("[") and candidate.endswith("]"):
+        candidate = candidate[1:-1]
+    if candidate[:5].lower() == "ipv6:":
+        candidate = candidate[5:]
+    # The zone index names an interface on the MTA host; the same client must
+    # match whichever interface it came in on.
+    candidate = candidate.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        raise AddressError(f"not an IP address: {text!r}") from None
+    return unmap(address)
+
+
+def unmap(address: IPAddress) -> IPAddress:
+    """Return the IPv4 address behind an IPv4-mapped IPv6 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_network(text: str) -> IPNetwork:
+    """Parse a network such as ``192.0.2.0/24``; mapped IPv6 becomes IPv4."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as error:
+        raise AddressError(f"not a network: {text!r} ({error})") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+@dataclass(frozen=True, slots=True)
+class WhitelistKeying:
+    """How a client address maps onto a whitelist key.
+
+    IPv6 clients with privacy extensions may change their address between the
+    POP login and the SMTP session, so an operator can whitelist the whole
+    prefix the login came from. IPv4 is always the single address.
+    """
+
+    ipv6_prefix: int = 128
+
+    def key_address(self, address: IPAddress) -> IPAddress:
+        if isinstance(address, ipaddress.IPv6Address) and self.ipv6_prefix < 128:
+            network = ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False)
+            return network.network_address
+        return address
+
+    def describe(self, key: IPAddress) -> str:
+        """Text for logs and listings: the address, or the IPv6 prefix it stands for."""
+        if isinstance(key, ipaddress.IPv6Address) and self.ipv6_prefix < 128:
+            return f"{key}/{self.ipv6_prefix}"
+        return str(key)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSet:
+    """A set of networks with a membership test, split by family for speed."""
+
+    v4: tuple[ipaddress.IPv4Network, ...] = ()
+    v6: tuple[ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def of(cls, networks: Iterable[IPNetwork]) -> NetworkSet:
+        v4: list[ipaddress.IPv4Network] = []
+        v6: list[ipaddress.IPv6Network] = []
+        for network in networks:
+            if isinstance(network, ipaddress.IPv4Network):
+                v4.append(network)
+            else:
+                v6.append(network)
+        return cls(tuple(v4), tuple(v6))
+
+    def __contains__(self, address: object) -> bool:
+        if isinstance(address, ipaddress.IPv4Address):
+            return any(address in network for network in self.v4)
+        if isinstance(address, ipaddress.IPv6Address):
+            return any(address in network for network in self.v6)
+        return False
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        yield from self.v4
+        yield from self.v6

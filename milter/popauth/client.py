@@ -1,0 +1,66 @@
+"""Client side of the ingest protocol, for the login hook and the CLI.
+
+Imports only the standard library: ``popauth login`` runs inside every POP
+login, so it must start fast, and it must give up within its deadline
+whatever the endpoint does.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+class IngestUnreachable(OSError):
+    """The endpoint is missing, refused, or did not answer in time."""
+
+
+class IngestClient:
+    def __init__(self, path: str, timeout: float = 2.0) -> None:
+        self._path = path
+        self._timeout = timeout
+
+    def request(self, line: str) -> list[str]:
+        """Send one request and return its reply lines (several for LIST)."""
+        deadline = time.monotonic() + self._timeout
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(self._timeout)
+            connection.connect(self._path)
+            connection.sendall(line.encode() + b"\n")
+            is_list = line.split(" ", 1)[0].upper() == "LIST"
+            return self._read_reply(connection, deadline, is_list)
+        except TimeoutError:
+            raise IngestUnreachable(
+                f"no answer from {self._path} within {self._timeout}s"
+            ) from None
+        except OSError as error:
+            if isinstance(error, IngestUnreachable):
+                raise
+            raise IngestUnreachable(
+                f"cannot talk to {self._path}: {error.strerror or error}"
+            ) from None
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _read_reply(connection: socket.socket, deadline: float, is_list: bool) -> list[str]:
+        buffer = b""
+        lines: list[str] = []
+        expected = 1
+        while len(lines) < expected:
+            while b"\n" not in buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                connection.settimeout(remaining)
+                chunk = connection.recv(65536)
+                if not chunk:
+                    raise IngestUnreachable("endpoint closed the connection mid-reply")
+                buffer += chunk
+            raw, buffer = buffer.split(b"\n", 1)
+            lines.append(raw.decode("utf-8", "replace"))
+            if is_list and len(lines) == 1 and lines[0].startswith("OK count="):
+                # A LIST reply announces how many entry lines follow.
+                expected += int(lines[0].removeprefix("OK count="))
+        return lines

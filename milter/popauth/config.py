@@ -1,0 +1,269 @@
+"""Settings: every default in one place, loaded from TOML and validated at start.
+
+An unknown key or a bad value stops ``popauth serve`` with a message naming
+the key, because a typo in a relay-control config must not silently fall
+back to something else.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from popauth.addresses import AddressError, IPNetwork, NetworkSet, parse_network
+from popauth.decision import RelayPolicy
+from popauth.recipients import DomainSet
+
+DEFAULT_INGEST_SOCKET = "/run/popauth/ingest.sock"
+DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
+DEFAULT_REJECT_MESSAGE = (
+    "Turn on SMTP AUTH in your mail program, or check your mail (POP/IMAP) just before sending."
+)
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a bad value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    milter_socket: str = DEFAULT_MILTER_SOCKET
+    milter_name: str = "popauth"
+    # Seconds libmilter waits for the MTA before dropping a connection.
+    milter_timeout: int = 600
+    milter_socket_mode: int = 0o660
+    milter_socket_group: str = ""
+    ingest_socket: str = DEFAULT_INGEST_SOCKET
+    ingest_socket_mode: int = 0o660
+    ingest_socket_group: str = ""
+    # Besides root and the user popauth runs as, who may change the whitelist.
+    ingest_allowed_users: tuple[str, ...] = ()
+    ingest_allowed_groups: tuple[str, ...] = ()
+    # Seconds a client may take for one request line before it is dropped.
+    ingest_timeout: float = 5.0
+    ingest_max_clients: int = 256
+    ttl: int = 900
+    max_entries: int = 100_000
+    trusted_networks: tuple[IPNetwork, ...] = field(
+        default_factory=lambda: (parse_network("127.0.0.0/8"), parse_network("::1/128"))
+    )
+    ipv6_prefix: int = 128
+    local_domains: tuple[str, ...] = ()
+    local_mailers: tuple[str, ...] = ("local",)
+    reject_message: str = DEFAULT_REJECT_MESSAGE
+    log_format: str = "console"
+    log_level: str = "info"
+
+    def relay_policy(self) -> RelayPolicy:
+        return RelayPolicy(
+            trusted_networks=NetworkSet.of(self.trusted_networks),
+            local_domains=DomainSet.of(self.local_domains),
+            local_mailers=frozenset(mailer.lower() for mailer in self.local_mailers),
+        )
+
+    def ingest_socket_path(self) -> Path:
+        return Path(self.ingest_socket)
+
+    def milter_socket_path(self) -> Path | None:
+        """The filesystem path of a ``unix:``/``local:`` milter socket."""
+        kind, _, rest = self.milter_socket.partition(":")
+        return Path(rest) if kind in ("unix", "local") else None
+
+
+# --- validators: each takes the raw TOML value and returns the typed one ---
+
+_Validator = Callable[[Any], Any]
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_MAILER = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+_DOMAIN = re.compile(r"^\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?$")
+_SMTP_TEXT = re.compile(r"^[\x20-\x7e]*$")
+_MILTER_SPEC = re.compile(r"^(unix|local):/.+$|^inet6?:\d{1,5}(@.+)?$")
+
+
+def _integer(low: int, high: int) -> _Validator:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be an integer")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return check
+
+
+def _number(low: float, high: float) -> _Validator:
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be a number")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return float(value)
+
+    return check
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _string_list(item: Callable[[str], Any]) -> _Validator:
+    def check(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a list of strings")
+        return tuple(item(v) for v in value)
+
+    return check
+
+
+def _choice(*choices: str) -> _Validator:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return check
+
+
+def _mode(value: Any) -> int:
+    # TOML has no octal strings people recognise, so accept "0660" too.
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise ValueError('must be a permission mode such as "0660"')
+
+
+def _milter_spec(value: Any) -> str:
+    text = _text(value)
+    if not _MILTER_SPEC.match(text):
+        raise ValueError('must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"')
+    return text
+
+
+def _absolute_path(value: Any) -> str:
+    text = _text(value)
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return text
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return parse_network(text)
+    except AddressError as error:
+        raise ValueError(str(error)) from None
+
+
+def _domain(text: str) -> str:
+    if not _DOMAIN.match(text):
+        raise ValueError(f"not a domain: {text!r}")
+    return text.lower()
+
+
+def _mailer(text: str) -> str:
+    if not _MAILER.match(text):
+        raise ValueError(f"not a mailer name: {text!r}")
+    return text.lower()
+
+
+def _user(text: str) -> str:
+    if not text.isdigit():
+        try:
+            pwd.getpwnam(text)
+        except KeyError:
+            raise ValueError(f"no such user: {text!r}") from None
+    return text
+
+
+def _group(text: str) -> str:
+    if not text.isdigit():
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            raise ValueError(f"no such group: {text!r}") from None
+    return text
+
+
+def _optional_group(value: Any) -> str:
+    text = _text(value)
+    return _group(text) if text else text
+
+
+def _reject_message(value: Any) -> str:
+    text = _text(value)
+    # libmilter drops a reply with a lone '%', and SMTP replies are ASCII.
+    if not _SMTP_TEXT.match(text) or "%" in text:
+        raise ValueError("must be printable ASCII without '%'")
+    if len(text) > 400:
+        raise ValueError("must be at most 400 characters")
+    return text
+
+
+def _nonempty(validator: _Validator) -> _Validator:
+    def check(value: Any) -> Any:
+        result = validator(value)
+        if not result:
+            raise ValueError("must not be empty")
+        return result
+
+    return check
+
+
+VALIDATORS: Mapping[str, _Validator] = {
+    "milter_socket": _milter_spec,
+    "milter_name": _nonempty(_text),
+    "milter_timeout": _integer(1, 86_400),
+    "milter_socket_mode": _mode,
+    "milter_socket_group": _optional_group,
+    "ingest_socket": _absolute_path,
+    "ingest_socket_mode": _mode,
+    "ingest_socket_group": _optional_group,
+    "ingest_allowed_users": _string_list(_user),
+    "ingest_allowed_groups": _string_list(_group),
+    "ingest_timeout": _number(0.1, 300),
+    "ingest_max_clients": _integer(1, 100_000),
+    "ttl": _integer(1, 7 * 86_400),
+    "max_entries": _integer(1, 100_000_000),
+    "trusted_networks": _string_list(_network),
+    "ipv6_prefix": _integer(0, 128),
+    "local_domains": _string_list(_domain),
+    "local_mailers": _nonempty(_string_list(_mailer)),
+    "reject_message": _reject_message,
+    "log_format": _choice("console", "json"),
+    "log_level": _choice(*_LOG_LEVELS),
+}
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        validator = VALIDATORS.get(key)
+        if validator is None:
+            raise ConfigError(f"unknown setting {key!r}")
+        try:
+            values[key] = validator(value)
+        except ValueError as error:
+            raise ConfigError(f"bad value for {key!r}: {error}") from None
+    return Settings(**values)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Settings from a TOML file, or the embedded defaults when path is None."""
+    if path is None:
+        return Settings()
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    return settings_from_mapping(raw)

@@ -1,0 +1,1 @@
+"""The ingest door: POP/IMAP login hooks report logins over a UNIX socket."""

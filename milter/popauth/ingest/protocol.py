@@ -1,0 +1,162 @@
+"""The ingest line protocol, simple enough for a shell hook to speak.
+
+A request is one line of UTF-8 ending in LF (CRLF is accepted), at most
+:data:`MAX_LINE` bytes: a verb, case-insensitive, and its arguments separated
+by blanks. Every reply line starts with one of three words:
+
+``OK``        the request succeeded; ``key=value`` fields follow;
+``NOTFOUND``  the address is not on the whitelist (QUERY, REVOKE);
+``ERR``       the request failed and changed nothing; a code word and a
+              human-readable reason follow.
+
+``LIST`` answers ``OK count=N`` followed by exactly N entry lines.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from popauth.addresses import AddressError, IPAddress, parse_client_address
+from popauth.store import Grant, StoreStats
+
+MAX_LINE = 512
+MAX_USER = 256
+
+
+class Verb(enum.Enum):
+    LOGIN = "LOGIN"
+    QUERY = "QUERY"
+    REVOKE = "REVOKE"
+    LIST = "LIST"
+    STATS = "STATS"
+    PING = "PING"
+    QUIT = "QUIT"
+
+
+# Verbs that change the whitelist; only allowed peers may use them.
+STATE_CHANGING = frozenset({Verb.LOGIN, Verb.REVOKE})
+
+_ARITY: dict[Verb, tuple[int, int]] = {
+    Verb.LOGIN: (1, 2),
+    Verb.QUERY: (1, 1),
+    Verb.REVOKE: (1, 1),
+    Verb.LIST: (0, 0),
+    Verb.STATS: (0, 0),
+    Verb.PING: (0, 0),
+    Verb.QUIT: (0, 0),
+}
+
+_USAGE: dict[Verb, str] = {
+    Verb.LOGIN: "LOGIN address [user]",
+    Verb.QUERY: "QUERY address",
+    Verb.REVOKE: "REVOKE address",
+    Verb.LIST: "LIST",
+    Verb.STATS: "STATS",
+    Verb.PING: "PING",
+    Verb.QUIT: "QUIT",
+}
+
+
+class ErrorCode(enum.Enum):
+    SYNTAX = "syntax"
+    ADDRESS = "address"
+    USER = "user"
+    FORBIDDEN = "forbidden"
+    TOO_LONG = "too-long"
+    TIMEOUT = "timeout"
+    BUSY = "busy"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    verb: Verb
+    address: IPAddress | None = None
+    user: str = ""
+
+
+def _valid_user(user: str) -> bool:
+    return 0 < len(user) <= MAX_USER and user.isprintable() and not any(c.isspace() for c in user)
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line (with or without its line ending)."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError(ErrorCode.TOO_LONG, f"request longer than {MAX_LINE} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.SYNTAX, "request is not UTF-8") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text.isprintable():
+        raise ProtocolError(ErrorCode.SYNTAX, "control characters in request")
+    words = text.split()
+    if not words:
+        raise ProtocolError(ErrorCode.SYNTAX, "empty request")
+    try:
+        verb = Verb(words[0].upper())
+    except ValueError:
+        known = " ".join(v.value for v in Verb)
+        raise ProtocolError(ErrorCode.SYNTAX, f"unknown verb; use one of {known}") from None
+    arguments = words[1:]
+    low, high = _ARITY[verb]
+    if not low <= len(arguments) <= high:
+        raise ProtocolError(ErrorCode.SYNTAX, f"usage: {_USAGE[verb]}")
+    if not arguments:
+        return Request(verb)
+    try:
+        address = parse_client_address(arguments[0])
+    except AddressError:
+        raise ProtocolError(ErrorCode.ADDRESS, f"not an IP address: {arguments[0][:60]}") from None
+    user = arguments[1] if len(arguments) > 1 else ""
+    if user and not _valid_user(user):
+        raise ProtocolError(ErrorCode.USER, f"user names are 1 to {MAX_USER} visible characters")
+    return Request(verb, address, user)
+
+
+def format_grant(grant: Grant, described_address: str) -> str:
+    return (
+        f"address={described_address} user={grant.user} "
+        f"granted={int(grant.granted_at)} expires={int(grant.expires_at)}"
+    )
+
+
+def ok(fields: str = "") -> bytes:
+    return f"OK {fields}\n".encode() if fields else b"OK\n"
+
+
+def not_found(described_address: str) -> bytes:
+    return f"NOTFOUND address={described_address}\n".encode()
+
+
+def error(code: ErrorCode, reason: str) -> bytes:
+    return f"ERR {code.value} {reason}\n".encode()
+
+
+def stats_fields(stats: StoreStats) -> str:
+    return " ".join(f"{name}={value}" for name, value in stats.as_pairs())
+
+
+def list_reply(lines: Iterable[str]) -> bytes:
+    body = list(lines)
+    return "".join([f"OK count={len(body)}\n", *(f"{line}\n" for line in body)]).encode()
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """Split ``key=value`` fields of a reply line (for clients)."""
+    fields: dict[str, str] = {}
+    for word in text.split():
+        key, equals, value = word.partition("=")
+        if equals:
+            fields[key] = value
+    return fields

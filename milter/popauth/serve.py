@@ -1,0 +1,68 @@
+"""``popauth serve``: build every piece from the settings and run them together.
+
+libmilter owns the main thread and the termination signals, so the ingest
+endpoint runs in its own thread and is stopped once the milter returns.
+"""
+
+from __future__ import annotations
+
+from popauth.adapter import RelayMilter, run_milter
+from popauth.addresses import WhitelistKeying
+from popauth.clock import SystemClock
+from popauth.config import Settings
+from popauth.gate import RelayGate
+from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.logs import configure_logging
+from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
+from popauth.store.memory import MemoryStore
+
+
+def serve(settings: Settings) -> None:
+    log = configure_logging(settings.log_format, settings.log_level)
+    keying = WhitelistKeying(settings.ipv6_prefix)
+    store = MemoryStore(ttl=settings.ttl, max_entries=settings.max_entries, clock=SystemClock())
+    policy = settings.relay_policy()
+    if not policy.local_domains:
+        log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
+    gate = RelayGate(policy=policy, store=store, keying=keying, log=log)
+    ingest = IngestServer(
+        path=settings.ingest_socket_path(),
+        mode=settings.ingest_socket_mode,
+        group=settings.ingest_socket_group,
+        store=store,
+        keying=keying,
+        peers=PeerPolicy.of(settings.ingest_allowed_users, settings.ingest_allowed_groups),
+        limits=IngestLimits(settings.ingest_timeout, settings.ingest_max_clients),
+        log=log,
+    )
+    milter_path = settings.milter_socket_path()
+    if milter_path is not None:
+        prepare_directory(milter_path)
+        clear_stale_socket(milter_path)
+
+    def on_ready() -> None:
+        if milter_path is not None:
+            set_permissions(milter_path, settings.milter_socket_mode, settings.milter_socket_group)
+        log.info(
+            "listening",
+            milter_socket=settings.milter_socket,
+            ingest_socket=settings.ingest_socket,
+            ttl=settings.ttl,
+            max_entries=settings.max_entries,
+        )
+
+    ingest.start()
+    try:
+        run_milter(
+            name=settings.milter_name,
+            spec=settings.milter_socket,
+            timeout=settings.milter_timeout,
+            factory=lambda: RelayMilter(gate, settings.reject_message, log),
+            on_ready=on_ready,
+        )
+    finally:
+        ingest.stop()
+        store.close()
+        if milter_path is not None:
+            remove_socket(milter_path)
+        log.info("stopped")

@@ -1,0 +1,9 @@
+"""The whitelist of clients that logged in to the POP/IMAP server.
+
+Every door reads or writes it through :class:`WhitelistStore`; the milter, the
+ingest socket and the CLI never see how entries are kept.
+"""
+
+from popauth.store.base import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
+
+__all__ = ["Grant", "GrantOutcome", "StoreStats", "StoreUnavailable", "WhitelistStore"]

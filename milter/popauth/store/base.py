@@ -1,0 +1,91 @@
+"""The store interface shared by every whitelist backend."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from popauth.addresses import IPAddress
+
+
+class StoreUnavailable(RuntimeError):
+    """The backend cannot answer now; callers must fail closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One whitelisted client: who logged in, when, and until when it may relay.
+
+    ``address`` is the whitelist key (for IPv6 the network address of the
+    configured prefix). Times are seconds since the epoch.
+    """
+
+    address: IPAddress
+    user: str
+    granted_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    grant: Grant
+    renewed: bool
+    # The entry pushed out to make room when the store was full.
+    evicted: Grant | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    entries: int
+    max_entries: int
+    ttl: int
+    grants: int
+    renewals: int
+    revocations: int
+    lookups: int
+    hits: int
+    evictions: int
+
+    def as_pairs(self) -> list[tuple[str, int]]:
+        return [
+            ("entries", self.entries),
+            ("max_entries", self.max_entries),
+            ("ttl", self.ttl),
+            ("grants", self.grants),
+            ("renewals", self.renewals),
+            ("revocations", self.revocations),
+            ("lookups", self.lookups),
+            ("hits", self.hits),
+            ("evictions", self.evictions),
+        ]
+
+
+class WhitelistStore(abc.ABC):
+    """Grant, renew, look up and revoke whitelisted clients.
+
+    Implementations are safe to call from many threads at once and raise
+    :class:`StoreUnavailable` (never return a made-up answer) when they cannot
+    reach their data.
+    """
+
+    @abc.abstractmethod
+    def grant(self, address: IPAddress, user: str) -> GrantOutcome:
+        """Whitelist ``address`` for the configured TTL, renewing an entry."""
+
+    @abc.abstractmethod
+    def lookup(self, address: IPAddress) -> Grant | None:
+        """The live entry for ``address``, or None."""
+
+    @abc.abstractmethod
+    def revoke(self, address: IPAddress) -> Grant | None:
+        """Remove ``address``; returns the entry that was removed, if any."""
+
+    @abc.abstractmethod
+    def entries(self) -> list[Grant]:
+        """Every live entry, oldest login first."""
+
+    @abc.abstractmethod
+    def stats(self) -> StoreStats: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release resources; the default store holds none."""

@@ -1,0 +1,127 @@
+"""The embedded whitelist: a ``cachetools.TTLCache`` behind one lock.
+
+libmilter calls back from one thread per SMTP connection and the ingest
+endpoint runs in a thread of its own, while ``TTLCache`` is not thread-safe
+(even a lookup reorders its LRU list), so every access holds the lock.
+
+When the cache is full, a new login first drops expired entries and then the
+least recently used entry (neither logged in nor looked up for longest). That
+client loses relaying early, which fails closed; the caller logs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+import threading
+
+from cachetools import TTLCache
+
+from popauth.addresses import IPAddress
+from popauth.clock import Clock
+from popauth.store.base import Grant, GrantOutcome, StoreStats, WhitelistStore
+
+# IPv6 keys are tagged above bit 127 so that ::c000:201 never collides with
+# 192.0.2.1; plain ints are far smaller than address objects or strings.
+_IPV6_TAG = 1 << 128
+_IPV6_MASK = _IPV6_TAG - 1
+
+# (user, monotonic time of the login): a tuple is the smallest record here.
+_Entry = tuple[str, float]
+
+
+def _key(address: IPAddress) -> int:
+    if isinstance(address, ipaddress.IPv6Address):
+        return int(address) | _IPV6_TAG
+    return int(address)
+
+
+def _address(key: int) -> IPAddress:
+    if key & _IPV6_TAG:
+        return ipaddress.IPv6Address(key & _IPV6_MASK)
+    return ipaddress.IPv4Address(key)
+
+
+class MemoryStore(WhitelistStore):
+    def __init__(self, *, ttl: int, max_entries: int, clock: Clock) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: TTLCache[int, _Entry] = TTLCache(
+            maxsize=max_entries, ttl=ttl, timer=clock.monotonic
+        )
+        self._lock = threading.Lock()
+        self._grants = 0
+        self._renewals = 0
+        self._revocations = 0
+        self._lookups = 0
+        self._hits = 0
+        self._evictions = 0
+
+    def _as_grant(self, key: int, entry: _Entry) -> Grant:
+        user, granted_monotonic = entry
+        # Wall-clock times are derived on the way out, so a clock step
+        # changes what is displayed, never how long an entry lives.
+        offset = self._clock.time() - self._clock.monotonic()
+        granted_at = granted_monotonic + offset
+        return Grant(_address(key), user, granted_at, granted_at + self._ttl)
+
+    def grant(self, address: IPAddress, user: str) -> GrantOutcome:
+        key = _key(address)
+        entry = (sys.intern(user), self._clock.monotonic())
+        evicted: Grant | None = None
+        with self._lock:
+            cache = self._cache
+            renewed = key in cache
+            if not renewed and len(cache) >= self._max_entries:
+                cache.expire()
+                if len(cache) >= self._max_entries:
+                    victim_key, victim = cache.popitem()
+                    evicted = self._as_grant(victim_key, victim)
+                    self._evictions += 1
+            cache[key] = entry
+            self._grants += 1
+            self._renewals += renewed
+        return GrantOutcome(self._as_grant(key, entry), renewed, evicted)
+
+    def lookup(self, address: IPAddress) -> Grant | None:
+        key = _key(address)
+        with self._lock:
+            self._lookups += 1
+            entry = self._cache.get(key)
+            if entry is None:
+                return None
+            self._hits += 1
+        return self._as_grant(key, entry)
+
+    def revoke(self, address: IPAddress) -> Grant | None:
+        key = _key(address)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None:
+                return None
+            del self._cache[key]
+            self._revocations += 1
+        return self._as_grant(key, entry)
+
+    def entries(self) -> list[Grant]:
+        with self._lock:
+            self._cache.expire()
+            # Iterating a TTLCache walks its expiry list: oldest login first.
+            live = [(key, self._cache[key]) for key in self._cache]
+        return [self._as_grant(key, entry) for key, entry in live]
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            self._cache.expire()
+            return StoreStats(
+                entries=len(self._cache),
+                max_entries=self._max_entries,
+                ttl=self._ttl,
+                grants=self._grants,
+                renewals=self._renewals,
+                revocations=self._revocations,
+                lookups=self._lookups,
+                hits=self._hits,
+                evictions=self._evictions,
+            )
