@@ -1,0 +1,98 @@
+"""The hook client gives up in time and reports why, whatever the endpoint does."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
+from popauth.client import IngestClient, IngestUnreachable
+from tests.unit.test_ingest_server import Endpoint
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+    server = Endpoint(tmp_path)
+    server.server.start()
+    yield server
+    server.server.stop()
+
+
+def test_missing_socket(tmp_path: Path) -> None:
+    with pytest.raises(IngestUnreachable, match="cannot talk to"):
+        IngestClient(str(tmp_path / "absent.sock"), timeout=1).request("PING")
+
+
+def test_stuck_endpoint_is_abandoned_within_the_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "stuck.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    accepted: list[socket.socket] = []
+    # Accept and then say nothing, like a wedged server.
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
+    thread.start()
+    started = time.monotonic()
+    with pytest.raises(IngestUnreachable, match="no answer"):
+        IngestClient(str(path), timeout=0.5).request("LOGIN 192.0.2.1 alice")
+    assert time.monotonic() - started < 2.0
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    listener.close()
+
+
+def test_endpoint_closing_mid_reply(tmp_path: Path) -> None:
+    path = tmp_path / "rude.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def half_answer() -> None:
+        connection, _ = listener.accept()
+        connection.recv(100)
+        connection.sendall(b"OK addr")
+        connection.close()
+
+    thread = threading.Thread(target=half_answer)
+    thread.start()
+    with pytest.raises(IngestUnreachable, match="mid-reply"):
+        IngestClient(str(path), timeout=2).request("PING")
+    thread.join()
+    listener.close()
+
+
+def test_cli_exit_codes(endpoint: Endpoint, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(endpoint.path)
+    assert main(["login", "--socket", sock, "192.0.2.1", "alice"]) == EXIT_OK
+    assert "user=alice" in capsys.readouterr().out
+    assert main(["query", "--socket", sock, "192.0.2.1"]) == EXIT_OK
+    assert main(["list", "--socket", sock]) == EXIT_OK
+    assert "count=1" in capsys.readouterr().out
+    assert main(["revoke", "--socket", sock, "192.0.2.1"]) == EXIT_OK
+    assert main(["query", "--socket", sock, "192.0.2.1"]) == EXIT_NOT_FOUND
+    assert main(["login", "--socket", sock, "not-an-ip"]) == EXIT_ERROR
+    assert "ERR address" in capsys.readouterr().err
+    assert main(["stats", "--socket", sock]) == EXIT_OK
+    assert main(["ping", "--socket", sock]) == EXIT_OK
+
+
+def test_cli_refuses_line_breaks_in_arguments(endpoint: Endpoint) -> None:
+    sock = str(endpoint.path)
+    assert main(["login", "--socket", sock, "192.0.2.1", "alice\nREVOKE 192.0.2.9"]) == EXIT_ERROR
+    assert endpoint.store.stats().grants == 0
+
+
+def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("ttl = 60\n")
+    assert main(["check-config", str(good)]) == EXIT_OK
+    bad = tmp_path / "bad.toml"
+    bad.write_text("ttl = 60\nbogus = 1\n")
+    assert main(["check-config", str(bad)]) == EXIT_ERROR
+    assert "'bogus'" in capsys.readouterr().err

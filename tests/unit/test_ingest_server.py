@@ -1,0 +1,245 @@
+"""The ingest endpoint over a real UNIX socket, in-process."""
+
+from __future__ import annotations
+
+import pwd
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popauth.addresses import WhitelistKeying, parse_client_address
+from popauth.client import IngestClient
+from popauth.ingest.protocol import MAX_LINE
+from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.sockets import SocketInUse
+from popauth.store.memory import MemoryStore
+from tests.support.clock import FakeClock
+from tests.support.logs import capturing_logger, events
+
+A = parse_client_address("192.0.2.1")
+
+
+class Endpoint:
+    def __init__(self, directory: Path, peers: PeerPolicy | None = None, **limits: float) -> None:
+        self.path = directory / "ingest.sock"
+        self.clock = FakeClock()
+        self.store = MemoryStore(ttl=900, max_entries=1000, clock=self.clock)
+        self.log, self.sink = capturing_logger()
+        self.server = IngestServer(
+            path=self.path,
+            mode=0o666,
+            group="",
+            store=self.store,
+            keying=WhitelistKeying(64),
+            peers=peers or PeerPolicy.of([], []),
+            limits=IngestLimits(**limits),  # type: ignore[arg-type]
+            log=self.log,
+        )
+
+    def ask(self, line: str) -> list[str]:
+        return IngestClient(str(self.path), timeout=5).request(line)
+
+    def raw(self) -> socket.socket:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(5)
+        connection.connect(str(self.path))
+        return connection
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+    server = Endpoint(tmp_path, timeout=0.5)
+    server.server.start()
+    yield server
+    server.server.stop()
+
+
+def test_every_verb(endpoint: Endpoint) -> None:
+    assert endpoint.ask("PING") == ["OK pong"]
+    reply = endpoint.ask("LOGIN 192.0.2.1 alice")[0]
+    assert reply.startswith("OK address=192.0.2.1 user=alice ")
+    assert reply.endswith("renewed=no")
+    assert endpoint.ask("LOGIN ::ffff:192.0.2.1 alice")[0].endswith("renewed=yes")
+    assert endpoint.ask("QUERY 192.0.2.1")[0].startswith("OK address=192.0.2.1 user=alice")
+    endpoint.ask("LOGIN 2001:db8:0:1::99 bob")
+    assert endpoint.ask("QUERY 2001:db8:0:1::5")[0].startswith(
+        "OK address=2001:db8:0:1::/64 user=bob"
+    )
+    listing = endpoint.ask("LIST")
+    assert listing[0] == "OK count=2"
+    assert [line.split()[0] for line in listing[1:]] == [
+        "address=192.0.2.1",
+        "address=2001:db8:0:1::/64",
+    ]
+    assert endpoint.ask("REVOKE 192.0.2.1")[0].startswith("OK address=192.0.2.1")
+    assert endpoint.ask("QUERY 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
+    assert endpoint.ask("REVOKE 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
+    stats = endpoint.ask("STATS")[0]
+    assert " entries=1 " in stats
+    assert " grants=3 " in stats
+
+
+def test_several_requests_on_one_connection(endpoint: Endpoint) -> None:
+    with endpoint.raw() as connection:
+        connection.sendall(b"PING\nLOGIN 192.0.2.1 alice\nQUERY 192.0.2.1\nQUIT\n")
+        data = b""
+        while chunk := connection.recv(4096):
+            data += chunk
+    lines = data.decode().splitlines()
+    assert lines[0] == "OK pong"
+    assert lines[1].startswith("OK address=192.0.2.1")
+    assert lines[2].startswith("OK address=192.0.2.1")
+    assert lines[3] == "OK bye"
+
+
+def assert_unchanged_and_serving(endpoint: Endpoint) -> None:
+    assert endpoint.store.stats().grants == 0
+    assert endpoint.ask("PING") == ["OK pong"]
+
+
+@pytest.mark.parametrize(
+    ("line", "reply_start"),
+    [
+        ("garbage", "ERR syntax"),
+        ("LOGIN 999.1.1.1 alice", "ERR address"),
+        ("LOGIN 192.0.2.1 alice bob", "ERR syntax"),
+        ("LOGIN", "ERR syntax"),
+    ],
+)
+def test_bad_requests_get_errors(endpoint: Endpoint, line: str, reply_start: str) -> None:
+    assert endpoint.ask(line)[0].startswith(reply_start)
+    assert_unchanged_and_serving(endpoint)
+
+
+def test_binary_garbage(endpoint: Endpoint) -> None:
+    with endpoint.raw() as connection:
+        connection.sendall(b"\xff\xfe\x00LOGIN 192.0.2.1\n")
+        assert connection.recv(4096).startswith(b"ERR syntax")
+    assert_unchanged_and_serving(endpoint)
+
+
+def test_line_too_long(endpoint: Endpoint) -> None:
+    with endpoint.raw() as connection:
+        connection.sendall(b"LOGIN 192.0.2.1 " + b"x" * (MAX_LINE * 4) + b"\n")
+        assert connection.recv(4096).startswith(b"ERR too-long")
+    assert_unchanged_and_serving(endpoint)
+
+
+def test_client_hangs_up_mid_line(endpoint: Endpoint) -> None:
+    with endpoint.raw() as connection:
+        connection.sendall(b"LOGIN 192.0.2.1 ali")
+    assert_unchanged_and_serving(endpoint)
+    assert "ingest_partial_request" in events(endpoint.sink)
+
+
+def test_silent_client_times_out(endpoint: Endpoint) -> None:
+    with endpoint.raw() as connection:
+        assert endpoint.ask("PING") == ["OK pong"]  # others are served meanwhile
+        assert connection.recv(4096).startswith(b"ERR timeout")
+        assert connection.recv(4096) == b""
+    assert_unchanged_and_serving(endpoint)
+
+
+def test_many_concurrent_clients(endpoint: Endpoint) -> None:
+    failures: list[str] = []
+
+    def login(n: int) -> None:
+        reply = endpoint.ask(f"LOGIN 10.0.{n // 200}.{n % 200} user{n}")[0]
+        if not reply.startswith("OK "):
+            failures.append(reply)
+
+    threads = [threading.Thread(target=login, args=(n,)) for n in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert endpoint.store.stats().entries == 64
+
+
+def test_too_many_clients_are_told_to_come_back(tmp_path: Path) -> None:
+    busy = Endpoint(tmp_path, timeout=5, max_clients=2)
+    busy.server.start()
+    try:
+        held = [busy.raw(), busy.raw()]
+        for connection in held:  # make sure both are being served
+            connection.sendall(b"PING\n")
+            assert connection.recv(100) == b"OK pong\n"
+        assert busy.ask("PING")[0].startswith("ERR busy")
+        for connection in held:
+            connection.close()
+    finally:
+        busy.server.stop()
+
+
+def test_state_changes_need_an_allowed_peer(tmp_path: Path) -> None:
+    strict = Endpoint(tmp_path, peers=PeerPolicy(frozenset({4242}), frozenset({4242})))
+    strict.server.start()
+    try:
+        assert strict.ask("LOGIN 192.0.2.1 alice")[0].startswith("ERR forbidden")
+        assert strict.ask("REVOKE 192.0.2.1")[0].startswith("ERR forbidden")
+        assert strict.ask("QUERY 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
+        assert strict.ask("STATS")[0].startswith("OK ")
+        assert strict.store.stats().grants == 0
+    finally:
+        strict.server.stop()
+
+
+def test_peer_credentials_of_other_users(open_tmp: Path) -> None:
+    allowed = pwd.getpwnam("nobody")
+    peers = PeerPolicy.of(["nobody"], [])
+    server = Endpoint(open_tmp, peers=peers)
+    server.server.start()
+    client = (
+        "import sys; from popauth.client import IngestClient; "
+        "print(IngestClient(sys.argv[1]).request(sys.argv[2])[0])"
+    )
+    try:
+        as_nobody = subprocess.run(
+            [sys.executable, "-c", client, str(server.path), "LOGIN 192.0.2.1 alice"],
+            user=allowed.pw_uid,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert as_nobody.stdout.startswith("OK address=192.0.2.1")
+        as_daemon = subprocess.run(
+            [sys.executable, "-c", client, str(server.path), "LOGIN 192.0.2.2 mallory"],
+            user="daemon",
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert as_daemon.stdout.startswith("ERR forbidden")
+        assert server.store.lookup(parse_client_address("192.0.2.2")) is None
+    finally:
+        server.server.stop()
+
+
+def test_socket_mode_and_cleanup(tmp_path: Path) -> None:
+    server = Endpoint(tmp_path)
+    server.server.start()
+    assert stat.S_IMODE(server.path.stat().st_mode) == 0o666
+    with pytest.raises(SocketInUse):
+        Endpoint(tmp_path).server.start()
+    server.server.stop()
+    assert not server.path.exists()
+
+
+def test_stale_socket_is_replaced_but_other_files_are_not(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "ingest.sock"))
+    stale.close()  # the file stays, nobody listens
+    server = Endpoint(tmp_path)
+    server.server.start()
+    assert server.ask("PING") == ["OK pong"]
+    server.server.stop()
+    (tmp_path / "ingest.sock").write_text("not a socket")
+    with pytest.raises(SocketInUse, match="not a socket"):
+        Endpoint(tmp_path).server.start()

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import threading
+
+from popauth.addresses import parse_client_address
+from popauth.store.memory import MemoryStore
+from tests.support.clock import FakeClock
+
+A = parse_client_address("192.0.2.1")
+B = parse_client_address("192.0.2.2")
+C = parse_client_address("192.0.2.3")
+V6 = parse_client_address("::c000:201")  # same integer as 192.0.2.1
+
+
+def make(ttl: int = 900, max_entries: int = 10) -> tuple[MemoryStore, FakeClock]:
+    clock = FakeClock()
+    return MemoryStore(ttl=ttl, max_entries=max_entries, clock=clock), clock
+
+
+def test_grant_lookup_and_expiry() -> None:
+    store, clock = make(ttl=900)
+    outcome = store.grant(A, "alice")
+    assert not outcome.renewed
+    assert outcome.grant.user == "alice"
+    assert outcome.grant.granted_at == clock.time()
+    assert outcome.grant.expires_at == clock.time() + 900
+    clock.advance(899)
+    grant = store.lookup(A)
+    assert grant is not None
+    assert grant.user == "alice"
+    clock.advance(1)
+    assert store.lookup(A) is None
+    assert store.stats().entries == 0
+
+
+def test_new_login_renews() -> None:
+    store, clock = make(ttl=900)
+    store.grant(A, "alice")
+    clock.advance(800)
+    outcome = store.grant(A, "alice2")
+    assert outcome.renewed
+    clock.advance(800)
+    grant = store.lookup(A)
+    assert grant is not None
+    assert grant.user == "alice2"
+    assert grant.expires_at == clock.time() + 100
+    stats = store.stats()
+    assert (stats.grants, stats.renewals) == (2, 1)
+
+
+def test_ipv4_and_ipv6_keys_do_not_collide() -> None:
+    store, _ = make()
+    store.grant(A, "alice")
+    assert store.lookup(V6) is None
+    store.grant(V6, "bob")
+    assert {(str(g.address), g.user) for g in store.entries()} == {
+        ("192.0.2.1", "alice"),
+        ("::c000:201", "bob"),
+    }
+
+
+def test_revoke() -> None:
+    store, _ = make()
+    store.grant(A, "alice")
+    removed = store.revoke(A)
+    assert removed is not None
+    assert removed.user == "alice"
+    assert store.lookup(A) is None
+    assert store.revoke(A) is None
+    assert store.stats().revocations == 1
+
+
+def test_full_store_drops_expired_then_least_recently_used() -> None:
+    store, clock = make(ttl=100, max_entries=2)
+    store.grant(A, "a")
+    clock.advance(50)
+    store.grant(B, "b")
+    clock.advance(60)  # A has expired
+    outcome = store.grant(C, "c")
+    assert outcome.evicted is None
+    assert store.lookup(A) is None
+    store.lookup(B)  # B is now more recently used than C
+    outcome = store.grant(A, "a")
+    assert outcome.evicted is not None
+    assert outcome.evicted.address == C
+    assert store.lookup(B) is not None
+    assert store.stats().evictions == 1
+    assert store.stats().entries == 2
+
+
+def test_entries_oldest_first_and_stats() -> None:
+    store, clock = make()
+    store.grant(B, "b")
+    clock.advance(1)
+    store.grant(A, "a")
+    assert [g.address for g in store.entries()] == [B, A]
+    store.lookup(A)
+    store.lookup(C)
+    stats = store.stats()
+    assert (stats.lookups, stats.hits, stats.entries, stats.max_entries) == (2, 1, 2, 10)
+
+
+def test_concurrent_use_is_safe() -> None:
+    store, _ = make(max_entries=500)
+    addresses = [parse_client_address(f"10.0.{i // 256}.{i % 256}") for i in range(1000)]
+
+    def work(offset: int) -> None:
+        for i in range(offset, len(addresses), 4):
+            store.grant(addresses[i], "u")
+            store.lookup(addresses[(i * 7) % len(addresses)])
+            store.revoke(addresses[(i * 3) % len(addresses)])
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = store.stats()
+    assert stats.grants == 1000
+    assert stats.entries <= 500
+    assert len(store.entries()) == stats.entries

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+
+from popauth.addresses import parse_client_address
+from popauth.ingest.protocol import (
+    MAX_LINE,
+    ErrorCode,
+    ProtocolError,
+    Request,
+    Verb,
+    list_reply,
+    parse_fields,
+    parse_request,
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "request_"),
+    [
+        (
+            b"LOGIN 192.0.2.1 alice\n",
+            Request(Verb.LOGIN, parse_client_address("192.0.2.1"), "alice"),
+        ),
+        (b"login 192.0.2.1\r\n", Request(Verb.LOGIN, parse_client_address("192.0.2.1"))),
+        (
+            b"LOGIN ::ffff:192.0.2.1 bob@example.org\n",
+            Request(Verb.LOGIN, parse_client_address("192.0.2.1"), "bob@example.org"),
+        ),
+        (
+            "LOGIN 192.0.2.1 jürgen\n".encode(),
+            Request(Verb.LOGIN, parse_client_address("192.0.2.1"), "jürgen"),
+        ),
+        (
+            b"  QUERY   IPv6:2001:db8::1  \n",
+            Request(Verb.QUERY, parse_client_address("2001:db8::1")),
+        ),
+        (b"REVOKE 192.0.2.1\n", Request(Verb.REVOKE, parse_client_address("192.0.2.1"))),
+        (b"LIST\n", Request(Verb.LIST)),
+        (b"stats\n", Request(Verb.STATS)),
+        (b"PING", Request(Verb.PING)),
+        (b"QUIT\n", Request(Verb.QUIT)),
+    ],
+)
+def test_parse(line: bytes, request_: Request) -> None:
+    assert parse_request(line) == request_
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"\n", ErrorCode.SYNTAX),
+        (b"HELLO\n", ErrorCode.SYNTAX),
+        (b"LOGIN\n", ErrorCode.SYNTAX),
+        (b"LOGIN 192.0.2.1 alice extra\n", ErrorCode.SYNTAX),
+        (b"LIST everything\n", ErrorCode.SYNTAX),
+        (b"LOGIN not-an-ip alice\n", ErrorCode.ADDRESS),
+        (b"LOGIN 192.0.2.0/24 alice\n", ErrorCode.ADDRESS),
+        (b"LOGIN 192.0.2.1 " + b"u" * 300 + b"\n", ErrorCode.USER),
+        (b"LOGIN 192.0.2.1 al\x00ice\n", ErrorCode.SYNTAX),
+        (b"LOGIN 192.0.2.1 \xff\xfe\n", ErrorCode.SYNTAX),
+        (b"PING" + b" " * MAX_LINE + b"\n", ErrorCode.TOO_LONG),
+    ],
+)
+def test_parse_errors(line: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as raised:
+        parse_request(line)
+    assert raised.value.code is code
+
+
+def test_list_reply_is_counted() -> None:
+    assert list_reply(["a=1", "b=2"]) == b"OK count=2\na=1\nb=2\n"
+    assert list_reply([]) == b"OK count=0\n"
+
+
+def test_parse_fields() -> None:
+    assert parse_fields("address=192.0.2.1 user= expires=5") == {
+        "address": "192.0.2.1",
+        "user": "",
+        "expires": "5",
+    }
