@@ -6,6 +6,8 @@ endpoint runs in its own thread and is stopped once the milter returns.
 
 from __future__ import annotations
 
+import signal
+
 from popauth.adapter import RelayMilter, run_milter
 from popauth.addresses import WhitelistKeying
 from popauth.clock import SystemClock
@@ -15,6 +17,8 @@ from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.logs import configure_logging
 from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 from popauth.store.memory import MemoryStore
+
+TERMINATION_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def serve(settings: Settings) -> None:
@@ -51,6 +55,11 @@ def serve(settings: Settings) -> None:
             max_entries=settings.max_entries,
         )
 
+    # libmilter stops on these signals by sigwait() in a thread of its own. Any
+    # thread that leaves them unblocked could receive them instead and die
+    # or swallow them, so block them before the first thread starts; one
+    # that arrives before libmilter is listening waits pending for it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATION_SIGNALS)
     ingest.start()
     try:
         run_milter(

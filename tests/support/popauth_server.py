@@ -1,0 +1,143 @@
+"""A real ``popauth serve`` process for protocol and live tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from popauth.client import IngestClient, IngestUnreachable
+
+POPAUTH = shutil.which("popauth") or str(Path(__file__).parents[2] / ".venv/bin/popauth")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(toml_value(item) for item in value) + "]"
+
+
+class PopauthServer:
+    """Runs ``popauth serve --config`` with sockets in ``directory``.
+
+    ``settings`` override the test defaults: JSON logs (so tests can read
+    the decisions), no trusted networks (every test client is on loopback),
+    and ``local.test`` as the local domain.
+    """
+
+    def __init__(self, directory: Path, **settings: Any) -> None:
+        self.directory = directory
+        self.milter_path = directory / "milter.sock"
+        self.ingest_path = directory / "ingest.sock"
+        self.config_path = directory / "popauth.toml"
+        self.log_path = directory / "popauth.log"
+        self.settings: dict[str, Any] = {
+            "milter_socket": f"unix:{self.milter_path}",
+            "ingest_socket": str(self.ingest_path),
+            "milter_socket_mode": "0666",
+            "ingest_socket_mode": "0666",
+            "trusted_networks": [],
+            "local_domains": ["local.test"],
+            "log_format": "json",
+            **settings,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> PopauthServer:
+        self.config_path.write_text(
+            "".join(f"{key} = {toml_value(value)}\n" for key, value in self.settings.items())
+        )
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [POPAUTH, "serve", "--config", str(self.config_path)], stdout=log, stderr=log
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"popauth exited at start:\n{self.log_path.read_text()}")
+            if self._ready():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"popauth not ready in {timeout}s:\n{self.log_path.read_text()}")
+
+    def _ready(self) -> bool:
+        try:
+            if IngestClient(str(self.ingest_path), timeout=1).request("PING") != ["OK pong"]:
+                return False
+        except IngestUnreachable:
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.milter_path))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self._wake_listener()
+        try:
+            status = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            status = self.process.wait()
+        self.process = None
+        return status
+
+    def _wake_listener(self) -> None:
+        """libmilter checks its stop flag only every 5 s or when a client
+        connects; connecting once makes the stop take effect at once."""
+        try:
+            self.process.wait(0.05)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            poke = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with poke, contextlib.suppress(OSError):
+                poke.connect(str(self.milter_path))
+
+    def ask(self, line: str) -> list[str]:
+        return IngestClient(str(self.ingest_path), timeout=5).request(line)
+
+    def cli(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        """Run a ``popauth`` client subcommand against this server."""
+        command, *rest = arguments
+        return subprocess.run(
+            [POPAUTH, command, "--socket", str(self.ingest_path), *rest],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log events written so far, optionally only one kind."""
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event.get("event") == name:
+                    found.append(event)
+        return found
+
+    def __enter__(self) -> PopauthServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
