@@ -82,3 +82,11 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("ttl = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(broken)
+
+
+def test_contrib_example_lists_every_setting_with_its_default() -> None:
+    import tomllib
+
+    path = Path(__file__).parents[2] / "contrib" / "popauth.toml"
+    assert set(tomllib.loads(path.read_text())) == set(VALIDATORS)
+    assert load_settings(path) == Settings()
