@@ -76,7 +76,9 @@ def mta(server: PopauthServer) -> Iterator[Mta]:
 def is_relay_denied(reply: tuple[str, dict[str, Any]]) -> bool:
     code, fields = reply
     return (
-        code == REPLY and fields["smtpcode"] == "550" and fields["text"].startswith(RELAYING_DENIED)
+        code == REPLY
+        and fields["smtpcode"] == "550"
+        and str(fields["text"]).startswith(RELAYING_DENIED)
     )
 
 

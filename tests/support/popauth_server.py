@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from popauth.client import IngestClient, IngestUnreachable
+
+_serial = itertools.count(1)
 
 POPAUTH = shutil.which("popauth") or str(Path(__file__).parents[2] / ".venv/bin/popauth")
 
@@ -40,7 +43,8 @@ class PopauthServer:
         self.milter_path = directory / "milter.sock"
         self.ingest_path = directory / "ingest.sock"
         self.config_path = directory / "popauth.toml"
-        self.log_path = directory / "popauth.log"
+        # One log per server, so each test reads only its own decisions.
+        self.log_path = directory / f"popauth-{next(_serial)}.log"
         self.settings: dict[str, Any] = {
             "milter_socket": f"unix:{self.milter_path}",
             "ingest_socket": str(self.ingest_path),

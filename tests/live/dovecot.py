@@ -1,0 +1,321 @@
+"""A private, throw-away Dovecot (POP3, optionally IMAP) for live tests.
+
+Layout under ``root``::
+
+    ROOT/dovecot.conf
+    ROOT/users           passwd-file (user:{PLAIN}password)
+    ROOT/run/            base_dir (master.pid, login sockets)
+    ROOT/state/          state_dir
+    ROOT/mail/<user>/    homes, Maildir (owned by ``nobody``)
+    ROOT/dovecot.log     log_path
+
+Dovecot's processes drop privileges (``dovecot`` for auth and the post-login
+hook, ``dovenull`` for login, ``nobody`` for mail), so ``root`` and all its
+ancestors get o+x (``ports.grant_traversal``): pytest's tmp dirs are 0700.
+
+The optional post-login hook runs through ``script-login`` as the internal
+``dovecot`` user, gets ``USER``, ``IP`` and ``LOCAL_IP``, and must finish with
+``exec "$@"``. ``hook_env`` cannot go through ``import_environment``:
+script-login calls ``env_clean()`` before it execs the hook and then puts only
+``USER``, ``IP``, ``LOCAL_IP``, ``USERDB_KEYS`` and the userdb fields (upper
+case: ``UID``, ``GID``, ``HOME``, ``AUTH_MECH``...) into the environment. So the
+hook runs through env(1)::
+
+    executable = script-login /usr/bin/env KEY=VALUE ... /path/to/hook
+
+script-login execs its first argument with the rest as arguments (plus its own
+path, the ``"$@"`` the hook execs). The hook has no ``PATH``: it must use
+absolute paths or set ``PATH`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import os
+import poplib
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.live.ports import (
+    Daemon,
+    grant_traversal,
+    group_members,
+    log_tail,
+    read_log,
+    wait_for_banner,
+    wait_group_gone,
+)
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 20.0
+MAIL_USER = "nobody"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ENV_VALUE = re.compile(r"[^\s\"'\\#]*\Z")
+
+
+class DovecotError(RuntimeError):
+    """Dovecot failed to start or stop; the message carries the log tail."""
+
+
+def _login_service(proto: str, port: int) -> list[str]:
+    """``service pop3-login`` / ``imap-login``: plain port on 127.0.0.1, no TLS port."""
+    return [
+        f"service {proto}-login {{",
+        f"  inet_listener {proto} {{",
+        "    address = 127.0.0.1",
+        f"    port = {port}",
+        "  }",
+        f"  inet_listener {proto}s {{",
+        "    port = 0",
+        "  }",
+        "}",
+    ]
+
+
+class DovecotInstance(Daemon):
+    """Run a private Dovecot (``dovecot -F -c ROOT/dovecot.conf``) on 127.0.0.1.
+
+    ``users`` maps user names to passwd-file passwords (``{PLAIN}secret``).
+    ``postlogin_hook`` is installed via script-login for pop3 (and imap when
+    ``imap_port`` is set); ``hook_env`` values must not contain whitespace or
+    quotes (they become words of the ``executable`` setting). ``auth_socket_for_postfix``
+    (usually ``postfix.queue_dir / "private/auth"``) adds a SASL listener owned
+    by ``postfix``.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        pop3_port: int,
+        imap_port: int | None = None,
+        users: dict[str, str],
+        postlogin_hook: Path | None = None,
+        hook_env: dict[str, str] | None = None,
+        auth_socket_for_postfix: Path | None = None,
+    ) -> None:
+        self.root = root.resolve()
+        self.pop3_port = pop3_port
+        self.imap_port = imap_port
+        self.users = dict(users)
+        self.postlogin_hook = postlogin_hook
+        self.hook_env = dict(hook_env or {})
+        self.auth_socket_for_postfix = auth_socket_for_postfix
+        self._process: subprocess.Popen[bytes] | None = None
+        for name, value in self.hook_env.items():
+            if not _ENV_NAME.match(name) or not _ENV_VALUE.match(value):
+                raise ValueError(
+                    f"hook_env entry not usable on the executable line: {name}={value!r}"
+                )
+
+    # -- layout --------------------------------------------------------------
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "dovecot.log"
+
+    @property
+    def stderr_file(self) -> Path:
+        return self.root / "dovecot.stderr"
+
+    def log_text(self) -> str:
+        return read_log(self.log_file)
+
+    # -- configuration -------------------------------------------------------
+
+    def config(self) -> str:
+        """The whole dovecot.conf."""
+        protocols = "pop3 imap" if self.imap_port is not None else "pop3"
+        mail = pwd.getpwnam(MAIL_USER)
+        parts = [
+            f"protocols = {protocols}",
+            "listen = 127.0.0.1",
+            f"base_dir = {self.base_dir}",
+            f"state_dir = {self.root / 'state'}",
+            f"log_path = {self.log_file}",
+            f"instance_name = dovecot-{self.pop3_port}",
+            "ssl = no",
+            "disable_plaintext_auth = no",
+            "auth_mechanisms = plain login",
+            "auth_verbose = yes",
+            "auth_failure_delay = 0",  # failed logins answer at once
+            f"mail_location = maildir:{self.root / 'mail'}/%u/Maildir",
+            f"first_valid_uid = {mail.pw_uid}",
+            f"last_valid_uid = {mail.pw_uid}",
+            f"first_valid_gid = {mail.pw_gid}",
+            f"last_valid_gid = {mail.pw_gid}",
+            "passdb {",
+            "  driver = passwd-file",
+            f"  args = scheme=PLAIN username_format=%u {self.root / 'users'}",
+            "}",
+            "userdb {",
+            "  driver = static",
+            f"  args = uid={mail.pw_uid} gid={mail.pw_gid} home={self.root / 'mail'}/%u",
+            "}",
+            *_login_service("pop3", self.pop3_port),
+        ]
+        if self.imap_port is not None:
+            parts += _login_service("imap", self.imap_port)
+        if self.auth_socket_for_postfix is not None:
+            parts += [
+                "service auth {",
+                f"  unix_listener {self.auth_socket_for_postfix} {{",
+                "    mode = 0660\n    user = postfix\n    group = postfix",
+                "  }",
+                "}",
+            ]
+        if self.postlogin_hook is not None:
+            # script-login env_clean()s before exec'ing the hook, so
+            # import_environment cannot reach it: run it through env(1).
+            env_args = [f"{k}={v}" for k, v in self.hook_env.items()]
+            hook_command = " ".join(
+                (["/usr/bin/env", *env_args] if env_args else []) + [str(self.postlogin_hook)]
+            )
+            for proto in ["pop3"] + (["imap"] if self.imap_port is not None else []):
+                parts += [
+                    f"service {proto} {{\n  executable = {proto} {proto}-postlogin\n}}",
+                    f"service {proto}-postlogin {{",
+                    f"  executable = script-login {hook_command}",
+                    "  user = $default_internal_user",
+                    f"  unix_listener {proto}-postlogin {{\n  }}",
+                    "}",
+                ]
+        return "\n".join(parts) + "\n"
+
+    def _write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        grant_traversal(self.root)
+        mail_root = self.root / "mail"
+        mail_root.mkdir(exist_ok=True)
+        mail = pwd.getpwnam(MAIL_USER)
+        os.chown(mail_root, mail.pw_uid, mail.pw_gid)
+        users = "".join(f"{user}:{password}\n" for user, password in self.users.items())
+        users_file = self.root / "users"
+        users_file.write_text(users, encoding="utf-8")
+        os.chmod(users_file, 0o644)  # read by the auth process (user dovecot)
+        self.config_file.write_text(self.config(), encoding="utf-8")
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _master_pid(self) -> int | None:
+        try:
+            return int((self.base_dir / "master.pid").read_text(encoding="ascii").split()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            return None
+
+    def start(self) -> None:
+        """Write the configuration, start Dovecot, wait for the POP3 ``+OK``.
+
+        Dovecot runs in the foreground (``-F``) as our child in a new session,
+        so a failed start shows up as an exit status, and stop() can find
+        every process of the instance by its process group. Its stdout and
+        stderr go to ``ROOT/dovecot.stderr``, not to a pipe: processes that
+        outlive the master would hold a pipe open.
+        """
+        self._write_config()
+        deadline = time.monotonic() + START_TIMEOUT
+        with self.stderr_file.open("ab") as output:
+            self._process = subprocess.Popen(
+                ["dovecot", "-F", "-c", str(self.config_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while self._process.poll() is None:
+            if wait_for_banner(
+                "127.0.0.1", self.pop3_port, b"+OK", min(deadline, time.monotonic() + 0.5)
+            ):
+                return
+            if time.monotonic() >= deadline:
+                break
+        self.stop()
+        raise DovecotError(
+            f"dovecot not ready on 127.0.0.1:{self.pop3_port}:\n{log_tail(self.stderr_file)}\n"
+            f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM the master (pid from ``base_dir/master.pid``); wait until all is gone.
+
+        The master exits within about a second, but its auth, log, anvil and
+        stats children linger while a client (Postfix smtpd's SASL connection)
+        stays connected to auth; they are terminated through the process group.
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return
+        pid = self._master_pid() or process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            if wait_group_gone(process.pid, min(deadline, time.monotonic() + 5)):
+                return
+        raise DovecotError(f"dovecot processes left: {group_members(process.pid)}")
+
+
+def pop3_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1") -> bool:
+    """Log in over POP3 from ``source_ip``; True iff USER/PASS succeeded (then QUIT).
+
+    poplib has no source_address parameter: bind through ``_create_socket``.
+    """
+
+    class _Bound(poplib.POP3):
+        def _create_socket(self, timeout: float) -> socket.socket:
+            return socket.create_connection(
+                (self.host, self.port), timeout, source_address=(source_ip, 0)
+            )
+
+    client = _Bound("127.0.0.1", port, timeout=10)
+    try:
+        client.user(user)
+        client.pass_(password)
+    except poplib.error_proto:
+        client.close()
+        return False
+    client.quit()
+    return True
+
+
+def imap_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1") -> bool:
+    """Log in over IMAP from ``source_ip``; True iff LOGIN succeeded (then LOGOUT).
+
+    imaplib has no source_address parameter either: same ``_create_socket`` override.
+    """
+
+    class _Bound(imaplib.IMAP4):
+        def _create_socket(self, timeout: float | None) -> socket.socket:
+            return socket.create_connection(
+                (self.host, self.port), timeout, source_address=(source_ip, 0)
+            )
+
+    client = _Bound("127.0.0.1", port, timeout=10)
+    try:
+        client.login(user, password)
+    except imaplib.IMAP4.error:
+        client.shutdown()
+        return False
+    client.logout()
+    return True

@@ -1,0 +1,66 @@
+"""An SMTP client for live tests: raw commands, so odd addresses go out verbatim."""
+
+from __future__ import annotations
+
+import smtplib
+from types import TracebackType
+
+
+class SmtpSession:
+    """One SMTP session from a chosen loopback address (127.0.0.x)."""
+
+    def __init__(self, port: int, source_ip: str) -> None:
+        self.client = smtplib.SMTP("127.0.0.1", port, source_address=(source_ip, 0), timeout=30)
+        self.client.ehlo("client.example")
+
+    def mail(self, sender: str = "sender@example.org") -> tuple[int, str]:
+        return self._command(f"MAIL FROM:<{sender}>")
+
+    def rcpt(self, recipient: str) -> tuple[int, str]:
+        """RCPT TO with the address exactly as given (angle brackets added)."""
+        return self._command(f"RCPT TO:<{recipient}>")
+
+    def rset(self) -> tuple[int, str]:
+        return self._command("RSET")
+
+    def login(self, user: str, password: str) -> None:
+        self.client.login(user, password)
+
+    def send_message(self, recipients: list[str]) -> tuple[int, str]:
+        """DATA for the accepted recipients; returns the reply to the final dot."""
+        code, text = self._command("DATA")
+        if code != 354:
+            return code, text
+        self.client.send(b"Subject: popauth live test\r\n\r\nHello.\r\n.\r\n")
+        code, raw = self.client.getreply()
+        return code, raw.decode("utf-8", "replace")
+
+    def _command(self, line: str) -> tuple[int, str]:
+        code, raw = self.client.docmd(line)
+        return code, raw.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        try:
+            self.client.quit()
+        except smtplib.SMTPException:
+            self.client.close()
+
+    def __enter__(self) -> SmtpSession:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def rcpt_reply(port: int, source_ip: str, recipient: str) -> tuple[int, str]:
+    """The reply to one RCPT in a fresh session (MAIL must succeed first)."""
+    with SmtpSession(port, source_ip) as session:
+        code, text = session.mail()
+        if code != 250:
+            return code, text
+        return session.rcpt(recipient)

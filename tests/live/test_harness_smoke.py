@@ -1,0 +1,103 @@
+"""Smoke tests of the live harness itself: private Postfix and Dovecot instances.
+
+No milter is involved; these only prove that the instances start, answer, stop,
+can run side by side, and that the Dovecot post-login hook sees ``hook_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
+from tests.live.ports import free_port, read_banner
+from tests.live.postfix import PostfixInstance
+
+pytestmark = [
+    pytest.mark.live,
+    pytest.mark.skipif(os.geteuid() != 0, reason="private daemons need root"),
+    pytest.mark.skipif(
+        shutil.which("postfix") is None or shutil.which("dovecot") is None,
+        reason="postfix and dovecot must be installed",
+    ),
+]
+
+USERS = {"alice": "{PLAIN}secret"}
+
+
+def test_postfix_banner_twice(open_tmp: Path) -> None:
+    """Two instances with different roots run at the same time."""
+    first = PostfixInstance(root=open_tmp / "pf1", smtp_port=free_port(), milter=None)
+    second = PostfixInstance(root=open_tmp / "pf2", smtp_port=free_port(), milter=None)
+    with first, second:
+        for instance in (first, second):
+            banner = read_banner("127.0.0.1", instance.smtp_port)
+            assert banner is not None
+            assert banner.startswith(b"220 ")
+        assert "daemon started" in first.log_text()
+    assert "stopping the Postfix mail system" in second.log_text()
+
+
+def test_dovecot_logins(open_tmp: Path) -> None:
+    dovecot = DovecotInstance(
+        root=open_tmp / "dovecot", pop3_port=free_port(), imap_port=free_port(), users=USERS
+    )
+    with dovecot:
+        assert pop3_login(dovecot.pop3_port, "alice", "secret", "127.0.0.2")
+        assert not pop3_login(dovecot.pop3_port, "alice", "wrong", "127.0.0.2")
+        assert dovecot.imap_port is not None
+        assert imap_login(dovecot.imap_port, "alice", "secret", "127.0.0.3")
+
+
+def test_postlogin_hook_sees_hook_env(open_tmp: Path) -> None:
+    """The hook runs as ``dovecot`` with USER, IP and every hook_env variable."""
+    out = open_tmp / "hook-out"
+    out.mkdir()
+    out.chmod(0o777)
+    hook = open_tmp / "hook.sh"
+    hook.write_text(f'#!/bin/sh\nenv > {out}/"$USER-$IP"\nexec "$@"\n', encoding="ascii")
+    hook.chmod(0o755)
+    dovecot = DovecotInstance(
+        root=open_tmp / "dovecot",
+        pop3_port=free_port(),
+        users=USERS,
+        postlogin_hook=hook,
+        hook_env={"POPAUTH_SOCKET": "/run/popauth/ingest.sock", "POPAUTH": "/usr/bin/popauth"},
+    )
+    with dovecot:
+        assert pop3_login(dovecot.pop3_port, "alice", "secret", "127.0.0.4")
+    env = dict(
+        line.split("=", 1)
+        for line in (out / "alice-127.0.0.4").read_text(encoding="ascii").splitlines()
+    )
+    assert env["POPAUTH_SOCKET"] == "/run/popauth/ingest.sock"
+    assert env["POPAUTH"] == "/usr/bin/popauth"
+    assert env["LOCAL_IP"] == "127.0.0.1"
+
+
+def test_smtp_auth_through_dovecot(open_tmp: Path) -> None:
+    """Postfix SASL via Dovecot: prepare() first, Dovecot, then start()."""
+    postfix = PostfixInstance(
+        root=open_tmp / "postfix", smtp_port=free_port(), milter=None, sasl_path="private/auth"
+    )
+    postfix.prepare()
+    dovecot = DovecotInstance(
+        root=open_tmp / "dovecot",
+        pop3_port=free_port(),
+        users=USERS,
+        auth_socket_for_postfix=postfix.queue_dir / "private" / "auth",
+    )
+    with (
+        dovecot,
+        postfix,
+        smtplib.SMTP(
+            "127.0.0.1", postfix.smtp_port, source_address=("127.0.0.2", 0), timeout=30
+        ) as client,
+    ):
+        client.ehlo("client.example")
+        code, _ = client.login("alice", "secret")
+        assert code == 235

@@ -1,0 +1,176 @@
+"""popauth in front of a real Postfix, fed by a real Dovecot running the contrib hook."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.live.conftest import USERS, PopauthFactory
+from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
+from tests.live.postfix import PostfixInstance
+from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.support.popauth_server import PopauthServer
+
+pytestmark = pytest.mark.live
+
+REMOTE = "someone@remote.example"
+LOCAL = "alice@local.test"
+RELAYING_DENIED = "5.7.1 Relaying denied."
+
+
+def assert_relay_denied(reply: tuple[int, str]) -> None:
+    code, text = reply
+    assert code == 550, reply
+    assert text.startswith(RELAYING_DENIED), reply
+
+
+def test_remote_recipient_before_any_login(
+    postfix: PostfixInstance, popauth: PopauthServer
+) -> None:
+    reply = rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)
+    assert_relay_denied(reply)
+    assert "SMTP AUTH" in reply[1]  # the default explanation reaches the client
+    decision = popauth.events("relay_decision")[-1]
+    assert decision["client_ip"] == "127.0.0.2"
+    assert decision["rcpt_mailer"] == "smtp"
+    assert decision["reason"] == "relay_denied"
+
+
+def test_local_recipient_from_anyone(postfix: PostfixInstance, popauth: PopauthServer) -> None:
+    for client in ("127.0.0.2", "127.0.0.3"):
+        with SmtpSession(postfix.smtp_port, client) as session:
+            assert session.mail()[0] == 250
+            assert session.rcpt(LOCAL)[0] == 250
+            assert session.rcpt("postmaster")[0] == 250
+            assert session.send_message([LOCAL])[0] == 250
+    assert {d["reason"] for d in popauth.events("relay_decision")} == {"local_recipient"}
+
+
+def test_pop_login_whitelists_that_client_only(
+    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
+) -> None:
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    # The hook is synchronous: the entry exists as soon as the login is done.
+    query = popauth.cli("query", "127.0.0.2")
+    assert query.returncode == 0, query
+    assert "user=alice" in query.stdout
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rcpt("another@remote.example")[0] == 250
+        assert session.send_message([REMOTE])[0] == 250
+    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.3", REMOTE))
+    login = popauth.events("login")[-1]
+    assert (login["client_ip"], login["user"]) == ("127.0.0.2", "alice")
+    assert login["peer_uid"] != 0  # reported by the hook, running as dovecot
+    whitelisted = [d for d in popauth.events("relay_decision") if d["reason"] == "whitelisted"]
+    assert whitelisted[-1]["user"] == "alice"
+
+
+def test_imap_login_whitelists_too(
+    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
+) -> None:
+    assert imap_login(dovecot.imap_port, "bob", USERS["bob"], "127.0.0.6")  # type: ignore[arg-type]
+    assert rcpt_reply(postfix.smtp_port, "127.0.0.6", REMOTE)[0] == 250
+
+
+def test_failed_pop_login_whitelists_nothing(
+    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
+) -> None:
+    assert not pop3_login(dovecot.pop3_port, "alice", "wrong password", "127.0.0.4")
+    assert popauth.cli("query", "127.0.0.4").returncode == 1
+    assert popauth.events("login") == []
+    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.4", REMOTE))
+
+
+def test_smtp_auth_relays_from_an_unlisted_address(
+    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
+) -> None:
+    with SmtpSession(postfix.smtp_port, "127.0.0.5") as session:
+        session.login("bob", USERS["bob"])
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.send_message([REMOTE])[0] == 250
+    decision = popauth.events("relay_decision")[-1]
+    assert (decision["reason"], decision["user"], decision["stage"]) == ("smtp_auth", "bob", "mail")
+    assert popauth.cli("query", "127.0.0.5").returncode == 1
+
+
+def test_expiry(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth(ttl=2)
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)[0] == 250
+    deadline = time.monotonic() + 10
+    while popauth.cli("query", "127.0.0.2").returncode == 0:
+        assert time.monotonic() < deadline, "entry did not expire"
+        time.sleep(0.1)
+    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE))
+
+
+def test_revoke(postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer) -> None:
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rset()[0] == 250
+        revoke = popauth.cli("revoke", "127.0.0.2")
+        assert revoke.returncode == 0, revoke
+        # The next message of the very same session is checked again.
+        assert session.mail()[0] == 250
+        assert_relay_denied(session.rcpt(REMOTE))
+    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE))
+
+
+def test_local_recipient_does_not_open_the_door_for_the_next(
+    postfix: PostfixInstance, popauth: PopauthServer
+) -> None:
+    with SmtpSession(postfix.smtp_port, "127.0.0.3") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(LOCAL)[0] == 250
+        assert_relay_denied(session.rcpt(REMOTE))
+        assert session.rcpt("bob@local.test")[0] == 250
+        assert session.send_message([LOCAL, "bob@local.test"])[0] == 250
+
+
+def test_popauth_stopped_means_tempfail(postfix: PostfixInstance, popauth: PopauthServer) -> None:
+    popauth.stop()
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        code, text = session.mail()
+        if code == 250:
+            code, text = session.rcpt(REMOTE)
+    assert 400 <= code < 500, (code, text)
+
+
+# Recipient forms that end in the local domain but that Postfix, with its
+# default settings, rewrites to user@remote.example and relays.
+DISGUISED_RELAYS = [
+    "someone%remote.example@local.test",
+    "remote.example!someone@local.test",
+    '"someone@remote.example"@local.test',
+    '"someone%remote.example"@local.test',
+    "someone@remote.example@local.test",
+    "@local.test:someone@remote.example",
+]
+
+
+@pytest.mark.parametrize("recipient", DISGUISED_RELAYS)
+def test_disguised_relays_are_refused(
+    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer, recipient: str
+) -> None:
+    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.3", recipient))
+    decision = popauth.events("relay_decision")[-1]
+    # Postfix itself resolved it to its outbound transport: a real relay.
+    assert decision["rcpt_mailer"] == "smtp", decision
+    # A client that logged in may send to the same address.
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.2")
+    assert rcpt_reply(postfix.smtp_port, "127.0.0.2", recipient)[0] == 250
+
+
+@pytest.mark.parametrize("recipient", ["alice@LOCAL.TEST", "alice@local.test.", "postmaster"])
+def test_odd_but_local_forms_are_accepted(
+    postfix: PostfixInstance, popauth: PopauthServer, recipient: str
+) -> None:
+    assert rcpt_reply(postfix.smtp_port, "127.0.0.3", recipient)[0] == 250

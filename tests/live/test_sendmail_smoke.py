@@ -1,0 +1,80 @@
+"""Smoke test: Sendmail built from contrib/sendmail.mc starts and fails closed.
+
+The milter socket points to a path where nothing listens.  With F=T on the
+filter, Sendmail must not relay without it: it still greets (220) and accepts
+EHLO, but answers MAIL FROM with 451 4.3.2, so no recipient (remote or local)
+can be given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.live.sendmail import (
+    CONTRIB_MC,
+    DEFAULT_CACHE_DIR,
+    SendmailInstance,
+    ensure_sendmail_root,
+    wrap_contrib_mc,
+)
+
+pytestmark = pytest.mark.live
+
+_TOOLS = ("apt-get", "dpkg", "m4", "unshare")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def sendmail_root() -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("Sendmail live tests run as root (unshare, queue ownership)")
+    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+    return ensure_sendmail_root(DEFAULT_CACHE_DIR)
+
+
+@pytest.fixture
+def sendmail_no_milter(sendmail_root: Path, tmp_path: Path) -> Iterator[SendmailInstance]:
+    workdir = tmp_path / "sendmail"
+    port = _free_port()
+    mc = wrap_contrib_mc(
+        CONTRIB_MC.read_text(),
+        workdir,
+        port,
+        # The directory exists, the socket does not: Sendmail checks the
+        # directory's safety at start-up and the socket at each connection.
+        milter_socket=f"unix:{workdir}/absent-milter.sock",
+        local_domains="local.test",
+    )
+    with SendmailInstance(sendmail_root, workdir, port, mc) as mta:
+        yield mta
+
+
+def test_banner_and_fail_closed_without_milter(sendmail_no_milter: SendmailInstance) -> None:
+    mta = sendmail_no_milter
+    assert mta.banner.startswith("220 mx.local.test ESMTP Sendmail")
+    with smtplib.SMTP(
+        "127.0.0.1", mta.smtp_port, source_address=("127.0.0.2", 0), timeout=30
+    ) as client:
+        code, _ = client.ehlo("client.example")
+        assert code == 250
+        mail_code, mail_text = client.mail("sender@client.example")
+        assert (mail_code, mail_text) == (451, b"4.3.2 Please try again later")
+        # Nothing may be accepted after that, remote or local.
+        for rcpt in ("user@remote.example", "root@local.test"):
+            rcpt_code, _ = client.rcpt(rcpt)
+            assert rcpt_code // 100 in (4, 5), rcpt
