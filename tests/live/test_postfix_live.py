@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +176,31 @@ def test_odd_but_local_forms_are_accepted(
     postfix: PostfixInstance, popauth: PopauthServer, recipient: str
 ) -> None:
     assert rcpt_reply(postfix.smtp_port, "127.0.0.3", recipient)[0] == 250
+
+
+def test_login_goes_on_when_popauth_is_down(
+    dovecot: DovecotInstance, popauth: PopauthServer
+) -> None:
+    popauth.stop()
+    started = time.monotonic()
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert time.monotonic() - started < 5
+    assert "could not record login of alice from 127.0.0.2" in dovecot.log_text()
+
+
+def test_login_goes_on_when_popauth_hangs(dovecot: DovecotInstance, popauth_dir: Path) -> None:
+    # A wedged endpoint: the socket accepts connections but nobody answers.
+    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = popauth_dir / "ingest.sock"
+    wedged.bind(str(path))
+    path.chmod(0o666)
+    wedged.listen(16)
+    try:
+        started = time.monotonic()
+        assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.3")
+        elapsed = time.monotonic() - started
+    finally:
+        wedged.close()
+        path.unlink()
+    # popauth login gives up after its 2 s timeout; the login then carries on.
+    assert 1.5 < elapsed < 5, elapsed
