@@ -50,6 +50,14 @@ class Settings:
     ingest_max_clients: int = 256
     ttl: int = 900
     max_entries: int = 100_000
+    store: str = "memory"
+    # The embedded store's snapshot; "" disables it.
+    snapshot_path: str = "/var/lib/popauth/whitelist.json"
+    snapshot_interval: int = 60
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Seconds a Redis connect or reply may take before the caller fails closed.
+    redis_timeout: float = 0.5
+    redis_key_prefix: str = "popauth:"
     trusted_networks: tuple[IPNetwork, ...] = field(
         default_factory=lambda: (parse_network("127.0.0.0/8"), parse_network("::1/128"))
     )
@@ -148,6 +156,25 @@ def _milter_spec(value: Any) -> str:
     return text
 
 
+def _redis_url(value: Any) -> str:
+    text = _text(value)
+    if not re.match(r"^(redis|rediss|unix)://", text):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _optional_absolute_path(value: Any) -> str:
+    text = _text(value)
+    return _absolute_path(text) if text else text
+
+
+def _key_prefix(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[\x21-\x7e]{0,64}", text):
+        raise ValueError("must be up to 64 visible ASCII characters")
+    return text
+
+
 def _absolute_path(value: Any) -> str:
     text = _text(value)
     if not text.startswith("/"):
@@ -232,6 +259,12 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ingest_max_clients": _integer(1, 100_000),
     "ttl": _integer(1, 7 * 86_400),
     "max_entries": _integer(1, 100_000_000),
+    "store": _choice("memory", "redis"),
+    "snapshot_path": _optional_absolute_path,
+    "snapshot_interval": _integer(1, 86_400),
+    "redis_url": _redis_url,
+    "redis_timeout": _number(0.01, 30),
+    "redis_key_prefix": _key_prefix,
     "trusted_networks": _string_list(_network),
     "ipv6_prefix": _integer(0, 128),
     "local_domains": _string_list(_domain),

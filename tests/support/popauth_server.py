@@ -53,6 +53,8 @@ class PopauthServer:
             "trusted_networks": [],
             "local_domains": ["local.test"],
             "log_format": "json",
+            # Each test starts from an empty whitelist unless it asks otherwise.
+            "snapshot_path": "",
             **settings,
         }
         self.process: subprocess.Popen[bytes] | None = None
@@ -105,6 +107,13 @@ class PopauthServer:
             status = self.process.wait()
         self.process = None
         return status
+
+    def kill(self) -> None:
+        """SIGKILL: no clean stop, no final snapshot."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
 
     def _wake_listener(self) -> None:
         """libmilter checks its stop flag only every 5 s or when a client

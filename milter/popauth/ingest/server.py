@@ -190,7 +190,11 @@ class IngestServer:
                 protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
             )
             return False
-        reply, keep_open = self.answer(line, peer)
+        if self._store.may_block:
+            # A slow store must not hold up every other client of the loop.
+            reply, keep_open = await asyncio.to_thread(self.answer, line, peer)
+        else:
+            reply, keep_open = self.answer(line, peer)
         writer.write(reply)
         await writer.drain()
         return keep_open

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import ClassVar
 
 from popauth.addresses import IPAddress
 
@@ -67,6 +68,10 @@ class WhitelistStore(abc.ABC):
     :class:`StoreUnavailable` (never return a made-up answer) when they cannot
     reach their data.
     """
+
+    # Whether calls may wait on the network; such stores are kept off the
+    # ingest endpoint's event loop.
+    may_block: ClassVar[bool] = False
 
     @abc.abstractmethod
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:

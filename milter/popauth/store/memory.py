@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 import threading
+from collections.abc import Iterable
 
 from cachetools import TTLCache
 
@@ -47,8 +48,11 @@ class MemoryStore(WhitelistStore):
         self._ttl = ttl
         self._max_entries = max_entries
         self._clock = clock
+        # Restoring a snapshot inserts entries as of their login time, so
+        # that they keep their expiry; otherwise the shift is zero.
+        self._timer_shift = 0.0
         self._cache: TTLCache[int, _Entry] = TTLCache(
-            maxsize=max_entries, ttl=ttl, timer=clock.monotonic
+            maxsize=max_entries, ttl=ttl, timer=self._timer
         )
         self._lock = threading.Lock()
         self._grants = 0
@@ -57,6 +61,9 @@ class MemoryStore(WhitelistStore):
         self._lookups = 0
         self._hits = 0
         self._evictions = 0
+
+    def _timer(self) -> float:
+        return self._clock.monotonic() + self._timer_shift
 
     def _as_grant(self, key: int, entry: _Entry) -> Grant:
         user, granted_monotonic = entry
@@ -125,3 +132,28 @@ class MemoryStore(WhitelistStore):
                 hits=self._hits,
                 evictions=self._evictions,
             )
+
+    def restore(self, grants: Iterable[Grant]) -> int:
+        """Re-insert saved entries with their remaining time; returns how many.
+
+        Expired entries are dropped. Only for an empty store at start: the
+        cache keeps its expiry list ordered by inserting oldest first.
+        """
+        now_wall = self._clock.time()
+        now_monotonic = self._clock.monotonic()
+        restored = 0
+        with self._lock:
+            try:
+                for grant in sorted(grants, key=lambda g: g.expires_at):
+                    # A snapshot never outlives the TTL now in force.
+                    remaining = min(grant.expires_at - now_wall, self._ttl)
+                    if remaining <= 0 or len(self._cache) >= self._max_entries:
+                        continue
+                    # Inserted "ttl - remaining" seconds ago, it expires on time.
+                    self._timer_shift = remaining - self._ttl
+                    granted_monotonic = now_monotonic + self._timer_shift
+                    self._cache[_key(grant.address)] = (sys.intern(grant.user), granted_monotonic)
+                    restored += 1
+            finally:
+                self._timer_shift = 0.0
+        return restored

@@ -1,0 +1,229 @@
+"""B2: messages per second through a private Postfix, 8 concurrent SMTP clients.
+
+Set-ups, all running at once on their own ports and measured in turn:
+
+- ``no-milter``: Postfix alone, relay restrictions as in the popauth
+  deployment minus the milter (the cidr table answers OK for everyone):
+  every message is accepted, so it is the upper bound;
+- ``popauth``: the same plus popauth as ``smtpd_milters`` (default logging);
+- ``popauth[warning]``: the same with popauth at ``log_level = "warning"``;
+- ``cidr``: no milter, Postfix decides alone with the same verdicts:
+  ``check_client_access cidr:`` holding the whitelist (OK), then
+  ``reject_unauth_destination``.
+
+One message per SMTP connection; the mix cycles through whitelisted
+(relaying), local-recipient (inbound) and refused (relaying stranger)
+clients, each from its own loopback address. A refused transaction ends at
+RCPT; it still counts as one transaction handled. Between two runs the
+harness waits for the previous instance's queue to drain, so that
+deliveries of one set-up do not eat into the next one's run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
+from tests.live.ports import free_port
+from tests.live.postfix import PostfixInstance
+from tests.support.popauth_server import PopauthServer
+
+LOCAL_DOMAIN = "local.test"
+CLIENTS = 8
+CLASSES = ("whitelisted", "local", "whitelisted", "local", "refused")
+SOURCES = {
+    "whitelisted": [f"127.0.1.{n}" for n in range(1, 41)],
+    "local": [f"127.0.2.{n}" for n in range(1, 41)],
+    "refused": [f"127.0.3.{n}" for n in range(1, 41)],
+}
+RECIPIENT = {"whitelisted": "friend@remote.example", "local": f"user@{LOCAL_DOMAIN}"}
+BODY = (
+    b"From: Sender <sender@example.org>\r\n"
+    b"To: Friend <friend@remote.example>\r\n"
+    b"Subject: popauth benchmark\r\n"
+    b"Message-ID: <bench@example.org>\r\n"
+    b"\r\n" + b"Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n" * 12 + b".\r\n"
+)
+QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
+
+
+class SmtpError(RuntimeError):
+    pass
+
+
+def _reply(reader: Any) -> int:
+    """Read one (possibly multi-line) SMTP reply and return its code."""
+    while True:
+        line: bytes = reader.readline()
+        if len(line) < 4:
+            raise SmtpError(f"short SMTP reply {line!r}")
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+def transaction(port: int, source_ip: str, recipient: str) -> int:
+    """One SMTP connection with one message; the RCPT reply code."""
+    with socket.create_connection(("127.0.0.1", port), 30, (source_ip, 0)) as sock:
+        reader = sock.makefile("rb")
+        if _reply(reader) != 220:
+            raise SmtpError("no 220 banner")
+        sock.sendall(b"EHLO client.example\r\n")
+        if _reply(reader) != 250:
+            raise SmtpError("EHLO refused")
+        sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
+        code = _reply(reader)
+        if code != 250:
+            raise SmtpError(f"MAIL got {code}")
+        sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
+        rcpt = _reply(reader)
+        if rcpt == 250:
+            sock.sendall(b"DATA\r\n")
+            if _reply(reader) != 354:
+                raise SmtpError("DATA refused")
+            sock.sendall(BODY)
+            code = _reply(reader)
+            if code != 250:
+                raise SmtpError(f"message got {code}")
+        sock.sendall(b"QUIT\r\n")
+        _reply(reader)
+        reader.close()
+    return rcpt
+
+
+def queue_length(instance: PostfixInstance) -> int:
+    total = 0
+    for name in QUEUE_SUBDIRS:
+        for _, _, files in os.walk(instance.queue_dir / name):
+            total += len(files)
+    return total
+
+
+def wait_queue_empty(instance: PostfixInstance, seconds: float = 60.0) -> None:
+    deadline = Deadline(seconds)
+    while queue_length(instance) and not deadline.passed():
+        time.sleep(0.05)
+
+
+def whitelist_cidr(path: Path) -> Path:
+    lines = [f"{ip}/32 OK" for ip in SOURCES["whitelisted"]]
+    path.write_text("\n".join(lines) + "\n", encoding="ascii")
+    return path
+
+
+def start_popauth(directory: Path, **settings: Any) -> PopauthServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    server = PopauthServer(
+        directory,
+        trusted_networks=[],
+        local_domains=[LOCAL_DOMAIN],
+        local_mailers=["local"],
+        log_format="console",
+        **settings,
+    ).start()
+    for index, ip in enumerate(SOURCES["whitelisted"]):
+        reply = server.ask(f"LOGIN {ip} user{index:03d}")
+        if not reply or not reply[0].startswith("OK"):
+            raise RuntimeError(f"could not whitelist {ip}: {reply}")
+    return server
+
+
+EXPECTED = {
+    "no-milter": {"whitelisted": 250, "local": 250, "refused": 250},
+    "popauth": {"whitelisted": 250, "local": 250, "refused": 550},
+    "popauth[warning]": {"whitelisted": 250, "local": 250, "refused": 550},
+    "cidr": {"whitelisted": 250, "local": 250, "refused": 554},
+}
+
+
+def run(mode: Mode, workdir: Path) -> BenchResult:
+    result = BenchResult("B2", f"Postfix end to end: messages/s, {CLIENTS} SMTP clients")
+    workdir.mkdir(parents=True, exist_ok=True)
+    servers = {
+        "popauth": start_popauth(workdir / "popauth-info", log_level="info"),
+        "popauth[warning]": start_popauth(workdir / "popauth-warning", log_level="warning"),
+    }
+    cidr = whitelist_cidr(workdir / "whitelist.cidr")
+    instances = {
+        "no-milter": PostfixInstance(
+            root=workdir / "pf-none", smtp_port=free_port(), milter=None, local_domain=LOCAL_DOMAIN
+        ),
+        "popauth": PostfixInstance(
+            root=workdir / "pf-popauth",
+            smtp_port=free_port(),
+            milter=f"unix:{servers['popauth'].milter_path}",
+            local_domain=LOCAL_DOMAIN,
+        ),
+        "popauth[warning]": PostfixInstance(
+            root=workdir / "pf-popauth-warning",
+            smtp_port=free_port(),
+            milter=f"unix:{servers['popauth[warning]'].milter_path}",
+            local_domain=LOCAL_DOMAIN,
+        ),
+        "cidr": PostfixInstance(
+            root=workdir / "pf-cidr",
+            smtp_port=free_port(),
+            milter=None,
+            local_domain=LOCAL_DOMAIN,
+            relay_restrictions=f"check_client_access cidr:{cidr}, reject_unauth_destination",
+        ),
+    }
+    replies: dict[str, dict[tuple[str, int], int]] = {name: {} for name in instances}
+    started: list[PostfixInstance] = []
+    try:
+        for instance in instances.values():
+            instance.start()
+            started.append(instance)
+
+        def measure(name: str, seconds: float) -> None:
+            instance = instances[name]
+            seen = replies[name]
+
+            def one(worker: int, iteration: int) -> None:
+                kind = CLASSES[(iteration * CLIENTS + worker) % len(CLASSES)]
+                sources = SOURCES[kind]
+                source = sources[(iteration * CLIENTS + worker) % len(sources)]
+                recipient = RECIPIENT.get(kind, "friend@remote.example")
+                code = transaction(instance.smtp_port, source, recipient)
+                seen[(kind, code)] = seen.get((kind, code), 0) + 1
+
+            wait_queue_empty(instance)
+            outcome = drive(CLIENTS, abs(seconds), one, max_operations=100_000)
+            if outcome.errors:
+                raise RuntimeError(f"B2 {name}: {outcome.errors} errors: {outcome.first_error}")
+            if seconds > 0:
+                result.metric(name, "messages/s").samples.append(outcome.rate)
+            wait_queue_empty(instance)
+
+        rounds(mode, list(instances), measure)
+    finally:
+        for instance in started:
+            instance.stop()
+        for server in servers.values():
+            server.stop()
+
+    for name, expected in EXPECTED.items():
+        for (kind, code), count in replies[name].items():
+            if code != expected[kind]:
+                raise RuntimeError(f"B2 {name}: {count} x RCPT {code} for {kind} clients")
+    checks = (
+        ("popauth/no-milter", "popauth", "no-milter", 0.85),
+        ("popauth/cidr", "popauth", "cidr", 0.9),
+    )
+    for ratio_name, top, bottom, target in checks:
+        ratio = result.ratio(ratio_name, top, bottom)
+        result.checks.append(Check(ratio.name, ratio.stats().median, ">=", target))
+    result.ratio("popauth[warning]/no-milter", "popauth[warning]", "no-milter")
+    result.ratio("popauth[warning]/cidr", "popauth[warning]", "cidr")
+    result.ratio("cidr/no-milter", "cidr", "no-milter")
+    result.notes += [
+        "mix per 5 connections: 2 whitelisted relaying, 2 inbound to a local recipient, "
+        "1 refused relaying (ends at RCPT); no-milter accepts all (open relay baseline)",
+        "SMTP AUTH not exercised (whitelist and local only)",
+        "RCPT replies, popauth: "
+        + ", ".join(f"{k}:{c}={n}" for (k, c), n in sorted(replies["popauth"].items())),
+    ]
+    return result

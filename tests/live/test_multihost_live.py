@@ -1,0 +1,133 @@
+"""Two hosts, one Redis: a login on one relays through the other.
+
+Each "host" is a popauth serve process with its own milter and ingest
+sockets and a Postfix instance of its own, all sharing one redis-server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.live.conftest import LIVE_SETTINGS
+from tests.live.ports import free_port
+from tests.live.postfix import PostfixInstance
+from tests.live.redis import RedisInstance
+from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.support.popauth_server import POPAUTH, PopauthServer
+
+pytestmark = pytest.mark.live
+
+REMOTE = "someone@remote.example"
+
+
+@dataclass
+class Host:
+    directory: Path
+    postfix: PostfixInstance
+    popauth: PopauthServer | None = None
+
+    def relay(self, client: str) -> tuple[int, str]:
+        return rcpt_reply(self.postfix.smtp_port, client, REMOTE)
+
+
+@pytest.fixture(scope="module")
+def redis_server(live_root: Path) -> Iterator[RedisInstance]:
+    with RedisInstance(root=live_root / "redis", port=free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hosts(live_root: Path) -> Iterator[list[Host]]:
+    made: list[Host] = []
+    for name in ("host-a", "host-b"):
+        directory = live_root / name
+        directory.mkdir(mode=0o755)
+        postfix = PostfixInstance(
+            root=directory / "postfix",
+            smtp_port=free_port(),
+            milter=f"unix:{directory / 'milter.sock'}",
+            local_domain="local.test",
+            extra_main_cf={"myhostname": f"{name}.local.test", "myorigin": "local.test"},
+        )
+        postfix.start()
+        made.append(Host(directory, postfix))
+    yield made
+    for host in made:
+        host.postfix.stop()
+
+
+@pytest.fixture
+def cluster(redis_server: RedisInstance, hosts: list[Host]) -> Iterator[list[Host]]:
+    redis_server.flush()
+    for host in hosts:
+        host.popauth = PopauthServer(
+            host.directory, **LIVE_SETTINGS, store="redis", redis_url=redis_server.url
+        ).start()
+    yield hosts
+    for host in hosts:
+        assert host.popauth is not None
+        host.popauth.stop()
+
+
+def test_login_on_one_host_relays_through_the_other(cluster: list[Host]) -> None:
+    host_a, host_b = cluster
+    assert host_a.popauth is not None
+    assert host_a.popauth.ask("LOGIN 127.0.0.2 alice")[0].startswith("OK ")
+    assert host_b.relay("127.0.0.2")[0] == 250
+    assert host_a.relay("127.0.0.2")[0] == 250
+    assert host_b.relay("127.0.0.3")[0] == 550
+
+
+def test_revoke_on_one_host_stops_relaying_through_the_other(cluster: list[Host]) -> None:
+    host_a, host_b = cluster
+    assert host_a.popauth is not None
+    assert host_b.popauth is not None
+    host_a.popauth.ask("LOGIN 127.0.0.2 alice")
+    assert host_a.relay("127.0.0.2")[0] == 250
+    assert host_b.popauth.cli("revoke", "127.0.0.2").returncode == 0
+    # No local cache: the very next lookup on host A sees the revoke.
+    code, text = host_a.relay("127.0.0.2")
+    assert (code, text.split(" ", 1)[0]) == (550, "5.7.1")
+
+
+def test_redis_outage_means_tempfail_then_recovery(
+    redis_server: RedisInstance, cluster: list[Host]
+) -> None:
+    host_a, host_b = cluster
+    assert host_a.popauth is not None
+    host_a.popauth.ask("LOGIN 127.0.0.2 alice")
+    redis_server.stop()
+    try:
+        for host in cluster:
+            code, text = host.relay("127.0.0.2")
+            assert code == 451, (code, text)
+            assert text.startswith("4.3.0"), text
+            # A local recipient needs no whitelist and still gets through.
+            with SmtpSession(host.postfix.smtp_port, "127.0.0.2") as session:
+                assert session.mail()[0] == 250
+                assert session.rcpt("alice@local.test")[0] == 250
+        assert host_a.popauth.ask("LOGIN 127.0.0.4 bob")[0].startswith("ERR unavailable")
+        started = time.monotonic()
+        hook = subprocess.run(
+            [POPAUTH, "login", "--socket", str(host_a.popauth.ingest_path), "127.0.0.4", "bob"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert hook.returncode != 0
+        assert "unavailable" in hook.stderr
+        assert time.monotonic() - started < 3
+        assert host_b.popauth is not None
+        assert host_b.popauth.events("whitelist_unavailable")
+    finally:
+        redis_server.start()
+    # Both recover on their own: no restart of popauth.
+    assert host_a.popauth.ask("LOGIN 127.0.0.2 alice")[0].startswith("OK ")
+    assert host_b.relay("127.0.0.2")[0] == 250

@@ -1,0 +1,109 @@
+"""RedisStore against a real redis-server: semantics, timeouts and recovery."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popauth.addresses import parse_client_address
+from popauth.clock import SystemClock
+from popauth.store import StoreUnavailable
+from popauth.store.redis import RedisStore
+from tests.live.ports import free_port
+from tests.live.redis import RedisInstance
+
+pytestmark = pytest.mark.live
+
+A = parse_client_address("192.0.2.1")
+B = parse_client_address("2001:db8::")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisInstance]:
+    with RedisInstance(root=tmp_path / "redis", port=free_port()) as server:
+        yield server
+
+
+def make_store(server: RedisInstance, ttl: int = 900, prefix: str = "popauth:") -> RedisStore:
+    return RedisStore(url=server.url, ttl=ttl, timeout=0.5, key_prefix=prefix, clock=SystemClock())
+
+
+def test_grant_renew_lookup_revoke_list(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    first = store.grant(A, "alice")
+    assert not first.renewed
+    assert store.grant(A, "alice").renewed
+    store.grant(B, "bob with spaces")
+    grant = store.lookup(A)
+    assert grant is not None
+    assert (grant.user, grant.expires_at - grant.granted_at) == ("alice", 900)
+    assert {(g.address, g.user) for g in store.entries()} == {(A, "alice"), (B, "bob with spaces")}
+    removed = store.revoke(A)
+    assert removed is not None
+    assert removed.user == "alice"
+    assert store.lookup(A) is None
+    assert store.revoke(A) is None
+    stats = store.stats()
+    assert (stats.entries, stats.grants, stats.renewals, stats.revocations) == (1, 3, 1, 1)
+
+
+def test_two_hosts_share_entries_and_prefixes_separate_sites(redis_server: RedisInstance) -> None:
+    host_a, host_b = make_store(redis_server), make_store(redis_server)
+    other_site = make_store(redis_server, prefix="othersite:")
+    host_a.grant(A, "alice")
+    assert host_b.lookup(A) is not None
+    assert other_site.lookup(A) is None
+    host_b.revoke(A)
+    assert host_a.lookup(A) is None
+
+
+def test_redis_expires_entries(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server, ttl=1)
+    store.grant(A, "alice")
+    deadline = time.monotonic() + 5
+    while store.lookup(A) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_foreign_values_never_whitelist(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    store._client.set("popauth:192.0.2.1", b"\xff garbage")
+    assert store.lookup(A) is None
+
+
+def test_outage_fails_fast_and_recovers(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    store.grant(A, "alice")
+    redis_server.stop()
+    for operation in (lambda: store.lookup(A), lambda: store.grant(A, "a"), store.entries):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            operation()
+        assert time.monotonic() - started < 2
+    redis_server.start()
+    # No restart of the store: the next call reconnects.
+    assert store.lookup(A) is None  # the outage lost Redis's unsaved data
+    store.grant(A, "alice")
+    assert store.lookup(A) is not None
+
+
+def test_slow_redis_times_out_instead_of_blocking(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    store.grant(A, "alice")
+    sleeper = socket.create_connection(("127.0.0.1", redis_server.port))
+    sleeper.sendall(b"DEBUG SLEEP 2\r\n")  # Redis stalls every client for 2 s
+    try:
+        time.sleep(0.1)  # let the stall begin; the timeout below is what matters
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.lookup(A)
+        assert time.monotonic() - started < 1.5
+    finally:
+        sleeper.recv(64)
+        sleeper.close()
+    assert store.lookup(A) is not None

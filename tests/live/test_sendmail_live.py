@@ -1,0 +1,376 @@
+"""popauth in front of a real Sendmail whose .cf is built from contrib/sendmail.mc.
+
+The mirror of test_postfix_live.py: the same verdicts through Sendmail.  The
+.cf comes from the product's own contrib file, wrapped only by test-only m4
+defines (tests/live/sendmail.py), so a broken contrib file fails here.
+
+Sendmail checks a local recipient itself before the milter sees it
+(``550 5.1.1 User unknown``), so the local recipients used here exist on
+every Debian system: ``root`` (passwd) and ``postmaster`` (the test aliases).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.live.conftest import PopauthFactory
+from tests.live.ports import free_port
+from tests.live.sendmail import (
+    CONTRIB_MC,
+    DEFAULT_CACHE_DIR,
+    SendmailInstance,
+    build_cf,
+    ensure_sendmail_root,
+    make_sasl_dir,
+    wrap_contrib_mc,
+)
+from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.support.popauth_server import PopauthServer
+
+pytestmark = pytest.mark.live
+
+REMOTE = "someone@remote.example"
+LOCAL = "root@local.test"
+SASL_USERS = {"carol": "s3cret"}
+# popauth answers "550 5.7.1 Relaying denied. <text>"; Sendmail puts the
+# recipient between the status code and the text: "5.7.1 <rcpt>... Relaying...".
+RELAYING_DENIED = "... Relaying denied. Turn on SMTP AUTH"
+# check_rcpt's own relay refusal, which promiscuous_relay leaves out of the .cf.
+SENDMAIL_RELAY_CHECK = 'R$*\t\t\t$#error $@ 5.7.1 $: "550 Relaying denied'
+
+# Sendmail 8.17's default macro lists (cf/m4/cfhead.m4).
+DEFAULT_MACROS = {
+    "connect": ["j", "_", "{daemon_name}", "{if_name}", "{if_addr}"],
+    "envfrom": [
+        "i",
+        "{auth_type}",
+        "{auth_authen}",
+        "{auth_ssf}",
+        "{auth_author}",
+        "{mail_mailer}",
+        "{mail_host}",
+        "{mail_addr}",
+    ],
+    "envrcpt": ["{rcpt_mailer}", "{rcpt_host}", "{rcpt_addr}"],
+}
+
+
+def assert_relay_denied(reply: tuple[int, str]) -> None:
+    code, text = reply
+    assert code == 550, reply
+    assert text.startswith("5.7.1 <"), reply
+    assert RELAYING_DENIED in text, reply
+
+
+def cf_options(cf_text: str) -> dict[str, str]:
+    """``O Name=value`` lines of a .cf (commented-out ``#O`` lines excluded)."""
+    options = {}
+    for line in cf_text.splitlines():
+        if line.startswith("O "):
+            name, _, value = line[2:].partition("=")
+            options[name] = value
+    return options
+
+
+def macro_list(cf_text: str, stage: str) -> list[str]:
+    value = cf_options(cf_text)[f"Milter.macros.{stage}"]
+    return [name.strip() for name in value.split(",")]
+
+
+@pytest.fixture(scope="session")
+def sendmail_root() -> Path:
+    assert os.geteuid() == 0, "the Sendmail live tests run as root (unshare, queue)"
+    missing = [
+        t for t in ("apt-get", "dpkg", "m4", "unshare", "saslpasswd2") if not shutil.which(t)
+    ]
+    assert not missing, f"missing tools: {missing}"
+    return ensure_sendmail_root(DEFAULT_CACHE_DIR)
+
+
+def start_sendmail(
+    root: Path,
+    workdir: Path,
+    popauth_dir: Path,
+    *,
+    extra: str = "",
+    sasl_dir: Path | None = None,
+) -> SendmailInstance:
+    port = free_port()
+    mc = wrap_contrib_mc(
+        CONTRIB_MC.read_text(),
+        workdir,
+        port,
+        milter_socket=f"unix:{popauth_dir / 'milter.sock'}",
+        local_domains="local.test",
+        extra=extra,
+    )
+    instance = SendmailInstance(root, workdir, port, mc, sasl_dir=sasl_dir)
+    instance.start()
+    return instance
+
+
+@pytest.fixture(scope="session")
+def sendmail(sendmail_root: Path, live_root: Path, popauth_dir: Path) -> Iterator[SendmailInstance]:
+    """The main instance: contrib .mc as is, with SMTP AUTH (sasldb)."""
+    sasl_dir = make_sasl_dir(live_root / "sendmail-sasl", SASL_USERS, realm="mx.local.test")
+    instance = start_sendmail(sendmail_root, live_root / "sendmail", popauth_dir, sasl_dir=sasl_dir)
+    yield instance
+    instance.stop()
+
+
+# ------------------------------------------------------------------ the .cf
+
+
+def test_contrib_mc_builds_the_production_cf(sendmail_root: Path, tmp_path: Path) -> None:
+    """The contrib file on its own, as an admin builds it."""
+    cf = build_cf(sendmail_root, CONTRIB_MC.read_text(), tmp_path / "sendmail.cf").read_text()
+    assert "Xpopauth, S=unix:/run/popauth/milter.sock, F=T, T=S:10s;R:20s;E:5m" in cf
+    options = cf_options(cf)
+    assert options["InputMailFilters"] == "popauth"
+    assert "C{w}example.org" in cf.splitlines()
+    # The defaults stay and popauth's macros are appended, each once.
+    assert macro_list(cf, "connect") == [*DEFAULT_MACROS["connect"], "{client_addr}"]
+    assert macro_list(cf, "envfrom") == DEFAULT_MACROS["envfrom"]
+    assert macro_list(cf, "envrcpt") == DEFAULT_MACROS["envrcpt"]
+    # promiscuous_relay: check_rcpt no longer refuses relaying by itself ...
+    assert SENDMAIL_RELAY_CHECK not in cf
+    # ... and it is the FEATURE line that does it (the .mc's comments do not).
+    without = "".join(
+        line
+        for line in CONTRIB_MC.read_text().splitlines(keepends=True)
+        if not line.startswith("FEATURE(`promiscuous_relay')")
+    )
+    cf_without = build_cf(sendmail_root, without, tmp_path / "without.cf").read_text()
+    assert SENDMAIL_RELAY_CHECK in cf_without
+
+
+def test_macro_lists_are_appended_to_not_replaced(sendmail_root: Path, tmp_path: Path) -> None:
+    """A list an admin extended earlier in the .mc keeps its entries too."""
+    before = "define(`confMILTER_MACROS_ENVRCPT', ``{rcpt_mailer}, {other_milters_macro}'')dnl\n"
+    cf = build_cf(
+        sendmail_root, before + CONTRIB_MC.read_text(), tmp_path / "sendmail.cf"
+    ).read_text()
+    assert macro_list(cf, "envrcpt") == [
+        "{rcpt_mailer}",
+        "{other_milters_macro}",
+        "{rcpt_addr}",
+        "{rcpt_host}",
+    ]
+
+
+def test_test_cf_is_the_contrib_cf_plus_test_settings(sendmail: SendmailInstance) -> None:
+    cf = sendmail.cf_path.read_text()
+    assert f"S=unix:{sendmail.cf_path.parent.parent / 'popauth' / 'milter.sock'}, F=T" in cf
+    assert cf_options(cf)["DeliveryMode"] == "queueonly"
+    assert macro_list(cf, "connect") == [*DEFAULT_MACROS["connect"], "{client_addr}"]
+    assert sendmail.banner.startswith("220 mx.local.test ESMTP Sendmail 8.17")
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def test_remote_recipient_before_any_login(
+    sendmail: SendmailInstance, popauth: PopauthServer
+) -> None:
+    reply = rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE)
+    assert_relay_denied(reply)
+    decision = popauth.events("relay_decision")[-1]
+    assert decision["client_ip"] == "127.0.0.2"
+    assert decision["rcpt_mailer"] == "esmtp"
+    assert decision["reason"] == "relay_denied"
+
+
+def test_local_recipients_from_anyone(sendmail: SendmailInstance, popauth: PopauthServer) -> None:
+    recipients = [
+        LOCAL,
+        "postmaster@local.test",
+        "postmaster",
+        "root@LOCAL.TEST",
+        "root@local.test.",
+    ]
+    for client in ("127.0.0.2", "127.0.0.3"):
+        with SmtpSession(sendmail.smtp_port, client) as session:
+            assert session.mail()[0] == 250
+            for recipient in recipients:
+                assert session.rcpt(recipient)[0] == 250, recipient
+            assert session.send_message(recipients)[0] == 250
+    decisions = popauth.events("relay_decision")
+    assert len(decisions) == 2 * len(recipients)
+    assert {(d["reason"], d["rcpt_mailer"]) for d in decisions} == {("local_recipient", "local")}
+
+
+def test_unknown_local_user_is_refused_by_sendmail_itself(
+    sendmail: SendmailInstance, popauth: PopauthServer
+) -> None:
+    code, text = rcpt_reply(sendmail.smtp_port, "127.0.0.3", "nosuchuser@local.test")
+    assert (code, text) == (550, "5.1.1 <nosuchuser@local.test>... User unknown")
+    assert popauth.events("relay_decision") == []  # the milter never saw it
+
+
+def test_login_whitelists_that_client_only(
+    sendmail: SendmailInstance, popauth: PopauthServer
+) -> None:
+    login = popauth.cli("login", "127.0.0.2", "alice")
+    assert login.returncode == 0, login
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rcpt("another@remote.example")[0] == 250
+        assert session.send_message([REMOTE, "another@remote.example"])[0] == 250
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.3", REMOTE))
+    whitelisted = [d for d in popauth.events("relay_decision") if d["reason"] == "whitelisted"]
+    assert whitelisted[-1]["user"] == "alice"
+    assert whitelisted[-1]["client_ip"] == "127.0.0.2"
+
+
+def test_revoke(sendmail: SendmailInstance, popauth: PopauthServer) -> None:
+    assert popauth.ask("LOGIN 127.0.0.2 alice")[0].startswith("OK")
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rset()[0] == 250
+        revoke = popauth.cli("revoke", "127.0.0.2")
+        assert revoke.returncode == 0, revoke
+        # The next message of the very same session is checked again.
+        assert session.mail()[0] == 250
+        assert_relay_denied(session.rcpt(REMOTE))
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE))
+
+
+def test_expiry(sendmail: SendmailInstance, start_popauth: PopauthFactory) -> None:
+    popauth = start_popauth(ttl=2)
+    assert popauth.cli("login", "127.0.0.2", "alice").returncode == 0
+    assert rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE)[0] == 250
+    deadline = time.monotonic() + 10
+    while popauth.cli("query", "127.0.0.2").returncode == 0:
+        assert time.monotonic() < deadline, "entry did not expire"
+        time.sleep(0.1)
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE))
+
+
+def test_popauth_stopped_means_tempfail(sendmail: SendmailInstance, popauth: PopauthServer) -> None:
+    assert popauth.cli("login", "127.0.0.2", "alice").returncode == 0
+    popauth.stop()
+    # F=T: Sendmail cannot reach the filter and refuses the transaction with
+    # 4xx at MAIL; no recipient, remote or local, gets 250 afterwards.
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail() == (451, "4.3.2 Please try again later")
+        for recipient in (REMOTE, LOCAL):
+            code, text = session.rcpt(recipient)
+            assert code == 503, (recipient, code, text)
+
+
+# Addresses that end in the local domain but that Sendmail, with the contrib
+# .mc, rewrites to someone@remote.example and hands to esmtp: relaying.
+DISGUISED_RELAYS = [
+    "someone%remote.example@local.test",
+    "remote.example!someone@local.test",
+    '"someone@remote.example"@local.test',
+    "@local.test:someone@remote.example",
+]
+
+
+@pytest.mark.parametrize("recipient", DISGUISED_RELAYS)
+def test_disguised_relays_are_refused(
+    sendmail: SendmailInstance, popauth: PopauthServer, recipient: str
+) -> None:
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.3", recipient))
+    decision = popauth.events("relay_decision")[-1]
+    assert decision["rcpt_mailer"] == "esmtp", decision
+    # A client that logged in may send to the same address.
+    assert popauth.ask("LOGIN 127.0.0.2 bob")[0].startswith("OK")
+    assert rcpt_reply(sendmail.smtp_port, "127.0.0.2", recipient)[0] == 250
+
+
+def test_smtp_auth_relays_from_an_unlisted_address(
+    sendmail: SendmailInstance, popauth: PopauthServer
+) -> None:
+    with SmtpSession(sendmail.smtp_port, "127.0.0.5") as session:
+        session.login("carol", SASL_USERS["carol"])
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.send_message([REMOTE])[0] == 250
+    decision = popauth.events("relay_decision")[-1]
+    assert (decision["reason"], decision["user"], decision["stage"]) == (
+        "smtp_auth",
+        "carol",
+        "mail",
+    )
+    assert popauth.cli("query", "127.0.0.5").returncode == 1
+    # The next, unauthenticated session from there is a stranger again.
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.5", REMOTE))
+
+
+def test_failed_smtp_auth_relays_nothing(
+    sendmail: SendmailInstance, popauth: PopauthServer
+) -> None:
+    with SmtpSession(sendmail.smtp_port, "127.0.0.5") as session:
+        code, _ = session.client.docmd("AUTH", "PLAIN AGNhcm9sAHdyb25n")  # carol / wrong
+        assert code == 535
+        assert session.mail()[0] == 250
+        assert_relay_denied(session.rcpt(REMOTE))
+
+
+# ------------------------------------------------------- {rcpt_mailer} words
+
+
+def test_postfix_style_local_mailers_fail_safe(
+    sendmail: SendmailInstance, start_popauth: PopauthFactory
+) -> None:
+    """Configured with a word Sendmail never uses for local delivery."""
+    popauth = start_popauth(local_mailers=["esmtp"])
+    # Sendmail says `local', which is no longer local: inbound mail refused
+    # (the visible symptom of this misconfiguration) ...
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.3", LOCAL))
+    # ... and `esmtp' for a remote domain is still no local recipient:
+    # the domain must be a local one as well.
+    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.3", REMOTE))
+    assert [d["rcpt_mailer"] for d in popauth.events("relay_decision")] == ["local", "esmtp"]
+
+
+def test_smart_host_gives_relay(
+    sendmail_root: Path, live_root: Path, popauth_dir: Path, popauth: PopauthServer
+) -> None:
+    """With a SMART_HOST, Sendmail's word for outbound mail is `relay'."""
+    smart = start_sendmail(
+        sendmail_root,
+        live_root / "sendmail-smarthost",
+        popauth_dir,
+        extra="define(`SMART_HOST', `[127.0.0.1]')dnl",
+    )
+    try:
+        assert_relay_denied(rcpt_reply(smart.smtp_port, "127.0.0.3", REMOTE))
+        assert rcpt_reply(smart.smtp_port, "127.0.0.3", LOCAL)[0] == 250
+    finally:
+        smart.stop()
+    mailers = [(d["reason"], d["rcpt_mailer"]) for d in popauth.events("relay_decision")]
+    assert mailers == [("relay_denied", "relay"), ("local_recipient", "local")]
+
+
+def test_sendmail_honours_the_milters_symbol_list(
+    sendmail_root: Path, live_root: Path, popauth_dir: Path, popauth: PopauthServer
+) -> None:
+    """With every configured macro list emptied, popauth still gets its macros:
+    Sendmail sends what the milter asked for at negotiation (SMFIF_SETSYMLIST)."""
+    emptied = "\n".join(
+        f"define(`confMILTER_MACROS_{stage}', `')dnl" for stage in ("CONNECT", "ENVFROM", "ENVRCPT")
+    )
+    bare = start_sendmail(
+        sendmail_root, live_root / "sendmail-nomacros", popauth_dir, extra=emptied
+    )
+    try:
+        cf = bare.cf_path.read_text()
+        for stage in ("connect", "envfrom", "envrcpt"):
+            assert f"O Milter.macros.{stage}\n" in cf or f"O Milter.macros.{stage}=\n" in cf
+        assert rcpt_reply(bare.smtp_port, "127.0.0.3", LOCAL)[0] == 250
+        assert_relay_denied(rcpt_reply(bare.smtp_port, "127.0.0.3", REMOTE))
+    finally:
+        bare.stop()
+    mailers = [(d["reason"], d["rcpt_mailer"]) for d in popauth.events("relay_decision")]
+    assert mailers == [("local_recipient", "local"), ("relay_denied", "esmtp")]

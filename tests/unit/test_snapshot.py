@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from popauth.addresses import parse_client_address
+from popauth.store.base import Grant
+from popauth.store.memory import MemoryStore
+from popauth.store.snapshot import SnapshotError, Snapshotter, read_snapshot, write_snapshot
+from tests.support.clock import FakeClock
+from tests.support.logs import capturing_logger
+
+A = parse_client_address("192.0.2.1")
+B = parse_client_address("2001:db8::")
+
+
+def test_round_trip_is_private_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "whitelist.json"
+    grants = [Grant(A, "alice", 100.0, 1000.0), Grant(B, "bob w", 200.5, 1100.5)]
+    assert write_snapshot(path, grants, saved_at=300.0) == 2
+    assert read_snapshot(path) == grants
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["whitelist.json"]
+
+
+def test_rewrite_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "whitelist.json"
+    write_snapshot(path, [Grant(A, "alice", 1.0, 2.0)], saved_at=1.0)
+    write_snapshot(path, [], saved_at=2.0)
+    assert read_snapshot(path) == []
+
+
+GOOD = {"format": "popauth-whitelist", "version": 1, "saved_at": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "no snapshot file"),
+        (b"", "truncated or corrupt"),
+        (json.dumps({**GOOD, "entries": []}).encode()[:-5], "truncated or corrupt"),
+        (b"\x00\xff\x13garbage", "truncated or corrupt"),
+        (json.dumps({"format": "something-else", "entries": []}).encode(), "not a popauth"),
+        (json.dumps([1, 2, 3]).encode(), "not a popauth"),
+        (json.dumps({**GOOD, "version": 99, "entries": []}).encode(), "unsupported"),
+        (json.dumps({**GOOD, "entries": {}}).encode(), "no entry list"),
+        (json.dumps({**GOOD, "entries": [["192.0.2.1", "a", 1]]}).encode(), "entry 0"),
+        (json.dumps({**GOOD, "entries": [["not-ip", "a", 1, 2]]}).encode(), "entry 0"),
+        (json.dumps({**GOOD, "entries": [["192.0.2.1", 5, 1, 2]]}).encode(), "entry 0"),
+        (json.dumps({**GOOD, "entries": [["192.0.2.1", "a", "x", 2]]}).encode(), "entry 0"),
+    ],
+)
+def test_unusable_files(tmp_path: Path, content: bytes | None, reason: str) -> None:
+    path = tmp_path / "whitelist.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SnapshotError, match=reason):
+        read_snapshot(path)
+
+
+def test_restore_keeps_expiry_and_drops_expired() -> None:
+    clock = FakeClock()
+    now = clock.time()
+    store = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    restored = store.restore(
+        [
+            Grant(A, "alice", now - 300, now + 600),
+            Grant(B, "bob", now - 1000, now - 100),
+            Grant(parse_client_address("192.0.2.9"), "carol", now - 10, now + 5000),
+        ]
+    )
+    assert restored == 2
+    alice = store.lookup(A)
+    assert alice is not None
+    assert alice.expires_at == pytest.approx(now + 600)
+    assert store.lookup(B) is None
+    # No entry outlives the TTL in force now.
+    carol = store.lookup(parse_client_address("192.0.2.9"))
+    assert carol is not None
+    assert carol.expires_at == pytest.approx(now + 900)
+    clock.advance(599)
+    assert store.lookup(A) is not None
+    clock.advance(1)
+    assert store.lookup(A) is None
+    # The store keeps working normally after a restore.
+    store.grant(A, "alice")
+    clock.advance(899)
+    assert store.lookup(A) is not None
+
+
+def test_snapshotter_restores_and_saves(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "whitelist.json"
+    log, sink = capturing_logger()
+    first = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    first.grant(A, "alice")
+    Snapshotter(store=first, path=path, interval=60, clock=clock, log=log).stop()
+    clock.advance(100)
+    second = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    Snapshotter(store=second, path=path, interval=60, clock=clock, log=log).restore()
+    grant = second.lookup(A)
+    assert grant is not None
+    assert grant.expires_at == pytest.approx(clock.time() + 800)
+    path.write_text("{")
+    third = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    Snapshotter(store=third, path=path, interval=60, clock=clock, log=log).restore()
+    assert third.stats().entries == 0
+    errors = [c for c in sink.calls if c.kwargs.get("event") == "snapshot_not_restored"]
+    assert errors[-1].method_name == "error"
+    assert "corrupt" in errors[-1].kwargs["reason"]
