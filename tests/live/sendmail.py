@@ -136,7 +136,7 @@ def mc_test_prelude(
     *,
     milter_socket: str,
     local_domains: str = "local.test",
-    milter_timeouts: str = "S:5s;R:10s;E:30s",
+    milter_timeouts: str = "C:5s;S:5s;R:10s;E:30s",
     msa_port: int | None = None,
 ) -> str:
     """POPAUTH_* parameters for contrib/sendmail.mc; goes BEFORE it.

@@ -130,7 +130,7 @@ def sendmail(sendmail_root: Path, live_root: Path, popauth_dir: Path) -> Iterato
 def test_contrib_mc_builds_the_production_cf(sendmail_root: Path, tmp_path: Path) -> None:
     """The contrib file on its own, as an admin builds it."""
     cf = build_cf(sendmail_root, CONTRIB_MC.read_text(), tmp_path / "sendmail.cf").read_text()
-    assert "Xpopauth, S=unix:/run/popauth/milter.sock, F=T, T=S:10s;R:20s;E:5m" in cf
+    assert "Xpopauth, S=unix:/run/popauth/milter.sock, F=T, T=C:5s;S:10s;R:20s;E:5m" in cf
     options = cf_options(cf)
     assert options["InputMailFilters"] == "popauth"
     assert "C{w}example.org" in cf.splitlines()
