@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import Milter
 import structlog
 
 from popauth.addresses import AddressError, IPAddress, parse_client_address
-from popauth.decision import Client, Decision, Verdict
-from popauth.gate import RelayGate
+from popauth.decision import Client, Decision, Reason, Verdict
+from popauth.gate import Message, RelayGate
+from popauth.metrics import Metrics
 from popauth.recipients import Recipient
 
 # The macros each stage needs. Asking for them (SMFIF_SETSYMLIST) makes an MTA
@@ -45,6 +47,7 @@ def fail_closed(callback: _Callback) -> _Callback:
         try:
             return callback(self, *args)
         except Exception:
+            self.metrics.errors.labels("milter_callback").inc()
             self.log.exception("milter_callback_failed", callback=callback.__name__)
             self.setreply("451", "4.3.0", "Relay check failed, try again later")
             return int(Milter.TEMPFAIL)
@@ -62,18 +65,28 @@ def client_address_of(hostaddr: object) -> IPAddress | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Replies:
+    """The texts after ``550 5.7.1 Relaying denied.``"""
+
+    reject: str
+    pop_first_retired: str
+
+
 class RelayMilter(Milter.Base):  # type: ignore[misc]
     def __init__(
         self,
         gate: RelayGate,
-        reject_text: str,
+        replies: Replies,
+        metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._gate = gate
-        self._reject_text = reject_text
+        self._replies = replies
+        self.metrics = metrics
         self.log = log
         self._address: IPAddress | None = None
-        self._client: Client | None = None
+        self._message: Message | None = None
 
     def negotiate(self, opts: list[int]) -> int:
         offered_actions, offered_protocol, _, _ = opts
@@ -99,18 +112,18 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     @fail_closed
     def envfrom(self, sender: str, *parameters: str) -> int:
         auth_user = self.getsymval("{auth_authen}") or ""
-        decision, self._client = self._gate.message(self._address, auth_user)
+        decision, self._message = self._gate.message(self._address, auth_user)
         return int(Milter.ACCEPT) if decision is not None else int(Milter.CONTINUE)
 
     @fail_closed
     def envrcpt(self, recipient: str, *parameters: str) -> int:
-        client = self._client or Client(self._address)
+        message = self._message or Message(Client(self._address))
         rcpt = Recipient(
             envelope=recipient,
             mailer=self.getsymval("{rcpt_mailer}"),
             resolved=self.getsymval("{rcpt_addr}"),
         )
-        return self._reply(self._gate.recipient(client, rcpt))
+        return self._reply(self._gate.recipient(message, rcpt))
 
     def _reply(self, decision: Decision) -> int:
         if decision.verdict is Verdict.ACCEPT:
@@ -118,11 +131,15 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         if decision.verdict is Verdict.TEMPFAIL:
             self.setreply("451", "4.3.0", "Relay check unavailable, try again later")
             return int(Milter.TEMPFAIL)
-        self.setreply("550", "5.7.1", f"Relaying denied. {self._reject_text}".rstrip())
+        if decision.reason is Reason.POP_FIRST_RETIRED:
+            explanation = self._replies.pop_first_retired
+        else:
+            explanation = self._replies.reject
+        self.setreply("550", "5.7.1", f"Relaying denied. {explanation}".rstrip())
         return int(Milter.REJECT)
 
     def abort(self) -> int:
-        self._client = None
+        self._message = None
         return int(Milter.CONTINUE)
 
     def eom(self) -> int:

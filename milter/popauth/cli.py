@@ -1,7 +1,7 @@
 """The ``popauth`` command.
 
-Exit status, like grep's: 0 success, 1 the address is not whitelisted
-(query, revoke), 2 an error. The client subcommands import only the
+Exit status, like grep's: 0 success, 1 not found (query, revoke, unblock),
+2 an error. The client subcommands import only the
 standard library so that the login hook starts fast; ``serve`` loads the
 rest on demand.
 """
@@ -9,7 +9,10 @@ rest on demand.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,20 +41,73 @@ def _parser() -> argparse.ArgumentParser:
     login.add_argument("address")
     login.add_argument("user", nargs="?", default="")
     client("query", "show the whitelist entry of an address").add_argument("address")
-    client("revoke", "remove an address from the whitelist").add_argument("address")
+    revoke = client("revoke", "remove an address, or every address of a user, from the whitelist")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("address", nargs="?")
+    target.add_argument("--user", help="revoke every entry of this user")
+    client("block", "refuse a user's logins and revoke their entries").add_argument("user")
+    client("unblock", "accept a user's logins again").add_argument("user")
+    client("blocked", "list blocked users")
+    report = client("report", "users who still relay by POP first, most recent first")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     client("list", "list every whitelisted client")
     client("stats", "show whitelist statistics")
     client("ping", "check that the endpoint answers")
     return parser
 
 
-def _run_client(arguments: argparse.Namespace) -> int:
+_VERBS = {"revoke": "REVOKE", "block": "BLOCK", "unblock": "UNBLOCK"}
+
+
+def _request_line(arguments: argparse.Namespace) -> str:
+    if arguments.command == "revoke" and arguments.user:
+        return f"REVOKEUSER {arguments.user}"
     words = [arguments.command.upper()]
     if getattr(arguments, "address", None) is not None:
         words.append(arguments.address)
     if getattr(arguments, "user", ""):
         words.append(arguments.user)
-    line = " ".join(words)
+    return " ".join(words)
+
+
+def _print_report(lines: list[str], style: str) -> None:
+    rows = [dict(word.split("=", 1) for word in line.split()) for line in lines]
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_seen"):
+                row[key] = _timestamp(value)
+    columns = [
+        "user",
+        "pop_messages",
+        "pop_recipients",
+        "pop_last_seen",
+        "pop_first_seen",
+        "auth_messages",
+        "auth_recipients",
+        "auth_last_seen",
+    ]
+    if style == "json":
+        print(json.dumps(rows, indent=2))
+    elif style == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = [columns, *([row.get(c, "") for c in columns] for row in rows)]
+        widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+        for row_values in table:
+            print("  ".join(v.ljust(w) for v, w in zip(row_values, widths, strict=True)).rstrip())
+
+
+def _timestamp(epoch: str) -> str:
+    seconds = int(epoch)
+    if not seconds:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def _run_client(arguments: argparse.Namespace) -> int:
+    line = _request_line(arguments)
     if "\n" in line or "\r" in line:
         print("popauth: line breaks are not allowed in arguments", file=sys.stderr)
         return EXIT_ERROR
@@ -61,6 +117,9 @@ def _run_client(arguments: argparse.Namespace) -> int:
         print(f"popauth: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = reply[0].split(" ", 1)[0]
+    if status == "OK" and arguments.command == "report":
+        _print_report(reply[1:], arguments.format)
+        return EXIT_OK
     if status == "OK":
         print("\n".join(reply))
         return EXIT_OK
@@ -82,12 +141,13 @@ def _run_server(arguments: argparse.Namespace) -> int:
     if arguments.command == "check-config":
         print(f"{arguments.config}: OK")
         return EXIT_OK
+    from popauth.persistence import StateFileError
     from popauth.serve import serve
     from popauth.sockets import SocketInUse
 
     try:
         serve(settings)
-    except (SocketInUse, OSError) as error:
+    except (SocketInUse, StateFileError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK

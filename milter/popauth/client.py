@@ -10,6 +10,10 @@ from __future__ import annotations
 import socket
 import time
 
+# Kept equal to popauth.ingest.protocol.MULTI_LINE (a test checks), without
+# importing it: this module must load nothing but the standard library.
+_MULTI_LINE_VERBS = frozenset({"LIST", "BLOCKED", "REPORT"})
+
 
 class IngestUnreachable(OSError):
     """The endpoint is missing, refused, or did not answer in time."""
@@ -28,7 +32,7 @@ class IngestClient:
             connection.settimeout(self._timeout)
             connection.connect(self._path)
             connection.sendall(line.encode() + b"\n")
-            is_list = line.split(" ", 1)[0].upper() == "LIST"
+            is_list = line.split(" ", 1)[0].upper() in _MULTI_LINE_VERBS
             return self._read_reply(connection, deadline, is_list)
         except TimeoutError:
             raise IngestUnreachable(
@@ -61,6 +65,6 @@ class IngestClient:
             raw, buffer = buffer.split(b"\n", 1)
             lines.append(raw.decode("utf-8", "replace"))
             if is_list and len(lines) == 1 and lines[0].startswith("OK count="):
-                # A LIST reply announces how many entry lines follow.
+                # A multi-line reply announces how many lines follow.
                 expected += int(lines[0].removeprefix("OK count="))
         return lines

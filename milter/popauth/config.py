@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from popauth.addresses import AddressError, IPNetwork, NetworkSet, parse_network
-from popauth.decision import RelayPolicy
+from popauth.decision import PopFirst, RelayPolicy
 from popauth.recipients import DomainSet
 
 DEFAULT_INGEST_SOCKET = "/run/popauth/ingest.sock"
 DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
+DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
+    "POP before SMTP has been retired: turn on SMTP AUTH in your mail program."
+)
 DEFAULT_REJECT_MESSAGE = (
     "Turn on SMTP AUTH in your mail program, or check your mail (POP/IMAP) just before sending."
 )
@@ -48,6 +51,18 @@ class Settings:
     # Seconds a client may take for one request line before it is dropped.
     ingest_timeout: float = 5.0
     ingest_max_clients: int = 256
+    # The socketmap door (Postfix/Sendmail lookup table); "" = off.
+    socketmap_socket: str = ""
+    socketmap_socket_mode: int = 0o660
+    socketmap_socket_group: str = ""
+    # The map name the MTA sends (socketmap:unix:/path:NAME, Kname socket ...).
+    socketmap_name: str = "popauth"
+    # The value answered for a whitelisted client ("OK" permits in Postfix).
+    socketmap_ok_value: str = "OK"
+    # Seconds to complete a request; seconds an idle connection is kept.
+    socketmap_timeout: float = 5.0
+    socketmap_idle_timeout: float = 300.0
+    socketmap_max_clients: int = 512
     ttl: int = 900
     max_entries: int = 100_000
     store: str = "memory"
@@ -65,6 +80,15 @@ class Settings:
     local_domains: tuple[str, ...] = ()
     local_mailers: tuple[str, ...] = ("local",)
     reject_message: str = DEFAULT_REJECT_MESSAGE
+    pop_first: str = "on"
+    pop_first_retired_message: str = DEFAULT_POP_FIRST_RETIRED_MESSAGE
+    accounting: str = "messages"
+    usage_path: str = "/var/lib/popauth/usage.json"
+    usage_max_users: int = 100_000
+    # Used with the memory store; a Redis site keeps its block list in Redis.
+    blocklist_path: str = "/var/lib/popauth/blocked.json"
+    # "HOST:PORT" serves Prometheus metrics there; "" turns it off.
+    metrics_listen: str = ""
     log_format: str = "console"
     log_level: str = "info"
 
@@ -73,7 +97,14 @@ class Settings:
             trusted_networks=NetworkSet.of(self.trusted_networks),
             local_domains=DomainSet.of(self.local_domains),
             local_mailers=frozenset(mailer.lower() for mailer in self.local_mailers),
+            pop_first=PopFirst(self.pop_first),
         )
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        if not self.metrics_listen:
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     def ingest_socket_path(self) -> Path:
         return Path(self.ingest_socket)
@@ -168,10 +199,38 @@ def _optional_absolute_path(value: Any) -> str:
     return _absolute_path(text) if text else text
 
 
+def _socketmap_name(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise ValueError("must be 1 to 64 letters, digits, '_', '.' or '-'")
+    return text
+
+
+def _socketmap_value(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[\x21-\x7e]([\x20-\x7e]{0,198}[\x21-\x7e])?", text):
+        raise ValueError("must be 1 to 200 printable ASCII characters, not blank at either end")
+    return text
+
+
 def _key_prefix(value: Any) -> str:
     text = _text(value)
     if not re.fullmatch(r"[\x21-\x7e]{0,64}", text):
         raise ValueError("must be up to 64 visible ASCII characters")
+    return text
+
+
+def _listen_address(value: Any) -> str:
+    text = _text(value)
+    if not text:
+        return text
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError('must be "HOST:PORT", e.g. "127.0.0.1:9754", or ""')
+    try:
+        parse_network(host.strip("[]"))
+    except AddressError:
+        raise ValueError(f"not an IP address: {host!r}") from None
     return text
 
 
@@ -257,6 +316,14 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ingest_allowed_groups": _string_list(_group),
     "ingest_timeout": _number(0.1, 300),
     "ingest_max_clients": _integer(1, 100_000),
+    "socketmap_socket": _optional_absolute_path,
+    "socketmap_socket_mode": _mode,
+    "socketmap_socket_group": _optional_group,
+    "socketmap_name": _socketmap_name,
+    "socketmap_ok_value": _socketmap_value,
+    "socketmap_timeout": _number(0.1, 300),
+    "socketmap_idle_timeout": _number(1, 86_400),
+    "socketmap_max_clients": _integer(1, 100_000),
     "ttl": _integer(1, 7 * 86_400),
     "max_entries": _integer(1, 100_000_000),
     "store": _choice("memory", "redis"),
@@ -270,6 +337,13 @@ VALIDATORS: Mapping[str, _Validator] = {
     "local_domains": _string_list(_domain),
     "local_mailers": _nonempty(_string_list(_mailer)),
     "reject_message": _reject_message,
+    "pop_first": _choice("on", "warn", "off"),
+    "pop_first_retired_message": _reject_message,
+    "accounting": _choice("messages", "recipients"),
+    "usage_path": _optional_absolute_path,
+    "usage_max_users": _integer(1, 10_000_000),
+    "blocklist_path": _optional_absolute_path,
+    "metrics_listen": _listen_address,
     "log_format": _choice("console", "json"),
     "log_level": _choice(*_LOG_LEVELS),
 }

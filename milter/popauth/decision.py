@@ -4,7 +4,9 @@ The steps, in order, for every recipient:
 
 1. accept a client that authenticated with SMTP AUTH;
 2. accept a client inside ``trusted_networks``;
-3. accept a client whose POP/IMAP login is still on the whitelist;
+3. accept a client whose POP/IMAP login is still on the whitelist (unless
+   ``pop_first`` is "off": then it is refused with its own reason, so that
+   its user learns that POP-before-SMTP has been retired);
 4. accept a recipient that the MTA delivers locally;
 5. otherwise refuse: tempfail if the whitelist could not be read, else reject.
 
@@ -35,6 +37,17 @@ class Reason(enum.Enum):
     LOCAL_RECIPIENT = "local_recipient"
     RELAY_DENIED = "relay_denied"
     WHITELIST_UNAVAILABLE = "whitelist_unavailable"
+    POP_FIRST_RETIRED = "pop_first_retired"
+
+
+class PopFirst(enum.Enum):
+    """Whether POP-before-SMTP still lets clients relay."""
+
+    ON = "on"
+    # Still relays; the milter logs a deprecation event for each such message.
+    WARN = "warn"
+    # SMTP AUTH only; whitelisted clients get a distinct explanation.
+    OFF = "off"
 
 
 class Listing(enum.Enum):
@@ -59,6 +72,7 @@ class RelayPolicy:
     trusted_networks: NetworkSet
     local_domains: DomainSet
     local_mailers: frozenset[str]
+    pop_first: PopFirst = PopFirst.ON
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +90,7 @@ ACCEPT_WHITELISTED = Decision(Verdict.ACCEPT, Reason.WHITELISTED)
 ACCEPT_LOCAL = Decision(Verdict.ACCEPT, Reason.LOCAL_RECIPIENT)
 REJECT_RELAY = Decision(Verdict.REJECT, Reason.RELAY_DENIED)
 TEMPFAIL_UNAVAILABLE = Decision(Verdict.TEMPFAIL, Reason.WHITELIST_UNAVAILABLE)
+REJECT_POP_FIRST_RETIRED = Decision(Verdict.REJECT, Reason.POP_FIRST_RETIRED)
 
 
 def decide_connection(policy: RelayPolicy, address: IPAddress | None) -> Decision | None:
@@ -97,9 +112,17 @@ def decide_sender(policy: RelayPolicy, client: Client) -> Decision | None:
     trusted = decide_connection(policy, client.address)
     if trusted is not None:
         return trusted
-    if client.address is not None and client.listing is Listing.LISTED:
+    if _pop_first_grants(policy, client):
         return ACCEPT_WHITELISTED
     return None
+
+
+def _pop_first_grants(policy: RelayPolicy, client: Client) -> bool:
+    return (
+        client.address is not None
+        and client.listing is Listing.LISTED
+        and policy.pop_first is not PopFirst.OFF
+    )
 
 
 def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) -> Decision:
@@ -111,4 +134,6 @@ def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) 
         return ACCEPT_LOCAL
     if client.listing is Listing.UNAVAILABLE:
         return TEMPFAIL_UNAVAILABLE
+    if client.address is not None and client.listing is Listing.LISTED:
+        return REJECT_POP_FIRST_RETIRED
     return REJECT_RELAY

@@ -1,4 +1,4 @@
-"""The relay gate: the pure decision joined with the store and the log.
+"""The relay gate: the pure decision joined with the store, the log and the books.
 
 Everything the milter adapter needs, minus pymilter: the adapter turns MTA
 callbacks into calls here and verdicts into milter replies, nothing more.
@@ -6,21 +6,49 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 
 from __future__ import annotations
 
+import enum
+import time
+from dataclasses import dataclass
+
 import structlog
 
+from popauth.accounts import RelayWay, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
 from popauth.decision import (
     Client,
     Decision,
     Listing,
+    PopFirst,
+    Reason,
     RelayPolicy,
     decide_connection,
     decide_recipient,
     decide_sender,
     needs_whitelist,
 )
-from popauth.recipients import Recipient
+from popauth.metrics import Metrics
+from popauth.recipients import Recipient, is_local_recipient
 from popauth.store import StoreUnavailable, WhitelistStore
+
+_WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
+
+
+class Accounting(enum.Enum):
+    """What the usage ledger counts for authenticated and whitelisted clients."""
+
+    # Messages only: the milter accepts them at MAIL FROM, the cheapest way.
+    MESSAGES = "messages"
+    # Messages and relayed recipients: the milter must see every RCPT,
+    # which costs the MTA one round trip per recipient and one per message.
+    RECIPIENTS = "recipients"
+
+
+@dataclass(slots=True)
+class Message:
+    """What the gate remembers about the message in progress."""
+
+    client: Client
+    relayed_recipients: int = 0
 
 
 class RelayGate:
@@ -30,32 +58,57 @@ class RelayGate:
         policy: RelayPolicy,
         store: WhitelistStore,
         keying: WhitelistKeying,
+        ledger: UsageLedger,
+        accounting: Accounting,
+        metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._policy = policy
         self._store = store
         self._keying = keying
+        self._ledger = ledger
+        self._accounting = accounting
+        self._metrics = metrics
         self._log = log.bind(door="milter")
 
     def connection(self, address: IPAddress | None) -> Decision | None:
         """A verdict for the whole SMTP connection, or None."""
         decision = decide_connection(self._policy, address)
         if decision is not None:
-            self._log_decision(decision, "connect", Client(address))
+            self._record(decision, "connect", Client(address), None, 0.0)
         return decision
 
-    def message(self, address: IPAddress | None, auth_user: str) -> tuple[Decision | None, Client]:
-        """A verdict for every recipient of one message, or None; and the client."""
+    def message(self, address: IPAddress | None, auth_user: str) -> tuple[Decision | None, Message]:
+        """A verdict for every recipient of one message (or None), and its state."""
+        started = time.perf_counter()
         client = Client(address, auth_user, *self._listing(address, auth_user))
         decision = decide_sender(self._policy, client)
-        if decision is not None:
-            self._log_decision(decision, "mail", client)
-        return decision, client
+        message = Message(client)
+        if decision is None:
+            return None, message
+        way = _WAYS.get(decision.reason)
+        if way is not None and self._accounting is Accounting.RECIPIENTS:
+            # Settled, but each RCPT must be seen to count relayed recipients.
+            return None, message
+        self._record(decision, "mail", client, None, time.perf_counter() - started)
+        if way is not None:
+            self._ledger.record(_user(client), way, messages=1, recipients=0)
+        return decision, message
 
-    def recipient(self, client: Client, recipient: Recipient) -> Decision:
+    def recipient(self, message: Message, recipient: Recipient) -> Decision:
+        started = time.perf_counter()
+        client = message.client
         decision = decide_recipient(self._policy, client, recipient)
-        self._log_decision(decision, "rcpt", client, recipient)
+        self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
+        way = _WAYS.get(decision.reason)
+        if way is not None and not self._is_local(recipient):
+            first = message.relayed_recipients == 0
+            message.relayed_recipients += 1
+            self._ledger.record(_user(client), way, messages=int(first), recipients=1)
         return decision
+
+    def _is_local(self, recipient: Recipient) -> bool:
+        return is_local_recipient(recipient, self._policy.local_domains, self._policy.local_mailers)
 
     def _listing(self, address: IPAddress | None, auth_user: str) -> tuple[Listing, str]:
         if address is None or not needs_whitelist(self._policy, address, auth_user):
@@ -63,22 +116,43 @@ class RelayGate:
         try:
             grant = self._store.lookup(self._keying.key_address(address))
         except StoreUnavailable as failure:
+            self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("whitelist_unavailable", client_ip=str(address), error=str(failure))
             return Listing.UNAVAILABLE, ""
         if grant is None:
             return Listing.NOT_LISTED, ""
         return Listing.LISTED, grant.user
 
-    def _log_decision(
-        self, decision: Decision, stage: str, client: Client, recipient: Recipient | None = None
+    def _record(
+        self,
+        decision: Decision,
+        stage: str,
+        client: Client,
+        recipient: Recipient | None,
+        seconds: float,
     ) -> None:
+        self._metrics.decisions.labels(decision.verdict.value, decision.reason.value).inc()
+        if stage != "connect":
+            self._metrics.decision_seconds.observe(seconds)
         self._log.info(
             "relay_decision",
             verdict=decision.verdict.value,
             reason=decision.reason.value,
             stage=stage,
             client_ip=None if client.address is None else str(client.address),
-            user=client.auth_user or client.login_user or None,
+            user=_user(client) or None,
             recipient=None if recipient is None else recipient.envelope,
             rcpt_mailer=None if recipient is None else recipient.mailer,
+            rcpt_addr=None if recipient is None else recipient.resolved,
         )
+        if decision.reason is Reason.WHITELISTED and self._policy.pop_first is PopFirst.WARN:
+            self._log.warning(
+                "pop_first_deprecated",
+                client_ip=str(client.address),
+                user=client.login_user or None,
+                hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
+            )
+
+
+def _user(client: Client) -> str:
+    return client.auth_user or client.login_user

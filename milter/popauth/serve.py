@@ -7,17 +7,23 @@ endpoint runs in its own thread and is stopped once the milter returns.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from popauth.adapter import RelayMilter, run_milter
+from popauth.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedger
+from popauth.adapter import RelayMilter, Replies, run_milter
 from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
 from popauth.config import Settings
-from popauth.gate import RelayGate
+from popauth.gate import Accounting, RelayGate
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.logs import configure_logging
+from popauth.metrics import Metrics
+from popauth.persistence import PeriodicSaver, StateFileError
+from popauth.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 from popauth.store import WhitelistStore
 from popauth.store.memory import MemoryStore
@@ -26,10 +32,21 @@ from popauth.store.snapshot import Snapshotter
 TERMINATION_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def open_store(
+@dataclass
+class State:
+    """The whitelist and the account books, and how to save what is local."""
+
+    store: WhitelistStore
+    blocklist: BlockList
+    ledger: UsageLedger
+    saves: list[Callable[[], None]] = field(default_factory=list)
+
+
+def open_state(
     settings: Settings, clock: Clock, log: structlog.typing.FilteringBoundLogger
-) -> tuple[WhitelistStore, Snapshotter | None]:
-    """The configured store, and the snapshotter that keeps an embedded one."""
+) -> State:
+    """The configured store and books, restored from disk where they are kept there."""
+    ledger = UsageLedger(max_users=settings.usage_max_users, clock=clock)
     if settings.store == "redis":
         from popauth.store.redis import RedisStore
 
@@ -43,29 +60,78 @@ def open_store(
         if not redis_store.ping():
             # Not fatal: lookups fail closed until Redis answers.
             log.error("redis_unavailable_at_start", url=settings.redis_url)
-        return redis_store, None
-    memory = MemoryStore(ttl=settings.ttl, max_entries=settings.max_entries, clock=clock)
-    if not settings.snapshot_path:
-        return memory, None
-    snapshotter = Snapshotter(
-        store=memory,
-        path=Path(settings.snapshot_path),
-        interval=settings.snapshot_interval,
-        clock=clock,
+        blocks = RedisBlockList(redis_store.client, f"{settings.redis_key_prefix}blocked-users")
+        state = State(redis_store, blocks, ledger)
+    else:
+        memory = MemoryStore(ttl=settings.ttl, max_entries=settings.max_entries, clock=clock)
+        blocklist = FileBlockList(
+            Path(settings.blocklist_path) if settings.blocklist_path else None
+        )
+        state = State(memory, blocklist, ledger)
+        if settings.snapshot_path:
+            snapshotter = Snapshotter(
+                store=memory, path=Path(settings.snapshot_path), clock=clock, log=log
+            )
+            snapshotter.restore()
+            state.saves.append(snapshotter.save)
+    if settings.usage_path:
+        usage_path = Path(settings.usage_path)
+        try:
+            ledger.load(usage_path)
+        except StateFileError as problem:
+            level = log.info if str(problem) == "no such file" else log.error
+            level("usage_not_restored", path=str(usage_path), reason=str(problem))
+        state.saves.append(lambda: ledger.save(usage_path))
+    return state
+
+
+def socketmap_server(
+    settings: Settings,
+    store: WhitelistStore,
+    keying: WhitelistKeying,
+    log: structlog.typing.FilteringBoundLogger,
+) -> SocketmapServer | None:
+    """The socketmap door, when ``socketmap_socket`` is set."""
+    if not settings.socketmap_socket:
+        return None
+    return SocketmapServer(
+        path=Path(settings.socketmap_socket),
+        mode=settings.socketmap_socket_mode,
+        group=settings.socketmap_socket_group,
+        store=store,
+        keying=keying,
+        name=settings.socketmap_name,
+        ok_value=settings.socketmap_ok_value,
+        limits=SocketmapLimits(
+            timeout=settings.socketmap_timeout,
+            idle_timeout=settings.socketmap_idle_timeout,
+            max_clients=settings.socketmap_max_clients,
+        ),
         log=log,
     )
-    snapshotter.restore()
-    return memory, snapshotter
 
 
 def serve(settings: Settings) -> None:
     log = configure_logging(settings.log_format, settings.log_level)
     keying = WhitelistKeying(settings.ipv6_prefix)
-    store, snapshotter = open_store(settings, SystemClock(), log)
+    state = open_state(settings, SystemClock(), log)
+    store = state.store
+    metrics = Metrics()
+    metrics.track_whitelist_size(lambda: store.stats().entries)
+    saver = PeriodicSaver(interval=settings.snapshot_interval, saves=state.saves, log=log)
     policy = settings.relay_policy()
     if not policy.local_domains:
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
-    gate = RelayGate(policy=policy, store=store, keying=keying, log=log)
+    gate = RelayGate(
+        policy=policy,
+        store=store,
+        keying=keying,
+        ledger=state.ledger,
+        accounting=Accounting(settings.accounting),
+        metrics=metrics,
+        log=log,
+    )
+    replies = Replies(settings.reject_message, settings.pop_first_retired_message)
     ingest = IngestServer(
         path=settings.ingest_socket_path(),
         mode=settings.ingest_socket_mode,
@@ -74,8 +140,12 @@ def serve(settings: Settings) -> None:
         keying=keying,
         peers=PeerPolicy.of(settings.ingest_allowed_users, settings.ingest_allowed_groups),
         limits=IngestLimits(settings.ingest_timeout, settings.ingest_max_clients),
+        blocklist=state.blocklist,
+        ledger=state.ledger,
+        metrics=metrics,
         log=log,
     )
+    socketmap = socketmap_server(settings, store, keying, log)
     milter_path = settings.milter_socket_path()
     if milter_path is not None:
         prepare_directory(milter_path)
@@ -88,6 +158,8 @@ def serve(settings: Settings) -> None:
             "listening",
             milter_socket=settings.milter_socket,
             ingest_socket=settings.ingest_socket,
+            socketmap_socket=settings.socketmap_socket or None,
+            metrics=settings.metrics_listen or None,
             ttl=settings.ttl,
             store=settings.store,
         )
@@ -98,20 +170,30 @@ def serve(settings: Settings) -> None:
     # that arrives before libmilter is listening waits pending for it.
     signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATION_SIGNALS)
     ingest.start()
-    if snapshotter is not None:
-        snapshotter.start()
+    if socketmap is not None:
+        try:
+            socketmap.start()
+        except Exception:
+            ingest.stop()
+            raise
+    saver.start()
+    metrics_address = settings.metrics_address()
+    if metrics_address is not None:
+        metrics.serve(*metrics_address)
     try:
         run_milter(
             name=settings.milter_name,
             spec=settings.milter_socket,
             timeout=settings.milter_timeout,
-            factory=lambda: RelayMilter(gate, settings.reject_message, log),
+            factory=lambda: RelayMilter(gate, replies, metrics, log),
             on_ready=on_ready,
         )
     finally:
+        if socketmap is not None:
+            socketmap.stop()
         ingest.stop()
-        if snapshotter is not None:
-            snapshotter.stop()
+        metrics.stop()
+        saver.stop()
         store.close()
         if milter_path is not None:
             remove_socket(milter_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from popauth.accounts import RelayWay
 from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
 from popauth.client import IngestClient, IngestUnreachable
 from tests.unit.test_ingest_server import Endpoint
@@ -96,3 +98,34 @@ def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     bad.write_text("ttl = 60\nbogus = 1\n")
     assert main(["check-config", str(bad)]) == EXIT_ERROR
     assert "'bogus'" in capsys.readouterr().err
+
+
+def test_client_frames_every_multi_line_verb() -> None:
+    from popauth.client import _MULTI_LINE_VERBS
+    from popauth.ingest.protocol import MULTI_LINE
+
+    assert {verb.value for verb in MULTI_LINE} == _MULTI_LINE_VERBS
+
+
+def test_cli_block_and_report(endpoint: Endpoint, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(endpoint.path)
+    endpoint.ledger.record("alice", RelayWay.POP_FIRST, messages=2, recipients=3)
+    assert main(["report", "--socket", sock]) == EXIT_OK
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["user", "pop_messages", "pop_recipients"]
+    assert table[1].split()[:3] == ["alice", "2", "3"]
+    assert main(["report", "--socket", sock, "--format", "json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["user"] == "alice"
+    assert rows[0]["pop_messages"] == "2"
+    assert main(["report", "--socket", sock, "--format", "csv"]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[1].startswith("alice,2,3,")
+    assert main(["login", "--socket", sock, "192.0.2.1", "alice"]) == EXIT_OK
+    assert main(["block", "--socket", sock, "alice"]) == EXIT_OK
+    assert main(["blocked", "--socket", sock]) == EXIT_OK
+    assert "user=alice" in capsys.readouterr().out
+    assert main(["login", "--socket", sock, "192.0.2.1", "alice"]) == EXIT_ERROR
+    assert main(["unblock", "--socket", sock, "alice"]) == EXIT_OK
+    assert main(["login", "--socket", sock, "192.0.2.2", "alice"]) == EXIT_OK
+    assert main(["revoke", "--socket", sock, "--user", "alice"]) == EXIT_OK
+    assert "revoked=1" in capsys.readouterr().out

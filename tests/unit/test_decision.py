@@ -12,11 +12,13 @@ from popauth.decision import (
     ACCEPT_LOCAL,
     ACCEPT_TRUSTED,
     ACCEPT_WHITELISTED,
+    REJECT_POP_FIRST_RETIRED,
     REJECT_RELAY,
     TEMPFAIL_UNAVAILABLE,
     Client,
     Decision,
     Listing,
+    PopFirst,
     RelayPolicy,
     decide_connection,
     decide_recipient,
@@ -91,3 +93,21 @@ def test_store_is_consulted_only_when_it_can_change_the_outcome() -> None:
     assert not needs_whitelist(POLICY, STRANGER, "alice")
     assert not needs_whitelist(POLICY, TRUSTED, "")
     assert not needs_whitelist(POLICY, None, "")
+
+
+@pytest.mark.parametrize(
+    ("mode", "client", "recipient", "expected"),
+    [
+        (PopFirst.OFF, Client(STRANGER, listing=Listing.LISTED), REMOTE, REJECT_POP_FIRST_RETIRED),
+        (PopFirst.OFF, Client(STRANGER, listing=Listing.LISTED), LOCAL, ACCEPT_LOCAL),
+        (PopFirst.OFF, Client(STRANGER, "alice", Listing.LISTED), REMOTE, ACCEPT_AUTHENTICATED),
+        (PopFirst.OFF, Client(STRANGER, listing=Listing.NOT_LISTED), REMOTE, REJECT_RELAY),
+        (PopFirst.OFF, Client(TRUSTED), REMOTE, ACCEPT_TRUSTED),
+        (PopFirst.WARN, Client(STRANGER, listing=Listing.LISTED), REMOTE, ACCEPT_WHITELISTED),
+    ],
+)
+def test_pop_first_modes(
+    mode: PopFirst, client: Client, recipient: Recipient, expected: Decision
+) -> None:
+    policy = RelayPolicy(POLICY.trusted_networks, POLICY.local_domains, POLICY.local_mailers, mode)
+    assert decide_recipient(policy, client, recipient) == expected

@@ -8,15 +8,18 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from popauth.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.addresses import WhitelistKeying, parse_client_address
 from popauth.client import IngestClient
 from popauth.ingest.protocol import MAX_LINE
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.metrics import Metrics
 from popauth.sockets import SocketInUse
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
@@ -31,6 +34,9 @@ class Endpoint:
         self.clock = FakeClock()
         self.store = MemoryStore(ttl=900, max_entries=1000, clock=self.clock)
         self.log, self.sink = capturing_logger()
+        self.blocklist = FileBlockList(directory / "blocked.json")
+        self.ledger = UsageLedger(max_users=100, clock=self.clock)
+        self.metrics = Metrics()
         self.server = IngestServer(
             path=self.path,
             mode=0o666,
@@ -39,6 +45,9 @@ class Endpoint:
             keying=WhitelistKeying(64),
             peers=peers or PeerPolicy.of([], []),
             limits=IngestLimits(**limits),  # type: ignore[arg-type]
+            blocklist=self.blocklist,
+            ledger=self.ledger,
+            metrics=self.metrics,
             log=self.log,
         )
 
@@ -134,8 +143,11 @@ def test_line_too_long(endpoint: Endpoint) -> None:
 def test_client_hangs_up_mid_line(endpoint: Endpoint) -> None:
     with endpoint.raw() as connection:
         connection.sendall(b"LOGIN 192.0.2.1 ali")
+    deadline = time.monotonic() + 5
+    while "ingest_partial_request" not in events(endpoint.sink):
+        assert time.monotonic() < deadline, events(endpoint.sink)
+        time.sleep(0.01)
     assert_unchanged_and_serving(endpoint)
-    assert "ingest_partial_request" in events(endpoint.sink)
 
 
 def test_silent_client_times_out(endpoint: Endpoint) -> None:
@@ -243,3 +255,87 @@ def test_stale_socket_is_replaced_but_other_files_are_not(tmp_path: Path) -> Non
     (tmp_path / "ingest.sock").write_text("not a socket")
     with pytest.raises(SocketInUse, match="not a socket"):
         Endpoint(tmp_path).server.start()
+
+
+def test_block_revokes_refuses_logins_and_unblock_restores(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 mallory")
+    endpoint.ask("LOGIN 192.0.2.2 mallory")
+    endpoint.ask("LOGIN 192.0.2.3 alice")
+    assert endpoint.ask("BLOCK mallory") == ["OK user=mallory revoked=2 blocked=new"]
+    assert endpoint.ask("BLOCK mallory") == ["OK user=mallory revoked=0 blocked=already"]
+    assert endpoint.ask("LOGIN 192.0.2.1 mallory")[0] == "ERR blocked user mallory is blocked"
+    assert endpoint.ask("QUERY 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
+    assert endpoint.ask("QUERY 192.0.2.3")[0].startswith("OK ")
+    assert endpoint.ask("BLOCKED") == ["OK count=1", "user=mallory"]
+    assert endpoint.ask("UNBLOCK mallory") == ["OK user=mallory"]
+    assert endpoint.ask("UNBLOCK mallory") == ["NOTFOUND user=mallory"]
+    assert endpoint.ask("LOGIN 192.0.2.1 mallory")[0].startswith("OK ")
+
+
+def test_revoke_every_entry_of_a_user(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 alice")
+    endpoint.ask("LOGIN 192.0.2.2 alice")
+    endpoint.ask("LOGIN 192.0.2.3 bob")
+    assert endpoint.ask("REVOKEUSER alice") == ["OK user=alice revoked=2"]
+    assert [line.split()[0] for line in endpoint.ask("LIST")[1:]] == ["address=192.0.2.3"]
+
+
+def test_report_lists_pop_first_users(endpoint: Endpoint) -> None:
+    endpoint.ledger.record("alice", RelayWay.POP_FIRST, messages=3, recipients=4)
+    endpoint.ledger.record("bob", RelayWay.SMTP_AUTH, messages=1, recipients=1)
+    reply = endpoint.ask("REPORT")
+    assert reply[0] == "OK count=1"
+    assert reply[1].startswith("user=alice pop_messages=3 pop_recipients=4 ")
+
+
+def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
+    hook_user = pwd.getpwnam("nobody")
+    server = Endpoint(open_tmp, peers=PeerPolicy.of(["nobody"], []))
+    server.server.start()
+    client = (
+        "import sys; from popauth.client import IngestClient; "
+        "print(IngestClient(sys.argv[1]).request(sys.argv[2])[0])"
+    )
+    try:
+        for line, expected in (
+            ("BLOCK alice", "ERR forbidden"),
+            ("UNBLOCK alice", "ERR forbidden"),
+            ("LOGIN 192.0.2.1 alice", "OK "),
+            ("REVOKEUSER alice", "OK "),
+        ):
+            reply = subprocess.run(
+                [sys.executable, "-c", client, str(server.path), line],
+                user=hook_user.pw_uid,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert reply.startswith(expected), (line, reply)
+        assert server.blocklist.users() == []
+    finally:
+        server.server.stop()
+
+
+def test_metrics_count_ingest_requests(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 alice")
+    endpoint.ask("QUERY 192.0.2.9")
+    endpoint.ask("garbage")
+    registry = endpoint.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "popauth_ingest_requests_total", {"verb": "LOGIN", "result": "ok"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "popauth_ingest_requests_total", {"verb": "QUERY", "result": "notfound"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "popauth_ingest_requests_total", {"verb": "invalid", "result": "syntax"}
+        )
+        == 1
+    )

@@ -9,7 +9,7 @@ from popauth.ingest.protocol import (
     ProtocolError,
     Request,
     Verb,
-    list_reply,
+    multi_line,
     parse_fields,
     parse_request,
 )
@@ -68,9 +68,9 @@ def test_parse_errors(line: bytes, code: ErrorCode) -> None:
     assert raised.value.code is code
 
 
-def test_list_reply_is_counted() -> None:
-    assert list_reply(["a=1", "b=2"]) == b"OK count=2\na=1\nb=2\n"
-    assert list_reply([]) == b"OK count=0\n"
+def test_multi_line_replies_are_counted() -> None:
+    assert multi_line(["a=1", "b=2"]) == b"OK count=2\na=1\nb=2\n"
+    assert multi_line([]) == b"OK count=0\n"
 
 
 def test_parse_fields() -> None:

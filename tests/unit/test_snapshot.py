@@ -39,7 +39,7 @@ GOOD = {"format": "popauth-whitelist", "version": 1, "saved_at": 1.0}
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (None, "no snapshot file"),
+        (None, "no such file"),
         (b"", "truncated or corrupt"),
         (json.dumps({**GOOD, "entries": []}).encode()[:-5], "truncated or corrupt"),
         (b"\x00\xff\x13garbage", "truncated or corrupt"),
@@ -97,16 +97,16 @@ def test_snapshotter_restores_and_saves(tmp_path: Path) -> None:
     log, sink = capturing_logger()
     first = MemoryStore(ttl=900, max_entries=10, clock=clock)
     first.grant(A, "alice")
-    Snapshotter(store=first, path=path, interval=60, clock=clock, log=log).stop()
+    Snapshotter(store=first, path=path, clock=clock, log=log).save()
     clock.advance(100)
     second = MemoryStore(ttl=900, max_entries=10, clock=clock)
-    Snapshotter(store=second, path=path, interval=60, clock=clock, log=log).restore()
+    Snapshotter(store=second, path=path, clock=clock, log=log).restore()
     grant = second.lookup(A)
     assert grant is not None
     assert grant.expires_at == pytest.approx(clock.time() + 800)
     path.write_text("{")
     third = MemoryStore(ttl=900, max_entries=10, clock=clock)
-    Snapshotter(store=third, path=path, interval=60, clock=clock, log=log).restore()
+    Snapshotter(store=third, path=path, clock=clock, log=log).restore()
     assert third.stats().entries == 0
     errors = [c for c in sink.calls if c.kwargs.get("event") == "snapshot_not_restored"]
     assert errors[-1].method_name == "error"

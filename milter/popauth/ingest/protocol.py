@@ -9,15 +9,17 @@ by blanks. Every reply line starts with one of three words:
 ``ERR``       the request failed and changed nothing; a code word and a
               human-readable reason follow.
 
-``LIST`` answers ``OK count=N`` followed by exactly N entry lines.
+``LIST``, ``BLOCKED`` and ``REPORT`` answer ``OK count=N`` followed by exactly
+N lines.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from popauth.accounts import Usage
 from popauth.addresses import AddressError, IPAddress, parse_client_address
 from popauth.store import Grant, StoreStats
 
@@ -29,33 +31,38 @@ class Verb(enum.Enum):
     LOGIN = "LOGIN"
     QUERY = "QUERY"
     REVOKE = "REVOKE"
+    REVOKEUSER = "REVOKEUSER"
+    BLOCK = "BLOCK"
+    UNBLOCK = "UNBLOCK"
+    BLOCKED = "BLOCKED"
+    REPORT = "REPORT"
     LIST = "LIST"
     STATS = "STATS"
     PING = "PING"
     QUIT = "QUIT"
 
 
-# Verbs that change the whitelist; only allowed peers may use them.
-STATE_CHANGING = frozenset({Verb.LOGIN, Verb.REVOKE})
+# Verbs that change the whitelist: only allowed peers (the POP server's hook).
+STATE_CHANGING = frozenset({Verb.LOGIN, Verb.REVOKE, Verb.REVOKEUSER})
+# Verbs that change the block list: only root and popauth's own user.
+ADMINISTRATIVE = frozenset({Verb.BLOCK, Verb.UNBLOCK})
+# Replies of these verbs are "OK count=N" and N more lines.
+MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT})
 
-_ARITY: dict[Verb, tuple[int, int]] = {
-    Verb.LOGIN: (1, 2),
-    Verb.QUERY: (1, 1),
-    Verb.REVOKE: (1, 1),
-    Verb.LIST: (0, 0),
-    Verb.STATS: (0, 0),
-    Verb.PING: (0, 0),
-    Verb.QUIT: (0, 0),
-}
 
-_USAGE: dict[Verb, str] = {
-    Verb.LOGIN: "LOGIN address [user]",
-    Verb.QUERY: "QUERY address",
-    Verb.REVOKE: "REVOKE address",
-    Verb.LIST: "LIST",
-    Verb.STATS: "STATS",
-    Verb.PING: "PING",
-    Verb.QUIT: "QUIT",
+class Argument(enum.Enum):
+    ADDRESS = "address"
+    OPTIONAL_USER = "[user]"
+    USER = "user"
+
+
+_ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
+    Verb.LOGIN: (Argument.ADDRESS, Argument.OPTIONAL_USER),
+    Verb.QUERY: (Argument.ADDRESS,),
+    Verb.REVOKE: (Argument.ADDRESS,),
+    Verb.REVOKEUSER: (Argument.USER,),
+    Verb.BLOCK: (Argument.USER,),
+    Verb.UNBLOCK: (Argument.USER,),
 }
 
 
@@ -64,6 +71,7 @@ class ErrorCode(enum.Enum):
     ADDRESS = "address"
     USER = "user"
     FORBIDDEN = "forbidden"
+    BLOCKED = "blocked"
     TOO_LONG = "too-long"
     TIMEOUT = "timeout"
     BUSY = "busy"
@@ -109,19 +117,32 @@ def parse_request(line: bytes) -> Request:
         known = " ".join(v.value for v in Verb)
         raise ProtocolError(ErrorCode.SYNTAX, f"unknown verb; use one of {known}") from None
     arguments = words[1:]
-    low, high = _ARITY[verb]
-    if not low <= len(arguments) <= high:
-        raise ProtocolError(ErrorCode.SYNTAX, f"usage: {_USAGE[verb]}")
-    if not arguments:
-        return Request(verb)
-    try:
-        address = parse_client_address(arguments[0])
-    except AddressError:
-        raise ProtocolError(ErrorCode.ADDRESS, f"not an IP address: {arguments[0][:60]}") from None
-    user = arguments[1] if len(arguments) > 1 else ""
-    if user and not _valid_user(user):
-        raise ProtocolError(ErrorCode.USER, f"user names are 1 to {MAX_USER} visible characters")
+    expected = _ARGUMENTS.get(verb, ())
+    required = [kind for kind in expected if kind is not Argument.OPTIONAL_USER]
+    if not len(required) <= len(arguments) <= len(expected):
+        usage = " ".join([verb.value, *(kind.value for kind in expected)])
+        raise ProtocolError(ErrorCode.SYNTAX, f"usage: {usage}")
+    address: IPAddress | None = None
+    user = ""
+    for kind, argument in zip(expected, arguments, strict=False):
+        if kind is Argument.ADDRESS:
+            address = _address(argument)
+        else:
+            user = _user(argument)
     return Request(verb, address, user)
+
+
+def _address(text: str) -> IPAddress:
+    try:
+        return parse_client_address(text)
+    except AddressError:
+        raise ProtocolError(ErrorCode.ADDRESS, f"not an IP address: {text[:60]}") from None
+
+
+def _user(text: str) -> str:
+    if not _valid_user(text):
+        raise ProtocolError(ErrorCode.USER, f"user names are 1 to {MAX_USER} visible characters")
+    return text
 
 
 def format_grant(grant: Grant, described_address: str) -> str:
@@ -139,6 +160,15 @@ def not_found(described_address: str) -> bytes:
     return f"NOTFOUND address={described_address}\n".encode()
 
 
+def not_found_user(user: str) -> bytes:
+    return f"NOTFOUND user={user}\n".encode()
+
+
+def format_usage(user: str, usage: Usage) -> str:
+    fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
+    return f"user={user} {fields}"
+
+
 def error(code: ErrorCode, reason: str) -> bytes:
     return f"ERR {code.value} {reason}\n".encode()
 
@@ -147,7 +177,7 @@ def stats_fields(stats: StoreStats) -> str:
     return " ".join(f"{name}={value}" for name, value in stats.as_pairs())
 
 
-def list_reply(lines: Iterable[str]) -> bytes:
+def multi_line(lines: Iterable[str]) -> bytes:
     body = list(lines)
     return "".join([f"OK count={len(body)}\n", *(f"{line}\n" for line in body)]).encode()
 

@@ -1,7 +1,8 @@
 """The ingest endpoint: a UNIX stream socket served by asyncio in its own thread.
 
 It runs beside libmilter, which owns the main thread and the signals, so it
-has its own event loop and is stopped explicitly after the milter returns.
+has its own event loop (``popauth.unixserver``) and is stopped explicitly
+after the milter returns.
 Each client gets a bounded line length, an idle timeout per request, and a
 cap on concurrent clients; bad input gets an ``ERR`` reply and changes
 nothing, and no client can stop the endpoint from serving the others.
@@ -10,23 +11,30 @@ nothing, and no client can stop the endpoint from serving the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pwd
 import socket
 import struct
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from popauth.addresses import WhitelistKeying
+from popauth.accounts import BlockList, UsageLedger
+from popauth.addresses import IPAddress, WhitelistKeying
 from popauth.ingest import protocol
-from popauth.ingest.protocol import STATE_CHANGING, ErrorCode, ProtocolError, Request, Verb
-from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
+from popauth.ingest.protocol import (
+    ADMINISTRATIVE,
+    STATE_CHANGING,
+    ErrorCode,
+    ProtocolError,
+    Request,
+    Verb,
+)
+from popauth.metrics import Metrics
 from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.unixserver import UnixStreamServer
 
 _PEERCRED = struct.Struct("3i")
 
@@ -62,6 +70,10 @@ class PeerPolicy:
     def may_change(self, peer: Peer) -> bool:
         return peer.uid in self.uids or peer.gid in self.gids
 
+    @staticmethod
+    def may_administer(peer: Peer) -> bool:
+        return peer.uid in (0, os.getuid())
+
 
 @dataclass(frozen=True, slots=True)
 class IngestLimits:
@@ -69,7 +81,7 @@ class IngestLimits:
     max_clients: int = 256
 
 
-class IngestServer:
+class IngestServer(UnixStreamServer):
     def __init__(
         self,
         *,
@@ -80,94 +92,45 @@ class IngestServer:
         keying: WhitelistKeying,
         peers: PeerPolicy,
         limits: IngestLimits,
+        blocklist: BlockList,
+        ledger: UsageLedger,
+        metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        self._path = path
-        self._mode = mode
-        self._group = group
+        super().__init__(
+            path=path,
+            mode=mode,
+            group=group,
+            max_clients=limits.max_clients,
+            stream_limit=protocol.MAX_LINE,
+            blocking_calls=store.may_block,
+            thread_name="popauth-ingest",
+            log=log.bind(door="ingest"),
+        )
         self._store = store
         self._keying = keying
         self._peers = peers
         self._limits = limits
-        self._log = log.bind(door="ingest")
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._clients = 0
-
-    # --- lifecycle -------------------------------------------------------
-
-    def start(self) -> None:
-        """Bind the socket now, so that errors surface at start, then serve."""
-        prepare_directory(self._path)
-        clear_stale_socket(self._path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(self._path))
-            set_permissions(self._path, self._mode, self._group)
-            listener.listen(128)
-        except Exception:
-            listener.close()
-            remove_socket(self._path)
-            raise
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(listener, ready), name="popauth-ingest", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-
-    def _run(self, listener: socket.socket, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def serve() -> None:
-            self._server = await asyncio.start_unix_server(
-                self._serve_client, sock=listener, limit=protocol.MAX_LINE
-            )
-            ready.set()
-
-        self._loop.run_until_complete(serve())
-        self._loop.run_forever()
-        self._loop.close()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is None:
-            return
-
-        async def shut() -> None:
-            if self._server is not None:
-                self._server.close()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._server.wait_closed(), timeout)
-            self._loop.stop()
-
-        asyncio.run_coroutine_threadsafe(shut(), self._loop)
-        self._thread.join(timeout + 1.0)
-        self._thread = None
-        remove_socket(self._path)
+        self._blocklist = blocklist
+        self._ledger = ledger
+        self._metrics = metrics
 
     # --- one client ------------------------------------------------------
 
-    async def _serve_client(
+    async def refuse_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_of(writer.get_extra_info("socket"))
+        self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self.clients)
+        writer.write(protocol.error(ErrorCode.BUSY, "too many clients, try again"))
+
+    async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        connection: socket.socket = writer.get_extra_info("socket")
-        peer = peer_of(connection)
-        self._clients += 1
+        peer = peer_of(writer.get_extra_info("socket"))
         try:
-            if self._clients > self._limits.max_clients:
-                self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self._clients)
-                writer.write(protocol.error(ErrorCode.BUSY, "too many clients, try again"))
-                return
             while await self._serve_request(reader, writer, peer):
                 pass
         except (ConnectionError, BrokenPipeError):
             self._log.info("ingest_client_gone", peer_uid=peer.uid)
-        finally:
-            self._clients -= 1
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.drain()
-                writer.close()
 
     async def _serve_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
@@ -190,11 +153,8 @@ class IngestServer:
                 protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
             )
             return False
-        if self._store.may_block:
-            # A slow store must not hold up every other client of the loop.
-            reply, keep_open = await asyncio.to_thread(self.answer, line, peer)
-        else:
-            reply, keep_open = self.answer(line, peer)
+        # A slow store must not hold up every other client of the loop.
+        reply, keep_open = await self.call(self.answer, line, peer)
         writer.write(reply)
         await writer.drain()
         return keep_open
@@ -204,20 +164,32 @@ class IngestServer:
         try:
             request = protocol.parse_request(line)
         except ProtocolError as problem:
+            self._metrics.ingest_requests.labels("invalid", problem.code.value).inc()
             self._log.warning("ingest_rejected", peer_uid=peer.uid, error=problem.code.value)
             return protocol.error(problem.code, problem.reason), True
-        if request.verb in STATE_CHANGING and not self._peers.may_change(peer):
-            self._log.warning(
-                "ingest_forbidden", verb=request.verb.value, peer_uid=peer.uid, peer_gid=peer.gid
-            )
-            return protocol.error(
-                ErrorCode.FORBIDDEN, "this peer may not change the whitelist"
-            ), True
+        verb = request.verb.value
+        refusal = self._refusal(request, peer)
+        if refusal is not None:
+            self._metrics.ingest_requests.labels(verb, "forbidden").inc()
+            self._log.warning("ingest_forbidden", verb=verb, peer_uid=peer.uid, peer_gid=peer.gid)
+            return protocol.error(ErrorCode.FORBIDDEN, refusal), True
         try:
-            return self._execute(request, peer), request.verb is not Verb.QUIT
+            reply = self._execute(request, peer)
         except StoreUnavailable as failure:
-            self._log.error("ingest_store_unavailable", verb=request.verb.value, error=str(failure))
+            self._metrics.ingest_requests.labels(verb, "unavailable").inc()
+            self._metrics.errors.labels("store_unavailable").inc()
+            self._log.error("ingest_store_unavailable", verb=verb, error=str(failure))
             return protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable"), True
+        result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
+        self._metrics.ingest_requests.labels(verb, result).inc()
+        return reply, request.verb is not Verb.QUIT
+
+    def _refusal(self, request: Request, peer: Peer) -> str | None:
+        if request.verb in STATE_CHANGING and not self._peers.may_change(peer):
+            return "this peer may not change the whitelist"
+        if request.verb in ADMINISTRATIVE and not self._peers.may_administer(peer):
+            return "only root and popauth's own user may change the block list"
+        return None
 
     def _execute(self, request: Request, peer: Peer) -> bytes:
         verb = request.verb
@@ -228,32 +200,22 @@ class IngestServer:
         if verb is Verb.STATS:
             return protocol.ok(protocol.stats_fields(self._store.stats()))
         if verb is Verb.LIST:
-            return protocol.list_reply(
+            return protocol.multi_line(
                 protocol.format_grant(grant, self._keying.describe(grant.address))
                 for grant in self._store.entries()
             )
-        assert request.address is not None  # every other verb takes an address
+        if verb is Verb.BLOCKED:
+            return protocol.multi_line(f"user={user}" for user in self._blocklist.users())
+        if verb is Verb.REPORT:
+            return protocol.multi_line(
+                protocol.format_usage(user, usage) for user, usage in self._ledger.pop_first_users()
+            )
+        if request.address is None:
+            return self._execute_for_user(verb, request.user, peer)
         key = self._keying.key_address(request.address)
         described = self._keying.describe(key)
         if verb is Verb.LOGIN:
-            outcome = self._store.grant(key, request.user)
-            if outcome.evicted is not None:
-                self._log.warning(
-                    "whitelist_full_evicted",
-                    evicted=self._keying.describe(outcome.evicted.address),
-                    evicted_user=outcome.evicted.user,
-                )
-            self._log.info(
-                "login",
-                client_ip=described,
-                user=request.user or None,
-                renewed=outcome.renewed,
-                peer_uid=peer.uid,
-            )
-            renewed = "yes" if outcome.renewed else "no"
-            return protocol.ok(
-                f"{protocol.format_grant(outcome.grant, described)} renewed={renewed}"
-            )
+            return self._login(key, described, request.user, peer)
         if verb is Verb.REVOKE:
             removed = self._store.revoke(key)
             self._log.info(
@@ -266,3 +228,47 @@ class IngestServer:
         if grant is None:
             return protocol.not_found(described)
         return protocol.ok(protocol.format_grant(grant, described))
+
+    def _login(self, key: IPAddress, described: str, user: str, peer: Peer) -> bytes:
+        if user and user in self._blocklist:
+            self._log.warning("login_refused_blocked", client_ip=described, user=user)
+            return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
+        outcome = self._store.grant(key, user)
+        if outcome.evicted is not None:
+            self._log.warning(
+                "whitelist_full_evicted",
+                evicted=self._keying.describe(outcome.evicted.address),
+                evicted_user=outcome.evicted.user,
+            )
+        self._log.info(
+            "login",
+            client_ip=described,
+            user=user or None,
+            renewed=outcome.renewed,
+            peer_uid=peer.uid,
+        )
+        renewed = "yes" if outcome.renewed else "no"
+        return protocol.ok(f"{protocol.format_grant(outcome.grant, described)} renewed={renewed}")
+
+    def _execute_for_user(self, verb: Verb, user: str, peer: Peer) -> bytes:
+        if verb is Verb.UNBLOCK:
+            unblocked = self._blocklist.remove(user)
+            self._log.info("unblock", user=user, found=unblocked, peer_uid=peer.uid)
+            return protocol.ok(f"user={user}") if unblocked else protocol.not_found_user(user)
+        newly_blocked = None
+        if verb is Verb.BLOCK:
+            # Block first: a login racing with this cannot slip in after the revoke.
+            newly_blocked = self._blocklist.add(user)
+        revoked = self._store.revoke_user(user)
+        addresses = [self._keying.describe(grant.address) for grant in revoked]
+        self._log.info(
+            verb.value.lower(),
+            user=user,
+            revoked=addresses,
+            blocked=newly_blocked,
+            peer_uid=peer.uid,
+        )
+        fields = f"user={user} revoked={len(revoked)}"
+        if newly_blocked is not None:
+            fields += " blocked=" + ("new" if newly_blocked else "already")
+        return protocol.ok(fields)

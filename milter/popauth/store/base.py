@@ -86,6 +86,10 @@ class WhitelistStore(abc.ABC):
         """Remove ``address``; returns the entry that was removed, if any."""
 
     @abc.abstractmethod
+    def revoke_user(self, user: str) -> list[Grant]:
+        """Remove every entry of ``user``; returns the removed entries."""
+
+    @abc.abstractmethod
     def entries(self) -> list[Grant]:
         """Every live entry, oldest login first."""
 

@@ -111,6 +111,16 @@ class MemoryStore(WhitelistStore):
             self._revocations += 1
         return self._as_grant(key, entry)
 
+    def revoke_user(self, user: str) -> list[Grant]:
+        with self._lock:
+            self._cache.expire()
+            doomed = [(key, self._cache[key]) for key in list(self._cache)]
+            doomed = [(key, entry) for key, entry in doomed if entry[0] == user]
+            for key, _ in doomed:
+                del self._cache[key]
+            self._revocations += len(doomed)
+        return [self._as_grant(key, entry) for key, entry in doomed]
+
     def entries(self) -> list[Grant]:
         with self._lock:
             self._cache.expire()

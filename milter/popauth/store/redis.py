@@ -64,6 +64,11 @@ class RedisStore(WhitelistStore):
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
 
+    @property
+    def client(self) -> redis.Redis:
+        """The connection, for state that lives next to the whitelist."""
+        return self._client
+
     def _key(self, address: IPAddress) -> str:
         return f"{self._prefix}{address}"
 
@@ -99,6 +104,15 @@ class RedisStore(WhitelistStore):
         grant = None if raw is None else _decode(address, raw)
         self._count(revocations=int(grant is not None))
         return grant
+
+    def revoke_user(self, user: str) -> list[Grant]:
+        removed = []
+        for grant in self.entries():
+            if grant.user == user:
+                gone = self.revoke(grant.address)
+                if gone is not None:
+                    removed.append(gone)
+        return removed
 
     def entries(self) -> list[Grant]:
         grants: list[Grant] = []

@@ -1,0 +1,1 @@
+"""The socketmap door: Postfix and Sendmail ask the whitelist as a lookup table."""

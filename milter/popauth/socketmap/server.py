@@ -1,0 +1,201 @@
+"""The socketmap endpoint: the whitelist as a Postfix/Sendmail lookup table.
+
+A second door to the same store as the milter. The MTA keeps its own relay
+gate (Postfix ``reject_unauth_destination``, Sendmail's ``check_rcpt``) and
+only asks "may this client relay?": a whitelisted client address answers
+``OK <value>``, anything else ``NOTFOUND``. Keys are normalised exactly as
+the milter does it (IPv4-mapped IPv6 is IPv4, an ``IPv6:`` tag is dropped,
+IPv6 is cut to ``ipv6_prefix``).
+
+Postfix also asks for the client host name (``unknown`` when none) and, for
+tables that are not CIDR, the address shortened octet by octet (``192.0.2``,
+``192.0``): every key that is not a whole IP address is ``NOTFOUND`` at once,
+without touching the store.
+
+Fail closed: a store that cannot answer gives ``TEMP``; bad input ``PERM``.
+Connections are persistent (both MTAs keep one per process), bounded in
+request size, time and number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from popauth.addresses import AddressError, WhitelistKeying, parse_client_address
+from popauth.socketmap import codec
+from popauth.socketmap.codec import NetstringError, RequestError, Status
+from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.unixserver import UnixStreamServer
+
+
+@dataclass(frozen=True, slots=True)
+class SocketmapLimits:
+    # Seconds to complete a request once its first byte arrived.
+    timeout: float = 5.0
+    # Seconds a persistent connection may stay idle between requests.
+    idle_timeout: float = 300.0
+    max_clients: int = 512
+    max_request: int = codec.MAX_REQUEST
+
+
+@dataclass(slots=True)
+class SocketmapCounters:
+    """What the endpoint answered, logged at stop.
+
+    Counted without a lock: exact with the memory store (every answer runs in
+    the event loop's thread), approximate when a blocking store's answers run
+    in worker threads.
+    """
+
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    not_an_address: int = 0
+    temp: int = 0
+    perm: int = 0
+    busy: int = 0
+    timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class SocketmapServer(UnixStreamServer):
+    def __init__(
+        self,
+        *,
+        path: Path,
+        mode: int,
+        group: str,
+        store: WhitelistStore,
+        keying: WhitelistKeying,
+        name: str,
+        ok_value: str,
+        limits: SocketmapLimits,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        super().__init__(
+            path=path,
+            mode=mode,
+            group=group,
+            max_clients=limits.max_clients,
+            stream_limit=limits.max_request + 16,
+            blocking_calls=store.may_block,
+            thread_name="popauth-socketmap",
+            log=log.bind(door="socketmap"),
+        )
+        self._store = store
+        self._keying = keying
+        self._name = name
+        self._ok = codec.reply(Status.OK, ok_value)
+        self._notfound = codec.reply(Status.NOTFOUND)
+        self._limits = limits
+        self.counters = SocketmapCounters()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        running = self._thread is not None
+        super().stop(timeout)
+        if running:
+            self._log.info("socketmap_stopped", **self.counters.as_dict())
+
+    # --- one client ------------------------------------------------------
+
+    async def refuse_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The protocol has no greeting: answer the first request, then close.
+        self.counters.busy += 1
+        self._log.warning("socketmap_busy", clients=self.clients)
+        payload = await self._read_request(reader, writer)
+        if payload is not None:
+            writer.write(codec.reply(Status.TEMP, "too many clients, try again"))
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            payload = await self._read_request(reader, writer)
+            if payload is None:
+                return
+            writer.write(await self.call(self.answer, payload))
+            await writer.drain()
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
+        """The next request's payload, or None when the connection must end."""
+        try:
+            first = await asyncio.wait_for(reader.read(1), self._limits.idle_timeout)
+        except TimeoutError:
+            return None  # an idle persistent connection: just close it
+        if not first:
+            return None  # the client closed between requests
+        try:
+            return await asyncio.wait_for(self._read_netstring(reader, first), self._limits.timeout)
+        except NetstringError as problem:
+            self.counters.perm += 1
+            self._log.warning("socketmap_rejected", error=str(problem))
+            writer.write(codec.reply(Status.PERM, f"bad netstring: {problem}"))
+        except TimeoutError:
+            self.counters.timeouts += 1
+            self._log.warning("socketmap_timeout")
+            writer.write(codec.reply(Status.TIMEOUT, "no complete request in time"))
+        except asyncio.IncompleteReadError:
+            self._log.warning("socketmap_partial_request")
+        return None
+
+    async def _read_netstring(self, reader: asyncio.StreamReader, first: bytes) -> bytes:
+        limit = self._limits.max_request
+        digits = first
+        while digits[-1:] != b":":
+            if not digits.isdigit() or len(digits) > codec.header_digits(limit):
+                codec.parse_length(digits, limit)  # raises, naming the problem
+            digits += await reader.readexactly(1)
+        length = codec.parse_length(digits[:-1], limit)
+        data = await reader.readexactly(length + 1)
+        if data[-1:] != b",":
+            raise NetstringError("missing comma after the payload")
+        return data[:-1]
+
+    def answer(self, payload: bytes) -> bytes:
+        """The reply netstring to one well-framed request payload."""
+        self.counters.requests += 1
+        try:
+            request = codec.parse_request(payload)
+        except RequestError as problem:
+            self.counters.perm += 1
+            self._log.warning("socketmap_rejected", error=str(problem))
+            return codec.reply(Status.PERM, str(problem))
+        if request.name != self._name:
+            self.counters.perm += 1
+            self._log.warning("socketmap_rejected", error="unknown map", map=request.name[:64])
+            return codec.reply(Status.PERM, "unknown map")
+        try:
+            address = parse_client_address(request.key)
+        except AddressError:
+            # A host name, "unknown", or a shortened address ("192.0.2").
+            self.counters.not_an_address += 1
+            return self._notfound
+        key = self._keying.key_address(address)
+        try:
+            grant = self._store.lookup(key)
+        except StoreUnavailable as failure:
+            self.counters.temp += 1
+            self._log.warning("socketmap_store_unavailable", error=str(failure))
+            return codec.reply(Status.TEMP, "whitelist store unavailable")
+        except Exception:
+            self.counters.temp += 1
+            self._log.exception("socketmap_lookup_failed")
+            return codec.reply(Status.TEMP, "lookup failed")
+        if grant is None:
+            self.counters.misses += 1
+            self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
+            return self._notfound
+        self.counters.hits += 1
+        self._log.debug(
+            "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
+        )
+        return self._ok

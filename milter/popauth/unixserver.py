@@ -1,0 +1,159 @@
+"""A UNIX stream socket served by asyncio in a thread of its own.
+
+Every door that listens on a UNIX socket beside libmilter (the ingest
+endpoint, the socketmap endpoint) shares this lifecycle: libmilter owns the
+main thread and the signals, so each door runs its own event loop in a
+daemon thread and is stopped explicitly after the milter returns.
+
+The base class binds the socket at ``start()`` (so that errors surface at
+start, never in the thread), sets its mode and group, counts clients
+against a cap, closes every connection however it ends, and runs blocking
+store calls off the loop. A door implements :meth:`serve_connection` (one
+client, for as long as it stays) and :meth:`refuse_busy` (what a client over
+the cap is told).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
+
+_Result = TypeVar("_Result")
+
+
+class UnixStreamServer(abc.ABC):
+    """Serve ``path`` with asyncio in a thread; subclasses speak the protocol."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        mode: int,
+        group: str,
+        max_clients: int,
+        stream_limit: int,
+        blocking_calls: bool,
+        thread_name: str,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._path = path
+        self._mode = mode
+        self._group = group
+        self._max_clients = max_clients
+        self._stream_limit = stream_limit
+        self._blocking_calls = blocking_calls
+        self._thread_name = thread_name
+        self._log = log
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._clients = 0
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def clients(self) -> int:
+        """Connections open now (including one being refused as busy)."""
+        return self._clients
+
+    # --- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the socket now, so that errors surface at start, then serve."""
+        prepare_directory(self._path)
+        clear_stale_socket(self._path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self._path))
+            set_permissions(self._path, self._mode, self._group)
+            listener.listen(128)
+        except Exception:
+            listener.close()
+            remove_socket(self._path)
+            raise
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(listener, ready), name=self._thread_name, daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+
+    def _run(self, listener: socket.socket, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def serve() -> None:
+            self._server = await asyncio.start_unix_server(
+                self._client_connected, sock=listener, limit=self._stream_limit
+            )
+            ready.set()
+
+        self._loop.run_until_complete(serve())
+        self._loop.run_forever()
+        self._loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+
+        async def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._server.wait_closed(), timeout)
+            self._loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop)
+        self._thread.join(timeout + 1.0)
+        self._thread = None
+        remove_socket(self._path)
+
+    # --- one client ------------------------------------------------------
+
+    async def _client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._clients += 1
+        try:
+            if self._clients > self._max_clients:
+                await self.refuse_busy(reader, writer)
+            else:
+                await self.serve_connection(reader, writer)
+        except (ConnectionError, BrokenPipeError):
+            pass  # the client reset the connection; a door may log it itself
+        finally:
+            self._clients -= 1
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+                writer.close()
+
+    @abc.abstractmethod
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one client until it leaves or must be dropped."""
+
+    @abc.abstractmethod
+    async def refuse_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Tell a client over ``max_clients`` to come back later (then it is closed)."""
+
+    async def call(self, function: Callable[..., _Result], *arguments: object) -> _Result:
+        """Run ``function`` (which may call the store) without holding up the loop.
+
+        A store whose calls may wait on the network runs in a worker thread,
+        so that one slow answer does not hold up every other client.
+        """
+        if self._blocking_calls:
+            return await asyncio.to_thread(function, *arguments)
+        return function(*arguments)

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from popauth.accounts import FileBlockList, RelayWay, UsageLedger
+from popauth.persistence import StateFileError
+from tests.support.clock import FakeClock
+
+
+def test_ledger_counts_each_way_and_reports_pop_first_users_most_recent_first() -> None:
+    clock = FakeClock()
+    ledger = UsageLedger(max_users=10, clock=clock)
+    ledger.record("alice", RelayWay.POP_FIRST, messages=1, recipients=2)
+    clock.advance(10)
+    ledger.record("bob", RelayWay.SMTP_AUTH, messages=1, recipients=1)
+    clock.advance(10)
+    ledger.record("carol", RelayWay.POP_FIRST, messages=1, recipients=0)
+    clock.advance(10)
+    ledger.record("alice", RelayWay.POP_FIRST, messages=1, recipients=1)
+    ledger.record("alice", RelayWay.SMTP_AUTH, messages=1, recipients=3)
+    ledger.record("", RelayWay.POP_FIRST, messages=1, recipients=1)  # unknown user: not kept
+    report = ledger.pop_first_users()
+    assert [user for user, _ in report] == ["alice", "carol"]
+    alice = report[0][1]
+    assert (alice.pop_messages, alice.pop_recipients) == (2, 3)
+    assert (alice.auth_messages, alice.auth_recipients) == (1, 3)
+    assert alice.pop_first_seen == clock.time() - 30
+    assert alice.pop_last_seen == clock.time()
+
+
+def test_ledger_is_bounded_by_recent_activity() -> None:
+    ledger = UsageLedger(max_users=2, clock=FakeClock())
+    for user in ("a", "b", "a", "c"):
+        ledger.record(user, RelayWay.POP_FIRST, messages=1, recipients=1)
+    assert {user for user, _ in ledger.pop_first_users()} == {"a", "c"}
+
+
+def test_ledger_persists(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ledger = UsageLedger(max_users=10, clock=clock)
+    ledger.record("alice", RelayWay.POP_FIRST, messages=2, recipients=5)
+    path = tmp_path / "usage.json"
+    ledger.save(path)
+    restored = UsageLedger(max_users=10, clock=clock)
+    assert restored.load(path) == 1
+    assert restored.get("alice") == ledger.get("alice")
+    path.write_text(json.dumps({"format": "popauth-usage", "version": 1, "users": {"x": [1]}}))
+    with pytest.raises(StateFileError, match="malformed"):
+        UsageLedger(max_users=10, clock=clock).load(path)
+
+
+def test_block_list_is_written_through(tmp_path: Path) -> None:
+    path = tmp_path / "blocked.json"
+    blocks = FileBlockList(path)
+    assert blocks.add("mallory")
+    assert not blocks.add("mallory")
+    assert "mallory" in blocks
+    assert FileBlockList(path).users() == ["mallory"]
+    assert blocks.remove("mallory")
+    assert not blocks.remove("mallory")
+    assert FileBlockList(path).users() == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{",
+        b'{"format": "other"}',
+        b'{"format": "popauth-blocklist", "version": 1, "users": [1]}',
+    ],
+)
+def test_damaged_block_list_stops_start(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "blocked.json"
+    path.write_bytes(content)
+    with pytest.raises(StateFileError, match="block list"):
+        FileBlockList(path)
+
+
+def test_missing_block_list_is_empty(tmp_path: Path) -> None:
+    assert FileBlockList(tmp_path / "absent.json").users() == []
+    assert FileBlockList(None).add("x")

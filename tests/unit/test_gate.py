@@ -1,0 +1,101 @@
+"""The gate: decisions joined with the store, the usage ledger, metrics and logs."""
+
+from __future__ import annotations
+
+from structlog.testing import CapturingLogger
+
+from popauth.accounts import UsageLedger
+from popauth.addresses import WhitelistKeying, parse_client_address
+from popauth.config import settings_from_mapping
+from popauth.decision import Reason, Verdict
+from popauth.gate import Accounting, RelayGate
+from popauth.metrics import Metrics
+from popauth.recipients import Recipient
+from popauth.store.memory import MemoryStore
+from tests.support.clock import FakeClock
+from tests.support.logs import capturing_logger, events
+
+CLIENT = parse_client_address("198.51.100.7")
+REMOTE = Recipient("<x@remote.example>", "smtp", "x@remote.example")
+LOCAL = Recipient("<y@local.test>", "local", "y@local.test")
+
+
+def make(
+    accounting: Accounting, pop_first: str = "on"
+) -> tuple[RelayGate, UsageLedger, Metrics, CapturingLogger]:
+    settings = settings_from_mapping(
+        {"trusted_networks": [], "local_domains": ["local.test"], "pop_first": pop_first}
+    )
+    clock = FakeClock()
+    store = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    store.grant(CLIENT, "alice")
+    ledger = UsageLedger(max_users=10, clock=clock)
+    metrics = Metrics()
+    log, sink = capturing_logger()
+    gate = RelayGate(
+        policy=settings.relay_policy(),
+        store=store,
+        keying=WhitelistKeying(),
+        ledger=ledger,
+        accounting=accounting,
+        metrics=metrics,
+        log=log,
+    )
+    return gate, ledger, metrics, sink
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_messages_mode_accepts_at_mail_and_counts_the_message() -> None:
+    gate, ledger, metrics, _ = make(Accounting.MESSAGES)
+    decision, _ = gate.message(CLIENT, "")
+    assert decision is not None
+    assert decision.reason is Reason.WHITELISTED
+    usage = ledger.get("alice")
+    assert usage is not None
+    assert (usage.pop_messages, usage.pop_recipients) == (1, 0)
+    assert sample(metrics, "popauth_decisions_total", verdict="accept", reason="whitelisted") == 1
+    assert sample(metrics, "popauth_decision_seconds_count") == 1
+
+
+def test_recipients_mode_watches_every_rcpt_and_counts_relayed_ones() -> None:
+    gate, ledger, _, _ = make(Accounting.RECIPIENTS)
+    decision, message = gate.message(CLIENT, "")
+    assert decision is None  # settled, but the RCPTs must be seen
+    for recipient in (REMOTE, LOCAL, REMOTE):
+        assert gate.recipient(message, recipient).verdict is Verdict.ACCEPT
+    _, second = gate.message(CLIENT, "")
+    gate.recipient(second, REMOTE)
+    gate.message(parse_client_address("203.0.113.9"), "bob")  # authenticated
+    _, third = gate.message(parse_client_address("203.0.113.9"), "bob")
+    gate.recipient(third, REMOTE)
+    alice = ledger.get("alice")
+    assert alice is not None
+    assert (alice.pop_messages, alice.pop_recipients) == (2, 3)
+    bob = ledger.get("bob")
+    assert bob is not None
+    assert (bob.auth_messages, bob.auth_recipients, bob.pop_messages) == (1, 1, 0)
+
+
+def test_warn_mode_relays_and_logs_a_deprecation() -> None:
+    gate, _, _, logged = make(Accounting.MESSAGES, pop_first="warn")
+    decision, _ = gate.message(CLIENT, "")
+    assert decision is not None
+    assert decision.verdict is Verdict.ACCEPT
+    assert "pop_first_deprecated" in events(logged)
+
+
+def test_off_mode_refuses_with_its_own_reason() -> None:
+    gate, ledger, metrics, _ = make(Accounting.MESSAGES, pop_first="off")
+    decision, message = gate.message(CLIENT, "")
+    assert decision is None
+    assert gate.recipient(message, REMOTE).reason is Reason.POP_FIRST_RETIRED
+    assert gate.recipient(message, LOCAL).reason is Reason.LOCAL_RECIPIENT
+    assert ledger.pop_first_users() == []
+    assert (
+        sample(metrics, "popauth_decisions_total", verdict="reject", reason="pop_first_retired")
+        == 1
+    )
