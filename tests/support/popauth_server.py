@@ -55,6 +55,8 @@ class PopauthServer:
             "log_format": "json",
             # Each test starts from an empty whitelist unless it asks otherwise.
             "snapshot_path": "",
+            "usage_path": "",
+            "blocklist_path": "",
             **settings,
         }
         self.process: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,162 @@
+"""Operator features through real Postfix and Dovecot: accounts, POP-first phase-out, metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.live.conftest import USERS, PopauthFactory
+from tests.live.dovecot import DovecotInstance, pop3_login
+from tests.live.ports import free_port
+from tests.live.postfix import PostfixInstance
+from tests.live.smtp import SmtpSession, rcpt_reply
+
+pytestmark = pytest.mark.live
+
+REMOTE = "someone@remote.example"
+
+
+def relays(postfix: PostfixInstance, client: str) -> bool:
+    code, _ = rcpt_reply(postfix.smtp_port, client, REMOTE)
+    assert code in (250, 550), code
+    return code == 250
+
+
+def test_revoke_every_address_of_a_user(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth()
+    for client in ("127.0.0.2", "127.0.0.7"):
+        assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], client)
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.8")
+    assert relays(postfix, "127.0.0.2")
+    assert relays(postfix, "127.0.0.7")
+    revoke = popauth.cli("revoke", "--user", "alice")
+    assert revoke.returncode == 0, revoke
+    assert "revoked=2" in revoke.stdout
+    assert not relays(postfix, "127.0.0.2")
+    assert not relays(postfix, "127.0.0.7")
+    assert relays(postfix, "127.0.0.8")
+
+
+def test_block_survives_restart_and_unblock_restores(
+    postfix: PostfixInstance,
+    dovecot: DovecotInstance,
+    start_popauth: PopauthFactory,
+    popauth_dir: Path,
+) -> None:
+    blocklist = popauth_dir / "blocked.json"
+    blocklist.unlink(missing_ok=True)
+    popauth = start_popauth(blocklist_path=str(blocklist))
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert relays(postfix, "127.0.0.2")
+    block = popauth.cli("block", "alice")
+    assert block.returncode == 0, block
+    assert "revoked=1 blocked=new" in block.stdout
+    assert not relays(postfix, "127.0.0.2")
+    # Dovecot still lets alice read her mail; popauth refuses to whitelist her.
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert not relays(postfix, "127.0.0.2")
+    assert popauth.events("login_refused_blocked")[-1]["user"] == "alice"
+    assert popauth.stop() == 0
+    restarted = start_popauth(blocklist_path=str(blocklist))
+    assert "user=alice" in restarted.cli("blocked").stdout
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert not relays(postfix, "127.0.0.2")
+    assert restarted.cli("unblock", "alice").returncode == 0
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert relays(postfix, "127.0.0.2")
+
+
+def test_report_after_mixed_traffic(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth(accounting="recipients")
+    # alice relays twice by POP first, to two and one remote recipients.
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    for recipients in (["a@remote.example", "b@remote.example"], ["c@remote.example"]):
+        with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+            assert session.mail()[0] == 250
+            for recipient in recipients:
+                assert session.rcpt(recipient)[0] == 250
+            assert session.rcpt("bob@local.test")[0] == 250  # local: not relayed
+            assert session.send_message(recipients)[0] == 250
+    # bob relays by SMTP AUTH only.
+    with SmtpSession(postfix.smtp_port, "127.0.0.5") as session:
+        session.login("bob", USERS["bob"])
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.send_message([REMOTE])[0] == 250
+    # bob also checks mail and then writes only to a local address: no POP relaying.
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.3")
+    with SmtpSession(postfix.smtp_port, "127.0.0.3") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt("alice@local.test")[0] == 250
+    table = popauth.cli("report")
+    assert table.returncode == 0, table
+    print(table.stdout)  # shown with -s; quoted in the closing note
+    rows = [line.split() for line in table.stdout.splitlines()]
+    assert rows[0][:3] == ["user", "pop_messages", "pop_recipients"]
+    assert [row[0] for row in rows[1:]] == ["alice"]
+    assert rows[1][1:3] == ["2", "3"]
+    report = popauth.cli("report", "--format", "json")
+    assert '"user": "alice"' in report.stdout
+    assert "bob" not in report.stdout
+
+
+def test_pop_first_off_explains_itself(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    start_popauth(pop_first="off")
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    code, text = rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)
+    assert code == 550
+    assert text.startswith("5.7.1 Relaying denied. POP before SMTP has been retired")
+    code, text = rcpt_reply(postfix.smtp_port, "127.0.0.3", REMOTE)
+    assert (code, "retired" in text) == (550, False)  # a stranger gets the usual text
+    assert rcpt_reply(postfix.smtp_port, "127.0.0.2", "bob@local.test")[0] == 250
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        session.login("alice", USERS["alice"])
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+
+
+def test_pop_first_warn_relays_and_logs(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth(pop_first="warn")
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert relays(postfix, "127.0.0.2")
+    warning = popauth.events("pop_first_deprecated")[-1]
+    assert (warning["user"], warning["client_ip"], warning["level"]) == (
+        "alice",
+        "127.0.0.2",
+        "warning",
+    )
+
+
+def test_metrics_endpoint(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    port = free_port()
+    popauth = start_popauth(metrics_listen=f"127.0.0.1:{port}")
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert relays(postfix, "127.0.0.2")
+    assert not relays(postfix, "127.0.0.3")
+    popauth.ask("garbage")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['popauth_decisions_total{reason="whitelisted",verdict="accept"}'] >= 1
+    assert samples['popauth_decisions_total{reason="relay_denied",verdict="reject"}'] >= 1
+    assert samples["popauth_whitelist_entries"] == 1
+    assert samples['popauth_ingest_requests_total{result="ok",verb="LOGIN"}'] == 1
+    assert samples['popauth_ingest_requests_total{result="syntax",verb="invalid"}'] == 1
+    assert samples["popauth_decision_seconds_count"] >= 2
+    assert "popauth_errors_total" in text
