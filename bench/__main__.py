@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"popauth benchmarks ({report['mode']}): {info['nproc']} CPU(s), {info['cpu_model']}, "
         f"load {info['load_average_at_start'][0]:.2f}; {mode.rounds} rounds of "
-        f"{mode.seconds} s per set-up\n",
+        f"{mode.seconds} s per set-up\npopauth {info['popauth_revision']} from "
+        f"{info['popauth_imported_from']}\n",
         flush=True,
     )
     began = time.monotonic()
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {key}: FAILED: {error}\n", flush=True)
                 continue
             result.seconds = time.monotonic() - start
+            result.group_by_unit()
             report["benchmarks"][key] = result.to_json()
             print(render_result(result) + "\n", flush=True)
     finally:

@@ -161,6 +161,15 @@ class BenchResult:
         ratio.samples = [a / b for a, b in zip(top, bottom, strict=True) if b > 0]
         return ratio
 
+    def group_by_unit(self) -> None:
+        """Order the metrics by unit (in order of first appearance), ratios last."""
+        units: list[str] = []
+        for metric in self.metrics:
+            if metric.unit not in units and metric.unit != "ratio":
+                units.append(metric.unit)
+        units.append("ratio")
+        self.metrics.sort(key=lambda metric: units.index(metric.unit))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "title": self.title,
@@ -238,7 +247,10 @@ def render_result(result: BenchResult) -> str:
             row.append(format_number(summary.p99) if metric.show_p99 else "")
         row.append(str(summary.count))
         rows.append(row)
-    parts = [f"== {result.key}: {result.title} ({result.seconds:.0f} s)", render_table(headers, rows)]
+    parts = [
+        f"== {result.key}: {result.title} ({result.seconds:.0f} s)",
+        render_table(headers, rows),
+    ]
     if result.checks:
         check_rows = [
             [
@@ -255,16 +267,37 @@ def render_result(result: BenchResult) -> str:
     return "\n".join(parts)
 
 
+def _git(*arguments: str) -> str:
+    import subprocess
+
+    completed = subprocess.run(
+        ["git", "-C", str(REPO), *arguments], capture_output=True, text=True, check=False
+    )
+    return completed.stdout.strip() or "unknown"
+
+
+def _popauth_location() -> str:
+    """Where ``popauth serve`` will import the package from (PYTHONPATH may override)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("popauth")
+    return str(Path(spec.origin).parent) if spec and spec.origin else "unknown"
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+        for line in (
+            Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines()
+        ):
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
     return {
+        "popauth_revision": _git("describe", "--always", "--dirty"),
+        "popauth_imported_from": _popauth_location(),
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -334,7 +367,9 @@ def drive(
                     return
             iteration += 1
 
-    threads = [threading.Thread(target=work, args=(index,), daemon=True) for index in range(workers)]
+    threads = [
+        threading.Thread(target=work, args=(index,), daemon=True) for index in range(workers)
+    ]
     for thread in threads:
         thread.start()
     deadline = Deadline(seconds)  # read by the workers once the barrier opens
@@ -344,3 +379,13 @@ def drive(
         thread.join(seconds + 60)
     elapsed = time.perf_counter() - began
     return DriveOutcome(sum(counts), elapsed, sum(errors), first_error[0] if first_error else None)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` (all its threads) so far."""
+    text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, BenchResult, Check, Mode, drive, rounds
 from tests.support.popauth_server import PopauthServer
+
+from bench.common import REPO, BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
 
 # Milter protocol (version 6) constants, from libmilter's mfdef.h.
 VERSION = 6
@@ -126,7 +127,8 @@ class Tally:
 
     def summary(self) -> str:
         return ", ".join(
-            f"{kind}:{reply.decode()}={count}" for (kind, reply), count in sorted(self.replies.items())
+            f"{kind}:{reply.decode()}={count}"
+            for (kind, reply), count in sorted(self.replies.items())
         )
 
 
@@ -223,6 +225,12 @@ def start_popauth(directory: Path, **overrides: Any) -> PopauthServer:
     return server
 
 
+def pid_of(process: subprocess.Popen[bytes] | None) -> int:
+    if process is None:
+        raise RuntimeError("milter process not running")
+    return process.pid
+
+
 EXPECTED_POPAUTH = {"whitelisted": ACCEPT, "local": CONTINUE, "refused": b"5"}
 
 
@@ -236,6 +244,11 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
         "no-op": str(noop.milter_path),
         "popauth": str(info.milter_path),
         "popauth[warning]": str(warning.milter_path),
+    }
+    pids = {
+        "no-op": pid_of(noop.process),
+        "popauth": pid_of(info.process),
+        "popauth[warning]": pid_of(warning.process),
     }
     tallies = {name: Tally() for name in milters}
     concurrencies = (1, 8)
@@ -251,12 +264,17 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
                 plan = plans[(iteration * clients + worker) % len(plans)]
                 session(path, plan, tally)
 
+            cpu_before = process_cpu_seconds(pids[name])
             outcome = drive(clients, abs(seconds), one, max_operations=200_000)
+            cpu = process_cpu_seconds(pids[name]) - cpu_before
             if outcome.errors:
                 raise RuntimeError(f"B1 {setup}: {outcome.errors} errors: {outcome.first_error}")
             if seconds > 0:
                 result.metric(f"{name}, {clients} client(s)", "decisions/s").samples.append(
                     outcome.rate
+                )
+                result.metric(f"{name} CPU per session, {clients} client(s)", "us").samples.append(
+                    1e6 * cpu / max(1, outcome.operations)
                 )
 
         rounds(mode, setups, measure)

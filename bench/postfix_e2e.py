@@ -10,6 +10,10 @@ Set-ups, all running at once on their own ports and measured in turn:
 - ``cidr``: no milter, Postfix decides alone with the same verdicts:
   ``check_client_access cidr:`` holding the whitelist (OK), then
   ``reject_unauth_destination``.
+- ``socketmap``: no milter, Postfix decides with its own rules and asks
+  popauth's socketmap door instead of the cidr table:
+  ``check_client_access socketmap:unix:...:popauth``, then
+  ``reject_unauth_destination`` (the same verdicts as ``cidr``).
 
 One message per SMTP connection; the mix cycles through whitelisted
 (relaying), local-recipient (inbound) and refused (relaying stranger)
@@ -27,10 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
 from tests.support.popauth_server import PopauthServer
+
+from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
 
 LOCAL_DOMAIN = "local.test"
 CLIENTS = 8
@@ -136,6 +141,7 @@ EXPECTED = {
     "popauth": {"whitelisted": 250, "local": 250, "refused": 550},
     "popauth[warning]": {"whitelisted": 250, "local": 250, "refused": 550},
     "cidr": {"whitelisted": 250, "local": 250, "refused": 554},
+    "socketmap": {"whitelisted": 250, "local": 250, "refused": 554},
 }
 
 
@@ -145,7 +151,14 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     servers = {
         "popauth": start_popauth(workdir / "popauth-info", log_level="info"),
         "popauth[warning]": start_popauth(workdir / "popauth-warning", log_level="warning"),
+        "socketmap": start_popauth(
+            workdir / "popauth-socketmap",
+            log_level="info",
+            socketmap_socket=str(workdir / "popauth-socketmap" / "socketmap.sock"),
+            socketmap_socket_mode="0666",
+        ),
     }
+    socketmap = workdir / "popauth-socketmap" / "socketmap.sock"
     cidr = whitelist_cidr(workdir / "whitelist.cidr")
     instances = {
         "no-milter": PostfixInstance(
@@ -169,6 +182,15 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             milter=None,
             local_domain=LOCAL_DOMAIN,
             relay_restrictions=f"check_client_access cidr:{cidr}, reject_unauth_destination",
+        ),
+        "socketmap": PostfixInstance(
+            root=workdir / "pf-socketmap",
+            smtp_port=free_port(),
+            milter=None,
+            local_domain=LOCAL_DOMAIN,
+            relay_restrictions=(
+                f"check_client_access socketmap:unix:{socketmap}:popauth, reject_unauth_destination"
+            ),
         ),
     }
     replies: dict[str, dict[tuple[str, int], int]] = {name: {} for name in instances}
@@ -212,6 +234,7 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     checks = (
         ("popauth/no-milter", "popauth", "no-milter", 0.85),
         ("popauth/cidr", "popauth", "cidr", 0.9),
+        ("socketmap/cidr", "socketmap", "cidr", 0.95),
     )
     for ratio_name, top, bottom, target in checks:
         ratio = result.ratio(ratio_name, top, bottom)

@@ -58,6 +58,8 @@ class UnixStreamServer(abc.ABC):
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._clients = 0
+        # Connections being served, so that stop() can end persistent ones.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def path(self) -> Path:
@@ -110,6 +112,14 @@ class UnixStreamServer(abc.ABC):
         async def shut() -> None:
             if self._server is not None:
                 self._server.close()
+                # Persistent clients (an MTA's lookup connections) never leave
+                # on their own: end them, so that none is destroyed pending.
+                for task in self._tasks:
+                    task.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.gather(*self._tasks, return_exceptions=True), timeout
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._server.wait_closed(), timeout)
             self._loop.stop()
@@ -125,6 +135,9 @@ class UnixStreamServer(abc.ABC):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self._clients += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             if self._clients > self._max_clients:
                 await self.refuse_busy(reader, writer)
@@ -134,6 +147,8 @@ class UnixStreamServer(abc.ABC):
             pass  # the client reset the connection; a door may log it itself
         finally:
             self._clients -= 1
+            if task is not None:
+                self._tasks.discard(task)
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.drain()
                 writer.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,8 @@ class SocketmapServer(UnixStreamServer):
         self._notfound = codec.reply(Status.NOTFOUND)
         self._limits = limits
         self.counters = SocketmapCounters()
+        # Per-lookup events are debug only: skip building them otherwise.
+        self._debug = self._log.is_enabled_for(logging.DEBUG)
 
     def stop(self, timeout: float = 5.0) -> None:
         running = self._thread is not None
@@ -109,56 +112,68 @@ class SocketmapServer(UnixStreamServer):
         # The protocol has no greeting: answer the first request, then close.
         self.counters.busy += 1
         self._log.warning("socketmap_busy", clients=self.clients)
-        payload = await self._read_request(reader, writer)
+        payload, _ = await self._read_request(reader, writer, b"")
         if payload is not None:
             writer.write(codec.reply(Status.TEMP, "too many clients, try again"))
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        buffer = b""
         while True:
-            payload = await self._read_request(reader, writer)
+            payload, buffer = await self._read_request(reader, writer, buffer)
             if payload is None:
                 return
-            writer.write(await self.call(self.answer, payload))
-            await writer.drain()
+            if self._blocking_calls:
+                writer.write(await asyncio.to_thread(self.answer, payload))
+            else:
+                writer.write(self.answer(payload))
+            if not buffer:  # pipelined requests are answered before draining
+                await writer.drain()
 
     async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bytes | None:
-        """The next request's payload, or None when the connection must end."""
-        try:
-            first = await asyncio.wait_for(reader.read(1), self._limits.idle_timeout)
-        except TimeoutError:
-            return None  # an idle persistent connection: just close it
-        if not first:
-            return None  # the client closed between requests
-        try:
-            return await asyncio.wait_for(self._read_netstring(reader, first), self._limits.timeout)
-        except NetstringError as problem:
-            self.counters.perm += 1
-            self._log.warning("socketmap_rejected", error=str(problem))
-            writer.write(codec.reply(Status.PERM, f"bad netstring: {problem}"))
-        except TimeoutError:
-            self.counters.timeouts += 1
-            self._log.warning("socketmap_timeout")
-            writer.write(codec.reply(Status.TIMEOUT, "no complete request in time"))
-        except asyncio.IncompleteReadError:
-            self._log.warning("socketmap_partial_request")
-        return None
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buffer: bytes
+    ) -> tuple[bytes | None, bytes]:
+        """The next request's payload and the bytes after it.
 
-    async def _read_netstring(self, reader: asyncio.StreamReader, first: bytes) -> bytes:
+        None when the connection must end: the client left, stayed idle for
+        ``idle_timeout``, took longer than ``timeout`` for one request (TIMEOUT),
+        or broke the framing (PERM: the stream cannot be resynchronised).
+        """
         limit = self._limits.max_request
-        digits = first
-        while digits[-1:] != b":":
-            if not digits.isdigit() or len(digits) > codec.header_digits(limit):
-                codec.parse_length(digits, limit)  # raises, naming the problem
-            digits += await reader.readexactly(1)
-        length = codec.parse_length(digits[:-1], limit)
-        data = await reader.readexactly(length + 1)
-        if data[-1:] != b",":
-            raise NetstringError("missing comma after the payload")
-        return data[:-1]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._limits.timeout if buffer else None
+        while True:
+            try:
+                decoded = codec.decode(buffer, limit)
+            except NetstringError as problem:
+                self.counters.perm += 1
+                self._log.warning("socketmap_rejected", error=str(problem))
+                writer.write(codec.reply(Status.PERM, f"bad netstring: {problem}"))
+                return None, b""
+            if decoded is not None:
+                return decoded
+            try:
+                if deadline is None:
+                    async with asyncio.timeout(self._limits.idle_timeout):
+                        chunk = await reader.read(4096)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await reader.read(4096)
+            except TimeoutError:
+                if deadline is None:
+                    return None, b""  # an idle persistent connection: just close it
+                self.counters.timeouts += 1
+                self._log.warning("socketmap_timeout")
+                writer.write(codec.reply(Status.TIMEOUT, "no complete request in time"))
+                return None, b""
+            if not chunk:
+                if buffer:
+                    self._log.warning("socketmap_partial_request")
+                return None, b""
+            if deadline is None:
+                deadline = loop.time() + self._limits.timeout
+            buffer += chunk
 
     def answer(self, payload: bytes) -> bytes:
         """The reply netstring to one well-framed request payload."""
@@ -192,10 +207,12 @@ class SocketmapServer(UnixStreamServer):
             return codec.reply(Status.TEMP, "lookup failed")
         if grant is None:
             self.counters.misses += 1
-            self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
+            if self._debug:
+                self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
         self.counters.hits += 1
-        self._log.debug(
-            "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
-        )
+        if self._debug:
+            self._log.debug(
+                "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
+            )
         return self._ok

@@ -1,0 +1,61 @@
+"""The socketmap settings: off by default, validated, wired by serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from popauth.addresses import WhitelistKeying
+from popauth.config import ConfigError, Settings, settings_from_mapping
+from popauth.serve import socketmap_server
+from popauth.store.memory import MemoryStore
+from tests.support.clock import FakeClock
+from tests.support.logs import capturing_logger
+
+
+def test_off_by_default() -> None:
+    settings = Settings()
+    assert settings.socketmap_socket == ""
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    log, _ = capturing_logger()
+    assert socketmap_server(settings, store, WhitelistKeying(), log) is None
+
+
+def test_configured(tmp_path: Path) -> None:
+    settings = settings_from_mapping(
+        {
+            "socketmap_socket": str(tmp_path / "s.sock"),
+            "socketmap_socket_mode": "0600",
+            "socketmap_name": "relay-clients",
+            "socketmap_ok_value": "RELAY",
+            "socketmap_max_clients": 4,
+        }
+    )
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    log, _ = capturing_logger()
+    server = socketmap_server(settings, store, WhitelistKeying(), log)
+    assert server is not None
+    assert server.path == tmp_path / "s.sock"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"socketmap_socket": "relative.sock"}, "socketmap_socket"),
+        ({"socketmap_socket_mode": "rw"}, "socketmap_socket_mode"),
+        ({"socketmap_socket_group": "no-such-group-here"}, "socketmap_socket_group"),
+        ({"socketmap_name": "pop auth"}, "socketmap_name"),
+        ({"socketmap_name": ""}, "socketmap_name"),
+        ({"socketmap_ok_value": ""}, "socketmap_ok_value"),
+        ({"socketmap_ok_value": "OK\n"}, "socketmap_ok_value"),
+        ({"socketmap_ok_value": " OK"}, "socketmap_ok_value"),
+        ({"socketmap_timeout": 0}, "socketmap_timeout"),
+        ({"socketmap_idle_timeout": "long"}, "socketmap_idle_timeout"),
+        ({"socketmap_max_clients": 0}, "socketmap_max_clients"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        settings_from_mapping(raw)
