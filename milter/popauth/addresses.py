@@ -8,6 +8,7 @@ Postfix later reports as ``192.0.2.1`` and Sendmail as ``IPv6:::ffff:192.0.2.1``
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,12 @@ def parse_client_address(text: str) -> IPAddress:
     """
     if len(text) > _MAX_ADDRESS_TEXT:
         raise AddressError("address too long")
+    # Fast path for the common case, a plain address: inet_pton validates in
+    # C and the packed form builds the address object without re-parsing.
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):
+        pass
     candidate = text.strip()
     if candidate.startswith("[") and candidate.endswith("]"):
         candidate = candidate[1:-1]
@@ -41,9 +48,12 @@ def parse_client_address(text: str) -> IPAddress:
     # match whichever interface it came in on.
     candidate = candidate.split("%", 1)[0]
     try:
-        address = ipaddress.ip_address(candidate)
-    except ValueError:
-        raise AddressError(f"not an IP address: {text!r}") from None
+        address: IPAddress = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, candidate))
+    except (OSError, ValueError):
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            raise AddressError(f"not an IP address: {text!r}") from None
     return unmap(address)
 
 

@@ -70,7 +70,7 @@ def test_revoke() -> None:
     assert store.stats().revocations == 1
 
 
-def test_full_store_drops_expired_then_least_recently_used() -> None:
+def test_full_store_drops_expired_then_the_oldest_login() -> None:
     store, clock = make(ttl=100, max_entries=2)
     store.grant(A, "a")
     clock.advance(50)
@@ -79,13 +79,27 @@ def test_full_store_drops_expired_then_least_recently_used() -> None:
     outcome = store.grant(C, "c")
     assert outcome.evicted is None
     assert store.lookup(A) is None
-    store.lookup(B)  # B is now more recently used than C
+    store.lookup(B)  # a lookup does not make an entry younger
     outcome = store.grant(A, "a")
     assert outcome.evicted is not None
-    assert outcome.evicted.address == C
-    assert store.lookup(B) is not None
+    assert (outcome.evicted.address, outcome.evicted.user) == (B, "b")
+    assert store.lookup(C) is not None
     assert store.stats().evictions == 1
     assert store.stats().entries == 2
+    clock.advance(5)
+    store.grant(C, "c")  # a renewal makes C the youngest
+    assert store.grant(B, "b").evicted.address == A  # type: ignore[union-attr]
+
+
+def test_expiry_comes_from_the_ttl_cache_itself() -> None:
+    """Pins the TTLCache internals the store reads (per-key expiry links)."""
+    store, clock = make(ttl=900)
+    store.grant(A, "alice")
+    clock.advance(100)
+    grant = store.lookup(A)
+    assert grant is not None
+    assert grant.expires_at == clock.time() + 800
+    assert grant.granted_at == clock.time() - 100
 
 
 def test_entries_oldest_first_and_stats() -> None:

@@ -137,7 +137,9 @@ class IngestServer(UnixStreamServer):
     ) -> bool:
         """Read and answer one request; False when the connection should end."""
         try:
-            line = await asyncio.wait_for(reader.readuntil(b"\n"), self._limits.timeout)
+            # asyncio.timeout, not wait_for: no extra task for every request.
+            async with asyncio.timeout(self._limits.timeout):
+                line = await reader.readuntil(b"\n")
         except TimeoutError:
             self._log.info("ingest_timeout", peer_uid=peer.uid)
             writer.write(protocol.error(ErrorCode.TIMEOUT, "no complete request in time"))
