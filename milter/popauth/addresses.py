@@ -120,10 +120,17 @@ class NetworkSet:
         return cls(tuple(v4), tuple(v6))
 
     def __contains__(self, address: object) -> bool:
+        # Integer masks: this runs for every connection and message.
         if isinstance(address, ipaddress.IPv4Address):
-            return any(address in network for network in self.v4)
-        if isinstance(address, ipaddress.IPv6Address):
-            return any(address in network for network in self.v6)
+            networks: tuple[IPNetwork, ...] = self.v4
+        elif isinstance(address, ipaddress.IPv6Address):
+            networks = self.v6
+        else:
+            return False
+        value = int(address)
+        for network in networks:
+            if value & int(network.netmask) == int(network.network_address):
+                return True
         return False
 
     def __iter__(self) -> Iterator[IPNetwork]:

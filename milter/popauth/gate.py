@@ -131,7 +131,7 @@ class RelayGate:
         recipient: Recipient | None,
         seconds: float,
     ) -> None:
-        self._metrics.decisions.labels(decision.verdict.value, decision.reason.value).inc()
+        self._metrics.decision(decision.verdict.value, decision.reason.value).inc()
         if stage != "connect":
             self._metrics.decision_seconds.observe(seconds)
         self._log.info(

@@ -41,6 +41,17 @@ class Metrics:
             "popauth_whitelist_entries", "Clients on the whitelist", registry=self.registry
         )
         self._server: Any = None
+        # Labelled children, made once: labels() takes a lock on every call.
+        self._decision_children: dict[tuple[str, str], Any] = {}
+
+    def decision(self, verdict: str, reason: str) -> Any:
+        """The counter of one verdict and reason."""
+        child = self._decision_children.get((verdict, reason))
+        if child is None:
+            child = self._decision_children[verdict, reason] = self.decisions.labels(
+                verdict, reason
+            )
+        return child
 
     def track_whitelist_size(self, count: Callable[[], int]) -> None:
         """Ask the store for its size at every scrape."""
