@@ -194,11 +194,6 @@ def _redis_url(value: Any) -> str:
     return text
 
 
-def _optional_absolute_path(value: Any) -> str:
-    text = _text(value)
-    return _absolute_path(text) if text else text
-
-
 def _socketmap_name(value: Any) -> str:
     text = _text(value)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
@@ -278,9 +273,14 @@ def _group(text: str) -> str:
     return text
 
 
-def _optional_group(value: Any) -> str:
-    text = _text(value)
-    return _group(text) if text else text
+def _optional(validator: Callable[[str], str]) -> _Validator:
+    """The empty string (meaning "off" or "none"), or what ``validator`` accepts."""
+
+    def check(value: Any) -> str:
+        text = _text(value)
+        return validator(text) if text else text
+
+    return check
 
 
 def _reject_message(value: Any) -> str:
@@ -308,17 +308,17 @@ VALIDATORS: Mapping[str, _Validator] = {
     "milter_name": _nonempty(_text),
     "milter_timeout": _integer(1, 86_400),
     "milter_socket_mode": _mode,
-    "milter_socket_group": _optional_group,
+    "milter_socket_group": _optional(_group),
     "ingest_socket": _absolute_path,
     "ingest_socket_mode": _mode,
-    "ingest_socket_group": _optional_group,
+    "ingest_socket_group": _optional(_group),
     "ingest_allowed_users": _string_list(_user),
     "ingest_allowed_groups": _string_list(_group),
     "ingest_timeout": _number(0.1, 300),
     "ingest_max_clients": _integer(1, 100_000),
-    "socketmap_socket": _optional_absolute_path,
+    "socketmap_socket": _optional(_absolute_path),
     "socketmap_socket_mode": _mode,
-    "socketmap_socket_group": _optional_group,
+    "socketmap_socket_group": _optional(_group),
     "socketmap_name": _socketmap_name,
     "socketmap_ok_value": _socketmap_value,
     "socketmap_timeout": _number(0.1, 300),
@@ -327,7 +327,7 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ttl": _integer(1, 7 * 86_400),
     "max_entries": _integer(1, 100_000_000),
     "store": _choice("memory", "redis"),
-    "snapshot_path": _optional_absolute_path,
+    "snapshot_path": _optional(_absolute_path),
     "snapshot_interval": _integer(1, 86_400),
     "redis_url": _redis_url,
     "redis_timeout": _number(0.01, 30),
@@ -340,9 +340,9 @@ VALIDATORS: Mapping[str, _Validator] = {
     "pop_first": _choice("on", "warn", "off"),
     "pop_first_retired_message": _reject_message,
     "accounting": _choice("messages", "recipients"),
-    "usage_path": _optional_absolute_path,
+    "usage_path": _optional(_absolute_path),
     "usage_max_users": _integer(1, 10_000_000),
-    "blocklist_path": _optional_absolute_path,
+    "blocklist_path": _optional(_absolute_path),
     "metrics_listen": _listen_address,
     "log_format": _choice("console", "json"),
     "log_level": _choice(*_LOG_LEVELS),
