@@ -42,16 +42,21 @@ class Metrics:
         )
         self._server: Any = None
         # Labelled children, made once: labels() takes a lock on every call.
-        self._decision_children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Counter, str, str], Any] = {}
+
+    def _child(self, counter: Counter, first: str, second: str) -> Any:
+        child = self._children.get((counter, first, second))
+        if child is None:
+            child = self._children[counter, first, second] = counter.labels(first, second)
+        return child
 
     def decision(self, verdict: str, reason: str) -> Any:
         """The counter of one verdict and reason."""
-        child = self._decision_children.get((verdict, reason))
-        if child is None:
-            child = self._decision_children[verdict, reason] = self.decisions.labels(
-                verdict, reason
-            )
-        return child
+        return self._child(self.decisions, verdict, reason)
+
+    def ingest_request(self, verb: str, result: str) -> Any:
+        """The counter of one ingest verb and result."""
+        return self._child(self.ingest_requests, verb, result)
 
     def track_whitelist_size(self, count: Callable[[], int]) -> None:
         """Ask the store for its size at every scrape."""

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from popauth.accounts import FileBlockList, RelayWay, UsageLedger
-from popauth.addresses import WhitelistKeying, parse_client_address
+from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
 from popauth.client import IngestClient
 from popauth.ingest.protocol import MAX_LINE
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.metrics import Metrics
 from popauth.sockets import SocketInUse
+from popauth.store import GrantOutcome
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger, events
@@ -339,3 +340,47 @@ def test_metrics_count_ingest_requests(endpoint: Endpoint) -> None:
         )
         == 1
     )
+
+
+class SlowStore(MemoryStore):
+    """A store that may block (like Redis): the endpoint calls it off its loop."""
+
+    may_block = True
+
+    def grant(self, address: IPAddress, user: str) -> GrantOutcome:
+        time.sleep(1.0)
+        return super().grant(address, user)
+
+
+def test_blocking_store_keeps_replies_in_order_and_serves_others(tmp_path: Path) -> None:
+    slow = Endpoint(tmp_path)
+    slow.store = SlowStore(ttl=900, max_entries=100, clock=slow.clock)
+    slow.server = IngestServer(
+        path=slow.path,
+        mode=0o600,
+        group="",
+        store=slow.store,
+        keying=WhitelistKeying(),
+        peers=PeerPolicy.of([], []),
+        limits=IngestLimits(timeout=5),
+        blocklist=slow.blocklist,
+        ledger=slow.ledger,
+        metrics=slow.metrics,
+        log=slow.log,
+    )
+    slow.server.start()
+    try:
+        with slow.raw() as connection:
+            connection.sendall(b"LOGIN 192.0.2.1 alice\nQUERY 192.0.2.1\nPING\n")
+            started = time.monotonic()
+            assert slow.ask("PING") == ["OK pong"]  # not held up by the slow grant
+            assert time.monotonic() - started < 0.5
+            data = b""
+            while data.count(b"\n") < 3:
+                data += connection.recv(4096)
+        lines = data.decode().splitlines()
+        assert lines[0].startswith("OK address=192.0.2.1 user=alice")
+        assert lines[1].startswith("OK address=192.0.2.1 user=alice")
+        assert lines[2] == "OK pong"
+    finally:
+        slow.server.stop()

@@ -16,6 +16,7 @@ N lines.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -93,8 +94,11 @@ class Request:
     user: str = ""
 
 
+_BLANK = re.compile(r"\s").search
+
+
 def _valid_user(user: str) -> bool:
-    return 0 < len(user) <= MAX_USER and user.isprintable() and not any(c.isspace() for c in user)
+    return 0 < len(user) <= MAX_USER and user.isprintable() and not _BLANK(user)
 
 
 def parse_request(line: bytes) -> Request:

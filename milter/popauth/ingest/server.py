@@ -15,7 +15,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,76 +114,48 @@ class IngestServer(UnixStreamServer):
         self._blocklist = blocklist
         self._ledger = ledger
         self._metrics = metrics
+        self._connections: set[_IngestConnection] = set()
 
-    # --- one client ------------------------------------------------------
+    # --- connections ----------------------------------------------------
 
-    async def refuse_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = peer_of(writer.get_extra_info("socket"))
-        self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self.clients)
-        writer.write(protocol.error(ErrorCode.BUSY, "too many clients, try again"))
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        return lambda: _IngestConnection(self)
 
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peer = peer_of(writer.get_extra_info("socket"))
-        try:
-            while await self._serve_request(reader, writer, peer):
-                pass
-        except (ConnectionError, BrokenPipeError):
-            self._log.info("ingest_client_gone", peer_uid=peer.uid)
+    def close_connections(self) -> None:
+        for connection in list(self._connections):
+            connection.close()
 
-    async def _serve_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
-    ) -> bool:
-        """Read and answer one request; False when the connection should end."""
-        try:
-            # asyncio.timeout, not wait_for: no extra task for every request.
-            async with asyncio.timeout(self._limits.timeout):
-                line = await reader.readuntil(b"\n")
-        except TimeoutError:
-            self._log.info("ingest_timeout", peer_uid=peer.uid)
-            writer.write(protocol.error(ErrorCode.TIMEOUT, "no complete request in time"))
-            return False
-        except asyncio.IncompleteReadError as incomplete:
-            if incomplete.partial:
-                # The client hung up mid-line: a half request is never applied.
-                self._log.warning("ingest_partial_request", peer_uid=peer.uid)
-            return False
-        except asyncio.LimitOverrunError:
-            self._log.warning("ingest_rejected", peer_uid=peer.uid, error="too-long")
-            writer.write(
-                protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
-            )
-            return False
-        # A slow store must not hold up every other client of the loop.
-        reply, keep_open = await self.call(self.answer, line, peer)
-        writer.write(reply)
-        await writer.drain()
-        return keep_open
+    @property
+    def limits(self) -> IngestLimits:
+        return self._limits
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        return self._log
 
     def answer(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
         """The reply to one request line, and whether to keep the connection."""
         try:
             request = protocol.parse_request(line)
         except ProtocolError as problem:
-            self._metrics.ingest_requests.labels("invalid", problem.code.value).inc()
+            self._metrics.ingest_request("invalid", problem.code.value).inc()
             self._log.warning("ingest_rejected", peer_uid=peer.uid, error=problem.code.value)
             return protocol.error(problem.code, problem.reason), True
         verb = request.verb.value
         refusal = self._refusal(request, peer)
         if refusal is not None:
-            self._metrics.ingest_requests.labels(verb, "forbidden").inc()
+            self._metrics.ingest_request(verb, "forbidden").inc()
             self._log.warning("ingest_forbidden", verb=verb, peer_uid=peer.uid, peer_gid=peer.gid)
             return protocol.error(ErrorCode.FORBIDDEN, refusal), True
         try:
             reply = self._execute(request, peer)
         except StoreUnavailable as failure:
-            self._metrics.ingest_requests.labels(verb, "unavailable").inc()
+            self._metrics.ingest_request(verb, "unavailable").inc()
             self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("ingest_store_unavailable", verb=verb, error=str(failure))
             return protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable"), True
         result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
-        self._metrics.ingest_requests.labels(verb, result).inc()
+        self._metrics.ingest_request(verb, result).inc()
         return reply, request.verb is not Verb.QUIT
 
     def _refusal(self, request: Request, peer: Peer) -> str | None:
@@ -274,3 +246,121 @@ class IngestServer(UnixStreamServer):
         if newly_blocked is not None:
             fields += " blocked=" + ("new" if newly_blocked else "already")
         return protocol.ok(fields)
+
+
+_TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
+_TIMEOUT = protocol.error(ErrorCode.TIMEOUT, "no complete request in time")
+_BUSY = protocol.error(ErrorCode.BUSY, "too many clients, try again")
+_INTERNAL = protocol.error(ErrorCode.INTERNAL, "internal error, nothing changed")
+
+
+class _IngestConnection(asyncio.Protocol):
+    """One client: lines in, replies out, in order, one request at a time.
+
+    Each complete line restarts the clock: a client has ``timeout`` seconds
+    for every request, including the first. A line longer than MAX_LINE
+    ends the connection (it cannot be resynchronised safely); a client that
+    hangs up mid-line changes nothing.
+    """
+
+    def __init__(self, server: IngestServer) -> None:
+        self._server = server
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._peer = Peer(0, -1, -1)
+        self._timer: asyncio.TimerHandle | None = None
+        # A request waiting on a store that may block; later lines wait too.
+        self._in_flight = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = peer_of(transport.get_extra_info("socket"))
+        server = self._server
+        server._connections.add(self)
+        if not server.connection_opened():
+            server.log.warning("ingest_busy", peer_uid=self._peer.uid, clients=server.clients)
+            self._finish(_BUSY)
+            return
+        self._restart_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._server._connections.discard(self)
+        self._server.connection_closed()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._serve_lines()
+
+    def eof_received(self) -> bool:
+        if self._buffer:
+            self._server.log.warning("ingest_partial_request", peer_uid=self._peer.uid)
+        self._buffer.clear()
+        return False  # close our side too
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _restart_clock(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server.limits.timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._server.log.info("ingest_timeout", peer_uid=self._peer.uid)
+        self._finish(_TIMEOUT)
+
+    def _finish(self, reply: bytes) -> None:
+        """Send a last reply and close."""
+        self._buffer.clear()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(reply)
+            self._transport.close()
+
+    def _serve_lines(self) -> None:
+        transport = self._transport
+        while not self._in_flight and transport is not None and not transport.is_closing():
+            end = self._buffer.find(b"\n")
+            if end < 0 and len(self._buffer) <= protocol.MAX_LINE:
+                return
+            if end < 0 or end >= protocol.MAX_LINE:
+                self._server.log.warning(
+                    "ingest_rejected", peer_uid=self._peer.uid, error="too-long"
+                )
+                self._finish(_TOO_LONG)
+                return
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            self._restart_clock()
+            if self._server.blocking_calls:
+                # A slow store must not hold up every other client of the loop.
+                self._in_flight = True
+                transport.pause_reading()
+                done = asyncio.get_running_loop().run_in_executor(
+                    None, self._server.answer, line, self._peer
+                )
+                done.add_done_callback(self._answered)
+                return
+            self._reply(*self._server.answer(line, self._peer))
+
+    def _answered(self, done: asyncio.Future[tuple[bytes, bool]]) -> None:
+        self._in_flight = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        if done.exception() is not None:
+            self._server.log.error("ingest_failed", error=repr(done.exception()))
+            self._reply(_INTERNAL, True)
+        else:
+            self._reply(*done.result())
+        self._transport.resume_reading()
+        self._serve_lines()
+
+    def _reply(self, reply: bytes, keep_open: bool) -> None:
+        assert self._transport is not None
+        self._transport.write(reply)
+        if not keep_open:
+            self._transport.close()
