@@ -269,6 +269,7 @@ class _IngestConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer = Peer(0, -1, -1)
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         # A request waiting on a store that may block; later lines wait too.
         self._in_flight = False
 
@@ -305,12 +306,19 @@ class _IngestConnection(asyncio.Protocol):
             self._transport.close()
 
     def _restart_clock(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        # One timer per connection, moved lazily: a busy client must not pay
+        # for cancelling and making a timer with every request.
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._server.limits.timeout, self._timed_out)
+        self._deadline = loop.time() + self._server.limits.timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_clock)
 
-    def _timed_out(self) -> None:
+    def _check_clock(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._check_clock)
+            return
+        self._timer = None
         self._server.log.info("ingest_timeout", peer_uid=self._peer.uid)
         self._finish(_TIMEOUT)
 
