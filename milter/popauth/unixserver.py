@@ -6,31 +6,74 @@ main thread and the signals, so each door runs its own event loop in a
 daemon thread and is stopped explicitly after the milter returns.
 
 The base class binds the socket at ``start()`` (so that errors surface at
-start, never in the thread), sets its mode and group, counts clients
-against a cap, closes every connection however it ends, and runs blocking
-store calls off the loop. A door either implements :meth:`serve_connection`
-(one client over streams, for as long as it stays) and :meth:`refuse_busy`
-(what a client over the cap is told), or :meth:`protocol_factory`.
+start, never in the thread), sets its mode and group, counts clients against
+a cap, and serves each connection with :class:`FramedConnection`: requests
+framed by the door, answered in order, one at a time, with a timeout while
+idle and one per request, and store calls off the loop when they may block.
+A door says how requests are framed (:meth:`split_request`) and answered
+(:meth:`answer_request`), and what each kind of refusal sounds like.
+
+Connections are plain asyncio Protocols: streams (a reader, a writer and a
+coroutine per read) cost more than the small requests themselves.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import contextlib
 import socket
+import struct
 import threading
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
 
 from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 
-_Result = TypeVar("_Result")
+_PEERCRED = struct.Struct("3i")
 
 
-class UnixStreamServer:
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(connection: socket.socket) -> Peer:
+    """The process at the other end of a UNIX socket (SO_PEERCRED)."""
+    raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer(pid, uid, gid)
+
+
+class FramingError(ValueError):
+    """The client broke the framing: answer ``reply`` and close the connection."""
+
+    def __init__(self, reply: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Refusals:
+    """What a door answers when it will not serve a request normally."""
+
+    # A request started but not completed within the request timeout.
+    timeout: bytes
+    # No request within the idle timeout; None: close without a word.
+    idle: bytes | None
+    # More clients than allowed.
+    busy: bytes
+    # Whether the busy reply waits for the first request (socketmap has no
+    # greeting: an unasked reply would be taken for the answer to a lookup).
+    busy_answers_a_request: bool
+    # A request whose answer failed unexpectedly (nothing was changed).
+    internal: bytes
+
+
+class UnixStreamServer(abc.ABC):
     """Serve ``path`` with asyncio in a thread; subclasses speak the protocol."""
 
     def __init__(
@@ -40,7 +83,9 @@ class UnixStreamServer:
         mode: int,
         group: str,
         max_clients: int,
-        stream_limit: int,
+        request_timeout: float,
+        idle_timeout: float,
+        refusals: Refusals,
         blocking_calls: bool,
         thread_name: str,
         log: structlog.typing.FilteringBoundLogger,
@@ -49,20 +94,24 @@ class UnixStreamServer:
         self._mode = mode
         self._group = group
         self._max_clients = max_clients
-        self._stream_limit = stream_limit
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.refusals = refusals
         self._blocking_calls = blocking_calls
         self._thread_name = thread_name
         self._log = log
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._clients = 0
-        # Connections being served, so that stop() can end persistent ones.
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[FramedConnection] = set()
 
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        return self._log
 
     @property
     def blocking_calls(self) -> bool:
@@ -72,7 +121,25 @@ class UnixStreamServer:
     @property
     def clients(self) -> int:
         """Connections open now (including one being refused as busy)."""
-        return self._clients
+        return len(self._connections)
+
+    # --- what a door implements -------------------------------------------
+
+    @abc.abstractmethod
+    def split_request(self, buffer: bytearray) -> tuple[bytes, int] | None:
+        """The next request in ``buffer`` and how many bytes it took, or None
+        if it is incomplete; FramingError if it can never be completed."""
+
+    @abc.abstractmethod
+    def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
+        """The reply to one request, and whether to keep the connection open.
+
+        Runs in a worker thread when the store may block.
+        """
+
+    def note(self, event: str, peer: Peer) -> None:
+        """A refusal happened (busy, timeout, partial, framing): log or count it."""
+        self._log.warning(event, peer_uid=peer.uid)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -100,13 +167,9 @@ class UnixStreamServer:
         asyncio.set_event_loop(self._loop)
 
         async def serve() -> None:
-            factory = self.protocol_factory()
-            if factory is None:
-                self._server = await asyncio.start_unix_server(
-                    self._client_connected, sock=listener, limit=self._stream_limit
-                )
-            else:
-                self._server = await self._loop.create_unix_server(factory, sock=listener)
+            self._server = await self._loop.create_unix_server(
+                lambda: FramedConnection(self), sock=listener
+            )
             ready.set()
 
         self._loop.run_until_complete(serve())
@@ -121,16 +184,18 @@ class UnixStreamServer:
             if self._server is not None:
                 self._server.close()
                 # Persistent clients (an MTA's lookup connections) never leave
-                # on their own: end them, so that none is destroyed pending.
-                self.close_connections()
-                for task in self._tasks:
-                    task.cancel()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.gather(*self._tasks, return_exceptions=True), timeout
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._server.wait_closed(), timeout)
+                # on their own: end them.
+                for connection in list(self._connections):
+                    connection.close()
+                # A transport closes its socket on the loop's next turns
+                # (connection_lost): wait for that, not just for the listener.
+                try:
+                    async with asyncio.timeout(timeout):
+                        while self._connections:
+                            await asyncio.sleep(0.01)
+                        await self._server.wait_closed()
+                except TimeoutError:
+                    pass
             self._loop.stop()
 
         asyncio.run_coroutine_threadsafe(shut(), self._loop)
@@ -138,67 +203,158 @@ class UnixStreamServer:
         self._thread = None
         remove_socket(self._path)
 
-    # --- one client ------------------------------------------------------
+    # --- bookkeeping for FramedConnection ----------------------------------
 
-    async def _client_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._clients += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            if self._clients > self._max_clients:
-                await self.refuse_busy(reader, writer)
-            else:
-                await self.serve_connection(reader, writer)
-        except (ConnectionError, BrokenPipeError):
-            pass  # the client reset the connection; a door may log it itself
-        finally:
-            self._clients -= 1
-            if task is not None:
-                self._tasks.discard(task)
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.drain()
-                writer.close()
-
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol] | None:
-        """A door that frames requests itself serves a Protocol per connection.
-
-        Protocols skip the stream machinery (a reader, a writer, a coroutine
-        per read), which is most of the cost of a small request. Such a door
-        counts its connections with :meth:`connection_opened` and
-        :meth:`connection_closed`, and ends them in :meth:`close_connections`.
-        """
-        return None
-
-    def connection_opened(self) -> bool:
+    def opened(self, connection: FramedConnection) -> bool:
         """Count a new connection; False if it is over ``max_clients``."""
-        self._clients += 1
-        return self._clients <= self._max_clients
+        self._connections.add(connection)
+        return len(self._connections) <= self._max_clients
 
-    def connection_closed(self) -> None:
-        self._clients -= 1
+    def closed(self, connection: FramedConnection) -> None:
+        self._connections.discard(connection)
 
-    def close_connections(self) -> None:
-        """End the connections of a Protocol door at stop (streams: nothing to do)."""
 
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Serve one client until it leaves or must be dropped (stream doors)."""
-        raise NotImplementedError
+class FramedConnection(asyncio.Protocol):
+    """One client: requests in, replies out, in order, one request at a time.
 
-    async def refuse_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Tell a client over ``max_clients`` to come back later (stream doors)."""
-        raise NotImplementedError
+    While no request is under way the idle timeout runs; from the first byte
+    of a request, the request timeout. One timer per connection, moved
+    lazily: a busy client does not pay for a new timer with every request.
+    """
 
-    async def call(self, function: Callable[..., _Result], *arguments: object) -> _Result:
-        """Run ``function`` (which may call the store) without holding up the loop.
+    def __init__(self, door: UnixStreamServer) -> None:
+        self._door = door
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._peer = Peer(0, -1, -1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._idle = True
+        self._busy = False
+        # A request waiting on a store that may block; later ones wait too.
+        self._in_flight = False
 
-        A store whose calls may wait on the network runs in a worker thread,
-        so that one slow answer does not hold up every other client.
-        """
-        if self._blocking_calls:
-            return await asyncio.to_thread(function, *arguments)
-        return function(*arguments)
+    # --- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = peer_of(transport.get_extra_info("socket"))
+        if not self._door.opened(self):
+            self._busy = True
+            self._door.note("busy", self._peer)
+            if not self._door.refusals.busy_answers_a_request:
+                self._finish(self._door.refusals.busy)
+                return
+        self._wait(idle=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._door.closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._serve()
+
+    def eof_received(self) -> bool:
+        if self._buffer:
+            # The client hung up mid-request: half a request is never applied.
+            self._door.note("partial_request", self._peer)
+            self._buffer.clear()
+        return False  # close our side too
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- serving ---------------------------------------------------------
+
+    def _open(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def _serve(self) -> None:
+        while not self._in_flight and self._open():
+            try:
+                framed = self._door.split_request(self._buffer)
+            except FramingError as problem:
+                self._door.note("framing_error", self._peer)
+                self._finish(problem.reply)
+                return
+            if framed is None:
+                if self._buffer and self._idle:
+                    self._wait(idle=False)  # a request has begun
+                return
+            request, length = framed
+            del self._buffer[:length]
+            self._wait(idle=not self._buffer)
+            if self._busy:
+                self._finish(self._door.refusals.busy)
+                return
+            if self._door.blocking_calls:
+                # A slow store must not hold up every other client of the loop.
+                self._in_flight = True
+                assert self._transport is not None
+                self._transport.pause_reading()
+                done = asyncio.get_running_loop().run_in_executor(
+                    None, self._door.answer_request, request, self._peer
+                )
+                done.add_done_callback(self._answered)
+                return
+            self._reply(*self._door.answer_request(request, self._peer))
+
+    def _answered(self, done: asyncio.Future[tuple[bytes, bool]]) -> None:
+        self._in_flight = False
+        if not self._open():
+            return
+        failure = done.exception()
+        if failure is not None:
+            self._door.log.error("request_failed", error=repr(failure))
+            self._reply(self._door.refusals.internal, True)
+        else:
+            self._reply(*done.result())
+        assert self._transport is not None
+        self._transport.resume_reading()
+        self._serve()
+
+    def _reply(self, reply: bytes, keep_open: bool) -> None:
+        assert self._transport is not None
+        self._transport.write(reply)
+        if not keep_open:
+            self._transport.close()
+
+    def _finish(self, reply: bytes | None) -> None:
+        """Send a last reply (if any) and close."""
+        self._buffer.clear()
+        if self._open():
+            assert self._transport is not None
+            if reply:
+                self._transport.write(reply)
+            self._transport.close()
+
+    # --- timeouts ----------------------------------------------------------
+
+    def _wait(self, *, idle: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle = idle
+        limit = self._door.idle_timeout if idle else self._door.request_timeout
+        self._deadline = loop.time() + limit
+        # A later deadline is picked up when the timer fires; an earlier one
+        # (idle -> request) needs the timer moved now.
+        if self._timer is None or self._deadline < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._check_clock)
+
+    def _check_clock(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._check_clock)
+            return
+        self._timer = None
+        if self._in_flight:
+            self._wait(idle=False)  # the store is answering; it has its own timeout
+            return
+        self._door.note("idle_timeout" if self._idle else "timeout", self._peer)
+        self._finish(self._door.refusals.idle if self._idle else self._door.refusals.timeout)

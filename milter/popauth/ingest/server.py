@@ -10,12 +10,9 @@ nothing, and no client can stop the endpoint from serving the others.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
-import socket
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,22 +31,7 @@ from popauth.ingest.protocol import (
 )
 from popauth.metrics import Metrics
 from popauth.store import StoreUnavailable, WhitelistStore
-from popauth.unixserver import UnixStreamServer
-
-_PEERCRED = struct.Struct("3i")
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_of(connection: socket.socket) -> Peer:
-    raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid, uid, gid)
+from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +84,17 @@ class IngestServer(UnixStreamServer):
             mode=mode,
             group=group,
             max_clients=limits.max_clients,
-            stream_limit=protocol.MAX_LINE,
+            # Each complete line restarts the clock: a client has ``timeout``
+            # seconds for every request, the first included.
+            request_timeout=limits.timeout,
+            idle_timeout=limits.timeout,
+            refusals=Refusals(
+                timeout=_TIMEOUT,
+                idle=_TIMEOUT,
+                busy=_BUSY,
+                busy_answers_a_request=False,
+                internal=_INTERNAL,
+            ),
             blocking_calls=store.may_block,
             thread_name="popauth-ingest",
             log=log.bind(door="ingest"),
@@ -114,24 +106,30 @@ class IngestServer(UnixStreamServer):
         self._blocklist = blocklist
         self._ledger = ledger
         self._metrics = metrics
-        self._connections: set[_IngestConnection] = set()
 
-    # --- connections ----------------------------------------------------
+    # --- framing -----------------------------------------------------------
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
-        return lambda: _IngestConnection(self)
+    def split_request(self, buffer: bytearray) -> tuple[bytes, int] | None:
+        end = buffer.find(b"\n")
+        if end < 0 and len(buffer) <= protocol.MAX_LINE:
+            return None
+        if end < 0 or end >= protocol.MAX_LINE:
+            # A line that long cannot be resynchronised safely: end it.
+            raise FramingError(_TOO_LONG, "too-long")
+        return bytes(buffer[: end + 1]), end + 1
 
-    def close_connections(self) -> None:
-        for connection in list(self._connections):
-            connection.close()
+    def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
+        return self.answer(request, peer)
 
-    @property
-    def limits(self) -> IngestLimits:
-        return self._limits
-
-    @property
-    def log(self) -> structlog.typing.FilteringBoundLogger:
-        return self._log
+    def note(self, event: str, peer: Peer) -> None:
+        if event in ("timeout", "idle_timeout"):
+            self._log.info("ingest_timeout", peer_uid=peer.uid)
+        elif event == "busy":
+            self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self.clients)
+        elif event == "framing_error":
+            self._log.warning("ingest_rejected", peer_uid=peer.uid, error="too-long")
+        else:
+            self._log.warning(f"ingest_{event}", peer_uid=peer.uid)
 
     def answer(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
         """The reply to one request line, and whether to keep the connection."""
@@ -252,123 +250,3 @@ _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.M
 _TIMEOUT = protocol.error(ErrorCode.TIMEOUT, "no complete request in time")
 _BUSY = protocol.error(ErrorCode.BUSY, "too many clients, try again")
 _INTERNAL = protocol.error(ErrorCode.INTERNAL, "internal error, nothing changed")
-
-
-class _IngestConnection(asyncio.Protocol):
-    """One client: lines in, replies out, in order, one request at a time.
-
-    Each complete line restarts the clock: a client has ``timeout`` seconds
-    for every request, including the first. A line longer than MAX_LINE
-    ends the connection (it cannot be resynchronised safely); a client that
-    hangs up mid-line changes nothing.
-    """
-
-    def __init__(self, server: IngestServer) -> None:
-        self._server = server
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._peer = Peer(0, -1, -1)
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
-        # A request waiting on a store that may block; later lines wait too.
-        self._in_flight = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._peer = peer_of(transport.get_extra_info("socket"))
-        server = self._server
-        server._connections.add(self)
-        if not server.connection_opened():
-            server.log.warning("ingest_busy", peer_uid=self._peer.uid, clients=server.clients)
-            self._finish(_BUSY)
-            return
-        self._restart_clock()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._server._connections.discard(self)
-        self._server.connection_closed()
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        self._serve_lines()
-
-    def eof_received(self) -> bool:
-        if self._buffer:
-            self._server.log.warning("ingest_partial_request", peer_uid=self._peer.uid)
-        self._buffer.clear()
-        return False  # close our side too
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def _restart_clock(self) -> None:
-        # One timer per connection, moved lazily: a busy client must not pay
-        # for cancelling and making a timer with every request.
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._server.limits.timeout
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._check_clock)
-
-    def _check_clock(self) -> None:
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:
-            self._timer = loop.call_at(self._deadline, self._check_clock)
-            return
-        self._timer = None
-        self._server.log.info("ingest_timeout", peer_uid=self._peer.uid)
-        self._finish(_TIMEOUT)
-
-    def _finish(self, reply: bytes) -> None:
-        """Send a last reply and close."""
-        self._buffer.clear()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(reply)
-            self._transport.close()
-
-    def _serve_lines(self) -> None:
-        transport = self._transport
-        while not self._in_flight and transport is not None and not transport.is_closing():
-            end = self._buffer.find(b"\n")
-            if end < 0 and len(self._buffer) <= protocol.MAX_LINE:
-                return
-            if end < 0 or end >= protocol.MAX_LINE:
-                self._server.log.warning(
-                    "ingest_rejected", peer_uid=self._peer.uid, error="too-long"
-                )
-                self._finish(_TOO_LONG)
-                return
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            self._restart_clock()
-            if self._server.blocking_calls:
-                # A slow store must not hold up every other client of the loop.
-                self._in_flight = True
-                transport.pause_reading()
-                done = asyncio.get_running_loop().run_in_executor(
-                    None, self._server.answer, line, self._peer
-                )
-                done.add_done_callback(self._answered)
-                return
-            self._reply(*self._server.answer(line, self._peer))
-
-    def _answered(self, done: asyncio.Future[tuple[bytes, bool]]) -> None:
-        self._in_flight = False
-        if self._transport is None or self._transport.is_closing():
-            return
-        if done.exception() is not None:
-            self._server.log.error("ingest_failed", error=repr(done.exception()))
-            self._reply(_INTERNAL, True)
-        else:
-            self._reply(*done.result())
-        self._transport.resume_reading()
-        self._serve_lines()
-
-    def _reply(self, reply: bytes, keep_open: bool) -> None:
-        assert self._transport is not None
-        self._transport.write(reply)
-        if not keep_open:
-            self._transport.close()

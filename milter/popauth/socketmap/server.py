@@ -19,7 +19,6 @@ request size, time and number.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from popauth.addresses import AddressError, WhitelistKeying, parse_client_addres
 from popauth.socketmap import codec
 from popauth.socketmap.codec import NetstringError, RequestError, Status
 from popauth.store import StoreUnavailable, WhitelistStore
-from popauth.unixserver import UnixStreamServer
+from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +84,16 @@ class SocketmapServer(UnixStreamServer):
             mode=mode,
             group=group,
             max_clients=limits.max_clients,
-            stream_limit=limits.max_request + 16,
+            request_timeout=limits.timeout,
+            # An idle persistent connection is closed without a word.
+            idle_timeout=limits.idle_timeout,
+            refusals=Refusals(
+                timeout=codec.reply(Status.TIMEOUT, "no complete request in time"),
+                idle=None,
+                busy=codec.reply(Status.TEMP, "too many clients, try again"),
+                busy_answers_a_request=True,
+                internal=codec.reply(Status.TEMP, "lookup failed"),
+            ),
             blocking_calls=store.may_block,
             thread_name="popauth-socketmap",
             log=log.bind(door="socketmap"),
@@ -106,74 +114,37 @@ class SocketmapServer(UnixStreamServer):
         if running:
             self._log.info("socketmap_stopped", **self.counters.as_dict())
 
-    # --- one client ------------------------------------------------------
+    # --- framing -----------------------------------------------------------
 
-    async def refuse_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # The protocol has no greeting: answer the first request, then close.
-        self.counters.busy += 1
-        self._log.warning("socketmap_busy", clients=self.clients)
-        payload, _ = await self._read_request(reader, writer, b"")
-        if payload is not None:
-            writer.write(codec.reply(Status.TEMP, "too many clients, try again"))
+    def split_request(self, buffer: bytearray) -> tuple[bytes, int] | None:
+        try:
+            decoded = codec.decode(bytes(buffer), self._limits.max_request)
+        except NetstringError as problem:
+            # The stream cannot be resynchronised: PERM, then close.
+            raise FramingError(
+                codec.reply(Status.PERM, f"bad netstring: {problem}"), str(problem)
+            ) from None
+        if decoded is None:
+            return None
+        payload, rest = decoded
+        return payload, len(buffer) - len(rest)
 
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        buffer = b""
-        while True:
-            payload, buffer = await self._read_request(reader, writer, buffer)
-            if payload is None:
-                return
-            if self._blocking_calls:
-                writer.write(await asyncio.to_thread(self.answer, payload))
-            else:
-                writer.write(self.answer(payload))
-            if not buffer:  # pipelined requests are answered before draining
-                await writer.drain()
+    def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
+        return self.answer(request), True
 
-    async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buffer: bytes
-    ) -> tuple[bytes | None, bytes]:
-        """The next request's payload and the bytes after it.
-
-        None when the connection must end: the client left, stayed idle for
-        ``idle_timeout``, took longer than ``timeout`` for one request (TIMEOUT),
-        or broke the framing (PERM: the stream cannot be resynchronised).
-        """
-        limit = self._limits.max_request
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._limits.timeout if buffer else None
-        while True:
-            try:
-                decoded = codec.decode(buffer, limit)
-            except NetstringError as problem:
-                self.counters.perm += 1
-                self._log.warning("socketmap_rejected", error=str(problem))
-                writer.write(codec.reply(Status.PERM, f"bad netstring: {problem}"))
-                return None, b""
-            if decoded is not None:
-                return decoded
-            try:
-                if deadline is None:
-                    async with asyncio.timeout(self._limits.idle_timeout):
-                        chunk = await reader.read(4096)
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await reader.read(4096)
-            except TimeoutError:
-                if deadline is None:
-                    return None, b""  # an idle persistent connection: just close it
-                self.counters.timeouts += 1
-                self._log.warning("socketmap_timeout")
-                writer.write(codec.reply(Status.TIMEOUT, "no complete request in time"))
-                return None, b""
-            if not chunk:
-                if buffer:
-                    self._log.warning("socketmap_partial_request")
-                return None, b""
-            if deadline is None:
-                deadline = loop.time() + self._limits.timeout
-            buffer += chunk
+    def note(self, event: str, peer: Peer) -> None:
+        if event == "framing_error":
+            self.counters.perm += 1
+            self._log.warning("socketmap_rejected", error="bad netstring")
+        elif event == "busy":
+            self.counters.busy += 1
+            self._log.warning("socketmap_busy", clients=self.clients)
+        elif event == "timeout":
+            self.counters.timeouts += 1
+            self._log.warning("socketmap_timeout")
+        elif event == "partial_request":
+            self._log.warning("socketmap_partial_request")
+        # An idle persistent connection simply ends: nothing to note.
 
     def answer(self, payload: bytes) -> bytes:
         """The reply netstring to one well-framed request payload."""
