@@ -30,6 +30,7 @@ from popauth.ingest.protocol import (
     Verb,
 )
 from popauth.metrics import Metrics
+from popauth.sockets import resolve_gid
 from popauth.store import StoreUnavailable, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 
@@ -43,8 +44,6 @@ class PeerPolicy:
 
     @classmethod
     def of(cls, users: Iterable[str], groups: Iterable[str]) -> PeerPolicy:
-        from popauth.sockets import resolve_gid
-
         uids = {0, os.getuid()}
         uids.update(int(u) if u.isdigit() else pwd.getpwnam(u).pw_uid for u in users)
         return cls(frozenset(uids), frozenset(resolve_gid(g) for g in groups))
@@ -118,9 +117,6 @@ class IngestServer(UnixStreamServer):
             raise FramingError(_TOO_LONG, "too-long")
         return bytes(buffer[: end + 1]), end + 1
 
-    def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
-        return self.answer(request, peer)
-
     def note(self, event: str, peer: Peer) -> None:
         if event in ("timeout", "idle_timeout"):
             self._log.info("ingest_timeout", peer_uid=peer.uid)
@@ -131,7 +127,7 @@ class IngestServer(UnixStreamServer):
         else:
             self._log.warning(f"ingest_{event}", peer_uid=peer.uid)
 
-    def answer(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
+    def answer_request(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
         """The reply to one request line, and whether to keep the connection."""
         try:
             request = protocol.parse_request(line)
