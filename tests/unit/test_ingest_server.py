@@ -30,10 +30,16 @@ A = parse_client_address("192.0.2.1")
 
 
 class Endpoint:
-    def __init__(self, directory: Path, peers: PeerPolicy | None = None, **limits: float) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        peers: PeerPolicy | None = None,
+        store_class: type[MemoryStore] = MemoryStore,
+        **limits: float,
+    ) -> None:
         self.path = directory / "ingest.sock"
         self.clock = FakeClock()
-        self.store = MemoryStore(ttl=900, max_entries=1000, clock=self.clock)
+        self.store = store_class(ttl=900, max_entries=1000, clock=self.clock)
         self.log, self.sink = capturing_logger()
         self.blocklist = FileBlockList(directory / "blocked.json")
         self.ledger = UsageLedger(max_users=100, clock=self.clock)
@@ -353,21 +359,7 @@ class SlowStore(MemoryStore):
 
 
 def test_blocking_store_keeps_replies_in_order_and_serves_others(tmp_path: Path) -> None:
-    slow = Endpoint(tmp_path)
-    slow.store = SlowStore(ttl=900, max_entries=100, clock=slow.clock)
-    slow.server = IngestServer(
-        path=slow.path,
-        mode=0o600,
-        group="",
-        store=slow.store,
-        keying=WhitelistKeying(),
-        peers=PeerPolicy.of([], []),
-        limits=IngestLimits(timeout=5),
-        blocklist=slow.blocklist,
-        ledger=slow.ledger,
-        metrics=slow.metrics,
-        log=slow.log,
-    )
+    slow = Endpoint(tmp_path, store_class=SlowStore, timeout=5)
     slow.server.start()
     try:
         with slow.raw() as connection:
@@ -382,5 +374,23 @@ def test_blocking_store_keeps_replies_in_order_and_serves_others(tmp_path: Path)
         assert lines[0].startswith("OK address=192.0.2.1 user=alice")
         assert lines[1].startswith("OK address=192.0.2.1 user=alice")
         assert lines[2] == "OK pong"
+    finally:
+        slow.server.stop()
+
+
+def test_half_closed_client_still_gets_every_reply(tmp_path: Path) -> None:
+    """Like `printf 'LOGIN …\\n' | socat - UNIX-CONNECT:…`: send, shut down writing, read."""
+    slow = Endpoint(tmp_path, store_class=SlowStore, timeout=5)
+    slow.server.start()
+    try:
+        with slow.raw() as connection:
+            connection.sendall(b"LOGIN 192.0.2.1 alice\nQUERY 192.0.2.1\n")
+            connection.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := connection.recv(4096):
+                data += chunk
+        lines = data.decode().splitlines()
+        assert [line.split()[0] for line in lines] == ["OK", "OK"]
+        assert lines[1].startswith("OK address=192.0.2.1 user=alice")
     finally:
         slow.server.stop()
