@@ -129,3 +129,11 @@ def test_cli_block_and_report(endpoint: Endpoint, capsys: pytest.CaptureFixture[
     assert main(["login", "--socket", sock, "192.0.2.2", "alice"]) == EXIT_OK
     assert main(["revoke", "--socket", sock, "--user", "alice"]) == EXIT_OK
     assert "revoked=1" in capsys.readouterr().out
+
+
+def test_cli_default_socket_is_the_configured_default() -> None:
+    # Duplicated on purpose: the client must not import the config module.
+    from popauth.cli import DEFAULT_SOCKET
+    from popauth.config import DEFAULT_INGEST_SOCKET
+
+    assert DEFAULT_SOCKET == DEFAULT_INGEST_SOCKET

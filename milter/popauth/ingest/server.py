@@ -101,7 +101,6 @@ class IngestServer(UnixStreamServer):
         self._store = store
         self._keying = keying
         self._peers = peers
-        self._limits = limits
         self._blocklist = blocklist
         self._ledger = ledger
         self._metrics = metrics
