@@ -36,6 +36,12 @@ class Metrics:
             ["verb", "result"],
             registry=self.registry,
         )
+        self.socketmap_requests = Counter(
+            "popauth_socketmap_requests",
+            "Socketmap requests by outcome (requests counts them all)",
+            ["result"],
+            registry=self.registry,
+        )
         self.errors = Counter("popauth_errors", "Errors by kind", ["kind"], registry=self.registry)
         self.whitelist_entries = Gauge(
             "popauth_whitelist_entries", "Clients on the whitelist", registry=self.registry
@@ -53,6 +59,14 @@ class Metrics:
     def decision(self, verdict: str, reason: str) -> Any:
         """The counter of one verdict and reason."""
         return self._child(self.decisions, verdict, reason)
+
+    def socketmap_request(self, result: str) -> Any:
+        """The counter of one socketmap outcome."""
+        child = self._children.get((self.socketmap_requests, result, ""))
+        if child is None:
+            child = self.socketmap_requests.labels(result)
+            self._children[self.socketmap_requests, result, ""] = child
+        return child
 
     def ingest_request(self, verb: str, result: str) -> Any:
         """The counter of one ingest verb and result."""

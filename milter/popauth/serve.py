@@ -89,6 +89,7 @@ def socketmap_server(
     settings: Settings,
     store: WhitelistStore,
     keying: WhitelistKeying,
+    metrics: Metrics,
     log: structlog.typing.FilteringBoundLogger,
 ) -> SocketmapServer | None:
     """The socketmap door, when ``socketmap_socket`` is set."""
@@ -107,6 +108,7 @@ def socketmap_server(
             idle_timeout=settings.socketmap_idle_timeout,
             max_clients=settings.socketmap_max_clients,
         ),
+        metrics=metrics,
         log=log,
     )
 
@@ -145,7 +147,7 @@ def serve(settings: Settings) -> None:
         metrics=metrics,
         log=log,
     )
-    socketmap = socketmap_server(settings, store, keying, log)
+    socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter_path = settings.milter_socket_path()
     if milter_path is not None:
         prepare_directory(milter_path)

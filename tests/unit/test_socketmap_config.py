@@ -9,6 +9,7 @@ import pytest
 
 from popauth.addresses import WhitelistKeying
 from popauth.config import ConfigError, Settings, settings_from_mapping
+from popauth.metrics import Metrics
 from popauth.serve import socketmap_server
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
@@ -20,7 +21,7 @@ def test_off_by_default() -> None:
     assert settings.socketmap_socket == ""
     store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
     log, _ = capturing_logger()
-    assert socketmap_server(settings, store, WhitelistKeying(), log) is None
+    assert socketmap_server(settings, store, WhitelistKeying(), Metrics(), log) is None
 
 
 def test_configured(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_configured(tmp_path: Path) -> None:
     )
     store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
     log, _ = capturing_logger()
-    server = socketmap_server(settings, store, WhitelistKeying(), log)
+    server = socketmap_server(settings, store, WhitelistKeying(), Metrics(), log)
     assert server is not None
     assert server.path == tmp_path / "s.sock"
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 import pytest
 
 from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.metrics import Metrics
 from popauth.socketmap import codec
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store import Grant, StoreUnavailable
@@ -42,6 +43,7 @@ class Endpoint:
         self.path = directory / "socketmap.sock"
         self.store = store_class(ttl=900, max_entries=1000, clock=FakeClock())
         self.log, self.sink = capturing_logger()
+        self.metrics = Metrics()
         self.server = SocketmapServer(
             path=self.path,
             mode=0o666,
@@ -51,6 +53,7 @@ class Endpoint:
             name="popauth",
             ok_value="OK",
             limits=SocketmapLimits(**limits),  # type: ignore[arg-type]
+            metrics=self.metrics,
             log=self.log,
         )
 
@@ -305,6 +308,7 @@ def test_ok_value_and_name_are_configurable(tmp_path: Path) -> None:
         name="relayclients",
         ok_value="RELAY",
         limits=SocketmapLimits(),
+        metrics=Metrics(),
         log=log,
     )
     server.start()
@@ -331,3 +335,17 @@ def test_stop_ends_persistent_connections(tmp_path: Path) -> None:
         connection.socket.close()
     assert endpoint.server.clients == 0
     assert not endpoint.path.exists()
+
+
+def test_outcomes_are_exported_as_metrics(endpoint: Endpoint) -> None:
+    endpoint.store.grant(parse_client_address("192.0.2.1"), "alice")
+    assert endpoint.ask("192.0.2.1") == b"OK OK"
+    assert endpoint.ask("192.0.2.2") == b"NOTFOUND "
+    assert endpoint.ask("unknown") == b"NOTFOUND "
+    registry = endpoint.metrics.registry
+
+    def sample(result: str) -> float | None:
+        return registry.get_sample_value("popauth_socketmap_requests_total", {"result": result})
+
+    assert (sample("requests"), sample("hits"), sample("misses")) == (3, 1, 1)
+    assert sample("not_an_address") == 1

@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from popauth.addresses import AddressError, WhitelistKeying, parse_client_address
+from popauth.metrics import Metrics
 from popauth.socketmap import codec
 from popauth.socketmap.codec import NetstringError, RequestError, Status
 from popauth.store import StoreUnavailable, WhitelistStore
@@ -64,6 +65,9 @@ class SocketmapCounters:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    def bump(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
 
 class SocketmapServer(UnixStreamServer):
     def __init__(
@@ -77,6 +81,7 @@ class SocketmapServer(UnixStreamServer):
         name: str,
         ok_value: str,
         limits: SocketmapLimits,
+        metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         super().__init__(
@@ -104,6 +109,7 @@ class SocketmapServer(UnixStreamServer):
         self._ok = codec.reply(Status.OK, ok_value)
         self._notfound = codec.reply(Status.NOTFOUND)
         self._limits = limits
+        self._metrics = metrics
         self.counters = SocketmapCounters()
         # Per-lookup events are debug only: skip building them otherwise.
         self._debug = self._log.is_enabled_for(logging.DEBUG)
@@ -113,6 +119,11 @@ class SocketmapServer(UnixStreamServer):
         super().stop(timeout)
         if running:
             self._log.info("socketmap_stopped", **self.counters.as_dict())
+
+    def _count(self, outcome: str) -> None:
+        """Count for the stop log and for Prometheus alike."""
+        self.counters.bump(outcome)
+        self._metrics.socketmap_request(outcome).inc()
 
     # --- framing -----------------------------------------------------------
 
@@ -134,13 +145,13 @@ class SocketmapServer(UnixStreamServer):
 
     def note(self, event: str, peer: Peer) -> None:
         if event == "framing_error":
-            self.counters.perm += 1
+            self._count("perm")
             self._log.warning("socketmap_rejected", error="bad netstring")
         elif event == "busy":
-            self.counters.busy += 1
+            self._count("busy")
             self._log.warning("socketmap_busy", clients=self.clients)
         elif event == "timeout":
-            self.counters.timeouts += 1
+            self._count("timeouts")
             self._log.warning("socketmap_timeout")
         elif event == "partial_request":
             self._log.warning("socketmap_partial_request")
@@ -148,40 +159,40 @@ class SocketmapServer(UnixStreamServer):
 
     def answer(self, payload: bytes) -> bytes:
         """The reply netstring to one well-framed request payload."""
-        self.counters.requests += 1
+        self._count("requests")
         try:
             request = codec.parse_request(payload)
         except RequestError as problem:
-            self.counters.perm += 1
+            self._count("perm")
             self._log.warning("socketmap_rejected", error=str(problem))
             return codec.reply(Status.PERM, str(problem))
         if request.name != self._name:
-            self.counters.perm += 1
+            self._count("perm")
             self._log.warning("socketmap_rejected", error="unknown map", map=request.name[:64])
             return codec.reply(Status.PERM, "unknown map")
         try:
             address = parse_client_address(request.key)
         except AddressError:
             # A host name, "unknown", or a shortened address ("192.0.2").
-            self.counters.not_an_address += 1
+            self._count("not_an_address")
             return self._notfound
         key = self._keying.key_address(address)
         try:
             grant = self._store.lookup(key)
         except StoreUnavailable as failure:
-            self.counters.temp += 1
+            self._count("temp")
             self._log.warning("socketmap_store_unavailable", error=str(failure))
             return codec.reply(Status.TEMP, "whitelist store unavailable")
         except Exception:
-            self.counters.temp += 1
+            self._count("temp")
             self._log.exception("socketmap_lookup_failed")
             return codec.reply(Status.TEMP, "lookup failed")
         if grant is None:
-            self.counters.misses += 1
+            self._count("misses")
             if self._debug:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
-        self.counters.hits += 1
+        self._count("hits")
         if self._debug:
             self._log.debug(
                 "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
