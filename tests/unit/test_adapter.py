@@ -1,0 +1,83 @@
+"""The pymilter adapter, driven in-process with pymilter's own test context."""
+
+from __future__ import annotations
+
+import socket
+
+import Milter
+
+# Renamed so that pytest does not take it for a test class.
+from Milter.testctx import TestCtx as MilterContext
+
+from popauth.accounts import UsageLedger
+from popauth.adapter import RelayMilter, Replies, client_address_of
+from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.config import settings_from_mapping
+from popauth.gate import Accounting, RelayGate
+from popauth.metrics import Metrics
+from popauth.store import Grant
+from popauth.store.memory import MemoryStore
+from tests.support.clock import FakeClock
+from tests.support.logs import capturing_logger
+
+
+class BrokenStore(MemoryStore):
+    """A store with a bug: not a StoreUnavailable, just an exception."""
+
+    def lookup(self, address: IPAddress) -> Grant | None:
+        raise RuntimeError("bug in the store")
+
+
+def make(store: MemoryStore) -> tuple[RelayMilter, MilterContext, Metrics]:
+    settings = settings_from_mapping({"trusted_networks": [], "local_domains": ["local.test"]})
+    metrics = Metrics()
+    log, _ = capturing_logger()
+    gate = RelayGate(
+        policy=settings.relay_policy(),
+        store=store,
+        keying=WhitelistKeying(),
+        ledger=UsageLedger(max_users=10, clock=FakeClock()),
+        accounting=Accounting.MESSAGES,
+        metrics=metrics,
+        log=log,
+    )
+    milter = RelayMilter(gate, Replies("Turn on SMTP AUTH.", "Retired."), metrics, log)
+    context = MilterContext()
+    context._stage = -1  # every macro readable
+    milter._setctx(context)
+    return milter, context, metrics
+
+
+def test_a_failing_callback_answers_tempfail_never_continue() -> None:
+    milter, context, metrics = make(BrokenStore(ttl=900, max_entries=10, clock=FakeClock()))
+    assert milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321)) == Milter.CONTINUE
+    assert milter.envfrom("<sender@example.org>") == Milter.TEMPFAIL
+    assert context._reply == ("451", "4.3.0", "Relay check failed, try again later")
+    errors = metrics.registry.get_sample_value("popauth_errors_total", {"kind": "milter_callback"})
+    assert errors == 1
+
+
+def test_replies_and_early_verdicts() -> None:
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    store.grant(parse_client_address("198.51.100.8"), "alice")
+    milter, context, _ = make(store)
+    milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321))
+    assert milter.envfrom("<sender@example.org>") == Milter.CONTINUE
+    context._setsymval("{rcpt_mailer}", "smtp")
+    context._setsymval("{rcpt_addr}", "x@remote.example")
+    assert milter.envrcpt("<x@remote.example>") == Milter.REJECT
+    assert context._reply == ("550", "5.7.1", "Relaying denied. Turn on SMTP AUTH.")
+    context._setsymval("{rcpt_mailer}", "local")
+    context._setsymval("{rcpt_addr}", "y@local.test")
+    assert milter.envrcpt("<y@local.test>") == Milter.CONTINUE  # never ACCEPT at RCPT
+    whitelisted, _, _ = make(store)
+    whitelisted.connect("client", socket.AF_INET6, ("::ffff:198.51.100.8", 4321, 0, 0))
+    assert whitelisted.envfrom("<sender@example.org>") == Milter.ACCEPT
+
+
+def test_client_address_forms() -> None:
+    assert client_address_of(("192.0.2.1", 25)) == parse_client_address("192.0.2.1")
+    assert client_address_of(("::ffff:192.0.2.1", 25, 0, 0)) == parse_client_address("192.0.2.1")
+    assert client_address_of("/run/some.sock") is None
+    assert client_address_of(None) is None
+    assert client_address_of(("not-an-ip", 25)) is None
