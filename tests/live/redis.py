@@ -26,6 +26,9 @@ class RedisInstance(Daemon):
         self.root = root
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        # The same server on a UNIX socket too, for unix:// URLs.
+        self.socket_path = root / "redis.sock"
+        self.unix_url = f"unix://{self.socket_path}?db=0"
         self.log_file = root / "redis.log"
         self._process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
@@ -39,6 +42,8 @@ class RedisInstance(Daemon):
                 binary,
                 "--bind", "127.0.0.1",
                 "--port", str(self.port),
+                "--unixsocket", str(self.socket_path),
+                "--unixsocketperm", "700",
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.root),

@@ -107,3 +107,15 @@ def test_slow_redis_times_out_instead_of_blocking(redis_server: RedisInstance) -
         sleeper.recv(64)
         sleeper.close()
     assert store.lookup(A) is not None
+
+
+def test_unix_socket_url(redis_server: RedisInstance) -> None:
+    over_tcp = make_store(redis_server)
+    over_unix = RedisStore(
+        url=redis_server.unix_url, ttl=900, timeout=0.5, key_prefix="popauth:", clock=SystemClock()
+    )
+    assert over_unix.ping()
+    over_unix.grant(A, "alice")
+    grant = over_tcp.lookup(A)
+    assert grant is not None
+    assert grant.user == "alice"
