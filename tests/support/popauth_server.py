@@ -86,13 +86,17 @@ class PopauthServer:
                 return False
         except IngestUnreachable:
             return False
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.milter_path))
-        except OSError:
-            return False
-        finally:
-            probe.close()
+        sockets = [self.milter_path]
+        if self.settings.get("socketmap_socket"):
+            sockets.append(Path(self.settings["socketmap_socket"]))
+        for path in sockets:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                return False
+            finally:
+                probe.close()
         return True
 
     def stop(self, timeout: float = 10.0) -> int:
