@@ -122,7 +122,6 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _MAILER = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 _DOMAIN = re.compile(r"^\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?$")
 _SMTP_TEXT = re.compile(r"^[\x20-\x7e]*$")
-_MILTER_SPEC = re.compile(r"^(unix|local):/.+$|^inet6?:\d{1,5}(@.+)?$")
 
 
 def _integer(low: int, high: int) -> _Validator:
@@ -180,39 +179,34 @@ def _mode(value: Any) -> int:
     raise ValueError('must be a permission mode such as "0660"')
 
 
-def _milter_spec(value: Any) -> str:
-    text = _text(value)
-    if not _MILTER_SPEC.match(text):
-        raise ValueError('must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"')
-    return text
+def _matching(pattern: str, requirement: str, flags: int = 0) -> _Validator:
+    """A string that matches ``pattern`` whole; ``requirement`` says what is expected."""
+    compiled = re.compile(pattern, flags)
+
+    def check(value: Any) -> str:
+        text = _text(value)
+        if not compiled.fullmatch(text):
+            raise ValueError(requirement)
+        return text
+
+    return check
 
 
-def _redis_url(value: Any) -> str:
-    text = _text(value)
-    if not re.match(r"^(redis|rediss|unix)://", text):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    return text
-
-
-def _socketmap_name(value: Any) -> str:
-    text = _text(value)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
-        raise ValueError("must be 1 to 64 letters, digits, '_', '.' or '-'")
-    return text
-
-
-def _socketmap_value(value: Any) -> str:
-    text = _text(value)
-    if not re.fullmatch(r"[\x21-\x7e]([\x20-\x7e]{0,198}[\x21-\x7e])?", text):
-        raise ValueError("must be 1 to 200 printable ASCII characters, not blank at either end")
-    return text
-
-
-def _key_prefix(value: Any) -> str:
-    text = _text(value)
-    if not re.fullmatch(r"[\x21-\x7e]{0,64}", text):
-        raise ValueError("must be up to 64 visible ASCII characters")
-    return text
+_milter_spec = _matching(
+    r"(unix|local):/.+|inet6?:\d{1,5}(@.+)?",
+    'must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"',
+)
+_redis_url = _matching(
+    r"(redis|rediss|unix)://.*", "must be a redis://, rediss:// or unix:// URL", re.DOTALL
+)
+_socketmap_name = _matching(
+    r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
+)
+_socketmap_value = _matching(
+    r"[\x21-\x7e]([\x20-\x7e]{0,198}[\x21-\x7e])?",
+    "must be 1 to 200 printable ASCII characters, not blank at either end",
+)
+_key_prefix = _matching(r"[\x21-\x7e]{0,64}", "must be up to 64 visible ASCII characters")
 
 
 def _listen_address(value: Any) -> str:
