@@ -5,6 +5,9 @@ from __future__ import annotations
 import smtplib
 from types import TracebackType
 
+# A recipient outside every local domain: any RCPT to it is relaying.
+REMOTE = "someone@remote.example"
+
 
 class SmtpSession:
     """One SMTP session from a chosen loopback address (127.0.0.x)."""

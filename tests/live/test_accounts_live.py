@@ -11,11 +11,9 @@ from tests.live.conftest import USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance, pop3_login
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
-from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
 
 pytestmark = pytest.mark.live
-
-REMOTE = "someone@remote.example"
 
 
 def relays(postfix: PostfixInstance, client: str) -> bool:

@@ -18,12 +18,10 @@ from tests.live.conftest import LIVE_SETTINGS
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
 from tests.live.redis import RedisInstance
-from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.support.popauth_server import POPAUTH, PopauthServer
 
 pytestmark = pytest.mark.live
-
-REMOTE = "someone@remote.example"
 
 
 @dataclass

@@ -11,12 +11,11 @@ import pytest
 from tests.live.conftest import USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
 from tests.live.postfix import PostfixInstance
-from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
-REMOTE = "someone@remote.example"
 LOCAL = "alice@local.test"
 RELAYING_DENIED = "5.7.1 Relaying denied."
 

@@ -30,12 +30,11 @@ from tests.live.sendmail import (
     make_sasl_dir,
     wrap_contrib_mc,
 )
-from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
-REMOTE = "someone@remote.example"
 LOCAL = "root@local.test"
 SASL_USERS = {"carol": "s3cret"}
 # popauth answers "550 5.7.1 Relaying denied. <text>"; Sendmail puts the

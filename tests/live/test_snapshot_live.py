@@ -12,12 +12,10 @@ from popauth.store.snapshot import read_snapshot
 from tests.live.conftest import USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance, pop3_login
 from tests.live.postfix import PostfixInstance
-from tests.live.smtp import rcpt_reply
+from tests.live.smtp import REMOTE, rcpt_reply
 from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
-
-REMOTE = "someone@remote.example"
 
 
 @pytest.fixture

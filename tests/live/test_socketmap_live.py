@@ -34,7 +34,7 @@ from tests.live.sendmail import (
     mc_test_postlude,
     mc_test_prelude,
 )
-from tests.live.smtp import SmtpSession, rcpt_reply
+from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
@@ -43,7 +43,6 @@ POSTFIX_CF = REPO / "contrib" / "postfix" / "socketmap-main.cf"
 SENDMAIL_MC = REPO / "contrib" / "sendmail-socketmap.mc"
 PRODUCTION_SOCKET = "/var/spool/postfix/popauth/socketmap.sock"
 
-REMOTE = "someone@remote.example"
 DISGUISED = (
     "someone%remote.example@local.test",
     "remote.example!someone@local.test",
