@@ -67,7 +67,7 @@ def unmap(address: IPAddress) -> IPAddress:
 def parse_network(text: str) -> IPNetwork:
     """Parse a network such as ``192.0.2.0/24``; mapped IPv6 becomes IPv4."""
     try:
-        network = ipaddress.ip_network(text.strip(), strict=True)
+        network = ipaddress.ip_network(text, strict=True)
     except ValueError as error:
         raise AddressError(f"not a network: {text!r} ({error})") from None
     if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:

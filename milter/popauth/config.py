@@ -8,6 +8,7 @@ back to something else.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import pwd
 import re
 import tomllib
@@ -76,6 +77,9 @@ class Settings:
     trusted_networks: tuple[IPNetwork, ...] = field(
         default_factory=lambda: (parse_network("127.0.0.0/8"), parse_network("::1/128"))
     )
+    # A trusted network wider than WIDEST_TRUSTED_PREFIX makes an open relay by
+    # configuration; it is refused unless this says it is meant.
+    allow_wide_trusted_networks: bool = False
     ipv6_prefix: int = 128
     local_domains: tuple[str, ...] = ()
     local_mailers: tuple[str, ...] = ("local",)
@@ -119,9 +123,22 @@ class Settings:
 
 _Validator = Callable[[Any], Any]
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-_MAILER = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
-_DOMAIN = re.compile(r"^\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?$")
-_SMTP_TEXT = re.compile(r"^[\x20-\x7e]*$")
+_MAILER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+_DOMAIN = re.compile(r"\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?")
+_SMTP_TEXT = re.compile(r"[\x20-\x7e]*")
+# C0 controls, DEL and C1 controls: a line break in a mailer name, a NUL in a
+# path or an escape sequence in a message is never meant and fails later.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DECIMAL = re.compile(r"[0-9]+")
+_PORT = r"(?P<port>[1-9][0-9]{0,4})"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+# sun_path holds 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH_BYTES = 107
+# Trusted networks wider than these cover a large part of the Internet: an IPv4
+# /8 is 1/256 of all addresses, and no single provider holds an IPv6 network
+# wider than a /16 (the largest allocations are about /19).
+WIDEST_TRUSTED_PREFIX = {4: 8, 6: 16}
 
 
 def _integer(low: int, high: int) -> _Validator:
@@ -146,17 +163,33 @@ def _number(low: float, high: float) -> _Validator:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _clean(text: str) -> str:
+    """``text`` unchanged, unless it holds a control character (then ValueError)."""
+    control = _CONTROL.search(text)
+    if control is not None:
+        raise ValueError(
+            f"must not contain control characters ({control.group()!r} at {control.start()})"
+        )
+    return text
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
-    return value
+    return _clean(value)
 
 
 def _string_list(item: Callable[[str], Any]) -> _Validator:
     def check(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("must be a list of strings")
-        return tuple(item(v) for v in value)
+        return tuple(item(_clean(v)) for v in value)
 
     return check
 
@@ -192,13 +225,83 @@ def _matching(pattern: str, requirement: str, flags: int = 0) -> _Validator:
     return check
 
 
-_milter_spec = _matching(
-    r"(unix|local):/.+|inet6?:\d{1,5}(@.+)?",
-    'must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"',
-)
-_redis_url = _matching(
-    r"(redis|rediss|unix)://.*", "must be a redis://, rediss:// or unix:// URL", re.DOTALL
-)
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {text} is not between 1 and 65535")
+    return port
+
+
+def _file_path(text: str) -> str:
+    """An absolute path that can name a file: not "/", not ending in "/", "." or ".."."""
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute path")
+    name = text.rsplit("/", 1)[1]
+    if name in ("", ".", ".."):
+        raise ValueError("must name a file, not a directory")
+    if Path(text).is_dir():
+        raise ValueError(f"{text} is a directory")
+    return text
+
+
+def _socket_path(text: str) -> str:
+    _file_path(text)
+    if len(text.encode()) > _MAX_SOCKET_PATH_BYTES:
+        raise ValueError(f"a socket path may be at most {_MAX_SOCKET_PATH_BYTES} bytes long")
+    return text
+
+
+def _socket(value: Any) -> str:
+    return _socket_path(_text(value))
+
+
+_MILTER_UNIX = re.compile(r"(unix|local):(?P<path>.+)")
+_MILTER_INET = re.compile(rf"(?P<family>inet6?):{_PORT}(@(?P<host>.+))?")
+_MILTER_SPEC_HELP = 'must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"'
+
+
+def _milter_spec(value: Any) -> str:
+    text = _text(value)
+    unix = _MILTER_UNIX.fullmatch(text)
+    if unix is not None:
+        _socket_path(unix["path"])
+        return text
+    inet = _MILTER_INET.fullmatch(text)
+    if inet is None:
+        raise ValueError(_MILTER_SPEC_HELP)
+    _port(inet["port"])
+    host = inet["host"]
+    if host is not None and not _HOSTNAME.fullmatch(host):
+        literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            address = ipaddress.ip_address(literal)
+        except ValueError:
+            raise ValueError(f"not a host name or IP address: {host!r}") from None
+        if address.version != (6 if inet["family"] == "inet6" else 4):
+            raise ValueError(f"{inet['family']}: does not take {host!r}")
+    return text
+
+
+def _redis_url(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"(redis|rediss|unix)://.*", text):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # ValueError for a port out of range
+    except ValueError as error:
+        raise ValueError(f"not a usable Redis URL: {error}") from None
+    # redis-py ignores a database path that is not a number; say so instead.
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            raise ValueError("a unix:// URL needs an absolute socket path")
+    elif not re.fullmatch(r"/?([0-9]+)?", parts.path):
+        raise ValueError(f"the database in {parts.path!r} is not a number")
+    return text
+
+
 _socketmap_name = _matching(
     r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
 )
@@ -207,26 +310,25 @@ _socketmap_value = _matching(
     "must be 1 to 200 printable ASCII characters, not blank at either end",
 )
 _key_prefix = _matching(r"[\x21-\x7e]{0,64}", "must be up to 64 visible ASCII characters")
+_milter_name = _matching(r"[\x21-\x7e]{1,64}", "must be 1 to 64 visible ASCII characters")
+_LISTEN = re.compile(rf"(?P<host>[0-9.]+|\[[0-9A-Fa-f:.]+\]):{_PORT}")
 
 
 def _listen_address(value: Any) -> str:
     text = _text(value)
     if not text:
         return text
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ValueError('must be "HOST:PORT", e.g. "127.0.0.1:9754", or ""')
+    listen = _LISTEN.fullmatch(text)
+    if listen is None:
+        raise ValueError('must be "ADDRESS:PORT", e.g. "127.0.0.1:9754" or "[::1]:9754", or ""')
+    _port(listen["port"])
+    host = listen["host"]
     try:
-        parse_network(host.strip("[]"))
-    except AddressError:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
         raise ValueError(f"not an IP address: {host!r}") from None
-    return text
-
-
-def _absolute_path(value: Any) -> str:
-    text = _text(value)
-    if not text.startswith("/"):
-        raise ValueError("must be an absolute path")
+    if (address.version == 6) != host.startswith("["):
+        raise ValueError("an IPv6 address goes in brackets, an IPv4 address does not")
     return text
 
 
@@ -238,19 +340,19 @@ def _network(text: str) -> IPNetwork:
 
 
 def _domain(text: str) -> str:
-    if not _DOMAIN.match(text):
+    if not _DOMAIN.fullmatch(text):
         raise ValueError(f"not a domain: {text!r}")
     return text.lower()
 
 
 def _mailer(text: str) -> str:
-    if not _MAILER.match(text):
+    if not _MAILER.fullmatch(text):
         raise ValueError(f"not a mailer name: {text!r}")
     return text.lower()
 
 
 def _user(text: str) -> str:
-    if not text.isdigit():
+    if not _DECIMAL.fullmatch(text):
         try:
             pwd.getpwnam(text)
         except KeyError:
@@ -259,7 +361,7 @@ def _user(text: str) -> str:
 
 
 def _group(text: str) -> str:
-    if not text.isdigit():
+    if not _DECIMAL.fullmatch(text):
         try:
             grp.getgrnam(text)
         except KeyError:
@@ -280,7 +382,7 @@ def _optional(validator: Callable[[str], str]) -> _Validator:
 def _reject_message(value: Any) -> str:
     text = _text(value)
     # libmilter drops a reply with a lone '%', and SMTP replies are ASCII.
-    if not _SMTP_TEXT.match(text) or "%" in text:
+    if not _SMTP_TEXT.fullmatch(text) or "%" in text:
         raise ValueError("must be printable ASCII without '%'")
     if len(text) > 400:
         raise ValueError("must be at most 400 characters")
@@ -299,18 +401,18 @@ def _nonempty(validator: _Validator) -> _Validator:
 
 VALIDATORS: Mapping[str, _Validator] = {
     "milter_socket": _milter_spec,
-    "milter_name": _nonempty(_text),
+    "milter_name": _milter_name,
     "milter_timeout": _integer(1, 86_400),
     "milter_socket_mode": _mode,
     "milter_socket_group": _optional(_group),
-    "ingest_socket": _absolute_path,
+    "ingest_socket": _socket,
     "ingest_socket_mode": _mode,
     "ingest_socket_group": _optional(_group),
     "ingest_allowed_users": _string_list(_user),
     "ingest_allowed_groups": _string_list(_group),
     "ingest_timeout": _number(0.1, 300),
     "ingest_max_clients": _integer(1, 100_000),
-    "socketmap_socket": _optional(_absolute_path),
+    "socketmap_socket": _optional(_socket_path),
     "socketmap_socket_mode": _mode,
     "socketmap_socket_group": _optional(_group),
     "socketmap_name": _socketmap_name,
@@ -321,12 +423,13 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ttl": _integer(1, 7 * 86_400),
     "max_entries": _integer(1, 100_000_000),
     "store": _choice("memory", "redis"),
-    "snapshot_path": _optional(_absolute_path),
+    "snapshot_path": _optional(_file_path),
     "snapshot_interval": _integer(1, 86_400),
     "redis_url": _redis_url,
     "redis_timeout": _number(0.01, 30),
     "redis_key_prefix": _key_prefix,
     "trusted_networks": _string_list(_network),
+    "allow_wide_trusted_networks": _boolean,
     "ipv6_prefix": _integer(0, 128),
     "local_domains": _string_list(_domain),
     "local_mailers": _nonempty(_string_list(_mailer)),
@@ -334,9 +437,9 @@ VALIDATORS: Mapping[str, _Validator] = {
     "pop_first": _choice("on", "warn", "off"),
     "pop_first_retired_message": _reject_message,
     "accounting": _choice("messages", "recipients"),
-    "usage_path": _optional(_absolute_path),
+    "usage_path": _optional(_file_path),
     "usage_max_users": _integer(1, 10_000_000),
-    "blocklist_path": _optional(_absolute_path),
+    "blocklist_path": _optional(_file_path),
     "metrics_listen": _listen_address,
     "log_format": _choice("console", "json"),
     "log_level": _choice(*_LOG_LEVELS),
@@ -353,7 +456,23 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
             values[key] = validator(value)
         except ValueError as error:
             raise ConfigError(f"bad value for {key!r}: {error}") from None
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_trusted_networks(settings)
+    return settings
+
+
+def _check_trusted_networks(settings: Settings) -> None:
+    """Refuse a trusted network that lets much of the Internet relay, unless meant."""
+    if settings.allow_wide_trusted_networks:
+        return
+    for network in settings.trusted_networks:
+        widest = WIDEST_TRUSTED_PREFIX[network.version]
+        if network.prefixlen < widest:
+            raise ConfigError(
+                f"bad value for 'trusted_networks': {network} is wider than a /{widest} "
+                "and would let much of the Internet relay; set "
+                "allow_wide_trusted_networks = true if that is meant"
+            )
 
 
 def load_settings(path: Path | None) -> Settings:

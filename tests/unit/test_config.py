@@ -90,3 +90,117 @@ def test_contrib_example_lists_every_setting_with_its_default() -> None:
     path = Path(__file__).parents[2] / "contrib" / "popauth.toml"
     assert set(tomllib.loads(path.read_text())) == set(VALIDATORS)
     assert load_settings(path) == Settings()
+
+
+# Issue 11, defect 7: settings that passed check-config and then failed or did harm.
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"local_mailers": ["local\n"]}, "local_mailers"),
+        ({"local_domains": ["example.org\n"]}, "local_domains"),
+        ({"reject_message": "Check your mail first.\n"}, "reject_message"),
+        ({"milter_name": "popauth\x00"}, "milter_name"),
+        ({"milter_name": "pop auth"}, "milter_name"),
+        ({"snapshot_path": "/var/lib/popauth/whitelist\x00.json"}, "snapshot_path"),
+        ({"snapshot_path": "/"}, "snapshot_path"),
+        ({"snapshot_path": "/var/lib/popauth/"}, "snapshot_path"),
+        ({"snapshot_path": "/var/lib/popauth/.."}, "snapshot_path"),
+        ({"snapshot_path": "/tmp"}, "snapshot_path"),
+        ({"usage_path": "/"}, "usage_path"),
+        ({"blocklist_path": "/var/lib/"}, "blocklist_path"),
+        ({"metrics_listen": "10.0.0.0/8:9754"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:09754"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:0"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:65536"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:9754\n"}, "metrics_listen"),
+        ({"metrics_listen": "::1:9754"}, "metrics_listen"),
+        ({"metrics_listen": "[127.0.0.1]:9754"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:\u0669\u0669"}, "metrics_listen"),
+        ({"milter_socket": "inet:99999@127.0.0.1"}, "milter_socket"),
+        ({"milter_socket": "inet:0@127.0.0.1"}, "milter_socket"),
+        ({"milter_socket": "inet:08894@127.0.0.1"}, "milter_socket"),
+        ({"milter_socket": "inet:8894@::1"}, "milter_socket"),
+        ({"milter_socket": "inet:8894@bad host"}, "milter_socket"),
+        ({"milter_socket": "unix:/run/popauth/milter.sock\n"}, "milter_socket"),
+        ({"milter_socket": "unix:/" + "m" * 120}, "milter_socket"),
+        ({"ingest_socket": "/run/popauth/ingest.sock\n"}, "ingest_socket"),
+        ({"ingest_socket": "/run/popauth/" + "i" * 100}, "ingest_socket"),
+        ({"ingest_socket": "/"}, "ingest_socket"),
+        ({"socketmap_socket": "/run/popauth/map\x1b.sock"}, "socketmap_socket"),
+        ({"redis_url": "redis://127.0.0.1:99999/0"}, "redis_url"),
+        ({"redis_url": "redis://127.0.0.1:6379/zero"}, "redis_url"),
+        ({"redis_key_prefix": "popauth:\n"}, "redis_key_prefix"),
+        ({"ingest_allowed_users": ["root\n"]}, "ingest_allowed_users"),
+        ({"ingest_allowed_users": ["\u0661"]}, "ingest_allowed_users"),
+        ({"ingest_socket_group": "\u0661"}, "ingest_socket_group"),
+        ({"trusted_networks": ["10.0.0.0/8\n"]}, "trusted_networks"),
+        ({"trusted_networks": [" 10.0.0.0/8"]}, "trusted_networks"),
+        ({"allow_wide_trusted_networks": "yes"}, "allow_wide_trusted_networks"),
+    ],
+)
+def test_check_config_refuses_what_would_fail_later(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=repr(key)):
+        settings_from_mapping(raw)
+
+
+@pytest.mark.parametrize(
+    "network",
+    ["0.0.0.0/0", "::/0", "0.0.0.0/1", "10.0.0.0/7", "2000::/3", "2000::/15", "::ffff:0:0/96"],
+)
+def test_trusted_network_covering_the_internet_is_refused(network: str) -> None:
+    with pytest.raises(ConfigError, match=r"'trusted_networks'.*allow_wide_trusted_networks"):
+        settings_from_mapping({"trusted_networks": ["127.0.0.0/8", network]})
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "10.0.0.0/7"])
+def test_a_wide_trusted_network_needs_the_setting_that_says_so(network: str) -> None:
+    settings = settings_from_mapping(
+        {"trusted_networks": [network], "allow_wide_trusted_networks": True}
+    )
+    assert settings.allow_wide_trusted_networks is True
+    assert len(settings.trusted_networks) == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"trusted_networks": ["10.0.0.0/8", "2001:db8::/32", "2001::/16", "192.0.2.0/24"]},
+        {"metrics_listen": "127.0.0.1:9754"},
+        {"metrics_listen": "[::1]:9754"},
+        {"metrics_listen": "0.0.0.0:65535"},
+        {"milter_socket": "inet:8894@127.0.0.1"},
+        {"milter_socket": "inet:8894@[127.0.0.1]"},
+        {"milter_socket": "inet6:8894@::1"},
+        {"milter_socket": "inet:8894@mx.example.org"},
+        {"milter_socket": "inet:8894"},
+        {"milter_socket": "local:/run/popauth/milter.sock"},
+        {"redis_url": "unix:///run/redis/redis.sock?db=0"},
+        {"redis_url": "rediss://user:secret@redis.example.org:6380/2"},
+        {"ingest_allowed_users": ["0", "root"]},
+        {"reject_message": "Check your mail (POP/IMAP) first."},
+    ],
+)
+def test_good_settings_still_pass(raw: dict[str, Any]) -> None:
+    settings = settings_from_mapping(raw)
+    for key, value in raw.items():
+        assert getattr(settings, key) is not None
+        if isinstance(value, str):
+            assert getattr(settings, key) == value
+
+
+def test_metrics_address_of_an_ipv6_listener() -> None:
+    assert settings_from_mapping({"metrics_listen": "[::1]:9754"}).metrics_address() == (
+        "::1",
+        9754,
+    )
+
+
+def test_check_config_names_the_key_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from popauth.cli import main
+
+    path = tmp_path / "popauth.toml"
+    path.write_text('snapshot_path = "/"\n')
+    assert main(["check-config", str(path)]) != 0
+    assert "'snapshot_path'" in capsys.readouterr().err
