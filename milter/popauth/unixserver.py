@@ -141,6 +141,16 @@ class UnixStreamServer(abc.ABC):
         """A refusal happened (busy, timeout, partial, framing): log or count it."""
         self._log.warning(event, peer_uid=peer.uid)
 
+    def answer_safely(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
+        """:meth:`answer_request`, with any unexpected failure turned into the
+        door's internal-error reply (and logged with its traceback): every
+        request gets exactly one reply and the door keeps serving."""
+        try:
+            return self.answer_request(request, peer)
+        except Exception:
+            self._log.exception("request_failed", peer_uid=peer.uid)
+            return self.refusals.internal, True
+
     # --- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
@@ -282,6 +292,11 @@ class FramedConnection(asyncio.Protocol):
                 self._door.note("framing_error", self._peer)
                 self._finish(problem.reply)
                 return
+            except Exception:
+                # The stream's framing is unknown now: one reply, then close.
+                self._door.log.exception("request_failed", peer_uid=self._peer.uid)
+                self._finish(self._door.refusals.internal)
+                return
             if framed is None:
                 if self._buffer and self._idle:
                     self._wait(idle=False)  # a request has begun
@@ -298,11 +313,11 @@ class FramedConnection(asyncio.Protocol):
                 assert self._transport is not None
                 self._transport.pause_reading()
                 done = asyncio.get_running_loop().run_in_executor(
-                    None, self._door.answer_request, request, self._peer
+                    None, self._door.answer_safely, request, self._peer
                 )
                 done.add_done_callback(self._answered)
                 return
-            self._reply(*self._door.answer_request(request, self._peer))
+            self._reply(*self._door.answer_safely(request, self._peer))
 
     def _answered(self, done: asyncio.Future[tuple[bytes, bool]]) -> None:
         self._in_flight = False
@@ -310,7 +325,9 @@ class FramedConnection(asyncio.Protocol):
             return
         failure = done.exception()
         if failure is not None:
-            self._door.log.error("request_failed", error=repr(failure))
+            # answer_safely catches every Exception; this is the executor
+            # itself failing (e.g. shut down under us).
+            self._door.log.error("request_failed", error=repr(failure), exc_info=failure)
             self._reply(self._door.refusals.internal, True)
         else:
             self._reply(*done.result())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from popauth.accounts import BlockList, UsageLedger
+from popauth.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
 from popauth.ingest import protocol
 from popauth.ingest.protocol import (
@@ -33,6 +33,7 @@ from popauth.metrics import Metrics
 from popauth.sockets import resolve_gid
 from popauth.store import StoreUnavailable, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.usernames import printable_user_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +143,30 @@ class IngestServer(UnixStreamServer):
             return protocol.error(ErrorCode.FORBIDDEN, refusal), True
         try:
             reply = self._execute(request, peer)
+        except BlockListUnwritable as failure:
+            # Nothing changed, in memory or on disk: say so, loudly.
+            self._metrics.ingest_request(verb, "unavailable").inc()
+            self._metrics.errors.labels("blocklist_unwritable").inc()
+            self._log.error(
+                "blocklist_write_failed",
+                verb=verb,
+                user=request.user,
+                error=str(failure),
+                peer_uid=peer.uid,
+            )
+            return protocol.error(
+                ErrorCode.UNAVAILABLE, "block list cannot be saved, nothing changed"
+            ), True
         except StoreUnavailable as failure:
             self._metrics.ingest_request(verb, "unavailable").inc()
             self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("ingest_store_unavailable", verb=verb, error=str(failure))
             return protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable"), True
+        except Exception:
+            self._metrics.ingest_request(verb, "internal").inc()
+            self._metrics.errors.labels("internal").inc()
+            self._log.exception("ingest_internal_error", verb=verb, peer_uid=peer.uid)
+            return _INTERNAL, True
         result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
         self._metrics.ingest_request(verb, result).inc()
         return reply, request.verb is not Verb.QUIT
@@ -172,7 +192,9 @@ class IngestServer(UnixStreamServer):
                 for grant in self._store.entries()
             )
         if verb is Verb.BLOCKED:
-            return protocol.multi_line(f"user={user}" for user in self._blocklist.users())
+            return protocol.multi_line(
+                f"user={printable_user_name(user)}" for user in self._blocklist.users()
+            )
         if verb is Verb.REPORT:
             return protocol.multi_line(
                 protocol.format_usage(user, usage) for user, usage in self._ledger.pop_first_users()
@@ -244,4 +266,4 @@ class IngestServer(UnixStreamServer):
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
 _TIMEOUT = protocol.error(ErrorCode.TIMEOUT, "no complete request in time")
 _BUSY = protocol.error(ErrorCode.BUSY, "too many clients, try again")
-_INTERNAL = protocol.error(ErrorCode.INTERNAL, "internal error, nothing changed")
+_INTERNAL = protocol.error(ErrorCode.INTERNAL, "unexpected error, logged by popauth")
