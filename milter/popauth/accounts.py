@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import threading
 from dataclasses import asdict, dataclass
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
 import redis
+import structlog
 from cachetools import LRUCache
 
 from popauth.clock import Clock
-from popauth.persistence import StateFileError, read_json_document, write_json_atomically
+from popauth.persistence import (
+    StateFileError,
+    StateFileMissing,
+    StateWriteError,
+    read_json_document,
+    write_json_atomically,
+)
 from popauth.store.base import StoreUnavailable
+from popauth.usernames import is_valid_user_name
 
 
 class RelayWay(enum.Enum):
@@ -95,18 +105,26 @@ class UsageLedger:
             path, {"format": USAGE_FORMAT, "version": USAGE_VERSION, "users": users}
         )
 
-    def load(self, path: Path) -> int:
-        """Merge a saved ledger; raises StateFileError for a bad file."""
+    def load(self, path: Path, log: structlog.typing.FilteringBoundLogger | None = None) -> int:
+        """Merge a saved ledger; raises StateFileError for a bad file.
+
+        A record that is not a plain user name with finite, non-negative
+        numbers is dropped (and logged), never served.
+        """
         document = read_json_document(path, USAGE_FORMAT, USAGE_VERSION)
         users = document.get("users")
         if not isinstance(users, dict):
             raise StateFileError("no user table")
         loaded: dict[str, Usage] = {}
         for user, fields in users.items():
-            try:
-                loaded[str(user)] = Usage(**_numbers(fields))
-            except TypeError:
-                raise StateFileError(f"usage of {user!r} is malformed") from None
+            problem = _usage_problem(user, fields)
+            if problem is not None:
+                if log is not None:
+                    log.error(
+                        "usage_record_dropped", path=str(path), user=repr(user)[:80], reason=problem
+                    )
+                continue
+            loaded[user] = Usage(**fields)
         with self._lock:
             # Oldest activity first, so the LRU order matches how recent it is.
             for user, usage in sorted(loaded.items(), key=lambda kv: _last_seen(kv[1])):
@@ -114,12 +132,24 @@ class UsageLedger:
         return len(loaded)
 
 
-def _numbers(fields: Any) -> dict[str, Any]:
-    if not isinstance(fields, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in fields.values()
-    ):
-        raise TypeError
-    return fields
+_USAGE_FIELDS = {field.name: field.type for field in fields_of(Usage)}
+
+
+def _usage_problem(user: str, fields: Any) -> str | None:
+    """Why a saved usage record cannot be used, or None if it can."""
+    if not is_valid_user_name(user):
+        return "not a valid user name"
+    if not isinstance(fields, dict) or set(fields) != set(_USAGE_FIELDS):
+        return "malformed"
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{name} is not a number"
+        if not math.isfinite(value) or value < 0:
+            return f"{name} is not a finite, non-negative number"
+        if _USAGE_FIELDS[name] == "int" and value != int(value):
+            return f"{name} is not a whole number"
+        fields[name] = int(value) if _USAGE_FIELDS[name] == "int" else float(value)
+    return None
 
 
 def _last_seen(usage: Usage) -> float:
@@ -149,57 +179,80 @@ BLOCK_FORMAT = "popauth-blocklist"
 BLOCK_VERSION = 1
 
 
+class BlockListUnwritable(StoreUnavailable):
+    """The block list could not be saved; it is unchanged, in memory too."""
+
+
 class FileBlockList(BlockList):
     """The embedded store's block list, one JSON file rewritten on each change.
 
+    A change is written to disk before it takes effect in memory: if the
+    write fails (read-only or full filesystem), :class:`BlockListUnwritable`
+    is raised and nothing changed, so a block is never acknowledged and then
+    lost at the next restart.
+
     A damaged file stops popauth at start (StateFileError): starting without
-    it would let blocked users relay again.
+    it would let blocked users relay again. A name that is not a valid user
+    name (a blank or a line break in it) is dropped and logged: no login can
+    carry such a name, and serving it would break the ``BLOCKED`` framing.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(
+        self, path: Path | None, log: structlog.typing.FilteringBoundLogger | None = None
+    ) -> None:
         self._path = path
-        self._users: set[str] = set()
+        self._users: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         if path is not None:
             try:
                 document = read_json_document(path, BLOCK_FORMAT, BLOCK_VERSION)
-            except StateFileError as problem:
-                if str(problem) != "no such file":
-                    raise StateFileError(f"block list {path}: {problem}") from None
+            except StateFileMissing:
                 return
+            except StateFileError as problem:
+                raise StateFileError(f"block list {path}: {problem}") from None
             users = document.get("users")
             if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
                 raise StateFileError(f"block list {path}: malformed user list")
-            self._users = set(users)
+            for user in users:
+                if not is_valid_user_name(user) and log is not None:
+                    log.error(
+                        "blocklist_record_dropped",
+                        path=str(path),
+                        user=repr(user)[:80],
+                        reason="not a valid user name",
+                    )
+            self._users = frozenset(u for u in users if is_valid_user_name(u))
 
-    def _write(self) -> None:
+    def _replace(self, users: frozenset[str]) -> None:
+        """Write ``users`` to disk, then make them the block list (caller holds the lock)."""
         if self._path is not None:
-            document = {"format": BLOCK_FORMAT, "version": BLOCK_VERSION}
-            write_json_atomically(self._path, {**document, "users": sorted(self._users)})
+            document = {"format": BLOCK_FORMAT, "version": BLOCK_VERSION, "users": sorted(users)}
+            try:
+                write_json_atomically(self._path, document)
+            except StateWriteError as error:
+                raise BlockListUnwritable(f"block list not saved: {error.strerror}") from None
+        self._users = users
 
     def add(self, user: str) -> bool:
         with self._lock:
             if user in self._users:
                 return False
-            self._users.add(user)
-            self._write()
+            self._replace(self._users | {user})
             return True
 
     def remove(self, user: str) -> bool:
         with self._lock:
             if user not in self._users:
                 return False
-            self._users.discard(user)
-            self._write()
+            self._replace(self._users - {user})
             return True
 
     def __contains__(self, user: object) -> bool:
-        with self._lock:
-            return user in self._users
+        # A frozenset replaced whole: readers need no lock.
+        return user in self._users
 
     def users(self) -> list[str]:
-        with self._lock:
-            return sorted(self._users)
+        return sorted(self._users)
 
 
 class RedisBlockList(BlockList):

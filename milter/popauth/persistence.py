@@ -9,8 +9,11 @@ half-believed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,33 +26,100 @@ class StateFileError(ValueError):
     """A state file cannot be used; the message says why."""
 
 
+class StateFileMissing(StateFileError):
+    """The state file does not exist (yet): a first start, not damage."""
+
+
+class StateDirectoryUnsafe(StateFileError):
+    """Someone other than root and popauth's own user could replace our files there."""
+
+
+class StateWriteError(OSError):
+    """A state file could not be written; the old version is still in place."""
+
+
+def check_state_directory(directory: Path) -> None:
+    """Refuse a directory that others can write, or that belongs to someone else.
+
+    Whoever can write the directory holding a state file can replace that
+    file (a forged whitelist, an emptied block list) or plant links in it,
+    so it must belong to root or to us and be writable by its owner only.
+    """
+    try:
+        status = os.stat(directory)
+    except OSError as error:
+        raise StateDirectoryUnsafe(f"{directory}: cannot inspect: {error.strerror}") from None
+    if not stat.S_ISDIR(status.st_mode):
+        raise StateDirectoryUnsafe(f"{directory}: not a directory")
+    if status.st_uid not in (0, os.geteuid()):
+        raise StateDirectoryUnsafe(
+            f"{directory}: owned by uid {status.st_uid}, not by root or by popauth's user"
+        )
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateDirectoryUnsafe(
+            f"{directory}: writable by group or others (mode {stat.S_IMODE(status.st_mode):04o})"
+        )
+
+
+def prepare_state_directory(path: Path) -> None:
+    """Create the directory of state file ``path`` (mode 0700) if needed, then check it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as error:
+        raise StateDirectoryUnsafe(f"{path.parent}: cannot create: {error.strerror}") from None
+    check_state_directory(path.parent)
+
+
 def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    data = json.dumps(document, separators=(",", ":")).encode()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Replace ``path`` with ``document``; StateWriteError (nothing changed) if it fails."""
+    data = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        prepare_state_directory(path)
+    except StateDirectoryUnsafe as problem:
+        raise StateWriteError(errno.EPERM, str(problem)) from None
+    try:
+        # An unpredictable name, created O_EXCL (and mkstemp never follows a
+        # planted link): nobody can aim our write at another file.
+        descriptor, temporary_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:
+        raise StateWriteError(error.errno, f"cannot write {path}: {error.strerror}") from None
+    temporary = Path(temporary_name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise StateWriteError(error.errno, f"cannot write {path}: {error.strerror}") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def read_json_document(path: Path, kind: str, version: int) -> dict[str, Any]:
     """The document at ``path``, checked to be of ``kind`` and ``version``."""
     try:
-        data = path.read_bytes()
+        # A state file is never a link: one there was planted.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise StateFileError("no such file") from None
+        raise StateFileMissing("no such file") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StateFileError("is a symbolic link") from None
+        raise StateFileError(f"cannot read: {error.strerror}") from None
+    try:
+        with os.fdopen(descriptor, "rb") as handle:
+            data = handle.read()
     except OSError as error:
         raise StateFileError(f"cannot read: {error.strerror}") from None
     try:

@@ -22,7 +22,12 @@ from popauth.gate import Accounting, RelayGate
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.logs import configure_logging
 from popauth.metrics import Metrics
-from popauth.persistence import PeriodicSaver, StateFileError
+from popauth.persistence import (
+    PeriodicSaver,
+    StateFileError,
+    StateFileMissing,
+    prepare_state_directory,
+)
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 from popauth.store import WhitelistStore
@@ -42,10 +47,24 @@ class State:
     saves: list[Callable[[], None]] = field(default_factory=list)
 
 
+def state_file_paths(settings: Settings) -> list[Path]:
+    """Every state file popauth will write with these settings."""
+    paths = [settings.usage_path]
+    if settings.store == "memory":
+        paths += [settings.snapshot_path, settings.blocklist_path]
+    return [Path(path) for path in paths if path]
+
+
 def open_state(
     settings: Settings, clock: Clock, log: structlog.typing.FilteringBoundLogger
 ) -> State:
-    """The configured store and books, restored from disk where they are kept there."""
+    """The configured store and books, restored from disk where they are kept there.
+
+    Raises StateDirectoryUnsafe (popauth does not start) when a state file's
+    directory could be written by others than root and popauth's own user.
+    """
+    for path in state_file_paths(settings):
+        prepare_state_directory(path)
     ledger = UsageLedger(max_users=settings.usage_max_users, clock=clock)
     if settings.store == "redis":
         from popauth.store.redis import RedisStore
@@ -65,7 +84,7 @@ def open_state(
     else:
         memory = MemoryStore(ttl=settings.ttl, max_entries=settings.max_entries, clock=clock)
         blocklist = FileBlockList(
-            Path(settings.blocklist_path) if settings.blocklist_path else None
+            Path(settings.blocklist_path) if settings.blocklist_path else None, log
         )
         state = State(memory, blocklist, ledger)
         if settings.snapshot_path:
@@ -77,10 +96,11 @@ def open_state(
     if settings.usage_path:
         usage_path = Path(settings.usage_path)
         try:
-            ledger.load(usage_path)
+            ledger.load(usage_path, log)
+        except StateFileMissing as problem:
+            log.info("usage_not_restored", path=str(usage_path), reason=str(problem))
         except StateFileError as problem:
-            level = log.info if str(problem) == "no such file" else log.error
-            level("usage_not_restored", path=str(usage_path), reason=str(problem))
+            log.error("usage_not_restored", path=str(usage_path), reason=str(problem))
         state.saves.append(lambda: ledger.save(usage_path))
     return state
 

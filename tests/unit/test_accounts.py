@@ -47,8 +47,8 @@ def test_ledger_persists(tmp_path: Path) -> None:
     restored = UsageLedger(max_users=10, clock=clock)
     assert restored.load(path) == 1
     assert restored.get("alice") == ledger.get("alice")
-    path.write_text(json.dumps({"format": "popauth-usage", "version": 1, "users": {"x": [1]}}))
-    with pytest.raises(StateFileError, match="malformed"):
+    path.write_text(json.dumps({"format": "popauth-usage", "version": 1, "users": []}))
+    with pytest.raises(StateFileError, match="no user table"):
         UsageLedger(max_users=10, clock=clock).load(path)
 
 

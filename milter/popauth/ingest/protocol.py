@@ -16,16 +16,15 @@ N lines.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from popauth.accounts import Usage
 from popauth.addresses import AddressError, IPAddress, parse_client_address
 from popauth.store import Grant, StoreStats
+from popauth.usernames import MAX_USER, is_valid_user_name, printable_user_name
 
 MAX_LINE = 512
-MAX_USER = 256
 
 
 class Verb(enum.Enum):
@@ -94,13 +93,6 @@ class Request:
     user: str = ""
 
 
-_BLANK = re.compile(r"\s").search
-
-
-def _valid_user(user: str) -> bool:
-    return 0 < len(user) <= MAX_USER and user.isprintable() and not _BLANK(user)
-
-
 def parse_request(line: bytes) -> Request:
     """Parse one request line (with or without its line ending)."""
     if len(line) > MAX_LINE:
@@ -144,14 +136,14 @@ def _address(text: str) -> IPAddress:
 
 
 def _user(text: str) -> str:
-    if not _valid_user(text):
+    if not is_valid_user_name(text):
         raise ProtocolError(ErrorCode.USER, f"user names are 1 to {MAX_USER} visible characters")
     return text
 
 
 def format_grant(grant: Grant, described_address: str) -> str:
     return (
-        f"address={described_address} user={grant.user} "
+        f"address={described_address} user={printable_user_name(grant.user)} "
         f"granted={int(grant.granted_at)} expires={int(grant.expires_at)}"
     )
 
@@ -170,7 +162,7 @@ def not_found_user(user: str) -> bytes:
 
 def format_usage(user: str, usage: Usage) -> str:
     fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
-    return f"user={user} {fields}"
+    return f"user={printable_user_name(user)} {fields}"
 
 
 def error(code: ErrorCode, reason: str) -> bytes:

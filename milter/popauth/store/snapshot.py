@@ -4,12 +4,15 @@ The file is JSON (see :mod:`popauth.persistence`: atomic, mode 0600, because
 it names users and their addresses). Reading is strict: a file that is
 missing, truncated, corrupt or not a popauth snapshot raises
 :class:`SnapshotError`; the caller logs it and starts empty, it never
-guesses.
+guesses. A single entry that is not a valid address, user name and pair of
+finite times is dropped and logged; the others are restored.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,15 @@ import structlog
 
 from popauth.addresses import AddressError, parse_client_address
 from popauth.clock import Clock
-from popauth.persistence import StateFileError, read_json_document, write_json_atomically
+from popauth.persistence import (
+    StateFileError,
+    StateFileMissing,
+    read_json_document,
+    write_json_atomically,
+)
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
+from popauth.usernames import is_valid_user_name
 
 FORMAT = "popauth-whitelist"
 VERSION = 1
@@ -27,6 +36,10 @@ VERSION = 1
 
 class SnapshotError(ValueError):
     """The snapshot file cannot be used; the message says why."""
+
+
+class SnapshotMissing(SnapshotError):
+    """There is no snapshot yet."""
 
 
 def write_snapshot(path: Path, grants: Iterable[Grant], saved_at: float) -> int:
@@ -39,26 +52,66 @@ def write_snapshot(path: Path, grants: Iterable[Grant], saved_at: float) -> int:
     return len(entries)
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotContents:
+    grants: list[Grant]
+    # (entry number, why it was dropped) for every entry not usable.
+    dropped: list[tuple[int, str]]
+
+
 def read_snapshot(path: Path) -> list[Grant]:
-    """Every grant in the snapshot at ``path``, expired ones included."""
+    """Every usable grant in the snapshot at ``path``, expired ones included."""
+    return read_snapshot_contents(path).grants
+
+
+def read_snapshot_contents(path: Path) -> SnapshotContents:
+    """The usable grants at ``path``, and which entries were dropped and why.
+
+    A file that cannot be read as a snapshot at all raises SnapshotError
+    (SnapshotMissing when there is none); a single bad entry is dropped.
+    """
     try:
         document = read_json_document(path, FORMAT, VERSION)
+    except StateFileMissing as problem:
+        raise SnapshotMissing(str(problem)) from None
     except StateFileError as problem:
         raise SnapshotError(str(problem)) from None
     entries = document.get("entries")
     if not isinstance(entries, list):
         raise SnapshotError("no entry list")
-    return [_grant(entry, number) for number, entry in enumerate(entries)]
+    grants: list[Grant] = []
+    dropped: list[tuple[int, str]] = []
+    for number, entry in enumerate(entries):
+        try:
+            grants.append(_grant(entry))
+        except _BadEntry as problem:
+            dropped.append((number, str(problem)))
+    return SnapshotContents(grants, dropped)
 
 
-def _grant(entry: Any, number: int) -> Grant:
+class _BadEntry(ValueError):
+    pass
+
+
+def _grant(entry: Any) -> Grant:
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise _BadEntry("not [address, user, granted, expires]")
+    address_text, user, granted_at, expires_at = entry
+    if not isinstance(address_text, str):
+        raise _BadEntry("address is not text")
     try:
-        address_text, user, granted_at, expires_at = entry
-        if not isinstance(user, str) or isinstance(granted_at, bool):
-            raise TypeError
-        return Grant(parse_client_address(address_text), user, float(granted_at), float(expires_at))
-    except (TypeError, ValueError, AddressError):
-        raise SnapshotError(f"entry {number} is malformed") from None
+        address = parse_client_address(address_text)
+    except AddressError:
+        raise _BadEntry("not an IP address") from None
+    # "" is a login reported without a user name.
+    if user != "" and not is_valid_user_name(user):
+        raise _BadEntry("not a valid user name")
+    for moment in (granted_at, expires_at):
+        if isinstance(moment, bool) or not isinstance(moment, int | float):
+            raise _BadEntry("a time is not a number")
+        if not math.isfinite(moment) or moment < 0:
+            raise _BadEntry("a time is not a finite, non-negative number")
+    return Grant(address, user, float(granted_at), float(expires_at))
 
 
 class Snapshotter:
@@ -80,11 +133,18 @@ class Snapshotter:
     def restore(self) -> None:
         """Load the snapshot into the (empty) store; a bad file means starting empty."""
         try:
-            grants = read_snapshot(self._path)
-        except SnapshotError as problem:
-            level = self._log.info if str(problem) == "no such file" else self._log.error
-            level("snapshot_not_restored", path=str(self._path), reason=str(problem))
+            contents = read_snapshot_contents(self._path)
+        except SnapshotMissing as problem:
+            self._log.info("snapshot_not_restored", path=str(self._path), reason=str(problem))
             return
+        except SnapshotError as problem:
+            self._log.error("snapshot_not_restored", path=str(self._path), reason=str(problem))
+            return
+        for number, reason in contents.dropped:
+            self._log.error(
+                "snapshot_entry_dropped", path=str(self._path), entry=number, reason=reason
+            )
+        grants = contents.grants
         restored = self._store.restore(grants)
         self._log.info(
             "snapshot_restored",
