@@ -9,7 +9,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,10 @@ from popauth.client import IngestClient, IngestUnreachable
 
 _serial = itertools.count(1)
 
-POPAUTH = shutil.which("popauth") or str(Path(__file__).parents[2] / ".venv/bin/popauth")
+# The popauth of the Python running the tests; other packages ship a
+# "popauth" of their own in /usr/bin (mailutils-pop3d does).
+_BESIDE_PYTHON = Path(sys.executable).parent / "popauth"
+POPAUTH = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else shutil.which("popauth") or "popauth"
 
 
 def toml_value(value: Any) -> str:
@@ -38,8 +43,11 @@ class PopauthServer:
     and ``local.test`` as the local domain.
     """
 
-    def __init__(self, directory: Path, **settings: Any) -> None:
+    def __init__(self, directory: Path, *, wrapper: Sequence[str] = (), **settings: Any) -> None:
         self.directory = directory
+        # A command that runs popauth (e.g. in a private mount namespace);
+        # it must exec it, so that signals reach popauth itself.
+        self.wrapper = list(wrapper)
         self.milter_path = directory / "milter.sock"
         self.ingest_path = directory / "ingest.sock"
         self.config_path = directory / "popauth.toml"
@@ -67,7 +75,9 @@ class PopauthServer:
         )
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [POPAUTH, "serve", "--config", str(self.config_path)], stdout=log, stderr=log
+            [*self.wrapper, POPAUTH, "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
         )
         log.close()
         deadline = time.monotonic() + timeout
