@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
     check = commands.add_parser("check-config", help="validate a settings file and exit")
     check.add_argument("config", type=Path)
+    sessions = commands.add_parser(
+        "sessions", help="keep open IMAP/POP sessions relaying (runs beside Dovecot)"
+    )
+    sessions.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
+    sessions.add_argument("--once", action="store_true", help="run one renewal cycle and exit")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -130,6 +135,35 @@ def _run_client(arguments: argparse.Namespace) -> int:
     return EXIT_ERROR
 
 
+def _run_sessions(arguments: argparse.Namespace) -> int:
+    # Standard library only, like the client commands: no server modules.
+    from popauth.config import ConfigError, load_settings
+    from popauth.sessions import (
+        EventLog,
+        RenewalPlan,
+        SessionRenewer,
+        doveadm_command,
+        run_until_signalled,
+    )
+
+    try:
+        settings = load_settings(arguments.config)
+    except ConfigError as error:
+        print(f"popauth: configuration error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    plan = RenewalPlan(
+        ingest_socket=settings.ingest_socket,
+        command=tuple(doveadm_command(settings.session_doveadm, settings.session_dovecot_config)),
+        services=frozenset(settings.session_protocols),
+        interval=settings.session_interval(),
+    )
+    renewer = SessionRenewer(plan, EventLog(settings.log_format, settings.log_level))
+    if arguments.once:
+        return EXIT_OK if renewer.cycle() else EXIT_ERROR
+    run_until_signalled(renewer)
+    return EXIT_OK
+
+
 def _run_server(arguments: argparse.Namespace) -> int:
     from popauth.config import ConfigError, load_settings
 
@@ -157,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     if arguments.command in ("serve", "check-config"):
         return _run_server(arguments)
+    if arguments.command == "sessions":
+        return _run_sessions(arguments)
     return _run_client(arguments)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 
 # Kept equal to popauth.ingest.protocol.MULTI_LINE (a test checks), without
 # importing it: this module must load nothing but the standard library.
@@ -46,6 +47,59 @@ class IngestClient:
             ) from None
         finally:
             connection.close()
+
+    def request_many(self, lines: Sequence[str], window: int = 256) -> list[str]:
+        """Send requests with one-line replies over one connection; their replies.
+
+        Up to ``window`` requests are in flight at a time, so neither side's
+        socket buffer can fill while the other waits. The whole batch has
+        the client's timeout.
+        """
+        deadline = time.monotonic() + self._timeout
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        replies: list[str] = []
+        try:
+            connection.settimeout(self._timeout)
+            connection.connect(self._path)
+            buffer = b""
+            for start in range(0, len(lines), window):
+                in_flight = lines[start : start + window]
+                connection.settimeout(max(0.001, deadline - time.monotonic()))
+                connection.sendall("".join(f"{line}\n" for line in in_flight).encode())
+                expected = len(replies) + len(in_flight)
+                while len(replies) < expected:
+                    while b"\n" not in buffer:
+                        data = self._receive(connection, deadline)
+                        if not data:
+                            last = f": {replies[-1]}" if replies else ""
+                            raise IngestUnreachable(
+                                f"{self._path} closed the connection after "
+                                f"{len(replies)} of {len(lines)} replies{last}"
+                            )
+                        buffer += data
+                    raw, buffer = buffer.split(b"\n", 1)
+                    replies.append(raw.decode("utf-8", "replace"))
+            return replies
+        except TimeoutError:
+            raise IngestUnreachable(
+                f"{len(replies)} of {len(lines)} replies from {self._path} within {self._timeout}s"
+            ) from None
+        except OSError as error:
+            if isinstance(error, IngestUnreachable):
+                raise
+            raise IngestUnreachable(
+                f"cannot talk to {self._path}: {error.strerror or error}"
+            ) from None
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _receive(connection: socket.socket, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        connection.settimeout(remaining)
+        return connection.recv(65536)
 
     @staticmethod
     def _read_reply(connection: socket.socket, deadline: float, is_list: bool) -> list[str]:

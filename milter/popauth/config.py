@@ -65,6 +65,14 @@ class Settings:
     socketmap_idle_timeout: float = 300.0
     socketmap_max_clients: int = 512
     ttl: int = 900
+    # popauth sessions (on the Dovecot host): seconds between renewals of the
+    # entries of open sessions; 0 = a quarter of ttl. Must be less than ttl.
+    session_renew_interval: float = 0.0
+    # The doveadm that lists sessions, and Dovecot's configuration for it
+    # ("" = doveadm's default); which Dovecot protocols' sessions count.
+    session_doveadm: str = "doveadm"
+    session_dovecot_config: str = ""
+    session_protocols: tuple[str, ...] = ("imap", "pop3")
     max_entries: int = 100_000
     store: str = "memory"
     # The embedded store's snapshot; "" disables it.
@@ -104,6 +112,10 @@ class Settings:
             pop_first=PopFirst(self.pop_first),
         )
 
+    def session_interval(self) -> float:
+        """Seconds between session renewals (``session_renew_interval``, or ttl / 4)."""
+        return self.session_renew_interval or self.ttl / 4
+
     def metrics_address(self) -> tuple[str, int] | None:
         if not self.metrics_listen:
             return None
@@ -125,6 +137,7 @@ _Validator = Callable[[Any], Any]
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _MAILER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 _DOMAIN = re.compile(r"\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?")
+_PROTOCOL = re.compile(r"[a-z0-9_-]{1,32}")
 _SMTP_TEXT = re.compile(r"[\x20-\x7e]*")
 # C0 controls, DEL and C1 controls: a line break in a mailer name, a NUL in a
 # path or an escape sequence in a message is never meant and fails later.
@@ -351,6 +364,19 @@ def _mailer(text: str) -> str:
     return text.lower()
 
 
+def _renew_interval(value: Any) -> float:
+    interval: float = _number(0, 86_400)(value)
+    if 0 < interval < 0.1:
+        raise ValueError("must be 0 (a quarter of ttl) or at least 0.1")
+    return interval
+
+
+def _protocol(text: str) -> str:
+    if not _PROTOCOL.fullmatch(text):
+        raise ValueError(f"not a Dovecot protocol name: {text!r}")
+    return text
+
+
 def _user(text: str) -> str:
     if not _DECIMAL.fullmatch(text):
         try:
@@ -421,6 +447,10 @@ VALIDATORS: Mapping[str, _Validator] = {
     "socketmap_idle_timeout": _number(1, 86_400),
     "socketmap_max_clients": _integer(1, 100_000),
     "ttl": _integer(1, 7 * 86_400),
+    "session_renew_interval": _renew_interval,
+    "session_doveadm": _nonempty(_text),
+    "session_dovecot_config": _optional(_file_path),
+    "session_protocols": _nonempty(_string_list(_protocol)),
     "max_entries": _integer(1, 100_000_000),
     "store": _choice("memory", "redis"),
     "snapshot_path": _optional(_file_path),
@@ -458,6 +488,7 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
             raise ConfigError(f"bad value for {key!r}: {error}") from None
     settings = Settings(**values)
     _check_trusted_networks(settings)
+    _check_session_renew_interval(settings)
     return settings
 
 
@@ -473,6 +504,16 @@ def _check_trusted_networks(settings: Settings) -> None:
                 "and would let much of the Internet relay; set "
                 "allow_wide_trusted_networks = true if that is meant"
             )
+
+
+def _check_session_renew_interval(settings: Settings) -> None:
+    interval = settings.session_renew_interval
+    if interval and interval >= settings.ttl:
+        # A renewal must come before the entry it renews expires.
+        raise ConfigError(
+            f"bad value for 'session_renew_interval': must be less than ttl ({settings.ttl}), "
+            "or 0 for a quarter of it"
+        )
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -119,3 +119,60 @@ def test_unix_socket_url(redis_server: RedisInstance) -> None:
     grant = over_tcp.lookup(A)
     assert grant is not None
     assert grant.user == "alice"
+
+
+def test_renew_extends_only_a_live_entry_of_the_same_user(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server, ttl=900)
+    store.grant(A, "alice with spaces")
+    key = "popauth:192.0.2.1"
+    store._client.expire(key, 5)  # as if the login was long ago
+    renewed = store.renew(A, "alice with spaces")
+    assert renewed is not None
+    assert renewed.expires_at - renewed.granted_at == 900
+    assert 895 <= store._client.ttl(key) <= 900
+    grant = store.lookup(A)
+    assert grant is not None
+    assert grant.user == "alice with spaces"
+    assert grant.expires_at == pytest.approx(renewed.expires_at, abs=0.001)
+    # Someone else's session changes nothing.
+    store._client.expire(key, 5)
+    assert store.renew(A, "alice") is None
+    assert store.renew(A, "alice with") is None
+    assert store._client.ttl(key) <= 5
+    grant = store.lookup(A)
+    assert grant is not None
+    assert grant.user == "alice with spaces"
+
+
+def test_renew_never_creates_and_revokes_win(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    assert store.renew(A, "alice") is None
+    store.grant(A, "alice")
+    store.grant(B, "alice")
+    store.revoke(A)
+    store.revoke_user("alice")
+    assert store.renew(A, "alice") is None
+    assert store.renew(B, "alice") is None
+    assert store._client.keys("popauth:*") == []
+    store.grant(A, "alice")  # the next real login
+    assert store.renew(A, "alice") is not None
+
+
+def test_renew_leaves_foreign_values_alone(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    store._client.set("popauth:192.0.2.1", b"\xff garbage", ex=50)
+    assert store.renew(A, "garbage") is None
+    assert store._client.get("popauth:192.0.2.1") == b"\xff garbage"
+    assert store._client.ttl("popauth:192.0.2.1") <= 50
+
+
+def test_renew_fails_closed_when_redis_is_down(redis_server: RedisInstance) -> None:
+    store = make_store(redis_server)
+    store.grant(A, "alice")
+    redis_server.stop()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        store.renew(A, "alice")
+    assert time.monotonic() - started < 2
+    redis_server.start()
+    assert store.renew(A, "alice") is None  # the restart lost the entry; none is made up

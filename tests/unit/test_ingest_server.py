@@ -17,7 +17,7 @@ import pytest
 from popauth.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
 from popauth.client import IngestClient
-from popauth.ingest.protocol import MAX_LINE
+from popauth.ingest.protocol import MAX_LINE, parse_fields
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.metrics import Metrics
 from popauth.sockets import SocketInUse
@@ -394,3 +394,69 @@ def test_half_closed_client_still_gets_every_reply(tmp_path: Path) -> None:
         assert lines[1].startswith("OK address=192.0.2.1 user=alice")
     finally:
         slow.server.stop()
+
+
+def test_renew_extends_only_an_entry_of_the_same_user(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 alice")
+    endpoint.clock.advance(800)
+    reply = endpoint.ask("RENEW 192.0.2.1 alice")[0]
+    fields = parse_fields(reply.removeprefix("OK "))
+    assert reply.startswith("OK address=192.0.2.1 user=alice ")
+    assert int(fields["expires"]) == int(endpoint.clock.time()) + 900
+    endpoint.clock.advance(800)
+    assert endpoint.ask("QUERY 192.0.2.1")[0].startswith("OK address=192.0.2.1 user=alice")
+    assert endpoint.ask("RENEW 192.0.2.1 bob") == ["NOTFOUND address=192.0.2.1"]
+    # Never creates: no entry, no whitelisting.
+    assert endpoint.ask("RENEW 192.0.2.2 alice") == ["NOTFOUND address=192.0.2.2"]
+    assert endpoint.ask("QUERY 192.0.2.2") == ["NOTFOUND address=192.0.2.2"]
+    assert endpoint.store.stats().grants == 1
+
+
+def test_revoke_and_block_win_over_renewals(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 alice")
+    endpoint.ask("LOGIN 192.0.2.2 mallory")
+    endpoint.ask("REVOKE 192.0.2.1")
+    assert endpoint.ask("RENEW 192.0.2.1 alice") == ["NOTFOUND address=192.0.2.1"]
+    assert endpoint.ask("QUERY 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
+    endpoint.ask("BLOCK mallory")
+    assert endpoint.ask("RENEW 192.0.2.2 mallory") == ["ERR blocked user mallory is blocked"]
+    assert endpoint.ask("QUERY 192.0.2.2") == ["NOTFOUND address=192.0.2.2"]
+    assert "renew_refused_blocked" in events(endpoint.sink)
+    # A blocked user's entry that slipped in (a login racing the block on
+    # another host) is not extended either.
+    endpoint.store.grant(parse_client_address("192.0.2.3"), "mallory")
+    assert endpoint.ask("RENEW 192.0.2.3 mallory")[0].startswith("ERR blocked")
+    # The next real login brings alice's entry back, and renewals work again.
+    endpoint.ask("LOGIN 192.0.2.1 alice")
+    assert endpoint.ask("RENEW 192.0.2.1 alice")[0].startswith("OK ")
+
+
+def test_renew_needs_a_peer_that_may_report_logins(tmp_path: Path) -> None:
+    strict = Endpoint(tmp_path, peers=PeerPolicy(frozenset({4242}), frozenset({4242})))
+    strict.server.start()
+    try:
+        strict.store.grant(A, "alice")
+        strict.clock.advance(800)
+        assert strict.ask("RENEW 192.0.2.1 alice")[0].startswith("ERR forbidden")
+        grant = strict.store.lookup(A)
+        assert grant is not None
+        assert grant.expires_at == strict.clock.time() + 100
+    finally:
+        strict.server.stop()
+
+
+def test_a_batch_of_renewals_on_one_connection(endpoint: Endpoint) -> None:
+    for n in range(50):
+        endpoint.ask(f"LOGIN 198.51.100.{n} user{n}")
+    batch = "".join(f"RENEW 198.51.100.{n} user{n % 40}\n" for n in range(100)).encode()
+    with endpoint.raw() as connection:
+        connection.sendall(batch + b"QUIT\n")
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    assert len(lines) == 101
+    assert lines[-1] == "OK bye"
+    found = [n for n, line in enumerate(lines[:100]) if line.startswith("OK ")]
+    assert found == list(range(40))
+    assert all(line.startswith("NOTFOUND ") for line in lines[40:100])

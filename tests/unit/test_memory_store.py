@@ -133,3 +133,64 @@ def test_concurrent_use_is_safe() -> None:
     assert stats.grants == 1000
     assert stats.entries <= 500
     assert len(store.entries()) == stats.entries
+
+
+def test_renew_extends_only_a_live_entry_of_the_same_user() -> None:
+    store, clock = make(ttl=900)
+    store.grant(A, "alice")
+    clock.advance(800)
+    renewed = store.renew(A, "alice")
+    assert renewed is not None
+    assert (renewed.user, renewed.granted_at, renewed.expires_at) == (
+        "alice",
+        clock.time(),
+        clock.time() + 900,
+    )
+    clock.advance(800)  # 1600 s after the login: alive only thanks to the renewal
+    grant = store.lookup(A)
+    assert grant is not None
+    assert grant.expires_at == clock.time() + 100
+    # Another user's session never extends alice's entry, and changes nothing.
+    assert store.renew(A, "bob") is None
+    clock.advance(100)
+    assert store.lookup(A) is None
+    assert store.stats().grants == 1
+
+
+def test_renew_never_creates_an_entry() -> None:
+    store, clock = make(ttl=900)
+    assert store.renew(A, "alice") is None
+    store.grant(B, "alice")
+    clock.advance(900)  # expired
+    assert store.renew(B, "alice") is None
+    assert store.lookup(A) is None
+    assert store.lookup(B) is None
+    assert store.entries() == []
+
+
+def test_revoked_entries_stay_revoked_until_the_next_login() -> None:
+    store, clock = make(ttl=900)
+    store.grant(A, "alice")
+    store.grant(B, "alice")
+    store.revoke(A)
+    store.revoke_user("alice")
+    for _ in range(3):
+        clock.advance(300)
+        assert store.renew(A, "alice") is None
+        assert store.renew(B, "alice") is None
+    assert store.lookup(A) is None
+    store.grant(A, "alice")  # a real login brings it back
+    assert store.renew(A, "alice") is not None
+
+
+def test_renewed_entry_moves_to_the_young_end_of_the_eviction_order() -> None:
+    store, clock = make(ttl=900, max_entries=2)
+    store.grant(A, "alice")
+    clock.advance(1)
+    store.grant(B, "bob")
+    clock.advance(1)
+    store.renew(A, "alice")
+    outcome = store.grant(C, "carol")  # full: the oldest is now bob's
+    assert outcome.evicted is not None
+    assert outcome.evicted.address == B
+    assert [g.address for g in store.entries()] == [A, C]

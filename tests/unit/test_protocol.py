@@ -37,6 +37,10 @@ from popauth.ingest.protocol import (
         ),
         (b"REVOKE 192.0.2.1\n", Request(Verb.REVOKE, parse_client_address("192.0.2.1"))),
         (b"LIST\n", Request(Verb.LIST)),
+        (
+            b"renew ::ffff:192.0.2.1 alice\n",
+            Request(Verb.RENEW, parse_client_address("192.0.2.1"), "alice"),
+        ),
         (b"stats\n", Request(Verb.STATS)),
         (b"PING", Request(Verb.PING)),
         (b"QUIT\n", Request(Verb.QUIT)),
@@ -54,6 +58,10 @@ def test_parse(line: bytes, request_: Request) -> None:
         (b"LOGIN\n", ErrorCode.SYNTAX),
         (b"LOGIN 192.0.2.1 alice extra\n", ErrorCode.SYNTAX),
         (b"LIST everything\n", ErrorCode.SYNTAX),
+        (b"RENEW 192.0.2.1\n", ErrorCode.SYNTAX),  # whose session: the user is required
+        (b"RENEW 192.0.2.1 alice bob\n", ErrorCode.SYNTAX),
+        (b"RENEW 192.0.2.1 \xc2\x85alice\n", ErrorCode.SYNTAX),
+        (b"RENEW localhost alice\n", ErrorCode.ADDRESS),
         (b"LOGIN not-an-ip alice\n", ErrorCode.ADDRESS),
         (b"LOGIN 192.0.2.0/24 alice\n", ErrorCode.ADDRESS),
         (b"LOGIN 192.0.2.1 " + b"u" * 300 + b"\n", ErrorCode.USER),

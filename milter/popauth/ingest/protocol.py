@@ -29,6 +29,7 @@ MAX_LINE = 512
 
 class Verb(enum.Enum):
     LOGIN = "LOGIN"
+    RENEW = "RENEW"
     QUERY = "QUERY"
     REVOKE = "REVOKE"
     REVOKEUSER = "REVOKEUSER"
@@ -43,7 +44,7 @@ class Verb(enum.Enum):
 
 
 # Verbs that change the whitelist: only allowed peers (the POP server's hook).
-STATE_CHANGING = frozenset({Verb.LOGIN, Verb.REVOKE, Verb.REVOKEUSER})
+STATE_CHANGING = frozenset({Verb.LOGIN, Verb.RENEW, Verb.REVOKE, Verb.REVOKEUSER})
 # Verbs that change the block list: only root and popauth's own user.
 ADMINISTRATIVE = frozenset({Verb.BLOCK, Verb.UNBLOCK})
 # Replies of these verbs are "OK count=N" and N more lines.
@@ -58,6 +59,7 @@ class Argument(enum.Enum):
 
 _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
     Verb.LOGIN: (Argument.ADDRESS, Argument.OPTIONAL_USER),
+    Verb.RENEW: (Argument.ADDRESS, Argument.USER),
     Verb.QUERY: (Argument.ADDRESS,),
     Verb.REVOKE: (Argument.ADDRESS,),
     Verb.REVOKEUSER: (Argument.USER,),

@@ -205,6 +205,8 @@ class IngestServer(UnixStreamServer):
         described = self._keying.describe(key)
         if verb is Verb.LOGIN:
             return self._login(key, described, request.user, peer)
+        if verb is Verb.RENEW:
+            return self._renew(key, described, request.user)
         if verb is Verb.REVOKE:
             removed = self._store.revoke(key)
             self._log.info(
@@ -238,6 +240,19 @@ class IngestServer(UnixStreamServer):
         )
         renewed = "yes" if outcome.renewed else "no"
         return protocol.ok(f"{protocol.format_grant(outcome.grant, described)} renewed={renewed}")
+
+    def _renew(self, key: IPAddress, described: str, user: str) -> bytes:
+        """Extend a live session's entry; never create one (see store.renew)."""
+        if user in self._blocklist:
+            self._log.warning("renew_refused_blocked", client_ip=described, user=user)
+            return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
+        grant = self._store.renew(key, user)
+        # One line per open session per cycle: debug only; the renewing side
+        # logs a summary of each cycle.
+        self._log.debug("renew", client_ip=described, user=user, found=grant is not None)
+        if grant is None:
+            return protocol.not_found(described)
+        return protocol.ok(protocol.format_grant(grant, described))
 
     def _execute_for_user(self, verb: Verb, user: str, peer: Peer) -> bytes:
         if verb is Verb.UNBLOCK:

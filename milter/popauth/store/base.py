@@ -78,6 +78,16 @@ class WhitelistStore(abc.ABC):
         """Whitelist ``address`` for the configured TTL, renewing an entry."""
 
     @abc.abstractmethod
+    def renew(self, address: IPAddress, user: str) -> Grant | None:
+        """Extend the live entry of ``address`` by a full TTL if it belongs to ``user``.
+
+        Never creates an entry: returns None when there is none (expired,
+        revoked, never granted) or when it belongs to someone else, and then
+        changes nothing. So a revoke stays in force until the next login.
+        The returned entry's ``granted_at`` is the time of this renewal.
+        """
+
+    @abc.abstractmethod
     def lookup(self, address: IPAddress) -> Grant | None:
         """The live entry for ``address``, or None."""
 

@@ -116,6 +116,20 @@ class MemoryStore(WhitelistStore):
             self._renewals += renewed
         return GrantOutcome(self._grant_of(address, user, expires), renewed, evicted)
 
+    def renew(self, address: IPAddress, user: str) -> Grant | None:
+        key = _key(address)
+        # The frozen timer makes the check and the update one instant: an
+        # entry that expires in between must not come back.
+        with self._lock, self._cache.timer:
+            live = self._cache.peek(key)
+            if live is None or live[0] != user:
+                return None
+            # Setting the key again restarts its TTL and moves it to the
+            # young end of the expiry order, like a login does.
+            self._cache[key] = live[0]
+            expires = self._cache.expiry(key)
+        return self._grant_of(address, live[0], expires)
+
     def lookup(self, address: IPAddress) -> Grant | None:
         key = _key(address)
         with self._lock:

@@ -26,6 +26,18 @@ from popauth.addresses import AddressError, IPAddress, parse_client_address
 from popauth.clock import Clock
 from popauth.store.base import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
 
+# RENEW in one step on the server: extend the key only while it exists and
+# belongs to the user (never create it, so a revoke wins), with a new value
+# and a new expiry. KEYS[1] the entry; ARGV user, new value, ttl.
+_RENEW_SCRIPT = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local user = string.match(raw, '^[^ ]+ [^ ]+ (.*)$')
+if user ~= ARGV[1] then return false end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
 
 def _encode(grant: Grant) -> str:
     # The user goes last: it is the only field that may contain anything.
@@ -60,6 +72,7 @@ class RedisStore(WhitelistStore):
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        self._renew_script = self._client.register_script(_RENEW_SCRIPT)
         # Counters of this process only; Redis holds the shared entries.
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
@@ -86,6 +99,17 @@ class RedisStore(WhitelistStore):
         renewed = previous is not None
         self._count(grants=1, renewals=int(renewed))
         return GrantOutcome(grant, renewed)
+
+    def renew(self, address: IPAddress, user: str) -> Grant | None:
+        now = self._clock.time()
+        grant = Grant(address, user, now, now + self._ttl)
+        try:
+            renewed = self._renew_script(
+                keys=[self._key(address)], args=[user, _encode(grant), self._ttl]
+            )
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+        return grant if renewed else None
 
     def lookup(self, address: IPAddress) -> Grant | None:
         try:
