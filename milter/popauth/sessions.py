@@ -33,10 +33,8 @@ from typing import Any, TextIO
 
 from popauth.addresses import AddressError, parse_client_address
 from popauth.client import IngestClient, IngestUnreachable
+from popauth.usernames import is_valid_user_name
 
-# Kept equal to popauth.ingest.protocol.MAX_USER (a test checks), without
-# importing it: that module pulls in the server's dependencies.
-MAX_USER = 256
 # Column titles in ``doveadm -f tab who -1`` output (Dovecot 2.3 says
 # "proto"; the field's name, and its title in later versions, is "service").
 _SERVICE_COLUMNS = ("proto", "service")
@@ -63,11 +61,6 @@ class WhoListing:
     other_services: int = 0
     # Lines that could not be used: wrong field count, no or bad address, odd user.
     unusable: int = 0
-
-
-def _usable_user(user: str) -> bool:
-    # The ingest protocol's rule: 1 to MAX_USER visible characters, no blanks.
-    return 0 < len(user) <= MAX_USER and user.isprintable() and not any(c.isspace() for c in user)
 
 
 def parse_doveadm_who(text: str, services: Collection[str]) -> WhoListing:
@@ -107,7 +100,7 @@ def parse_doveadm_who(text: str, services: Collection[str]) -> WhoListing:
         except AddressError:
             listing.unusable += 1  # e.g. no address: a connection over a UNIX socket
             continue
-        if not _usable_user(user):
+        if not is_valid_user_name(user):
             listing.unusable += 1
             continue
         session = Session(address, user)
