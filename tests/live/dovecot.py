@@ -319,3 +319,36 @@ def imap_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1"
         return False
     client.logout()
     return True
+
+
+class ImapSession:
+    """An IMAP session held open from ``source_ip`` (LOGIN on enter, LOGOUT on exit).
+
+    What a client in IDLE looks like to Dovecot: logged in, connected, silent.
+    """
+
+    def __init__(self, port: int, user: str, password: str, source_ip: str) -> None:
+        class _Bound(imaplib.IMAP4):
+            def _create_socket(self, timeout: float | None) -> socket.socket:
+                return socket.create_connection(
+                    (self.host, self.port), timeout, source_address=(source_ip, 0)
+                )
+
+        self.client = _Bound("127.0.0.1", port, timeout=10)
+        self._user = user
+        self._password = password
+
+    def __enter__(self) -> ImapSession:
+        try:
+            self.client.login(self._user, self._password)
+        except imaplib.IMAP4.error:
+            self.client.shutdown()
+            raise
+        return self
+
+    def logout(self) -> None:
+        if self.client.state != "LOGOUT":
+            self.client.logout()
+
+    def __exit__(self, *exc: object) -> None:
+        self.logout()

@@ -1,0 +1,239 @@
+"""Open IMAP sessions keep relaying: real Dovecot, real Postfix, ``popauth sessions``.
+
+A short ttl (2 s) and renewal interval (0.5 s) stand for the real 900 s and
+225 s. Dovecot's post-login hook whitelists the client at login; ``popauth
+sessions`` lists the open sessions with the real ``doveadm who`` and renews
+them; Postfix asks the popauth milter at RCPT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.live.conftest import LIVE_SETTINGS, USERS, PopauthFactory
+from tests.live.dovecot import DovecotInstance, ImapSession
+from tests.live.ports import free_port
+from tests.live.postfix import PostfixInstance
+from tests.live.redis import RedisInstance
+from tests.live.sessions import SessionsProcess
+from tests.live.smtp import REMOTE, rcpt_reply
+from tests.support.popauth_server import PopauthServer
+
+pytestmark = pytest.mark.live
+
+TTL = 2
+INTERVAL = 0.5
+
+
+def imap_port(dovecot: DovecotInstance) -> int:
+    assert dovecot.imap_port is not None, "the live Dovecot serves IMAP"
+    return dovecot.imap_port
+
+
+def relay_code(postfix: PostfixInstance, client: str) -> int:
+    return rcpt_reply(postfix.smtp_port, client, REMOTE)[0]
+
+
+def assert_refused(postfix: PostfixInstance, client: str) -> None:
+    code, text = rcpt_reply(postfix.smtp_port, client, REMOTE)
+    assert (code, text.split(" ", 1)[0]) == (550, "5.7.1"), (code, text)
+
+
+def hold_and_check_relaying(postfix: PostfixInstance, client: str, seconds: float) -> int:
+    """Relay from ``client`` every 0.25 s for ``seconds``; every RCPT must get 250."""
+    checks = 0
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert relay_code(postfix, client) == 250, f"refused after {checks} accepted RCPTs"
+        checks += 1
+        time.sleep(0.25)
+    return checks
+
+
+def seconds_until_refused(postfix: PostfixInstance, client: str, limit: float) -> float:
+    """Poll RCPTs from ``client`` until one is refused; the seconds that took."""
+    started = time.monotonic()
+    while relay_code(postfix, client) == 250:
+        assert time.monotonic() - started < limit, f"still relaying after {limit}s"
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert_refused(postfix, client)
+    return elapsed
+
+
+@dataclass
+class Site:
+    """Where the RCPTs go (Postfix and the popauth it asks) and the Dovecot host's popauth."""
+
+    postfix: PostfixInstance
+    mta_popauth: PopauthServer
+    dovecot_popauth: PopauthServer
+    sessions: SessionsProcess
+
+
+@pytest.fixture
+def one_host(
+    live_root: Path,
+    dovecot: DovecotInstance,
+    postfix: PostfixInstance,
+    start_popauth: PopauthFactory,
+    tmp_path: Path,
+) -> Iterator[Site]:
+    """Dovecot, popauth (memory store) and Postfix on one host."""
+    popauth = start_popauth(ttl=TTL)
+    with SessionsProcess(
+        directory=tmp_path / "sessions",
+        dovecot=dovecot,
+        ingest_socket=popauth.ingest_path,
+        ttl=TTL,
+        interval=INTERVAL,
+    ) as sessions:
+        yield Site(postfix, popauth, popauth, sessions)
+
+
+def test_an_open_imap_session_keeps_relaying_and_logout_ends_it(
+    one_host: Site, dovecot: DovecotInstance
+) -> None:
+    site = one_host
+    with ImapSession(imap_port(dovecot), "alice", USERS["alice"], "127.0.0.2") as session:
+        logged_in = time.monotonic()
+        assert relay_code(site.postfix, "127.0.0.2") == 250
+        hold_and_check_relaying(site.postfix, "127.0.0.2", 2.5 * TTL)
+        assert time.monotonic() - logged_in > 2 * TTL
+        assert relay_code(site.postfix, "127.0.0.2") == 250
+        assert relay_code(site.postfix, "127.0.0.3") == 550  # nobody else
+        session.logout()
+    # The entry outlives the session by at most ttl (and the cycle in flight).
+    refused_after = seconds_until_refused(site.postfix, "127.0.0.2", limit=3 * TTL)
+    assert refused_after <= TTL + INTERVAL, refused_after
+    renewed = site.sessions.events("sessions_renewed")
+    assert sum(event["renewed"] for event in renewed) >= 2 * TTL / INTERVAL
+    assert all(event["errors"] == 0 for event in renewed)
+
+
+def test_a_revoke_during_an_open_session_stays_revoked(
+    one_host: Site, dovecot: DovecotInstance
+) -> None:
+    site = one_host
+    with ImapSession(imap_port(dovecot), "bob", USERS["bob"], "127.0.0.4"):
+        assert relay_code(site.postfix, "127.0.0.4") == 250
+        revoke = site.dovecot_popauth.cli("revoke", "127.0.0.4")
+        assert revoke.returncode == 0, revoke
+        assert_refused(site.postfix, "127.0.0.4")
+        # Several renewal cycles see the open session and bring nothing back.
+        cycles = site.sessions.wait_for_cycles(4, timeout=10)
+        assert all(cycle["event"] == "sessions_renewed" for cycle in cycles)
+        assert cycles[-1]["sessions"] >= 1
+        assert cycles[-1]["renewed"] == 0
+        assert cycles[-1]["not_found"] >= 1
+        assert_refused(site.postfix, "127.0.0.4")
+        assert site.dovecot_popauth.ask("QUERY 127.0.0.4") == ["NOTFOUND address=127.0.0.4"]
+        # The next real login whitelists again, and renewals carry on from there.
+        with ImapSession(imap_port(dovecot), "bob", USERS["bob"], "127.0.0.4"):
+            assert relay_code(site.postfix, "127.0.0.4") == 250
+            hold_and_check_relaying(site.postfix, "127.0.0.4", 1.5 * TTL)
+
+
+def test_a_blocked_user_stays_blocked_while_the_session_lasts(
+    one_host: Site, dovecot: DovecotInstance
+) -> None:
+    site = one_host
+    with ImapSession(imap_port(dovecot), "alice", USERS["alice"], "127.0.0.5"):
+        assert relay_code(site.postfix, "127.0.0.5") == 250
+        block = site.dovecot_popauth.cli("block", "alice")
+        assert block.returncode == 0, block
+        try:
+            cycles = site.sessions.wait_for_cycles(4, timeout=10)
+            assert cycles[-1]["blocked"] >= 1
+            assert cycles[-1]["renewed"] == 0
+            assert_refused(site.postfix, "127.0.0.5")
+        finally:
+            site.dovecot_popauth.cli("unblock", "alice")
+        # Unblocking lifts the refusal of logins but brings back no entry.
+        site.sessions.wait_for_cycles(2, timeout=10)
+        assert_refused(site.postfix, "127.0.0.5")
+
+
+# --- Dovecot and the MTA on different hosts, sharing one Redis ----------------
+
+
+@pytest.fixture(scope="module")
+def redis_server(live_root: Path) -> Iterator[RedisInstance]:
+    with RedisInstance(root=live_root / "sessions-redis", port=free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mta_host(live_root: Path) -> Iterator[PostfixInstance]:
+    """A second host's Postfix, asking its own popauth (in ``mta-host/``)."""
+    directory = live_root / "mta-host"
+    directory.mkdir(mode=0o755)
+    with PostfixInstance(
+        root=directory / "postfix",
+        smtp_port=free_port(),
+        milter=f"unix:{directory / 'milter.sock'}",
+        local_domain="local.test",
+        extra_main_cf={"myhostname": "mta.local.test", "myorigin": "local.test"},
+    ) as postfix:
+        yield postfix
+
+
+@pytest.fixture
+def two_hosts(
+    dovecot: DovecotInstance,
+    mta_host: PostfixInstance,
+    redis_server: RedisInstance,
+    start_popauth: PopauthFactory,
+    tmp_path: Path,
+) -> Iterator[Site]:
+    """The Dovecot host's popauth (hook and sessions) and the MTA host's, on one Redis."""
+    redis_server.flush()
+    shared: dict[str, Any] = {"store": "redis", "redis_url": redis_server.url, "ttl": TTL}
+    dovecot_side = start_popauth(**shared)
+    mta_directory = mta_host.root.parent
+    with (
+        PopauthServer(mta_directory, **LIVE_SETTINGS, **shared) as mta_side,
+        SessionsProcess(
+            directory=tmp_path / "sessions",
+            dovecot=dovecot,
+            ingest_socket=dovecot_side.ingest_path,
+            ttl=TTL,
+            interval=INTERVAL,
+        ) as sessions,
+    ):
+        yield Site(mta_host, mta_side, dovecot_side, sessions)
+
+
+def test_sessions_renew_through_redis_for_another_host(
+    two_hosts: Site, dovecot: DovecotInstance
+) -> None:
+    site = two_hosts
+    with ImapSession(imap_port(dovecot), "alice", USERS["alice"], "127.0.0.6") as session:
+        assert relay_code(site.postfix, "127.0.0.6") == 250
+        hold_and_check_relaying(site.postfix, "127.0.0.6", 2.5 * TTL)
+        # The MTA host's popauth decided, from the entry the other host renewed.
+        decisions = site.mta_popauth.events("relay_decision")
+        assert decisions[-1]["reason"] == "whitelisted"
+        assert site.dovecot_popauth.events("relay_decision") == []
+        session.logout()
+    refused_after = seconds_until_refused(site.postfix, "127.0.0.6", limit=3 * TTL)
+    assert refused_after <= TTL + INTERVAL, refused_after
+
+
+def test_a_revoke_on_the_mta_host_wins_over_renewals(
+    two_hosts: Site, dovecot: DovecotInstance
+) -> None:
+    site = two_hosts
+    with ImapSession(imap_port(dovecot), "bob", USERS["bob"], "127.0.0.7"):
+        assert relay_code(site.postfix, "127.0.0.7") == 250
+        assert site.mta_popauth.cli("revoke", "127.0.0.7").returncode == 0
+        cycles = site.sessions.wait_for_cycles(4, timeout=10)
+        assert cycles[-1]["event"] == "sessions_renewed"
+        assert cycles[-1]["renewed"] == 0
+        assert_refused(site.postfix, "127.0.0.7")
