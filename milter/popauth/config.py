@@ -82,6 +82,21 @@ class Settings:
     # Seconds a Redis connect or reply may take before the caller fails closed.
     redis_timeout: float = 0.5
     redis_key_prefix: str = "popauth:"
+    # Redis Sentinel: "HOST:PORT" of each sentinel; empty = talk to redis_url directly.
+    redis_sentinels: tuple[str, ...] = ()
+    # The master's name in the sentinels' configuration ("sentinel monitor NAME ...").
+    redis_sentinel_service: str = "popauth"
+    # The sentinels' own credentials and TLS (the master's come from redis_url).
+    redis_sentinel_username: str = ""
+    redis_sentinel_password: str = ""
+    redis_sentinel_tls: bool = False
+    redis_sentinel_tls_ca_file: str = ""
+    redis_sentinel_tls_cert_file: str = ""
+    redis_sentinel_tls_key_file: str = ""
+    # Replicas that must hold a login before it is acknowledged (WAIT); 0 = none.
+    redis_wait_replicas: int = 0
+    # Seconds a login waits for those replicas before it is refused.
+    redis_wait_timeout: float = 0.1
     trusted_networks: tuple[IPNetwork, ...] = field(
         default_factory=lambda: (parse_network("127.0.0.0/8"), parse_network("::1/128"))
     )
@@ -103,6 +118,9 @@ class Settings:
     metrics_listen: str = ""
     log_format: str = "console"
     log_level: str = "info"
+
+    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(_split_host_port(address) for address in self.redis_sentinels)
 
     def relay_policy(self) -> RelayPolicy:
         return RelayPolicy(
@@ -295,6 +313,11 @@ def _milter_spec(value: Any) -> str:
     return text
 
 
+_sentinel_service = _matching(
+    r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
+)
+
+
 def _redis_url(value: Any) -> str:
     text = _text(value)
     if not re.fullmatch(r"(redis|rediss|unix)://.*", text):
@@ -342,6 +365,36 @@ def _listen_address(value: Any) -> str:
         raise ValueError(f"not an IP address: {host!r}") from None
     if (address.version == 6) != host.startswith("["):
         raise ValueError("an IPv6 address goes in brackets, an IPv4 address does not")
+    return text
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _host_port(text: str) -> str:
+    """A sentinel: "HOST:PORT", an IPv6 address in brackets."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f'not "HOST:PORT": {text!r}')
+    _port(port)
+    if ":" in host or host.startswith("["):
+        if not (host.startswith("[") and host.endswith("]")):
+            raise ValueError(f'an IPv6 address goes in brackets, "[ADDRESS]:PORT": {text!r}')
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {host!r}") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"not a host name or address: {host!r}")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    _file_path(text)
+    if not Path(text).is_file():
+        raise ValueError(f"no such file: {text}")
     return text
 
 
@@ -458,6 +511,16 @@ VALIDATORS: Mapping[str, _Validator] = {
     "redis_url": _redis_url,
     "redis_timeout": _number(0.01, 30),
     "redis_key_prefix": _key_prefix,
+    "redis_sentinels": _string_list(_host_port),
+    "redis_sentinel_service": _sentinel_service,
+    "redis_sentinel_username": _text,
+    "redis_sentinel_password": _text,
+    "redis_sentinel_tls": _boolean,
+    "redis_sentinel_tls_ca_file": _optional(_existing_file),
+    "redis_sentinel_tls_cert_file": _optional(_existing_file),
+    "redis_sentinel_tls_key_file": _optional(_existing_file),
+    "redis_wait_replicas": _integer(0, 16),
+    "redis_wait_timeout": _number(0.001, 30),
     "trusted_networks": _string_list(_network),
     "allow_wide_trusted_networks": _boolean,
     "ipv6_prefix": _integer(0, 128),
@@ -489,6 +552,7 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     settings = Settings(**values)
     _check_trusted_networks(settings)
     _check_session_renew_interval(settings)
+    _check_redis(settings)
     return settings
 
 
@@ -514,6 +578,28 @@ def _check_session_renew_interval(settings: Settings) -> None:
             f"bad value for 'session_renew_interval': must be less than ttl ({settings.ttl}), "
             "or 0 for a quarter of it"
         )
+
+
+def _check_redis(settings: Settings) -> None:
+    """Redis settings that only fail when read together."""
+    if settings.redis_sentinels and settings.redis_url.startswith("unix://"):
+        raise ConfigError(
+            "bad value for 'redis_sentinels': sentinels name TCP masters, "
+            "so redis_url must not be unix://"
+        )
+    tls_files = (
+        settings.redis_sentinel_tls_ca_file,
+        settings.redis_sentinel_tls_cert_file,
+        settings.redis_sentinel_tls_key_file,
+    )
+    if any(tls_files) and not settings.redis_sentinel_tls:
+        raise ConfigError("redis_sentinel_tls_*_file needs redis_sentinel_tls = true")
+    if bool(settings.redis_sentinel_tls_cert_file) != bool(settings.redis_sentinel_tls_key_file):
+        raise ConfigError(
+            "redis_sentinel_tls_cert_file and redis_sentinel_tls_key_file go together"
+        )
+    if settings.redis_wait_replicas and settings.redis_wait_timeout >= settings.redis_timeout:
+        raise ConfigError("bad value for 'redis_wait_timeout': must be shorter than redis_timeout")
 
 
 def load_settings(path: Path | None) -> Settings:

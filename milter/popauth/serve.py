@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,6 +34,9 @@ from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket
 from popauth.store import WhitelistStore
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
+
+if TYPE_CHECKING:
+    from popauth.store.redis import SentinelSettings
 
 TERMINATION_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -67,18 +71,23 @@ def open_state(
         prepare_state_directory(path)
     ledger = UsageLedger(max_users=settings.usage_max_users, clock=clock)
     if settings.store == "redis":
-        from popauth.store.redis import RedisStore
+        from popauth.store.redis import RedisStore, connect
 
         redis_store = RedisStore(
-            url=settings.redis_url,
+            client=connect(settings.redis_url, settings.redis_timeout, sentinel_settings(settings)),
             ttl=settings.ttl,
-            timeout=settings.redis_timeout,
             key_prefix=settings.redis_key_prefix,
             clock=clock,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout=settings.redis_wait_timeout,
         )
         if not redis_store.ping():
             # Not fatal: lookups fail closed until Redis answers.
-            log.error("redis_unavailable_at_start", url=settings.redis_url)
+            log.error(
+                "redis_unavailable_at_start",
+                url=settings.redis_url,
+                sentinels=list(settings.redis_sentinels),
+            )
         blocks = RedisBlockList(redis_store.client, f"{settings.redis_key_prefix}blocked-users")
         state = State(redis_store, blocks, ledger)
     else:
@@ -103,6 +112,23 @@ def open_state(
             log.error("usage_not_restored", path=str(usage_path), reason=str(problem))
         state.saves.append(lambda: ledger.save(usage_path))
     return state
+
+
+def sentinel_settings(settings: Settings) -> SentinelSettings | None:
+    if not settings.redis_sentinels:
+        return None
+    from popauth.store.redis import SentinelSettings
+
+    return SentinelSettings(
+        addresses=settings.sentinel_addresses(),
+        service=settings.redis_sentinel_service,
+        username=settings.redis_sentinel_username,
+        password=settings.redis_sentinel_password,
+        tls=settings.redis_sentinel_tls,
+        tls_ca_file=settings.redis_sentinel_tls_ca_file,
+        tls_cert_file=settings.redis_sentinel_tls_cert_file,
+        tls_key_file=settings.redis_sentinel_tls_key_file,
+    )
 
 
 def socketmap_server(

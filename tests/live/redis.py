@@ -7,6 +7,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from tests.live.ports import Daemon, read_log
 
@@ -22,9 +25,11 @@ class RedisInstance(Daemon):
     port stays the same, so clients reconnect on their own.
     """
 
-    def __init__(self, *, root: Path, port: int) -> None:
+    def __init__(self, *, root: Path, port: int, replica_of: int | None = None) -> None:
         self.root = root
         self.port = port
+        # A replica of the server on 127.0.0.1:replica_of.
+        self.replica_of = replica_of
         self.url = f"redis://127.0.0.1:{port}/0"
         # The same server on a UNIX socket too, for unix:// URLs.
         self.socket_path = root / "redis.sock"
@@ -51,6 +56,7 @@ class RedisInstance(Daemon):
                 "--daemonize", "no",
                 # Lets tests stall the server (DEBUG SLEEP) to play a slow Redis.
                 "--enable-debug-command", "local",
+                *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -84,8 +90,109 @@ class RedisInstance(Daemon):
             self._process.wait()
         self._process = None
 
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RedisError("redis-server is not running")
+        return self._process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes at once, as in a crash."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
     def flush(self) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
             connection.sendall(b"FLUSHALL\r\n")
             if not connection.recv(64).startswith(b"+OK"):
                 raise RedisError("FLUSHALL failed")
+
+
+class SentinelInstance(Daemon):
+    """``redis-server --sentinel`` on 127.0.0.1:``port`` watching one master.
+
+    Short timers (down after 1 s) so a test sees a failover in seconds; the
+    sentinel rewrites its own config file, which therefore lives under ``root``.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        port: int,
+        master_port: int,
+        service: str,
+        password: str = "",
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.root = root
+        self.port = port
+        self.master_port = master_port
+        self.service = service
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.config_file = root / "sentinel.conf"
+        self.log_file = root / "sentinel.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisError("redis-server is not installed (make setup installs it)")
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            "daemonize no",
+            f"dir {self.root}",
+            f"logfile {self.log_file}",
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 2",
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.service} 10000",
+            f"sentinel parallel-syncs {self.service} 1",
+        ]
+        if self.password:
+            # Clients and the other sentinels must all authenticate.
+            lines += [f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
+        self.config_file.write_text("\n".join(lines) + "\n")
+        self._process = subprocess.Popen(
+            [binary, str(self.config_file), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RedisError(f"sentinel exited:\n{read_log(self.log_file)}")
+            if self.master_info() is not None:
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RedisError(f"sentinel not ready:\n{read_log(self.log_file)}")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password or None, socket_timeout=2
+        )
+
+    def master_info(self) -> dict[str, Any] | None:
+        """``SENTINEL MASTER service``, or None when the sentinel does not answer."""
+        try:
+            with self.client() as client:
+                info: dict[str, Any] = client.sentinel_master(self.service)
+                return info
+        except redis.RedisError:
+            return None
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None

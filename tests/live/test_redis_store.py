@@ -12,7 +12,7 @@ import pytest
 from popauth.addresses import parse_client_address
 from popauth.clock import SystemClock
 from popauth.store import StoreUnavailable
-from popauth.store.redis import RedisStore
+from popauth.store.redis import RedisStore, connect
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
 
@@ -29,7 +29,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisInstance]:
 
 
 def make_store(server: RedisInstance, ttl: int = 900, prefix: str = "popauth:") -> RedisStore:
-    return RedisStore(url=server.url, ttl=ttl, timeout=0.5, key_prefix=prefix, clock=SystemClock())
+    return RedisStore(
+        client=connect(server.url, 0.5), ttl=ttl, key_prefix=prefix, clock=SystemClock()
+    )
 
 
 def test_grant_renew_lookup_revoke_list(redis_server: RedisInstance) -> None:
@@ -112,7 +114,10 @@ def test_slow_redis_times_out_instead_of_blocking(redis_server: RedisInstance) -
 def test_unix_socket_url(redis_server: RedisInstance) -> None:
     over_tcp = make_store(redis_server)
     over_unix = RedisStore(
-        url=redis_server.unix_url, ttl=900, timeout=0.5, key_prefix="popauth:", clock=SystemClock()
+        client=connect(redis_server.unix_url, 0.5),
+        ttl=900,
+        key_prefix="popauth:",
+        clock=SystemClock(),
     )
     assert over_unix.ping()
     over_unix.grant(A, "alice")

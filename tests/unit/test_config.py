@@ -204,3 +204,51 @@ def test_check_config_names_the_key_on_the_command_line(
     path.write_text('snapshot_path = "/"\n')
     assert main(["check-config", str(path)]) != 0
     assert "'snapshot_path'" in capsys.readouterr().err
+
+
+def test_sentinel_settings_are_validated() -> None:
+    settings = settings_from_mapping(
+        {
+            "store": "redis",
+            "redis_sentinels": ["10.0.0.1:26379", "sentinel.example.org:26380", "[2001:db8::3]:1"],
+            "redis_sentinel_service": "mail-whitelist",
+            "redis_sentinel_password": "secret",
+        }
+    )
+    assert settings.sentinel_addresses() == (
+        ("10.0.0.1", 26379),
+        ("sentinel.example.org", 26380),
+        ("2001:db8::3", 1),
+    )
+    for bad in (["10.0.0.1"], ["10.0.0.1:0"], ["2001:db8::3:26379"], ["bad host:1"], "x:1"):
+        with pytest.raises(ConfigError, match="redis_sentinels"):
+            settings_from_mapping({"redis_sentinels": bad})
+    with pytest.raises(ConfigError, match="redis_sentinel_service"):
+        settings_from_mapping({"redis_sentinel_service": ""})
+    with pytest.raises(ConfigError, match="redis_sentinel_tls"):
+        settings_from_mapping({"redis_sentinel_tls": "yes"})
+
+
+def test_sentinel_tls_files_must_exist_and_fit_together(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(ConfigError, match="no such file"):
+        settings_from_mapping({"redis_sentinel_tls": True, "redis_sentinel_tls_ca_file": "/nope"})
+    with pytest.raises(ConfigError, match="needs redis_sentinel_tls = true"):
+        settings_from_mapping({"redis_sentinel_tls_ca_file": str(ca)})
+    with pytest.raises(ConfigError, match="go together"):
+        settings_from_mapping({"redis_sentinel_tls": True, "redis_sentinel_tls_cert_file": str(ca)})
+    settings = settings_from_mapping(
+        {"redis_sentinel_tls": True, "redis_sentinel_tls_ca_file": str(ca)}
+    )
+    assert settings.redis_sentinel_tls_ca_file == str(ca)
+
+
+def test_sentinels_and_wait_refuse_what_cannot_work() -> None:
+    with pytest.raises(ConfigError, match="unix://"):
+        settings_from_mapping(
+            {"redis_sentinels": ["127.0.0.1:26379"], "redis_url": "unix:///run/redis.sock"}
+        )
+    with pytest.raises(ConfigError, match="shorter than redis_timeout"):
+        settings_from_mapping({"redis_wait_replicas": 1, "redis_wait_timeout": 0.5})
+    assert settings_from_mapping({"redis_wait_replicas": 1}).redis_wait_timeout == 0.1

@@ -10,17 +10,31 @@ Every call has connect and read timeouts and is not retried; when Redis is
 down or slow the caller gets :class:`StoreUnavailable` and fails closed
 (tempfail at RCPT, ``ERR unavailable`` at ingest), and the next call simply
 tries again, so both recover on their own.
+
+With Redis Sentinel (:func:`connect`, ``sentinels``) the client asks the
+sentinels for the current master on every new connection. A connection to a
+dead or demoted master fails like any outage (fail closed, tempfail), the
+connection is dropped, and the next call asks the sentinels again: popauth
+follows a failover without a restart.
+
+Replication is asynchronous, so a login written to the master just before it
+dies may be missing on the replica that takes over. ``wait_replicas`` makes a
+grant wait (``WAIT``) until that many replicas hold it before it is
+acknowledged; a grant they do not confirm in time is undone and refused.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from popauth.addresses import AddressError, IPAddress, parse_client_address
 from popauth.clock import Clock
@@ -56,23 +70,96 @@ def _decode(address: IPAddress, raw: bytes | str) -> Grant | None:
         return None  # not ours or damaged: never counts as whitelisted
 
 
+@dataclass(frozen=True)
+class SentinelSettings:
+    """Where the sentinels are, which master to ask for, and how to talk to them.
+
+    The credentials and TLS here are the sentinels' own; the master's come
+    from the Redis URL.
+    """
+
+    addresses: tuple[tuple[str, int], ...]
+    service: str
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def connection_options(self, timeout: float) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if self.username:
+            options["username"] = self.username
+        if self.password:
+            options["password"] = self.password
+        if self.tls:
+            options["ssl"] = True
+            options["ssl_ca_certs"] = self.tls_ca_file or None
+            options["ssl_certfile"] = self.tls_cert_file or None
+            options["ssl_keyfile"] = self.tls_key_file or None
+        return options
+
+
+def _no_retries(timeout: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+
+
+def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) -> redis.Redis:
+    """A client for ``url``, or for the master the sentinels name.
+
+    With sentinels, ``url`` still gives the master's password, database and
+    TLS (``rediss://``); its host and port are replaced by the sentinels' answer.
+    """
+    if sentinel is None:
+        return redis.Redis.from_url(url, **_no_retries(timeout))
+    parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    master_options = {
+        key: value
+        for key, value in parsed.items()
+        if key not in ("host", "port", "path", "connection_class")
+    }
+    if parsed.get("connection_class") is SSLConnection:
+        master_options["ssl"] = True  # the sentinel pool picks its TLS connection class
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinel.addresses),
+        sentinel_kwargs=sentinel.connection_options(timeout),
+        **_no_retries(timeout),
+        **master_options,
+    )
+    client: redis.Redis = manager.master_for(sentinel.service)  # type: ignore[no-untyped-call]
+    return client
+
+
 class RedisStore(WhitelistStore):
     may_block: ClassVar[bool] = True
 
     def __init__(
-        self, *, url: str, ttl: int, timeout: float, key_prefix: str, clock: Clock
+        self,
+        *,
+        client: redis.Redis,
+        ttl: int,
+        key_prefix: str,
+        clock: Clock,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
     ) -> None:
         self._ttl = ttl
         self._prefix = key_prefix
         self._clock = clock
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._client = client
         self._renew_script = self._client.register_script(_RENEW_SCRIPT)
+        self._wait_replicas = wait_replicas
+        self._wait_milliseconds = max(1, round(wait_timeout * 1000))
         # Counters of this process only; Redis holds the shared entries.
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
@@ -92,8 +179,13 @@ class RedisStore(WhitelistStore):
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
         now = self._clock.time()
         grant = Grant(address, user, now, now + self._ttl)
+        key = self._key(address)
+        previous: Any
         try:
-            previous = self._client.set(self._key(address), _encode(grant), ex=self._ttl, get=True)
+            if self._wait_replicas:
+                previous = self._set_on_replicas(address, key, _encode(grant))
+            else:
+                previous = self._client.set(key, _encode(grant), ex=self._ttl, get=True)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
         renewed = previous is not None
@@ -110,6 +202,28 @@ class RedisStore(WhitelistStore):
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
         return grant if renewed else None
+
+    def _set_on_replicas(self, address: IPAddress, key: str, value: str) -> bytes | str | None:
+        """SET, then WAIT on the same connection (one round trip for both)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(key, value, ex=self._ttl, get=True)
+        pipe.wait(self._wait_replicas, self._wait_milliseconds)
+        previous, acknowledged = pipe.execute()
+        if acknowledged < self._wait_replicas:
+            self._undo(key, address, previous)
+            raise StoreUnavailable(
+                f"redis: {acknowledged} of {self._wait_replicas} replicas confirmed the login"
+            )
+        result: bytes | str | None = previous
+        return result
+
+    def _undo(self, key: str, address: IPAddress, previous: bytes | str | None) -> None:
+        # The master keeps serving lookups: leave it as it was before this login.
+        earlier = None if previous is None else _decode(address, previous)
+        if previous is None or earlier is None or earlier.expires_at <= self._clock.time():
+            self._client.delete(key)
+        else:
+            self._client.set(key, previous, pxat=int(earlier.expires_at * 1000))
 
     def lookup(self, address: IPAddress) -> Grant | None:
         try:
