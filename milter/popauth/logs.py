@@ -5,11 +5,15 @@ cost a few microseconds, not tens: the processors here are lean on purpose
 (a timestamp that formats each second once, a plain key=value console
 renderer instead of structlog's padded, sorted ConsoleRenderer, which cost
 about four times as much per line).
+
+Values come from outside (recipient addresses, user names, client errors),
+so both renderers escape control characters, bytes that were not UTF-8 and
+the backslash (see :mod:`popauth.escaping`): a log line is one line, and an
+ESC sequence in a recipient address never reaches the operator's terminal.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -18,6 +22,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+
+from popauth.escaping import escape_text
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -51,9 +57,10 @@ _NEEDS_QUOTES = re.compile(r"[\s\"'=]").search
 
 
 def _console_value(value: Any) -> str:
-    text = str(value)
+    text = escape_text(str(value))
     if not text or _NEEDS_QUOTES(text):
-        return json.dumps(text)
+        # Backslashes are already escaped, so escaping the quote is enough.
+        return '"' + text.replace('"', '\\"') + '"'
     return text
 
 
@@ -64,8 +71,23 @@ def render_console(logger: Any, method: str, event: MutableMapping[str, Any]) ->
     fields = " ".join(
         f"{key}={_console_value(value)}" for key, value in event.items() if value is not None
     )
-    line = f"{head} {fields}" if fields else head
-    return f"{line}\n{exception}" if exception else line
+    line = f"{escape_text(head)} {fields}" if fields else escape_text(head)
+    return f"{line}\n{_escape_traceback(exception)}" if exception else line
+
+
+def _escape_traceback(text: str) -> str:
+    """A traceback keeps its lines; anything unsafe inside a line is escaped."""
+    return "\n".join(escape_text(line) for line in str(text).split("\n"))
+
+
+def escape_values(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Escape every string value for the JSON renderer, as the console one does."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = _escape_traceback(value) if key == "exception" else escape_text(value)
+    return event
 
 
 def configure_logging(log_format: str, level: str) -> structlog.typing.FilteringBoundLogger:
@@ -76,6 +98,7 @@ def configure_logging(log_format: str, level: str) -> structlog.typing.Filtering
         structlog.processors.format_exc_info,
     ]
     if log_format == "json":
+        processors.append(escape_values)
         processors.append(structlog.processors.JSONRenderer())
     else:
         processors.append(render_console)

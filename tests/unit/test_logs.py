@@ -48,3 +48,62 @@ def test_exceptions_are_logged_with_their_traceback(capsys: pytest.CaptureFixtur
     text = capsys.readouterr().err
     assert "milter_callback_failed callback=envrcpt" in text
     assert "ValueError: boom" in text
+
+
+# Issue 11, defect 9: values from outside carried raw control characters.
+HOSTILE = {
+    "recipient": "<x\x1b]0;owned\x07@remote.example>",
+    "user": "alice\nfake_event verdict=accept",
+    "rcpt_addr": "\x9b31mred\u202eevil",
+    "hint": b"j\xf6rg \\x41".decode("utf-8", "surrogateescape"),
+}
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\ud800-\udfff]")
+
+
+def test_console_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    log = configure_logging("console", "info")
+    log.info("relay_decision", **HOSTILE)
+    text = capsys.readouterr().err
+    assert text.count("\n") == 1, text
+    assert RAW_CONTROL.search(text) is None, repr(text)
+    assert "recipient=<x\\x1b]0;owned\\x07@remote.example>" in text
+    assert 'user="alice\\nfake_event verdict=accept"' in text
+    assert "rcpt_addr=\\x9b31mred\\u202eevil" in text
+    assert 'hint="j\\xf6rg \\\\x41"' in text
+
+
+def test_json_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    log = configure_logging("json", "info")
+    log.info("relay_decision", **HOSTILE)
+    text = capsys.readouterr().err
+    assert text.count("\n") == 1
+    assert RAW_CONTROL.search(text) is None, repr(text)
+    event = json.loads(text)
+    for key in HOSTILE:
+        assert RAW_CONTROL.search(event[key]) is None, event[key]
+    assert event["recipient"] == "<x\\x1b]0;owned\\x07@remote.example>"
+    assert event["user"] == "alice\\nfake_event verdict=accept"
+    assert event["hint"] == "j\\xf6rg \\\\x41"
+
+
+def test_printable_unicode_stays_readable(capsys: pytest.CaptureFixture[str]) -> None:
+    log = configure_logging("console", "info")
+    log.info("relay_decision", user="jörg", recipient="<用户@例子.测试>")
+    text = capsys.readouterr().err
+    assert "user=jörg recipient=<用户@例子.测试>" in text
+
+
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_tracebacks_keep_their_lines_but_escape_the_rest(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = configure_logging(log_format, "info")
+    try:
+        raise ValueError("bad user \x1b[2J")
+    except ValueError:
+        log.exception("ingest_request_failed")
+    text = capsys.readouterr().err
+    assert "\x1b" not in text
+    assert "ValueError: bad user \\x1b[2J" in (
+        text if log_format == "console" else json.loads(text)["exception"]
+    )
