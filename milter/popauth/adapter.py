@@ -25,6 +25,7 @@ import structlog
 from popauth.addresses import AddressError, IPAddress, parse_client_address
 from popauth.decision import Client, Decision, Reason, Verdict
 from popauth.gate import Message, RelayGate
+from popauth.macros import macro_text
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient
 
@@ -111,7 +112,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
 
     @fail_closed
     def envfrom(self, sender: str, *parameters: str) -> int:
-        auth_user = self.getsymval("{auth_authen}") or ""
+        # Macros as the MTA sent them: pymilter's getsymval fails on 8-bit text.
+        auth_user = macro_text(self._ctx, "{auth_authen}") or ""
         decision, self._message = self._gate.message(self._address, auth_user)
         return int(Milter.ACCEPT) if decision is not None else int(Milter.CONTINUE)
 
@@ -120,8 +122,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         message = self._message or Message(Client(self._address))
         rcpt = Recipient(
             envelope=recipient,
-            mailer=self.getsymval("{rcpt_mailer}"),
-            resolved=self.getsymval("{rcpt_addr}"),
+            mailer=macro_text(self._ctx, "{rcpt_mailer}"),
+            resolved=macro_text(self._ctx, "{rcpt_addr}"),
         )
         return self._reply(self._gate.recipient(message, rcpt))
 

@@ -26,6 +26,7 @@ from popauth.decision import (
     decide_sender,
     needs_whitelist,
 )
+from popauth.escaping import escape_text
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient, is_local_recipient
 from popauth.store import StoreUnavailable, WhitelistStore
@@ -92,7 +93,7 @@ class RelayGate:
             return None, message
         self._record(decision, "mail", client, None, time.perf_counter() - started)
         if way is not None:
-            self._ledger.record(_user(client), way, messages=1, recipients=0)
+            self._ledger.record(_account(client), way, messages=1, recipients=0)
         return decision, message
 
     def recipient(self, message: Message, recipient: Recipient) -> Decision:
@@ -104,7 +105,7 @@ class RelayGate:
         if way is not None and not self._is_local(recipient):
             first = message.relayed_recipients == 0
             message.relayed_recipients += 1
-            self._ledger.record(_user(client), way, messages=int(first), recipients=1)
+            self._ledger.record(_account(client), way, messages=int(first), recipients=1)
         return decision
 
     def _is_local(self, recipient: Recipient) -> bool:
@@ -156,3 +157,10 @@ class RelayGate:
 
 def _user(client: Client) -> str:
     return client.auth_user or client.login_user
+
+
+def _account(client: Client) -> str:
+    """The ledger's name for the user: an 8-bit or control character in an SMTP
+    AUTH name (the MTA's bytes, see popauth.macros) is kept as an escape, so
+    that REPORT and the usage file stay printable text."""
+    return escape_text(_user(client))

@@ -81,3 +81,21 @@ def test_client_address_forms() -> None:
     assert client_address_of("/run/some.sock") is None
     assert client_address_of(None) is None
     assert client_address_of(("not-an-ip", 25)) is None
+
+
+def test_8bit_macros_are_decided_on_their_bytes() -> None:
+    # What popauth.macros makes of bytes that are not UTF-8: surrogate escapes.
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    milter, context, _ = make(store)
+    milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321))
+    assert milter.envfrom("<sender@example.org>") == Milter.CONTINUE
+    context._setsymval("{rcpt_mailer}", "local")
+    context._setsymval("{rcpt_addr}", b"j\xf6rg@local.test".decode("utf-8", "surrogateescape"))
+    assert milter.envrcpt(b"<j\xf6rg@local.test>".decode("utf-8", "surrogateescape")) == (
+        Milter.CONTINUE
+    )
+    context._setsymval("{rcpt_mailer}", "smtp")
+    context._setsymval("{rcpt_addr}", b"j\xf6rg@remote.example".decode("utf-8", "surrogateescape"))
+    assert milter.envrcpt("<x@remote.example>") == Milter.REJECT
+    context._setsymval("{auth_authen}", b"j\xf6rg".decode("utf-8", "surrogateescape"))
+    assert milter.envfrom("<sender@example.org>") == Milter.ACCEPT

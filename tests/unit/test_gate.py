@@ -99,3 +99,14 @@ def test_off_mode_refuses_with_its_own_reason() -> None:
         sample(metrics, "popauth_decisions_total", verdict="reject", reason="pop_first_retired")
         == 1
     )
+
+
+def test_an_8bit_smtp_auth_name_is_booked_printable() -> None:
+    # The adapter hands over the MTA's bytes as surrogate escapes (popauth.macros).
+    gate, ledger, _, _ = make(Accounting.MESSAGES)
+    latin1_name = b"j\xf6rg\x1b[2J".decode("utf-8", "surrogateescape")
+    decision, _ = gate.message(parse_client_address("203.0.113.9"), latin1_name)
+    assert decision is not None and decision.reason is Reason.SMTP_AUTH
+    usage = ledger.get("j\\xf6rg\\x1b[2J")
+    assert usage is not None
+    assert ledger.get(latin1_name) is None
