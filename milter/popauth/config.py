@@ -46,9 +46,15 @@ class Settings:
     ingest_socket: str = DEFAULT_INGEST_SOCKET
     ingest_socket_mode: int = 0o660
     ingest_socket_group: str = ""
-    # Besides root and the user popauth runs as, who may change the whitelist.
+    # Reporters: who may report logins (LOGIN), e.g. the POP server's hook.
     ingest_allowed_users: tuple[str, ...] = ()
     ingest_allowed_groups: tuple[str, ...] = ()
+    # Operators: who may read (QUERY, LIST, REPORT, BLOCKED, STATS) and revoke.
+    ingest_operator_users: tuple[str, ...] = ()
+    ingest_operator_groups: tuple[str, ...] = ()
+    # Administrators: everything, BLOCK/UNBLOCK too; root and popauth's user always.
+    ingest_admin_users: tuple[str, ...] = ()
+    ingest_admin_groups: tuple[str, ...] = ()
     # Seconds a client may take for one request line before it is dropped.
     ingest_timeout: float = 5.0
     ingest_max_clients: int = 256
@@ -489,6 +495,10 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ingest_socket_group": _optional(_group),
     "ingest_allowed_users": _string_list(_user),
     "ingest_allowed_groups": _string_list(_group),
+    "ingest_operator_users": _string_list(_user),
+    "ingest_operator_groups": _string_list(_group),
+    "ingest_admin_users": _string_list(_user),
+    "ingest_admin_groups": _string_list(_group),
     "ingest_timeout": _number(0.1, 300),
     "ingest_max_clients": _integer(1, 100_000),
     "socketmap_socket": _optional(_socket_path),

@@ -20,7 +20,8 @@ from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
 from popauth.config import Settings
 from popauth.gate import Accounting, RelayGate
-from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.ingest.roles import PeerPolicy
+from popauth.ingest.server import IngestLimits, IngestServer
 from popauth.logs import configure_logging
 from popauth.metrics import Metrics
 from popauth.persistence import (
@@ -186,7 +187,14 @@ def serve(settings: Settings) -> None:
         group=settings.ingest_socket_group,
         store=store,
         keying=keying,
-        peers=PeerPolicy.of(settings.ingest_allowed_users, settings.ingest_allowed_groups),
+        peers=PeerPolicy.of(
+            settings.ingest_allowed_users,
+            settings.ingest_allowed_groups,
+            operator_users=settings.ingest_operator_users,
+            operator_groups=settings.ingest_operator_groups,
+            administrator_users=settings.ingest_admin_users,
+            administrator_groups=settings.ingest_admin_groups,
+        ),
         limits=IngestLimits(settings.ingest_timeout, settings.ingest_max_clients),
         blocklist=state.blocklist,
         ledger=state.ledger,

@@ -18,6 +18,7 @@ from popauth.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
 from popauth.client import IngestClient
 from popauth.ingest.protocol import MAX_LINE, parse_fields
+from popauth.ingest.roles import Members
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.metrics import Metrics
 from popauth.sockets import SocketInUse
@@ -198,13 +199,15 @@ def test_too_many_clients_are_told_to_come_back(tmp_path: Path) -> None:
 
 
 def test_state_changes_need_an_allowed_peer(tmp_path: Path) -> None:
-    strict = Endpoint(tmp_path, peers=PeerPolicy(frozenset({4242}), frozenset({4242})))
+    # A policy in which this process (root) holds no role at all.
+    strict = Endpoint(tmp_path, peers=PeerPolicy(Members(frozenset({4242}), frozenset({4242}))))
     strict.server.start()
     try:
         assert strict.ask("LOGIN 192.0.2.1 alice")[0].startswith("ERR forbidden")
         assert strict.ask("REVOKE 192.0.2.1")[0].startswith("ERR forbidden")
-        assert strict.ask("QUERY 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
-        assert strict.ask("STATS")[0].startswith("OK ")
+        assert strict.ask("QUERY 192.0.2.1")[0].startswith("ERR forbidden")
+        assert strict.ask("STATS")[0].startswith("ERR forbidden")
+        assert strict.ask("PING") == ["OK pong"]
         assert strict.store.stats().grants == 0
     finally:
         strict.server.stop()
@@ -308,7 +311,7 @@ def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
             ("BLOCK alice", "ERR forbidden"),
             ("UNBLOCK alice", "ERR forbidden"),
             ("LOGIN 192.0.2.1 alice", "OK "),
-            ("REVOKEUSER alice", "OK "),
+            ("REVOKEUSER alice", "ERR forbidden"),
         ):
             reply = subprocess.run(
                 [sys.executable, "-c", client, str(server.path), line],

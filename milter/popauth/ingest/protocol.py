@@ -43,10 +43,7 @@ class Verb(enum.Enum):
     QUIT = "QUIT"
 
 
-# Verbs that change the whitelist: only allowed peers (the POP server's hook).
-STATE_CHANGING = frozenset({Verb.LOGIN, Verb.RENEW, Verb.REVOKE, Verb.REVOKEUSER})
-# Verbs that change the block list: only root and popauth's own user.
-ADMINISTRATIVE = frozenset({Verb.BLOCK, Verb.UNBLOCK})
+# Who may use which verb: popauth.ingest.roles.
 # Replies of these verbs are "OK count=N" and N more lines.
 MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT})
 

@@ -10,9 +10,6 @@ nothing, and no client can stop the endpoint from serving the others.
 
 from __future__ import annotations
 
-import os
-import pwd
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,40 +18,15 @@ import structlog
 from popauth.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
 from popauth.ingest import protocol
-from popauth.ingest.protocol import (
-    ADMINISTRATIVE,
-    STATE_CHANGING,
-    ErrorCode,
-    ProtocolError,
-    Request,
-    Verb,
-)
+from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
+from popauth.ingest.roles import PeerPolicy
 from popauth.metrics import Metrics
-from popauth.sockets import resolve_gid
 from popauth.store import StoreUnavailable, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.usernames import printable_user_name
 
-
-@dataclass(frozen=True, slots=True)
-class PeerPolicy:
-    """Which peers may change the whitelist (root and our own user always may)."""
-
-    uids: frozenset[int]
-    gids: frozenset[int]
-
-    @classmethod
-    def of(cls, users: Iterable[str], groups: Iterable[str]) -> PeerPolicy:
-        uids = {0, os.getuid()}
-        uids.update(int(u) if u.isdigit() else pwd.getpwnam(u).pw_uid for u in users)
-        return cls(frozenset(uids), frozenset(resolve_gid(g) for g in groups))
-
-    def may_change(self, peer: Peer) -> bool:
-        return peer.uid in self.uids or peer.gid in self.gids
-
-    @staticmethod
-    def may_administer(peer: Peer) -> bool:
-        return peer.uid in (0, os.getuid())
+# PeerPolicy is part of what building an IngestServer takes.
+__all__ = ["IngestLimits", "IngestServer", "PeerPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +144,7 @@ class IngestServer(UnixStreamServer):
         return reply, request.verb is not Verb.QUIT
 
     def _refusal(self, request: Request, peer: Peer) -> str | None:
-        if request.verb in STATE_CHANGING and not self._peers.may_change(peer):
-            return "this peer may not change the whitelist"
-        if request.verb in ADMINISTRATIVE and not self._peers.may_administer(peer):
-            return "only root and popauth's own user may change the block list"
-        return None
+        return self._peers.refusal(request.verb, peer)
 
     def _execute(self, request: Request, peer: Peer) -> bytes:
         verb = request.verb
