@@ -435,7 +435,7 @@ def test_revoke_and_block_win_over_renewals(endpoint: Endpoint) -> None:
 
 
 def test_renew_needs_a_peer_that_may_report_logins(tmp_path: Path) -> None:
-    strict = Endpoint(tmp_path, peers=PeerPolicy(frozenset({4242}), frozenset({4242})))
+    strict = Endpoint(tmp_path, peers=PeerPolicy(Members(frozenset({4242}), frozenset({4242}))))
     strict.server.start()
     try:
         strict.store.grant(A, "alice")

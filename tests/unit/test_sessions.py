@@ -285,9 +285,9 @@ def test_a_failed_cycle_is_logged_and_changes_nothing(endpoint: Endpoint, tmp_pa
 
 
 def test_forbidden_renewals_are_an_error(tmp_path: Path) -> None:
-    from popauth.ingest.server import PeerPolicy
+    from popauth.ingest.roles import Members, PeerPolicy
 
-    strict = Endpoint(tmp_path, peers=PeerPolicy(frozenset({4242}), frozenset({4242})))
+    strict = Endpoint(tmp_path, peers=PeerPolicy(Members(frozenset({4242}), frozenset({4242}))))
     strict.server.start()
     try:
         listing = tmp_path / "who.txt"
