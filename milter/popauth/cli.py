@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sessions.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
     sessions.add_argument("--once", action="store_true", help="run one renewal cycle and exit")
+    follow = commands.add_parser(
+        "follow", help="report the logins a POP/IMAP server writes to its log (docs/follow.rst)"
+    )
+    follow.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
+    follow.add_argument(
+        "log", nargs="?", help='the log (default: follow_log); "-" = standard input'
+    )
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -164,6 +171,32 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_follow(arguments: argparse.Namespace) -> int:
+    from popauth.config import ConfigError, load_settings
+    from popauth.follow.follower import FollowError
+    from popauth.follow.formats import FormatError
+    from popauth.follow.run import FollowSetupError, build_follower, run_until_signalled
+    from popauth.persistence import StateFileError
+
+    try:
+        settings = load_settings(arguments.config)
+    except ConfigError as error:
+        print(f"popauth: configuration error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if arguments.log not in (None, "-") and not arguments.log.startswith("/"):
+        arguments.log = str(Path(arguments.log).absolute())
+    try:
+        follower = build_follower(settings, arguments.log)
+        run_until_signalled(follower)
+    except (FollowSetupError, FormatError, StateFileError, OSError) as error:
+        print(f"popauth: cannot follow: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except FollowError as error:
+        print(f"popauth: follow stopped: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def _run_server(arguments: argparse.Namespace) -> int:
     from popauth.config import ConfigError, load_settings
 
@@ -193,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_server(arguments)
     if arguments.command == "sessions":
         return _run_sessions(arguments)
+    if arguments.command == "follow":
+        return _run_follow(arguments)
     return _run_client(arguments)
 
 

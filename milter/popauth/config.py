@@ -79,6 +79,23 @@ class Settings:
     session_doveadm: str = "doveadm"
     session_dovecot_config: str = ""
     session_protocols: tuple[str, ...] = ("imap", "pop3")
+    # popauth follow: the log it reads ("-" = standard input), the login
+    # format of the POP/IMAP server that writes it, and how far it is trusted.
+    follow_log: str = ""
+    follow_format: str = ""
+    # follow_format = "regex": a pattern with named groups ip and user,
+    # matched against the whole message after the program tag.
+    follow_regex: str = ""
+    # Program tags that count; [] = the format's own.
+    follow_programs: tuple[str, ...] = ()
+    # "rsyslog": lines in popauth's rsyslog template, sender checked by the
+    # kernel's credentials; "file": every line of the log is the server's.
+    follow_trust: str = "rsyslog"
+    follow_trusted_users: tuple[str, ...] = ("root",)
+    follow_state_path: str = "/var/lib/popauth/follow.json"
+    # Logins logged longer ago than this are not reported (seconds).
+    follow_max_age: int = 60
+    follow_poll_interval: float = 0.1
     max_entries: int = 100_000
     store: str = "memory"
     # The embedded store's snapshot; "" disables it.
@@ -484,6 +501,35 @@ def _nonempty(validator: _Validator) -> _Validator:
     return check
 
 
+FOLLOW_FORMATS = ("courier", "cyrus", "dovecot", "popa3d", "solid-pop3d", "qpopper", "uw", "regex")
+_PROGRAM = re.compile(r"[^\s\[\]:]{1,64}")
+
+
+def _follow_log(text: str) -> str:
+    if text != "-" and not text.startswith("/"):
+        raise ValueError('must be an absolute path, or "-" for standard input')
+    return text
+
+
+def _follow_regex(value: Any) -> str:
+    text = _text(value)
+    if not text:
+        return text
+    try:
+        pattern = re.compile(text)
+    except re.error as error:
+        raise ValueError(f"does not compile: {error}") from None
+    if not {"ip", "user"} <= set(pattern.groupindex):
+        raise ValueError("needs the named groups (?P<ip>...) and (?P<user>...)")
+    return text
+
+
+def _program(text: str) -> str:
+    if not _PROGRAM.fullmatch(text):
+        raise ValueError(f"not a program tag: {text!r}")
+    return text
+
+
 VALIDATORS: Mapping[str, _Validator] = {
     "milter_socket": _milter_spec,
     "milter_name": _milter_name,
@@ -514,6 +560,15 @@ VALIDATORS: Mapping[str, _Validator] = {
     "session_doveadm": _nonempty(_text),
     "session_dovecot_config": _optional(_file_path),
     "session_protocols": _nonempty(_string_list(_protocol)),
+    "follow_log": _optional(_follow_log),
+    "follow_format": _optional(_choice(*FOLLOW_FORMATS)),
+    "follow_regex": _follow_regex,
+    "follow_programs": _string_list(_program),
+    "follow_trust": _choice("rsyslog", "file"),
+    "follow_trusted_users": _nonempty(_string_list(_user)),
+    "follow_state_path": _optional(_file_path),
+    "follow_max_age": _integer(1, 86_400),
+    "follow_poll_interval": _number(0.01, 10),
     "max_entries": _integer(1, 100_000_000),
     "store": _choice("memory", "redis"),
     "snapshot_path": _optional(_file_path),
@@ -563,7 +618,17 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     _check_trusted_networks(settings)
     _check_session_renew_interval(settings)
     _check_redis(settings)
+    _check_follow_regex(settings)
     return settings
+
+
+def _check_follow_regex(settings: Settings) -> None:
+    if settings.follow_format == "regex" and not (
+        settings.follow_regex and settings.follow_programs
+    ):
+        raise ConfigError(
+            "bad value for 'follow_format': \"regex\" needs follow_regex and follow_programs"
+        )
 
 
 def _check_trusted_networks(settings: Settings) -> None:

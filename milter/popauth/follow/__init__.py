@@ -1,0 +1,1 @@
+"""``popauth follow``: logins read from a POP/IMAP server's log, reported to the ingest socket."""

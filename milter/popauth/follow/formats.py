@@ -1,0 +1,200 @@
+"""One small parser per POP/IMAP server: which log messages are successful logins.
+
+A parser sees the message of a log entry whose program is one of its
+``programs`` and answers the client address and user of a *successful*
+login, or nothing. Failed logins (``LOGIN FAILED``, ``badlogin:``,
+``auth failed``, ``authentication failed``) never match: each pattern spells
+the success message whole (``fullmatch``), from its first word on.
+
+The server copies the user name into the line as the client typed it, so a
+user name may hold text that looks like the rest of a login line
+(``user=x, ip=[203.0.113.9]``). The patterns take the address from the
+server's own fixed text: the last ``ip=[...]`` of a Courier line (the server
+writes it after the user name), the first ``[...]`` of a Cyrus line (before
+it), and so on; and a user name that holds blanks, brackets, angle brackets,
+quotes, commas or ``=`` is refused outright, whatever the format.
+
+Servers that log the address and the user in two lines of one process
+(popa3d: ``Session from IP`` then ``Authentication passed for USER``) are
+matched by pid: the follower remembers the address per pid until the login
+line of that pid, or until the pid is forgotten (bounded memory).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from popauth.addresses import AddressError, IPAddress, parse_client_address
+from popauth.follow.entries import LogEntry
+
+MAX_USER = 256
+_USER_OK = re.compile(r"[^\s\[\]<>\"'`,=;()]{1," + str(MAX_USER) + "}").fullmatch
+# Sessions whose login line has not come yet, per format instance.
+MAX_PENDING_SESSIONS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    address: IPAddress
+    user: str
+    time: float
+
+
+class FormatError(ValueError):
+    """A format cannot be built from the settings; the message says why."""
+
+
+def _login(entry: LogEntry, address_text: str, user: str) -> Login | None:
+    if not _USER_OK(user):
+        return None
+    try:
+        address = parse_client_address(address_text)
+    except AddressError:
+        return None
+    return Login(address, user, entry.time)
+
+
+class LoginFormat:
+    """A server whose success line holds both the address and the user."""
+
+    def __init__(self, name: str, programs: frozenset[str], pattern: re.Pattern[str]) -> None:
+        missing = {"ip", "user"} - set(pattern.groupindex)
+        if missing:
+            raise FormatError(f"the pattern needs named groups {', '.join(sorted(missing))}")
+        self.name = name
+        self.programs = programs
+        self._match = pattern.fullmatch
+
+    def login(self, entry: LogEntry) -> Login | None:
+        match = self._match(entry.message)
+        if match is None:
+            return None
+        return _login(entry, match["ip"], match["user"])
+
+
+class SessionFormat(LoginFormat):
+    """A server that logs the address at connect and the user at login, same pid."""
+
+    def __init__(
+        self,
+        name: str,
+        programs: frozenset[str],
+        session: re.Pattern[str],
+        success: re.Pattern[str],
+    ) -> None:
+        self.name = name
+        self.programs = programs
+        self._session = session.fullmatch
+        self._success = success.fullmatch
+        self._addresses: OrderedDict[int, str] = OrderedDict()
+
+    def login(self, entry: LogEntry) -> Login | None:
+        if entry.pid is None:
+            return None
+        opened = self._session(entry.message)
+        if opened is not None:
+            self._addresses[entry.pid] = opened["ip"]
+            self._addresses.move_to_end(entry.pid)
+            if len(self._addresses) > MAX_PENDING_SESSIONS:
+                self._addresses.popitem(last=False)
+            return None
+        success = self._success(entry.message)
+        if success is None:
+            return None
+        # One login per session line: a second success line of the same pid
+        # (or a reused pid) needs a new session line first.
+        address = self._addresses.pop(entry.pid, None)
+        if address is None:
+            return None
+        return _login(entry, address, success["user"])
+
+
+_IP = r"(?P<ip>[0-9A-Fa-f:.]{2,60})"
+
+
+def _formats() -> Mapping[str, LoginFormat]:
+    def simple(name: str, programs: str, pattern: str) -> LoginFormat:
+        return LoginFormat(name, frozenset(programs.split()), re.compile(pattern))
+
+    return {
+        # courierpop3login / imaplogin, through courierlogger:
+        # "LOGIN, user=alice, ip=[::ffff:127.0.0.2], port=[40112], protocol=POP3".
+        # Greedy user: the ip is the last "ip=[...], port=[...]" on the line.
+        "courier": simple(
+            "courier",
+            "courierpop3login imaplogin courierpop3d courierimapd pop3login",
+            r"(?:INFO: )?LOGIN, user=(?P<user>.+), ip=\[" + _IP + r"\], port=\[\d{1,5}\]"
+            r"(?:, protocol=[A-Z0-9-]{1,16})?",
+        ),
+        # Cyrus pop3d/imapd: "login: host [127.0.0.2] alice plaintext User logged in
+        # SESSIONID=<...>"; the host name comes from DNS and may be absent.
+        "cyrus": simple(
+            "cyrus",
+            "cyrus/pop3 cyrus/pop3s cyrus/imap cyrus/imaps pop3 pop3s imap imaps pop3d imapd",
+            r"login: (?:[^\s\[\]]{1,255} )?\[" + _IP + r"\] (?P<user>[^\s\[\]]+) [^\[\]]*"
+            r"User logged in(?: SESSIONID=<[^<>\s]*>)?",
+        ),
+        # Dovecot's login process, in its own log_path ("pop3-login: Info: Login: ...")
+        # or through syslog (tag "dovecot", message "pop3-login: Login: ...").
+        "dovecot": simple(
+            "dovecot",
+            "dovecot pop3-login imap-login",
+            r"(?:(?:pop3|imap)-login: )?(?:Info: )?Login: user=<(?P<user>[^<>]*)>, "
+            r"method=[A-Za-z0-9-]+, rip=" + _IP + r", lip=[0-9A-Fa-f:.]+(?:, .*)?",
+        ),
+        # solid-pop3d: "user alice authenticated - 127.0.0.2" (the user cut at 40 characters).
+        "solid-pop3d": simple(
+            "solid-pop3d",
+            "solid-pop3d spop3d",
+            r"(?:mapped )?user (?P<user>\S{1,40}) authenticated(?: through APOP)? - " + _IP,
+        ),
+        # Qpopper (popper.8): "(v4.1.0) POP login by user "alice" at (host) 127.0.0.2".
+        "qpopper": simple(
+            "qpopper",
+            "qpopper popper in.qpopper",
+            r"\(v[^()\s]{1,40}\) POP login by user \"(?P<user>[^\"\s]+)\" "
+            r"at \([^()\s]{0,255}\) " + _IP,
+        ),
+        # UW ipop3d/imapd: "Login user=alice host=client.example [127.0.0.2] nmsgs=0/0",
+        # "Authenticated user=alice host=[127.0.0.2]".
+        "uw": simple(
+            "uw",
+            "ipop3d ipop2d imapd",
+            r"(?:Login|Authenticated) user=(?P<user>\S+) host=(?:[^\s\[\]]{1,255} )?"
+            r"\[" + _IP + r"\](?: nmsgs=\d+/\d+)?",
+        ),
+        # popa3d: "Session from 127.0.0.2", then "Authentication passed for alice".
+        "popa3d": SessionFormat(
+            "popa3d",
+            frozenset({"popa3d"}),
+            re.compile(r"Session from " + _IP),
+            re.compile(r"Authentication passed for (?P<user>\S+)"),
+        ),
+    }
+
+
+FORMAT_NAMES = (*_formats(), "regex")
+
+
+def build_format(name: str, programs: tuple[str, ...] = (), regex: str = "") -> LoginFormat:
+    """The parser for ``follow_format``; ``programs`` replaces its program names."""
+    if name == "regex":
+        if not regex:
+            raise FormatError('follow_format = "regex" needs follow_regex')
+        if not programs:
+            raise FormatError('follow_format = "regex" needs follow_programs')
+        try:
+            pattern = re.compile(regex)
+        except re.error as error:
+            raise FormatError(f"follow_regex does not compile: {error}") from None
+        return LoginFormat("regex", frozenset(programs), pattern)
+    formats = _formats()
+    if name not in formats:
+        raise FormatError(f"unknown format {name!r}; use one of {', '.join(FORMAT_NAMES)}")
+    chosen = formats[name]
+    if programs:
+        chosen.programs = frozenset(programs)
+    return chosen
