@@ -8,6 +8,7 @@ Postfix later reports as ``192.0.2.1`` and Sendmail as ``IPv6:::ffff:192.0.2.1``
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _MAX_ADDRESS_TEXT = 100
 
 
+# An interface name or number, as in fe80::1%eth0.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 class AddressError(ValueError):
     """The text is not a usable client IP address."""
 
@@ -27,33 +33,62 @@ class AddressError(ValueError):
 def parse_client_address(text: str) -> IPAddress:
     """Parse an address from an MTA macro, a POP server hook or a person.
 
-    Accepts ``192.0.2.1``, ``2001:db8::1``, ``IPv6:2001:db8::1`` (Sendmail and
-    Postfix ``{client_addr}`` form), ``[192.0.2.1]`` and zone-qualified
-    link-local addresses. IPv4-mapped IPv6 becomes the IPv4 address.
+    Accepts exactly the forms the MTAs and POP servers use: ``192.0.2.1``,
+    ``2001:db8::1``, ``IPv6:2001:db8::1`` (Sendmail and Postfix
+    ``{client_addr}`` form) and zone-qualified IPv6 (``fe80::1%eth0``).
+    IPv4-mapped IPv6 becomes the IPv4 address.
+
+    Refused, in every door: anything else around the address (blanks,
+    brackets, an ``IPv6:`` tag on IPv4, a zone on IPv4), and addresses no
+    client can have: unspecified (``0.0.0.0``, ``::``), broadcast
+    (``255.255.255.255``) and multicast.
     """
     if len(text) > _MAX_ADDRESS_TEXT:
         raise AddressError("address too long")
     # Fast path for the common case, a plain address: inet_pton validates in
     # C and the packed form builds the address object without re-parsing.
     try:
-        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+        address: IPAddress = ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
     except (OSError, ValueError):
-        pass
-    candidate = text.strip()
-    if candidate.startswith("[") and candidate.endswith("]"):
-        candidate = candidate[1:-1]
-    if candidate[:5].lower() == "ipv6:":
-        candidate = candidate[5:]
+        address = _parse_ipv6(text)
+    return _usable(address, text)
+
+
+def _parse_ipv6(text: str) -> IPAddress:
+    candidate = text[5:] if text[:5].lower() == "ipv6:" else text
     # The zone index names an interface on the MTA host; the same client must
     # match whichever interface it came in on.
-    candidate = candidate.split("%", 1)[0]
+    candidate, percent, zone = candidate.partition("%")
+    if percent and not _ZONE.fullmatch(zone):
+        raise AddressError(f"not an IP address: {text!r}")
     try:
-        address: IPAddress = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, candidate))
+        return unmap(ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, candidate)))
     except (OSError, ValueError):
-        try:
-            address = ipaddress.ip_address(candidate)
-        except ValueError:
-            raise AddressError(f"not an IP address: {text!r}") from None
+        pass
+    if ":" not in candidate and "." in candidate:
+        # inet_pton refused it as IPv6: IPv4 with an IPv6: tag or a zone.
+        raise AddressError(f"not an IP address: {text!r} (IPv4 takes no brackets, tag or zone)")
+    raise AddressError(f"not an IP address: {text!r}")
+
+
+def _usable(address: IPAddress, text: str) -> IPAddress:
+    if address.is_unspecified or address.is_multicast or address == _BROADCAST:
+        raise AddressError(f"not a client address: {text!r} (unspecified, broadcast or multicast)")
+    if isinstance(address, ipaddress.IPv4Address) and "%" in text:
+        raise AddressError(f"not an IP address: {text!r} (IPv4 takes no zone)")
+    return address
+
+
+def parse_stored_key(text: str) -> IPAddress:
+    """A whitelist key as popauth itself wrote it (snapshot, Redis): the
+    canonical text of an address or of an IPv6 prefix's network address,
+    which may be ``::`` with a short ``ipv6_prefix``."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise AddressError(f"not a stored address: {text!r}") from None
+    if str(address) != text or address.is_multicast:
+        raise AddressError(f"not a stored address: {text!r}")
     return unmap(address)
 
 

@@ -99,3 +99,10 @@ def test_8bit_macros_are_decided_on_their_bytes() -> None:
     assert milter.envrcpt("<x@remote.example>") == Milter.REJECT
     context._setsymval("{auth_authen}", b"j\xf6rg".decode("utf-8", "surrogateescape"))
     assert milter.envfrom("<sender@example.org>") == Milter.ACCEPT
+
+
+def test_unusable_client_addresses_are_no_address_at_all() -> None:
+    # Issue 11, defect 11: the milter door refuses them like the others.
+    for text in ("0.0.0.0", "255.255.255.255", "224.0.0.1", "::", "ff02::1"):
+        assert client_address_of((text, 25)) is None, text
+    assert client_address_of(("fe80::1%eth0", 25, 0, 2)) == parse_client_address("fe80::1")

@@ -10,6 +10,7 @@ from popauth.addresses import (
     WhitelistKeying,
     parse_client_address,
     parse_network,
+    parse_stored_key,
 )
 
 
@@ -17,12 +18,10 @@ from popauth.addresses import (
     ("text", "expected"),
     [
         ("192.0.2.1", "192.0.2.1"),
-        (" 192.0.2.1 ", "192.0.2.1"),
-        ("[192.0.2.1]", "192.0.2.1"),
         ("::ffff:192.0.2.1", "192.0.2.1"),
         ("IPv6:::ffff:192.0.2.1", "192.0.2.1"),
         ("ipv6:2001:db8::1", "2001:db8::1"),
-        ("[IPv6:2001:DB8::1]", "2001:db8::1"),
+        ("IPv6:2001:DB8::1", "2001:db8::1"),
         ("fe80::1%eth0", "fe80::1"),
         ("::1", "::1"),
     ],
@@ -73,3 +72,43 @@ def test_network_set() -> None:
 def test_parse_network_rejects_host_bits() -> None:
     with pytest.raises(AddressError):
         parse_network("10.0.0.1/8")
+
+
+# Issue 11, defect 11: loose forms and addresses no client can have.
+LOOSE_OR_UNUSABLE = [
+    "192.0.2.1%eth0",
+    "[192.0.2.1]",
+    "IPv6:192.0.2.1",
+    "ipv6:192.0.2.1%eth0",
+    "::ffff:192.0.2.1%eth0",
+    " 192.0.2.1",
+    "192.0.2.1 ",
+    "[IPv6:2001:db8::1]",
+    "[::1]",
+    "fe80::1%",
+    "fe80::1%eth0 x",
+    "0.0.0.0",
+    "::",
+    "IPv6:::",
+    "::ffff:0.0.0.0",
+    "255.255.255.255",
+    "::ffff:255.255.255.255",
+    "224.0.0.1",
+    "239.255.255.250",
+    "ff02::1",
+    "IPv6:ff05::2",
+]
+
+
+@pytest.mark.parametrize("text", LOOSE_OR_UNUSABLE)
+def test_loose_forms_and_unusable_addresses_are_refused(text: str) -> None:
+    with pytest.raises(AddressError):
+        parse_client_address(text)
+
+
+def test_stored_keys_are_canonical_text() -> None:
+    assert parse_stored_key("2001:db8::") == ipaddress.ip_address("2001:db8::")
+    assert parse_stored_key("::") == ipaddress.ip_address("::")
+    for text in ("[192.0.2.1]", "192.0.2.1%eth0", "2001:DB8::", " 192.0.2.1", "ff02::1"):
+        with pytest.raises(AddressError):
+            parse_stored_key(text)

@@ -127,6 +127,15 @@ def assert_unchanged_and_serving(endpoint: Endpoint) -> None:
         ("LOGIN 999.1.1.1 alice", "ERR address"),
         ("LOGIN 192.0.2.1 alice bob", "ERR syntax"),
         ("LOGIN", "ERR syntax"),
+        # Issue 11, defect 11: no client has these addresses.
+        ("LOGIN 0.0.0.0 alice", "ERR address"),
+        ("LOGIN 255.255.255.255 alice", "ERR address"),
+        ("LOGIN :: alice", "ERR address"),
+        ("LOGIN 224.0.0.1 alice", "ERR address"),
+        ("LOGIN ff02::1 alice", "ERR address"),
+        ("LOGIN 192.0.2.1%eth0 alice", "ERR address"),
+        ("LOGIN [192.0.2.1] alice", "ERR address"),
+        ("LOGIN IPv6:192.0.2.1 alice", "ERR address"),
     ],
 )
 def test_bad_requests_get_errors(endpoint: Endpoint, line: str, reply_start: str) -> None:

@@ -119,13 +119,20 @@ def test_hits_and_misses_normalised_like_the_milter(endpoint: Endpoint) -> None:
     assert endpoint.ask("192.0.2.1") == b"OK OK"
     assert endpoint.ask("::ffff:192.0.2.1") == b"OK OK"
     assert endpoint.ask("IPv6:::ffff:192.0.2.1") == b"OK OK"
-    assert endpoint.ask("[192.0.2.1]") == b"OK OK"
     assert endpoint.ask("192.0.2.2") == b"NOTFOUND "
     grant(endpoint, "2001:db8:0:1::99")
     # ipv6_prefix = 64: the whole /64 is whitelisted, in either MTA's form.
     assert endpoint.ask("2001:db8:0:1::5") == b"OK OK"
     assert endpoint.ask("ipv6:2001:db8:0:1::5") == b"OK OK"
     assert endpoint.ask("2001:db8:0:2::5") == b"NOTFOUND "
+
+
+def test_loose_forms_of_a_whitelisted_address_are_not_found(endpoint: Endpoint) -> None:
+    # Issue 11, defect 11: these answered OK for the whitelisted 192.0.2.1.
+    grant(endpoint, "192.0.2.1")
+    for loose in ("192.0.2.1%eth0", "[192.0.2.1]", "IPv6:192.0.2.1", " 192.0.2.1"):
+        assert endpoint.ask(loose) == b"NOTFOUND ", loose
+    assert endpoint.ask("192.0.2.1") == b"OK OK"
 
 
 @pytest.mark.parametrize(

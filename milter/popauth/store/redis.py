@@ -36,7 +36,7 @@ from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from popauth.addresses import AddressError, IPAddress, parse_client_address
+from popauth.addresses import AddressError, IPAddress, parse_stored_key
 from popauth.clock import Clock
 from popauth.store.base import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
 
@@ -270,7 +270,7 @@ class RedisStore(WhitelistStore):
         if raw is None:  # expired between SCAN and MGET
             return None
         try:
-            address = parse_client_address(_text(key)[len(self._prefix) :])
+            address = parse_stored_key(_text(key)[len(self._prefix) :])
         except (UnicodeDecodeError, AddressError):
             return None
         return _decode(address, raw)

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from popauth.addresses import AddressError, parse_client_address
+from popauth.addresses import AddressError, parse_stored_key
 from popauth.clock import Clock
 from popauth.persistence import (
     StateFileError,
@@ -100,7 +100,7 @@ def _grant(entry: Any) -> Grant:
     if not isinstance(address_text, str):
         raise _BadEntry("address is not text")
     try:
-        address = parse_client_address(address_text)
+        address = parse_stored_key(address_text)
     except AddressError:
         raise _BadEntry("not an IP address") from None
     # "" is a login reported without a user name.
