@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, login_hook, milter_protocol, postfix_e2e, scale
+from bench import ingest, login_hook, milter_protocol, postfix_e2e, scale, sessions
 from bench.common import BenchResult, Mode, machine, render_result
 
 Benchmark = Callable[[Mode, Path], BenchResult]
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "B3": login_hook.run,
     "B4": ingest.run,
     "B5": scale.run,
+    "B6": sessions.run,
 }
 
 
