@@ -216,4 +216,4 @@ def summarise(result: BenchResult, count: int) -> None:
 
 
 def redis_cpu(redis: RedisInstance) -> float:
-    return 0.0 if redis.pid is None else process_cpu_seconds(redis.pid)
+    return process_cpu_seconds(redis.pid)

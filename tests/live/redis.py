@@ -71,10 +71,6 @@ class RedisInstance(Daemon):
         self.stop()
         raise RedisError(f"redis-server not ready:\n{read_log(self.log_file)}")
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
