@@ -52,6 +52,13 @@ ACCEPTED = [
     ),
     ("solid-pop3d", "solid-pop3d", "user alice authenticated - 127.0.0.2", "127.0.0.2", "alice"),
     (
+        "solid-pop3d",
+        "solid-pop3d",
+        "user alice authenticated - localhost (127.0.0.1)",
+        "127.0.0.1",
+        "alice",
+    ),
+    (
         "qpopper",
         "qpopper",
         '(v4.1.0) POP login by user "alice" at (client.example) 198.51.100.7',
@@ -96,6 +103,7 @@ REFUSED = [
     ),
     ("solid-pop3d", "solid-pop3d", "authentication failed for user alice - 127.0.0.2"),
     ("solid-pop3d", "solid-pop3d", "user alice authenticated - client.example"),
+    ("solid-pop3d", "solid-pop3d", "user alice authenticated - a (b) (127.0.0.1)"),
     ("qpopper", "qpopper", '(v4.1.0) POP login by user "x at (y) 1.2.3.4" at (h) 127.0.0.2'),
     ("uw", "ipop3d", "Login failed user=alice auth=alice host=h [198.51.100.7]"),
     ("uw", "ipop3d", "Login user=alice host=a [203.0.113.9] [198.51.100.7] nmsgs=0/0"),

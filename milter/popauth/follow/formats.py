@@ -72,7 +72,8 @@ class LoginFormat:
         match = self._match(entry.message)
         if match is None:
             return None
-        return _login(entry, match["ip"], match["user"])
+        address = match["ip"] or match.groupdict().get("named_ip") or ""
+        return _login(entry, address, match["user"])
 
 
 class SessionFormat(LoginFormat):
@@ -145,11 +146,13 @@ def _formats() -> Mapping[str, LoginFormat]:
             r"(?:(?:pop3|imap)-login: )?(?:Info: )?Login: user=<(?P<user>[^<>]*)>, "
             r"method=[A-Za-z0-9-]+, rip=" + _IP + r", lip=[0-9A-Fa-f:.]+(?:, .*)?",
         ),
-        # solid-pop3d: "user alice authenticated - 127.0.0.2" (the user cut at 40 characters).
+        # solid-pop3d: "user alice authenticated - 127.0.0.2", or "- host (127.0.0.2)"
+        # when the address has a DNS name (the user cut at 40 characters).
         "solid-pop3d": simple(
             "solid-pop3d",
             "solid-pop3d spop3d",
-            r"(?:mapped )?user (?P<user>\S{1,40}) authenticated(?: through APOP)? - " + _IP,
+            r"(?:mapped )?user (?P<user>\S{1,40}) authenticated(?: through APOP)? - "
+            r"(?:" + _IP + r"|[^\s()]{1,255} \((?P<named_ip>[0-9A-Fa-f:.]{2,60})\))",
         ),
         # Qpopper (popper.8): "(v4.1.0) POP login by user "alice" at (host) 127.0.0.2".
         "qpopper": simple(

@@ -1,0 +1,313 @@
+"""Private POP3 servers that only log through syslog, and a private rsyslog for them.
+
+The servers (popa3d, solid-pop3d, Courier, Cyrus) provide ``pop3-server``
+and so conflict with Dovecot's package; rsyslog would start a system
+logger. So their .debs are unpacked into a private root (``dpkg -x``, as
+for Sendmail), and their libraries are installed by ``scripts/bootstrap``.
+
+Each server runs in a private mount namespace (``unshare -m``) where
+
+- ``/dev`` is a fresh tmpfs with ``null``/``zero``/``urandom`` and a
+  ``/dev/log`` that points at the private rsyslog's socket, so the server's
+  syslog() reaches that rsyslog and nothing else;
+- ``/etc/passwd``, ``/etc/shadow``, ``/etc/pam.d`` and ``/var/mail`` are the
+  test's own: the mail users exist only there, PAM checks their passwords
+  with pam_unix against the private shadow file.
+
+The rsyslog listens on that socket with imuxsock's trusted properties and
+writes the follower's log with the template of
+``contrib/rsyslog/popauth-follow.conf``: the sender's uid and pid as the
+kernel reported them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from tests.live.ports import grant_traversal, wait_for_banner
+
+REPO = Path(__file__).resolve().parents[2]
+CONTRIB_RSYSLOG = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
+ACCEPTOR = Path(__file__).with_name("inetd_acceptor.py")
+PACKAGES = ("rsyslog", "popa3d", "solid-pop3d", "courier-pop")
+CACHE_DIR = Path(os.environ.get("POPAUTH_LOGSERVERS_CACHE", REPO / ".cache" / "logservers"))
+RSYSLOG_MODULES = Path("usr/lib/x86_64-linux-gnu/rsyslog")
+MAIL_UID = 64_101  # the private users' uids: unused on the host
+START_TIMEOUT = 20.0
+
+
+class LogServerError(RuntimeError):
+    """A private server or rsyslog could not be fetched or started."""
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+def ensure_package_root(cache_dir: Path = CACHE_DIR) -> Path:
+    """Download and unpack the server packages once; return the private root."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    root = cache_dir / "root"
+    stamp = root / ".unpacked"
+    if stamp.is_file() and stamp.read_text() == " ".join(PACKAGES):
+        return root
+    missing = [p for p in PACKAGES if not list(cache_dir.glob(f"{p}_*.deb"))]
+    if missing:
+        result = _run(["apt-get", "download", *missing], cwd=cache_dir)
+        if result.returncode != 0:
+            _run(["apt-get", "update"])
+            result = _run(["apt-get", "download", *missing], cwd=cache_dir)
+            if result.returncode != 0:
+                raise LogServerError(
+                    f"apt-get download {' '.join(missing)} failed (run scripts/bootstrap):\n"
+                    f"{result.stderr}"
+                )
+    staging = cache_dir / "root.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for package in PACKAGES:
+        deb = sorted(cache_dir.glob(f"{package}_*.deb"))[-1]
+        result = _run(["dpkg", "-x", str(deb), str(staging)])
+        if result.returncode != 0:
+            raise LogServerError(f"dpkg -x {deb} failed:\n{result.stderr}")
+    (staging / ".unpacked").write_text(" ".join(PACKAGES))
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
+    return root
+
+
+def rsyslog_template() -> str:
+    """The ``template(...)`` statement of the contrib file, for the private rsyslog."""
+    text = CONTRIB_RSYSLOG.read_text()
+    start = text.index("template(")
+    return text[start : text.index(")\n", start) + 2]
+
+
+class PrivateRsyslog:
+    """rsyslogd -n with one imuxsock socket (trusted properties) and one output file."""
+
+    def __init__(self, root: Path, package_root: Path) -> None:
+        self.root = root
+        self.package_root = package_root
+        self.socket_path = root / "log.sock"
+        self.log_path = root / "logins.log"
+        self.pid_path = root / "rsyslogd.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        modules = self.package_root / RSYSLOG_MODULES
+        return (
+            f'global(workDirectory="{self.root}")\n'
+            f'module(load="{modules}/imuxsock.so" SysSock.Use="off")\n'
+            f'input(type="imuxsock" Socket="{self.socket_path}" Annotate="on" ParseTrusted="on")\n'
+            f"{rsyslog_template()}"
+            f'*.* action(type="omfile" file="{self.log_path}" template="popauth-follow" '
+            'fileCreateMode="0640")\n'
+        )
+
+    def start(self) -> PrivateRsyslog:
+        self.root.mkdir(parents=True, exist_ok=True)
+        grant_traversal(self.root)
+        config = self.root / "rsyslog.conf"
+        config.write_text(self.config())
+        output = (self.root / "rsyslogd.out").open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(self.package_root / "usr/sbin/rsyslogd"),
+                "-n",
+                "-f",
+                str(config),
+                "-i",
+                str(self.pid_path),
+                "-M",
+                str(self.package_root / RSYSLOG_MODULES),
+            ],
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )
+        output.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.socket_path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise LogServerError(f"rsyslogd did not start:\n{self.diagnostics()}")
+            time.sleep(0.02)
+        self.socket_path.chmod(0o666)  # every local user may log, as with /dev/log
+        self.sync()
+        return self
+
+    def send(self, tag: str, message: str) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(f"<22>{tag}: {message}".encode(), str(self.socket_path))
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Log a marker and wait until rsyslog has written it: what came before is written."""
+        marker = f"sync-{uuid.uuid4().hex}"
+        self.send("popauth-test", marker)
+        deadline = time.monotonic() + timeout
+        while marker not in self.text():
+            if time.monotonic() > deadline:
+                raise LogServerError(f"rsyslog did not write {marker}:\n{self.diagnostics()}")
+            time.sleep(0.01)
+
+    def text(self) -> str:
+        texts = []
+        for path in sorted(self.root.glob("logins.log*")):
+            texts.append(path.read_text(errors="replace"))
+        return "".join(texts)
+
+    def reopen(self) -> None:
+        """What logrotate's postrotate does: HUP, rsyslog reopens its files."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def diagnostics(self) -> str:
+        out = self.root / "rsyslogd.out"
+        return out.read_text(errors="replace") if out.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def _hash(password: str) -> str:
+    result = _run(["openssl", "passwd", "-6", password])
+    if result.returncode != 0:
+        raise LogServerError(f"openssl passwd failed: {result.stderr}")
+    return result.stdout.strip()
+
+
+class Jail:
+    """A private mount namespace: own /dev (with /dev/log), users, PAM and /var/mail."""
+
+    def __init__(
+        self,
+        root: Path,
+        log_socket: Path,
+        users: dict[str, str],
+        system_users: tuple[str, ...] = (),
+        extra_mounts: tuple[str, ...] = (),
+    ) -> None:
+        self.root = root
+        self.log_socket = log_socket
+        self.users = users
+        # Accounts a server drops privileges to (its package's postinst makes them).
+        self.system_users = system_users
+        # More shell lines for the namespace, run after the standard mounts.
+        self.extra_mounts = extra_mounts
+
+    def prepare(self, pam_services: tuple[str, ...]) -> None:
+        etc = self.root / "etc"
+        (etc / "pam.d").mkdir(parents=True, exist_ok=True)
+        mail = self.root / "mail"
+        mail.mkdir(exist_ok=True)
+        mail.chmod(0o1777)
+        passwd = Path("/etc/passwd").read_text()
+        shadow = Path("/etc/shadow").read_text()
+        for number, user in enumerate(self.system_users, start=50):
+            uid = MAIL_UID + number
+            passwd += f"{user}:x:{uid}:{uid}::/nonexistent:/usr/sbin/nologin\n"
+            shadow += f"{user}:*:19000:0:99999:7:::\n"
+        for number, (user, password) in enumerate(self.users.items()):
+            uid = MAIL_UID + number
+            passwd += f"{user}:x:{uid}:{uid}::{mail}:/usr/sbin/nologin\n"
+            shadow += f"{user}:{_hash(password)}:19000:0:99999:7:::\n"
+            mailbox = mail / user
+            mailbox.write_text("")
+            os.chown(mailbox, uid, uid)
+            mailbox.chmod(0o600)
+        (etc / "passwd").write_text(passwd)
+        (etc / "shadow").write_text(shadow)
+        (etc / "shadow").chmod(0o640)
+        for service in pam_services:
+            (etc / "pam.d" / service).write_text(
+                "auth required pam_unix.so nodelay\naccount required pam_permit.so\n"
+                "session required pam_permit.so\n"
+            )
+        (etc / "pam.d" / "other").write_text("auth required pam_deny.so\n")
+
+    def command(self, argv: list[str]) -> list[str]:
+        etc = self.root / "etc"
+        prelude = "; ".join(
+            [
+                "set -e",
+                "mount -t tmpfs -o mode=755 tmpfs /dev",
+                "mknod -m 666 /dev/null c 1 3",
+                "mknod -m 666 /dev/zero c 1 5",
+                "mknod -m 666 /dev/random c 1 8",
+                "mknod -m 666 /dev/urandom c 1 9",
+                f"ln -s {self.log_socket} /dev/log",
+                f"mount --bind {etc / 'passwd'} /etc/passwd",
+                f"mount --bind {etc / 'shadow'} /etc/shadow",
+                f"mount --bind {etc / 'pam.d'} /etc/pam.d",
+                f"mount --bind {self.root / 'mail'} /var/mail",
+                *self.extra_mounts,
+                'exec "$@"',
+            ]
+        )
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c", prelude, "jail", *argv]
+
+
+class InetdServer:
+    """A POP3 server run per connection (as from inetd) inside a Jail, on 127.0.0.1:port."""
+
+    def __init__(self, jail: Jail, port: int, argv: list[str]) -> None:
+        self.jail = jail
+        self.port = port
+        self.argv = argv
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> InetdServer:
+        command = self.jail.command(
+            ["/usr/bin/python3", "-I", str(ACCEPTOR), str(self.port), "--", *self.argv]
+        )
+        output = (self.jail.root / "inetd.out").open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=output, stderr=output, start_new_session=True
+        )
+        output.close()
+        if not wait_for_banner("127.0.0.1", self.port, b"+OK", time.monotonic() + START_TIMEOUT):
+            self.stop()
+            text = (self.jail.root / "inetd.out").read_text(errors="replace")
+            raise LogServerError(f"{self.argv[0]} not ready on port {self.port}:\n{text}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+def unprivileged_user() -> str:
+    """A local user with no rights over mail: the one who tries to inject log lines."""
+    return pwd.getpwnam("nobody").pw_name

@@ -1,0 +1,242 @@
+"""``popauth follow`` with real POP3 servers that log through a real rsyslog.
+
+Each server runs privately (``tests/live/logservers.py``): its syslog()
+reaches a private rsyslog that writes the follower's log with the contrib
+template. A real POP3 login is followed, reported to ``popauth serve``, and
+the client then relays through the real Postfix of ``conftest.py``.
+
+Each test uses its own client addresses (127.0.0.x), and waits for a
+login it expects before it asserts that an earlier line whitelisted nothing:
+the follower handles the log in order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.live.conftest import PopauthFactory
+from tests.live.dovecot import pop3_login
+from tests.live.logservers import InetdServer, Jail, PrivateRsyslog, ensure_package_root
+from tests.live.ports import free_port
+from tests.live.postfix import PostfixInstance
+from tests.live.smtp import REMOTE, rcpt_reply
+from tests.support.follower import FollowerProcess, wait_until
+from tests.support.popauth_server import PopauthServer
+
+pytestmark = pytest.mark.live
+
+USERS = {"alice": "wonderland"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    follow_format: str
+    binary: str
+    system_users: tuple[str, ...]
+    extra_mounts: tuple[str, ...] = ()
+
+
+SERVERS = {
+    "solid-pop3d": ServerSpec(
+        "solid-pop3d",
+        "solid-pop3d",
+        "usr/sbin/solid-pop3d",
+        system_users=("spop3d",),
+        # Its bulletin directory (made by the package), on a private /var/lib.
+        extra_mounts=(
+            "mount -t tmpfs tmpfs /var/lib",
+            "mkdir -p /var/lib/solid-pop3d/bulletins",
+        ),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def package_root() -> Path:
+    return ensure_package_root()
+
+
+@pytest.fixture(scope="module")
+def rsyslog(live_root: Path, package_root: Path) -> Iterator[PrivateRsyslog]:
+    instance = PrivateRsyslog(live_root / "rsyslog", package_root).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def pop_server(
+    request: pytest.FixtureRequest, live_root: Path, package_root: Path, rsyslog: PrivateRsyslog
+) -> Iterator[tuple[ServerSpec, int]]:
+    spec = SERVERS[request.param]
+    jail = Jail(
+        live_root / f"jail-{spec.name}",
+        rsyslog.socket_path,
+        USERS,
+        system_users=spec.system_users,
+        extra_mounts=spec.extra_mounts,
+    )
+    jail.prepare((spec.name,))
+    port = free_port()
+    server = InetdServer(jail, port, [str(package_root / spec.binary)]).start()
+    yield spec, port
+    server.stop()
+
+
+@pytest.fixture
+def popauth_for_follow(start_popauth: PopauthFactory) -> PopauthServer:
+    return start_popauth()
+
+
+def follower(
+    directory: Path, popauth: PopauthServer, rsyslog: PrivateRsyslog, follow_format: str
+) -> FollowerProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    return FollowerProcess(
+        directory, popauth, str(rsyslog.log_path), follow_format=follow_format
+    ).start()
+
+
+def whitelisted(popauth: PopauthServer, address: str) -> bool:
+    return popauth.ask(f"QUERY {address}")[0].startswith("OK")
+
+
+def wait_whitelisted(popauth: PopauthServer, address: str, process: FollowerProcess) -> None:
+    wait_until(
+        lambda: whitelisted(popauth, address),
+        10,
+        lambda: f"{address} not whitelisted; follower:\n{process.output()}",
+    )
+
+
+def login(port: int, source_ip: str, password: str = "wonderland") -> bool:
+    return pop3_login(port, "alice", password, source_ip)
+
+
+def test_a_real_login_relays_and_a_failed_one_does_not(
+    tmp_path: Path,
+    pop_server: tuple[ServerSpec, int],
+    rsyslog: PrivateRsyslog,
+    postfix: PostfixInstance,
+    popauth_for_follow: PopauthServer,
+) -> None:
+    spec, port = pop_server
+    process = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    try:
+        assert rcpt_reply(postfix.smtp_port, "127.0.0.21", REMOTE)[0] == 550
+        assert not login(port, "127.0.0.22", password="wrong")
+        assert login(port, "127.0.0.21"), rsyslog.text()[-2000:]
+        wait_whitelisted(popauth_for_follow, "127.0.0.21", process)
+        assert rcpt_reply(postfix.smtp_port, "127.0.0.21", REMOTE)[0] == 250
+        assert not whitelisted(popauth_for_follow, "127.0.0.22")
+        assert rcpt_reply(postfix.smtp_port, "127.0.0.22", REMOTE)[0] == 550
+        (event,) = process.events("follow_login")
+        assert (event["client_ip"], event["user"]) == ("127.0.0.21", "alice")
+    finally:
+        assert process.stop() == 0
+
+
+def test_rotation_mid_run_loses_no_login(
+    tmp_path: Path,
+    pop_server: tuple[ServerSpec, int],
+    rsyslog: PrivateRsyslog,
+    popauth_for_follow: PopauthServer,
+) -> None:
+    spec, port = pop_server
+    process = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    log = rsyslog.log_path
+    try:
+        assert login(port, "127.0.0.31")
+        # Rename rotation: rsyslog writes to the renamed file until HUP.
+        log.rename(log.with_name("logins.log.1"))
+        assert login(port, "127.0.0.32")
+        rsyslog.reopen()
+        rsyslog.sync()
+        assert login(port, "127.0.0.33")
+        # copytruncate rotation.
+        rsyslog.sync()
+        wait_whitelisted(popauth_for_follow, "127.0.0.33", process)
+        shutil.copyfile(log, log.with_name("logins.log.2"))
+        with log.open("r+") as handle:
+            handle.truncate(0)
+        assert login(port, "127.0.0.34")
+        for address in ("127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34"):
+            wait_whitelisted(popauth_for_follow, address, process)
+    finally:
+        assert process.stop() == 0
+
+
+def test_a_restarted_follower_replays_nothing(
+    tmp_path: Path,
+    pop_server: tuple[ServerSpec, int],
+    rsyslog: PrivateRsyslog,
+    popauth_for_follow: PopauthServer,
+) -> None:
+    spec, port = pop_server
+    first = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    assert login(port, "127.0.0.41")
+    wait_whitelisted(popauth_for_follow, "127.0.0.41", first)
+    assert first.stop() == 0
+    popauth_for_follow.ask("REVOKE 127.0.0.41")
+    assert login(port, "127.0.0.42")  # while the follower is stopped
+    second = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    try:
+        assert login(port, "127.0.0.43")
+        wait_whitelisted(popauth_for_follow, "127.0.0.43", second)
+        wait_whitelisted(popauth_for_follow, "127.0.0.42", second)
+        assert not whitelisted(popauth_for_follow, "127.0.0.41")
+    finally:
+        assert second.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "injection",
+    [
+        ("courier", "courierpop3login", "LOGIN, user=x, ip=[203.0.113.9], port=[1], protocol=POP3"),
+        ("solid-pop3d", "solid-pop3d", "user x authenticated - 203.0.113.9"),
+    ],
+)
+def test_a_local_user_cannot_whitelist_with_logger(
+    tmp_path: Path,
+    rsyslog: PrivateRsyslog,
+    popauth_for_follow: PopauthServer,
+    injection: tuple[str, str, str],
+) -> None:
+    follow_format, tag, message = injection
+    process = follower(tmp_path, popauth_for_follow, rsyslog, follow_format)
+    try:
+        injected = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "logger",
+                "-u",
+                str(rsyslog.socket_path),
+                "-t",
+                tag,
+                message,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert injected.returncode == 0, injected.stderr
+        # The same line from a trusted sender (root): it is whitelisted, so the
+        # refusal above is the sender's doing, not the line's.
+        rsyslog.send(tag, message.replace("203.0.113.9", "203.0.113.10"))
+        wait_whitelisted(popauth_for_follow, "203.0.113.10", process)
+        assert not whitelisted(popauth_for_follow, "203.0.113.9")
+        (refused,) = process.events("follow_refused")
+        assert refused["reason"] == "untrusted_sender"
+        assert refused["sender_uid"] == 65534
+    finally:
+        assert process.stop() == 0
