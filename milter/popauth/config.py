@@ -58,6 +58,10 @@ class Settings:
     # Seconds a client may take for one request line before it is dropped.
     ingest_timeout: float = 5.0
     ingest_max_clients: int = 256
+    # Connections one uid without an ingest role may hold at once.
+    ingest_clients_per_uid: int = 8
+    # Seconds a new ingest connection may stay silent before it is closed.
+    ingest_first_byte_timeout: float = 1.0
     # The socketmap door (Postfix/Sendmail lookup table); "" = off.
     socketmap_socket: str = ""
     socketmap_socket_mode: int = 0o660
@@ -70,6 +74,8 @@ class Settings:
     socketmap_timeout: float = 5.0
     socketmap_idle_timeout: float = 300.0
     socketmap_max_clients: int = 512
+    # Connections one uid outside the socket's group may hold at once.
+    socketmap_clients_per_uid: int = 8
     ttl: int = 900
     # popauth sessions (on the Dovecot host): seconds between renewals of the
     # entries of open sessions; 0 = a quarter of ttl. Must be less than ttl.
@@ -547,6 +553,8 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ingest_admin_groups": _string_list(_group),
     "ingest_timeout": _number(0.1, 300),
     "ingest_max_clients": _integer(1, 100_000),
+    "ingest_clients_per_uid": _integer(1, 100_000),
+    "ingest_first_byte_timeout": _number(0.1, 300),
     "socketmap_socket": _optional(_socket_path),
     "socketmap_socket_mode": _mode,
     "socketmap_socket_group": _optional(_group),
@@ -555,6 +563,7 @@ VALIDATORS: Mapping[str, _Validator] = {
     "socketmap_timeout": _number(0.1, 300),
     "socketmap_idle_timeout": _number(1, 86_400),
     "socketmap_max_clients": _integer(1, 100_000),
+    "socketmap_clients_per_uid": _integer(1, 100_000),
     "ttl": _integer(1, 7 * 86_400),
     "session_renew_interval": _renew_interval,
     "session_doveadm": _nonempty(_text),

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
+import os
 import socket
 import struct
 import threading
@@ -32,6 +34,7 @@ import structlog
 from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 
 _PEERCRED = struct.Struct("3i")
+LISTEN_BACKLOG = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,8 @@ class UnixStreamServer(abc.ABC):
         blocking_calls: bool,
         thread_name: str,
         log: structlog.typing.FilteringBoundLogger,
+        max_clients_per_uid: int | None = None,
+        first_byte_timeout: float | None = None,
     ) -> None:
         self._path = path
         self._mode = mode
@@ -103,7 +108,14 @@ class UnixStreamServer(abc.ABC):
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
+        # Every open connection, and those admitted (not refused as busy).
         self._connections: set[FramedConnection] = set()
+        self._admitted: set[FramedConnection] = set()
+        # Connections per unprivileged uid, bounded by max_clients_per_uid.
+        self._max_clients_per_uid = max_clients_per_uid
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        # A client that connects and says nothing is dropped this soon.
+        self.first_byte_timeout = idle_timeout if first_byte_timeout is None else first_byte_timeout
 
     @property
     def path(self) -> Path:
@@ -141,6 +153,10 @@ class UnixStreamServer(abc.ABC):
         """A refusal happened (busy, timeout, partial, framing): log or count it."""
         self._log.warning(event, peer_uid=peer.uid)
 
+    def privileged(self, peer: Peer) -> bool:
+        """Whether ``peer`` is exempt from ``max_clients_per_uid``."""
+        return peer.uid in (0, os.getuid())
+
     def answer_safely(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
         """:meth:`answer_request`, with any unexpected failure turned into the
         door's internal-error reply (and logged with its traceback): every
@@ -161,7 +177,9 @@ class UnixStreamServer(abc.ABC):
         try:
             listener.bind(str(self._path))
             set_permissions(self._path, self._mode, self._group)
-            listener.listen(128)
+            # Bursts of connects must wait in the backlog, not fail with
+            # EAGAIN (the kernel caps this at net.core.somaxconn).
+            listener.listen(LISTEN_BACKLOG)
         except Exception:
             listener.close()
             remove_socket(self._path)
@@ -177,8 +195,9 @@ class UnixStreamServer(abc.ABC):
         asyncio.set_event_loop(self._loop)
 
         async def serve() -> None:
+            # asyncio calls listen() again with this backlog (100 if not given).
             self._server = await self._loop.create_unix_server(
-                lambda: FramedConnection(self), sock=listener
+                lambda: FramedConnection(self), sock=listener, backlog=LISTEN_BACKLOG
             )
             ready.set()
 
@@ -216,12 +235,50 @@ class UnixStreamServer(abc.ABC):
     # --- bookkeeping for FramedConnection ----------------------------------
 
     def opened(self, connection: FramedConnection) -> bool:
-        """Count a new connection; False if it is over ``max_clients``."""
+        """Count a new connection; False if it must be refused as busy.
+
+        An unprivileged uid may hold at most ``max_clients_per_uid``
+        connections, so that one local user cannot take every slot. When
+        all ``max_clients`` slots are taken, the connection that has been
+        idle longest (no request under way) is closed to make room: idle
+        clients cannot lock out one that has something to ask. Only when
+        every slot is in the middle of a request is the newcomer refused.
+        """
         self._connections.add(connection)
-        return len(self._connections) <= self._max_clients
+        peer = connection.peer
+        if self._max_clients_per_uid is not None and not self.privileged(peer):
+            if self._per_uid[peer.uid] >= self._max_clients_per_uid:
+                return False
+            self._per_uid[peer.uid] += 1
+            connection.quota_uid = peer.uid
+        if len(self._admitted) >= self._max_clients and not self._evict_idlest():
+            self._release_quota(connection)
+            return False
+        self._admitted.add(connection)
+        return True
+
+    def _evict_idlest(self) -> bool:
+        idle = [c for c in self._admitted if c.is_idle()]
+        if not idle:
+            return False
+        idlest = min(idle, key=lambda c: c.last_active)
+        self._admitted.discard(idlest)
+        self._release_quota(idlest)
+        idlest.evict()
+        return True
+
+    def _release_quota(self, connection: FramedConnection) -> None:
+        if connection.quota_uid is not None:
+            self._per_uid[connection.quota_uid] -= 1
+            if not self._per_uid[connection.quota_uid]:
+                del self._per_uid[connection.quota_uid]
+            connection.quota_uid = None
 
     def closed(self, connection: FramedConnection) -> None:
         self._connections.discard(connection)
+        if connection in self._admitted:
+            self._admitted.discard(connection)
+            self._release_quota(connection)
 
 
 class FramedConnection(asyncio.Protocol):
@@ -237,6 +294,9 @@ class FramedConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._peer = Peer(0, -1, -1)
+        # The unprivileged uid this connection counts against, if any.
+        self.quota_uid: int | None = None
+        self.last_active = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._idle = True
@@ -250,13 +310,14 @@ class FramedConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._peer = peer_of(transport.get_extra_info("socket"))
+        self.last_active = asyncio.get_running_loop().time()
         if not self._door.opened(self):
             self._busy = True
             self._door.note("busy", self._peer)
             if not self._door.refusals.busy_answers_a_request:
                 self._finish(self._door.refusals.busy)
                 return
-        self._wait(idle=True)
+        self._wait(idle=True, limit=self._door.first_byte_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -265,6 +326,7 @@ class FramedConnection(asyncio.Protocol):
         self._door.closed(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = asyncio.get_running_loop().time()
         self._buffer += data
         self._serve()
 
@@ -278,6 +340,25 @@ class FramedConnection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    @property
+    def peer(self) -> Peer:
+        return self._peer
+
+    def is_idle(self) -> bool:
+        """Open, between requests, with nothing read and nothing being answered."""
+        return (
+            self._idle
+            and not self._buffer
+            and not self._in_flight
+            and not self._busy
+            and self._open()
+        )
+
+    def evict(self) -> None:
+        """Close an idle connection to make room (as if it had timed out)."""
+        self._door.note("evicted", self._peer)
+        self._finish(self._door.refusals.idle)
 
     # --- serving ---------------------------------------------------------
 
@@ -337,6 +418,7 @@ class FramedConnection(asyncio.Protocol):
 
     def _reply(self, reply: bytes, keep_open: bool) -> None:
         assert self._transport is not None
+        self.last_active = asyncio.get_running_loop().time()
         self._transport.write(reply)
         if not keep_open:
             self._transport.close()
@@ -352,10 +434,11 @@ class FramedConnection(asyncio.Protocol):
 
     # --- timeouts ----------------------------------------------------------
 
-    def _wait(self, *, idle: bool) -> None:
+    def _wait(self, *, idle: bool, limit: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._idle = idle
-        limit = self._door.idle_timeout if idle else self._door.request_timeout
+        if limit is None:
+            limit = self._door.idle_timeout if idle else self._door.request_timeout
         self._deadline = loop.time() + limit
         # A later deadline is picked up when the timer fires; an earlier one
         # (idle -> request) needs the timer moved now.

@@ -197,14 +197,31 @@ def test_too_many_clients_are_told_to_come_back(tmp_path: Path) -> None:
     busy.server.start()
     try:
         held = [busy.raw(), busy.raw()]
-        for connection in held:  # make sure both are being served
-            connection.sendall(b"PING\n")
+        for connection in held:  # both served, and both in the middle of a request
+            connection.sendall(b"PING\nPIN")
             assert connection.recv(100) == b"OK pong\n"
         assert busy.ask("PING")[0].startswith("ERR busy")
         for connection in held:
             connection.close()
     finally:
         busy.server.stop()
+
+
+def test_when_full_the_longest_idle_client_makes_room(tmp_path: Path) -> None:
+    full = Endpoint(tmp_path, timeout=5, max_clients=2)
+    full.server.start()
+    try:
+        oldest, newer = full.raw(), full.raw()
+        newer.sendall(b"PING\n")
+        assert newer.recv(100) == b"OK pong\n"
+        # Both idle: the newcomer is served, the one idle longest is closed.
+        assert full.ask("PING") == ["OK pong"]
+        assert oldest.recv(100).startswith(b"ERR timeout")
+        assert oldest.recv(100) == b""
+        newer.sendall(b"PING\n")
+        assert newer.recv(100) == b"OK pong\n"
+    finally:
+        full.server.stop()
 
 
 def test_state_changes_need_an_allowed_peer(tmp_path: Path) -> None:

@@ -285,8 +285,9 @@ def test_too_many_clients_get_temp(tmp_path: Path) -> None:
     capped.server.start()
     try:
         held = [capped.connect(), capped.connect()]
-        for connection in held:  # make sure both are being served
-            assert connection.ask(b"popauth unknown") == b"NOTFOUND "
+        for connection in held:  # both served, and both in the middle of a request
+            connection.send(codec.encode(b"popauth unknown") + b"15:popauth")
+            assert connection.reply() == b"NOTFOUND "
         with capped.connect() as third:
             assert third.ask(b"popauth 192.0.2.1") == b"TEMP too many clients, try again"
             assert third.closed()

@@ -114,6 +114,12 @@ class PeerPolicy:
             ),
         )
 
+    def holds_a_role(self, peer: Peer) -> bool:
+        return any(
+            members.include(peer)
+            for members in (self.reporters, self.operators, self.administrators)
+        )
+
     def refusal(self, verb: Verb, peer: Peer) -> str | None:
         """Why ``peer`` may not use ``verb``, or None if it may."""
         role = required_role(verb)

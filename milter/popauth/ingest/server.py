@@ -33,6 +33,10 @@ __all__ = ["IngestLimits", "IngestServer", "PeerPolicy"]
 class IngestLimits:
     timeout: float = 5.0
     max_clients: int = 256
+    # Connections one uid without a role may hold (peers with a role: no quota).
+    max_clients_per_uid: int = 8
+    # Seconds a new connection may stay silent: the hook writes at once.
+    first_byte_timeout: float = 1.0
 
 
 class IngestServer(UnixStreamServer):
@@ -70,6 +74,8 @@ class IngestServer(UnixStreamServer):
             blocking_calls=store.may_block,
             thread_name="popauth-ingest",
             log=log.bind(door="ingest"),
+            max_clients_per_uid=limits.max_clients_per_uid,
+            first_byte_timeout=min(limits.first_byte_timeout, limits.timeout),
         )
         self._store = store
         self._keying = keying
@@ -89,8 +95,14 @@ class IngestServer(UnixStreamServer):
             raise FramingError(_TOO_LONG, "too-long")
         return bytes(buffer[: end + 1]), end + 1
 
+    def privileged(self, peer: Peer) -> bool:
+        return self._peers.holds_a_role(peer)
+
     def note(self, event: str, peer: Peer) -> None:
-        if event in ("timeout", "idle_timeout"):
+        if event == "evicted":
+            # Under a flood of silent clients this happens constantly.
+            self._log.debug("ingest_idle_client_closed", peer_uid=peer.uid)
+        elif event in ("timeout", "idle_timeout"):
             self._log.info("ingest_timeout", peer_uid=peer.uid)
         elif event == "busy":
             self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self.clients)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from popauth.addresses import AddressError, WhitelistKeying, parse_client_addres
 from popauth.metrics import Metrics
 from popauth.socketmap import codec
 from popauth.socketmap.codec import NetstringError, RequestError, Status
+from popauth.sockets import resolve_gid
 from popauth.store import StoreUnavailable, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 
@@ -42,6 +44,9 @@ class SocketmapLimits:
     idle_timeout: float = 300.0
     max_clients: int = 512
     max_request: int = codec.MAX_REQUEST
+    # Connections one uid may hold, unless it is root, popauth's user or in
+    # the socket's group (the MTA).
+    max_clients_per_uid: int = 8
 
 
 @dataclass(slots=True)
@@ -102,7 +107,9 @@ class SocketmapServer(UnixStreamServer):
             blocking_calls=store.may_block,
             thread_name="popauth-socketmap",
             log=log.bind(door="socketmap"),
+            max_clients_per_uid=limits.max_clients_per_uid,
         )
+        self._mta_gid = resolve_gid(group) if group else os.getgid()
         self._store = store
         self._keying = keying
         self._name = name
@@ -143,8 +150,13 @@ class SocketmapServer(UnixStreamServer):
     def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
         return self.answer(request), True
 
+    def privileged(self, peer: Peer) -> bool:
+        return peer.gid == self._mta_gid or super().privileged(peer)
+
     def note(self, event: str, peer: Peer) -> None:
-        if event == "framing_error":
+        if event == "evicted":
+            self._log.debug("socketmap_idle_client_closed", peer_uid=peer.uid)
+        elif event == "framing_error":
             self._count("perm")
             self._log.warning("socketmap_rejected", error="bad netstring")
         elif event == "busy":
