@@ -50,6 +50,10 @@ class FormatError(ValueError):
 def _login(entry: LogEntry, address_text: str, user: str) -> Login | None:
     if not _USER_OK(user):
         return None
+    if address_text[:7].lower() == "::ffff:" and "." in address_text:
+        # IPv4-mapped, as Courier writes every IPv4 client: the plain IPv4
+        # address takes the fast path (the result is the same).
+        address_text = address_text[7:]
     try:
         address = parse_client_address(address_text)
     except AddressError:
