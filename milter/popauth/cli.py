@@ -199,6 +199,7 @@ def _run_follow(arguments: argparse.Namespace) -> int:
 
 def _run_server(arguments: argparse.Namespace) -> int:
     from popauth.config import ConfigError, load_settings
+    from popauth.localdelivery.resolve import LocalDeliveryError, resolve_local_delivery
 
     try:
         settings = load_settings(arguments.config)
@@ -206,7 +207,13 @@ def _run_server(arguments: argparse.Namespace) -> int:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     if arguments.command == "check-config":
+        try:
+            local = resolve_local_delivery(settings)
+        except LocalDeliveryError as error:
+            print(f"popauth: configuration error: {error}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"{arguments.config}: OK")
+        print("\n".join(local.describe()))
         return EXIT_OK
     from popauth.persistence import StateFileError
     from popauth.serve import serve
@@ -214,6 +221,9 @@ def _run_server(arguments: argparse.Namespace) -> int:
 
     try:
         serve(settings)
+    except LocalDeliveryError as error:
+        print(f"popauth: cannot start: {error}", file=sys.stderr)
+        return EXIT_ERROR
     except (SocketInUse, StateFileError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -19,7 +19,8 @@ from typing import Any
 
 from popauth.addresses import AddressError, IPNetwork, NetworkSet, parse_network
 from popauth.decision import PopFirst, RelayPolicy
-from popauth.recipients import DomainSet
+from popauth.localdelivery import LocalDelivery
+from popauth.localdelivery.resolve import LEARN_CHOICES
 
 DEFAULT_INGEST_SOCKET = "/run/popauth/ingest.sock"
 DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
@@ -29,6 +30,10 @@ DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
 DEFAULT_REJECT_MESSAGE = (
     "Turn on SMTP AUTH in your mail program, or check your mail (POP/IMAP) just before sending."
 )
+
+
+# Keys whose absence means "learn from the MTA": no default value to write down.
+LEARNED_UNLESS_SET = ("local_domains", "local_mailers")
 
 
 class ConfigError(ValueError):
@@ -133,8 +138,15 @@ class Settings:
     # configuration; it is refused unless this says it is meant.
     allow_wide_trusted_networks: bool = False
     ipv6_prefix: int = 128
-    local_domains: tuple[str, ...] = ()
-    local_mailers: tuple[str, ...] = ("local",)
+    # None (the key absent): learned from the MTA at start and on reload.
+    local_domains: tuple[str, ...] | None = None
+    local_mailers: tuple[str, ...] | None = None
+    # Which MTA to learn them from: "auto" tries Postfix, then Sendmail.
+    learn_from_mta: str = "auto"
+    # Postfix's config_directory; "" = as Postfix's own commands (MAIL_CONFIG).
+    postfix_config_directory: str = ""
+    sendmail_cf: str = "/etc/mail/sendmail.cf"
+    sendmail_command: str = "/usr/sbin/sendmail"
     reject_message: str = DEFAULT_REJECT_MESSAGE
     pop_first: str = "on"
     pop_first_retired_message: str = DEFAULT_POP_FIRST_RETIRED_MESSAGE
@@ -151,11 +163,12 @@ class Settings:
     def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
         return tuple(_split_host_port(address) for address in self.redis_sentinels)
 
-    def relay_policy(self) -> RelayPolicy:
+    def relay_policy(self, local: LocalDelivery) -> RelayPolicy:
+        """The decision's data, with the effective local domains and mailers."""
         return RelayPolicy(
             trusted_networks=NetworkSet.of(self.trusted_networks),
-            local_domains=DomainSet.of(self.local_domains),
-            local_mailers=frozenset(mailer.lower() for mailer in self.local_mailers),
+            local_domains=local.domain_set(),
+            local_mailers=local.mailer_set(),
             pop_first=PopFirst(self.pop_first),
         )
 
@@ -600,6 +613,10 @@ VALIDATORS: Mapping[str, _Validator] = {
     "ipv6_prefix": _integer(0, 128),
     "local_domains": _string_list(_domain),
     "local_mailers": _nonempty(_string_list(_mailer)),
+    "learn_from_mta": _choice(*LEARN_CHOICES),
+    "postfix_config_directory": _optional(_absolute_path),
+    "sendmail_cf": _absolute_path,
+    "sendmail_command": _absolute_path,
     "reject_message": _reject_message,
     "pop_first": _choice("on", "warn", "off"),
     "pop_first_retired_message": _reject_message,

@@ -27,6 +27,7 @@ from popauth.decision import (
     needs_whitelist,
 )
 from popauth.escaping import escape_text
+from popauth.localdelivery.mismatch import MailerMismatchWarner
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient, is_local_recipient
 from popauth.store import StoreUnavailable, WhitelistStore
@@ -71,6 +72,15 @@ class RelayGate:
         self._accounting = accounting
         self._metrics = metrics
         self._log = log.bind(door="milter")
+        self._mismatches = MailerMismatchWarner(self._log)
+
+    @property
+    def policy(self) -> RelayPolicy:
+        return self._policy
+
+    def replace_policy(self, policy: RelayPolicy) -> None:
+        """Swap the policy whole (a reload); each call below reads it once."""
+        self._policy = policy
 
     def connection(self, address: IPAddress | None) -> Decision | None:
         """A verdict for the whole SMTP connection, or None."""
@@ -82,8 +92,9 @@ class RelayGate:
     def message(self, address: IPAddress | None, auth_user: str) -> tuple[Decision | None, Message]:
         """A verdict for every recipient of one message (or None), and its state."""
         started = time.perf_counter()
-        client = Client(address, auth_user, *self._listing(address, auth_user))
-        decision = decide_sender(self._policy, client)
+        policy = self._policy
+        client = Client(address, auth_user, *self._listing(policy, address, auth_user))
+        decision = decide_sender(policy, client)
         message = Message(client)
         if decision is None:
             return None, message
@@ -98,21 +109,25 @@ class RelayGate:
 
     def recipient(self, message: Message, recipient: Recipient) -> Decision:
         started = time.perf_counter()
+        policy = self._policy
         client = message.client
-        decision = decide_recipient(self._policy, client, recipient)
+        decision = decide_recipient(policy, client, recipient)
         self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
+        if decision.reason is not Reason.LOCAL_RECIPIENT:
+            self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
-        if way is not None and not self._is_local(recipient):
+        if way is not None and not is_local_recipient(
+            recipient, policy.local_domains, policy.local_mailers
+        ):
             first = message.relayed_recipients == 0
             message.relayed_recipients += 1
             self._ledger.record(_account(client), way, messages=int(first), recipients=1)
         return decision
 
-    def _is_local(self, recipient: Recipient) -> bool:
-        return is_local_recipient(recipient, self._policy.local_domains, self._policy.local_mailers)
-
-    def _listing(self, address: IPAddress | None, auth_user: str) -> tuple[Listing, str]:
-        if address is None or not needs_whitelist(self._policy, address, auth_user):
+    def _listing(
+        self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
+    ) -> tuple[Listing, str]:
+        if address is None or not needs_whitelist(policy, address, auth_user):
             return Listing.NOT_CONSULTED, ""
         try:
             grant = self._store.lookup(self._keying.key_address(address))

@@ -22,6 +22,8 @@ from popauth.config import Settings
 from popauth.gate import Accounting, RelayGate
 from popauth.ingest.roles import PeerPolicy
 from popauth.ingest.server import IngestLimits, IngestServer
+from popauth.localdelivery.reload import log_local_delivery
+from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.logs import configure_logging
 from popauth.metrics import Metrics
 from popauth.persistence import (
@@ -169,7 +171,9 @@ def serve(settings: Settings) -> None:
     metrics = Metrics()
     metrics.track_whitelist_size(lambda: store.stats().entries)
     saver = PeriodicSaver(interval=settings.snapshot_interval, saves=state.saves, log=log)
-    policy = settings.relay_policy()
+    local = resolve_local_delivery(settings)
+    log_local_delivery(log, "local_delivery", local)
+    policy = settings.relay_policy(local)
     if not policy.local_domains:
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
     gate = RelayGate(

@@ -37,9 +37,22 @@ ls /run/popauth /var/lib/popauth
 
 def test_serve_on_embedded_defaults_and_stop_with_sigint(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
+    # With no local_* settings popauth learns them from the MTA: a Postfix
+    # configuration found the way postconf finds it, through MAIL_CONFIG.
+    postfix_dir = tmp_path / "postfix"
+    postfix_dir.mkdir()
+    (postfix_dir / "main.cf").write_text(
+        "compatibility_level = 3.6\nmyhostname = mx.defaults.test\n"
+        "mydestination = $myhostname, defaults.test\n"
+    )
     completed = subprocess.run(
         ["unshare", "--mount", "sh", "-c", SCRIPT],
-        env={"POPAUTH": POPAUTH, "LOG": str(log), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+        env={
+            "POPAUTH": POPAUTH,
+            "LOG": str(log),
+            "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+            "MAIL_CONFIG": str(postfix_dir),
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -57,5 +70,7 @@ def test_serve_on_embedded_defaults_and_stop_with_sigint(tmp_path: Path) -> None
     assert "listening" in text
     assert "milter_socket=unix:/run/popauth/milter.sock" in text
     assert "ingest_socket=/run/popauth/ingest.sock" in text
-    assert "no_local_domains" in text  # the default warns that nothing is local
+    assert "local_delivery" in text
+    assert "mx.defaults.test (postfix mydestination)" in text
+    assert "local (postfix local_transport (for mydestination))" in text
     assert "stopped" in text

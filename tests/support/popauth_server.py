@@ -40,7 +40,8 @@ class PopauthServer:
 
     ``settings`` override the test defaults: JSON logs (so tests can read
     the decisions), no trusted networks (every test client is on loopback),
-    and ``local.test`` as the local domain.
+    and ``local.test`` as the local domain with ``local`` as its mailer; a
+    setting given as None is left out of the file.
     """
 
     def __init__(self, directory: Path, *, wrapper: Sequence[str] = (), **settings: Any) -> None:
@@ -60,6 +61,7 @@ class PopauthServer:
             "ingest_socket_mode": "0666",
             "trusted_networks": [],
             "local_domains": ["local.test"],
+            "local_mailers": ["local"],
             "log_format": "json",
             # Each test starts from an empty whitelist unless it asks otherwise.
             "snapshot_path": "",
@@ -67,6 +69,8 @@ class PopauthServer:
             "blocklist_path": "",
             **settings,
         }
+        # None leaves a key out (local_domains=None: learned from the MTA).
+        self.settings = {k: v for k, v in self.settings.items() if v is not None}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> PopauthServer:

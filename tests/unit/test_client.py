@@ -92,8 +92,25 @@ def test_cli_refuses_line_breaks_in_arguments(endpoint: Endpoint) -> None:
 
 def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.toml"
-    good.write_text("ttl = 60\n")
+    good.write_text('ttl = 60\nlocal_domains = ["example.org"]\nlocal_mailers = ["lmtp"]\n')
     assert main(["check-config", str(good)]) == EXIT_OK
+    shown = capsys.readouterr().out
+    assert "  lmtp" in shown
+    assert "configured: local_mailers" in shown
+    assert "example.org" in shown
+    # Neither set nor learnable (no Postfix, no Sendmail here): refused, keys named.
+    unlearnable = tmp_path / "unlearnable.toml"
+    unlearnable.write_text(
+        f'postfix_config_directory = "{tmp_path}/no-postfix"\nlearn_from_mta = "postfix"\n'
+    )
+    assert main(["check-config", str(unlearnable)]) == EXIT_ERROR
+    error = capsys.readouterr().err
+    assert "cannot learn local delivery" in error
+    assert "local_domains" in error
+    (tmp_path / "no-postfix").mkdir()
+    (tmp_path / "no-postfix" / "main.cf").write_text("mydestination = learned.test\n")
+    assert main(["check-config", str(unlearnable)]) == EXIT_OK
+    assert "learned.test             postfix mydestination" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
     bad.write_text("ttl = 60\nbogus = 1\n")
     assert main(["check-config", str(bad)]) == EXIT_ERROR

@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 
 from popauth.addresses import parse_client_address
-from popauth.config import VALIDATORS, ConfigError, Settings, load_settings, settings_from_mapping
+from popauth.config import (
+    LEARNED_UNLESS_SET,
+    VALIDATORS,
+    ConfigError,
+    Settings,
+    load_settings,
+    settings_from_mapping,
+)
+from popauth.localdelivery import LocalDelivery
+from popauth.localdelivery.resolve import resolve_local_delivery
 
 
 def test_every_setting_has_a_validator() -> None:
@@ -20,7 +29,10 @@ def test_embedded_defaults() -> None:
     assert settings.milter_socket.startswith("unix:")
     assert settings.ingest_socket_mode == 0o660
     assert settings.ipv6_prefix == 128
-    policy = settings.relay_policy()
+    assert settings.local_domains is None  # learned from the MTA
+    assert settings.local_mailers is None
+    assert settings.learn_from_mta == "auto"
+    policy = settings.relay_policy(LocalDelivery.configured(["local.test"], ["local"]))
     assert parse_client_address("127.0.0.1") in policy.trusted_networks
     assert parse_client_address("::1") in policy.trusted_networks
     assert parse_client_address("192.0.2.1") not in policy.trusted_networks
@@ -42,7 +54,7 @@ def test_loads_toml(tmp_path: Path) -> None:
     assert settings.ingest_socket_mode == 0o600
     assert settings.milter_socket_path() is None
     assert settings.local_domains == ("example.org", ".hosted.example")
-    policy = settings.relay_policy()
+    policy = settings.relay_policy(resolve_local_delivery(settings))
     assert policy.local_mailers == frozenset({"local", "virtual"})
     assert "a.hosted.example" in policy.local_domains
 
@@ -64,6 +76,11 @@ def test_loads_toml(tmp_path: Path) -> None:
         ({"reject_message": "100% sure"}, "reject_message"),
         ({"reject_message": "line\nbreak"}, "reject_message"),
         ({"log_format": "xml"}, "log_format"),
+        ({"learn_from_mta": "exim"}, "learn_from_mta"),
+        ({"learn_from_mta": ""}, "learn_from_mta"),
+        ({"postfix_config_directory": "etc/postfix"}, "postfix_config_directory"),
+        ({"sendmail_cf": "sendmail.cf"}, "sendmail_cf"),
+        ({"sendmail_command": ""}, "sendmail_command"),
         ({"ipv6_prefix": 129}, "ipv6_prefix"),
         ({"ingest_socket_mode": "rw-rw----"}, "ingest_socket_mode"),
         ({"ingest_allowed_users": ["no-such-user-here"]}, "ingest_allowed_users"),
@@ -88,8 +105,12 @@ def test_contrib_example_lists_every_setting_with_its_default() -> None:
     import tomllib
 
     path = Path(__file__).parents[2] / "contrib" / "popauth.toml"
-    assert set(tomllib.loads(path.read_text())) == set(VALIDATORS)
+    text = path.read_text()
+    assert set(tomllib.loads(text)) == set(VALIDATORS) - set(LEARNED_UNLESS_SET)
     assert load_settings(path) == Settings()
+    # Learned unless set: shown commented out, with an example value.
+    for key in LEARNED_UNLESS_SET:
+        assert f"\n# {key} = [" in text
 
 
 # Issue 11, defect 7: settings that passed check-config and then failed or did harm.

@@ -9,6 +9,7 @@ from popauth.addresses import WhitelistKeying, parse_client_address
 from popauth.config import settings_from_mapping
 from popauth.decision import Reason, Verdict
 from popauth.gate import Accounting, RelayGate
+from popauth.localdelivery import LocalDelivery
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient
 from popauth.store.memory import MemoryStore
@@ -33,7 +34,7 @@ def make(
     metrics = Metrics()
     log, sink = capturing_logger()
     gate = RelayGate(
-        policy=settings.relay_policy(),
+        policy=settings.relay_policy(LocalDelivery.configured(["local.test"], ["local"])),
         store=store,
         keying=WhitelistKeying(),
         ledger=ledger,

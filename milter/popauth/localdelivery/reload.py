@@ -1,0 +1,64 @@
+"""Learn local delivery again (SIGHUP) and swap the gate's relay policy whole."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from popauth.decision import RelayPolicy
+from popauth.localdelivery import LocalDelivery
+from popauth.localdelivery.resolve import LearnSettings, LocalDeliveryError, resolve_local_delivery
+
+
+class PolicyHolder(Protocol):
+    """Where the live policy is: the relay gate."""
+
+    def replace_policy(self, policy: RelayPolicy) -> None: ...
+
+
+def log_local_delivery(
+    log: structlog.typing.FilteringBoundLogger, event: str, local: LocalDelivery
+) -> None:
+    log.info(
+        event,
+        source=local.source or "configured",
+        local_mailers=[f"{mailer} ({origin})" for mailer, origin in local.mailers],
+        local_domains=[f"{domain} ({origin})" for domain, origin in local.domains],
+    )
+
+
+class LocalDeliveryReloader:
+    """A reload callable: re-learn; on success swap the policy, else keep the old one.
+
+    A reload that cannot learn changes nothing: the gate keeps deciding with
+    what it had, and the error is logged.
+    """
+
+    def __init__(
+        self,
+        settings: LearnSettings,
+        gate: PolicyHolder,
+        build_policy: Callable[[LocalDelivery], RelayPolicy],
+        log: structlog.typing.FilteringBoundLogger,
+        resolve: Callable[[LearnSettings], LocalDelivery] = resolve_local_delivery,
+    ) -> None:
+        self._settings = settings
+        self._gate = gate
+        self._build_policy = build_policy
+        self._log = log
+        self._resolve = resolve
+
+    def __call__(self) -> bool:
+        try:
+            local = self._resolve(self._settings)
+        except LocalDeliveryError as problem:
+            self._log.error("local_delivery_not_reloaded", error=str(problem))
+            return False
+        except Exception:
+            self._log.exception("local_delivery_not_reloaded")
+            return False
+        self._gate.replace_policy(self._build_policy(local))
+        log_local_delivery(self._log, "local_delivery_reloaded", local)
+        return True
