@@ -317,6 +317,16 @@ def _file_path(text: str) -> str:
     return text
 
 
+def _file(value: Any) -> str:
+    return _file_path(_text(value))
+
+
+def _directory_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return text
+
+
 def _socket_path(text: str) -> str:
     _file_path(text)
     if len(text.encode()) > _MAX_SOCKET_PATH_BYTES:
@@ -614,9 +624,9 @@ VALIDATORS: Mapping[str, _Validator] = {
     "local_domains": _string_list(_domain),
     "local_mailers": _nonempty(_string_list(_mailer)),
     "learn_from_mta": _choice(*LEARN_CHOICES),
-    "postfix_config_directory": _optional(_absolute_path),
-    "sendmail_cf": _absolute_path,
-    "sendmail_command": _absolute_path,
+    "postfix_config_directory": _optional(_directory_path),
+    "sendmail_cf": _file,
+    "sendmail_command": _file,
     "reject_message": _reject_message,
     "pop_first": _choice("on", "warn", "off"),
     "pop_first_retired_message": _reject_message,
