@@ -233,7 +233,14 @@ class Jail:
             shadow += f"{user}:*:19000:0:99999:7:::\n"
         for number, (user, password) in enumerate(self.users.items()):
             uid = MAIL_UID + number
-            passwd += f"{user}:x:{uid}:{uid}::{mail}:/usr/sbin/nologin\n"
+            # A home of its own with a Maildir (Courier reads a sticky or
+            # shared home as a locked account); mbox servers use /var/mail.
+            home = self.root / "home" / user
+            for part in ("", "Maildir", "Maildir/cur", "Maildir/new", "Maildir/tmp"):
+                (home / part).mkdir(parents=True, exist_ok=True)
+                os.chown(home / part, uid, uid)
+            home.chmod(0o700)
+            passwd += f"{user}:x:{uid}:{uid}::{home}:/usr/sbin/nologin\n"
             shadow += f"{user}:{_hash(password)}:19000:0:99999:7:::\n"
             mailbox = mail / user
             mailbox.write_text("")
@@ -272,18 +279,21 @@ class Jail:
 
 
 class InetdServer:
-    """A POP3 server run per connection (as from inetd) inside a Jail, on 127.0.0.1:port."""
+    """A POP3 server inside a Jail on 127.0.0.1:port: run per connection (as from
+    inetd), or, with ``inetd=False``, a daemon that listens itself."""
 
-    def __init__(self, jail: Jail, port: int, argv: list[str]) -> None:
+    def __init__(self, jail: Jail, port: int, argv: list[str], *, inetd: bool = True) -> None:
         self.jail = jail
         self.port = port
         self.argv = argv
+        self.inetd = inetd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> InetdServer:
-        command = self.jail.command(
-            ["/usr/bin/python3", "-I", str(ACCEPTOR), str(self.port), "--", *self.argv]
-        )
+        argv = self.argv
+        if self.inetd:
+            argv = ["/usr/bin/python3", "-I", str(ACCEPTOR), str(self.port), "--", *argv]
+        command = self.jail.command(argv)
         output = (self.jail.root / "inetd.out").open("ab")
         self.process = subprocess.Popen(
             command, stdout=output, stderr=output, start_new_session=True
@@ -306,6 +316,34 @@ class InetdServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
+
+
+COURIER_BIN = Path("usr/lib/courier/courier")
+
+
+def courier_pop3d(jail: Jail, port: int, package_root: Path) -> InetdServer:
+    """Courier's POP3 server as Debian's init script runs it, in the jail.
+
+    authdaemond (PAM service ``pop3``) with its socket in a private
+    /run/courier, and couriertcpd on 127.0.0.1:port running courierpop3login
+    then courierpop3d; both log through courierlogger (root) to /dev/log.
+    """
+    run = jail.root / "run-courier"
+    (run / "authdaemon").mkdir(parents=True, exist_ok=True)
+    jail.extra_mounts = (
+        *jail.extra_mounts,
+        "mkdir -p /run/courier",
+        f"mount --bind {run} /run/courier",
+    )
+    programs = package_root / COURIER_BIN
+    script = (
+        "/usr/sbin/courierlogger -name=authdaemond /usr/lib/courier/courier-authlib/authdaemond &"
+        " while [ ! -S /run/courier/authdaemon/socket ]; do sleep 0.02; done;"
+        " exec /usr/sbin/courierlogger -name=courierpop3login /usr/sbin/couriertcpd"
+        " -address=127.0.0.1 -maxprocs=40 -maxperip=40 -nodnslookup -noidentlookup"
+        f" {port} {programs}/courierpop3login {programs}/courierpop3d Maildir"
+    )
+    return InetdServer(jail, port, ["/bin/sh", "-c", script], inetd=False)
 
 
 def unprivileged_user() -> str:

@@ -22,7 +22,13 @@ import pytest
 
 from tests.live.conftest import PopauthFactory
 from tests.live.dovecot import pop3_login
-from tests.live.logservers import InetdServer, Jail, PrivateRsyslog, ensure_package_root
+from tests.live.logservers import (
+    InetdServer,
+    Jail,
+    PrivateRsyslog,
+    courier_pop3d,
+    ensure_package_root,
+)
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
 from tests.live.smtp import REMOTE, rcpt_reply
@@ -38,9 +44,10 @@ USERS = {"alice": "wonderland"}
 class ServerSpec:
     name: str
     follow_format: str
-    binary: str
-    system_users: tuple[str, ...]
+    binary: str  # run per connection from the inetd acceptor; "" = see below
+    system_users: tuple[str, ...] = ()
     extra_mounts: tuple[str, ...] = ()
+    pam_service: str = ""
 
 
 SERVERS = {
@@ -55,6 +62,7 @@ SERVERS = {
             "mkdir -p /var/lib/solid-pop3d/bulletins",
         ),
     ),
+    "courier": ServerSpec("courier", "courier", "", pam_service="pop3"),
 }
 
 
@@ -82,9 +90,12 @@ def pop_server(
         system_users=spec.system_users,
         extra_mounts=spec.extra_mounts,
     )
-    jail.prepare((spec.name,))
+    jail.prepare((spec.pam_service or spec.name,))
     port = free_port()
-    server = InetdServer(jail, port, [str(package_root / spec.binary)]).start()
+    if spec.name == "courier":
+        server = courier_pop3d(jail, port, package_root).start()
+    else:
+        server = InetdServer(jail, port, [str(package_root / spec.binary)]).start()
     yield spec, port
     server.stop()
 
