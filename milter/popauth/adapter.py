@@ -154,18 +154,12 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
 MilterFactory = Callable[[], RelayMilter]
 
 
-def run_milter(
-    *,
-    name: str,
-    spec: str,
-    timeout: int,
-    factory: MilterFactory,
-    on_ready: Callable[[], None],
-) -> None:
-    """Serve the milter on ``spec`` until libmilter is told to stop (SIGTERM).
+def register_milter(*, name: str, spec: str, timeout: int, factory: MilterFactory) -> None:
+    """Tell libmilter what to serve: ``factory``'s milters, on ``spec``.
 
-    Like ``Milter.runmilter``, but the factory is passed in rather than set
-    as a module global, and ``on_ready`` runs once the socket listens.
+    Like the first half of ``Milter.runmilter``, but the factory is passed in
+    rather than set as a module global. Listening and serving are
+    :class:`popauth.milter_service.MilterService`'s part.
     """
     import milter as libmilter  # pymilter's C module
 
@@ -201,6 +195,3 @@ def run_milter(
     libmilter.setconn(spec)
     libmilter.settimeout(timeout)
     libmilter.register(name, negotiate=negotiate)
-    libmilter.opensocket(True)
-    on_ready()
-    libmilter.main()

@@ -220,12 +220,15 @@ def _run_server(arguments: argparse.Namespace) -> int:
     from popauth.sockets import SocketInUse
 
     try:
-        serve(settings)
+        stopped = serve(settings)
     except LocalDeliveryError as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     except (SocketInUse, StateFileError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if not stopped.clean:
+        print(f"popauth: stopped: {stopped.reason}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 

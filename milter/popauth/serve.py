@@ -1,12 +1,14 @@
 """``popauth serve``: build every piece from the settings and run them together.
 
-libmilter owns the main thread and the termination signals, so the ingest
-endpoint runs in its own thread and is stopped once the milter returns.
+Each piece is a component with a start and a stop (:mod:`popauth.lifecycle`):
+the store (restored from disk), the saver, the ingest endpoint, the
+socketmap, the metrics endpoint and the milter, started in that order and
+stopped in reverse, so the last snapshot is written after every door has
+closed.
 """
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +17,19 @@ from typing import TYPE_CHECKING
 import structlog
 
 from popauth.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedger
-from popauth.adapter import RelayMilter, Replies, run_milter
+from popauth.adapter import RelayMilter, Replies
 from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
 from popauth.config import Settings
 from popauth.gate import Accounting, RelayGate
 from popauth.ingest.roles import PeerPolicy
 from popauth.ingest.server import IngestLimits, IngestServer
+from popauth.lifecycle import Lifecycle, Step, Stopped
 from popauth.localdelivery.reload import log_local_delivery
 from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.logs import configure_logging
 from popauth.metrics import Metrics
+from popauth.milter_service import MilterService
 from popauth.persistence import (
     PeriodicSaver,
     StateFileError,
@@ -33,7 +37,6 @@ from popauth.persistence import (
     prepare_state_directory,
 )
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
-from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 from popauth.store import WhitelistStore
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
@@ -41,17 +44,20 @@ from popauth.store.snapshot import Snapshotter
 if TYPE_CHECKING:
     from popauth.store.redis import SentinelSettings
 
-TERMINATION_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
 
 @dataclass
 class State:
-    """The whitelist and the account books, and how to save what is local."""
+    """The whitelist and the account books, and how to restore and save what is local."""
 
     store: WhitelistStore
     blocklist: BlockList
     ledger: UsageLedger
+    restores: list[Callable[[], None]] = field(default_factory=list)
     saves: list[Callable[[], None]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for restore in self.restores:
+            restore()
 
 
 def state_file_paths(settings: Settings) -> list[Path]:
@@ -65,7 +71,7 @@ def state_file_paths(settings: Settings) -> list[Path]:
 def open_state(
     settings: Settings, clock: Clock, log: structlog.typing.FilteringBoundLogger
 ) -> State:
-    """The configured store and books, restored from disk where they are kept there.
+    """The configured store and books, read from disk by ``State.restore``.
 
     Raises StateDirectoryUnsafe (popauth does not start) when a state file's
     directory could be written by others than root and popauth's own user.
@@ -103,16 +109,20 @@ def open_state(
             snapshotter = Snapshotter(
                 store=memory, path=Path(settings.snapshot_path), clock=clock, log=log
             )
-            snapshotter.restore()
+            state.restores.append(snapshotter.restore)
             state.saves.append(snapshotter.save)
     if settings.usage_path:
         usage_path = Path(settings.usage_path)
-        try:
-            ledger.load(usage_path, log)
-        except StateFileMissing as problem:
-            log.info("usage_not_restored", path=str(usage_path), reason=str(problem))
-        except StateFileError as problem:
-            log.error("usage_not_restored", path=str(usage_path), reason=str(problem))
+
+        def load_usage() -> None:
+            try:
+                ledger.load(usage_path, log)
+            except StateFileMissing as problem:
+                log.info("usage_not_restored", path=str(usage_path), reason=str(problem))
+            except StateFileError as problem:
+                log.error("usage_not_restored", path=str(usage_path), reason=str(problem))
+
+        state.restores.append(load_usage)
         state.saves.append(lambda: ledger.save(usage_path))
     return state
 
@@ -163,8 +173,10 @@ def socketmap_server(
     )
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> Stopped:
+    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback."""
     log = configure_logging(settings.log_format, settings.log_level)
+    lifecycle = Lifecycle(log)
     keying = WhitelistKeying(settings.ipv6_prefix)
     state = open_state(settings, SystemClock(), log)
     store = state.store
@@ -212,55 +224,34 @@ def serve(settings: Settings) -> None:
         log=log,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
-    milter_path = settings.milter_socket_path()
-    if milter_path is not None:
-        prepare_directory(milter_path)
-        clear_stale_socket(milter_path)
-
-    def on_ready() -> None:
-        if milter_path is not None:
-            set_permissions(milter_path, settings.milter_socket_mode, settings.milter_socket_group)
-        log.info(
-            "listening",
-            milter_socket=settings.milter_socket,
-            ingest_socket=settings.ingest_socket,
-            socketmap_socket=settings.socketmap_socket or None,
-            metrics=settings.metrics_listen or None,
-            ttl=settings.ttl,
-            store=settings.store,
-        )
-
-    # libmilter stops on these signals by sigwait() in a thread of its own. Any
-    # thread that leaves them unblocked could receive them instead and die
-    # or swallow them, so block them before the first thread starts; one
-    # that arrives before libmilter is listening waits pending for it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATION_SIGNALS)
-    ingest.start()
+    milter = MilterService(
+        name=settings.milter_name,
+        spec=settings.milter_socket,
+        timeout=settings.milter_timeout,
+        mode=settings.milter_socket_mode,
+        group=settings.milter_socket_group,
+        factory=lambda: RelayMilter(gate, replies, metrics, log),
+        on_exit=lifecycle.stop_soon,
+        log=log,
+    )
+    steps = [
+        Step("store", state.restore, store.close),
+        Step("saver", saver.start, saver.stop),
+        Step("ingest", ingest.start, ingest.stop),
+    ]
     if socketmap is not None:
-        try:
-            socketmap.start()
-        except Exception:
-            ingest.stop()
-            raise
-    saver.start()
+        steps.append(Step("socketmap", socketmap.start, socketmap.stop))
     metrics_address = settings.metrics_address()
     if metrics_address is not None:
-        metrics.serve(*metrics_address)
-    try:
-        run_milter(
-            name=settings.milter_name,
-            spec=settings.milter_socket,
-            timeout=settings.milter_timeout,
-            factory=lambda: RelayMilter(gate, replies, metrics, log),
-            on_ready=on_ready,
-        )
-    finally:
-        if socketmap is not None:
-            socketmap.stop()
-        ingest.stop()
-        metrics.stop()
-        saver.stop()
-        store.close()
-        if milter_path is not None:
-            remove_socket(milter_path)
-        log.info("stopped")
+        steps.append(Step("metrics", lambda: metrics.serve(*metrics_address), metrics.stop))
+    steps.append(Step("milter", milter.start, milter.stop))
+    log.info(
+        "starting",
+        milter_socket=settings.milter_socket,
+        ingest_socket=settings.ingest_socket,
+        socketmap_socket=settings.socketmap_socket or None,
+        metrics=settings.metrics_listen or None,
+        ttl=settings.ttl,
+        store=settings.store,
+    )
+    return lifecycle.run(steps)

@@ -67,7 +67,7 @@ def test_serve_on_embedded_defaults_and_stop_with_sigint(tmp_path: Path) -> None
     assert "ingest.sock" not in output
     assert "whitelist.json" in output
     text = log.read_text()
-    assert "listening" in text
+    assert "ready" in text
     assert "milter_socket=unix:/run/popauth/milter.sock" in text
     assert "ingest_socket=/run/popauth/ingest.sock" in text
     assert "local_delivery" in text

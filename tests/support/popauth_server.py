@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
+import os
 import shutil
 import signal
 import socket
@@ -72,18 +72,28 @@ class PopauthServer:
         # None leaves a key out (local_domains=None: learned from the MTA).
         self.settings = {k: v for k, v in self.settings.items() if v is not None}
         self.process: subprocess.Popen[bytes] | None = None
+        # Extra environment for the process (e.g. NOTIFY_SOCKET).
+        self.environment: dict[str, str] = {}
 
-    def start(self, timeout: float = 15.0) -> PopauthServer:
-        self.config_path.write_text(
-            "".join(f"{key} = {toml_value(value)}\n" for key, value in self.settings.items())
-        )
+    def config_text(self) -> str:
+        return "".join(f"{key} = {toml_value(value)}\n" for key, value in self.settings.items())
+
+    def launch(self) -> PopauthServer:
+        """Start the process without waiting for it to be ready."""
+        self.config_path.write_text(self.config_text())
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [*self.wrapper, POPAUTH, "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
+            env={**os.environ, **self.environment},
         )
         log.close()
+        return self
+
+    def start(self, timeout: float = 15.0) -> PopauthServer:
+        self.launch()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -119,7 +129,6 @@ class PopauthServer:
             return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self._wake_listener()
         try:
             status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -134,16 +143,6 @@ class PopauthServer:
             self.process.kill()
             self.process.wait()
             self.process = None
-
-    def _wake_listener(self) -> None:
-        """libmilter checks its stop flag only every 5 s or when a client
-        connects; connecting once makes the stop take effect at once."""
-        try:
-            self.process.wait(0.05)  # type: ignore[union-attr]
-        except subprocess.TimeoutExpired:
-            poke = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with poke, contextlib.suppress(OSError):
-                poke.connect(str(self.milter_path))
 
     def ask(self, line: str) -> list[str]:
         return IngestClient(str(self.ingest_path), timeout=5).request(line)
