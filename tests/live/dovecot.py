@@ -86,7 +86,8 @@ class DovecotInstance(Daemon):
     ``imap_port`` is set); ``hook_env`` values must not contain whitespace or
     quotes (they become words of the ``executable`` setting). ``auth_socket_for_postfix``
     (usually ``postfix.queue_dir / "private/auth"``) adds a SASL listener owned
-    by ``postfix``.
+    by ``postfix``. ``lmtp_socket`` adds Dovecot LMTP (dovecot-lmtpd) on that
+    UNIX socket, delivering ``user@any.domain`` into ``ROOT/mail/user/Maildir``.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class DovecotInstance(Daemon):
         postlogin_hook: Path | None = None,
         hook_env: dict[str, str] | None = None,
         auth_socket_for_postfix: Path | None = None,
+        lmtp_socket: Path | None = None,
     ) -> None:
         self.root = root.resolve()
         self.pop3_port = pop3_port
@@ -107,6 +109,7 @@ class DovecotInstance(Daemon):
         self.postlogin_hook = postlogin_hook
         self.hook_env = dict(hook_env or {})
         self.auth_socket_for_postfix = auth_socket_for_postfix
+        self.lmtp_socket = lmtp_socket
         self._process: subprocess.Popen[bytes] | None = None
         for name, value in self.hook_env.items():
             if not _ENV_NAME.match(name) or not _ENV_VALUE.match(value):
@@ -140,6 +143,8 @@ class DovecotInstance(Daemon):
     def config(self) -> str:
         """The whole dovecot.conf."""
         protocols = "pop3 imap" if self.imap_port is not None else "pop3"
+        if self.lmtp_socket is not None:
+            protocols += " lmtp"
         mail = pwd.getpwnam(MAIL_USER)
         parts = [
             f"protocols = {protocols}",
@@ -177,6 +182,15 @@ class DovecotInstance(Daemon):
                 "    mode = 0660\n    user = postfix\n    group = postfix",
                 "  }",
                 "}",
+            ]
+        if self.lmtp_socket is not None:
+            # Postfix's lmtp client (user postfix) delivers user@domain here;
+            # the passwd-file knows bare user names.
+            parts += [
+                "service lmtp {",
+                f"  unix_listener {self.lmtp_socket} {{\n    mode = 0666\n  }}",
+                "}",
+                "protocol lmtp {\n  auth_username_format = %Ln\n}",
             ]
         if self.postlogin_hook is not None:
             # script-login env_clean()s before exec'ing the hook, so

@@ -92,6 +92,7 @@ class PostfixInstance(Daemon):
         sasl_path: str | None = None,
         relay_restrictions: str | None = None,
         extra_main_cf: dict[str, str] | None = None,
+        service_commands: dict[str, str] | None = None,
     ) -> None:
         self.root = root.resolve()  # postfix -c silently ignores relative dirs
         self.smtp_port = smtp_port
@@ -100,6 +101,9 @@ class PostfixInstance(Daemon):
         self.sasl_path = sasl_path
         self.relay_restrictions = relay_restrictions
         self.extra_main_cf = dict(extra_main_cf or {})
+        # master.cf: another command for a service (e.g. {"lmtp": "lmtp"}, a
+        # real LMTP client instead of discard), or a new unix service.
+        self.service_commands = dict(service_commands or {})
         self._pid: int | None = None
         self._prepared = False
 
@@ -196,8 +200,14 @@ class PostfixInstance(Daemon):
             f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd",
             "postlog unix-dgram n - n - 1 postlogd",
         ]
-        for name, kind, private, wakeup, maxproc, command in _INTERNAL_SERVICES:
+        known = set()
+        for name, kind, private, wakeup, maxproc, default in _INTERNAL_SERVICES:
+            known.add(name)
+            command = self.service_commands.get(name, default)
             lines.append(f"{name} {kind} {private} - n {wakeup} {maxproc} {command}")
+        for name, command in self.service_commands.items():
+            if name not in known:
+                lines.append(f"{name} unix - - n - - {command}")
         return "\n".join(lines) + "\n"
 
     def _write_config(self) -> None:
