@@ -29,14 +29,15 @@ def test_logins_relay_while_nobody_floods_the_ingest_socket(
         silent_clients_as("nobody", popauth.ingest_path, FLOOD, slow=True) as slow,
     ):
         assert silent + slow > 0
-        for n, login in enumerate([pop3_login, imap_login, pop3_login, imap_login]):
+        assert dovecot.imap_port is not None
+        logins = [(pop3_login, dovecot.pop3_port), (imap_login, dovecot.imap_port)] * 2
+        for n, (login, port) in enumerate(logins):
             client = f"127.0.0.{n + 2}"
-            port = dovecot.pop3_port if login is pop3_login else dovecot.imap_port
             assert login(port, "alice", USERS["alice"], client)
             with SmtpSession(postfix.smtp_port, client) as session:
                 assert session.mail()[0] == 250
                 assert session.rcpt(REMOTE)[0] == 250, (client, login.__name__)
-    logins = popauth.events("login")
-    assert [event["client_ip"] for event in logins] == [f"127.0.0.{n}" for n in range(2, 6)]
+    recorded = popauth.events("login")
+    assert [event["client_ip"] for event in recorded] == [f"127.0.0.{n}" for n in range(2, 6)]
     # The hook never had to give up on the endpoint.
     assert "could not record login" not in dovecot.log_text()
