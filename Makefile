@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup run test lint unit bench clean
+.PHONY: setup run test lint unit bench fuzz clean
 
 setup:
 	@scripts/bootstrap
@@ -26,6 +26,13 @@ test: lint
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)
+
+# The parsers fuzzed coverage-guided for FUZZ_SECONDS (make test runs 30 s), and the
+# property tests with 50,000 examples each.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	POPAUTH_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest tests/fuzz -s -q
+	POPAUTH_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/properties -q --hypothesis-show-statistics
 
 # The issue-5 benchmarks (about 6 minutes; needs root). `make bench BENCH_ARGS=--quick`
 # for the smoke version (under a minute).

@@ -1,0 +1,153 @@
+"""Properties of the relay decision and the recipient classifier.
+
+Above all: nothing makes the decision accept a relayed recipient for a
+client that is unauthenticated, untrusted and not on the whitelist. The
+oracle here says what "relayed" means without popauth's code: the MTA's
+transport word is not a local one, or the domain the mail goes to is not a
+local domain.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from popauth.addresses import NetworkSet
+from popauth.decision import (
+    Client,
+    Listing,
+    PopFirst,
+    Reason,
+    RelayPolicy,
+    Verdict,
+    decide_recipient,
+    decide_sender,
+)
+from popauth.recipients import DomainSet, Recipient, is_local_recipient
+from tests.properties.strategies import client_addresses
+
+LOCAL_DOMAINS = ("local.test", ".hosted.test")
+LOCAL_MAILERS = frozenset({"local", "virtual"})
+
+ADDRESS_CHARACTERS = st.sampled_from('abcxyz.@%!"\\<>[]:-_ +\n\x00éÖ\udcf6')
+DOMAINS = st.sampled_from(
+    ["local.test", "LOCAL.TEST.", "a.hosted.test", "hosted.test", "remote.example", "", "evil.test"]
+)
+
+
+@st.composite
+def envelope_texts(draw: st.DrawFn) -> str:
+    """Recipient texts: plain ones, routing tricks, and arbitrary garbage."""
+    local = draw(st.text(ADDRESS_CHARACTERS, max_size=12))
+    domain = draw(DOMAINS | st.text(ADDRESS_CHARACTERS, max_size=12))
+    shape = draw(st.sampled_from(["<{l}@{d}>", "{l}@{d}", "<@relay:{l}@{d}>", "{l}", "<{l}>"]))
+    return shape.format(l=local, d=domain)
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> RelayPolicy:
+    networks = draw(
+        st.lists(
+            st.sampled_from(["192.0.2.0/24", "10.0.0.0/8", "2001:db8::/32", "127.0.0.0/8"]),
+            max_size=3,
+        )
+    )
+    return RelayPolicy(
+        trusted_networks=NetworkSet.of(ipaddress.ip_network(n) for n in networks),
+        local_domains=DomainSet.of(draw(st.lists(st.sampled_from(LOCAL_DOMAINS), max_size=2))),
+        local_mailers=LOCAL_MAILERS,
+        pop_first=draw(st.sampled_from(list(PopFirst))),
+    )
+
+
+def recipients() -> st.SearchStrategy[Recipient]:
+    mailers = st.none() | st.sampled_from(
+        ["local", "LOCAL", "virtual", "smtp", "relay", "lo\udccal"]
+    )
+    return st.builds(Recipient, envelope_texts(), mailers, st.none() | envelope_texts())
+
+
+def oracle_domain(address: str) -> str | None:
+    """The domain after the last '@', lower-cased, without '<>' and a root dot."""
+    text = address.strip().strip("<>")
+    if "@" not in text:
+        return None
+    return text.rsplit("@", 1)[1].rstrip(".").lower()
+
+
+def oracle_is_local_domain(domain: str | None, policy: RelayPolicy) -> bool:
+    if domain is None:
+        return True  # a bare local part: the mailer decides
+    return domain in policy.local_domains.names or any(
+        domain.endswith(parent) for parent in policy.local_domains.parents
+    )
+
+
+def oracle_relayed(recipient: Recipient, policy: RelayPolicy) -> bool:
+    if recipient.mailer is None or recipient.mailer.lower() not in LOCAL_MAILERS:
+        return True
+    addresses = [recipient.envelope] + ([recipient.resolved] if recipient.resolved else [])
+    return not all(oracle_is_local_domain(oracle_domain(a), policy) for a in addresses)
+
+
+@given(
+    policies(),
+    client_addresses() | st.none(),
+    st.sampled_from([Listing.NOT_LISTED, Listing.UNAVAILABLE, Listing.NOT_CONSULTED]),
+    recipients(),
+)
+def test_no_relaying_for_an_unknown_client(
+    policy: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    listing: Listing,
+    recipient: Recipient,
+) -> None:
+    assume(address is None or address not in policy.trusted_networks)
+    client = Client(address, auth_user="", listing=listing)
+    decision = decide_recipient(policy, client, recipient)
+    if oracle_relayed(recipient, policy):
+        assert decision.verdict is not Verdict.ACCEPT, (recipient, decision)
+    if decision.verdict is Verdict.ACCEPT:
+        assert decision.reason is Reason.LOCAL_RECIPIENT
+    assert decide_sender(policy, client) is None
+
+
+@given(policies(), client_addresses(), recipients())
+def test_a_listed_client_relays_only_while_pop_first_is_on(
+    policy: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    recipient: Recipient,
+) -> None:
+    assume(address not in policy.trusted_networks)
+    decision = decide_recipient(policy, Client(address, listing=Listing.LISTED), recipient)
+    if policy.pop_first is PopFirst.OFF and oracle_relayed(recipient, policy):
+        assert decision.verdict is Verdict.REJECT
+    if policy.pop_first is not PopFirst.OFF:
+        assert decision.verdict is Verdict.ACCEPT
+
+
+@given(policies(), client_addresses() | st.none(), st.text(min_size=1), recipients())
+def test_smtp_auth_always_relays(
+    policy: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    user: str,
+    recipient: Recipient,
+) -> None:
+    decision = decide_recipient(policy, Client(address, auth_user=user), recipient)
+    assert (decision.verdict, decision.reason) == (Verdict.ACCEPT, Reason.SMTP_AUTH)
+
+
+@given(recipients(), st.lists(st.sampled_from(LOCAL_DOMAINS), max_size=2))
+def test_a_local_recipient_has_a_local_mailer_and_no_routing(
+    recipient: Recipient, domains: list[str]
+) -> None:
+    local_domains = DomainSet.of(domains)
+    if not is_local_recipient(recipient, local_domains, LOCAL_MAILERS):
+        return
+    assert recipient.mailer is not None and recipient.mailer.lower() in LOCAL_MAILERS
+    for address in filter(None, [recipient.envelope, recipient.resolved]):
+        local_part = address.strip().strip("<>").rsplit("@", 1)[0]
+        assert not set(local_part) & set('@%!"\\'), address
+        assert not address.strip().startswith("<@")
