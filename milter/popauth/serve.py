@@ -25,7 +25,7 @@ from popauth.gate import Accounting, RelayGate
 from popauth.ingest.roles import PeerPolicy
 from popauth.ingest.server import IngestLimits, IngestServer
 from popauth.lifecycle import Lifecycle, Step, Stopped
-from popauth.localdelivery.reload import log_local_delivery
+from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delivery
 from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.logs import configure_logging
 from popauth.metrics import Metrics
@@ -176,6 +176,9 @@ def socketmap_server(
 def serve(settings: Settings) -> Stopped:
     """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback."""
     log = configure_logging(settings.log_format, settings.log_level)
+    # First: without local domains and mailers nothing else is worth starting.
+    local = resolve_local_delivery(settings)
+    log_local_delivery(log, "local_delivery", local)
     lifecycle = Lifecycle(log)
     keying = WhitelistKeying(settings.ipv6_prefix)
     state = open_state(settings, SystemClock(), log)
@@ -183,8 +186,6 @@ def serve(settings: Settings) -> Stopped:
     metrics = Metrics()
     metrics.track_whitelist_size(lambda: store.stats().entries)
     saver = PeriodicSaver(interval=settings.snapshot_interval, saves=state.saves, log=log)
-    local = resolve_local_delivery(settings)
-    log_local_delivery(log, "local_delivery", local)
     policy = settings.relay_policy(local)
     if not policy.local_domains:
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
@@ -196,6 +197,10 @@ def serve(settings: Settings) -> Stopped:
         accounting=Accounting(settings.accounting),
         metrics=metrics,
         log=log,
+    )
+    # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
+    lifecycle.on_reload(
+        "local_delivery", LocalDeliveryReloader(settings, gate, settings.relay_policy, log)
     )
     replies = Replies(settings.reject_message, settings.pop_first_retired_message)
     ingest = IngestServer(

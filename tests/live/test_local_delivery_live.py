@@ -9,6 +9,8 @@ for the inbound recipient is asserted, so a change in Postfix shows here.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -281,3 +283,84 @@ def test_a_foreign_mailer_for_a_local_domain_is_warned_once(
     assert [(w["rcpt_mailer"], w["domain"], w["setting"]) for w in warnings] == [
         ("lmtp", "vmail.test", "local_mailers")
     ]
+
+
+def test_sighup_learns_a_new_domain(
+    live_root: Path, popauth_dir: Path, start_popauth: PopauthFactory
+) -> None:
+    """main.cf gains a domain; after SIGHUP popauth accepts its mail, not before."""
+    stock = LAYOUTS[0]
+    root = live_root / f"postfix-hup-{time.monotonic_ns()}"
+    postfix = start_layout_postfix(root, popauth_dir, stock)
+    try:
+        popauth = start_popauth(**LEARNED_ONLY, postfix_config_directory=str(postfix.config_dir))
+        assert_relay_denied(rcpt_reply(postfix.smtp_port, STRANGER, "someone@new.test"))
+        main_cf = postfix.config_dir / "main.cf"
+        text = main_cf.read_text().replace(
+            "mydestination = $myhostname, localhost.$mydomain, localhost",
+            "mydestination = $myhostname, localhost.$mydomain, localhost, new.test",
+        )
+        assert "new.test" in text
+        main_cf.write_text(text)
+        past = time.time() - 10  # Postfix waits for a main.cf still being written
+        os.utime(main_cf, (past, past))
+        assert postfix._postfix("reload").returncode == 0
+        # Postfix now delivers new.test itself; popauth still has the old lists.
+        deadline = time.monotonic() + 20
+        while True:
+            reply = rcpt_reply(postfix.smtp_port, STRANGER, "someone@new.test")
+            decision = popauth.events("relay_decision")[-1]
+            if decision["rcpt_mailer"] == "local":
+                break
+            assert time.monotonic() < deadline, decision
+            time.sleep(0.1)
+        assert_relay_denied(reply)
+        assert popauth.process is not None
+        popauth.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not popauth.events("local_delivery_reloaded"):
+            assert popauth.process.poll() is None, "popauth stopped on SIGHUP"
+            assert time.monotonic() < deadline, popauth.events()[-5:]
+            time.sleep(0.05)
+        reloaded = popauth.events("local_delivery_reloaded")[-1]
+        assert "new.test (postfix mydestination)" in reloaded["local_domains"]
+        assert_inbound_accepted(postfix.smtp_port, "someone@new.test")
+        assert_relays_refused(postfix.smtp_port, "new.test", popauth)
+        assert popauth.cli("ping").returncode == 0  # still serving every door
+    finally:
+        postfix.stop()
+
+
+def test_sighup_with_an_unreadable_configuration_keeps_the_old_lists(
+    live_root: Path, popauth_dir: Path, start_popauth: PopauthFactory
+) -> None:
+    stock = LAYOUTS[0]
+    root = live_root / f"postfix-bad-{time.monotonic_ns()}"
+    postfix = start_layout_postfix(root, popauth_dir, stock)
+    try:
+        popauth = start_popauth(**LEARNED_ONLY, postfix_config_directory=str(postfix.config_dir))
+        main_cf = postfix.config_dir / "main.cf"
+        good = main_cf.read_text()
+        main_cf.write_text(
+            good.replace(
+                "mydestination = $myhostname, localhost.$mydomain, localhost",
+                f"mydestination = hash:{postfix.root}/does-not-exist",
+            )
+        )
+        assert popauth.process is not None
+        popauth.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not popauth.events("local_delivery_not_reloaded"):
+            assert time.monotonic() < deadline, popauth.events()[-5:]
+            time.sleep(0.05)
+        assert "does-not-exist" in popauth.events("local_delivery_not_reloaded")[-1]["error"]
+        # Postfix's new smtpd processes read main.cf too: put it back, and
+        # popauth, which kept its lists, still accepts inbound mail.
+        main_cf.write_text(good)
+        past = time.time() - 10
+        os.utime(main_cf, (past, past))
+        assert_inbound_accepted(postfix.smtp_port, "someone@mx.stock.test")
+        assert popauth.events("relay_decision")[-1]["reason"] == "local_recipient"
+        assert_relay_denied(rcpt_reply(postfix.smtp_port, STRANGER, REMOTE))
+    finally:
+        postfix.stop()

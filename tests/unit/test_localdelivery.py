@@ -218,7 +218,7 @@ def test_reload_swaps_the_policy_or_keeps_the_old_one(tmp_path: Path) -> None:
     first = policy_of(resolve_local_delivery(learn))
     holder = Holder(first)
     log, sink = capturing_logger()
-    reload = LocalDeliveryReloader(learn, holder, policy_of, log)
+    reload = LocalDeliveryReloader(learn, holder, policy_of, log).reload
     main_cf.write_text("compatibility_level = 3.6\nmydestination = one.test, two.test\n")
     assert reload()
     assert "two.test" in holder.policy.local_domains

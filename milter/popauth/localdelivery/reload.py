@@ -50,7 +50,11 @@ class LocalDeliveryReloader:
         self._log = log
         self._resolve = resolve
 
-    def __call__(self) -> bool:
+    def __call__(self) -> None:
+        self.reload()
+
+    def reload(self) -> bool:
+        """True when the policy was replaced."""
         try:
             local = self._resolve(self._settings)
         except LocalDeliveryError as problem:
