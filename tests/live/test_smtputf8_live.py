@@ -44,6 +44,9 @@ class Utf8Session(SmtpSession):
         code, text = self.client.getreply()
         return code, text.decode("utf-8", "replace")
 
+    def __enter__(self) -> Utf8Session:
+        return self
+
     def auth_plain(self, user: str, password: str) -> tuple[int, str]:
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
         return self.raw(f"AUTH PLAIN {token}")
