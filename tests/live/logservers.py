@@ -38,7 +38,7 @@ from tests.live.ports import grant_traversal, wait_for_banner
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB_RSYSLOG = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
 ACCEPTOR = Path(__file__).with_name("inetd_acceptor.py")
-PACKAGES = ("rsyslog", "popa3d", "solid-pop3d", "courier-pop")
+PACKAGES = ("rsyslog", "popa3d", "solid-pop3d", "courier-pop", "cyrus-pop3d")
 CACHE_DIR = Path(os.environ.get("POPAUTH_LOGSERVERS_CACHE", REPO / ".cache" / "logservers"))
 RSYSLOG_MODULES = Path("usr/lib/x86_64-linux-gnu/rsyslog")
 MAIL_UID = 64_101  # the private users' uids: unused on the host
@@ -344,6 +344,61 @@ def courier_pop3d(jail: Jail, port: int, package_root: Path) -> InetdServer:
         f" {port} {programs}/courierpop3login {programs}/courierpop3d Maildir"
     )
     return InetdServer(jail, port, ["/bin/sh", "-c", script], inetd=False)
+
+
+def cyrus_pop3d(jail: Jail, port: int, package_root: Path, users: dict[str, str]) -> InetdServer:
+    """Cyrus's master running pop3d on 127.0.0.1:port, users in a private sasldb.
+
+    Everything Cyrus writes lives under ``jail.root / "cyrus"``. master starts
+    services as the ``cyrus`` user (cyrus-common), who must be able to
+    execute pop3d: it is copied there from the unpacked package.
+    """
+    base = jail.root / "cyrus"
+    cyrus = pwd.getpwnam("cyrus")
+    for part in ("conf/db", "conf/proc", "conf/socket", "conf/lock", "spool", "sock", "bin"):
+        (base / part).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(package_root / "usr/lib/cyrus/bin/pop3d", base / "bin" / "pop3d")
+    sasldb = base / "sasldb2"
+    for user, password in users.items():
+        result = subprocess.run(
+            ["saslpasswd2", "-p", "-c", "-f", str(sasldb), "-u", "", user],
+            input=password,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LogServerError(f"saslpasswd2 failed: {result.stderr}")
+    config = base / "imapd.conf"
+    config.write_text(
+        f"configdirectory: {base / 'conf'}\n"
+        f"partition-default: {base / 'spool'}\n"
+        "sasl_pwcheck_method: auxprop\nsasl_auxprop_plugin: sasldb\n"
+        f"sasl_sasldb_path: {sasldb}\n"
+        "allowplaintext: yes\nsasl_mech_list: PLAIN LOGIN\n"
+        f"idlesocket: {base / 'sock/idle'}\nnotifysocket: {base / 'sock/notify'}\n"
+        f"lmtpsocket: {base / 'sock/lmtp'}\n"
+        "syslog_prefix: cyrus\nautocreate_users: anyone\nautocreate_post: 1\n"
+    )
+    services = base / "cyrus.conf"
+    services.write_text(
+        f'START {{\n  recover cmd="ctl_cyrusdb -r -C {config}"\n}}\n'
+        f'SERVICES {{\n  pop3 cmd="{base / "bin/pop3d"} -C {config}" '
+        f'listen="127.0.0.1:{port}" prefork=0\n}}\n'
+        "EVENTS {\n}\n"
+    )
+    for path in [base, *base.rglob("*")]:
+        os.chown(path, cyrus.pw_uid, cyrus.pw_gid)
+    argv = [
+        "/usr/lib/cyrus/bin/master",
+        "-C",
+        str(config),
+        "-M",
+        str(services),
+        "-p",
+        str(base / "master.pid"),
+    ]
+    return InetdServer(jail, port, argv, inetd=False)
 
 
 def unprivileged_user() -> str:

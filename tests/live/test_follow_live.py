@@ -27,6 +27,7 @@ from tests.live.logservers import (
     Jail,
     PrivateRsyslog,
     courier_pop3d,
+    cyrus_pop3d,
     ensure_package_root,
 )
 from tests.live.ports import free_port
@@ -48,6 +49,7 @@ class ServerSpec:
     system_users: tuple[str, ...] = ()
     extra_mounts: tuple[str, ...] = ()
     pam_service: str = ""
+    trusted_users: tuple[str, ...] = ("root",)
 
 
 SERVERS = {
@@ -63,6 +65,8 @@ SERVERS = {
         ),
     ),
     "courier": ServerSpec("courier", "courier", "", pam_service="pop3"),
+    # Cyrus's services run (and log) as the cyrus user.
+    "cyrus": ServerSpec("cyrus", "cyrus", "", trusted_users=("cyrus",)),
 }
 
 
@@ -94,6 +98,8 @@ def pop_server(
     port = free_port()
     if spec.name == "courier":
         server = courier_pop3d(jail, port, package_root).start()
+    elif spec.name == "cyrus":
+        server = cyrus_pop3d(jail, port, package_root, USERS).start()
     else:
         server = InetdServer(jail, port, [str(package_root / spec.binary)]).start()
     yield spec, port
@@ -106,11 +112,19 @@ def popauth_for_follow(start_popauth: PopauthFactory) -> PopauthServer:
 
 
 def follower(
-    directory: Path, popauth: PopauthServer, rsyslog: PrivateRsyslog, follow_format: str
+    directory: Path,
+    popauth: PopauthServer,
+    rsyslog: PrivateRsyslog,
+    follow_format: str,
+    trusted_users: tuple[str, ...] = ("root",),
 ) -> FollowerProcess:
     directory.mkdir(parents=True, exist_ok=True)
     return FollowerProcess(
-        directory, popauth, str(rsyslog.log_path), follow_format=follow_format
+        directory,
+        popauth,
+        str(rsyslog.log_path),
+        follow_format=follow_format,
+        follow_trusted_users=list(trusted_users),
     ).start()
 
 
@@ -138,7 +152,9 @@ def test_a_real_login_relays_and_a_failed_one_does_not(
     popauth_for_follow: PopauthServer,
 ) -> None:
     spec, port = pop_server
-    process = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    process = follower(
+        tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users
+    )
     try:
         assert rcpt_reply(postfix.smtp_port, "127.0.0.21", REMOTE)[0] == 550
         assert not login(port, "127.0.0.22", password="wrong")
@@ -160,7 +176,9 @@ def test_rotation_mid_run_loses_no_login(
     popauth_for_follow: PopauthServer,
 ) -> None:
     spec, port = pop_server
-    process = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    process = follower(
+        tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users
+    )
     log = rsyslog.log_path
     try:
         assert login(port, "127.0.0.31")
@@ -190,13 +208,13 @@ def test_a_restarted_follower_replays_nothing(
     popauth_for_follow: PopauthServer,
 ) -> None:
     spec, port = pop_server
-    first = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    first = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users)
     assert login(port, "127.0.0.41")
     wait_whitelisted(popauth_for_follow, "127.0.0.41", first)
     assert first.stop() == 0
     popauth_for_follow.ask("REVOKE 127.0.0.41")
     assert login(port, "127.0.0.42")  # while the follower is stopped
-    second = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format)
+    second = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users)
     try:
         assert login(port, "127.0.0.43")
         wait_whitelisted(popauth_for_follow, "127.0.0.43", second)
