@@ -138,8 +138,12 @@ def mc_test_prelude(
     local_domains: str = "local.test",
     milter_timeouts: str = "C:5s;S:5s;R:10s;E:30s",
     msa_port: int | None = None,
+    features: str = "",
 ) -> str:
     """POPAUTH_* parameters for contrib/sendmail.mc; goes BEFORE it.
+
+    ``features`` are extra .mc lines that must come before MAILER(), such as
+    ``FEATURE(`virtusertable', ...)``.
 
     Without ``msa_port`` there is no submission listener (the production
     default would bind port 587 on every address).
@@ -159,6 +163,7 @@ def mc_test_prelude(
             # sender address ... does not exist".  A FEATURE must come before
             # MAILER(), so it belongs in the prelude, not the postlude.
             "FEATURE(`accept_unresolvable_domains')dnl\n",
+            features.rstrip("\n") + "\n" if features else "",
         ]
     )
 
@@ -211,6 +216,7 @@ def wrap_contrib_mc(
     local_domains: str = "local.test",
     msa_port: int | None = None,
     extra: str = "",
+    features: str = "",
 ) -> str:
     """The contrib .mc with the test prelude before and postlude after it."""
     return (
@@ -219,6 +225,7 @@ def wrap_contrib_mc(
             milter_socket=milter_socket,
             local_domains=local_domains,
             msa_port=msa_port,
+            features=features,
         )
         + contrib_text
         + ("" if contrib_text.endswith("\n") else "\n")
