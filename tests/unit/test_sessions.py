@@ -398,3 +398,23 @@ def test_the_command_line(endpoint: Endpoint, tmp_path: Path) -> None:
     )
     assert refused.returncode == 2
     assert "session_renew_interval" in refused.stderr
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """contrib/systemd/popauth-sessions.service, with this checkout's popauth in it.
+
+    systemd-analyze only warns about unknown keys: any output is a failure.
+    """
+    unit = Path(__file__).parents[2] / "contrib" / "systemd" / "popauth-sessions.service"
+    text = unit.read_text(encoding="utf-8")
+    assert "ExecStart=/usr/local/bin/popauth sessions --config " in text
+    copy = tmp_path / unit.name
+    copy.write_text(text.replace("/usr/local/bin/popauth", POPAUTH), encoding="utf-8")
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
