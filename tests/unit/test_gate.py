@@ -111,3 +111,31 @@ def test_an_8bit_smtp_auth_name_is_booked_printable() -> None:
     usage = ledger.get("j\\xf6rg\\x1b[2J")
     assert usage is not None
     assert ledger.get(latin1_name) is None
+
+
+def test_a_local_domain_with_a_foreign_mailer_is_warned_once_per_pair() -> None:
+    gate, _, _, sink = make(Accounting.MESSAGES)
+    stranger = parse_client_address("203.0.113.9")
+    for _ in range(5):
+        _, message = gate.message(stranger, "")
+        lmtp = Recipient("<a@local.test>", "lmtp", "a@local.test")
+        assert gate.recipient(message, lmtp).reason is Reason.RELAY_DENIED
+        assert gate.recipient(message, LOCAL).reason is Reason.LOCAL_RECIPIENT
+        assert gate.recipient(message, REMOTE).reason is Reason.RELAY_DENIED
+    warned = [
+        c.kwargs for c in sink.calls if c.kwargs.get("event") == "local_domain_with_foreign_mailer"
+    ]
+    assert [(w["rcpt_mailer"], w["domain"]) for w in warned] == [("lmtp", "local.test")]
+
+
+def test_a_replaced_policy_applies_to_the_next_recipient() -> None:
+    gate, _, _, _ = make(Accounting.MESSAGES)
+    stranger = parse_client_address("203.0.113.9")
+    lmtp = Recipient("<a@local.test>", "lmtp", "a@local.test")
+    _, message = gate.message(stranger, "")
+    assert gate.recipient(message, lmtp).reason is Reason.RELAY_DENIED
+    settings = settings_from_mapping({"trusted_networks": []})
+    gate.replace_policy(
+        settings.relay_policy(LocalDelivery.configured(["local.test"], ["local", "lmtp"]))
+    )
+    assert gate.recipient(message, lmtp).reason is Reason.LOCAL_RECIPIENT

@@ -31,13 +31,16 @@ class MailerMismatchWarner:
         mailer = recipient.mailer
         if mailer is None or mailer.lower() in policy.local_mailers:
             return
-        domain = _plain_local_domain(recipient.envelope, policy)
-        if domain is None or (
+        # Cheap tests first: this runs for every refused recipient.
+        domain = recipient.envelope.rstrip(">").rpartition("@")[2].rstrip(".").lower()
+        pair = (mailer.lower(), domain)
+        if not domain or pair in self._warned or domain not in policy.local_domains:
+            return
+        if _plain_local_domain(recipient.envelope, policy) != domain or (
             recipient.resolved is not None
             and _plain_local_domain(recipient.resolved, policy) is None
         ):
             return
-        pair = (mailer.lower(), domain)
         with self._lock:
             if pair in self._warned or len(self._warned) >= MAX_REMEMBERED_PAIRS:
                 return
