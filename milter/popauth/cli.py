@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from popauth.client import IngestClient, IngestUnreachable
+from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
 
 DEFAULT_SOCKET = "/run/popauth/ingest.sock"  # kept equal to config.DEFAULT_INGEST_SOCKET
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -120,11 +120,11 @@ def _timestamp(epoch: str) -> str:
 
 def _run_client(arguments: argparse.Namespace) -> int:
     line = _request_line(arguments)
-    if "\n" in line or "\r" in line:
-        print("popauth: line breaks are not allowed in arguments", file=sys.stderr)
-        return EXIT_ERROR
     try:
         reply = IngestClient(arguments.socket, arguments.timeout).request(line)
+    except UnsafeRequest:
+        print("popauth: control characters are not allowed in arguments", file=sys.stderr)
+        return EXIT_ERROR
     except IngestUnreachable as error:
         print(f"popauth: {error}", file=sys.stderr)
         return EXIT_ERROR

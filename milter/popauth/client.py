@@ -7,6 +7,7 @@ whatever the endpoint does.
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from collections.abc import Sequence
@@ -16,8 +17,26 @@ from collections.abc import Sequence
 _MULTI_LINE_VERBS = frozenset({"LIST", "BLOCKED", "REPORT"})
 
 
+# A connection refused for a full listen queue (EAGAIN) or a busy endpoint
+# is retried once, this much later, within the same deadline.
+_RETRY_DELAY = 0.1
+_BUSY_ERRNOS = frozenset({errno.EAGAIN, errno.ECONNREFUSED})
+
+
 class IngestUnreachable(OSError):
     """The endpoint is missing, refused, or did not answer in time."""
+
+
+class UnsafeRequest(ValueError):
+    """A request with a control character (a line break could smuggle in a
+    second request); nothing was sent."""
+
+
+def check_request(line: str) -> str:
+    """``line`` if it holds no control character; UnsafeRequest otherwise."""
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line):
+        raise UnsafeRequest(f"control characters are not allowed in a request: {line!r}")
+    return line
 
 
 class IngestClient:
@@ -27,13 +46,45 @@ class IngestClient:
 
     def request(self, line: str) -> list[str]:
         """Send one request and return its reply lines (several for LIST)."""
+        check_request(line)
         deadline = time.monotonic() + self._timeout
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        is_list = line.split(" ", 1)[0].upper() in _MULTI_LINE_VERBS
+        reply = self._exchange(line, deadline, is_list)
+        if reply[0].startswith("ERR busy") and self._pause_for_retry(deadline):
+            reply = self._exchange(line, deadline, is_list)
+        return reply
+
+    def _pause_for_retry(self, deadline: float) -> bool:
+        if time.monotonic() + _RETRY_DELAY >= deadline:
+            return False
+        time.sleep(_RETRY_DELAY)
+        return True
+
+    def _connect(self, deadline: float) -> socket.socket:
+        """A connection to the endpoint, retried once when it is momentarily full."""
+        for attempt in (1, 2):
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                connection.connect(self._path)
+            except FileNotFoundError:
+                connection.close()
+                raise IngestUnreachable(
+                    f"no socket at {self._path} (is popauth running?)"
+                ) from None
+            except OSError as error:
+                connection.close()
+                if attempt == 1 and error.errno in _BUSY_ERRNOS and self._pause_for_retry(deadline):
+                    continue
+                raise
+            return connection
+        raise AssertionError("unreachable")
+
+    def _exchange(self, line: str, deadline: float, is_list: bool) -> list[str]:
+        connection: socket.socket | None = None
         try:
-            connection.settimeout(self._timeout)
-            connection.connect(self._path)
+            connection = self._connect(deadline)
             connection.sendall(line.encode() + b"\n")
-            is_list = line.split(" ", 1)[0].upper() in _MULTI_LINE_VERBS
             return self._read_reply(connection, deadline, is_list)
         except TimeoutError:
             raise IngestUnreachable(
@@ -46,7 +97,8 @@ class IngestClient:
                 f"cannot talk to {self._path}: {error.strerror or error}"
             ) from None
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
 
     def request_many(self, lines: Sequence[str], window: int = 256) -> list[str]:
         """Send requests with one-line replies over one connection; their replies.
@@ -55,6 +107,8 @@ class IngestClient:
         socket buffer can fill while the other waits. The whole batch has
         the client's timeout.
         """
+        for line in lines:
+            check_request(line)
         deadline = time.monotonic() + self._timeout
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         replies: list[str] = []

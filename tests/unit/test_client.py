@@ -13,7 +13,8 @@ import pytest
 
 from popauth.accounts import RelayWay
 from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
-from popauth.client import IngestClient, IngestUnreachable
+from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
+from tests.support.scripted import scripted_endpoint
 from tests.unit.test_ingest_server import Endpoint
 
 
@@ -26,8 +27,9 @@ def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
 
 
 def test_missing_socket(tmp_path: Path) -> None:
-    with pytest.raises(IngestUnreachable, match="cannot talk to"):
-        IngestClient(str(tmp_path / "absent.sock"), timeout=1).request("PING")
+    absent = tmp_path / "absent.sock"
+    with pytest.raises(IngestUnreachable, match=f"no socket at {absent}"):
+        IngestClient(str(absent), timeout=1).request("PING")
 
 
 def test_stuck_endpoint_is_abandoned_within_the_deadline(tmp_path: Path) -> None:
@@ -154,3 +156,58 @@ def test_cli_default_socket_is_the_configured_default() -> None:
     from popauth.config import DEFAULT_INGEST_SOCKET
 
     assert DEFAULT_SOCKET == DEFAULT_INGEST_SOCKET
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "LOGIN 192.0.2.1 alice\nLOGIN 198.51.100.1 mallory",
+        "LOGIN 192.0.2.1 alice\r",
+        "LOGIN 192.0.2.1 al\x1b[2Jice",
+        "LOGIN 192.0.2.1\t alice",
+        "LOGIN 192.0.2.1 alice\x00",
+    ],
+)
+def test_control_characters_are_refused_before_anything_is_sent(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "listening.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.setblocking(False)
+    try:
+        with pytest.raises(UnsafeRequest):
+            IngestClient(str(path), timeout=1).request(line)
+        with pytest.raises(UnsafeRequest):
+            IngestClient(str(path), timeout=1).request_many(["PING", line])
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no connection was even made
+    finally:
+        listener.close()
+
+
+def test_cli_login_refuses_control_characters(endpoint: Endpoint) -> None:
+    sock = str(endpoint.path)
+    assert main(["login", "--socket", sock, "192.0.2.1\x1b", "alice"]) == EXIT_ERROR
+    assert main(["login", "--socket", sock, "192.0.2.1", "al\x07ice"]) == EXIT_ERROR
+    assert endpoint.store.stats().grants == 0
+
+
+def test_a_busy_endpoint_is_retried_once(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sock"
+    answers = [b"ERR busy too many clients\n", b"OK pong\n"]
+    connections = scripted_endpoint(path, answers)
+    assert IngestClient(str(path), timeout=2).request("PING") == ["OK pong"]
+    assert connections() == 2
+
+
+def test_a_refused_connection_is_retried_once_then_reported(tmp_path: Path) -> None:
+    path = tmp_path / "refusing.sock"
+    bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound.bind(str(path))  # a socket file nobody listens on: ECONNREFUSED
+    try:
+        started = time.monotonic()
+        with pytest.raises(IngestUnreachable, match=f"cannot talk to {path}: Connection refused"):
+            IngestClient(str(path), timeout=2).request("PING")
+        assert 0.1 <= time.monotonic() - started < 2.0  # one retry, within the budget
+    finally:
+        bound.close()
