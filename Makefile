@@ -7,12 +7,17 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup run test lint unit bench fuzz clean
+.PHONY: setup setup-run run test lint unit bench fuzz clean
 
+# The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
-	@scripts/bootstrap
+	@scripts/bootstrap test
 
-run: setup
+# Only what running popauth needs: never an MTA, a POP server or Redis.
+setup-run:
+	@scripts/bootstrap run
+
+run: setup-run
 	$(VENV)/bin/popauth serve $(if $(CONFIG),--config $(CONFIG))
 
 lint: setup
