@@ -158,13 +158,15 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    sessions = settings.sessions
+    dovecot_config = "" if sessions.dovecot_config is None else str(sessions.dovecot_config)
     plan = RenewalPlan(
-        ingest_socket=settings.ingest_socket,
-        command=tuple(doveadm_command(settings.session_doveadm, settings.session_dovecot_config)),
-        services=frozenset(settings.session_protocols),
+        ingest_socket=str(settings.ingest.socket),
+        command=tuple(doveadm_command(sessions.doveadm, dovecot_config)),
+        services=frozenset(sessions.protocols),
         interval=settings.session_interval(),
     )
-    renewer = SessionRenewer(plan, EventLog(settings.log_format, settings.log_level))
+    renewer = SessionRenewer(plan, EventLog(settings.log.format.value, settings.log.level.value))
     if arguments.once:
         return EXIT_OK if renewer.cycle() else EXIT_ERROR
     run_until_signalled(renewer)
@@ -208,7 +210,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
         return EXIT_ERROR
     if arguments.command == "check-config":
         try:
-            local = resolve_local_delivery(settings)
+            local = resolve_local_delivery(settings.local)
         except LocalDeliveryError as error:
             print(f"popauth: configuration error: {error}", file=sys.stderr)
             return EXIT_ERROR

@@ -1,27 +1,58 @@
-"""Settings: every default in one place, loaded from TOML and validated at start.
+"""Settings: flat TOML keys outside, typed groups inside, every default here.
 
-An unknown key or a bad value stops ``popauth serve`` with a message naming
-the key, because a typo in a relay-control config must not silently fall
-back to something else.
+The TOML file stays flat, in the Postfix style mail administrators know
+(``ttl = 900``, ``milter_socket = "unix:..."``). Inside, each key is a typed
+field of one group (``settings.store.ttl``, ``settings.milter.socket``):
+enums, paths, networks, converted once, when the file is loaded. An unknown
+key or a bad value stops ``popauth serve`` with a message naming the key,
+because a typo in a relay-control config must not silently fall back to
+something else.
+
+Adding a setting is one line in the group it belongs to::
+
+    ttl: int = setting("ttl", 900, integer(1, 7 * 86_400))
+
+that is: the flat TOML key, the default (already typed) and the converter
+from the raw TOML value, which raises ValueError saying what is expected
+(the loader adds the key's name). Strings go through :func:`matching`, so
+they are checked whole (``fullmatch``). Then add the key with its default
+to ``contrib/popauth.toml`` and to ``docs/configuration.rst``; tests check
+all three agree. A new group is a frozen dataclass of such fields plus one
+line in :class:`Settings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import enum
 import grp
 import ipaddress
+import logging
 import pwd
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from popauth.addresses import AddressError, IPNetwork, NetworkSet, parse_network
+from popauth.addresses import AddressError, IPNetwork, NetworkSet, WhitelistKeying, parse_network
 from popauth.decision import PopFirst, RelayPolicy
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
+from popauth.store import StoreKind
 
+T = TypeVar("T")
+EnumT = TypeVar("EnumT", bound=enum.Enum)
+Converter = Callable[[Any], T]
+
+_KEY = "popauth.key"
+_CONVERT = "popauth.convert"
+
+# Where the state files live by default (systemd: StateDirectory=popauth).
+STATE_DIRECTORY = Path("/var/lib/popauth")
 DEFAULT_INGEST_SOCKET = "/run/popauth/ingest.sock"
 DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
 DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
@@ -40,169 +71,62 @@ class ConfigError(ValueError):
     """A setting is unknown or has a bad value; the message names the key."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    milter_socket: str = DEFAULT_MILTER_SOCKET
-    milter_name: str = "popauth"
-    # Seconds libmilter waits for the MTA before dropping a connection.
-    milter_timeout: int = 600
-    milter_socket_mode: int = 0o660
-    milter_socket_group: str = ""
-    ingest_socket: str = DEFAULT_INGEST_SOCKET
-    ingest_socket_mode: int = 0o660
-    ingest_socket_group: str = ""
-    # Reporters: who may report logins (LOGIN), e.g. the POP server's hook.
-    ingest_allowed_users: tuple[str, ...] = ()
-    ingest_allowed_groups: tuple[str, ...] = ()
-    # Operators: who may read (QUERY, LIST, REPORT, BLOCKED, STATS) and revoke.
-    ingest_operator_users: tuple[str, ...] = ()
-    ingest_operator_groups: tuple[str, ...] = ()
-    # Administrators: everything, BLOCK/UNBLOCK too; root and popauth's user always.
-    ingest_admin_users: tuple[str, ...] = ()
-    ingest_admin_groups: tuple[str, ...] = ()
-    # Seconds a client may take for one request line before it is dropped.
-    ingest_timeout: float = 5.0
-    ingest_max_clients: int = 256
-    # Connections one uid without an ingest role may hold at once.
-    ingest_clients_per_uid: int = 8
-    # Seconds a new ingest connection may stay silent before it is closed.
-    ingest_first_byte_timeout: float = 1.0
-    # The socketmap door (Postfix/Sendmail lookup table); "" = off.
-    socketmap_socket: str = ""
-    socketmap_socket_mode: int = 0o660
-    socketmap_socket_group: str = ""
-    # The map name the MTA sends (socketmap:unix:/path:NAME, Kname socket ...).
-    socketmap_name: str = "popauth"
-    # The value answered for a whitelisted client ("OK" permits in Postfix).
-    socketmap_ok_value: str = "OK"
-    # Seconds to complete a request; seconds an idle connection is kept.
-    socketmap_timeout: float = 5.0
-    socketmap_idle_timeout: float = 300.0
-    socketmap_max_clients: int = 512
-    # Connections one uid outside the socket's group may hold at once.
-    socketmap_clients_per_uid: int = 8
-    ttl: int = 900
-    # popauth sessions (on the Dovecot host): seconds between renewals of the
-    # entries of open sessions; 0 = a quarter of ttl. Must be less than ttl.
-    session_renew_interval: float = 0.0
-    # The doveadm that lists sessions, and Dovecot's configuration for it
-    # ("" = doveadm's default); which Dovecot protocols' sessions count.
-    session_doveadm: str = "doveadm"
-    session_dovecot_config: str = ""
-    session_protocols: tuple[str, ...] = ("imap", "pop3")
-    # popauth follow: the log it reads ("-" = standard input), the login
-    # format of the POP/IMAP server that writes it, and how far it is trusted.
-    follow_log: str = ""
-    follow_format: str = ""
-    # follow_format = "regex": a pattern with named groups ip and user,
-    # matched against the whole message after the program tag.
-    follow_regex: str = ""
-    # Program tags that count; [] = the format's own.
-    follow_programs: tuple[str, ...] = ()
-    # "rsyslog": lines in popauth's rsyslog template, sender checked by the
-    # kernel's credentials; "file": every line of the log is the server's.
-    follow_trust: str = "rsyslog"
-    follow_trusted_users: tuple[str, ...] = ("root",)
-    follow_state_path: str = "/var/lib/popauth/follow.json"
-    # Logins logged longer ago than this are not reported (seconds).
-    follow_max_age: int = 60
-    follow_poll_interval: float = 0.1
-    max_entries: int = 100_000
-    store: str = "memory"
-    # The embedded store's snapshot; "" disables it.
-    snapshot_path: str = "/var/lib/popauth/whitelist.json"
-    snapshot_interval: int = 60
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Seconds a Redis connect or reply may take before the caller fails closed.
-    redis_timeout: float = 0.5
-    redis_key_prefix: str = "popauth:"
-    # Redis Sentinel: "HOST:PORT" of each sentinel; empty = talk to redis_url directly.
-    redis_sentinels: tuple[str, ...] = ()
-    # The master's name in the sentinels' configuration ("sentinel monitor NAME ...").
-    redis_sentinel_service: str = "popauth"
-    # The sentinels' own credentials and TLS (the master's come from redis_url).
-    redis_sentinel_username: str = ""
-    redis_sentinel_password: str = ""
-    redis_sentinel_tls: bool = False
-    redis_sentinel_tls_ca_file: str = ""
-    redis_sentinel_tls_cert_file: str = ""
-    redis_sentinel_tls_key_file: str = ""
-    # Replicas that must hold a login before it is acknowledged (WAIT); 0 = none.
-    redis_wait_replicas: int = 0
-    # Seconds a login waits for those replicas before it is refused.
-    redis_wait_timeout: float = 0.1
-    trusted_networks: tuple[IPNetwork, ...] = field(
-        default_factory=lambda: (parse_network("127.0.0.0/8"), parse_network("::1/128"))
-    )
-    # A trusted network wider than WIDEST_TRUSTED_PREFIX makes an open relay by
-    # configuration; it is refused unless this says it is meant.
-    allow_wide_trusted_networks: bool = False
-    ipv6_prefix: int = 128
-    # None (the key absent): learned from the MTA at start and on reload.
-    local_domains: tuple[str, ...] | None = None
-    local_mailers: tuple[str, ...] | None = None
-    # Which MTA to learn them from: "auto" tries Postfix, then Sendmail.
-    learn_from_mta: str = "auto"
-    # Postfix's config_directory; "" = as Postfix's own commands (MAIL_CONFIG).
-    postfix_config_directory: str = ""
-    sendmail_cf: str = "/etc/mail/sendmail.cf"
-    sendmail_command: str = "/usr/sbin/sendmail"
-    reject_message: str = DEFAULT_REJECT_MESSAGE
-    pop_first: str = "on"
-    pop_first_retired_message: str = DEFAULT_POP_FIRST_RETIRED_MESSAGE
-    accounting: str = "messages"
-    usage_path: str = "/var/lib/popauth/usage.json"
-    usage_max_users: int = 100_000
-    # Used with the memory store; a Redis site keeps its block list in Redis.
-    blocklist_path: str = "/var/lib/popauth/blocked.json"
-    # "HOST:PORT" serves Prometheus metrics there; "" turns it off.
-    metrics_listen: str = ""
-    log_format: str = "console"
-    log_level: str = "info"
-
-    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
-        return tuple(_split_host_port(address) for address in self.redis_sentinels)
-
-    def relay_policy(self, local: LocalDelivery) -> RelayPolicy:
-        """The decision's data, with the effective local domains and mailers."""
-        return RelayPolicy(
-            trusted_networks=NetworkSet.of(self.trusted_networks),
-            local_domains=local.domain_set(),
-            local_mailers=local.mailer_set(),
-            pop_first=PopFirst(self.pop_first),
-        )
-
-    def session_interval(self) -> float:
-        """Seconds between session renewals (``session_renew_interval``, or ttl / 4)."""
-        return self.session_renew_interval or self.ttl / 4
-
-    def metrics_address(self) -> tuple[str, int] | None:
-        if not self.metrics_listen:
-            return None
-        host, _, port = self.metrics_listen.rpartition(":")
-        return host.strip("[]"), int(port)
-
-    def ingest_socket_path(self) -> Path:
-        return Path(self.ingest_socket)
-
-    def milter_socket_path(self) -> Path | None:
-        """The filesystem path of a ``unix:``/``local:`` milter socket."""
-        kind, _, rest = self.milter_socket.partition(":")
-        return Path(rest) if kind in ("unix", "local") else None
+# The vocabulary of settings that the modules they configure import from here;
+# this module loads only the standard library and popauth's pure modules, so
+# that the stdlib-only commands (``popauth sessions``) can read the settings.
 
 
-# --- validators: each takes the raw TOML value and returns the typed one ---
+class Accounting(enum.Enum):
+    """What the usage ledger counts for authenticated and whitelisted clients."""
 
-_Validator = Callable[[Any], Any]
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-_MAILER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
-_DOMAIN = re.compile(r"\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?")
-_PROTOCOL = re.compile(r"[a-z0-9_-]{1,32}")
-_SMTP_TEXT = re.compile(r"[\x20-\x7e]*")
+    # Messages only: the milter accepts them at MAIL FROM, the cheapest way.
+    MESSAGES = "messages"
+    # Messages and relayed recipients: the milter must see every RCPT,
+    # which costs the MTA one round trip per recipient and one per message.
+    RECIPIENTS = "recipients"
+
+
+class LogFormat(enum.Enum):
+    CONSOLE = "console"
+    JSON = "json"
+
+
+class LogLevel(enum.Enum):
+    """The least severe events written; each is a :mod:`logging` level."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def number(self) -> int:
+        level: int = getattr(logging, self.name)
+        return level
+
+
+def setting(key: str, default: T, convert: Converter[T]) -> T:
+    """A field of a settings group: its flat TOML key, typed default and converter."""
+    # A dataclasses.Field in disguise: dataclass() sees the Field, mypy the default.
+    made: T = field(default=default, metadata={_KEY: key, _CONVERT: convert})
+    return made
+
+
+def learned_unless_set(key: str, convert: Converter[T]) -> T | None:
+    """A setting without a default: absent (None), its value is learned elsewhere."""
+    return setting(key, None, convert)
+
+
+def optional_setting(key: str, default: T | None, convert: Converter[T]) -> T | None:
+    """A setting that ``""`` turns off (None); any other value goes to ``convert``."""
+    return setting(key, default, optional(convert))
+
+
+# --- converters: each takes the raw TOML value and returns the typed one ---
+
 # C0 controls, DEL and C1 controls: a line break in a mailer name, a NUL in a
 # path or an escape sequence in a message is never meant and fails later.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_DECIMAL = re.compile(r"[0-9]+")
 _PORT = r"(?P<port>[1-9][0-9]{0,4})"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
@@ -214,64 +138,100 @@ _MAX_SOCKET_PATH_BYTES = 107
 WIDEST_TRUSTED_PREFIX = {4: 8, 6: 16}
 
 
-def _integer(low: int, high: int) -> _Validator:
-    def check(value: Any) -> int:
+def integer(low: int, high: int) -> Converter[int]:
+    def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be an integer")
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}")
         return value
 
-    return check
+    return convert
 
 
-def _number(low: float, high: float) -> _Validator:
-    def check(value: Any) -> float:
+def number(low: float, high: float) -> Converter[float]:
+    def convert(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("must be a number")
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}")
         return float(value)
 
-    return check
+    return convert
 
 
-def _boolean(value: Any) -> bool:
+def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("must be true or false")
     return value
 
 
-def _clean(text: str) -> str:
-    """``text`` unchanged, unless it holds a control character (then ValueError)."""
-    control = _CONTROL.search(text)
+def _string(value: Any) -> str:
+    """A string without control characters; every string setting starts here."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    control = _CONTROL.search(value)
     if control is not None:
         raise ValueError(
             f"must not contain control characters ({control.group()!r} at {control.start()})"
         )
-    return text
+    return value
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return _clean(value)
+def matching(pattern: str, requirement: str) -> Converter[str]:
+    """A string that matches ``pattern`` whole; ``requirement`` says what is expected."""
+    compiled = re.compile(pattern)
+
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if not compiled.fullmatch(text):
+            raise ValueError(requirement)
+        return text
+
+    return convert
 
 
-def _string_list(item: Callable[[str], Any]) -> _Validator:
-    def check(value: Any) -> tuple[Any, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError("must be a list of strings")
-        return tuple(item(_clean(v)) for v in value)
+def then(first: Converter[Any], second: Callable[[Any], T]) -> Converter[T]:
+    """``first``, then ``second`` on its result (a check or a conversion)."""
+    return lambda value: second(first(value))
+
+
+def optional(convert: Converter[T]) -> Converter[T | None]:
+    """The empty string (meaning "off" or "none") as None, or what ``convert`` accepts."""
+
+    def check(value: Any) -> T | None:
+        return None if _string(value) == "" else convert(value)
 
     return check
 
 
-def _choice(*choices: str) -> _Validator:
-    def check(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return str(value)
+def string_list(item: Converter[T]) -> Converter[tuple[T, ...]]:
+    def convert(value: Any) -> tuple[T, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a list of strings")
+        return tuple(item(v) for v in value)
+
+    return convert
+
+
+def choice(kind: type[EnumT]) -> Converter[EnumT]:
+    """One of an enum's values, given as its text."""
+    values = [str(member.value) for member in kind]
+
+    def convert(value: Any) -> EnumT:
+        if not isinstance(value, str) or value not in values:
+            raise ValueError(f"must be one of {', '.join(values)}")
+        return kind(value)
+
+    return convert
+
+
+def nonempty(convert: Converter[T]) -> Converter[T]:
+    def check(value: Any) -> T:
+        result = convert(value)
+        if not result:
+            raise ValueError("must not be empty")
+        return result
 
     return check
 
@@ -285,19 +245,6 @@ def _mode(value: Any) -> int:
     raise ValueError('must be a permission mode such as "0660"')
 
 
-def _matching(pattern: str, requirement: str, flags: int = 0) -> _Validator:
-    """A string that matches ``pattern`` whole; ``requirement`` says what is expected."""
-    compiled = re.compile(pattern, flags)
-
-    def check(value: Any) -> str:
-        text = _text(value)
-        if not compiled.fullmatch(text):
-            raise ValueError(requirement)
-        return text
-
-    return check
-
-
 def _port(text: str) -> int:
     port = int(text)
     if not 0 < port < 65536:
@@ -305,53 +252,39 @@ def _port(text: str) -> int:
     return port
 
 
-def _file_path(text: str) -> str:
+def _file_path(value: Any) -> Path:
     """An absolute path that can name a file: not "/", not ending in "/", "." or ".."."""
+    text = _string(value)
     if not text.startswith("/"):
         raise ValueError("must be an absolute path")
-    name = text.rsplit("/", 1)[1]
-    if name in ("", ".", ".."):
+    if text.rsplit("/", 1)[1] in ("", ".", ".."):
         raise ValueError("must name a file, not a directory")
-    if Path(text).is_dir():
+    path = Path(text)
+    if path.is_dir():
         raise ValueError(f"{text} is a directory")
-    return text
+    return path
 
 
-def _file(value: Any) -> str:
-    return _file_path(_text(value))
-
-
-def _directory_path(text: str) -> str:
-    if not text.startswith("/"):
-        raise ValueError("must be an absolute path")
-    return text
-
-
-def _socket_path(text: str) -> str:
-    _file_path(text)
-    if len(text.encode()) > _MAX_SOCKET_PATH_BYTES:
+def _socket_path(value: Any) -> Path:
+    path = _file_path(value)
+    if len(bytes(path)) > _MAX_SOCKET_PATH_BYTES:
         raise ValueError(f"a socket path may be at most {_MAX_SOCKET_PATH_BYTES} bytes long")
-    return text
-
-
-def _socket(value: Any) -> str:
-    return _socket_path(_text(value))
+    return path
 
 
 _MILTER_UNIX = re.compile(r"(unix|local):(?P<path>.+)")
 _MILTER_INET = re.compile(rf"(?P<family>inet6?):{_PORT}(@(?P<host>.+))?")
-_MILTER_SPEC_HELP = 'must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"'
 
 
 def _milter_spec(value: Any) -> str:
-    text = _text(value)
+    text = _string(value)
     unix = _MILTER_UNIX.fullmatch(text)
     if unix is not None:
         _socket_path(unix["path"])
         return text
     inet = _MILTER_INET.fullmatch(text)
     if inet is None:
-        raise ValueError(_MILTER_SPEC_HELP)
+        raise ValueError('must be a libmilter socket such as "unix:/path" or "inet:PORT@HOST"')
     _port(inet["port"])
     host = inet["host"]
     if host is not None and not _HOSTNAME.fullmatch(host):
@@ -365,17 +298,10 @@ def _milter_spec(value: Any) -> str:
     return text
 
 
-_sentinel_service = _matching(
-    r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
-)
-
-
 def _redis_url(value: Any) -> str:
-    text = _text(value)
+    text = _string(value)
     if not re.fullmatch(r"(redis|rediss|unix)://.*", text):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(text)
         _ = parts.port  # ValueError for a port out of range
@@ -390,26 +316,23 @@ def _redis_url(value: Any) -> str:
     return text
 
 
-_socketmap_name = _matching(
-    r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
-)
-_socketmap_value = _matching(
-    r"[\x21-\x7e]([\x20-\x7e]{0,198}[\x21-\x7e])?",
-    "must be 1 to 200 printable ASCII characters, not blank at either end",
-)
-_key_prefix = _matching(r"[\x21-\x7e]{0,64}", "must be up to 64 visible ASCII characters")
-_milter_name = _matching(r"[\x21-\x7e]{1,64}", "must be 1 to 64 visible ASCII characters")
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
 _LISTEN = re.compile(rf"(?P<host>[0-9.]+|\[[0-9A-Fa-f:.]+\]):{_PORT}")
 
 
-def _listen_address(value: Any) -> str:
-    text = _text(value)
-    if not text:
-        return text
-    listen = _LISTEN.fullmatch(text)
+def _listen_address(value: Any) -> ListenAddress:
+    listen = _LISTEN.fullmatch(_string(value))
     if listen is None:
         raise ValueError('must be "ADDRESS:PORT", e.g. "127.0.0.1:9754" or "[::1]:9754", or ""')
-    _port(listen["port"])
+    port = _port(listen["port"])
     host = listen["host"]
     try:
         address = ipaddress.ip_address(host.strip("[]"))
@@ -417,18 +340,51 @@ def _listen_address(value: Any) -> str:
         raise ValueError(f"not an IP address: {host!r}") from None
     if (address.version == 6) != host.startswith("["):
         raise ValueError("an IPv6 address goes in brackets, an IPv4 address does not")
-    return text
+    return ListenAddress(str(address), port)
 
 
-def _split_host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
+def _user(name: str) -> str:
+    if not re.fullmatch(r"[0-9]+", name):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise ValueError(f"no such user: {name!r}") from None
+    return name
 
 
-def _host_port(text: str) -> str:
+def _group(name: str) -> str:
+    if not re.fullmatch(r"[0-9]+", name):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ValueError(f"no such group: {name!r}") from None
+    return name
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return parse_network(text)
+    except AddressError as error:
+        raise ValueError(str(error)) from None
+
+
+def _renew_interval(value: Any) -> float:
+    interval = number(0, 86_400)(value)
+    if 0 < interval < 0.1:
+        raise ValueError("must be 0 (a quarter of ttl) or at least 0.1")
+    return interval
+
+
+_protocols = nonempty(
+    string_list(matching(r"[a-z0-9_-]{1,32}", 'not a Dovecot protocol name such as "imap"'))
+)
+
+
+def _host_port(value: Any) -> str:
     """A sentinel: "HOST:PORT", an IPv6 address in brackets."""
+    text = _string(value)
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not host:
+    if not colon or not re.fullmatch(r"[0-9]+", port) or not host:
         raise ValueError(f'not "HOST:PORT": {text!r}')
     _port(port)
     if ":" in host or host.startswith("["):
@@ -443,107 +399,30 @@ def _host_port(text: str) -> str:
     return text
 
 
-def _existing_file(text: str) -> str:
-    _file_path(text)
-    if not Path(text).is_file():
-        raise ValueError(f"no such file: {text}")
-    return text
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
-def _network(text: str) -> IPNetwork:
-    try:
-        return parse_network(text)
-    except AddressError as error:
-        raise ValueError(str(error)) from None
-
-
-def _domain(text: str) -> str:
-    if not _DOMAIN.fullmatch(text):
-        raise ValueError(f"not a domain: {text!r}")
-    return text.lower()
-
-
-def _mailer(text: str) -> str:
-    if not _MAILER.fullmatch(text):
-        raise ValueError(f"not a mailer name: {text!r}")
-    return text.lower()
-
-
-def _renew_interval(value: Any) -> float:
-    interval: float = _number(0, 86_400)(value)
-    if 0 < interval < 0.1:
-        raise ValueError("must be 0 (a quarter of ttl) or at least 0.1")
-    return interval
-
-
-def _protocol(text: str) -> str:
-    if not _PROTOCOL.fullmatch(text):
-        raise ValueError(f"not a Dovecot protocol name: {text!r}")
-    return text
-
-
-def _user(text: str) -> str:
-    if not _DECIMAL.fullmatch(text):
-        try:
-            pwd.getpwnam(text)
-        except KeyError:
-            raise ValueError(f"no such user: {text!r}") from None
-    return text
-
-
-def _group(text: str) -> str:
-    if not _DECIMAL.fullmatch(text):
-        try:
-            grp.getgrnam(text)
-        except KeyError:
-            raise ValueError(f"no such group: {text!r}") from None
-    return text
-
-
-def _optional(validator: Callable[[str], str]) -> _Validator:
-    """The empty string (meaning "off" or "none"), or what ``validator`` accepts."""
-
-    def check(value: Any) -> str:
-        text = _text(value)
-        return validator(text) if text else text
-
-    return check
-
-
-def _reject_message(value: Any) -> str:
-    text = _text(value)
-    # libmilter drops a reply with a lone '%', and SMTP replies are ASCII.
-    if not _SMTP_TEXT.fullmatch(text) or "%" in text:
-        raise ValueError("must be printable ASCII without '%'")
-    if len(text) > 400:
-        raise ValueError("must be at most 400 characters")
-    return text
-
-
-def _nonempty(validator: _Validator) -> _Validator:
-    def check(value: Any) -> Any:
-        result = validator(value)
-        if not result:
-            raise ValueError("must not be empty")
-        return result
-
-    return check
+def _existing_file(value: Any) -> str:
+    path = _file_path(value)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return str(path)
 
 
 FOLLOW_FORMATS = ("courier", "cyrus", "dovecot", "popa3d", "solid-pop3d", "qpopper", "uw", "regex")
-_PROGRAM = re.compile(r"[^\s\[\]:]{1,64}")
 
 
-def _follow_log(text: str) -> str:
-    if text != "-" and not text.startswith("/"):
-        raise ValueError('must be an absolute path, or "-" for standard input')
+def _follow_format(value: Any) -> str:
+    text = _string(value)
+    if text not in FOLLOW_FORMATS:
+        raise ValueError(f"must be one of {', '.join(FOLLOW_FORMATS)}")
     return text
 
 
 def _follow_regex(value: Any) -> str:
-    text = _text(value)
-    if not text:
-        return text
+    text = _string(value)
     try:
         pattern = re.compile(text)
     except re.error as error:
@@ -553,164 +432,406 @@ def _follow_regex(value: Any) -> str:
     return text
 
 
-def _program(text: str) -> str:
-    if not _PROGRAM.fullmatch(text):
-        raise ValueError(f"not a program tag: {text!r}")
-    return text
+_follow_log = matching(r"-|/.*", 'must be an absolute path, or "-" for standard input')
+_programs = string_list(matching(r"[^\s\[\]:]{1,64}", "must be program tags"))
+_follow_trust = matching("rsyslog|file", "must be one of rsyslog, file")
+_any_text = matching(".*", "must be text")
+_tls_file = then(optional(_existing_file), lambda text: text or "")
+_visible = matching(r"[\x21-\x7e]{1,64}", "must be 1 to 64 visible ASCII characters")
+_socketmap_name = matching(
+    r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
+)
+_socketmap_value = matching(
+    r"[\x21-\x7e]([\x20-\x7e]{0,198}[\x21-\x7e])?",
+    "must be 1 to 200 printable ASCII characters, not blank at either end",
+)
+_key_prefix = matching(r"[\x21-\x7e]{0,64}", "must be up to 64 visible ASCII characters")
+# libmilter drops a reply with a lone '%', and SMTP replies are ASCII.
+_smtp_text = matching(
+    r"[\x20-\x24\x26-\x7e]{0,400}", "must be at most 400 printable ASCII characters without '%'"
+)
+_name = matching(r"[^\s:/]{1,64}", "must be a user or group name, or a number")
+_mailer = matching(r"[A-Za-z0-9_.+-]{1,64}", 'must be mailer names such as "local"')
+_domain = matching(
+    r"\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?",
+    'must be domains such as "example.org", or ".example.org" for its subdomains',
+)
+_network_text = matching(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", 'must be networks such as "10.0.0.0/8"')
+_sentinel_service = matching(
+    r"[A-Za-z0-9_.-]{1,64}", "must be 1 to 64 letters, digits, '_', '.' or '-'"
+)
+_group_name = then(_name, _group)
+_user_names = string_list(then(_name, _user))
+_group_names = string_list(_group_name)
+_networks = then(string_list(then(_network_text, _network)), NetworkSet.of)
+_domains = string_list(then(_domain, str.lower))
+_mailers = nonempty(string_list(then(_mailer, str.lower)))
+_learn_choice = matching("|".join(LEARN_CHOICES), f"must be one of {', '.join(LEARN_CHOICES)}")
+_directory = matching(r"/.*", "must be an absolute path")
+# "" is no group: the socket keeps the group the process gave it.
+_socket_group = then(optional(_group_name), lambda name: name or "")
+
+# --- the groups ---------------------------------------------------------
 
 
-VALIDATORS: Mapping[str, _Validator] = {
-    "milter_socket": _milter_spec,
-    "milter_name": _milter_name,
-    "milter_timeout": _integer(1, 86_400),
-    "milter_socket_mode": _mode,
-    "milter_socket_group": _optional(_group),
-    "ingest_socket": _socket,
-    "ingest_socket_mode": _mode,
-    "ingest_socket_group": _optional(_group),
-    "ingest_allowed_users": _string_list(_user),
-    "ingest_allowed_groups": _string_list(_group),
-    "ingest_operator_users": _string_list(_user),
-    "ingest_operator_groups": _string_list(_group),
-    "ingest_admin_users": _string_list(_user),
-    "ingest_admin_groups": _string_list(_group),
-    "ingest_timeout": _number(0.1, 300),
-    "ingest_max_clients": _integer(1, 100_000),
-    "ingest_clients_per_uid": _integer(1, 100_000),
-    "ingest_first_byte_timeout": _number(0.1, 300),
-    "socketmap_socket": _optional(_socket_path),
-    "socketmap_socket_mode": _mode,
-    "socketmap_socket_group": _optional(_group),
-    "socketmap_name": _socketmap_name,
-    "socketmap_ok_value": _socketmap_value,
-    "socketmap_timeout": _number(0.1, 300),
-    "socketmap_idle_timeout": _number(1, 86_400),
-    "socketmap_max_clients": _integer(1, 100_000),
-    "socketmap_clients_per_uid": _integer(1, 100_000),
-    "ttl": _integer(1, 7 * 86_400),
-    "session_renew_interval": _renew_interval,
-    "session_doveadm": _nonempty(_text),
-    "session_dovecot_config": _optional(_file_path),
-    "session_protocols": _nonempty(_string_list(_protocol)),
-    "follow_log": _optional(_follow_log),
-    "follow_format": _optional(_choice(*FOLLOW_FORMATS)),
-    "follow_regex": _follow_regex,
-    "follow_programs": _string_list(_program),
-    "follow_trust": _choice("rsyslog", "file"),
-    "follow_trusted_users": _nonempty(_string_list(_user)),
-    "follow_state_path": _optional(_file_path),
-    "follow_max_age": _integer(1, 86_400),
-    "follow_poll_interval": _number(0.01, 10),
-    "max_entries": _integer(1, 100_000_000),
-    "store": _choice("memory", "redis"),
-    "snapshot_path": _optional(_file_path),
-    "snapshot_interval": _integer(1, 86_400),
-    "redis_url": _redis_url,
-    "redis_timeout": _number(0.01, 30),
-    "redis_key_prefix": _key_prefix,
-    "redis_sentinels": _string_list(_host_port),
-    "redis_sentinel_service": _sentinel_service,
-    "redis_sentinel_username": _text,
-    "redis_sentinel_password": _text,
-    "redis_sentinel_tls": _boolean,
-    "redis_sentinel_tls_ca_file": _optional(_existing_file),
-    "redis_sentinel_tls_cert_file": _optional(_existing_file),
-    "redis_sentinel_tls_key_file": _optional(_existing_file),
-    "redis_wait_replicas": _integer(0, 16),
-    "redis_wait_timeout": _number(0.001, 30),
-    "trusted_networks": _string_list(_network),
-    "allow_wide_trusted_networks": _boolean,
-    "ipv6_prefix": _integer(0, 128),
-    "local_domains": _string_list(_domain),
-    "local_mailers": _nonempty(_string_list(_mailer)),
-    "learn_from_mta": _choice(*LEARN_CHOICES),
-    "postfix_config_directory": _optional(_directory_path),
-    "sendmail_cf": _file,
-    "sendmail_command": _file,
-    "reject_message": _reject_message,
-    "pop_first": _choice("on", "warn", "off"),
-    "pop_first_retired_message": _reject_message,
-    "accounting": _choice("messages", "recipients"),
-    "usage_path": _optional(_file_path),
-    "usage_max_users": _integer(1, 10_000_000),
-    "blocklist_path": _optional(_file_path),
-    "metrics_listen": _listen_address,
-    "log_format": _choice("console", "json"),
-    "log_level": _choice(*_LOG_LEVELS),
-}
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    """The milter door: where libmilter listens for the MTA."""
+
+    # libmilter's spec: unix:/path, local:/path, inet:PORT@HOST, inet6:PORT@HOST.
+    socket: str = setting("milter_socket", DEFAULT_MILTER_SOCKET, _milter_spec)
+    name: str = setting("milter_name", "popauth", _visible)
+    # Seconds libmilter waits for the MTA before dropping a connection.
+    timeout: int = setting("milter_timeout", 600, integer(1, 86_400))
+    socket_mode: int = setting("milter_socket_mode", 0o660, _mode)
+    socket_group: str = setting("milter_socket_group", "", _socket_group)
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The filesystem path of a ``unix:``/``local:`` socket, else None."""
+        kind, _, rest = self.socket.partition(":")
+        return Path(rest) if kind in ("unix", "local") else None
 
 
-def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        validator = VALIDATORS.get(key)
-        if validator is None:
-            raise ConfigError(f"unknown setting {key!r}")
-        try:
-            values[key] = validator(value)
-        except ValueError as error:
-            raise ConfigError(f"bad value for {key!r}: {error}") from None
-    settings = Settings(**values)
-    _check_trusted_networks(settings)
-    _check_session_renew_interval(settings)
-    _check_redis(settings)
-    _check_follow_regex(settings)
-    return settings
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    """The ingest door, where login hooks and the CLI talk to popauth."""
+
+    socket: Path = setting("ingest_socket", Path(DEFAULT_INGEST_SOCKET), _socket_path)
+    socket_mode: int = setting("ingest_socket_mode", 0o660, _mode)
+    socket_group: str = setting("ingest_socket_group", "", _socket_group)
+    # Reporters: who may report logins (LOGIN), e.g. the POP server's hook.
+    allowed_users: tuple[str, ...] = setting("ingest_allowed_users", (), _user_names)
+    allowed_groups: tuple[str, ...] = setting("ingest_allowed_groups", (), _group_names)
+    # Operators: who may read (QUERY, LIST, REPORT, BLOCKED, STATS) and revoke.
+    operator_users: tuple[str, ...] = setting("ingest_operator_users", (), _user_names)
+    operator_groups: tuple[str, ...] = setting("ingest_operator_groups", (), _group_names)
+    # Administrators: everything, BLOCK/UNBLOCK too; root and popauth's user always.
+    admin_users: tuple[str, ...] = setting("ingest_admin_users", (), _user_names)
+    admin_groups: tuple[str, ...] = setting("ingest_admin_groups", (), _group_names)
+    # Seconds a client may take for one request line before it is dropped.
+    timeout: float = setting("ingest_timeout", 5.0, number(0.1, 300))
+    max_clients: int = setting("ingest_max_clients", 256, integer(1, 100_000))
+    # Connections one uid without an ingest role may hold at once.
+    clients_per_uid: int = setting("ingest_clients_per_uid", 8, integer(1, 100_000))
+    # Seconds a new ingest connection may stay silent before it is closed.
+    first_byte_timeout: float = setting("ingest_first_byte_timeout", 1.0, number(0.1, 300))
 
 
-def _check_follow_regex(settings: Settings) -> None:
-    if settings.follow_format == "regex" and not (
-        settings.follow_regex and settings.follow_programs
-    ):
-        raise ConfigError(
-            "bad value for 'follow_format': \"regex\" needs follow_regex and follow_programs"
-        )
+@dataclass(frozen=True, slots=True)
+class SocketmapSettings:
+    """The socketmap door (a Postfix/Sendmail lookup table); off without a socket."""
+
+    socket: Path | None = optional_setting("socketmap_socket", None, _socket_path)
+    socket_mode: int = setting("socketmap_socket_mode", 0o660, _mode)
+    socket_group: str = setting("socketmap_socket_group", "", _socket_group)
+    # The map name the MTA sends (socketmap:unix:/path:NAME, Kname socket ...).
+    name: str = setting("socketmap_name", "popauth", _socketmap_name)
+    # The value answered for a whitelisted client ("OK" permits in Postfix).
+    ok_value: str = setting("socketmap_ok_value", "OK", _socketmap_value)
+    # Seconds to complete a request; seconds an idle connection is kept.
+    timeout: float = setting("socketmap_timeout", 5.0, number(0.1, 300))
+    idle_timeout: float = setting("socketmap_idle_timeout", 300.0, number(1, 86_400))
+    max_clients: int = setting("socketmap_max_clients", 512, integer(1, 100_000))
+    # Connections one uid outside the socket's group may hold at once.
+    clients_per_uid: int = setting("socketmap_clients_per_uid", 8, integer(1, 100_000))
 
 
-def _check_trusted_networks(settings: Settings) -> None:
-    """Refuse a trusted network that lets much of the Internet relay, unless meant."""
-    if settings.allow_wide_trusted_networks:
-        return
-    for network in settings.trusted_networks:
-        widest = WIDEST_TRUSTED_PREFIX[network.version]
-        if network.prefixlen < widest:
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """``popauth sessions`` on the Dovecot host: renewing the entries of open sessions."""
+
+    # Seconds between renewals; 0 = a quarter of ttl. Must be less than ttl.
+    renew_interval: float = setting("session_renew_interval", 0.0, _renew_interval)
+    # The doveadm that lists sessions, and Dovecot's configuration for it
+    # (None = doveadm's default); which Dovecot protocols' sessions count.
+    doveadm: str = setting("session_doveadm", "doveadm", matching(".+", "must not be empty"))
+    dovecot_config: Path | None = optional_setting("session_dovecot_config", None, _file_path)
+    protocols: tuple[str, ...] = setting("session_protocols", ("imap", "pop3"), _protocols)
+
+
+@dataclass(frozen=True, slots=True)
+class FollowSettings:
+    """``popauth follow``: logins read from a POP/IMAP server's log."""
+
+    # The log it reads ("-" = standard input; "" = none), the login format
+    # of the POP/IMAP server that writes it, and how far it is trusted.
+    log: str = setting("follow_log", "", then(optional(_follow_log), lambda text: text or ""))
+    format: str = setting("follow_format", "", then(optional(_follow_format), lambda t: t or ""))
+    # follow_format = "regex": a pattern with named groups ip and user,
+    # matched against the whole message after the program tag.
+    regex: str = setting("follow_regex", "", then(optional(_follow_regex), lambda t: t or ""))
+    # Program tags that count; () = the format's own.
+    programs: tuple[str, ...] = setting("follow_programs", (), _programs)
+    # "rsyslog": lines in popauth's rsyslog template, sender checked by the
+    # kernel's credentials; "file": every line of the log is the server's.
+    trust: str = setting("follow_trust", "rsyslog", _follow_trust)
+    trusted_users: tuple[str, ...] = setting(
+        "follow_trusted_users", ("root",), nonempty(_user_names)
+    )
+    state_path: Path | None = optional_setting(
+        "follow_state_path", STATE_DIRECTORY / "follow.json", _file_path
+    )
+    # Logins logged longer ago than this are not reported (seconds).
+    max_age: int = setting("follow_max_age", 60, integer(1, 86_400))
+    poll_interval: float = setting("follow_poll_interval", 0.1, number(0.01, 10))
+
+    def __post_init__(self) -> None:
+        if self.format == "regex" and not (self.regex and self.programs):
             raise ConfigError(
-                f"bad value for 'trusted_networks': {network} is wider than a /{widest} "
-                "and would let much of the Internet relay; set "
-                "allow_wide_trusted_networks = true if that is meant"
+                "bad value for 'follow_format': \"regex\" needs follow_regex and follow_programs"
             )
 
 
-def _check_session_renew_interval(settings: Settings) -> None:
-    interval = settings.session_renew_interval
-    if interval and interval >= settings.ttl:
-        # A renewal must come before the entry it renews expires.
-        raise ConfigError(
-            f"bad value for 'session_renew_interval': must be less than ttl ({settings.ttl}), "
-            "or 0 for a quarter of it"
-        )
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The whitelist: how long an entry lasts, how entries are keyed, where they live."""
 
-
-def _check_redis(settings: Settings) -> None:
-    """Redis settings that only fail when read together."""
-    if settings.redis_sentinels and settings.redis_url.startswith("unix://"):
-        raise ConfigError(
-            "bad value for 'redis_sentinels': sentinels name TCP masters, "
-            "so redis_url must not be unix://"
-        )
-    tls_files = (
-        settings.redis_sentinel_tls_ca_file,
-        settings.redis_sentinel_tls_cert_file,
-        settings.redis_sentinel_tls_key_file,
+    ttl: int = setting("ttl", 900, integer(1, 7 * 86_400))
+    max_entries: int = setting("max_entries", 100_000, integer(1, 100_000_000))
+    ipv6_prefix: int = setting("ipv6_prefix", 128, integer(0, 128))
+    kind: StoreKind = setting("store", StoreKind.MEMORY, choice(StoreKind))
+    # The embedded store's snapshot; None disables it.
+    snapshot_path: Path | None = optional_setting(
+        "snapshot_path", STATE_DIRECTORY / "whitelist.json", _file_path
     )
-    if any(tls_files) and not settings.redis_sentinel_tls:
-        raise ConfigError("redis_sentinel_tls_*_file needs redis_sentinel_tls = true")
-    if bool(settings.redis_sentinel_tls_cert_file) != bool(settings.redis_sentinel_tls_key_file):
-        raise ConfigError(
-            "redis_sentinel_tls_cert_file and redis_sentinel_tls_key_file go together"
+    snapshot_interval: int = setting("snapshot_interval", 60, integer(1, 86_400))
+    redis_url: str = setting("redis_url", "redis://127.0.0.1:6379/0", _redis_url)
+    # Seconds a Redis connect or reply may take before the caller fails closed.
+    redis_timeout: float = setting("redis_timeout", 0.5, number(0.01, 30))
+    redis_key_prefix: str = setting("redis_key_prefix", "popauth:", _key_prefix)
+    # Redis Sentinel: "HOST:PORT" of each sentinel; empty = talk to redis_url directly.
+    redis_sentinels: tuple[str, ...] = setting("redis_sentinels", (), string_list(_host_port))
+    # The master's name in the sentinels' configuration ("sentinel monitor NAME ...").
+    redis_sentinel_service: str = setting("redis_sentinel_service", "popauth", _sentinel_service)
+    # The sentinels' own credentials and TLS (the master's come from redis_url).
+    redis_sentinel_username: str = setting("redis_sentinel_username", "", _any_text)
+    redis_sentinel_password: str = setting("redis_sentinel_password", "", _any_text)
+    redis_sentinel_tls: bool = setting("redis_sentinel_tls", False, boolean)
+    redis_sentinel_tls_ca_file: str = setting("redis_sentinel_tls_ca_file", "", _tls_file)
+    redis_sentinel_tls_cert_file: str = setting("redis_sentinel_tls_cert_file", "", _tls_file)
+    redis_sentinel_tls_key_file: str = setting("redis_sentinel_tls_key_file", "", _tls_file)
+    # Replicas that must hold a login before it is acknowledged (WAIT); 0 = none.
+    redis_wait_replicas: int = setting("redis_wait_replicas", 0, integer(0, 16))
+    # Seconds a login waits for those replicas before it is refused.
+    redis_wait_timeout: float = setting("redis_wait_timeout", 0.1, number(0.001, 30))
+
+    def __post_init__(self) -> None:
+        """Redis settings that only fail when read together."""
+        if self.redis_sentinels and self.redis_url.startswith("unix://"):
+            raise ConfigError(
+                "bad value for 'redis_sentinels': sentinels name TCP masters, "
+                "so redis_url must not be unix://"
+            )
+        tls_files = (
+            self.redis_sentinel_tls_ca_file,
+            self.redis_sentinel_tls_cert_file,
+            self.redis_sentinel_tls_key_file,
         )
-    if settings.redis_wait_replicas and settings.redis_wait_timeout >= settings.redis_timeout:
-        raise ConfigError("bad value for 'redis_wait_timeout': must be shorter than redis_timeout")
+        if any(tls_files) and not self.redis_sentinel_tls:
+            raise ConfigError("redis_sentinel_tls_*_file needs redis_sentinel_tls = true")
+        if bool(self.redis_sentinel_tls_cert_file) != bool(self.redis_sentinel_tls_key_file):
+            raise ConfigError(
+                "redis_sentinel_tls_cert_file and redis_sentinel_tls_key_file go together"
+            )
+        if self.redis_wait_replicas and self.redis_wait_timeout >= self.redis_timeout:
+            raise ConfigError(
+                "bad value for 'redis_wait_timeout': must be shorter than redis_timeout"
+            )
+
+    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(_split_host_port(address) for address in self.redis_sentinels)
+
+    @property
+    def keying(self) -> WhitelistKeying:
+        return WhitelistKeying(self.ipv6_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """Who may relay, and what a refused client is told."""
+
+    trusted_networks: NetworkSet = setting(
+        "trusted_networks",
+        NetworkSet.of([parse_network("127.0.0.0/8"), parse_network("::1/128")]),
+        _networks,
+    )
+    # A trusted network wider than WIDEST_TRUSTED_PREFIX makes an open relay by
+    # configuration; it is refused unless this says it is meant.
+    allow_wide_trusted_networks: bool = setting("allow_wide_trusted_networks", False, boolean)
+    reject_message: str = setting("reject_message", DEFAULT_REJECT_MESSAGE, _smtp_text)
+    pop_first: PopFirst = setting("pop_first", PopFirst.ON, choice(PopFirst))
+    pop_first_retired_message: str = setting(
+        "pop_first_retired_message", DEFAULT_POP_FIRST_RETIRED_MESSAGE, _smtp_text
+    )
+
+    def __post_init__(self) -> None:
+        if self.allow_wide_trusted_networks:
+            return
+        for network in self.trusted_networks:
+            widest = WIDEST_TRUSTED_PREFIX[network.version]
+            if network.prefixlen < widest:
+                raise ConfigError(
+                    f"bad value for 'trusted_networks': {network} is wider than a /{widest} "
+                    "and would let much of the Internet relay; set "
+                    "allow_wide_trusted_networks = true if that is meant"
+                )
+
+    def policy(self, local: LocalDelivery) -> RelayPolicy:
+        """The decision's data, with the effective local domains and mailers."""
+        return RelayPolicy(
+            trusted_networks=self.trusted_networks,
+            local_domains=local.domain_set(),
+            local_mailers=local.mailer_set(),
+            pop_first=self.pop_first,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDeliverySettings:
+    """What the MTA delivers here: configured, or learned from the MTA.
+
+    The field names are the keys, as ``popauth.localdelivery.resolve`` reads them.
+    """
+
+    # None (the key absent): learned from the MTA at start and on reload.
+    local_domains: tuple[str, ...] | None = learned_unless_set("local_domains", _domains)
+    local_mailers: tuple[str, ...] | None = learned_unless_set("local_mailers", _mailers)
+    # Which MTA to learn them from: "auto" tries Postfix, then Sendmail.
+    learn_from_mta: str = setting("learn_from_mta", "auto", _learn_choice)
+    # Postfix's config_directory; "" = as Postfix's own commands (MAIL_CONFIG).
+    postfix_config_directory: str = setting(
+        "postfix_config_directory", "", then(optional(_directory), lambda text: text or "")
+    )
+    sendmail_cf: str = setting("sendmail_cf", "/etc/mail/sendmail.cf", then(_file_path, str))
+    sendmail_command: str = setting("sendmail_command", "/usr/sbin/sendmail", then(_file_path, str))
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsSettings:
+    """The books: per-user usage and the block list."""
+
+    accounting: Accounting = setting("accounting", Accounting.MESSAGES, choice(Accounting))
+    usage_path: Path | None = optional_setting(
+        "usage_path", STATE_DIRECTORY / "usage.json", _file_path
+    )
+    usage_max_users: int = setting("usage_max_users", 100_000, integer(1, 10_000_000))
+    # Used with the memory store; a Redis site keeps its block list in Redis.
+    blocklist_path: Path | None = optional_setting(
+        "blocklist_path", STATE_DIRECTORY / "blocked.json", _file_path
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    # Where Prometheus metrics are served; None turns them off.
+    listen: ListenAddress | None = optional_setting("metrics_listen", None, _listen_address)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: LogFormat = setting("log_format", LogFormat.CONSOLE, choice(LogFormat))
+    level: LogLevel = setting("log_level", LogLevel.INFO, choice(LogLevel))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    milter: MilterSettings = field(default_factory=MilterSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    socketmap: SocketmapSettings = field(default_factory=SocketmapSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    accounts: AccountsSettings = field(default_factory=AccountsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    sessions: SessionSettings = field(default_factory=SessionSettings)
+    follow: FollowSettings = field(default_factory=FollowSettings)
+    local: LocalDeliverySettings = field(default_factory=LocalDeliverySettings)
+
+    def __post_init__(self) -> None:
+        # Checks that join keys of different groups.
+        interval = self.sessions.renew_interval
+        if interval and interval >= self.store.ttl:
+            # A renewal must come before the entry it renews expires.
+            raise ConfigError(
+                "bad value for 'session_renew_interval': "
+                f"must be less than ttl ({self.store.ttl}), or 0 for a quarter of it"
+            )
+
+    def session_interval(self) -> float:
+        """Seconds between session renewals (``session_renew_interval``, or ttl / 4)."""
+        return self.sessions.renew_interval or self.store.ttl / 4
+
+
+# --- the one place where flat keys become typed groups -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """Where a flat TOML key lives: its group, its field, its converter."""
+
+    name: str
+    group: str
+    field: str
+    convert: Converter[Any]
+    default: Any
+
+
+def _keys() -> Iterator[Key]:
+    for group in dataclasses.fields(Settings):
+        group_class = group.default_factory
+        assert isinstance(group_class, type)
+        for item in dataclasses.fields(group_class):
+            yield Key(
+                item.metadata[_KEY], group.name, item.name, item.metadata[_CONVERT], item.default
+            )
+
+
+KEYS: Mapping[str, Key] = {key.name: key for key in _keys()}
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
+    """Typed settings from flat ``key = value`` pairs; unset keys keep their default."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in raw.items():
+        key = KEYS.get(name)
+        if key is None:
+            close = difflib.get_close_matches(name, KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown setting {name!r}{hint}")
+        try:
+            converted = key.convert(value)
+        except ValueError as error:
+            raise ConfigError(f"bad value for {name!r}: {error}") from None
+        groups.setdefault(key.group, {})[key.field] = converted
+    made: dict[str, Any] = {}
+    for group in dataclasses.fields(Settings):
+        assert isinstance(group.default_factory, type)
+        made[group.name] = group.default_factory(**groups.get(group.name, {}))
+    return Settings(**made)
+
+
+_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
+_ASSIGNMENT = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def _duplicate_key(text: str, error: tomllib.TOMLDecodeError) -> str | None:
+    """The key a "Cannot overwrite a value" error is about, which tomllib does not say."""
+    position = _POSITION.search(str(error))
+    if not str(error).startswith("Cannot overwrite") or position is None:
+        return None
+    lines = text.splitlines()[: int(position.group(1))]
+    # The value may span lines (an array): its key is the last one assigned.
+    for line_number in range(len(lines), 0, -1):
+        assigned = _ASSIGNMENT.match(lines[line_number - 1])
+        if assigned is not None:
+            first = next(
+                number
+                for number, line in enumerate(lines, 1)
+                if (earlier := _ASSIGNMENT.match(line)) and earlier.group(1) == assigned.group(1)
+            )
+            return f"{assigned.group(1)!r} is set twice, on lines {first} and {line_number}"
+    return None
 
 
 def load_settings(path: Path | None) -> Settings:
@@ -718,10 +839,18 @@ def load_settings(path: Path | None) -> Settings:
     if path is None:
         return Settings()
     try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
+        duplicate = _duplicate_key(text, error)
+        if duplicate is not None:
+            raise ConfigError(
+                f"{path}: setting {duplicate}; edit the first one instead of adding another"
+            ) from None
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     return settings_from_mapping(raw)

@@ -6,7 +6,6 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import structlog
 
 from popauth.accounts import RelayWay, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
+from popauth.config import Accounting
 from popauth.decision import (
     Client,
     Decision,
@@ -33,16 +33,6 @@ from popauth.recipients import Recipient, is_local_recipient
 from popauth.store import StoreUnavailable, WhitelistStore
 
 _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
-
-
-class Accounting(enum.Enum):
-    """What the usage ledger counts for authenticated and whitelisted clients."""
-
-    # Messages only: the milter accepts them at MAIL FROM, the cheapest way.
-    MESSAGES = "messages"
-    # Messages and relayed recipients: the milter must see every RCPT,
-    # which costs the MTA one round trip per recipient and one per message.
-    RECIPIENTS = "recipients"
 
 
 @dataclass(slots=True)

@@ -14,7 +14,6 @@ ESC sequence in a recipient address never reaches the operator's terminal.
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 import time
@@ -23,14 +22,8 @@ from typing import Any
 
 import structlog
 
+from popauth.config import LogFormat, LogLevel
 from popauth.escaping import escape_text
-
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
 
 
 class UtcTimestamp:
@@ -90,21 +83,23 @@ def escape_values(
     return event
 
 
-def configure_logging(log_format: str, level: str) -> structlog.typing.FilteringBoundLogger:
+def configure_logging(
+    log_format: LogFormat, level: LogLevel
+) -> structlog.typing.FilteringBoundLogger:
     """Configure structlog once at start and return the root logger."""
     processors: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         UtcTimestamp(),
         structlog.processors.format_exc_info,
     ]
-    if log_format == "json":
+    if log_format is LogFormat.JSON:
         processors.append(escape_values)
         processors.append(structlog.processors.JSONRenderer())
     else:
         processors.append(render_console)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(level.number),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )

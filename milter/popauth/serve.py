@@ -21,7 +21,7 @@ from popauth.adapter import RelayMilter, Replies
 from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
 from popauth.config import Settings
-from popauth.gate import Accounting, RelayGate
+from popauth.gate import RelayGate
 from popauth.ingest.roles import PeerPolicy
 from popauth.ingest.server import IngestLimits, IngestServer
 from popauth.lifecycle import Lifecycle, Step, Stopped
@@ -37,7 +37,7 @@ from popauth.persistence import (
     prepare_state_directory,
 )
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
-from popauth.store import WhitelistStore
+from popauth.store import StoreKind, WhitelistStore
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
 
@@ -62,10 +62,10 @@ class State:
 
 def state_file_paths(settings: Settings) -> list[Path]:
     """Every state file popauth will write with these settings."""
-    paths = [settings.usage_path]
-    if settings.store == "memory":
-        paths += [settings.snapshot_path, settings.blocklist_path]
-    return [Path(path) for path in paths if path]
+    paths = [settings.accounts.usage_path]
+    if settings.store.kind is StoreKind.MEMORY:
+        paths += [settings.store.snapshot_path, settings.accounts.blocklist_path]
+    return [path for path in paths if path is not None]
 
 
 def open_state(
@@ -78,41 +78,38 @@ def open_state(
     """
     for path in state_file_paths(settings):
         prepare_state_directory(path)
-    ledger = UsageLedger(max_users=settings.usage_max_users, clock=clock)
-    if settings.store == "redis":
+    ledger = UsageLedger(max_users=settings.accounts.usage_max_users, clock=clock)
+    stored = settings.store
+    if stored.kind is StoreKind.REDIS:
         from popauth.store.redis import RedisStore, connect
 
         redis_store = RedisStore(
-            client=connect(settings.redis_url, settings.redis_timeout, sentinel_settings(settings)),
-            ttl=settings.ttl,
-            key_prefix=settings.redis_key_prefix,
+            client=connect(stored.redis_url, stored.redis_timeout, sentinel_settings(settings)),
+            ttl=settings.store.ttl,
+            key_prefix=settings.store.redis_key_prefix,
             clock=clock,
-            wait_replicas=settings.redis_wait_replicas,
-            wait_timeout=settings.redis_wait_timeout,
+            wait_replicas=settings.store.redis_wait_replicas,
+            wait_timeout=settings.store.redis_wait_timeout,
         )
         if not redis_store.ping():
             # Not fatal: lookups fail closed until Redis answers.
             log.error(
                 "redis_unavailable_at_start",
-                url=settings.redis_url,
-                sentinels=list(settings.redis_sentinels),
+                url=settings.store.redis_url,
+                sentinels=list(settings.store.redis_sentinels),
             )
-        blocks = RedisBlockList(redis_store.client, f"{settings.redis_key_prefix}blocked-users")
+        blocks = RedisBlockList(redis_store.client, f"{stored.redis_key_prefix}blocked-users")
         state = State(redis_store, blocks, ledger)
     else:
-        memory = MemoryStore(ttl=settings.ttl, max_entries=settings.max_entries, clock=clock)
-        blocklist = FileBlockList(
-            Path(settings.blocklist_path) if settings.blocklist_path else None, log
-        )
+        memory = MemoryStore(ttl=stored.ttl, max_entries=stored.max_entries, clock=clock)
+        blocklist = FileBlockList(settings.accounts.blocklist_path, log)
         state = State(memory, blocklist, ledger)
-        if settings.snapshot_path:
-            snapshotter = Snapshotter(
-                store=memory, path=Path(settings.snapshot_path), clock=clock, log=log
-            )
+        if stored.snapshot_path is not None:
+            snapshotter = Snapshotter(store=memory, path=stored.snapshot_path, clock=clock, log=log)
             state.restores.append(snapshotter.restore)
             state.saves.append(snapshotter.save)
-    if settings.usage_path:
-        usage_path = Path(settings.usage_path)
+    usage_path = settings.accounts.usage_path
+    if usage_path is not None:
 
         def load_usage() -> None:
             try:
@@ -128,19 +125,19 @@ def open_state(
 
 
 def sentinel_settings(settings: Settings) -> SentinelSettings | None:
-    if not settings.redis_sentinels:
+    if not settings.store.redis_sentinels:
         return None
     from popauth.store.redis import SentinelSettings
 
     return SentinelSettings(
-        addresses=settings.sentinel_addresses(),
-        service=settings.redis_sentinel_service,
-        username=settings.redis_sentinel_username,
-        password=settings.redis_sentinel_password,
-        tls=settings.redis_sentinel_tls,
-        tls_ca_file=settings.redis_sentinel_tls_ca_file,
-        tls_cert_file=settings.redis_sentinel_tls_cert_file,
-        tls_key_file=settings.redis_sentinel_tls_key_file,
+        addresses=settings.store.sentinel_addresses(),
+        service=settings.store.redis_sentinel_service,
+        username=settings.store.redis_sentinel_username,
+        password=settings.store.redis_sentinel_password,
+        tls=settings.store.redis_sentinel_tls,
+        tls_ca_file=settings.store.redis_sentinel_tls_ca_file,
+        tls_cert_file=settings.store.redis_sentinel_tls_cert_file,
+        tls_key_file=settings.store.redis_sentinel_tls_key_file,
     )
 
 
@@ -152,21 +149,21 @@ def socketmap_server(
     log: structlog.typing.FilteringBoundLogger,
 ) -> SocketmapServer | None:
     """The socketmap door, when ``socketmap_socket`` is set."""
-    if not settings.socketmap_socket:
+    if settings.socketmap.socket is None:
         return None
     return SocketmapServer(
-        path=Path(settings.socketmap_socket),
-        mode=settings.socketmap_socket_mode,
-        group=settings.socketmap_socket_group,
+        path=settings.socketmap.socket,
+        mode=settings.socketmap.socket_mode,
+        group=settings.socketmap.socket_group,
         store=store,
         keying=keying,
-        name=settings.socketmap_name,
-        ok_value=settings.socketmap_ok_value,
+        name=settings.socketmap.name,
+        ok_value=settings.socketmap.ok_value,
         limits=SocketmapLimits(
-            timeout=settings.socketmap_timeout,
-            idle_timeout=settings.socketmap_idle_timeout,
-            max_clients=settings.socketmap_max_clients,
-            max_clients_per_uid=settings.socketmap_clients_per_uid,
+            timeout=settings.socketmap.timeout,
+            idle_timeout=settings.socketmap.idle_timeout,
+            max_clients=settings.socketmap.max_clients,
+            max_clients_per_uid=settings.socketmap.clients_per_uid,
         ),
         metrics=metrics,
         log=log,
@@ -175,18 +172,18 @@ def socketmap_server(
 
 def serve(settings: Settings) -> Stopped:
     """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback."""
-    log = configure_logging(settings.log_format, settings.log_level)
+    log = configure_logging(settings.log.format, settings.log.level)
     # First: without local domains and mailers nothing else is worth starting.
-    local = resolve_local_delivery(settings)
+    local = resolve_local_delivery(settings.local)
     log_local_delivery(log, "local_delivery", local)
     lifecycle = Lifecycle(log)
-    keying = WhitelistKeying(settings.ipv6_prefix)
+    keying = settings.store.keying
     state = open_state(settings, SystemClock(), log)
     store = state.store
     metrics = Metrics()
     metrics.track_whitelist_size(lambda: store.stats().entries)
-    saver = PeriodicSaver(interval=settings.snapshot_interval, saves=state.saves, log=log)
-    policy = settings.relay_policy(local)
+    saver = PeriodicSaver(interval=settings.store.snapshot_interval, saves=state.saves, log=log)
+    policy = settings.relay.policy(local)
     if not policy.local_domains:
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
     gate = RelayGate(
@@ -194,34 +191,34 @@ def serve(settings: Settings) -> Stopped:
         store=store,
         keying=keying,
         ledger=state.ledger,
-        accounting=Accounting(settings.accounting),
+        accounting=settings.accounts.accounting,
         metrics=metrics,
         log=log,
     )
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
     lifecycle.on_reload(
-        "local_delivery", LocalDeliveryReloader(settings, gate, settings.relay_policy, log)
+        "local_delivery", LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
     )
-    replies = Replies(settings.reject_message, settings.pop_first_retired_message)
+    replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
     ingest = IngestServer(
-        path=settings.ingest_socket_path(),
-        mode=settings.ingest_socket_mode,
-        group=settings.ingest_socket_group,
+        path=settings.ingest.socket,
+        mode=settings.ingest.socket_mode,
+        group=settings.ingest.socket_group,
         store=store,
         keying=keying,
         peers=PeerPolicy.of(
-            settings.ingest_allowed_users,
-            settings.ingest_allowed_groups,
-            operator_users=settings.ingest_operator_users,
-            operator_groups=settings.ingest_operator_groups,
-            administrator_users=settings.ingest_admin_users,
-            administrator_groups=settings.ingest_admin_groups,
+            settings.ingest.allowed_users,
+            settings.ingest.allowed_groups,
+            operator_users=settings.ingest.operator_users,
+            operator_groups=settings.ingest.operator_groups,
+            administrator_users=settings.ingest.admin_users,
+            administrator_groups=settings.ingest.admin_groups,
         ),
         limits=IngestLimits(
-            timeout=settings.ingest_timeout,
-            max_clients=settings.ingest_max_clients,
-            max_clients_per_uid=settings.ingest_clients_per_uid,
-            first_byte_timeout=settings.ingest_first_byte_timeout,
+            timeout=settings.ingest.timeout,
+            max_clients=settings.ingest.max_clients,
+            max_clients_per_uid=settings.ingest.clients_per_uid,
+            first_byte_timeout=settings.ingest.first_byte_timeout,
         ),
         blocklist=state.blocklist,
         ledger=state.ledger,
@@ -230,11 +227,11 @@ def serve(settings: Settings) -> Stopped:
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter = MilterService(
-        name=settings.milter_name,
-        spec=settings.milter_socket,
-        timeout=settings.milter_timeout,
-        mode=settings.milter_socket_mode,
-        group=settings.milter_socket_group,
+        name=settings.milter.name,
+        spec=settings.milter.socket,
+        timeout=settings.milter.timeout,
+        mode=settings.milter.socket_mode,
+        group=settings.milter.socket_group,
         factory=lambda: RelayMilter(gate, replies, metrics, log),
         on_exit=lifecycle.stop_soon,
         log=log,
@@ -246,17 +243,23 @@ def serve(settings: Settings) -> Stopped:
     ]
     if socketmap is not None:
         steps.append(Step("socketmap", socketmap.start, socketmap.stop))
-    metrics_address = settings.metrics_address()
+    metrics_address = settings.metrics.listen
     if metrics_address is not None:
-        steps.append(Step("metrics", lambda: metrics.serve(*metrics_address), metrics.stop))
+        steps.append(
+            Step(
+                "metrics",
+                lambda: metrics.serve(metrics_address.host, metrics_address.port),
+                metrics.stop,
+            )
+        )
     steps.append(Step("milter", milter.start, milter.stop))
     log.info(
         "starting",
-        milter_socket=settings.milter_socket,
-        ingest_socket=settings.ingest_socket,
-        socketmap_socket=settings.socketmap_socket or None,
-        metrics=settings.metrics_listen or None,
-        ttl=settings.ttl,
-        store=settings.store,
+        milter_socket=settings.milter.socket,
+        ingest_socket=str(settings.ingest.socket),
+        socketmap_socket=settings.socketmap.socket and str(settings.socketmap.socket),
+        metrics=settings.metrics.listen and str(settings.metrics.listen),
+        ttl=settings.store.ttl,
+        store=settings.store.kind.value,
     )
     return lifecycle.run(steps)

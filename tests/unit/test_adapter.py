@@ -12,8 +12,8 @@ from Milter.testctx import TestCtx as MilterContext
 from popauth.accounts import UsageLedger
 from popauth.adapter import RelayMilter, Replies, client_address_of
 from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
-from popauth.config import settings_from_mapping
-from popauth.gate import Accounting, RelayGate
+from popauth.config import Accounting, settings_from_mapping
+from popauth.gate import RelayGate
 from popauth.localdelivery import LocalDelivery
 from popauth.metrics import Metrics
 from popauth.store import Grant
@@ -34,7 +34,7 @@ def make(store: MemoryStore) -> tuple[RelayMilter, MilterContext, Metrics]:
     metrics = Metrics()
     log, _ = capturing_logger()
     gate = RelayGate(
-        policy=settings.relay_policy(LocalDelivery.configured(["local.test"], ["local"])),
+        policy=settings.relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
         store=store,
         keying=WhitelistKeying(),
         ledger=UsageLedger(max_users=10, clock=FakeClock()),

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import dataclasses
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -8,37 +8,58 @@ import pytest
 
 from popauth.addresses import parse_client_address
 from popauth.config import (
+    KEYS,
     LEARNED_UNLESS_SET,
-    VALIDATORS,
+    Accounting,
     ConfigError,
+    ListenAddress,
+    LogFormat,
+    LogLevel,
     Settings,
     load_settings,
     settings_from_mapping,
 )
+from popauth.decision import PopFirst
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import resolve_local_delivery
+from popauth.store import StoreKind
+
+CONTRIB = Path(__file__).parents[2] / "contrib" / "popauth.toml"
 
 
-def test_every_setting_has_a_validator() -> None:
-    assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
+def test_every_key_is_named_once_and_every_default_converts_to_itself() -> None:
+    names = [key.name for key in KEYS.values()]
+    assert len(names) == len(set(names)) == len(KEYS)
+    contrib = tomllib.loads(CONTRIB.read_text())
+    for key in KEYS.values():
+        if key.name not in LEARNED_UNLESS_SET:
+            assert key.convert(contrib[key.name]) == key.default, key.name
 
 
 def test_embedded_defaults() -> None:
     settings = load_settings(None)
-    assert settings.ttl == 900
-    assert settings.milter_socket.startswith("unix:")
-    assert settings.ingest_socket_mode == 0o660
-    assert settings.ipv6_prefix == 128
-    assert settings.local_domains is None  # learned from the MTA
-    assert settings.local_mailers is None
-    assert settings.learn_from_mta == "auto"
-    policy = settings.relay_policy(LocalDelivery.configured(["local.test"], ["local"]))
+    assert settings.store.ttl == 900
+    assert settings.store.kind is StoreKind.MEMORY
+    assert settings.milter.socket.startswith("unix:")
+    assert settings.milter.socket_path == Path("/run/popauth/milter.sock")
+    assert settings.ingest.socket_mode == 0o660
+    assert settings.store.ipv6_prefix == 128
+    assert settings.socketmap.socket is None
+    assert settings.metrics.listen is None
+    assert settings.accounts.accounting is Accounting.MESSAGES
+    assert settings.log.format is LogFormat.CONSOLE
+    assert settings.log.level is LogLevel.INFO
+    assert settings.local.local_domains is None  # learned from the MTA
+    assert settings.local.local_mailers is None
+    assert settings.local.learn_from_mta == "auto"
+    policy = settings.relay.policy(LocalDelivery.configured(["local.test"], ["local"]))
+    assert policy.pop_first is PopFirst.ON
     assert parse_client_address("127.0.0.1") in policy.trusted_networks
     assert parse_client_address("::1") in policy.trusted_networks
     assert parse_client_address("192.0.2.1") not in policy.trusted_networks
 
 
-def test_loads_toml(tmp_path: Path) -> None:
+def test_loads_toml_into_typed_groups(tmp_path: Path) -> None:
     path = tmp_path / "popauth.toml"
     path.write_text(
         'milter_socket = "inet:8894@127.0.0.1"\n'
@@ -48,15 +69,35 @@ def test_loads_toml(tmp_path: Path) -> None:
         'local_domains = ["Example.ORG", ".hosted.example"]\n'
         'local_mailers = ["local", "Virtual"]\n'
         'log_format = "json"\n'
+        'store = "redis"\n'
+        'pop_first = "warn"\n'
+        'accounting = "recipients"\n'
+        'snapshot_path = ""\n'
+        'metrics_listen = "[::1]:9754"\n'
     )
     settings = load_settings(path)
-    assert settings.ttl == 60
-    assert settings.ingest_socket_mode == 0o600
-    assert settings.milter_socket_path() is None
-    assert settings.local_domains == ("example.org", ".hosted.example")
-    policy = settings.relay_policy(resolve_local_delivery(settings))
+    assert settings.store.ttl == 60
+    assert settings.store.kind is StoreKind.REDIS
+    assert settings.store.snapshot_path is None
+    assert settings.ingest.socket_mode == 0o600
+    assert settings.milter.socket_path is None
+    assert settings.log.format is LogFormat.JSON
+    assert settings.accounts.accounting is Accounting.RECIPIENTS
+    assert settings.metrics.listen == ListenAddress("::1", 9754)
+    assert str(settings.metrics.listen) == "[::1]:9754"
+    policy = settings.relay.policy(resolve_local_delivery(settings.local))
+    assert policy.pop_first is PopFirst.WARN
     assert policy.local_mailers == frozenset({"local", "virtual"})
     assert "a.hosted.example" in policy.local_domains
+    assert "example.org" in policy.local_domains
+    assert parse_client_address("10.1.2.3") in policy.trusted_networks
+    assert parse_client_address("127.0.0.1") not in policy.trusted_networks
+
+
+def test_an_unset_group_keeps_its_defaults() -> None:
+    settings = settings_from_mapping({"ttl": 60})
+    assert settings.store.ttl == 60
+    assert settings.milter == Settings().milter
 
 
 @pytest.mark.parametrize(
@@ -68,28 +109,49 @@ def test_loads_toml(tmp_path: Path) -> None:
         ({"ttl": True}, "ttl"),
         ({"max_entries": -1}, "max_entries"),
         ({"milter_socket": "/run/x.sock"}, "milter_socket"),
+        ({"milter_socket": "unix:/run/x.sock\n"}, "milter_socket"),
+        ({"milter_name": "pop auth"}, "milter_name"),
         ({"ingest_socket": "relative.sock"}, "ingest_socket"),
+        ({"ingest_socket": "/run/x.sock\n"}, "ingest_socket"),
         ({"trusted_networks": ["10.0.0.1/8"]}, "trusted_networks"),
         ({"trusted_networks": "10.0.0.0/8"}, "trusted_networks"),
+        ({"trusted_networks": ["10.0.0.0/8\n"]}, "trusted_networks"),
         ({"local_domains": ["bad domain"]}, "local_domains"),
+        ({"local_domains": ["example.org\n"]}, "local_domains"),
         ({"local_mailers": []}, "local_mailers"),
+        ({"local_mailers": ["local\n"]}, "local_mailers"),
         ({"reject_message": "100% sure"}, "reject_message"),
         ({"reject_message": "line\nbreak"}, "reject_message"),
+        ({"reject_message": "x" * 401}, "reject_message"),
+        ({"redis_url": "redis://host/0\n"}, "redis_url"),
+        ({"store": "Memory"}, "store"),
+        ({"pop_first": "maybe"}, "pop_first"),
+        ({"accounting": 1}, "accounting"),
         ({"log_format": "xml"}, "log_format"),
         ({"learn_from_mta": "exim"}, "learn_from_mta"),
         ({"learn_from_mta": ""}, "learn_from_mta"),
         ({"postfix_config_directory": "etc/postfix"}, "postfix_config_directory"),
         ({"sendmail_cf": "sendmail.cf"}, "sendmail_cf"),
         ({"sendmail_command": ""}, "sendmail_command"),
+        ({"log_level": "info\n"}, "log_level"),
         ({"ipv6_prefix": 129}, "ipv6_prefix"),
         ({"ingest_socket_mode": "rw-rw----"}, "ingest_socket_mode"),
         ({"ingest_allowed_users": ["no-such-user-here"]}, "ingest_allowed_users"),
+        ({"ingest_allowed_users": ["root\n"]}, "ingest_allowed_users"),
         ({"ingest_socket_group": "no-such-group-here"}, "ingest_socket_group"),
+        ({"metrics_listen": "localhost:9754"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:0"}, "metrics_listen"),
+        ({"metrics_listen": "127.0.0.1:9754\n"}, "metrics_listen"),
     ],
 )
 def test_bad_settings_name_the_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=repr(key)):
         settings_from_mapping(raw)
+
+
+def test_a_misspelt_key_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'ttl'"):
+        settings_from_mapping({"tll": 900})
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
@@ -99,15 +161,24 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("ttl = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(broken)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"ttl = 3\n\xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(binary)
+
+
+def test_a_key_set_twice_is_named(tmp_path: Path) -> None:
+    # The README's snippets appended to a copy of contrib/popauth.toml.
+    path = tmp_path / "popauth.toml"
+    path.write_text(CONTRIB.read_text() + '\ntrusted_networks = [\n  "10.0.0.0/8",\n]\nttl = 600\n')
+    with pytest.raises(ConfigError, match=r"'trusted_networks' is set twice, on lines \d+ and \d+"):
+        load_settings(path)
 
 
 def test_contrib_example_lists_every_setting_with_its_default() -> None:
-    import tomllib
-
-    path = Path(__file__).parents[2] / "contrib" / "popauth.toml"
-    text = path.read_text()
-    assert set(tomllib.loads(text)) == set(VALIDATORS) - set(LEARNED_UNLESS_SET)
-    assert load_settings(path) == Settings()
+    text = CONTRIB.read_text()
+    assert set(tomllib.loads(text)) == set(KEYS) - set(LEARNED_UNLESS_SET)
+    assert load_settings(CONTRIB) == Settings()
     # Learned unless set: shown commented out, with an example value.
     for key in LEARNED_UNLESS_SET:
         assert f"\n# {key} = [" in text
@@ -178,8 +249,8 @@ def test_a_wide_trusted_network_needs_the_setting_that_says_so(network: str) -> 
     settings = settings_from_mapping(
         {"trusted_networks": [network], "allow_wide_trusted_networks": True}
     )
-    assert settings.allow_wide_trusted_networks is True
-    assert len(settings.trusted_networks) == 1
+    assert settings.relay.allow_wide_trusted_networks is True
+    assert len(list(settings.relay.trusted_networks)) == 1
 
 
 @pytest.mark.parametrize(
@@ -203,17 +274,17 @@ def test_a_wide_trusted_network_needs_the_setting_that_says_so(network: str) -> 
 )
 def test_good_settings_still_pass(raw: dict[str, Any]) -> None:
     settings = settings_from_mapping(raw)
-    for key, value in raw.items():
-        assert getattr(settings, key) is not None
+    for name, value in raw.items():
+        key = KEYS[name]
+        typed = getattr(getattr(settings, key.group), key.field)
+        assert typed is not None
         if isinstance(value, str):
-            assert getattr(settings, key) == value
+            assert str(typed) == value
 
 
 def test_metrics_address_of_an_ipv6_listener() -> None:
-    assert settings_from_mapping({"metrics_listen": "[::1]:9754"}).metrics_address() == (
-        "::1",
-        9754,
-    )
+    listen = settings_from_mapping({"metrics_listen": "[::1]:9754"}).metrics.listen
+    assert listen == ListenAddress("::1", 9754)
 
 
 def test_check_config_names_the_key_on_the_command_line(
@@ -236,7 +307,7 @@ def test_sentinel_settings_are_validated() -> None:
             "redis_sentinel_password": "secret",
         }
     )
-    assert settings.sentinel_addresses() == (
+    assert settings.store.sentinel_addresses() == (
         ("10.0.0.1", 26379),
         ("sentinel.example.org", 26380),
         ("2001:db8::3", 1),
@@ -262,7 +333,7 @@ def test_sentinel_tls_files_must_exist_and_fit_together(tmp_path: Path) -> None:
     settings = settings_from_mapping(
         {"redis_sentinel_tls": True, "redis_sentinel_tls_ca_file": str(ca)}
     )
-    assert settings.redis_sentinel_tls_ca_file == str(ca)
+    assert settings.store.redis_sentinel_tls_ca_file == str(ca)
 
 
 def test_sentinels_and_wait_refuse_what_cannot_work() -> None:
@@ -272,4 +343,4 @@ def test_sentinels_and_wait_refuse_what_cannot_work() -> None:
         )
     with pytest.raises(ConfigError, match="shorter than redis_timeout"):
         settings_from_mapping({"redis_wait_replicas": 1, "redis_wait_timeout": 0.5})
-    assert settings_from_mapping({"redis_wait_replicas": 1}).redis_wait_timeout == 0.1
+    assert settings_from_mapping({"redis_wait_replicas": 1}).store.redis_wait_timeout == 0.1

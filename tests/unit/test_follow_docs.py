@@ -7,7 +7,7 @@ from pathlib import Path
 
 import docutils.core
 
-from popauth.config import VALIDATORS
+from popauth.config import KEYS
 
 DOC = Path(__file__).parents[2] / "docs" / "follow.rst"
 
@@ -24,7 +24,7 @@ def test_follow_doc_renders_without_warnings() -> None:
 
 def test_follow_doc_lists_every_follow_setting() -> None:
     text = DOC.read_text()
-    keys = [key for key in VALIDATORS if key.startswith("follow_")]
+    keys = [key for key in KEYS if key.startswith("follow_")]
     assert len(keys) == 9
     for key in keys:
         assert f"``{key}``" in text, key

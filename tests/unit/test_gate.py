@@ -6,9 +6,9 @@ from structlog.testing import CapturingLogger
 
 from popauth.accounts import UsageLedger
 from popauth.addresses import WhitelistKeying, parse_client_address
-from popauth.config import settings_from_mapping
+from popauth.config import Accounting, settings_from_mapping
 from popauth.decision import Reason, Verdict
-from popauth.gate import Accounting, RelayGate
+from popauth.gate import RelayGate
 from popauth.localdelivery import LocalDelivery
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient
@@ -34,7 +34,7 @@ def make(
     metrics = Metrics()
     log, sink = capturing_logger()
     gate = RelayGate(
-        policy=settings.relay_policy(LocalDelivery.configured(["local.test"], ["local"])),
+        policy=settings.relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
         store=store,
         keying=WhitelistKeying(),
         ledger=ledger,
@@ -136,6 +136,6 @@ def test_a_replaced_policy_applies_to_the_next_recipient() -> None:
     assert gate.recipient(message, lmtp).reason is Reason.RELAY_DENIED
     settings = settings_from_mapping({"trusted_networks": []})
     gate.replace_policy(
-        settings.relay_policy(LocalDelivery.configured(["local.test"], ["local", "lmtp"]))
+        settings.relay.policy(LocalDelivery.configured(["local.test"], ["local", "lmtp"]))
     )
     assert gate.recipient(message, lmtp).reason is Reason.LOCAL_RECIPIENT

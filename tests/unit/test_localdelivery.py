@@ -99,7 +99,7 @@ def events(sink: CapturingLogger, name: str) -> list[dict[str, Any]]:
 
 
 def settings(**raw: Any) -> LearnSettings:
-    return settings_from_mapping(raw)
+    return settings_from_mapping(raw).local
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_sendmail_is_asked_when_there_is_no_postfix(no_postfix: Path) -> None:
 
 
 def policy_of(local: LocalDelivery) -> RelayPolicy:
-    return settings_from_mapping({}).relay_policy(local)
+    return settings_from_mapping({}).relay.policy(local)
 
 
 def test_mismatch_warning_once_per_mailer_and_domain() -> None:

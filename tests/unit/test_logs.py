@@ -8,6 +8,7 @@ import re
 import pytest
 import structlog
 
+from popauth.config import LogFormat, LogLevel
 from popauth.logs import configure_logging
 
 
@@ -17,7 +18,7 @@ def _reset_structlog() -> None:
 
 
 def test_console_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    log = configure_logging("console", "info")
+    log = configure_logging(LogFormat.CONSOLE, LogLevel.INFO)
     log.info("relay_decision", verdict="reject", client_ip="192.0.2.1", user=None, hint="two words")
     log.debug("hidden")
     line = capsys.readouterr().err.strip()
@@ -29,7 +30,7 @@ def test_console_lines(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    log = configure_logging("json", "warning")
+    log = configure_logging(LogFormat.JSON, LogLevel.WARNING)
     log.info("hidden")
     log.warning("pop_first_deprecated", user="alice")
     event = json.loads(capsys.readouterr().err)
@@ -40,7 +41,7 @@ def test_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_exceptions_are_logged_with_their_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    log = configure_logging("console", "info")
+    log = configure_logging(LogFormat.CONSOLE, LogLevel.INFO)
     try:
         raise ValueError("boom")
     except ValueError:
@@ -61,7 +62,7 @@ RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\
 
 
 def test_console_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
-    log = configure_logging("console", "info")
+    log = configure_logging(LogFormat.CONSOLE, LogLevel.INFO)
     log.info("relay_decision", **HOSTILE)
     text = capsys.readouterr().err
     assert text.count("\n") == 1, text
@@ -73,7 +74,7 @@ def test_console_escapes_control_characters(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_json_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
-    log = configure_logging("json", "info")
+    log = configure_logging(LogFormat.JSON, LogLevel.INFO)
     log.info("relay_decision", **HOSTILE)
     text = capsys.readouterr().err
     assert text.count("\n") == 1
@@ -87,17 +88,17 @@ def test_json_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_printable_unicode_stays_readable(capsys: pytest.CaptureFixture[str]) -> None:
-    log = configure_logging("console", "info")
+    log = configure_logging(LogFormat.CONSOLE, LogLevel.INFO)
     log.info("relay_decision", user="jörg", recipient="<用户@例子.测试>")
     text = capsys.readouterr().err
     assert "user=jörg recipient=<用户@例子.测试>" in text
 
 
-@pytest.mark.parametrize("log_format", ["console", "json"])
+@pytest.mark.parametrize("log_format", list(LogFormat))
 def test_tracebacks_keep_their_lines_but_escape_the_rest(
-    log_format: str, capsys: pytest.CaptureFixture[str]
+    log_format: LogFormat, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    log = configure_logging(log_format, "info")
+    log = configure_logging(log_format, LogLevel.INFO)
     try:
         raise ValueError("bad user \x1b[2J")
     except ValueError:
@@ -105,5 +106,5 @@ def test_tracebacks_keep_their_lines_but_escape_the_rest(
     text = capsys.readouterr().err
     assert "\x1b" not in text
     assert "ValueError: bad user \\x1b[2J" in (
-        text if log_format == "console" else json.loads(text)["exception"]
+        text if log_format is LogFormat.CONSOLE else json.loads(text)["exception"]
     )

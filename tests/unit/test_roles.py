@@ -64,9 +64,9 @@ def endpoint(open_tmp: Path) -> Iterator[Endpoint]:
         {"ingest_allowed_users": ["dovecot"], "ingest_operator_users": ["daemon"]}
     )
     peers = PeerPolicy.of(
-        settings.ingest_allowed_users,
-        settings.ingest_allowed_groups,
-        operator_users=settings.ingest_operator_users,
+        settings.ingest.allowed_users,
+        settings.ingest.allowed_groups,
+        operator_users=settings.ingest.operator_users,
     )
     served = Endpoint(open_tmp, peers=peers)
     served.server.start()

@@ -347,7 +347,7 @@ def test_settings() -> None:
             "session_dovecot_config": "/etc/dovecot/dovecot.conf",
         }
     )
-    assert (custom.session_interval(), custom.session_protocols) == (10, ("imap",))
+    assert (custom.session_interval(), custom.sessions.protocols) == (10, ("imap",))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from tests.support.logs import capturing_logger
 
 def test_off_by_default() -> None:
     settings = Settings()
-    assert settings.socketmap_socket == ""
+    assert settings.socketmap.socket is None
     store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
     log, _ = capturing_logger()
     assert socketmap_server(settings, store, WhitelistKeying(), Metrics(), log) is None

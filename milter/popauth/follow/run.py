@@ -39,15 +39,15 @@ def check_log_file(path: Path, trust: str) -> None:
 
 
 def build_follower(settings: Settings, log: str | None = None) -> Follower:
-    log_name = log or settings.follow_log
+    log_name = log or settings.follow.log
     if not log_name:
         raise FollowSetupError("no log to follow: give one, or set follow_log")
-    if not settings.follow_format:
+    if not settings.follow.format:
         raise FollowSetupError("set follow_format to the POP/IMAP server's log format")
     login_format = build_format(
-        settings.follow_format, settings.follow_programs, settings.follow_regex
+        settings.follow.format, settings.follow.programs, settings.follow.regex
     )
-    logger = configure_logging(settings.log_format, settings.log_level).bind(door="follow")
+    logger = configure_logging(settings.log.format, settings.log.level).bind(door="follow")
     started = time.time()
     source: LineSource
     if log_name == "-":
@@ -57,16 +57,16 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         not_before = float(int(started))
     else:
         path = Path(log_name)
-        check_log_file(path, settings.follow_trust)
-        state = Path(settings.follow_state_path) if settings.follow_state_path else None
+        check_log_file(path, settings.follow.trust)
+        state = settings.follow.state_path
         source = FollowedFile(path, state)
         not_before = 0.0
     counters = Counters()
     judge = LineJudge(
         login_format=login_format,
-        trust=settings.follow_trust,
-        trusted_uids=trusted_uids(settings.follow_trusted_users),
-        max_age=settings.follow_max_age,
+        trust=settings.follow.trust,
+        trusted_uids=trusted_uids(settings.follow.trusted_users),
+        max_age=settings.follow.max_age,
         not_before=not_before,
         log=logger,
         counters=counters,
@@ -75,7 +75,7 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         "follow_start",
         log=log_name,
         format=login_format.name,
-        trust=settings.follow_trust,
+        trust=settings.follow.trust,
         programs=sorted(login_format.programs),
         resumed=getattr(source, "resumed_from", None) is not None,
         pid=os.getpid(),
@@ -83,9 +83,9 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
     return Follower(
         source=source,
         judge=judge,
-        reporter=IngestReporter(settings.ingest_socket, settings.ingest_timeout, logger),
-        poll_interval=settings.follow_poll_interval,
-        max_age=settings.follow_max_age,
+        reporter=IngestReporter(str(settings.ingest.socket), settings.ingest.timeout, logger),
+        poll_interval=settings.follow.poll_interval,
+        max_age=settings.follow.max_age,
         log=logger,
         counters=counters,
     )

@@ -4,6 +4,20 @@ Every door reads or writes it through :class:`WhitelistStore`; the milter, the
 ingest socket and the CLI never see how entries are kept.
 """
 
-from popauth.store.base import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
+from popauth.store.base import (
+    Grant,
+    GrantOutcome,
+    StoreKind,
+    StoreStats,
+    StoreUnavailable,
+    WhitelistStore,
+)
 
-__all__ = ["Grant", "GrantOutcome", "StoreStats", "StoreUnavailable", "WhitelistStore"]
+__all__ = [
+    "Grant",
+    "GrantOutcome",
+    "StoreKind",
+    "StoreStats",
+    "StoreUnavailable",
+    "WhitelistStore",
+]

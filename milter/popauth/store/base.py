@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
 from popauth.addresses import IPAddress
+
+
+class StoreKind(enum.Enum):
+    """Where the whitelist lives."""
+
+    # In this process, saved to a snapshot file.
+    MEMORY = "memory"
+    # In Redis, shared by every host that points at it.
+    REDIS = "redis"
 
 
 class StoreUnavailable(RuntimeError):
