@@ -7,13 +7,19 @@ that open a connection per LOGIN (what each hook run does), and the same
 persistent runs against a popauth with ``log_level = "warning"`` (every
 LOGIN is otherwise one info log line). The addresses cycle through 20 000
 distinct IPv4 addresses, so most requests are renewals after the warm-up.
+
+Two rows price ``redis_wait_replicas``: the Redis store on a master with one
+replica (both on loopback), without and with ``WAIT 1`` on each LOGIN.
 """
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
+from tests.live.ports import free_port
+from tests.live.redis import RedisInstance
 from tests.support.popauth_server import PopauthServer
 
 from bench.common import BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
@@ -72,20 +78,40 @@ class IngestLoad:
 def run(mode: Mode, workdir: Path) -> BenchResult:
     result = BenchResult("B4", "ingest: LOGIN requests/s over the ingest socket")
     servers: dict[str, PopauthServer] = {}
-    for name, level in (("popauth", "info"), ("popauth[warning]", "warning")):
-        directory = workdir / name.replace("[", "-").rstrip("]")
-        directory.mkdir(parents=True)
-        servers[name] = PopauthServer(
-            directory, log_format="console", log_level=level, max_entries=100_000
-        ).start()
+    master = RedisInstance(root=workdir / "redis-master", port=free_port())
+    replica = RedisInstance(
+        root=workdir / "redis-replica", port=free_port(), replica_of=master.port
+    )
+    redis_store = {"store": "redis", "redis_url": master.url, "redis_timeout": 2.0}
+    variants: dict[str, dict[str, Any]] = {
+        "popauth": {"log_level": "info"},
+        "popauth[warning]": {"log_level": "warning"},
+        "popauth[redis]": {"log_level": "info", **redis_store},
+        "popauth[redis, WAIT 1]": {
+            "log_level": "info",
+            **redis_store,
+            "redis_wait_replicas": 1,
+            "redis_wait_timeout": 1.0,
+        },
+    }
     setups = [
         "popauth|1|persistent",
         "popauth|16|persistent",
         "popauth|16|per-login",
         "popauth[warning]|1|persistent",
         "popauth[warning]|16|persistent",
+        "popauth[redis]|16|persistent",
+        "popauth[redis, WAIT 1]|16|persistent",
     ]
     try:
+        master.start()
+        replica.start()
+        for index, (name, settings) in enumerate(variants.items()):
+            directory = workdir / f"popauth-{index}"
+            directory.mkdir(parents=True)
+            servers[name] = PopauthServer(
+                directory, log_format="console", max_entries=100_000, **settings
+            ).start()
 
         def measure(setup: str, seconds: float) -> None:
             name, clients_text, style = setup.split("|")
@@ -113,6 +139,8 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     finally:
         for server in servers.values():
             server.stop()
+        replica.stop()
+        master.stop()
 
     aggregate = result.metric("popauth, 16 client(s), persistent", "logins/s").stats()
     result.checks.append(
@@ -127,6 +155,11 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
         "popauth[warning]/popauth, 16 clients",
         "popauth[warning], 16 client(s), persistent",
         "popauth, 16 client(s), persistent",
+    )
+    result.ratio(
+        "redis: WAIT 1 / no WAIT, 16 clients",
+        "popauth[redis, WAIT 1], 16 client(s), persistent",
+        "popauth[redis], 16 client(s), persistent",
     )
     result.notes.append(
         "clients are threads of the harness process, on the same 2 cores as the server"

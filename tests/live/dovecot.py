@@ -63,12 +63,12 @@ class DovecotError(RuntimeError):
     """Dovecot failed to start or stop; the message carries the log tail."""
 
 
-def _login_service(proto: str, port: int) -> list[str]:
-    """``service pop3-login`` / ``imap-login``: plain port on 127.0.0.1, no TLS port."""
+def _login_service(proto: str, port: int, listen: str) -> list[str]:
+    """``service pop3-login`` / ``imap-login``: plain port on ``listen``, no TLS port."""
     return [
         f"service {proto}-login {{",
         f"  inet_listener {proto} {{",
-        "    address = 127.0.0.1",
+        f"    address = {listen}",
         f"    port = {port}",
         "  }",
         f"  inet_listener {proto}s {{",
@@ -101,8 +101,11 @@ class DovecotInstance(Daemon):
         hook_env: dict[str, str] | None = None,
         auth_socket_for_postfix: Path | None = None,
         lmtp_socket: Path | None = None,
+        listen: str = "127.0.0.1",
     ) -> None:
         self.root = root.resolve()
+        # Comma-separated; IPv6 addresses only inside a test's own network namespace.
+        self.listen = listen
         self.pop3_port = pop3_port
         self.imap_port = imap_port
         self.users = dict(users)
@@ -148,7 +151,7 @@ class DovecotInstance(Daemon):
         mail = pwd.getpwnam(MAIL_USER)
         parts = [
             f"protocols = {protocols}",
-            "listen = 127.0.0.1",
+            f"listen = {self.listen}",
             f"base_dir = {self.base_dir}",
             f"state_dir = {self.root / 'state'}",
             f"log_path = {self.log_file}",
@@ -171,10 +174,10 @@ class DovecotInstance(Daemon):
             "  driver = static",
             f"  args = uid={mail.pw_uid} gid={mail.pw_gid} home={self.root / 'mail'}/%u",
             "}",
-            *_login_service("pop3", self.pop3_port),
+            *_login_service("pop3", self.pop3_port, self.listen),
         ]
         if self.imap_port is not None:
-            parts += _login_service("imap", self.imap_port)
+            parts += _login_service("imap", self.imap_port, self.listen)
         if self.auth_socket_for_postfix is not None:
             parts += [
                 "service auth {",
@@ -251,15 +254,17 @@ class DovecotInstance(Daemon):
                 start_new_session=True,
             )
         while self._process.poll() is None:
+            probe = self.listen.split(",")[0].strip()
             if wait_for_banner(
-                "127.0.0.1", self.pop3_port, b"+OK", min(deadline, time.monotonic() + 0.5)
+                probe, self.pop3_port, b"+OK", min(deadline, time.monotonic() + 0.5)
             ):
                 return
             if time.monotonic() >= deadline:
                 break
         self.stop()
         raise DovecotError(
-            f"dovecot not ready on 127.0.0.1:{self.pop3_port}:\n{log_tail(self.stderr_file)}\n"
+            f"dovecot not ready on {self.listen} port {self.pop3_port}:\n"
+            f"{log_tail(self.stderr_file)}\n"
             f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
         )
 
@@ -290,7 +295,9 @@ class DovecotInstance(Daemon):
         raise DovecotError(f"dovecot processes left: {group_members(process.pid)}")
 
 
-def pop3_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1") -> bool:
+def pop3_login(
+    port: int, user: str, password: str, source_ip: str = "127.0.0.1", server: str = "127.0.0.1"
+) -> bool:
     """Log in over POP3 from ``source_ip``; True iff USER/PASS succeeded (then QUIT).
 
     poplib has no source_address parameter: bind through ``_create_socket``.
@@ -302,7 +309,7 @@ def pop3_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1"
                 (self.host, self.port), timeout, source_address=(source_ip, 0)
             )
 
-    client = _Bound("127.0.0.1", port, timeout=10)
+    client = _Bound(server, port, timeout=10)
     try:
         client.user(user)
         client.pass_(password)
@@ -313,7 +320,9 @@ def pop3_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1"
     return True
 
 
-def imap_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1") -> bool:
+def imap_login(
+    port: int, user: str, password: str, source_ip: str = "127.0.0.1", server: str = "127.0.0.1"
+) -> bool:
     """Log in over IMAP from ``source_ip``; True iff LOGIN succeeded (then LOGOUT).
 
     imaplib has no source_address parameter either: same ``_create_socket`` override.
@@ -325,7 +334,7 @@ def imap_login(port: int, user: str, password: str, source_ip: str = "127.0.0.1"
                 (self.host, self.port), timeout, source_address=(source_ip, 0)
             )
 
-    client = _Bound("127.0.0.1", port, timeout=10)
+    client = _Bound(server, port, timeout=10)
     try:
         client.login(user, password)
     except imaplib.IMAP4.error:

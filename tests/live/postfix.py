@@ -93,8 +93,12 @@ class PostfixInstance(Daemon):
         relay_restrictions: str | None = None,
         extra_main_cf: dict[str, str] | None = None,
         service_commands: dict[str, str] | None = None,
+        listen: str = "127.0.0.1",
     ) -> None:
         self.root = root.resolve()  # postfix -c silently ignores relative dirs
+        # The addresses smtpd listens on, comma-separated; IPv6 ones only
+        # inside a test's own network namespace (tests.live.netns).
+        self.listen = listen
         self.smtp_port = smtp_port
         self.milter = milter
         self.local_domain = local_domain
@@ -191,13 +195,27 @@ class PostfixInstance(Daemon):
                     "smtpd_sasl_path": self.sasl_path,
                 }
             )
+        if ":" in self.listen:
+            settings["inet_protocols"] = "all"
         settings.update(self.extra_main_cf)
         return settings
+
+    def _listen_endpoints(self) -> list[str]:
+        hosts = [address.strip() for address in self.listen.split(",")]
+        return [f"[{h}]:{self.smtp_port}" if ":" in h else f"{h}:{self.smtp_port}" for h in hosts]
+
+    def _listen_endpoint(self) -> str:
+        return self._listen_endpoints()[0]
+
+    @property
+    def probe_host(self) -> str:
+        """The first listen address: where readiness is checked."""
+        return self.listen.split(",")[0].strip()
 
     def master_cf(self) -> str:
         """The whole master.cf: smtpd on 127.0.0.1:PORT, chroot n everywhere."""
         lines = [
-            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd",
+            *(f"{endpoint} inet n - n - - smtpd" for endpoint in self._listen_endpoints()),
             "postlog unix-dgram n - n - 1 postlogd",
         ]
         known = set()
@@ -289,12 +307,12 @@ class PostfixInstance(Daemon):
             )
         self._pid = self._master_pid()
         while not wait_for_banner(
-            "127.0.0.1", self.smtp_port, b"220", min(deadline, time.monotonic() + 0.5)
+            self.probe_host, self.smtp_port, b"220", min(deadline, time.monotonic() + 0.5)
         ):
             if time.monotonic() >= deadline or "-- throttling" in self.log_text():
                 self.stop()
                 raise PostfixError(
-                    f"no 220 banner on 127.0.0.1:{self.smtp_port}\n{result.stdout}\n"
+                    f"no 220 banner on {self._listen_endpoint()}\n{result.stdout}\n"
                     f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
                 )
 

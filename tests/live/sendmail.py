@@ -139,6 +139,7 @@ def mc_test_prelude(
     milter_timeouts: str = "C:5s;S:5s;R:10s;E:30s",
     msa_port: int | None = None,
     features: str = "",
+    listen: str = "127.0.0.1",
 ) -> str:
     """POPAUTH_* parameters for contrib/sendmail.mc; goes BEFORE it.
 
@@ -148,7 +149,8 @@ def mc_test_prelude(
     Without ``msa_port`` there is no submission listener (the production
     default would bind port 587 on every address).
     """
-    daemon = f"Port={smtp_port}, Addr=127.0.0.1, Family=inet, Name=MTA"
+    family = "inet6" if ":" in listen else "inet"
+    daemon = f"Port={smtp_port}, Addr={listen}, Family={family}, Name=MTA"
     msa = "" if msa_port is None else f"Port={msa_port}, Addr=127.0.0.1, Family=inet, Name=MSA, M=E"
     return "".join(
         [
@@ -217,6 +219,7 @@ def wrap_contrib_mc(
     msa_port: int | None = None,
     extra: str = "",
     features: str = "",
+    listen: str = "127.0.0.1",
 ) -> str:
     """The contrib .mc with the test prelude before and postlude after it."""
     return (
@@ -226,6 +229,7 @@ def wrap_contrib_mc(
             local_domains=local_domains,
             msa_port=msa_port,
             features=features,
+            listen=listen,
         )
         + contrib_text
         + ("" if contrib_text.endswith("\n") else "\n")
@@ -262,8 +266,8 @@ def make_sasl_dir(sasl_dir: Path, users: Mapping[str, str], realm: str = "mx.loc
     return sasl_dir
 
 
-def _banner(port: int, timeout: float) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+def _banner(port: int, timeout: float, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as conn:
         conn.settimeout(timeout)
         data = b""
         while b"\n" not in data:
@@ -289,8 +293,11 @@ class SendmailInstance(Daemon):
         hostname: str = "mx.local.test",
         start_timeout: float = 20.0,
         sasl_dir: Path | None = None,
+        listen: str = "127.0.0.1",
     ) -> None:
         self.root = root
+        # The address in the .mc's DAEMON_OPTIONS; where readiness is checked.
+        self.listen = listen
         self.workdir = workdir
         self.smtp_port = smtp_port
         self.mc_text = mc_text
@@ -364,7 +371,7 @@ class SendmailInstance(Daemon):
                     f"sendmail exited with {self.proc.returncode}:\n{self.diagnostics()}"
                 )
             try:
-                banner = _banner(self.smtp_port, timeout=2.0)
+                banner = _banner(self.smtp_port, timeout=2.0, host=self.listen)
             except OSError as exc:
                 last_error = repr(exc)
                 time.sleep(0.05)
@@ -376,7 +383,7 @@ class SendmailInstance(Daemon):
             time.sleep(0.05)
         self.stop()
         raise SendmailError(
-            f"no 220 banner on 127.0.0.1:{self.smtp_port} within "
+            f"no 220 banner on {self.listen} port {self.smtp_port} within "
             f"{self.start_timeout} s ({last_error}):\n{self.diagnostics()}"
         )
 

@@ -12,8 +12,8 @@ REMOTE = "someone@remote.example"
 class SmtpSession:
     """One SMTP session from a chosen loopback address (127.0.0.x)."""
 
-    def __init__(self, port: int, source_ip: str) -> None:
-        self.client = smtplib.SMTP("127.0.0.1", port, source_address=(source_ip, 0), timeout=30)
+    def __init__(self, port: int, source_ip: str, server: str = "127.0.0.1") -> None:
+        self.client = smtplib.SMTP(server, port, source_address=(source_ip, 0), timeout=30)
         self.client.ehlo("client.example")
 
     def mail(self, sender: str = "sender@example.org") -> tuple[int, str]:
@@ -60,9 +60,11 @@ class SmtpSession:
         self.close()
 
 
-def rcpt_reply(port: int, source_ip: str, recipient: str) -> tuple[int, str]:
+def rcpt_reply(
+    port: int, source_ip: str, recipient: str, server: str = "127.0.0.1"
+) -> tuple[int, str]:
     """The reply to one RCPT in a fresh session (MAIL must succeed first)."""
-    with SmtpSession(port, source_ip) as session:
+    with SmtpSession(port, source_ip, server) as session:
         code, text = session.mail()
         if code != 250:
             return code, text
