@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import follow, ingest, login_hook, milter_protocol, postfix_e2e, scale, sessions
+from bench import follow, ingest, login_hook, milter_protocol, postfix_e2e, scale, sessions, soak
 from bench.common import BenchResult, Mode, machine, render_result
 
 Benchmark = Callable[[Mode, Path], BenchResult]
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "B5": scale.run,
     "B6": sessions.run,
     "B7": follow.run,
+    "B8": soak.run,
 }
 
 
