@@ -33,7 +33,7 @@ unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)
 
 # The parsers fuzzed coverage-guided for FUZZ_SECONDS (make test runs 30 s), and the
-# property tests with 50,000 examples each.
+# property tests with 10,000 examples each.
 FUZZ_SECONDS ?= 600
 fuzz: setup
 	POPAUTH_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest tests/fuzz -s -q

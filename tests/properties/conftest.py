@@ -23,7 +23,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "long",
-    max_examples=50_000,
+    max_examples=10_000,
     deadline=None,
     database=_DATABASE,
     suppress_health_check=[HealthCheck.too_slow],
