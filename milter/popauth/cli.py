@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
+from popauth.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
 
-DEFAULT_SOCKET = "/run/popauth/ingest.sock"  # kept equal to config.DEFAULT_INGEST_SOCKET
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 
 
@@ -66,9 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     client("stats", "show whitelist statistics")
     client("ping", "check that the endpoint answers")
     return parser
-
-
-_VERBS = {"revoke": "REVOKE", "block": "BLOCK", "unblock": "UNBLOCK"}
 
 
 def _request_line(arguments: argparse.Namespace) -> str:
@@ -129,13 +126,13 @@ def _run_client(arguments: argparse.Namespace) -> int:
         print(f"popauth: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = reply[0].split(" ", 1)[0]
-    if status == "OK" and arguments.command == "report":
+    if status == OK and arguments.command == "report":
         _print_report(reply[1:], arguments.format)
         return EXIT_OK
-    if status == "OK":
+    if status == OK:
         print("\n".join(reply))
         return EXIT_OK
-    if status == "NOTFOUND":
+    if status == NOT_FOUND:
         print("\n".join(reply))
         return EXIT_NOT_FOUND
     print(f"popauth: {reply[0]}", file=sys.stderr)

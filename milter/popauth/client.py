@@ -12,10 +12,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-# Kept equal to popauth.ingest.protocol.MULTI_LINE (a test checks), without
-# importing it: this module must load nothing but the standard library.
-_MULTI_LINE_VERBS = frozenset({"LIST", "BLOCKED", "REPORT"})
-
+from popauth.ingest import wire
 
 # A connection refused for a full listen queue (EAGAIN) or a busy endpoint
 # is retried once, this much later, within the same deadline.
@@ -34,7 +31,7 @@ class UnsafeRequest(ValueError):
 
 def check_request(line: str) -> str:
     """``line`` if it holds no control character; UnsafeRequest otherwise."""
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line):
+    if wire.has_control_characters(line):
         raise UnsafeRequest(f"control characters are not allowed in a request: {line!r}")
     return line
 
@@ -48,9 +45,9 @@ class IngestClient:
         """Send one request and return its reply lines (several for LIST)."""
         check_request(line)
         deadline = time.monotonic() + self._timeout
-        is_list = line.split(" ", 1)[0].upper() in _MULTI_LINE_VERBS
+        is_list = wire.is_multi_line(line)
         reply = self._exchange(line, deadline, is_list)
-        if reply[0].startswith("ERR busy") and self._pause_for_retry(deadline):
+        if reply[0].startswith(wire.BUSY_PREFIX) and self._pause_for_retry(deadline):
             reply = self._exchange(line, deadline, is_list)
         return reply
 
@@ -172,7 +169,7 @@ class IngestClient:
                 buffer += chunk
             raw, buffer = buffer.split(b"\n", 1)
             lines.append(raw.decode("utf-8", "replace"))
-            if is_list and len(lines) == 1 and lines[0].startswith("OK count="):
-                # A multi-line reply announces how many lines follow.
-                expected += int(lines[0].removeprefix("OK count="))
+            count = wire.announced_count(lines[0]) if is_list and len(lines) == 1 else None
+            if count is not None:
+                expected += count
         return lines

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from popauth.addresses import AddressError, IPNetwork, NetworkSet, WhitelistKeying, parse_network
 from popauth.decision import PopFirst, RelayPolicy
+from popauth.ingest import wire
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
 from popauth.store import StoreKind
@@ -53,7 +54,7 @@ _CONVERT = "popauth.convert"
 
 # Where the state files live by default (systemd: StateDirectory=popauth).
 STATE_DIRECTORY = Path("/var/lib/popauth")
-DEFAULT_INGEST_SOCKET = "/run/popauth/ingest.sock"
+DEFAULT_INGEST_SOCKET = wire.DEFAULT_SOCKET
 DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
 DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
     "POP before SMTP has been retired: turn on SMTP AUTH in your mail program."

@@ -13,7 +13,7 @@ import pytest
 
 from popauth.accounts import RelayWay
 from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
-from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
+from popauth.client import IngestClient, IngestUnreachable
 from tests.support.scripted import scripted_endpoint
 from tests.unit.test_ingest_server import Endpoint
 
@@ -119,13 +119,6 @@ def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "'bogus'" in capsys.readouterr().err
 
 
-def test_client_frames_every_multi_line_verb() -> None:
-    from popauth.client import _MULTI_LINE_VERBS
-    from popauth.ingest.protocol import MULTI_LINE
-
-    assert {verb.value for verb in MULTI_LINE} == _MULTI_LINE_VERBS
-
-
 def test_cli_block_and_report(endpoint: Endpoint, capsys: pytest.CaptureFixture[str]) -> None:
     sock = str(endpoint.path)
     endpoint.ledger.record("alice", RelayWay.POP_FIRST, messages=2, recipients=3)
@@ -148,41 +141,6 @@ def test_cli_block_and_report(endpoint: Endpoint, capsys: pytest.CaptureFixture[
     assert main(["login", "--socket", sock, "192.0.2.2", "alice"]) == EXIT_OK
     assert main(["revoke", "--socket", sock, "--user", "alice"]) == EXIT_OK
     assert "revoked=1" in capsys.readouterr().out
-
-
-def test_cli_default_socket_is_the_configured_default() -> None:
-    # Duplicated on purpose: the client must not import the config module.
-    from popauth.cli import DEFAULT_SOCKET
-    from popauth.config import DEFAULT_INGEST_SOCKET
-
-    assert DEFAULT_SOCKET == DEFAULT_INGEST_SOCKET
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        "LOGIN 192.0.2.1 alice\nLOGIN 198.51.100.1 mallory",
-        "LOGIN 192.0.2.1 alice\r",
-        "LOGIN 192.0.2.1 al\x1b[2Jice",
-        "LOGIN 192.0.2.1\t alice",
-        "LOGIN 192.0.2.1 alice\x00",
-    ],
-)
-def test_control_characters_are_refused_before_anything_is_sent(tmp_path: Path, line: str) -> None:
-    path = tmp_path / "listening.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(4)
-    listener.setblocking(False)
-    try:
-        with pytest.raises(UnsafeRequest):
-            IngestClient(str(path), timeout=1).request(line)
-        with pytest.raises(UnsafeRequest):
-            IngestClient(str(path), timeout=1).request_many(["PING", line])
-        with pytest.raises(BlockingIOError):
-            listener.accept()  # no connection was even made
-    finally:
-        listener.close()
 
 
 def test_cli_login_refuses_control_characters(endpoint: Endpoint) -> None:

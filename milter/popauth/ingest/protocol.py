@@ -1,51 +1,53 @@
-"""The ingest line protocol, simple enough for a shell hook to speak.
+"""Parsing ingest requests and formatting the server's replies.
 
-A request is one line of UTF-8 ending in LF (CRLF is accepted), at most
-:data:`MAX_LINE` bytes: a verb, case-insensitive, and its arguments separated
-by blanks. Every reply line starts with one of three words:
-
-``OK``        the request succeeded; ``key=value`` fields follow;
-``NOTFOUND``  the address is not on the whitelist (QUERY, REVOKE);
-``ERR``       the request failed and changed nothing; a code word and a
-              human-readable reason follow.
-
-``LIST``, ``BLOCKED`` and ``REPORT`` answer ``OK count=N`` followed by exactly
-N lines.
+What goes over the wire (verbs, limits, reply words) is defined once in
+:mod:`popauth.ingest.wire`, which the clients import too; this module adds
+what only the server needs: parsing arguments into addresses and user names,
+and formatting grants, usage and statistics.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from popauth.accounts import Usage
 from popauth.addresses import AddressError, IPAddress, parse_client_address
+from popauth.ingest.wire import (
+    MAX_LINE,
+    MULTI_LINE,
+    ErrorCode,
+    Verb,
+    error,
+    multi_line,
+    not_found,
+    not_found_user,
+    ok,
+    parse_fields,
+)
 from popauth.store import Grant, StoreStats
 from popauth.usernames import MAX_USER, is_valid_user_name, printable_user_name
 
-MAX_LINE = 512
-
-
-class Verb(enum.Enum):
-    LOGIN = "LOGIN"
-    RENEW = "RENEW"
-    QUERY = "QUERY"
-    REVOKE = "REVOKE"
-    REVOKEUSER = "REVOKEUSER"
-    BLOCK = "BLOCK"
-    UNBLOCK = "UNBLOCK"
-    BLOCKED = "BLOCKED"
-    REPORT = "REPORT"
-    LIST = "LIST"
-    STATS = "STATS"
-    PING = "PING"
-    QUIT = "QUIT"
-
-
-# Who may use which verb: popauth.ingest.roles.
-# Replies of these verbs are "OK count=N" and N more lines.
-MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT})
+# The wire's names are re-exported: the server formats its replies from here.
+__all__ = [
+    "MAX_LINE",
+    "MULTI_LINE",
+    "Argument",
+    "ErrorCode",
+    "ProtocolError",
+    "Request",
+    "Verb",
+    "error",
+    "format_grant",
+    "format_usage",
+    "multi_line",
+    "not_found",
+    "not_found_user",
+    "ok",
+    "parse_fields",
+    "parse_request",
+    "stats_fields",
+]
 
 
 class Argument(enum.Enum):
@@ -63,19 +65,6 @@ _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
     Verb.BLOCK: (Argument.USER,),
     Verb.UNBLOCK: (Argument.USER,),
 }
-
-
-class ErrorCode(enum.Enum):
-    SYNTAX = "syntax"
-    ADDRESS = "address"
-    USER = "user"
-    FORBIDDEN = "forbidden"
-    BLOCKED = "blocked"
-    TOO_LONG = "too-long"
-    TIMEOUT = "timeout"
-    BUSY = "busy"
-    UNAVAILABLE = "unavailable"
-    INTERNAL = "internal"
 
 
 class ProtocolError(Exception):
@@ -147,41 +136,10 @@ def format_grant(grant: Grant, described_address: str) -> str:
     )
 
 
-def ok(fields: str = "") -> bytes:
-    return f"OK {fields}\n".encode() if fields else b"OK\n"
-
-
-def not_found(described_address: str) -> bytes:
-    return f"NOTFOUND address={described_address}\n".encode()
-
-
-def not_found_user(user: str) -> bytes:
-    return f"NOTFOUND user={user}\n".encode()
-
-
 def format_usage(user: str, usage: Usage) -> str:
     fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
     return f"user={printable_user_name(user)} {fields}"
 
 
-def error(code: ErrorCode, reason: str) -> bytes:
-    return f"ERR {code.value} {reason}\n".encode()
-
-
 def stats_fields(stats: StoreStats) -> str:
     return " ".join(f"{name}={value}" for name, value in stats.as_pairs())
-
-
-def multi_line(lines: Iterable[str]) -> bytes:
-    body = list(lines)
-    return "".join([f"OK count={len(body)}\n", *(f"{line}\n" for line in body)]).encode()
-
-
-def parse_fields(text: str) -> dict[str, str]:
-    """Split ``key=value`` fields of a reply line (for clients)."""
-    fields: dict[str, str] = {}
-    for word in text.split():
-        key, equals, value = word.partition("=")
-        if equals:
-            fields[key] = value
-    return fields

@@ -1,0 +1,121 @@
+"""The ingest protocol on the wire: its verbs, limits and reply forms, once.
+
+A request is one line of UTF-8 ending in LF (CRLF is accepted), at most
+:data:`MAX_LINE` bytes: a verb, case-insensitive, and its arguments separated
+by blanks. Every reply line starts with one of three words:
+
+``OK``        the request succeeded; ``key=value`` fields follow;
+``NOTFOUND``  the address or user is not there (QUERY, REVOKE, UNBLOCK);
+``ERR``       the request failed and changed nothing; a code word and a
+              human-readable reason follow.
+
+``LIST``, ``BLOCKED`` and ``REPORT`` answer ``OK count=N`` followed by exactly
+N lines.
+
+Standard library only: the client (``popauth login`` runs inside every POP
+login), the CLI and the server all import it. The Dovecot hook runs on the
+system Python without popauth installed, so it keeps its own copies of what
+it needs; a test checks that they are equal.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+# Where popauth listens by default, and where its clients look.
+DEFAULT_SOCKET = "/run/popauth/ingest.sock"
+# The longest request line, in bytes, line ending included.
+MAX_LINE = 512
+
+
+class Verb(enum.Enum):
+    LOGIN = "LOGIN"
+    RENEW = "RENEW"
+    QUERY = "QUERY"
+    REVOKE = "REVOKE"
+    REVOKEUSER = "REVOKEUSER"
+    BLOCK = "BLOCK"
+    UNBLOCK = "UNBLOCK"
+    BLOCKED = "BLOCKED"
+    REPORT = "REPORT"
+    LIST = "LIST"
+    STATS = "STATS"
+    PING = "PING"
+    QUIT = "QUIT"
+
+
+# Replies of these verbs are "OK count=N" and N more lines.
+MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT})
+
+
+class ErrorCode(enum.Enum):
+    SYNTAX = "syntax"
+    ADDRESS = "address"
+    USER = "user"
+    FORBIDDEN = "forbidden"
+    BLOCKED = "blocked"
+    TOO_LONG = "too-long"
+    TIMEOUT = "timeout"
+    BUSY = "busy"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+# The first word of every reply line.
+OK = "OK"
+NOT_FOUND = "NOTFOUND"
+ERR = "ERR"
+# How a multi-line reply announces its length.
+COUNT_PREFIX = f"{OK} count="
+# A busy endpoint's refusal: a client may retry once, later.
+BUSY_PREFIX = f"{ERR} {ErrorCode.BUSY.value}"
+
+
+def has_control_characters(text: str) -> bool:
+    """C0, DEL or C1 controls: a line break could smuggle in a second request."""
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def is_multi_line(request: str) -> bool:
+    """Whether the reply to ``request`` is ``OK count=N`` and N more lines."""
+    verb = request.split(" ", 1)[0].upper()
+    return any(verb == multi.value for multi in MULTI_LINE)
+
+
+def announced_count(first_line: str) -> int | None:
+    """N of an ``OK count=N`` line; None for any other reply."""
+    if not first_line.startswith(COUNT_PREFIX):
+        return None
+    return int(first_line.removeprefix(COUNT_PREFIX))
+
+
+def ok(fields: str = "") -> bytes:
+    return f"{OK} {fields}\n".encode() if fields else f"{OK}\n".encode()
+
+
+def not_found(described_address: str) -> bytes:
+    return f"{NOT_FOUND} address={described_address}\n".encode()
+
+
+def not_found_user(user: str) -> bytes:
+    return f"{NOT_FOUND} user={user}\n".encode()
+
+
+def error(code: ErrorCode, reason: str) -> bytes:
+    return f"{ERR} {code.value} {reason}\n".encode()
+
+
+def multi_line(lines: Iterable[str]) -> bytes:
+    body = list(lines)
+    return "".join([f"{COUNT_PREFIX}{len(body)}\n", *(f"{line}\n" for line in body)]).encode()
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """Split ``key=value`` fields of a reply line (for clients)."""
+    fields: dict[str, str] = {}
+    for word in text.split():
+        key, equals, value = word.partition("=")
+        if equals:
+            fields[key] = value
+    return fields
