@@ -38,6 +38,7 @@ from tests.live.ports import grant_traversal, wait_for_banner
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB_RSYSLOG = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
 ACCEPTOR = Path(__file__).with_name("inetd_acceptor.py")
+POP3_CLIENT = Path(__file__).with_name("pop3_client.py")
 PACKAGES = ("rsyslog", "popa3d", "solid-pop3d", "courier-pop", "cyrus-pop3d")
 CACHE_DIR = Path(os.environ.get("POPAUTH_LOGSERVERS_CACHE", REPO / ".cache" / "logservers"))
 RSYSLOG_MODULES = Path("usr/lib/x86_64-linux-gnu/rsyslog")
@@ -399,6 +400,88 @@ def cyrus_pop3d(jail: Jail, port: int, package_root: Path, users: dict[str, str]
         str(base / "master.pid"),
     ]
     return InetdServer(jail, port, argv, inetd=False)
+
+
+class NamespacedPopa3d:
+    """popa3d in its standalone mode (``-D``, the mode that logs the client
+    address), in a Jail with a network namespace of its own.
+
+    popa3d -D listens on port 110 of every address; inside the namespace that
+    is only its own loopback. Clients log in from inside it (nsenter), from
+    127.0.0.x, and the follower whitelists that address, which the SMTP
+    client then uses on the host's loopback.
+    """
+
+    PORT = 110
+
+    def __init__(self, jail: Jail, package_root: Path) -> None:
+        self.jail = jail
+        self.package_root = package_root
+        self.ns_dir = jail.root / "netns"
+        self.netns = self.ns_dir / "net"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NamespacedPopa3d:
+        self.ns_dir.mkdir(parents=True, exist_ok=True)
+        # unshare --net=FILE keeps the namespace on FILE; it must be on a
+        # private mount.
+        subprocess.run(["mount", "--bind", str(self.ns_dir), str(self.ns_dir)], check=True)
+        subprocess.run(["mount", "--make-private", str(self.ns_dir)], check=True)
+        self.netns.touch()
+        unbound = os.stat(self.netns).st_ino
+        self.jail.extra_mounts = (*self.jail.extra_mounts, "ip link set lo up")
+        command = self.jail.command([str(self.package_root / "usr/sbin/popa3d"), "-D"])
+        command.insert(1, f"--net={self.netns}")
+        output = (self.jail.root / "popa3d.out").open("ab")
+        self.process = subprocess.Popen(command, stdout=output, stderr=output)
+        output.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while os.stat(self.netns).st_ino == unbound:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise LogServerError("popa3d's network namespace did not come up")
+            time.sleep(0.01)
+        return self
+
+    def login(self, source_ip: str, user: str, password: str) -> bool:
+        result = subprocess.run(
+            [
+                "nsenter",
+                f"--net={self.netns}",
+                "/usr/bin/python3",
+                "-I",
+                str(POP3_CLIENT),
+                source_ip,
+                str(self.PORT),
+                user,
+                password,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LogServerError(f"POP3 client in the namespace failed:\n{result.stderr}")
+        return result.stdout.strip() == "ok"
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        # Every process in this namespace, and only those: it is our own.
+        inode = os.stat(self.netns).st_ino
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.stat(entry / "ns" / "net").st_ino == inode:
+                        os.kill(int(entry.name), signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        subprocess.run(["umount", str(self.netns)], check=False)
+        subprocess.run(["umount", str(self.ns_dir)], check=False)
 
 
 def unprivileged_user() -> str:

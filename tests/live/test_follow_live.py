@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from tests.live.dovecot import pop3_login
 from tests.live.logservers import (
     InetdServer,
     Jail,
+    NamespacedPopa3d,
     PrivateRsyslog,
     courier_pop3d,
     cyrus_pop3d,
@@ -50,6 +51,7 @@ class ServerSpec:
     extra_mounts: tuple[str, ...] = ()
     pam_service: str = ""
     trusted_users: tuple[str, ...] = ("root",)
+    follower_wrapper: tuple[str, ...] = ()
 
 
 SERVERS = {
@@ -67,7 +69,18 @@ SERVERS = {
     "courier": ServerSpec("courier", "courier", "", pam_service="pop3"),
     # Cyrus's services run (and log) as the cyrus user.
     "cyrus": ServerSpec("cyrus", "cyrus", "", trusted_users=("cyrus",)),
+    # Standalone popa3d, in a network namespace of its own (it listens on
+    # port 110 of every address).
+    "popa3d": ServerSpec(
+        "popa3d",
+        "popa3d",
+        "",
+        system_users=("popa3d",),
+        extra_mounts=("mount -t tmpfs tmpfs /var/lib", "mkdir -m 755 /var/lib/popa3d"),
+    ),
 }
+
+Login = Callable[..., bool]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +98,7 @@ def rsyslog(live_root: Path, package_root: Path) -> Iterator[PrivateRsyslog]:
 @pytest.fixture(scope="module", params=sorted(SERVERS))
 def pop_server(
     request: pytest.FixtureRequest, live_root: Path, package_root: Path, rsyslog: PrivateRsyslog
-) -> Iterator[tuple[ServerSpec, int]]:
+) -> Iterator[tuple[ServerSpec, Login]]:
     spec = SERVERS[request.param]
     jail = Jail(
         live_root / f"jail-{spec.name}",
@@ -96,13 +109,34 @@ def pop_server(
     )
     jail.prepare((spec.pam_service or spec.name,))
     port = free_port()
+    server: InetdServer | NamespacedPopa3d
     if spec.name == "courier":
         server = courier_pop3d(jail, port, package_root).start()
     elif spec.name == "cyrus":
         server = cyrus_pop3d(jail, port, package_root, USERS).start()
+    elif spec.name == "popa3d":
+        server = NamespacedPopa3d(jail, package_root).start()
     else:
         server = InetdServer(jail, port, [str(package_root / spec.binary)]).start()
-    yield spec, port
+
+    def login(source_ip: str, password: str = "wonderland") -> bool:
+        if isinstance(server, NamespacedPopa3d):
+            return server.login(source_ip, "alice", password)
+        return pop3_login(port, "alice", password, source_ip)
+
+    # The follower runs on the server's host: it sees the same users.
+    passwd = jail.root / "etc" / "passwd"
+    users = (
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount --bind {passwd} /etc/passwd && exec "$@"',
+        "follow",
+    )
+    yield replace(spec, follower_wrapper=users), login
     server.stop()
 
 
@@ -112,19 +146,16 @@ def popauth_for_follow(start_popauth: PopauthFactory) -> PopauthServer:
 
 
 def follower(
-    directory: Path,
-    popauth: PopauthServer,
-    rsyslog: PrivateRsyslog,
-    follow_format: str,
-    trusted_users: tuple[str, ...] = ("root",),
+    directory: Path, popauth: PopauthServer, rsyslog: PrivateRsyslog, spec: ServerSpec
 ) -> FollowerProcess:
     directory.mkdir(parents=True, exist_ok=True)
     return FollowerProcess(
         directory,
         popauth,
         str(rsyslog.log_path),
-        follow_format=follow_format,
-        follow_trusted_users=list(trusted_users),
+        wrapper=spec.follower_wrapper,
+        follow_format=spec.follow_format,
+        follow_trusted_users=list(spec.trusted_users),
     ).start()
 
 
@@ -140,25 +171,19 @@ def wait_whitelisted(popauth: PopauthServer, address: str, process: FollowerProc
     )
 
 
-def login(port: int, source_ip: str, password: str = "wonderland") -> bool:
-    return pop3_login(port, "alice", password, source_ip)
-
-
 def test_a_real_login_relays_and_a_failed_one_does_not(
     tmp_path: Path,
-    pop_server: tuple[ServerSpec, int],
+    pop_server: tuple[ServerSpec, Login],
     rsyslog: PrivateRsyslog,
     postfix: PostfixInstance,
     popauth_for_follow: PopauthServer,
 ) -> None:
-    spec, port = pop_server
-    process = follower(
-        tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users
-    )
+    spec, login = pop_server
+    process = follower(tmp_path, popauth_for_follow, rsyslog, spec)
     try:
         assert rcpt_reply(postfix.smtp_port, "127.0.0.21", REMOTE)[0] == 550
-        assert not login(port, "127.0.0.22", password="wrong")
-        assert login(port, "127.0.0.21"), rsyslog.text()[-2000:]
+        assert not login("127.0.0.22", password="wrong")
+        assert login("127.0.0.21"), rsyslog.text()[-2000:]
         wait_whitelisted(popauth_for_follow, "127.0.0.21", process)
         assert rcpt_reply(postfix.smtp_port, "127.0.0.21", REMOTE)[0] == 250
         assert not whitelisted(popauth_for_follow, "127.0.0.22")
@@ -171,30 +196,28 @@ def test_a_real_login_relays_and_a_failed_one_does_not(
 
 def test_rotation_mid_run_loses_no_login(
     tmp_path: Path,
-    pop_server: tuple[ServerSpec, int],
+    pop_server: tuple[ServerSpec, Login],
     rsyslog: PrivateRsyslog,
     popauth_for_follow: PopauthServer,
 ) -> None:
-    spec, port = pop_server
-    process = follower(
-        tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users
-    )
+    spec, login = pop_server
+    process = follower(tmp_path, popauth_for_follow, rsyslog, spec)
     log = rsyslog.log_path
     try:
-        assert login(port, "127.0.0.31")
+        assert login("127.0.0.31")
         # Rename rotation: rsyslog writes to the renamed file until HUP.
         log.rename(log.with_name("logins.log.1"))
-        assert login(port, "127.0.0.32")
+        assert login("127.0.0.32")
         rsyslog.reopen()
         rsyslog.sync()
-        assert login(port, "127.0.0.33")
+        assert login("127.0.0.33")
         # copytruncate rotation.
         rsyslog.sync()
         wait_whitelisted(popauth_for_follow, "127.0.0.33", process)
         shutil.copyfile(log, log.with_name("logins.log.2"))
         with log.open("r+") as handle:
             handle.truncate(0)
-        assert login(port, "127.0.0.34")
+        assert login("127.0.0.34")
         for address in ("127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34"):
             wait_whitelisted(popauth_for_follow, address, process)
     finally:
@@ -203,20 +226,20 @@ def test_rotation_mid_run_loses_no_login(
 
 def test_a_restarted_follower_replays_nothing(
     tmp_path: Path,
-    pop_server: tuple[ServerSpec, int],
+    pop_server: tuple[ServerSpec, Login],
     rsyslog: PrivateRsyslog,
     popauth_for_follow: PopauthServer,
 ) -> None:
-    spec, port = pop_server
-    first = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users)
-    assert login(port, "127.0.0.41")
+    spec, login = pop_server
+    first = follower(tmp_path, popauth_for_follow, rsyslog, spec)
+    assert login("127.0.0.41")
     wait_whitelisted(popauth_for_follow, "127.0.0.41", first)
     assert first.stop() == 0
     popauth_for_follow.ask("REVOKE 127.0.0.41")
-    assert login(port, "127.0.0.42")  # while the follower is stopped
-    second = follower(tmp_path, popauth_for_follow, rsyslog, spec.follow_format, spec.trusted_users)
+    assert login("127.0.0.42")  # while the follower is stopped
+    second = follower(tmp_path, popauth_for_follow, rsyslog, spec)
     try:
-        assert login(port, "127.0.0.43")
+        assert login("127.0.0.43")
         wait_whitelisted(popauth_for_follow, "127.0.0.43", second)
         wait_whitelisted(popauth_for_follow, "127.0.0.42", second)
         assert not whitelisted(popauth_for_follow, "127.0.0.41")
@@ -238,7 +261,9 @@ def test_a_local_user_cannot_whitelist_with_logger(
     injection: tuple[str, str, str],
 ) -> None:
     follow_format, tag, message = injection
-    process = follower(tmp_path, popauth_for_follow, rsyslog, follow_format)
+    process = follower(
+        tmp_path, popauth_for_follow, rsyslog, ServerSpec(follow_format, follow_format, "")
+    )
     try:
         injected = subprocess.run(
             [

@@ -21,8 +21,11 @@ class FollowerProcess:
         server: PopauthServer,
         log: str,
         user: str | None = None,
+        wrapper: tuple[str, ...] = (),
         **settings: Any,
     ) -> None:
+        # A command prefix, e.g. a mount namespace with the users of a test server.
+        self.wrapper = wrapper
         self.directory = directory
         self.config_path = directory / "follow.toml"
         self.output_path = directory / "follow.out"
@@ -41,7 +44,7 @@ class FollowerProcess:
             "".join(f"{key} = {toml_value(value)}\n" for key, value in self.settings.items())
         )
         self.config_path.chmod(0o644)
-        command = [POPAUTH, "follow", "--config", str(self.config_path), self.log]
+        command = [*self.wrapper, POPAUTH, "follow", "--config", str(self.config_path), self.log]
         if self.user is not None:
             command = [
                 "setpriv",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pwd
+
 import pytest
 
 from popauth.addresses import parse_client_address
@@ -188,3 +190,26 @@ def test_plain_envelopes_with_and_without_host() -> None:
     assert dovecot.time - syslog.time == 1
     iso = parser.parse("2026-11-23T09:41:23Z mx popa3d[5]: Session from 127.0.0.2", now)
     assert iso.pid == 5 and iso.sender_uid is None
+
+
+def test_popa3d_trusts_a_session_from_root_and_a_success_from_the_user_itself() -> None:
+    popa3d = build_format("popa3d")
+    popa3d.trusted_uids = frozenset({0})
+
+    def line(message: str, pid: int, uid: int) -> LogEntry:
+        return LogEntry(time=NOW, program="popa3d", message=message, pid=pid, sender_uid=uid)
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    # A session line a local user sent is not remembered.
+    assert popa3d.login(line("Session from 203.0.113.9", 20, nobody)) is None
+    assert popa3d.login(line("Authentication passed for nobody", 20, nobody)) is None
+    # popa3d logs the success after switching to the user: that uid counts,
+    # for that user only.
+    assert popa3d.login(line("Session from 198.51.100.7", 21, 0)) is None
+    success = line("Authentication passed for nobody", 21, nobody)
+    login = popa3d.login(success)
+    assert login is not None and popa3d.sender_trusted(success, login)
+    assert popa3d.login(line("Session from 198.51.100.8", 22, 0)) is None
+    forged = line("Authentication passed for root", 22, nobody)
+    forged_login = popa3d.login(forged)
+    assert forged_login is not None and not popa3d.sender_trusted(forged, forged_login)

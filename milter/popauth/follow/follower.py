@@ -70,10 +70,11 @@ class LineJudge:
         counters: Counters,
     ) -> None:
         self._format = login_format
+        if trust == "rsyslog":
+            login_format.trusted_uids = trusted_uids
         self._programs = login_format.programs
         self._entries = EntryParser(trust)
         self._check_sender = trust == "rsyslog"
-        self._trusted_uids = trusted_uids
         self._max_age = max_age
         self._not_before = not_before
         self._log = log
@@ -96,7 +97,7 @@ class LineJudge:
             if login is None:
                 continue
             self._counters.logins += 1
-            if self._check_sender and entry.sender_uid not in self._trusted_uids:
+            if self._check_sender and not self._format.sender_trusted(entry, login):
                 self._refuse("untrusted_sender", line, sender_uid=entry.sender_uid)
                 continue
             if login.time < now - self._max_age or login.time < self._not_before:

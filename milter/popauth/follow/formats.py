@@ -22,6 +22,7 @@ line of that pid, or until the pid is forgotten (bounded memory).
 
 from __future__ import annotations
 
+import pwd
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -71,6 +72,12 @@ class LoginFormat:
         self.name = name
         self.programs = programs
         self._match = pattern.fullmatch
+        # The uids whose lines count (rsyslog envelope), or None: every line.
+        self.trusted_uids: frozenset[int] | None = None
+
+    def sender_trusted(self, entry: LogEntry, login: Login) -> bool:
+        """Whether the process that sent the login line may report logins."""
+        return self.trusted_uids is None or entry.sender_uid in self.trusted_uids
 
     def login(self, entry: LogEntry) -> Login | None:
         match = self._match(entry.message)
@@ -95,12 +102,25 @@ class SessionFormat(LoginFormat):
         self._session = session.fullmatch
         self._success = success.fullmatch
         self._addresses: OrderedDict[int, str] = OrderedDict()
+        self.trusted_uids = None
+
+    def sender_trusted(self, entry: LogEntry, login: Login) -> bool:
+        """The session line came from a trusted sender (checked when it was read);
+        the success line from one too, or from the logged-in user's own uid:
+        popa3d logs it after switching to that user. A local user can forge
+        only a line naming themselves, and only for the pid of a session a
+        trusted process opened: no more than logging in as themselves."""
+        if super().sender_trusted(entry, login):
+            return True
+        return entry.sender_uid is not None and entry.sender_uid == _uid_of(login.user)
 
     def login(self, entry: LogEntry) -> Login | None:
         if entry.pid is None:
             return None
         opened = self._session(entry.message)
         if opened is not None:
+            if self.trusted_uids is not None and entry.sender_uid not in self.trusted_uids:
+                return None
             self._addresses[entry.pid] = opened["ip"]
             self._addresses.move_to_end(entry.pid)
             if len(self._addresses) > MAX_PENDING_SESSIONS:
@@ -115,6 +135,13 @@ class SessionFormat(LoginFormat):
         if address is None:
             return None
         return _login(entry, address, success["user"])
+
+
+def _uid_of(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
 
 
 _IP = r"(?P<ip>[0-9A-Fa-f:.]{2,60})"
