@@ -534,8 +534,9 @@ class SocketmapSettings:
     timeout: float = setting("socketmap_timeout", 5.0, number(0.1, 300))
     idle_timeout: float = setting("socketmap_idle_timeout", 300.0, number(1, 86_400))
     max_clients: int = setting("socketmap_max_clients", 512, integer(1, 100_000))
-    # Connections one uid outside the socket's group may hold at once.
-    clients_per_uid: int = setting("socketmap_clients_per_uid", 8, integer(1, 100_000))
+    # Connections one uid outside the socket's group may hold at once; 0: any
+    # (off by default: an MTA reaching the socket by its mode must not be held).
+    clients_per_uid: int = setting("socketmap_clients_per_uid", 0, integer(0, 100_000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,7 +317,10 @@ class FramedConnection(asyncio.Protocol):
             if not self._door.refusals.busy_answers_a_request:
                 self._finish(self._door.refusals.busy)
                 return
-        self._wait(idle=True, limit=self._door.first_byte_timeout)
+        # A refused client waiting to ask its first question (socketmap) gets
+        # no more time than a request may take: it only holds a descriptor.
+        limit = self._door.request_timeout if self._busy else self._door.first_byte_timeout
+        self._wait(idle=True, limit=limit)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

@@ -24,6 +24,7 @@ def test_logins_relay_while_nobody_floods_the_ingest_socket(
     postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
 ) -> None:
     popauth = start_popauth(ingest_socket_mode="0666")
+    earlier_log = len(dovecot.log_text())
     with (
         silent_clients_as("nobody", popauth.ingest_path, FLOOD) as silent,
         silent_clients_as("nobody", popauth.ingest_path, FLOOD, slow=True) as slow,
@@ -40,4 +41,4 @@ def test_logins_relay_while_nobody_floods_the_ingest_socket(
     recorded = popauth.events("login")
     assert [event["client_ip"] for event in recorded] == [f"127.0.0.{n}" for n in range(2, 6)]
     # The hook never had to give up on the endpoint.
-    assert "could not record login" not in dovecot.log_text()
+    assert "could not record login" not in dovecot.log_text()[earlier_log:]

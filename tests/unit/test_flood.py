@@ -69,7 +69,7 @@ def test_the_mta_is_answered_while_nobody_floods_the_socketmap(open_tmp: Path) -
         keying=WhitelistKeying(128),
         name="popauth",
         ok_value="OK",
-        limits=SocketmapLimits(max_clients=100),
+        limits=SocketmapLimits(max_clients=100, max_clients_per_uid=8),
         metrics=Metrics(),
         log=capturing_logger()[0],
     )
@@ -85,5 +85,34 @@ def test_the_mta_is_answered_while_nobody_floods_the_socketmap(open_tmp: Path) -
                 # As smtpd does it: user and group postfix, a fresh connection.
                 reply = ask_as("postfix", path, lookup.rstrip(), group=postfix_gid)
                 assert reply.startswith("5:OK OK"), reply
+    finally:
+        server.stop()
+
+
+def test_by_default_an_mta_reaching_the_socketmap_by_its_mode_is_not_throttled(
+    open_tmp: Path,
+) -> None:
+    path = open_tmp / "socketmap.sock"
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    store.grant(parse_client_address("192.0.2.1"), "alice")
+    server = SocketmapServer(
+        path=path,
+        mode=0o666,
+        group="",
+        store=store,
+        keying=WhitelistKeying(128),
+        name="popauth",
+        ok_value="OK",
+        limits=SocketmapLimits(),
+        metrics=Metrics(),
+        log=capturing_logger()[0],
+    )
+    server.start()
+    lookup = codec.encode(b"popauth 192.0.2.1").decode()
+    try:
+        # Many smtpd processes, each with its connection open.
+        with silent_clients_as("postfix", path, 50) as held:
+            assert held == 50
+            assert ask_as("postfix", path, lookup).startswith("5:OK OK,")
     finally:
         server.stop()

@@ -45,8 +45,10 @@ class SocketmapLimits:
     max_clients: int = 512
     max_request: int = codec.MAX_REQUEST
     # Connections one uid may hold, unless it is root, popauth's user or in
-    # the socket's group (the MTA).
-    max_clients_per_uid: int = 8
+    # the socket's group (the MTA); 0: no quota. Off by default: an MTA
+    # that reaches the socket through its mode, not its group, must never
+    # be throttled.
+    max_clients_per_uid: int = 0
 
 
 @dataclass(slots=True)
@@ -107,7 +109,7 @@ class SocketmapServer(UnixStreamServer):
             blocking_calls=store.may_block,
             thread_name="popauth-socketmap",
             log=log.bind(door="socketmap"),
-            max_clients_per_uid=limits.max_clients_per_uid,
+            max_clients_per_uid=limits.max_clients_per_uid or None,
         )
         self._mta_gid = resolve_gid(group) if group else os.getgid()
         self._store = store
