@@ -25,6 +25,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shlex
 import subprocess
 import time
@@ -326,3 +327,18 @@ class PostfixInstance(Daemon):
         if not wait_pid_gone(pid, time.monotonic() + STOP_TIMEOUT):
             raise PostfixError(f"postfix master {pid} still alive after stop")
         self._pid = None
+
+
+# The socketmap example of contrib/, and the socket path written in it.
+SOCKETMAP_MAIN_CF = Path(__file__).parents[2] / "contrib" / "postfix" / "socketmap-main.cf"
+PRODUCTION_SOCKETMAP = "/var/spool/postfix/popauth/socketmap.sock"
+
+
+def contrib_relay_restrictions(socket_path: Path) -> str:
+    """smtpd_relay_restrictions from the contrib file, with the test socket."""
+    text = SOCKETMAP_MAIN_CF.read_text()
+    match = re.search(r"^smtpd_relay_restrictions =\n((?:[ \t]+\S.*\n)+)", text, re.M)
+    assert match, "no smtpd_relay_restrictions in the contrib file"
+    value = " ".join(line.strip() for line in match.group(1).splitlines())
+    assert PRODUCTION_SOCKETMAP in value
+    return value.replace(PRODUCTION_SOCKETMAP, str(socket_path))

@@ -22,7 +22,7 @@ from tests.live.conftest import HOOK, LIVE_SETTINGS, USERS
 from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
 from tests.live.netns import NetworkNamespace
 from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
+from tests.live.postfix import PostfixInstance, contrib_relay_restrictions
 from tests.live.redis import RedisInstance
 from tests.live.sendmail import (
     CONTRIB_MC,
@@ -32,7 +32,6 @@ from tests.live.sendmail import (
     wrap_contrib_mc,
 )
 from tests.live.smtp import REMOTE, rcpt_reply
-from tests.live.test_socketmap_live import contrib_relay_restrictions
 from tests.support.popauth_server import POPAUTH, PopauthServer
 
 pytestmark = pytest.mark.live

@@ -24,7 +24,7 @@ from popauth.socketmap import codec
 from tests.live.conftest import USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance
 from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
+from tests.live.postfix import PostfixInstance, contrib_relay_restrictions
 from tests.live.redis import RedisInstance
 from tests.live.sendmail import (
     DEFAULT_CACHE_DIR,
@@ -39,9 +39,7 @@ from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
-POSTFIX_CF = REPO / "contrib" / "postfix" / "socketmap-main.cf"
 SENDMAIL_MC = REPO / "contrib" / "sendmail-socketmap.mc"
-PRODUCTION_SOCKET = "/var/spool/postfix/popauth/socketmap.sock"
 
 DISGUISED = (
     "someone%remote.example@local.test",
@@ -82,16 +80,6 @@ def start_with_socketmap(
     # start_popauth waited for every socket, the socketmap's included.
     assert lookup(socketmap_path(popauth_dir), "unknown") == b"NOTFOUND "
     return server
-
-
-def contrib_relay_restrictions(socket_path: Path) -> str:
-    """smtpd_relay_restrictions from the contrib file, with the test socket."""
-    text = POSTFIX_CF.read_text()
-    match = re.search(r"^smtpd_relay_restrictions =\n((?:[ \t]+\S.*\n)+)", text, re.M)
-    assert match, "no smtpd_relay_restrictions in the contrib file"
-    value = " ".join(line.strip() for line in match.group(1).splitlines())
-    assert PRODUCTION_SOCKET in value
-    return value.replace(PRODUCTION_SOCKET, str(socket_path))
 
 
 # --- Postfix --------------------------------------------------------------

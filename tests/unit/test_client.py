@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,8 @@ import pytest
 from popauth.accounts import RelayWay
 from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
 from popauth.client import IngestClient, IngestUnreachable
+from tests.support.ingest_endpoint import Endpoint
 from tests.support.scripted import scripted_endpoint
-from tests.unit.test_ingest_server import Endpoint
-
-
-@pytest.fixture
-def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
-    server = Endpoint(tmp_path)
-    server.server.start()
-    yield server
-    server.server.stop()
 
 
 def test_missing_socket(tmp_path: Path) -> None:

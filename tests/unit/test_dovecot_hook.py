@@ -5,13 +5,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.ingest_endpoint import Endpoint
 from tests.support.scripted import scripted_endpoint
-from tests.unit.test_ingest_server import Endpoint
 
 HOOK = Path(__file__).resolve().parents[2] / "contrib" / "dovecot" / "popauth-login"
 
@@ -26,14 +25,6 @@ def run_hook(socket_path: Path, **environment: str) -> subprocess.CompletedProce
         timeout=30,
         check=False,
     )
-
-
-@pytest.fixture
-def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
-    server = Endpoint(tmp_path)
-    server.server.start()
-    yield server
-    server.server.stop()
 
 
 def test_reports_the_login_then_becomes_the_mail_process(endpoint: Endpoint) -> None:

@@ -21,9 +21,9 @@ from popauth.socketmap import codec
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
+from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import capturing_logger
 from tests.support.peers import ask_as, silent_clients_as
-from tests.unit.test_ingest_server import Endpoint
 
 FLOOD = 500
 

@@ -14,63 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from popauth.accounts import FileBlockList, RelayWay, UsageLedger
-from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
-from popauth.client import IngestClient
+from popauth.accounts import RelayWay
+from popauth.addresses import IPAddress, parse_client_address
 from popauth.ingest.protocol import MAX_LINE, parse_fields
 from popauth.ingest.roles import Members
-from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
-from popauth.metrics import Metrics
+from popauth.ingest.server import PeerPolicy
 from popauth.sockets import SocketInUse
 from popauth.store import GrantOutcome
 from popauth.store.memory import MemoryStore
-from tests.support.clock import FakeClock
-from tests.support.logs import capturing_logger, events
+from tests.support.ingest_endpoint import Endpoint
+from tests.support.logs import events
 
 A = parse_client_address("192.0.2.1")
 
 
-class Endpoint:
-    def __init__(
-        self,
-        directory: Path,
-        peers: PeerPolicy | None = None,
-        store_class: type[MemoryStore] = MemoryStore,
-        **limits: float,
-    ) -> None:
-        self.path = directory / "ingest.sock"
-        self.clock = FakeClock()
-        self.store = store_class(ttl=900, max_entries=1000, clock=self.clock)
-        self.log, self.sink = capturing_logger()
-        self.blocklist = FileBlockList(directory / "blocked.json")
-        self.ledger = UsageLedger(max_users=100, clock=self.clock)
-        self.metrics = Metrics()
-        self.server = IngestServer(
-            path=self.path,
-            mode=0o666,
-            group="",
-            store=self.store,
-            keying=WhitelistKeying(64),
-            peers=peers or PeerPolicy.of([], []),
-            limits=IngestLimits(**limits),  # type: ignore[arg-type]
-            blocklist=self.blocklist,
-            ledger=self.ledger,
-            metrics=self.metrics,
-            log=self.log,
-        )
-
-    def ask(self, line: str) -> list[str]:
-        return IngestClient(str(self.path), timeout=5).request(line)
-
-    def raw(self) -> socket.socket:
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        connection.settimeout(5)
-        connection.connect(str(self.path))
-        return connection
-
-
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
+    # Overrides the shared fixture: a short request timeout for the timeout tests.
     server = Endpoint(tmp_path, timeout=0.5)
     server.server.start()
     yield server

@@ -20,8 +20,8 @@ from popauth.addresses import parse_client_address
 from popauth.config import settings_from_mapping
 from popauth.ingest.protocol import Verb
 from popauth.ingest.roles import VERB_ROLES, PeerPolicy, Role
+from tests.support.ingest_endpoint import Endpoint
 from tests.support.peers import ask_as
-from tests.unit.test_ingest_server import Endpoint
 
 ADDRESS = parse_client_address("192.0.2.7")
 REQUESTS = {

@@ -27,8 +27,8 @@ from popauth.sessions import (
     parse_doveadm_who,
     renew_sessions,
 )
+from tests.support.ingest_endpoint import Endpoint
 from tests.support.popauth_server import POPAUTH, toml_value
-from tests.unit.test_ingest_server import Endpoint
 
 SERVICES = frozenset({"imap", "pop3"})
 

@@ -116,6 +116,10 @@ def test_snapshotter_restores_and_saves(tmp_path: Path) -> None:
     grant = second.lookup(A)
     assert grant is not None
     assert grant.expires_at == pytest.approx(clock.time() + 800)
+    # Entries from an earlier run are worth a warning: how many, and from where.
+    (restored,) = [c for c in sink.calls if c.kwargs.get("event") == "snapshot_restored"]
+    assert restored.method_name == "warning"
+    assert (restored.kwargs["restored"], restored.kwargs["path"]) == (1, str(path))
     path.write_text("{")
     third = MemoryStore(ttl=900, max_entries=10, clock=clock)
     Snapshotter(store=third, path=path, clock=clock, log=log).restore()

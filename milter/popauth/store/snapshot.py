@@ -146,7 +146,9 @@ class Snapshotter:
             )
         grants = contents.grants
         restored = self._store.restore(grants)
-        self._log.info(
+        # A warning, so that entries left by an earlier run or install are seen.
+        level = self._log.warning if restored else self._log.info
+        level(
             "snapshot_restored",
             path=str(self._path),
             restored=restored,

@@ -1,0 +1,196 @@
+"""One contract for every whitelist store: the memory store and Redis (a real redis-server).
+
+A new store joins by adding a case to ``STORES``; every test here then runs on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from popauth.addresses import parse_client_address
+from popauth.clock import SystemClock
+from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.store.memory import MemoryStore
+from popauth.store.redis import RedisStore, connect
+from tests.live.ports import free_port
+from tests.live.redis import RedisInstance
+from tests.support.clock import FakeClock
+
+A = parse_client_address("192.0.2.1")
+B = parse_client_address("198.51.100.7")
+C = parse_client_address("2001:db8::1")
+TTL = 60
+
+
+@dataclass
+class Subject:
+    """A store under test, with the means to age it and to cut it off."""
+
+    store: WhitelistStore
+    ttl: int
+    # Let more than ``ttl`` seconds pass for every entry.
+    outlive: Callable[[], None]
+    # Make the backend unreachable; False for a store that has nothing to lose.
+    cut_off: Callable[[], bool]
+
+
+Factory = Callable[[int], Subject]
+
+
+def memory_factory(_: Path) -> Iterator[Factory]:
+    def make(ttl: int) -> Subject:
+        clock = FakeClock()
+        store = MemoryStore(ttl=ttl, max_entries=1000, clock=clock)
+        return Subject(store, ttl, lambda: clock.advance(ttl + 1), lambda: False)
+
+    yield make
+
+
+def redis_factory(tmp_path: Path) -> Iterator[Factory]:
+    with RedisInstance(root=tmp_path / "redis", port=free_port()) as server:
+
+        def outlive(store: WhitelistStore) -> None:
+            # Redis expires keys on its own clock: wait until it has, within bounds.
+            deadline = time.monotonic() + 10
+            while store.entries() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        def cut_off() -> bool:
+            server.stop()
+            return True
+
+        def make(ttl: int) -> Subject:
+            store = RedisStore(
+                client=connect(server.url, 0.5), ttl=ttl, key_prefix="popauth:", clock=SystemClock()
+            )
+            return Subject(store, ttl, lambda: outlive(store), cut_off)
+
+        yield make
+
+
+STORES = [
+    pytest.param(memory_factory, id="memory"),
+    pytest.param(redis_factory, id="redis", marks=pytest.mark.live),
+]
+
+
+@pytest.fixture(params=STORES)
+def make_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
+    yield from request.param(tmp_path)
+
+
+@pytest.fixture
+def subject(make_subject: Factory) -> Subject:
+    return make_subject(TTL)
+
+
+def test_grant_then_lookup(subject: Subject) -> None:
+    outcome = subject.store.grant(A, "alice")
+    assert not outcome.renewed
+    assert outcome.evicted is None
+    assert (outcome.grant.address, outcome.grant.user) == (A, "alice")
+    assert outcome.grant.expires_at - outcome.grant.granted_at == pytest.approx(TTL, abs=1)
+    found = subject.store.lookup(A)
+    assert found is not None
+    assert (found.address, found.user) == (A, "alice")
+
+
+def test_lookup_of_an_unknown_client(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    assert subject.store.lookup(B) is None
+    assert subject.store.lookup(C) is None
+
+
+def test_a_second_login_renews(subject: Subject) -> None:
+    subject.store.grant(C, "bob")
+    again = subject.store.grant(C, "bob")
+    assert again.renewed
+    renewed = subject.store.renew(C, "bob")
+    assert renewed is not None
+    assert renewed.user == "bob"
+
+
+def test_renew_never_creates_nor_takes_over_an_entry(subject: Subject) -> None:
+    assert subject.store.renew(A, "alice") is None
+    assert subject.store.lookup(A) is None
+    subject.store.grant(A, "alice")
+    assert subject.store.renew(A, "mallory") is None
+    found = subject.store.lookup(A)
+    assert found is not None
+    assert found.user == "alice"
+
+
+def test_entries_expire(make_subject: Factory) -> None:
+    subject = make_subject(2)
+    subject.store.grant(A, "alice")
+    assert subject.store.lookup(A) is not None
+    subject.outlive()
+    assert subject.store.lookup(A) is None
+    assert subject.store.entries() == []
+    assert subject.store.renew(A, "alice") is None
+
+
+def test_revoke(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    subject.store.grant(B, "bob")
+    removed = subject.store.revoke(A)
+    assert removed is not None
+    assert (removed.address, removed.user) == (A, "alice")
+    assert subject.store.lookup(A) is None
+    assert subject.store.revoke(A) is None
+    assert subject.store.lookup(B) is not None
+
+
+def test_revoke_by_user(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    subject.store.grant(C, "alice")
+    subject.store.grant(B, "bob")
+    removed = subject.store.revoke_user("alice")
+    assert {grant.address for grant in removed} == {A, C}
+    assert [grant.user for grant in subject.store.entries()] == ["bob"]
+    assert subject.store.revoke_user("alice") == []
+
+
+def test_listing_holds_every_live_entry(subject: Subject) -> None:
+    for address, user in ((A, "alice"), (B, "bob"), (C, "carol")):
+        subject.store.grant(address, user)
+    listed = subject.store.entries()
+    assert {(grant.address, grant.user) for grant in listed} == {
+        (A, "alice"),
+        (B, "bob"),
+        (C, "carol"),
+    }
+    assert [grant.granted_at for grant in listed] == sorted(g.granted_at for g in listed)
+
+
+def test_stats(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    subject.store.grant(A, "alice")
+    subject.store.grant(B, "bob")
+    subject.store.revoke(B)
+    stats = subject.store.stats()
+    assert (stats.entries, stats.grants, stats.renewals, stats.revocations) == (1, 3, 1, 1)
+    assert stats.ttl == TTL
+
+
+def test_an_unreachable_store_raises_and_never_answers_wrongly(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    if not subject.cut_off():
+        # Nothing to lose (the memory store): it keeps answering.
+        assert subject.store.lookup(A) is not None
+        return
+    for call in (
+        lambda: subject.store.lookup(A),
+        lambda: subject.store.grant(B, "bob"),
+        lambda: subject.store.renew(A, "alice"),
+        lambda: subject.store.revoke(A),
+        lambda: subject.store.revoke_user("alice"),
+        subject.store.entries,
+    ):
+        with pytest.raises(StoreUnavailable):
+            call()
