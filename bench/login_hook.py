@@ -26,10 +26,10 @@ from tests.live.dovecot import DovecotInstance
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
 from tests.support.popauth_server import PopauthServer
+from tests.support.shared_runtime import shared_runtime
 
-from bench.common import POPAUTH_BIN, REPO, BenchResult, Check, Mode, Stats
+from bench.common import POPAUTH_BIN, BenchResult, Check, Mode, Stats
 
-HOOK = REPO / "contrib" / "dovecot" / "popauth-login"
 USERS = {"alice": "{PLAIN}wonderland", "bob": "{PLAIN}builder", "carol": "{PLAIN}secret"}
 PASSWORDS = {"alice": "wonderland", "bob": "builder", "carol": "secret"}
 LOCAL_DOMAIN = "local.test"
@@ -149,8 +149,12 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
         root=workdir / "dovecot-hook",
         pop3_port=free_port(),
         users=USERS,
-        postlogin_hook=HOOK,
-        hook_env={"POPAUTH": str(POPAUTH_BIN), "POPAUTH_SOCKET": str(server.ingest_path)},
+        # Run as Dovecot's hook user: copies it can reach, wherever the checkout is.
+        postlogin_hook=shared_runtime().hook,
+        hook_env={
+            "POPAUTH": str(shared_runtime().popauth),
+            "POPAUTH_SOCKET": str(server.ingest_path),
+        },
     )
     plain = DovecotInstance(root=workdir / "dovecot-plain", pop3_port=free_port(), users=USERS)
     postfix = PostfixInstance(

@@ -1,11 +1,28 @@
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.shared_runtime import RuntimeUnreachable, shared_runtime
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, with one line saying what to do, when the suite cannot run."""
+    if os.geteuid() != 0:
+        pytest.exit(
+            "the tests start private Postfix/Dovecot instances and switch users: "
+            "run them as root (sudo make test)",
+            returncode=2,
+        )
+    try:
+        shared_runtime()
+    except RuntimeUnreachable as problem:
+        pytest.exit(str(problem), returncode=2)
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ import pytest
 from tests.live.dovecot import DovecotInstance
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
-from tests.support.popauth_server import POPAUTH, PopauthServer
+from tests.support.popauth_server import PopauthServer
+from tests.support.shared_runtime import shared_runtime
 
 REPO = Path(__file__).resolve().parents[2]
-HOOK = REPO / "contrib" / "dovecot" / "popauth-login"
 USERS = {"alice": "wonderland", "bob": "builder"}
 
 # A realistic deployment: the milter socket for the postfix group, the ingest
@@ -62,8 +62,12 @@ def dovecot(live_root: Path, popauth_dir: Path) -> Iterator[DovecotInstance]:
         pop3_port=free_port(),
         imap_port=free_port(),
         users=USERS,
-        postlogin_hook=HOOK,
-        hook_env={"POPAUTH": POPAUTH, "POPAUTH_SOCKET": str(popauth_dir / "ingest.sock")},
+        # Dovecot's hook user runs these: copies it can reach (see shared_runtime).
+        postlogin_hook=shared_runtime().hook,
+        hook_env={
+            "POPAUTH": str(shared_runtime().popauth),
+            "POPAUTH_SOCKET": str(popauth_dir / "ingest.sock"),
+        },
         # Postfix's smtpd refuses to start without its SASL socket, so Dovecot
         # starts first and puts it outside Postfix's queue directory.
         auth_socket_for_postfix=sasl_dir / "auth",
