@@ -33,6 +33,11 @@ class SharedRuntime:
     # ``popauth`` for its client subcommands (login, query, ...).
     popauth: Path
 
+    def python(self, code: str) -> list[str]:
+        """A command running ``code`` with the system Python and this copy of popauth."""
+        lib = str(self.root / "lib")
+        return [SYSTEM_PYTHON, "-I", "-c", f"import sys; sys.path.insert(0, {lib!r}); {code}"]
+
 
 class RuntimeUnreachable(RuntimeError):
     """Other users cannot run the shared copy; the message says what to do."""

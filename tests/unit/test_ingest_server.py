@@ -6,7 +6,6 @@ import pwd
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from popauth.store import GrantOutcome
 from popauth.store.memory import MemoryStore
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import events
+from tests.support.shared_runtime import shared_runtime
 
 A = parse_client_address("192.0.2.1")
 
@@ -213,7 +213,7 @@ def test_peer_credentials_of_other_users(open_tmp: Path) -> None:
     )
     try:
         as_nobody = subprocess.run(
-            [sys.executable, "-c", client, str(server.path), "LOGIN 192.0.2.1 alice"],
+            [*shared_runtime().python(client), str(server.path), "LOGIN 192.0.2.1 alice"],
             user=allowed.pw_uid,
             capture_output=True,
             text=True,
@@ -221,7 +221,7 @@ def test_peer_credentials_of_other_users(open_tmp: Path) -> None:
         )
         assert as_nobody.stdout.startswith("OK address=192.0.2.1")
         as_daemon = subprocess.run(
-            [sys.executable, "-c", client, str(server.path), "LOGIN 192.0.2.2 mallory"],
+            [*shared_runtime().python(client), str(server.path), "LOGIN 192.0.2.2 mallory"],
             user="daemon",
             capture_output=True,
             text=True,
@@ -303,7 +303,7 @@ def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
             ("REVOKEUSER alice", "ERR forbidden"),
         ):
             reply = subprocess.run(
-                [sys.executable, "-c", client, str(server.path), line],
+                [*shared_runtime().python(client), str(server.path), line],
                 user=hook_user.pw_uid,
                 capture_output=True,
                 text=True,
