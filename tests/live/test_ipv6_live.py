@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.live.conftest import HOOK, LIVE_SETTINGS, USERS
+from tests.live.conftest import LIVE_SETTINGS, USERS
 from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
 from tests.live.netns import NetworkNamespace
 from tests.live.ports import free_port
@@ -32,7 +32,8 @@ from tests.live.sendmail import (
     wrap_contrib_mc,
 )
 from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.popauth_server import POPAUTH, PopauthServer
+from tests.support.popauth_server import PopauthServer
+from tests.support.shared_runtime import shared_runtime
 
 pytestmark = pytest.mark.live
 
@@ -82,8 +83,12 @@ def dovecot6(namespace: NetworkNamespace, v6_dir: Path) -> Iterator[DovecotInsta
         pop3_port=free_port(),
         imap_port=free_port(),
         users=USERS,
-        postlogin_hook=HOOK,
-        hook_env={"POPAUTH": POPAUTH, "POPAUTH_SOCKET": str(v6_dir / "ingest.sock")},
+        # Dovecot's hook user runs these: copies it can reach (see shared_runtime).
+        postlogin_hook=shared_runtime().hook,
+        hook_env={
+            "POPAUTH": str(shared_runtime().popauth),
+            "POPAUTH_SOCKET": str(v6_dir / "ingest.sock"),
+        },
         listen=f"{SERVER6}, {SERVER4}",
     )
     with namespace.inside():
