@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run test lint unit bench fuzz clean
+.PHONY: setup setup-run run test lint unit bench fuzz clean man
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -46,3 +46,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
+
+# The manual pages, from docs/popauth.rst and docs/configuration.rst.
+man: setup
+	$(PY) scripts/build-man

@@ -22,3 +22,28 @@ def test_configuration_reference_lists_every_setting_with_its_default() -> None:
         converted = KEYS[name].convert(value)
         # A key learned unless set shows an example; the others their default.
         assert name in LEARNED_UNLESS_SET or converted == KEYS[name].default, name
+
+
+def test_reasons_table_lists_exactly_the_reasons() -> None:
+    from popauth.decision import Reason
+
+    text = (DOCS / "decisions.rst").read_text()
+    table = text[text.index("\nReasons\n=======") :]
+    listed = re.findall(r"^``([a-z_]+)``\s+(?:accept|reject|tempfail)\b", table, re.MULTILINE)
+    assert sorted(listed) == sorted(reason.value for reason in Reason)
+
+
+def test_man_pages_build_without_warnings_and_match_their_sources() -> None:
+    import subprocess
+    import sys
+
+    script = DOCS.parent / "scripts" / "build-man"
+    checked = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr == ""
+    page = (DOCS.parent / "man" / "popauth.toml.5").read_text()
+    assert '.TH "popauth.toml" "5"' in page
+    for key in KEYS:
+        assert key.replace("_", "\\_") in page or key in page, key
