@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -226,10 +227,16 @@ def _run_server(arguments: argparse.Namespace) -> int:
     except (SocketInUse, StateFileError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
+    status = EXIT_OK
     if not stopped.clean:
         print(f"popauth: stopped: {stopped.reason}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+        status = EXIT_ERROR
+    # Everything is saved and every socket removed. Leave now: the
+    # interpreter's teardown (modules, libmilter's idle threads) can take
+    # longer than the whole stop on a busy host, and systemd waits for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
