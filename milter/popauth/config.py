@@ -344,22 +344,22 @@ def _listen_address(value: Any) -> ListenAddress:
     return ListenAddress(str(address), port)
 
 
-def _user(name: str) -> str:
-    if not re.fullmatch(r"[0-9]+", name):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            raise ValueError(f"no such user: {name!r}") from None
-    return name
+def _existing(kind: str, lookup: Callable[[str], object]) -> Callable[[str], str]:
+    """A number, or a name that ``lookup`` (getpwnam, getgrnam) knows."""
+
+    def check(name: str) -> str:
+        if not re.fullmatch(r"[0-9]+", name):
+            try:
+                lookup(name)
+            except KeyError:
+                raise ValueError(f"no such {kind}: {name!r}") from None
+        return name
+
+    return check
 
 
-def _group(name: str) -> str:
-    if not re.fullmatch(r"[0-9]+", name):
-        try:
-            grp.getgrnam(name)
-        except KeyError:
-            raise ValueError(f"no such group: {name!r}") from None
-    return name
+_user = _existing("user", pwd.getpwnam)
+_group = _existing("group", grp.getgrnam)
 
 
 def _network(text: str) -> IPNetwork:
