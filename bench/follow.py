@@ -117,7 +117,7 @@ def parse_cost_us(count: int) -> float:
 
 
 def latency_samples(workdir: Path, samples: int) -> list[float]:
-    package_root = ensure_package_root()
+    package_root = ensure_package_root(workdir / "logservers")
     rsyslog = PrivateRsyslog(workdir / "rsyslog", package_root).start()
     jail = Jail(
         workdir / "jail",

@@ -61,10 +61,16 @@ def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProces
     )
 
 
-def ensure_package_root(cache_dir: Path = CACHE_DIR) -> Path:
-    """Download and unpack the server packages once; return the private root."""
+def ensure_package_root(destination: Path, cache_dir: Path = CACHE_DIR) -> Path:
+    """Download the server packages once (into ``cache_dir``) and unpack them
+    into ``destination``; return that private root.
+
+    The root is unpacked outside the checkout because the servers drop
+    privileges before they exec their helpers, and a checkout may sit in a
+    directory only its owner can enter (root's home, ``mktemp -d``).
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    root = cache_dir / "root"
+    root = destination
     stamp = root / ".unpacked"
     if stamp.is_file() and stamp.read_text() == " ".join(PACKAGES):
         return root
@@ -79,7 +85,7 @@ def ensure_package_root(cache_dir: Path = CACHE_DIR) -> Path:
                     f"apt-get download {' '.join(missing)} failed (run scripts/bootstrap):\n"
                     f"{result.stderr}"
                 )
-    staging = cache_dir / "root.partial"
+    staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     for package in PACKAGES:

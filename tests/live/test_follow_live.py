@@ -84,8 +84,8 @@ Login = Callable[..., bool]
 
 
 @pytest.fixture(scope="module")
-def package_root() -> Path:
-    return ensure_package_root()
+def package_root(live_root: Path) -> Path:
+    return ensure_package_root(live_root / "logservers")
 
 
 @pytest.fixture(scope="module")
