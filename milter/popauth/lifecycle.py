@@ -10,18 +10,19 @@ stop attempted even when an earlier one failed.
 
 Signals. libmilter runs a thread of its own that waits for SIGTERM, SIGINT
 and SIGHUP and stops the milter on any of them, noticed only at its next
-5-second poll. popauth keeps these signals for itself. They are blocked
-before the first thread starts, so every thread inherits the block, and
-once everything has started the main thread alone unblocks them with
-handlers installed. Linux delivers a process-directed signal to the main
-thread whenever that thread accepts it, so libmilter's thread never sees
-them: SIGTERM and SIGINT stop everything at once, and SIGHUP runs the
-reload callbacks and leaves the milter serving. One window remains: a signal
-that arrives while the main thread is inside the handler of the same signal
-(a burst of SIGHUPs within microseconds), or while another signal is still
-pending for it, can reach libmilter's thread. A SIGTERM that does stops the
-milter; the lifecycle notices (the milter reports its exit) and stops the
-rest.
+5-second poll. popauth keeps these signals for itself: before anything
+starts, the main thread installs handlers for them (which only write the
+signal's number to a wake-up socket) and never blocks them. Linux delivers
+a process-directed signal to the main thread whenever that thread accepts
+it, so libmilter's thread, which blocks them except while it waits, never
+sees them. A signal that arrives during the start waits in the socket and
+is acted on once the start is over: SIGTERM and SIGINT stop everything at
+once, and SIGHUP runs the reload callbacks and leaves the milter serving.
+One window remains: a signal that arrives while the main thread is inside
+the handler of the same signal (a burst within microseconds), or while
+another signal is still pending for it, can reach libmilter's thread. A
+SIGTERM that does stops the milter; the lifecycle notices (the milter
+reports its exit) and stops the rest.
 """
 
 from __future__ import annotations
@@ -102,9 +103,6 @@ class Lifecycle:
             for step in steps:
                 self._start(step)
                 started.callback(self._stop, step)
-            # From here on the main thread takes the signals (see the module
-            # docstring); every other thread keeps them blocked.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT_SIGNALS)
             self._tell("READY=1")
             self._log.info("ready", components=[step.name for step in steps])
             stopped = self._serve_until_stopped(woken)
@@ -115,10 +113,10 @@ class Lifecycle:
 
     @contextlib.contextmanager
     def _signals_held(self) -> Iterator[socket.socket]:
-        """Block the caught signals and route them to a wake-up socket."""
+        """Route the caught signals to a wake-up socket, unblocked in this thread."""
         reader, writer = socket.socketpair()
         writer.setblocking(False)
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT_SIGNALS)
+        previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT_SIGNALS)
         previous_handlers = {number: signal.signal(number, _caught) for number in CAUGHT_SIGNALS}
         previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         with self._lock:

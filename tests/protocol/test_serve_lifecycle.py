@@ -146,3 +146,28 @@ def test_a_blocked_socketmap_path_rolls_back_the_start(tmp_path: Path) -> None:
     assert not accepts(server.ingest_path)
     assert not server.milter_path.exists()
     assert blocked.read_text() == "not a socket"
+
+
+def test_sighup_during_the_start_does_not_stop_the_milter(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    server = start_under_notify(tmp_path, notify_socket)
+    server.launch()
+    assert server.process is not None
+    try:
+        # As soon as the milter socket exists, before READY=1.
+        deadline = time.monotonic() + 15
+        while not server.milter_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        server.process.send_signal(signal.SIGHUP)
+        assert notify_socket.recv(64) == b"READY=1"
+        deadline = time.monotonic() + 10
+        while not server.events("reloaded") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.events("reloaded")
+        assert negotiates(server.milter_path)
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.process.wait(1.0)
+    finally:
+        assert server.stop() == 0
+    assert not server.events("milter_stopped_unexpectedly")
