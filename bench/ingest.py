@@ -106,6 +106,8 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     try:
         master.start()
         replica.start()
+        # WAIT counts a replica only once its first sync is done.
+        master.wait_for_replica_in_sync()
         for index, (name, settings) in enumerate(variants.items()):
             directory = workdir / f"popauth-{index}"
             directory.mkdir(parents=True)

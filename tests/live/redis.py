@@ -96,6 +96,20 @@ class RedisInstance(Daemon):
             raise RedisError("redis-server is not running")
         return self._process.pid
 
+    def has_replica_in_sync(self) -> bool:
+        """Whether a replica has finished its first sync with this master:
+        until then WAIT counts no replica."""
+        with redis.Redis(port=self.port, socket_timeout=2) as client:
+            info = client.info("replication")
+        return bool(info.get("connected_slaves")) and "online" in str(info.get("slave0"))
+
+    def wait_for_replica_in_sync(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.has_replica_in_sync():
+            if time.monotonic() >= deadline:
+                raise RedisError(f"no replica in sync with :{self.port} within {timeout}s")
+            time.sleep(0.02)
+
     def kill(self) -> None:
         """SIGKILL: the server vanishes at once, as in a crash."""
         if self._process is not None:

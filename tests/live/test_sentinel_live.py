@@ -67,21 +67,18 @@ class Cluster:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             infos = [sentinel.master_info() for sentinel in self.sentinels]
-            if all(
-                info is not None
-                and info.get("num-slaves") == 1
-                and info.get("num-other-sentinels") == 2
-                for info in infos
-            ) and self._replica_in_sync(self.master.port):
+            if (
+                all(
+                    info is not None
+                    and info.get("num-slaves") == 1
+                    and info.get("num-other-sentinels") == 2
+                    for info in infos
+                )
+                and self.master.has_replica_in_sync()
+            ):
                 return
             time.sleep(0.1)
         raise AssertionError("the sentinels did not discover each other and the replica")
-
-    @staticmethod
-    def _replica_in_sync(port: int) -> bool:
-        with redis.Redis(port=port, socket_timeout=2) as client:
-            info = client.info("replication")
-        return bool(info.get("connected_slaves")) and "online" in str(info.get("slave0"))
 
     def stop(self) -> None:
         for daemon in [*self.sentinels, self.replica, self.master]:
