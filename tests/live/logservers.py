@@ -87,7 +87,7 @@ def ensure_package_root(destination: Path, cache_dir: Path = CACHE_DIR) -> Path:
                 )
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     for package in PACKAGES:
         deb = sorted(cache_dir.glob(f"{package}_*.deb"))[-1]
         result = _run(["dpkg", "-x", str(deb), str(staging)])
