@@ -107,11 +107,10 @@ class IngestClient:
         for line in lines:
             check_request(line)
         deadline = time.monotonic() + self._timeout
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         replies: list[str] = []
+        connection: socket.socket | None = None
         try:
-            connection.settimeout(self._timeout)
-            connection.connect(self._path)
+            connection = self._connect(deadline)
             buffer = b""
             for start in range(0, len(lines), window):
                 in_flight = lines[start : start + window]
@@ -142,7 +141,8 @@ class IngestClient:
                 f"cannot talk to {self._path}: {error.strerror or error}"
             ) from None
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
 
     @staticmethod
     def _receive(connection: socket.socket, deadline: float) -> bytes:

@@ -226,7 +226,7 @@ def test_request_many_reports_an_endpoint_that_hangs_up_early(tmp_path: Path) ->
     finally:
         thread.join()
         listener.close()
-    with pytest.raises(IngestUnreachable, match="cannot talk to"):
+    with pytest.raises(IngestUnreachable, match=r"no socket at .*missing\.sock"):
         IngestClient(str(tmp_path / "missing.sock"), 1).request_many(["PING"])
 
 
