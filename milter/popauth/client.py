@@ -87,12 +87,10 @@ class IngestClient:
             raise IngestUnreachable(
                 f"no answer from {self._path} within {self._timeout}s"
             ) from None
+        except IngestUnreachable:
+            raise
         except OSError as error:
-            if isinstance(error, IngestUnreachable):
-                raise
-            raise IngestUnreachable(
-                f"cannot talk to {self._path}: {error.strerror or error}"
-            ) from None
+            raise self._cannot_talk(error) from None
         finally:
             if connection is not None:
                 connection.close()
@@ -134,15 +132,16 @@ class IngestClient:
             raise IngestUnreachable(
                 f"{len(replies)} of {len(lines)} replies from {self._path} within {self._timeout}s"
             ) from None
+        except IngestUnreachable:
+            raise
         except OSError as error:
-            if isinstance(error, IngestUnreachable):
-                raise
-            raise IngestUnreachable(
-                f"cannot talk to {self._path}: {error.strerror or error}"
-            ) from None
+            raise self._cannot_talk(error) from None
         finally:
             if connection is not None:
                 connection.close()
+
+    def _cannot_talk(self, error: OSError) -> IngestUnreachable:
+        return IngestUnreachable(f"cannot talk to {self._path}: {error.strerror or error}")
 
     @staticmethod
     def _receive(connection: socket.socket, deadline: float) -> bytes:
