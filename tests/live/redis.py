@@ -18,6 +18,18 @@ class RedisError(RuntimeError):
     """redis-server failed to start or stop."""
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, and SIGKILL if it is still there after 10 s."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class RedisInstance(Daemon):
     """``redis-server`` on 127.0.0.1:``port``, no persistence, data under ``root``.
 
@@ -80,14 +92,7 @@ class RedisInstance(Daemon):
             return False
 
     def stop(self) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     @property
@@ -201,12 +206,5 @@ class SentinelInstance(Daemon):
             return None
 
     def stop(self) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None

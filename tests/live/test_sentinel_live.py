@@ -26,7 +26,7 @@ import redis
 
 from tests.live.conftest import LIVE_SETTINGS
 from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
+from tests.live.postfix import PostfixInstance, start_host_postfix
 from tests.live.redis import RedisInstance, SentinelInstance
 from tests.live.smtp import REMOTE, rcpt_reply
 from tests.support.popauth_server import PopauthServer
@@ -129,16 +129,7 @@ def hosts(live_root: Path) -> Iterator[list[Host]]:
     made: list[Host] = []
     for name in ("sentinel-host-a", "sentinel-host-b"):
         directory = live_root / name
-        directory.mkdir(mode=0o755)
-        postfix = PostfixInstance(
-            root=directory / "postfix",
-            smtp_port=free_port(),
-            milter=f"unix:{directory / 'milter.sock'}",
-            local_domain="local.test",
-            extra_main_cf={"myhostname": f"{name}.local.test", "myorigin": "local.test"},
-        )
-        postfix.start()
-        made.append(Host(directory, postfix))
+        made.append(Host(directory, start_host_postfix(directory, name)))
     yield made
     for host in made:
         host.postfix.stop()
