@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run test lint unit bench fuzz clean man
+.PHONY: setup setup-run run test lint unit bench fuzz clean man lock test-latest
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -44,8 +44,22 @@ fuzz: setup
 bench: setup
 	$(PY) -m bench --json $(BENCH_JSON) $(BENCH_ARGS)
 
+# Refresh requirements/*.lock to the newest releases pyproject.toml allows.
+lock:
+	@scripts/lock
+
+# The unit, property and protocol suites against the newest releases that
+# pyproject.toml allows (not the lock): an upgrade is a decision, not a surprise.
+test-latest:
+	@scripts/bootstrap test >/dev/null
+	rm -rf .venv-latest
+	/usr/bin/python3 -m venv .venv-latest
+	.venv-latest/bin/pip install -q --disable-pip-version-check --upgrade -e ".[dev]"
+	.venv-latest/bin/pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(pymilter|cachetools|structlog|redis|prometheus.client) '
+	.venv-latest/bin/python -m pytest -q tests/unit tests/properties tests/protocol $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-latest .cache .mypy_cache .ruff_cache .pytest_cache
 
 # The manual pages, from docs/popauth.rst and docs/configuration.rst.
 man: setup

@@ -70,7 +70,7 @@ def test_revoke() -> None:
     assert store.stats().revocations == 1
 
 
-def test_full_store_drops_expired_then_the_oldest_login() -> None:
+def test_full_store_drops_expired_then_the_least_recently_used() -> None:
     store, clock = make(ttl=100, max_entries=2)
     store.grant(A, "a")
     clock.advance(50)
@@ -79,20 +79,40 @@ def test_full_store_drops_expired_then_the_oldest_login() -> None:
     outcome = store.grant(C, "c")
     assert outcome.evicted is None
     assert store.lookup(A) is None
-    store.lookup(B)  # a lookup does not make an entry younger
+    store.lookup(B)  # a lookup that relays is a use: B is now younger than C
     outcome = store.grant(A, "a")
     assert outcome.evicted is not None
-    assert (outcome.evicted.address, outcome.evicted.user) == (B, "b")
-    assert store.lookup(C) is not None
+    assert (outcome.evicted.address, outcome.evicted.user) == (C, "c")
+    assert store.lookup(B) is not None
     assert store.stats().evictions == 1
     assert store.stats().entries == 2
     clock.advance(5)
-    store.grant(C, "c")  # a renewal makes C the youngest
-    assert store.grant(B, "b").evicted.address == A  # type: ignore[union-attr]
+    store.grant(A, "a")  # a renewal makes A the youngest
+    assert store.grant(C, "c").evicted.address == B  # type: ignore[union-attr]
 
 
-def test_expiry_comes_from_the_ttl_cache_itself() -> None:
-    """Pins the TTLCache internals the store reads (per-key expiry links)."""
+def test_a_lookup_that_misses_uses_nothing() -> None:
+    store, _ = make(ttl=100, max_entries=2)
+    store.grant(A, "a")
+    store.grant(B, "b")
+    assert store.lookup(C) is None
+    assert store.grant(C, "c").evicted.address == A  # type: ignore[union-attr]
+
+
+def test_a_listing_leaves_the_login_order_as_the_eviction_order() -> None:
+    store, clock = make(ttl=100, max_entries=3)
+    store.grant(A, "a")
+    clock.advance(1)
+    store.grant(B, "b")
+    clock.advance(1)
+    store.grant(C, "c")
+    store.lookup(A)  # A is the most recently used ...
+    assert [g.address for g in store.entries()] == [A, B, C]
+    # ... until a listing, after which the first login goes first again.
+    assert store.grant(V6, "d").evicted.address == A  # type: ignore[union-attr]
+
+
+def test_expiry_is_kept_per_entry() -> None:
     store, clock = make(ttl=900)
     store.grant(A, "alice")
     clock.advance(100)

@@ -4,9 +4,18 @@ libmilter calls back from one thread per SMTP connection and the ingest
 endpoint runs in a thread of its own, while ``TTLCache`` is not thread-safe
 (even a lookup reorders its LRU list), so every access holds the lock.
 
-When the cache is full, a new login first drops expired entries and then the
-entry of the oldest login (the one nearest to expiry). That client loses
-relaying early, which fails closed; the caller logs it.
+Only TTLCache's public interface is used (``get``, ``in``, item assignment,
+``popitem``, ``expire``, iteration), so its internals may change between
+releases without changing popauth.
+
+Eviction rule, popauth's own: when the cache is full, a new login first
+drops expired entries and then the entry *least recently used*, where a
+login, a renewal and a lookup that found the entry (a message relayed) each
+count as a use. That is TTLCache's documented ``popitem``. A client that is
+busy sending keeps its place; the one that lost its place fails closed and
+the caller logs it. A listing (snapshot, LIST, STATS) reads every entry; it
+then re-reads them in login order, so that afterwards the least recently
+used is the one that logged in first, on every cachetools release.
 """
 
 from __future__ import annotations
@@ -15,9 +24,8 @@ import ipaddress
 import sys
 import threading
 from collections.abc import Iterable
-from typing import Any
 
-from cachetools import Cache, TTLCache
+from cachetools import TTLCache
 
 from popauth.addresses import IPAddress
 from popauth.clock import Clock
@@ -41,32 +49,18 @@ def _address(key: int) -> IPAddress:
     return ipaddress.IPv4Address(key)
 
 
-class _Whitelist(TTLCache[int, str]):
-    """A TTLCache whose values are just the (interned) user names.
+class _Entry:
+    """Who logged in, and the store-timer value at which the entry expires.
 
-    The login time is not stored a second time: with one TTL for every
-    entry it is the expiry that TTLCache keeps for each key anyway, minus
-    the TTL. That makes an entry about 280 bytes instead of 370.
+    TTLCache keeps its own expiry per key but does not publish it, so the
+    entry carries it too (the bytes this costs are in docs/performance.rst).
     """
 
-    def expiry(self, key: int) -> float:
-        """The timer value at which ``key`` expires (KeyError if absent)."""
-        # TTLCache's per-key link; pinned by a unit test of this class.
-        links: dict[int, Any] = self._TTLCache__links  # type: ignore[attr-defined]
-        return float(links[key].expires)
+    __slots__ = ("expires", "user")
 
-    def peek(self, key: int) -> tuple[str, float] | None:
-        """(user, expiry) of ``key`` if live, without refreshing its LRU position.
-
-        Lookups happen at every message; reordering the LRU list on each
-        costs time at scale, and the eviction order it would give (least
-        recently used) is no better for a whitelist than the oldest login.
-        """
-        link = self._TTLCache__links.get(key)  # type: ignore[attr-defined]
-        if link is None or not self.timer() < link.expires:
-            return None
-        user: str = Cache.__getitem__(self, key)
-        return user, float(link.expires)
+    def __init__(self, user: str, expires: float) -> None:
+        self.user = user
+        self.expires = expires
 
 
 class MemoryStore(WhitelistStore):
@@ -77,7 +71,9 @@ class MemoryStore(WhitelistStore):
         # Restoring a snapshot inserts entries as of their login time, so
         # that they keep their expiry; otherwise the shift is zero.
         self._timer_shift = 0.0
-        self._cache = _Whitelist(maxsize=max_entries, ttl=ttl, timer=self._timer)
+        self._cache: TTLCache[int, _Entry] = TTLCache(
+            maxsize=max_entries, ttl=ttl, timer=self._timer
+        )
         self._lock = threading.Lock()
         self._grants = 0
         self._renewals = 0
@@ -89,92 +85,102 @@ class MemoryStore(WhitelistStore):
     def _timer(self) -> float:
         return self._clock.monotonic() + self._timer_shift
 
-    def _grant_of(self, address: IPAddress, user: str, expires: float) -> Grant:
+    def _grant_of(self, address: IPAddress, entry: _Entry) -> Grant:
         # Wall-clock times are derived on the way out, so a clock step
         # changes what is displayed, never how long an entry lives.
-        expires_at = expires + self._clock.time() - self._clock.monotonic()
-        return Grant(address, user, expires_at - self._ttl, expires_at)
+        expires_at = entry.expires + self._clock.time() - self._clock.monotonic()
+        return Grant(address, entry.user, expires_at - self._ttl, expires_at)
+
+    def _live(self, key: int, now: float) -> _Entry | None:  # caller holds the lock
+        """The entry of ``key`` if it is live at ``now``; a use of it (LRU)."""
+        entry = self._cache.get(key)
+        if entry is None or not now < entry.expires:
+            return None
+        return entry
+
+    def _put(self, key: int, user: str, now: float) -> _Entry:  # caller holds the lock
+        entry = _Entry(sys.intern(user), now + self._ttl)
+        self._cache[key] = entry
+        return entry
 
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
         key = _key(address)
-        user = sys.intern(user)
         evicted: Grant | None = None
         with self._lock:
             cache = self._cache
-            renewed = key in cache
+            now = self._timer()
+            renewed = self._live(key, now) is not None
             if not renewed and len(cache) >= self._max_entries:
                 cache.expire()
                 if len(cache) >= self._max_entries:
-                    victim_key = next(iter(cache))  # the oldest login
-                    victim_user, victim_expires = cache.peek(victim_key) or ("", 0.0)
-                    evicted = self._grant_of(_address(victim_key), victim_user, victim_expires)
-                    del cache[victim_key]
+                    victim_key, victim = cache.popitem()  # the least recently used
+                    evicted = self._grant_of(_address(victim_key), victim)
                     self._evictions += 1
-            cache[key] = user
-            expires = cache.expiry(key)
+            entry = self._put(key, user, now)
             self._grants += 1
             self._renewals += renewed
-        return GrantOutcome(self._grant_of(address, user, expires), renewed, evicted)
+        return GrantOutcome(self._grant_of(address, entry), renewed, evicted)
 
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         key = _key(address)
-        # The frozen timer makes the check and the update one instant: an
-        # entry that expires in between must not come back.
-        with self._lock, self._cache.timer:
-            live = self._cache.peek(key)
-            if live is None or live[0] != user:
+        with self._lock:
+            # One reading of the timer for the check and the update: an
+            # entry found expired is never brought back.
+            now = self._timer()
+            live = self._live(key, now)
+            if live is None or live.user != user:
                 return None
-            # Setting the key again restarts its TTL and moves it to the
-            # young end of the expiry order, like a login does.
-            self._cache[key] = live[0]
-            expires = self._cache.expiry(key)
-        return self._grant_of(address, live[0], expires)
+            entry = self._put(key, live.user, now)
+        return self._grant_of(address, entry)
 
     def lookup(self, address: IPAddress) -> Grant | None:
         key = _key(address)
         with self._lock:
             self._lookups += 1
-            live = self._cache.peek(key)
-            if live is None:
+            entry = self._live(key, self._timer())
+            if entry is None:
                 return None
             self._hits += 1
-        return self._grant_of(address, *live)
+        return self._grant_of(address, entry)
 
     def revoke(self, address: IPAddress) -> Grant | None:
         key = _key(address)
         with self._lock:
-            live = self._cache.peek(key)
-            if live is None:
+            entry = self._live(key, self._timer())
+            if entry is None:
                 return None
             del self._cache[key]
             self._revocations += 1
-        return self._grant_of(address, *live)
+        return self._grant_of(address, entry)
 
     def revoke_user(self, user_name: str) -> list[Grant]:
         with self._lock:
-            removed = [
-                (key, user, expires) for key, user, expires in self._live() if user == user_name
-            ]
-            for key, _, _ in removed:
+            removed = [(key, entry) for key, entry in self._listing() if entry.user == user_name]
+            for key, _ in removed:
                 del self._cache[key]
             self._revocations += len(removed)
-        return [self._grant_of(_address(key), user, expires) for key, user, expires in removed]
+        return [self._grant_of(_address(key), entry) for key, entry in removed]
 
-    def _live(self) -> list[tuple[int, str, float]]:  # caller holds the lock
-        """(key, user, expiry) of every live entry, oldest login first."""
-        self._cache.expire()
-        # Iterating a TTLCache walks its expiry list: oldest login first.
-        live = []
-        for key in self._cache:
-            found = self._cache.peek(key)
-            if found is not None:
-                live.append((key, *found))
+    def _listing(self) -> list[tuple[int, _Entry]]:  # caller holds the lock
+        """(key, entry) of every live entry, oldest login first.
+
+        Reading an entry is a use of it; reading them all once more in login
+        order leaves the LRU order the login order, whatever order this
+        cachetools release iterates in.
+        """
+        cache = self._cache
+        now = self._timer()
+        cache.expire()
+        live = [(key, entry) for key in list(cache) if (entry := self._live(key, now))]
+        live.sort(key=lambda pair: pair[1].expires)
+        for key, _ in live:
+            cache.get(key)
         return live
 
     def entries(self) -> list[Grant]:
         with self._lock:
-            live = self._live()
-        return [self._grant_of(_address(key), user, expires) for key, user, expires in live]
+            live = self._listing()
+        return [self._grant_of(_address(key), entry) for key, entry in live]
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -208,7 +214,7 @@ class MemoryStore(WhitelistStore):
                         continue
                     # Inserted "ttl - remaining" seconds ago, it expires on time.
                     self._timer_shift = remaining - self._ttl
-                    self._cache[_key(grant.address)] = sys.intern(grant.user)
+                    self._put(_key(grant.address), grant.user, self._timer())
                     restored += 1
             finally:
                 self._timer_shift = 0.0

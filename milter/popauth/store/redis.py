@@ -130,13 +130,13 @@ def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) 
     }
     if parsed.get("connection_class") is SSLConnection:
         master_options["ssl"] = True  # the sentinel pool picks its TLS connection class
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    manager = Sentinel(
         list(sentinel.addresses),
         sentinel_kwargs=sentinel.connection_options(timeout),
         **_no_retries(timeout),
         **master_options,
     )
-    client: redis.Redis = manager.master_for(sentinel.service)  # type: ignore[no-untyped-call]
+    client: redis.Redis = manager.master_for(sentinel.service)
     return client
 
 
