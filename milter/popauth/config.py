@@ -683,8 +683,7 @@ class RelaySettings:
         """The decision's data, with the effective local domains and mailers."""
         return RelayPolicy(
             trusted_networks=self.trusted_networks,
-            local_domains=local.domain_set(),
-            local_mailers=local.mailer_set(),
+            local_delivery=local.rules(),
             pop_first=self.pop_first,
         )
 

@@ -184,7 +184,7 @@ def serve(settings: Settings) -> Stopped:
     metrics.track_whitelist_size(lambda: store.stats().entries)
     saver = PeriodicSaver(interval=settings.store.snapshot_interval, saves=state.saves, log=log)
     policy = settings.relay.policy(local)
-    if not policy.local_domains:
+    if not policy.local_delivery:
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
     gate = RelayGate(
         policy=policy,
@@ -196,9 +196,8 @@ def serve(settings: Settings) -> Stopped:
         log=log,
     )
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
-    lifecycle.on_reload(
-        "local_delivery", LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
-    )
+    reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
+    lifecycle.on_reload("local_delivery", reloader, reloader.cancel)
     replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
     ingest = IngestServer(
         path=settings.ingest.socket,

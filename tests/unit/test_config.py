@@ -87,9 +87,10 @@ def test_loads_toml_into_typed_groups(tmp_path: Path) -> None:
     assert str(settings.metrics.listen) == "[::1]:9754"
     policy = settings.relay.policy(resolve_local_delivery(settings.local))
     assert policy.pop_first is PopFirst.WARN
-    assert policy.local_mailers == frozenset({"local", "virtual"})
-    assert "a.hosted.example" in policy.local_domains
-    assert "example.org" in policy.local_domains
+    (configured,) = policy.local_delivery.classes
+    assert configured.mailers == frozenset({"local", "virtual"})
+    assert configured.domains.contains_domain("a.hosted.example")
+    assert configured.domains.contains_domain("example.org")
     assert parse_client_address("10.1.2.3") in policy.trusted_networks
     assert parse_client_address("127.0.0.1") not in policy.trusted_networks
 
