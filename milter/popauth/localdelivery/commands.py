@@ -146,6 +146,7 @@ class CommandRunner:
                     self._check(argv, deadline, "did not finish within")
         finally:
             self._release(process)
+        self._check(argv, deadline=float("inf"), what="")
         return CommandResult(
             process.returncode,
             stdout.decode("utf-8", "replace"),
@@ -164,6 +165,7 @@ class CommandRunner:
                     time.sleep(POLL_INTERVAL)
             finally:
                 self._release(process)
+            self._check(argv, deadline=float("inf"), what="")
             if process.returncode != 0:
                 errors.seek(0)
                 complaint = errors.read(READ_SIZE).decode("utf-8", "replace")
