@@ -187,11 +187,13 @@ class CommandRunner:
                     break
                 deadline = time.monotonic() + self._timeout
                 pending += chunk
-                *complete, pending = pending.split(b"\n")
-                if len(pending) > MAX_LINE_BYTES:
-                    raise CommandUnavailable(f"{' '.join(argv)}: a line over 1 MiB")
-                for line in complete:
-                    yield line.decode("utf-8", "replace")
+                cut = pending.rfind(b"\n")
+                if cut < 0:
+                    if len(pending) > MAX_LINE_BYTES:
+                        raise CommandUnavailable(f"{' '.join(argv)}: a line over 1 MiB")
+                    continue
+                complete, pending = pending[:cut], pending[cut + 1 :]
+                yield from complete.decode("utf-8", "replace").split("\n")
         if pending:
             yield pending.decode("utf-8", "replace")
 

@@ -211,6 +211,9 @@ def parse_postconf(text: str) -> dict[str, str]:
 
 def table_entry(line: str) -> tuple[str, str] | None:
     """``key<TAB>value`` from ``postmap -s``; the key exactly as stored."""
+    key, tab, value = line.partition("\t")
+    if tab and key and not key[0].isspace():
+        return key, value.strip()
     parts = line.split(None, 1)
     if not parts:
         return None
@@ -268,12 +271,12 @@ class PostfixConfig:
             raise LearnError(f"postconf ({self._where}) failed: {message}")
         return parse_postconf(result.stdout)
 
-    def table_entries(self, table: str, fold_keys: bool) -> Iterator[tuple[str, str]]:
-        """Every entry of a listable table, streamed.
+    def table_lines(self, table: str, fold_keys: bool) -> Iterator[str]:
+        """Every entry of a listable table as ``postmap -s`` prints it, streamed.
 
         ``fold_keys`` opens it as transport_maps does (keys folded); without
         it, as a domain list does, so the keys are exactly what Postfix
-        compares the lower-cased name with.
+        compares the lower-cased name with. Parse a line with table_entry.
         """
         kind = _table_for_reading(table).split(":", 1)[0]
         if kind not in LISTABLE_TABLE_TYPES:
@@ -284,10 +287,7 @@ class PostfixConfig:
         argv = [*self._tool("postmap"), *([] if fold_keys else ["-f"])]
         argv += ["-s", _table_for_reading(table)]
         try:
-            for line in self._run.lines(argv):
-                entry = table_entry(line)
-                if entry is not None:
-                    yield entry
+            yield from self._run.lines(argv)
         except CommandFailed as failed:
             raise LearnError(
                 f"cannot list the entries of {table}: {failed.result.error_text()}"
@@ -343,9 +343,8 @@ class ListCompiler:
                     self.add(entry, polarity, (*files, item))
             elif is_table(item):
                 try:
-                    keys = frozenset(
-                        key for key, _ in self._config.table_entries(item, fold_keys=False)
-                    )
+                    lines = self._config.table_lines(item, fold_keys=False)
+                    keys = frozenset(entry[0] for entry in map(table_entry, lines) if entry)
                 except LearnError as problem:
                     raise self._fail(str(problem)) from None
                 self.patterns.append(ListPattern(polarity, item, keys))
@@ -419,8 +418,14 @@ class TransportLearner:
         summaries: dict[str, RouteSummary] = {}
         for table in tables:
             try:
-                found = self._config.table_entries(table, fold_keys=True)
-                for key, value in found:
+                for line in self._config.table_lines(table, fold_keys=True):
+                    # Most lines are routes elsewhere: judged by the key alone, unparsed.
+                    key, tab, value = line.partition("\t")
+                    if not tab:
+                        entry = table_entry(line)
+                        if entry is None:
+                            continue
+                        key, value = entry
                     if key in entries or not relevant.wants_key(key, self._parent_style):
                         continue
                     if len(entries) >= MAX_TRANSPORT_ROUTES:
