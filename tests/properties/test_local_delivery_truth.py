@@ -1,7 +1,8 @@
 """popauth's idea of "delivered here" against Postfix's own, over generated layouts.
 
 For each generated main.cf (the four address-class lists with names,
-``.names``, ``!`` exclusions, tables and files; parent_domain_matches_subdomains;
+``.names``, ``!`` exclusions, ``hash:``, ``texthash:`` and ``inline:`` tables
+whose values vary, and files; parent_domain_matches_subdomains;
 the class transports, some of them the default transport's word; a
 transport_maps table with per-address, per-domain, ``.domain`` and ``*``
 routes), popauth learns with the real postconf and postmap, and Postfix's
@@ -43,6 +44,7 @@ TRANSPORT_VALUES = (
     ":[192.0.2.1]",
     "error:gone",
 )
+TABLE_VALUES = ("OK", "REJECT", "DUNNO")
 MAILERS = ("smtp", "relay", "local", "virtual", "lmtp", "error")
 PARENT_STYLES = (
     None,
@@ -92,8 +94,19 @@ def domain_lists(draw: st.DrawFn, parameter: str, layout: Layout) -> str:
             continue
         # Upper case keys: Postfix matches them only where it folds the table.
         keys = [entry.upper() if draw(st.integers(0, 4)) == 0 else entry for entry in entries]
-        layout.files[file_name] = "".join(f"{key} OK\n" for key in keys)
-        table_type = draw(st.sampled_from(["texthash", "hash"]))
+        # The value is ignored: REJECT in a domain list still lists the domain.
+        values = draw(
+            st.lists(st.sampled_from(TABLE_VALUES), min_size=len(keys), max_size=len(keys))
+        )
+        table_type = draw(st.sampled_from(["texthash", "hash", "inline"]))
+        if table_type == "inline" and not keys:
+            table_type = "texthash"  # Postfix refuses an empty inline:{}
+        if table_type == "inline":
+            pairs = ", ".join(f"{key}={value}" for key, value in zip(keys, values, strict=True))
+            items.append(f"{bang}inline:{{{{{pairs}}}}}")
+            continue
+        lines = (f"{key} {value}\n" for key, value in zip(keys, values, strict=True))
+        layout.files[file_name] = "".join(lines)
         if table_type == "hash":
             layout.hashed.append(file_name)
         items.append(f"{bang}{table_type}:{{dir}}/{file_name}")
