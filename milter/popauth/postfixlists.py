@@ -28,16 +28,18 @@ it) makes that decision "no": ``!customer.example.org, example.org``.
 from __future__ import annotations
 
 import enum
+import re
 import string
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # Postfix folds ASCII only unless SMTPUTF8 is on; popauth matches ASCII
 # hostnames only (see is_valid_hostname), so ASCII folding is exact here.
 _ASCII_FOLD = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-_LABEL_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_")
 MAX_HOSTNAME_LENGTH = 255
-MAX_LABEL_LENGTH = 63
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_NON_NUMERIC = re.compile(r"[^0-9.]")
 WILDCARD_KEY = "*"
 
 
@@ -49,34 +51,26 @@ def fold(text: str) -> str:
 def is_valid_hostname(name: str) -> bool:
     """Postfix's valid_hostname(): only such names reach a domain list.
 
-    trivial-rewrite gives any other domain its error flag and the default
-    class, so popauth never counts one as local. ASCII only: a U-label
-    domain is not local to popauth (fail closed).
+    Labels of letters, digits, ``_`` and inner ``-``, up to 63 characters,
+    255 in all, and not all digits. trivial-rewrite gives any other domain
+    its error flag and the default class, so popauth never counts one as
+    local. ASCII only: a U-label domain is not local to popauth (fail closed).
     """
-    if not name or len(name) > MAX_HOSTNAME_LENGTH or not name.isascii():
-        return False
-    non_numeric = False
-    for label in name.split("."):
-        if not label or len(label) > MAX_LABEL_LENGTH:
-            return False
-        if label[0] == "-" or label[-1] == "-":
-            return False
-        for character in label:
-            if character == "-":
-                non_numeric = True
-            elif character not in _LABEL_CHARACTERS:
-                return False
-            elif not character.isdigit():
-                non_numeric = True
-    return non_numeric
+    return (
+        len(name) <= MAX_HOSTNAME_LENGTH
+        and _HOSTNAME.fullmatch(name) is not None
+        and _NON_NUMERIC.search(name) is not None
+    )
 
 
-def proper_parents(name: str) -> Iterator[str]:
+def proper_parents(name: str) -> list[str]:
     """``a.b.c`` -> ``b.c``, ``c``: what follows each dot."""
+    parents = []
     start = name.find(".")
     while start >= 0:
-        yield name[start + 1 :]
+        parents.append(name[start + 1 :])
         start = name.find(".", start + 1)
+    return parents
 
 
 class ListKind(enum.Enum):
@@ -126,23 +120,24 @@ class PostfixList:
         object.__setattr__(self, "_suffixes", suffixes)
         object.__setattr__(self, "_tables", tuple(tables))
 
-    def _parent_keys(self, name: str) -> Iterator[str]:
+    def _parent_keys(self, name: str) -> list[str]:
         """The keys a domain list tries after the name itself."""
         if self.kind is not ListKind.DOMAIN:
-            return
-        for parent in proper_parents(name):
-            yield parent if self.parent_style else "." + parent
+            return []
+        if self.parent_style:
+            return proper_parents(name)
+        return ["." + parent for parent in proper_parents(name)]
 
     def matches(self, name: str) -> bool:
         """match_list_match() for a folded name without its root dot."""
         best = self._exact.get(name, len(self.patterns))
-        if self._suffixes:
-            for key in self._parent_keys(name):
-                best = min(best, self._suffixes.get(key, best))
+        parent_keys = self._parent_keys(name)
+        for key in parent_keys:
+            best = min(best, self._suffixes.get(key, best))
         for index, keys in self._tables:
             if index >= best:
                 break
-            if name in keys or any(key in keys for key in self._parent_keys(name)):
+            if name in keys or not keys.isdisjoint(parent_keys):
                 best = index
                 break
         return best < len(self.patterns) and self.patterns[best].positive

@@ -15,7 +15,7 @@ refuses mail from a stranger; it never lets one relay.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from popauth.postfixlists import TransportRoutes, fold
@@ -97,6 +97,17 @@ class LocalDeliveryRules:
     """Every delivery class, in the MTA's order: the first whose domains match decides."""
 
     classes: tuple[DeliveryClass, ...] = ()
+    # Every mailer any class could expect: most relayed mail is told by its
+    # mailer alone, without looking at the address.
+    mailers: frozenset[str] = field(init=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        words: set[str] = set()
+        for each in self.classes:
+            words |= each.mailers
+            if each.routes is not None:
+                words |= {word.lower() for word in each.routes.entries.values() if word}
+        object.__setattr__(self, "mailers", frozenset(words))
 
     @classmethod
     def configured(cls, domains: Iterable[str], mailers: Iterable[str]) -> LocalDeliveryRules:
@@ -109,9 +120,6 @@ class LocalDeliveryRules:
 
     def bare_class(self) -> DeliveryClass | None:
         return next((c for c in self.classes if c.bare_local_parts), None)
-
-    def __bool__(self) -> bool:
-        return bool(self.classes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +150,9 @@ def plain_address_parts(address: str) -> tuple[str, str | None] | None:
         if not domain:
             return None
         domain_or_none = domain
-    if not local or any(character in _ROUTING_CHARACTERS for character in local):
+    if not local or not _ROUTING_CHARACTERS.isdisjoint(local):
         return None
-    if domain_or_none is not None and any(c in _ROUTING_CHARACTERS for c in domain_or_none):
+    if domain_or_none is not None and not _ROUTING_CHARACTERS.isdisjoint(domain_or_none):
         return None
     return local, domain_or_none
 
@@ -195,7 +203,8 @@ def is_local_recipient(recipient: Recipient, rules: LocalDeliveryRules) -> bool:
     """True only when the MTA will deliver this recipient here."""
     if recipient.mailer is None:
         return False
+    mailer = recipient.mailer.lower()
+    if mailer not in rules.mailers:
+        return False
     found = classify(recipient, rules)
-    return found is not None and recipient.mailer.lower() in found.delivery_class.expected_mailers(
-        found.address
-    )
+    return found is not None and mailer in found.delivery_class.expected_mailers(found.address)

@@ -184,7 +184,7 @@ def serve(settings: Settings) -> Stopped:
     metrics.track_whitelist_size(lambda: store.stats().entries)
     saver = PeriodicSaver(interval=settings.store.snapshot_interval, saves=state.saves, log=log)
     policy = settings.relay.policy(local)
-    if not policy.local_delivery:
+    if not any(learned.has_domains() for learned in local.classes):
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
     gate = RelayGate(
         policy=policy,
