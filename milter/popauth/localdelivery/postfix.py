@@ -141,8 +141,8 @@ def split_list(text: str) -> list[str]:
     return items
 
 
-def _lines_before_3_9(text: str) -> list[str]:
-    """How Postfix 3.7 reads a /file/name list: each line, '#' lines skipped."""
+def _lines_before_3_8(text: str) -> list[str]:
+    """How Postfix up to 3.7 reads a /file/name list: each line, '#' lines skipped."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -182,11 +182,11 @@ def _logical_lines(text: str) -> list[str]:
 def file_entries(text: str, path: str = "file") -> list[str]:
     """The patterns of a ``/file/name`` list, read as every Postfix reads it.
 
-    Postfix 3.7 reads it line by line; later versions join indented lines to
-    the one before (and then a ``#`` ends the joined line). Where the two
+    Postfix up to 3.7 reads it line by line; 3.8 and later join indented
+    lines to the one before (and then a ``#`` ends the joined line). Where the two
     differ, popauth cannot know which one runs, so it refuses the file.
     """
-    old = [item for line in _lines_before_3_9(text) for item in split_list(line)]
+    old = [item for line in _lines_before_3_8(text) for item in split_list(line)]
     new = [item for line in _logical_lines(text) for item in split_list(line)]
     if old != new:
         raise LearnError(
@@ -319,8 +319,8 @@ class ListCompiler:
         self.patterns: list[ListPattern] = []
         self.shown: list[tuple[str, str]] = []
 
-    def _fail(self, problem: str, fix: str = _FIX_DOMAINS) -> LearnError:
-        return LearnError(f"{self._parameter}: {problem}; {fix}")
+    def _fail(self, problem: str) -> LearnError:
+        return LearnError(f"{self._parameter}: {problem}; {_FIX_DOMAINS}")
 
     def add(self, text: str, positive: bool = True, files: tuple[str, ...] = ()) -> None:
         origin = f"postfix {self._parameter}" + (f" ({files[-1]})" if files else "")
