@@ -63,13 +63,45 @@ def _parser() -> argparse.ArgumentParser:
     client("blocked", "list blocked users")
     report = client("report", "users who still relay by POP first, most recent first")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    explain = client("explain", "the milter's verdict for a client and a recipient, and why")
+    explain.add_argument("address", help="the SMTP client's IP address")
+    explain.add_argument("recipient", help="the envelope recipient (RCPT TO)")
+    explain.add_argument("--user", default="", help="the POP/IMAP user expected at ADDRESS")
+    explain.add_argument("--auth", default="", metavar="USER", help="as if SMTP AUTH as USER")
+    explain.add_argument("--sender", default="", help="the envelope sender (MAIL FROM)")
+    explain.add_argument(
+        "--mailer",
+        default="",
+        help="the MTA's {rcpt_mailer} for RECIPIENT (default: a local one for a local domain)",
+    )
     client("list", "list every whitelisted client")
     client("stats", "show whitelist statistics")
     client("ping", "check that the endpoint answers")
     return parser
 
 
+class BlankInArgument(ValueError):
+    """A blank would split one argument into two words on the wire."""
+
+
+def _explain_line(arguments: argparse.Namespace) -> str:
+    words = ["EXPLAIN", arguments.address, arguments.recipient]
+    for option, value in (
+        ("user", arguments.user),
+        ("auth", arguments.auth),
+        ("sender", arguments.sender),
+        ("mailer", arguments.mailer),
+    ):
+        if value:
+            words.append(f"{option}={value}")
+    if any(not word or any(c.isspace() for c in word) for word in words):
+        raise BlankInArgument(" ".join(words))
+    return " ".join(words)
+
+
 def _request_line(arguments: argparse.Namespace) -> str:
+    if arguments.command == "explain":
+        return _explain_line(arguments)
     if arguments.command == "revoke" and arguments.user:
         return f"REVOKEUSER {arguments.user}"
     words = [arguments.command.upper()]
@@ -117,7 +149,11 @@ def _timestamp(epoch: str) -> str:
 
 
 def _run_client(arguments: argparse.Namespace) -> int:
-    line = _request_line(arguments)
+    try:
+        line = _request_line(arguments)
+    except BlankInArgument:
+        print("popauth: arguments must not be empty or contain blanks", file=sys.stderr)
+        return EXIT_ERROR
     try:
         reply = IngestClient(arguments.socket, arguments.timeout).request(line)
     except UnsafeRequest:
@@ -129,6 +165,9 @@ def _run_client(arguments: argparse.Namespace) -> int:
     status = reply[0].split(" ", 1)[0]
     if status == OK and arguments.command == "report":
         _print_report(reply[1:], arguments.format)
+        return EXIT_OK
+    if status == OK and arguments.command == "explain":
+        print("\n".join(reply[1:]))
         return EXIT_OK
     if status == OK:
         print("\n".join(reply))

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from popauth.addresses import AddressError, IPNetwork, NetworkSet, WhitelistKeying, parse_network
-from popauth.decision import PopFirst, RelayPolicy
+from popauth.decision import PopFirst, Provenance, RelayPolicy
 from popauth.ingest import wire
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
@@ -686,6 +686,7 @@ class RelaySettings:
             local_domains=local.domain_set(),
             local_mailers=local.mailer_set(),
             pop_first=self.pop_first,
+            provenance=Provenance(local.source, local.domains, local.mailers),
         )
 
 

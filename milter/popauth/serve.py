@@ -21,6 +21,7 @@ from popauth.adapter import RelayMilter, Replies
 from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
 from popauth.config import Settings
+from popauth.explain import Explainer
 from popauth.gate import RelayGate
 from popauth.ingest.roles import PeerPolicy
 from popauth.ingest.server import IngestLimits, IngestServer
@@ -200,6 +201,14 @@ def serve(settings: Settings) -> Stopped:
         "local_delivery", LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
     )
     replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
+    explainer = Explainer(
+        gate=gate,
+        store=store,
+        keying=keying,
+        blocked=state.blocklist,
+        replies=replies,
+        clock=SystemClock(),
+    )
     ingest = IngestServer(
         path=settings.ingest.socket,
         mode=settings.ingest.socket_mode,
@@ -224,6 +233,7 @@ def serve(settings: Settings) -> Stopped:
         ledger=state.ledger,
         metrics=metrics,
         log=log,
+        explainer=explainer,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter = MilterService(

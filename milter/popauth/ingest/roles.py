@@ -8,7 +8,7 @@ forged by the client.
   whitelist addresses, which is its job, but cannot see who is where,
   revoke others or lift a block.
 - **Operators** (monitoring, help desk) may read (``QUERY``, ``LIST``,
-  ``REPORT``, ``BLOCKED``, ``STATS``) and revoke (``REVOKE``,
+  ``REPORT``, ``BLOCKED``, ``STATS``, ``EXPLAIN``) and revoke (``REVOKE``,
   ``REVOKEUSER``).
 - **Administrators** may do everything, including ``BLOCK`` and ``UNBLOCK``.
   Root and the user popauth runs as always are administrators.
@@ -48,6 +48,7 @@ VERB_ROLES: dict[Verb, Role | None] = {
     Verb.REPORT: Role.OPERATOR,
     Verb.BLOCKED: Role.OPERATOR,
     Verb.STATS: Role.OPERATOR,
+    Verb.EXPLAIN: Role.OPERATOR,
     Verb.REVOKE: Role.OPERATOR,
     Verb.REVOKEUSER: Role.OPERATOR,
     Verb.BLOCK: Role.ADMINISTRATOR,

@@ -17,6 +17,7 @@ import structlog
 
 from popauth.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
+from popauth.explain import Explainer, Question, explanation_lines
 from popauth.ingest import protocol
 from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.ingest.roles import PeerPolicy
@@ -54,6 +55,7 @@ class IngestServer(UnixStreamServer):
         ledger: UsageLedger,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
+        explainer: Explainer | None = None,
     ) -> None:
         super().__init__(
             path=path,
@@ -83,6 +85,7 @@ class IngestServer(UnixStreamServer):
         self._blocklist = blocklist
         self._ledger = ledger
         self._metrics = metrics
+        self._explainer = explainer
 
     # --- framing -----------------------------------------------------------
 
@@ -179,6 +182,8 @@ class IngestServer(UnixStreamServer):
             return protocol.multi_line(
                 protocol.format_usage(user, usage) for user, usage in self._ledger.pop_first_users()
             )
+        if verb is Verb.EXPLAIN:
+            return self._explain(request, peer)
         if request.address is None:
             return self._execute_for_user(verb, request.user, peer)
         key = self._keying.key_address(request.address)
@@ -233,6 +238,30 @@ class IngestServer(UnixStreamServer):
         if grant is None:
             return protocol.not_found(described)
         return protocol.ok(protocol.format_grant(grant, described))
+
+    def _explain(self, request: Request, peer: Peer) -> bytes:
+        """The milter's verdict for a client and recipient, and why, in plain lines."""
+        if self._explainer is None or request.address is None:
+            return protocol.error(ErrorCode.UNAVAILABLE, "this endpoint cannot explain")
+        question = Question(
+            address=request.address,
+            recipient=request.recipient,
+            user=request.option("user"),
+            auth_user=request.option("auth"),
+            sender=request.option("sender"),
+            mailer=request.option("mailer"),
+        )
+        facts = self._explainer.facts(question)
+        decision = facts.assessment.decision
+        self._log.info(
+            "explain",
+            client_ip=str(request.address),
+            recipient=request.recipient,
+            verdict=decision.verdict.value,
+            reason=decision.reason.value,
+            peer_uid=peer.uid,
+        )
+        return protocol.multi_line(explanation_lines(facts))
 
     def _execute_for_user(self, verb: Verb, user: str, peer: Peer) -> bytes:
         if verb is Verb.UNBLOCK:

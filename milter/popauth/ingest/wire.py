@@ -9,8 +9,8 @@ by blanks. Every reply line starts with one of three words:
 ``ERR``       the request failed and changed nothing; a code word and a
               human-readable reason follow.
 
-``LIST``, ``BLOCKED`` and ``REPORT`` answer ``OK count=N`` followed by exactly
-N lines.
+``LIST``, ``BLOCKED``, ``REPORT`` and ``EXPLAIN`` answer ``OK count=N``
+followed by exactly N lines.
 
 Standard library only: the client (``popauth login`` runs inside every POP
 login), the CLI and the server all import it. The Dovecot hook runs on the
@@ -43,10 +43,13 @@ class Verb(enum.Enum):
     STATS = "STATS"
     PING = "PING"
     QUIT = "QUIT"
+    EXPLAIN = "EXPLAIN"
 
 
 # Replies of these verbs are "OK count=N" and N more lines.
-MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT})
+MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT, Verb.EXPLAIN})
+# EXPLAIN's optional ``key=value`` words, after its address and recipient.
+EXPLAIN_OPTIONS = ("user", "auth", "sender", "mailer")
 
 
 class ErrorCode(enum.Enum):

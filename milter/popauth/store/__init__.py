@@ -5,6 +5,8 @@ ingest socket and the CLI never see how entries are kept.
 """
 
 from popauth.store.base import (
+    EndedGrant,
+    EndReason,
     Grant,
     GrantOutcome,
     StoreKind,
@@ -14,6 +16,8 @@ from popauth.store.base import (
 )
 
 __all__ = [
+    "EndReason",
+    "EndedGrant",
     "Grant",
     "GrantOutcome",
     "StoreKind",

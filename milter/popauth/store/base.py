@@ -37,6 +37,27 @@ class Grant:
     expires_at: float
 
 
+class EndReason(enum.Enum):
+    """How a whitelist entry ended before a new login."""
+
+    EXPIRED = "expired"
+    # REVOKE of its address.
+    REVOKED = "revoked"
+    # REVOKEUSER or BLOCK of its user.
+    REVOKED_WITH_USER = "revoked_with_user"
+    # Pushed out to make room when the whitelist was full.
+    EVICTED = "evicted"
+
+
+@dataclass(frozen=True, slots=True)
+class EndedGrant:
+    """The last entry of an address, and how and when (epoch seconds) it ended."""
+
+    grant: Grant
+    reason: EndReason
+    ended_at: float
+
+
 @dataclass(frozen=True, slots=True)
 class GrantOutcome:
     grant: Grant
@@ -115,6 +136,20 @@ class WhitelistStore(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...
+
+    @property
+    def ends_remembered(self) -> int:
+        """How many recent logins and ends :meth:`recent_end` can tell about; 0: none."""
+        return 0
+
+    def recent_end(self, address: IPAddress) -> EndedGrant | None:
+        """How the last entry of ``address`` ended, if the store still remembers it.
+
+        None when the address has a live entry, when it was never granted,
+        and when the store does not remember (see :attr:`ends_remembered`).
+        For ``popauth explain``: never on the path of a relay decision.
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release resources; the default store holds none."""
