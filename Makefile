@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run test lint unit bench fuzz clean man lock test-latest
+.PHONY: setup setup-run run try test lint unit bench fuzz clean man lock test-latest
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -17,8 +17,18 @@ setup:
 setup-run:
 	@scripts/bootstrap run
 
+# The try-it mode's sockets and state: a directory of the checkout, where no
+# MTA is attached (docs/try-it.rst).
+TRY_IT_DIR := $(CURDIR)/.cache/try-it
+
+# popauth serve: on CONFIG, or learning from this host's Postfix or Sendmail;
+# with neither, the try-it mode under TRY_IT_DIR.
 run: setup-run
-	$(VENV)/bin/popauth serve $(if $(CONFIG),--config $(CONFIG))
+	@$(VENV)/bin/popauth serve --try-it-if-no-mta "$(TRY_IT_DIR)" $(if $(CONFIG),--config "$(CONFIG)")
+
+# The try-it mode even where an MTA or a popauth service is configured.
+try: setup-run
+	@$(VENV)/bin/popauth serve --try-it "$(TRY_IT_DIR)"
 
 lint: setup
 	$(VENV)/bin/ruff check milter tests bench $(HOOK)

@@ -16,9 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
 from popauth.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
+
+if TYPE_CHECKING:
+    from popauth.config import Settings
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -29,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the milter and the ingest endpoint")
     serve.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
+    serve.add_argument(
+        "--try-it",
+        type=Path,
+        metavar="DIR",
+        help="the try-it mode: sockets and state under DIR, example.test, no MTA attached",
+    )
+    serve.add_argument(
+        "--try-it-if-no-mta",
+        type=Path,
+        metavar="DIR",
+        help="make run's choice: the try-it mode when there is neither --config nor a"
+        " configured Postfix or Sendmail on this host, plain serve otherwise",
+    )
     check = commands.add_parser("check-config", help="validate a settings file and exit")
     check.add_argument("config", type=Path)
     sessions = commands.add_parser(
@@ -236,28 +253,78 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_server(arguments: argparse.Namespace) -> int:
+# What to do when another popauth holds the paths, by how serve was started.
+_ADVICE_SERVE = "stop it first, or give this popauth sockets and state files of its own (--config)"
+_ADVICE_MAKE_RUN = (
+    "use it (popauth ping), or stop it first (systemctl stop popauth);"
+    " or run this checkout beside it with its own sockets: make try"
+)
+_ADVICE_TRY_IT = (
+    "it is this checkout's try-it popauth: use the commands it printed, or stop it"
+    " (Ctrl-C in its terminal) first"
+)
+
+
+def _check_config(arguments: argparse.Namespace) -> int:
     from popauth.config import ConfigError, load_settings
     from popauth.localdelivery.resolve import LocalDeliveryError, resolve_local_delivery
 
     try:
         settings = load_settings(arguments.config)
+        local = resolve_local_delivery(settings.local)
+    except (ConfigError, LocalDeliveryError) as error:
+        print(f"popauth: configuration error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{arguments.config}: OK")
+    print("\n".join(local.describe()))
+    return EXIT_OK
+
+
+def _run_server(arguments: argparse.Namespace) -> int:
+    if arguments.command == "check-config":
+        return _check_config(arguments)
+    from popauth.config import ConfigError, load_settings
+    from popauth.localdelivery.resolve import LocalDeliveryError
+    from popauth.tryit import Mode, choose_mode, host_has_mta
+
+    if arguments.try_it and (arguments.config or arguments.try_it_if_no_mta):
+        print("popauth: --try-it takes neither --config nor --try-it-if-no-mta", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        settings = load_settings(arguments.config)
     except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    if arguments.command == "check-config":
+    advice, why = _ADVICE_SERVE, "asked for with --try-it"
+    directory: Path | None = arguments.try_it
+    if arguments.try_it_if_no_mta is not None:
+        advice = _ADVICE_MAKE_RUN
+        has_mta = host_has_mta(settings.local)
+        if choose_mode(config_given=arguments.config is not None, has_mta=has_mta) is Mode.TRY_IT:
+            directory = arguments.try_it_if_no_mta
+            why = "this host has no Postfix or Sendmail configuration to learn local domains from"
+    if directory is not None:
         try:
-            local = resolve_local_delivery(settings.local)
-        except LocalDeliveryError as error:
-            print(f"popauth: configuration error: {error}", file=sys.stderr)
+            settings, banner = _try_it_settings(directory.absolute(), why)
+        except (ConfigError, OSError) as error:
+            print(
+                f"popauth: cannot start the try-it mode: {error} (a settings file instead:"
+                " make run CONFIG=FILE)",
+                file=sys.stderr,
+            )
             return EXIT_ERROR
-        print(f"{arguments.config}: OK")
-        print("\n".join(local.describe()))
-        return EXIT_OK
+        advice = _ADVICE_TRY_IT
     from popauth.persistence import StateFileError
-    from popauth.serve import serve
+    from popauth.preflight import occupant
+    from popauth.serve import serve, state_file_paths
     from popauth.sockets import SocketInUse
 
+    problem = occupant(settings, state_file_paths(settings))
+    if problem is not None:
+        print(f"popauth: {problem}: {advice}", file=sys.stderr)
+        return EXIT_ERROR
+    if directory is not None:
+        print("\n".join(banner), flush=True)
     try:
         stopped = serve(settings)
     except LocalDeliveryError as error:
@@ -276,6 +343,15 @@ def _run_server(arguments: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _try_it_settings(directory: Path, why: str) -> tuple[Settings, list[str]]:
+    from popauth.config import load_settings
+    from popauth.tryit import banner, write_settings
+
+    path = write_settings(directory)
+    settings = load_settings(path)
+    return settings, banner(settings, path, why, Path.cwd())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

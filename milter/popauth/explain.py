@@ -34,11 +34,9 @@ _STAGES = {
 
 _ENDINGS = {
     EndReason.EXPIRED: "it expired at {at}",
-    EndReason.REVOKED: "it was revoked at {at} (REVOKE of the address)",
-    EndReason.REVOKED_WITH_USER: (
-        "it was revoked at {at} with every entry of its user (REVOKEUSER or BLOCK)"
-    ),
-    EndReason.EVICTED: "it was pushed out at {at} to make room (the whitelist was full)",
+    EndReason.REVOKED: "a REVOKE of the address removed it at {at}",
+    EndReason.REVOKED_WITH_USER: "a REVOKEUSER or BLOCK of its user removed it at {at}",
+    EndReason.EVICTED: "it was pushed out at {at} to make room: the whitelist was full",
 }
 
 
