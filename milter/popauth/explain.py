@@ -297,7 +297,10 @@ def _why_relayed(facts: Facts) -> str:
     known = ", ".join(
         f"{name}{_origin(origin)}" for name, origin in policy.provenance.mailers
     ) or ", ".join(sorted(policy.local_mailers))
-    return f"mailer {mailer or '(none)'} is not a local mailer (local mailers: {known or 'none'})"
+    return (
+        f"mailer {mailer or '(none)'} is not a local mailer;"
+        f" the local mailers are {known or 'none'}"
+    )
 
 
 def _domains(policy: RelayPolicy) -> str:

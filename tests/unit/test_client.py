@@ -160,3 +160,34 @@ def test_a_refused_connection_is_retried_once_then_reported(tmp_path: Path) -> N
         assert 0.1 <= time.monotonic() - started < 2.0  # one retry, within the budget
     finally:
         bound.close()
+
+
+def test_cli_explain_prints_the_explanation_only(
+    endpoint: Endpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = str(endpoint.path)
+    assert main(["login", "--socket", sock, "192.0.2.1", "alice"]) == EXIT_OK
+    capsys.readouterr()
+    arguments = ["explain", "--socket", sock, "192.0.2.1", "bob@remote.test"]
+    assert main([*arguments, "--user", "alice", "--sender", "<>"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0]
+        == "verdict: accept (whitelisted), at MAIL FROM, for every recipient of the message"
+    )
+    assert not any(line.startswith("OK") for line in lines)
+    assert "sender: <> is not part of the decision" in "\n".join(lines)
+    # A refusal is an explanation too: exit 0, whatever the verdict.
+    assert main(["explain", "--socket", sock, "192.0.2.2", "bob@remote.test"]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("verdict: reject (relay_denied)")
+
+
+def test_cli_explain_refuses_blanks_and_bad_options(
+    endpoint: Endpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = str(endpoint.path)
+    base = ["explain", "--socket", sock, "192.0.2.1", "bob@remote.test"]
+    assert main([*base, "--user", "a b"]) == EXIT_ERROR
+    assert "blanks" in capsys.readouterr().err
+    assert main([*base, "--mailer", "no/such"]) == EXIT_ERROR
+    assert "ERR syntax a mailer is" in capsys.readouterr().err
