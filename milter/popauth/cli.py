@@ -253,16 +253,30 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# What to do when another popauth holds the paths, by how serve was started.
-_ADVICE_SERVE = "stop it first, or give this popauth sockets and state files of its own (--config)"
-_ADVICE_MAKE_RUN = (
-    "use it (popauth ping), or stop it first (systemctl stop popauth);"
-    " or run this checkout beside it with its own sockets: make try"
-)
-_ADVICE_TRY_IT = (
-    "it is this checkout's try-it popauth: use the commands it printed, or stop it"
-    " (Ctrl-C in its terminal) first"
-)
+# What to do when someone else holds popauth's paths: by how serve was
+# started, and whether a process runs there or a directory is another user's.
+_ADVICE = {
+    ("serve", "running"): "stop it first, or give this popauth sockets of its own (--config)",
+    ("serve", "foreign_directory"): (
+        "run popauth as that user (as its systemd unit does), or give it paths of its own"
+        " (--config)"
+    ),
+    ("make-run", "running"): (
+        "use it (popauth ping), or stop it first (systemctl stop popauth); or run this"
+        " checkout beside it on sockets of its own: make try"
+    ),
+    ("make-run", "foreign_directory"): (
+        "popauth is set up as a service here: start it (systemctl start popauth), or run"
+        " this checkout beside it on paths of its own: make try"
+    ),
+    ("try-it", "running"): (
+        "it is this checkout's try-it popauth: use the commands it printed, or stop it"
+        " (Ctrl-C in its terminal) first"
+    ),
+    ("try-it", "foreign_directory"): (
+        "remove that directory, or give this popauth a settings file: make run CONFIG=FILE"
+    ),
+}
 
 
 def _check_config(arguments: argparse.Namespace) -> int:
@@ -295,10 +309,10 @@ def _run_server(arguments: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    advice, why = _ADVICE_SERVE, "asked for with --try-it"
+    started_by, why = "serve", "asked for with --try-it"
     directory: Path | None = arguments.try_it
     if arguments.try_it_if_no_mta is not None:
-        advice = _ADVICE_MAKE_RUN
+        started_by = "make-run"
         has_mta = host_has_mta(settings.local)
         if choose_mode(config_given=arguments.config is not None, has_mta=has_mta) is Mode.TRY_IT:
             directory = arguments.try_it_if_no_mta
@@ -313,7 +327,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_ERROR
-        advice = _ADVICE_TRY_IT
+        started_by = "try-it"
     from popauth.persistence import StateFileError
     from popauth.preflight import occupant
     from popauth.serve import serve, state_file_paths
@@ -321,7 +335,8 @@ def _run_server(arguments: argparse.Namespace) -> int:
 
     problem = occupant(settings, state_file_paths(settings))
     if problem is not None:
-        print(f"popauth: {problem}: {advice}", file=sys.stderr)
+        advice = _ADVICE[started_by, problem.kind.value]
+        print(f"popauth: {problem.text}: {advice}", file=sys.stderr)
         return EXIT_ERROR
     if directory is not None:
         print("\n".join(banner), flush=True)

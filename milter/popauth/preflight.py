@@ -11,6 +11,7 @@ refuses nothing that the later checks would let through.
 
 from __future__ import annotations
 
+import enum
 import os
 import pwd
 import socket
@@ -25,6 +26,20 @@ from popauth.config import Settings
 from popauth.ingest.wire import OK
 
 _PROBE_TIMEOUT = 1.0
+
+
+class Occupancy(enum.Enum):
+    # A live process serves one of the sockets.
+    RUNNING = "running"
+    # A directory of the sockets or the state belongs to another user.
+    FOREIGN_DIRECTORY = "foreign_directory"
+
+
+@dataclass(frozen=True, slots=True)
+class Occupant:
+    kind: Occupancy
+    # One line: who holds what.
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,30 +97,35 @@ def socket_paths(settings: Settings) -> list[Path]:
     return paths
 
 
-def occupant(settings: Settings, state_files: Iterable[Path]) -> str | None:
-    """Why these settings cannot be served here because of someone else, or None."""
+def occupant(settings: Settings, state_files: Iterable[Path]) -> Occupant | None:
+    """Who is in the way of serving these settings here, or None."""
     for path in socket_paths(settings):
         holder = socket_holder(path)
         if holder is not None:
             who = f"pid {holder.pid}, user {user_name(holder.uid)}"
             if path == settings.ingest.socket and answers_as_popauth(path):
-                return f"popauth already runs here ({who}) and serves {path}"
-            return f"{path} is already served by another process ({who})"
+                text = f"popauth already runs here ({who}) and serves {path}"
+            else:
+                text = f"{path} is already served by another process ({who})"
+            return Occupant(Occupancy.RUNNING, text)
+    me = user_name(os.geteuid())
     for directory in dict.fromkeys(path.parent for path in socket_paths(settings)):
         if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
-            owner = directory.stat().st_uid
-            return (
-                f"{directory} belongs to user {user_name(owner)}, and this popauth"
-                f" ({user_name(os.geteuid())}) cannot put its sockets there"
+            owner = user_name(directory.stat().st_uid)
+            text = (
+                f"{directory} belongs to user {owner}, and this popauth ({me})"
+                " cannot put its sockets there"
             )
+            return Occupant(Occupancy.FOREIGN_DIRECTORY, text)
     for directory in dict.fromkeys(path.parent for path in state_files):
         try:
-            owner = directory.stat().st_uid
+            owner_uid = directory.stat().st_uid
         except OSError:
             continue
-        if owner not in (0, os.geteuid()):
-            return (
-                f"{directory} belongs to user {user_name(owner)}: another popauth keeps its"
-                f" state there, and this one runs as {user_name(os.geteuid())}"
+        if owner_uid not in (0, os.geteuid()):
+            text = (
+                f"{directory} belongs to user {user_name(owner_uid)}: another popauth keeps its"
+                f" state there, and this one runs as {me}"
             )
+            return Occupant(Occupancy.FOREIGN_DIRECTORY, text)
     return None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from popauth.config import Settings, settings_from_mapping
-from popauth.preflight import occupant, socket_holder
+from popauth.preflight import Occupancy, Occupant, occupant, socket_holder
 from tests.support.ingest_endpoint import Endpoint
 
 
@@ -42,9 +42,10 @@ def test_a_live_socket_names_its_process(tmp_path: Path, listener: socket.socket
     holder = socket_holder(tmp_path / "milter.sock")
     assert holder is not None and (holder.pid, holder.uid) == (os.getpid(), os.getuid())
     me = pwd.getpwuid(os.getuid()).pw_name
-    assert occupant(settings_in(tmp_path), []) == (
+    assert occupant(settings_in(tmp_path), []) == Occupant(
+        Occupancy.RUNNING,
         f"{tmp_path / 'milter.sock'} is already served by another process"
-        f" (pid {os.getpid()}, user {me})"
+        f" (pid {os.getpid()}, user {me})",
     )
 
 
@@ -63,9 +64,9 @@ def test_a_popauth_on_the_ingest_socket_is_named_as_such(tmp_path: Path) -> None
         found = occupant(settings_in(tmp_path), [])
     finally:
         endpoint.server.stop()
-    assert found is not None
-    assert found.startswith(f"popauth already runs here (pid {os.getpid()}, user ")
-    assert found.endswith(f"and serves {tmp_path / 'ingest.sock'}")
+    assert found is not None and found.kind is Occupancy.RUNNING
+    assert found.text.startswith(f"popauth already runs here (pid {os.getpid()}, user ")
+    assert found.text.endswith(f"and serves {tmp_path / 'ingest.sock'}")
 
 
 def test_a_state_directory_of_another_user(tmp_path: Path) -> None:
@@ -74,8 +75,8 @@ def test_a_state_directory_of_another_user(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     os.chown(state, nobody.pw_uid, nobody.pw_gid)
     found = occupant(settings_in(tmp_path), [state / "whitelist.json"])
-    assert found is not None
-    assert found.startswith(f"{state} belongs to user nobody: another popauth keeps its state")
+    assert found is not None and found.kind is Occupancy.FOREIGN_DIRECTORY
+    assert found.text.startswith(f"{state} belongs to user nobody: another popauth keeps its state")
 
 
 def test_a_socket_directory_this_user_cannot_write(open_tmp: Path) -> None:
@@ -88,7 +89,8 @@ def test_a_socket_directory_this_user_cannot_write(open_tmp: Path) -> None:
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            os.write(writer, (occupant(settings_in(open_tmp), []) or "None").encode())
+            seen = occupant(settings_in(open_tmp), [])
+            os.write(writer, (f"{seen.kind.value}: {seen.text}" if seen else "None").encode())
         finally:
             os._exit(0)
     os.close(writer)
@@ -96,5 +98,6 @@ def test_a_socket_directory_this_user_cannot_write(open_tmp: Path) -> None:
         found = pipe.read()
     os.waitpid(child, 0)
     assert found == (
-        f"{open_tmp} belongs to user root, and this popauth (nobody) cannot put its sockets there"
+        f"foreign_directory: {open_tmp} belongs to user root, and this popauth (nobody)"
+        " cannot put its sockets there"
     )
