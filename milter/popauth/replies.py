@@ -7,7 +7,7 @@ refused client got.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from popauth.decision import Decision, Reason, Verdict
 
@@ -34,6 +34,13 @@ class Replies:
 
     reject: str
     pop_first_retired: str
+    # Built once: a refusal costs the milter no formatting per recipient.
+    _denied: SmtpReply = field(init=False, repr=False, compare=False)
+    _retired: SmtpReply = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_denied", _relaying_denied(self.reject))
+        object.__setattr__(self, "_retired", _relaying_denied(self.pop_first_retired))
 
     def refusal(self, decision: Decision) -> SmtpReply | None:
         """What the MTA answers for a refused recipient; None when popauth accepts."""
@@ -42,7 +49,9 @@ class Replies:
         if decision.verdict is Verdict.TEMPFAIL:
             return UNAVAILABLE
         if decision.reason is Reason.POP_FIRST_RETIRED:
-            explanation = self.pop_first_retired
-        else:
-            explanation = self.reject
-        return SmtpReply("550", "5.7.1", f"Relaying denied. {explanation}".rstrip())
+            return self._retired
+        return self._denied
+
+
+def _relaying_denied(explanation: str) -> SmtpReply:
+    return SmtpReply("550", "5.7.1", f"Relaying denied. {explanation}".rstrip())
