@@ -311,10 +311,13 @@ def _run_server(arguments: argparse.Namespace) -> int:
         return EXIT_ERROR
     started_by, why = "serve", "asked for with --try-it"
     directory: Path | None = arguments.try_it
+    banner: list[str] = []
     if arguments.try_it_if_no_mta is not None:
         started_by = "make-run"
-        has_mta = host_has_mta(settings.local)
-        if choose_mode(config_given=arguments.config is not None, has_mta=has_mta) is Mode.TRY_IT:
+        config_given = arguments.config is not None
+        # Settings given: no need to ask the MTA (choose_mode serves them).
+        has_mta = not config_given and host_has_mta(settings.local)
+        if choose_mode(config_given=config_given, has_mta=has_mta) is Mode.TRY_IT:
             directory = arguments.try_it_if_no_mta
             why = "this host has no Postfix or Sendmail configuration to learn local domains from"
     if directory is not None:
@@ -338,7 +341,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
         advice = _ADVICE[started_by, problem.kind.value]
         print(f"popauth: {problem.text}: {advice}", file=sys.stderr)
         return EXIT_ERROR
-    if directory is not None:
+    if banner:
         print("\n".join(banner), flush=True)
     try:
         stopped = serve(settings)
