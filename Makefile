@@ -66,7 +66,7 @@ test-distro-python:
 	@scripts/test-distro-python $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-distro .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-distro* .cache .mypy_cache .ruff_cache .pytest_cache
 
 # The manual pages, from docs/popauth.rst and docs/configuration.rst.
 man: setup
