@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run try test lint unit bench fuzz clean man lock test-latest
+.PHONY: setup setup-run run try test check lint unit bench fuzz clean man lock test-latest test-distro-python
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -36,8 +36,13 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 
-test: lint
+# Everything on this host: lint, every test, and the unit, protocol and
+# property suites once more on the distribution's own Python packages.
+check: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@scripts/test-distro-python
+
+test: check
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)
@@ -68,8 +73,14 @@ test-latest:
 	.venv-latest/bin/pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(pymilter|cachetools|structlog|redis|prometheus.client) '
 	.venv-latest/bin/python -m pytest -q tests/unit tests/properties tests/protocol $(PYTEST_ARGS)
 
+# The unit, protocol and property suites on the distribution's own packages of
+# popauth's dependencies (python3-milter, python3-structlog...): Debian 12 or 13,
+# as root; the venv holds only the test tools (see docs/dependencies.rst).
+test-distro-python:
+	@scripts/test-distro-python $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-latest .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-distro* .cache .mypy_cache .ruff_cache .pytest_cache
 
 # The manual pages, from docs/popauth.rst and docs/configuration.rst.
 man: setup

@@ -20,7 +20,7 @@ from popauth.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedg
 from popauth.adapter import RelayMilter, Replies
 from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
-from popauth.config import Settings
+from popauth.config import LogLevel, Settings
 from popauth.explain import Explainer
 from popauth.gate import RelayGate
 from popauth.ingest.roles import PeerPolicy
@@ -168,6 +168,7 @@ def socketmap_server(
         ),
         metrics=metrics,
         log=log,
+        lookup_events=settings.log.level is LogLevel.DEBUG,
     )
 
 

@@ -155,6 +155,7 @@ def test_a_socketmap_failure_gets_one_temp_and_the_connection_goes_on(
         limits=SocketmapLimits(),
         metrics=Metrics(),
         log=log,
+        lookup_events=True,
     )
     server.start()
     try:

@@ -20,7 +20,6 @@ request size, time and number.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +89,7 @@ class SocketmapServer(UnixStreamServer):
         limits: SocketmapLimits,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
+        lookup_events: bool,
     ) -> None:
         super().__init__(
             path=path,
@@ -120,8 +120,10 @@ class SocketmapServer(UnixStreamServer):
         self._limits = limits
         self._metrics = metrics
         self.counters = SocketmapCounters()
-        # Per-lookup events are debug only: skip building them otherwise.
-        self._debug = self._log.is_enabled_for(logging.DEBUG)
+        # Per-lookup events are debug only (the caller knows the log level:
+        # structlog 22.3's bound loggers cannot be asked); not building them
+        # otherwise keeps a lookup cheap.
+        self._lookup_events = lookup_events
 
     def stop(self, timeout: float = 5.0) -> None:
         running = self._thread is not None
@@ -203,11 +205,11 @@ class SocketmapServer(UnixStreamServer):
             return codec.reply(Status.TEMP, "lookup failed")
         if grant is None:
             self._count("misses")
-            if self._debug:
+            if self._lookup_events:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
         self._count("hits")
-        if self._debug:
+        if self._lookup_events:
             self._log.debug(
                 "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
             )

@@ -29,6 +29,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -114,6 +115,31 @@ def _no_retries(timeout: float) -> dict[str, Any]:
     }
 
 
+def unix_connections_take_a_connect_timeout() -> bool:
+    """Whether this redis-py's UNIX socket connections accept ``socket_connect_timeout``.
+
+    redis-py 4.3 (Debian 12's) refuses the keyword and connects a UNIX socket
+    within ``socket_timeout``; later releases default the connect timeout to
+    their own constant instead (5 s in redis-py 8), so they must be given it.
+    Asked of the public class itself: building a connection does not connect.
+    """
+    # Any: the releases' type hints differ (8.x calls the class abstract).
+    connection_class: Any = redis.UnixDomainSocketConnection
+    try:
+        connection_class(socket_connect_timeout=1.0)
+    except TypeError:
+        return False
+    return True
+
+
+def _direct_options(url: str, timeout: float) -> dict[str, Any]:
+    """The client options for ``url`` itself, without sentinels."""
+    options = _no_retries(timeout)
+    if urlsplit(url).scheme == "unix" and not unix_connections_take_a_connect_timeout():
+        del options["socket_connect_timeout"]  # socket_timeout bounds the connect
+    return options
+
+
 def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) -> redis.Redis:
     """A client for ``url``, or for the master the sentinels name.
 
@@ -121,7 +147,7 @@ def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) 
     TLS (``rediss://``); its host and port are replaced by the sentinels' answer.
     """
     if sentinel is None:
-        return redis.Redis.from_url(url, **_no_retries(timeout))
+        return redis.Redis.from_url(url, **_direct_options(url, timeout))
     parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     master_options = {
         key: value
