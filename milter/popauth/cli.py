@@ -218,13 +218,14 @@ def _run_server(arguments: argparse.Namespace) -> int:
     from popauth.persistence import StateFileError
     from popauth.serve import serve
     from popauth.sockets import SocketInUse
+    from popauth.store import StoreSetupError
 
     try:
         stopped = serve(settings)
     except LocalDeliveryError as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except (SocketInUse, StateFileError, OSError) as error:
+    except (SocketInUse, StateFileError, StoreSetupError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = EXIT_OK

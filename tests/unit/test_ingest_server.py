@@ -414,9 +414,11 @@ def test_revoke_and_block_win_over_renewals(endpoint: Endpoint) -> None:
     assert endpoint.ask("RENEW 192.0.2.2 mallory") == ["ERR blocked user mallory is blocked"]
     assert endpoint.ask("QUERY 192.0.2.2") == ["NOTFOUND address=192.0.2.2"]
     assert "renew_refused_blocked" in events(endpoint.sink)
-    # A blocked user's entry that slipped in (a login racing the block on
-    # another host) is not extended either.
+    # A blocked user's entry that is still there (blocked straight in the
+    # block list, without the revoke of BLOCK) is not extended either.
+    endpoint.blocklist.remove("mallory")
     endpoint.store.grant(parse_client_address("192.0.2.3"), "mallory")
+    endpoint.blocklist.add("mallory")
     assert endpoint.ask("RENEW 192.0.2.3 mallory")[0].startswith("ERR blocked")
     # The next real login brings alice's entry back, and renewals work again.
     endpoint.ask("LOGIN 192.0.2.1 alice")

@@ -7,17 +7,23 @@ ingest socket and the CLI never see how entries are kept.
 from popauth.store.base import (
     Grant,
     GrantOutcome,
+    NotConfirmed,
     StoreKind,
+    StoreSetupError,
     StoreStats,
     StoreUnavailable,
+    UserBlocked,
     WhitelistStore,
 )
 
 __all__ = [
     "Grant",
     "GrantOutcome",
+    "NotConfirmed",
     "StoreKind",
+    "StoreSetupError",
     "StoreStats",
     "StoreUnavailable",
+    "UserBlocked",
     "WhitelistStore",
 ]
