@@ -5,6 +5,7 @@ A new store joins by adding a case to ``STORES``; every test here then runs on i
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -204,10 +205,8 @@ def test_a_login_in_flight_never_outlives_a_block(subject: Subject) -> None:
 
     def login(address: IPAddress, user: str, start: threading.Barrier) -> None:
         start.wait()
-        try:
+        with contextlib.suppress(UserBlocked):
             subject.store.grant(address, user)
-        except UserBlocked:
-            pass
 
     def block(user: str, start: threading.Barrier) -> None:
         start.wait()
