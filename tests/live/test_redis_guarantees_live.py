@@ -216,3 +216,31 @@ def test_a_redis_user_that_cannot_read_the_policy_is_refused(tmp_path: Path) -> 
         server.stop()
     assert "cannot read Redis's maxmemory-policy" in said, said
     assert "allow +info" in said
+
+
+def test_min_replicas_to_write_refuses_changes_and_keeps_lookups(
+    redis_server: RedisInstance, tmp_path: Path
+) -> None:
+    """Redis's own guard (docs/redis-sentinel.rst): with fewer good replicas
+    than ``min-replicas-to-write`` the master refuses every write. popauth
+    answers ``ERR unavailable``, nothing changes, and lookups go on."""
+    with serve_with(redis_server, tmp_path / "popauth") as popauth:
+        assert popauth.ask("LOGIN 192.0.2.1 alice")[0].startswith("OK ")
+        with redis.Redis(port=redis_server.port) as direct:
+            direct.config_set("min-replicas-to-write", 1)
+            before = sorted(direct.keys("popauth:*"))
+            for line in (
+                "LOGIN 192.0.2.2 bob",
+                "BLOCK alice",
+                "UNBLOCK alice",
+                "REVOKE 192.0.2.1",
+                "REVOKEUSER alice",
+                "RENEW 192.0.2.1 alice",
+            ):
+                assert popauth.ask(line) == ["ERR unavailable whitelist store unavailable"], line
+            assert sorted(direct.keys("popauth:*")) == before
+            assert popauth.ask("QUERY 192.0.2.1")[0].startswith("OK address=192.0.2.1 user=alice")
+            errors = {event["error"] for event in popauth.events("ingest_store_unavailable")}
+            assert all("NOREPLICAS" in error or "enough good replicas" in error for error in errors)
+            direct.config_set("min-replicas-to-write", 0)
+        assert popauth.ask("BLOCK alice") == ["OK user=alice revoked=1 blocked=new"]

@@ -141,6 +141,9 @@ class IngestServer(UnixStreamServer):
             return protocol.error(
                 ErrorCode.UNAVAILABLE, "block list cannot be saved, nothing changed"
             ), True
+        except _Incomplete as partly:
+            self._metrics.ingest_request(verb, "incomplete").inc()
+            return protocol.error(ErrorCode.INCOMPLETE, str(partly)), True
         except NotConfirmed as failure:
             return self._not_confirmed(request, failure, peer), True
         except StoreUnavailable as failure:
@@ -293,10 +296,9 @@ class IngestServer(UnixStreamServer):
             if verb is not Verb.BLOCK:
                 raise
             self._log.error("block_not_revoked", user=user, error=str(failure), peer_uid=peer.uid)
-            return protocol.error(
-                ErrorCode.INCOMPLETE,
-                f"user {user} is blocked, but their entries could not be revoked: repeat BLOCK",
-            )
+            raise _Incomplete(
+                f"user {user} is blocked, but their entries could not be revoked: repeat BLOCK"
+            ) from failure
         addresses = [self._keying.describe(grant.address) for grant in revoked]
         self._log.info(
             verb.value.lower(),
@@ -310,6 +312,10 @@ class IngestServer(UnixStreamServer):
         if newly_blocked is not None:
             fields += " blocked=" + ("new" if newly_blocked else "already")
         return protocol.ok(fields)
+
+
+class _Incomplete(Exception):
+    """A change is in force, but not all of it: the reason says what holds."""
 
 
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
