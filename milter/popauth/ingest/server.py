@@ -164,37 +164,33 @@ class IngestServer(UnixStreamServer):
         """The reply when the replicas did not confirm a change: say what state it left."""
         verb = request.verb.value
         confirmed = f"{failure.acknowledged} of {failure.wanted} replicas confirmed it"
-        self._metrics.errors.labels("not_confirmed").inc()
+        if failure.undone:
+            code, state, reason = (
+                ErrorCode.UNAVAILABLE,
+                "undone",
+                f"{confirmed}; undone, nothing changed",
+            )
+        else:
+            code, state = ErrorCode.INCOMPLETE, "in force on the master only"
+            reason = (
+                f"{verb} is in force on the Redis master, but only {confirmed}: "
+                "a failover may undo it; repeat it when the replicas are back"
+            )
         target = {"user": request.user}
         if request.address is not None:
             target = {"client_ip": self._keying.describe(self._keying.key_address(request.address))}
-        if failure.undone:
-            self._metrics.ingest_request(verb, "unavailable").inc()
-            self._log.error(
-                "change_not_confirmed",
-                verb=verb,
-                acknowledged=failure.acknowledged,
-                wanted=failure.wanted,
-                state="undone",
-                peer_uid=peer.uid,
-                **target,
-            )
-            return protocol.error(ErrorCode.UNAVAILABLE, f"{confirmed}; undone, nothing changed")
-        self._metrics.ingest_request(verb, "incomplete").inc()
+        self._metrics.ingest_request(verb, code.value).inc()
+        self._metrics.errors.labels("not_confirmed").inc()
         self._log.error(
             "change_not_confirmed",
             verb=verb,
             acknowledged=failure.acknowledged,
             wanted=failure.wanted,
-            state="in force on the master only",
+            state=state,
             peer_uid=peer.uid,
             **target,
         )
-        return protocol.error(
-            ErrorCode.INCOMPLETE,
-            f"{verb} is in force on the Redis master, but only {confirmed}: "
-            "a failover may undo it; repeat it when the replicas are back",
-        )
+        return protocol.error(code, reason)
 
     def _refusal(self, request: Request, peer: Peer) -> str | None:
         return self._peers.refusal(request.verb, peer)

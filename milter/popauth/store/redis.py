@@ -373,7 +373,8 @@ class RedisStore(WhitelistStore):
             pipe.wait(self._wait_replicas, self._wait_milliseconds)
             _, acknowledged = pipe.execute()
         except redis.RedisError as error:
-            raise StoreUnavailable(f"redis: {error}") from error
+            # The change itself was made: it is not confirmed, not undone.
+            raise NotConfirmed(0, self._wait_replicas, undone=False) from error
         if acknowledged < self._wait_replicas:
             raise NotConfirmed(acknowledged, self._wait_replicas, undone=False)
 
