@@ -34,14 +34,24 @@ def user_key(user: str) -> str:
     ``Alice``, ``ALICE``, fullwidth ``alice`` and ``Älice`` are one name,
     ``Straße`` is ``strasse``. As broad as an accent- and case-insensitive
     SQL collation (MySQL's default ``utf8mb4_0900_ai_ci``), so that a block
-    errs on the side of refusing.
+    errs on the side of refusing. The key never holds a blank: a character
+    whose compatibility form holds one (``¨`` is a space and a combining
+    diaeresis) keeps its own form. A name of accents only keeps them.
     """
     if user.isascii():
         return user.lower()  # the common case, and the same result
-    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFD", user).casefold())
-    folded = unicodedata.normalize("NFKD", folded.casefold())
-    bare = "".join(c for c in folded if not unicodedata.combining(c))
-    return unicodedata.normalize("NFKC", bare)
+    folded = _compatible(unicodedata.normalize("NFD", user).casefold())
+    folded = _compatible(folded.casefold())
+    bare = "".join(c for c in folded if not unicodedata.combining(c)) or folded
+    return unicodedata.normalize("NFC", bare)
+
+
+def _compatible(text: str) -> str:
+    """NFKD, except for characters whose compatibility form holds a blank."""
+    return "".join(
+        decomposed if not _BLANK(decomposed := unicodedata.normalize("NFKD", c)) else c
+        for c in text
+    )
 
 
 def is_valid_user_name(user: object) -> bool:
