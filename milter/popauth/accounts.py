@@ -267,8 +267,8 @@ class RedisBlockList(BlockList):
 
     Its key is the store's (``RedisStore.blocklist_key``): the store checks
     it in the same script that writes a login. A member that is not in
-    caseless form was written before names were kept so; it still counts,
-    for its own spelling, until it is unblocked.
+    caseless form was written before names were kept so: it still refuses
+    its own spelling, until an unblock of that spelling removes it.
     """
 
     def __init__(self, client: redis.Redis, key: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from popauth.addresses import parse_client_address
 from popauth.clock import SystemClock
-from popauth.store import StoreUnavailable
+from popauth.accounts import RedisBlockList
+from popauth.store import StoreUnavailable, UserBlocked
 from popauth.store.redis import RedisStore, connect, glob_escaped
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
@@ -210,3 +211,20 @@ def test_glob_escaping() -> None:
     assert glob_escaped("mail[1]:") == "mail\\[1\\]:"
     assert glob_escaped("a*b?c\\d") == "a\\*b\\?c\\\\d"
     assert glob_escaped("popauth:") == "popauth:"
+
+
+def test_a_block_list_member_from_before_caseless_names_still_counts(
+    redis_server: RedisInstance,
+) -> None:
+    store = make_store(redis_server)
+    blocks = RedisBlockList(store.client, store.blocklist_key)
+    store.client.sadd(store.blocklist_key, "Alice")  # as an earlier popauth wrote it
+    with pytest.raises(UserBlocked):
+        store.grant(A, "Alice")
+    assert "Alice" in blocks
+    assert blocks.add("ALICE")  # now kept caseless, for every spelling
+    with pytest.raises(UserBlocked):
+        store.grant(A, "alice")
+    assert blocks.remove("Alice")
+    assert blocks.users() == []
+    assert not store.grant(A, "alice").renewed
