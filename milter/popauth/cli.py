@@ -298,7 +298,6 @@ def _run_server(arguments: argparse.Namespace) -> int:
     if arguments.command == "check-config":
         return _check_config(arguments)
     from popauth.config import ConfigError, load_settings
-    from popauth.localdelivery.resolve import LocalDeliveryError
     from popauth.tryit import Mode, choose_mode, host_has_mta
 
     if arguments.try_it and (arguments.config or arguments.try_it_if_no_mta):
@@ -331,10 +330,16 @@ def _run_server(arguments: argparse.Namespace) -> int:
             )
             return EXIT_ERROR
         started_by = "try-it"
+    return _serve_with(settings, started_by, banner)
+
+
+def _serve_with(settings: Settings, started_by: str, banner: list[str]) -> int:
+    from popauth.localdelivery.resolve import LocalDeliveryError
     from popauth.persistence import StateFileError
     from popauth.preflight import occupant
     from popauth.serve import serve, state_file_paths
     from popauth.sockets import SocketInUse
+    from popauth.store import StoreSetupError
 
     problem = occupant(settings, state_file_paths(settings))
     if problem is not None:
@@ -348,7 +353,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
     except LocalDeliveryError as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except (SocketInUse, StateFileError, OSError) as error:
+    except (SocketInUse, StateFileError, StoreSetupError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = EXIT_OK

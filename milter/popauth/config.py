@@ -613,9 +613,11 @@ class StoreSettings:
     redis_sentinel_tls_ca_file: str = setting("redis_sentinel_tls_ca_file", "", _tls_file)
     redis_sentinel_tls_cert_file: str = setting("redis_sentinel_tls_cert_file", "", _tls_file)
     redis_sentinel_tls_key_file: str = setting("redis_sentinel_tls_key_file", "", _tls_file)
-    # Replicas that must hold a login before it is acknowledged (WAIT); 0 = none.
+    # Replicas that must hold a login, block, unblock or revoke before it is
+    # acknowledged (WAIT); 0 = none.
     redis_wait_replicas: int = setting("redis_wait_replicas", 0, integer(0, 16))
-    # Seconds a login waits for those replicas before it is refused.
+    # Seconds a change waits for those replicas before it is refused (a login)
+    # or answered as not confirmed (a block or revoke).
     redis_wait_timeout: float = setting("redis_wait_timeout", 0.1, number(0.001, 30))
 
     def __post_init__(self) -> None:

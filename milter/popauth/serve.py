@@ -38,7 +38,7 @@ from popauth.persistence import (
     prepare_state_directory,
 )
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
-from popauth.store import StoreKind, WhitelistStore
+from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
 
@@ -75,7 +75,8 @@ def open_state(
     """The configured store and books, read from disk by ``State.restore``.
 
     Raises StateDirectoryUnsafe (popauth does not start) when a state file's
-    directory could be written by others than root and popauth's own user.
+    directory could be written by others than root and popauth's own user,
+    and StoreSetupError when Redis may evict the block list.
     """
     for path in state_file_paths(settings):
         prepare_state_directory(path)
@@ -92,18 +93,32 @@ def open_state(
             wait_replicas=settings.store.redis_wait_replicas,
             wait_timeout=settings.store.redis_wait_timeout,
         )
-        if not redis_store.ping():
-            # Not fatal: lookups fail closed until Redis answers.
+        try:
+            problem = redis_store.eviction_policy_problem()
+        except StoreUnavailable as failure:
+            # Not fatal: lookups fail closed until Redis answers, and logins
+            # until its eviction policy has been checked.
             log.error(
                 "redis_unavailable_at_start",
                 url=settings.store.redis_url,
                 sentinels=list(settings.store.redis_sentinels),
+                error=str(failure),
             )
-        blocks = RedisBlockList(redis_store.client, f"{stored.redis_key_prefix}blocked-users")
+        else:
+            if problem is not None:
+                log.error("redis_unsuitable", reason=problem)
+                redis_store.close()
+                raise StoreSetupError(problem)
+        blocks = RedisBlockList(redis_store.client, redis_store.blocklist_key)
         state = State(redis_store, blocks, ledger)
     else:
-        memory = MemoryStore(ttl=stored.ttl, max_entries=stored.max_entries, clock=clock)
         blocklist = FileBlockList(settings.accounts.blocklist_path, log)
+        memory = MemoryStore(
+            ttl=stored.ttl,
+            max_entries=stored.max_entries,
+            clock=clock,
+            is_blocked=blocklist.__contains__,
+        )
         state = State(memory, blocklist, ledger)
         if stored.snapshot_path is not None:
             snapshotter = Snapshotter(store=memory, path=stored.snapshot_path, clock=clock, log=log)

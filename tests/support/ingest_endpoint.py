@@ -30,9 +30,11 @@ class Endpoint:
     ) -> None:
         self.path = directory / "ingest.sock"
         self.clock = FakeClock()
-        self.store = store_class(ttl=900, max_entries=1000, clock=self.clock)
-        self.log, self.sink = capturing_logger()
         self.blocklist = FileBlockList(directory / "blocked.json")
+        self.store = store_class(
+            ttl=900, max_entries=1000, clock=self.clock, is_blocked=self.blocklist.__contains__
+        )
+        self.log, self.sink = capturing_logger()
         self.ledger = UsageLedger(max_users=100, clock=self.clock)
         self.metrics = Metrics()
         keying = WhitelistKeying(64)

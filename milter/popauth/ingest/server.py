@@ -22,7 +22,7 @@ from popauth.ingest import protocol
 from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.ingest.roles import PeerPolicy
 from popauth.metrics import Metrics
-from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.store import NotConfirmed, StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.usernames import printable_user_name
 
@@ -144,6 +144,11 @@ class IngestServer(UnixStreamServer):
             return protocol.error(
                 ErrorCode.UNAVAILABLE, "block list cannot be saved, nothing changed"
             ), True
+        except _Incomplete as partly:
+            self._metrics.ingest_request(verb, "incomplete").inc()
+            return protocol.error(ErrorCode.INCOMPLETE, str(partly)), True
+        except NotConfirmed as failure:
+            return self._not_confirmed(request, failure, peer), True
         except StoreUnavailable as failure:
             self._metrics.ingest_request(verb, "unavailable").inc()
             self._metrics.errors.labels("store_unavailable").inc()
@@ -157,6 +162,38 @@ class IngestServer(UnixStreamServer):
         result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
         self._metrics.ingest_request(verb, result).inc()
         return reply, request.verb is not Verb.QUIT
+
+    def _not_confirmed(self, request: Request, failure: NotConfirmed, peer: Peer) -> bytes:
+        """The reply when the replicas did not confirm a change: say what state it left."""
+        verb = request.verb.value
+        confirmed = f"{failure.acknowledged} of {failure.wanted} replicas confirmed it"
+        if failure.undone:
+            code, state, reason = (
+                ErrorCode.UNAVAILABLE,
+                "undone",
+                f"{confirmed}; undone, nothing changed",
+            )
+        else:
+            code, state = ErrorCode.INCOMPLETE, "in force on the master only"
+            reason = (
+                f"{verb} is in force on the Redis master, but only {confirmed}: "
+                "a failover may undo it; repeat it when the replicas are back"
+            )
+        target = {"user": request.user}
+        if request.address is not None:
+            target = {"client_ip": self._keying.describe(self._keying.key_address(request.address))}
+        self._metrics.ingest_request(verb, code.value).inc()
+        self._metrics.errors.labels("not_confirmed").inc()
+        self._log.error(
+            "change_not_confirmed",
+            verb=verb,
+            acknowledged=failure.acknowledged,
+            wanted=failure.wanted,
+            state=state,
+            peer_uid=peer.uid,
+            **target,
+        )
+        return protocol.error(code, reason)
 
     def _refusal(self, request: Request, peer: Peer) -> str | None:
         return self._peers.refusal(request.verb, peer)
@@ -197,6 +234,7 @@ class IngestServer(UnixStreamServer):
             self._log.info(
                 "revoke", client_ip=described, found=removed is not None, peer_uid=peer.uid
             )
+            self._store.confirm_changes()
             if removed is None:
                 return protocol.not_found(described)
             return protocol.ok(protocol.format_grant(removed, described))
@@ -206,10 +244,12 @@ class IngestServer(UnixStreamServer):
         return protocol.ok(protocol.format_grant(grant, described))
 
     def _login(self, key: IPAddress, described: str, user: str, peer: Peer) -> bytes:
-        if user and user in self._blocklist:
+        try:
+            # The store checks the block list in the same step as the write.
+            outcome = self._store.grant(key, user)
+        except UserBlocked:
             self._log.warning("login_refused_blocked", client_ip=described, user=user)
             return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
-        outcome = self._store.grant(key, user)
         if outcome.evicted is not None:
             self._log.warning(
                 "whitelist_full_evicted",
@@ -228,10 +268,11 @@ class IngestServer(UnixStreamServer):
 
     def _renew(self, key: IPAddress, described: str, user: str) -> bytes:
         """Extend a live session's entry; never create one (see store.renew)."""
-        if user in self._blocklist:
+        try:
+            grant = self._store.renew(key, user)
+        except UserBlocked:
             self._log.warning("renew_refused_blocked", client_ip=described, user=user)
             return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
-        grant = self._store.renew(key, user)
         # One line per open session per cycle: debug only; the renewing side
         # logs a summary of each cycle.
         self._log.debug("renew", client_ip=described, user=user, found=grant is not None)
@@ -267,12 +308,22 @@ class IngestServer(UnixStreamServer):
         if verb is Verb.UNBLOCK:
             unblocked = self._blocklist.remove(user)
             self._log.info("unblock", user=user, found=unblocked, peer_uid=peer.uid)
+            self._store.confirm_changes()
             return protocol.ok(f"user={user}") if unblocked else protocol.not_found_user(user)
         newly_blocked = None
         if verb is Verb.BLOCK:
-            # Block first: a login racing with this cannot slip in after the revoke.
+            # Block first: a login that has not yet written its entry is then
+            # refused, and one that has is revoked below (see WhitelistStore).
             newly_blocked = self._blocklist.add(user)
-        revoked = self._store.revoke_user(user)
+        try:
+            revoked = self._store.revoke_user(user)
+        except StoreUnavailable as failure:
+            if verb is not Verb.BLOCK:
+                raise
+            self._log.error("block_not_revoked", user=user, error=str(failure), peer_uid=peer.uid)
+            raise _Incomplete(
+                f"user {user} is blocked, but their entries could not be revoked: repeat BLOCK"
+            ) from failure
         addresses = [self._keying.describe(grant.address) for grant in revoked]
         self._log.info(
             verb.value.lower(),
@@ -281,10 +332,15 @@ class IngestServer(UnixStreamServer):
             blocked=newly_blocked,
             peer_uid=peer.uid,
         )
+        self._store.confirm_changes()
         fields = f"user={user} revoked={len(revoked)}"
         if newly_blocked is not None:
             fields += " blocked=" + ("new" if newly_blocked else "already")
         return protocol.ok(fields)
+
+
+class _Incomplete(Exception):
+    """A change is in force, but not all of it: the reason says what holds."""
 
 
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")

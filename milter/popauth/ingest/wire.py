@@ -7,7 +7,11 @@ by blanks. Every reply line starts with one of three words:
 ``OK``        the request succeeded; ``key=value`` fields follow;
 ``NOTFOUND``  the address or user is not there (QUERY, REVOKE, UNBLOCK);
 ``ERR``       the request failed and changed nothing; a code word and a
-              human-readable reason follow.
+              human-readable reason follow. One code is the exception:
+              ``ERR incomplete`` says a block, unblock or revoke is in force
+              but not everywhere it should be (not confirmed by the Redis
+              replicas, or a block whose revocations failed); its reason
+              says what holds, and repeating the request is safe.
 
 ``LIST``, ``BLOCKED``, ``REPORT`` and ``EXPLAIN`` answer ``OK count=N``
 followed by exactly N lines.
@@ -62,6 +66,8 @@ class ErrorCode(enum.Enum):
     TIMEOUT = "timeout"
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
+    # In force, but not confirmed everywhere: the only ERR that changed something.
+    INCOMPLETE = "incomplete"
     INTERNAL = "internal"
 
 

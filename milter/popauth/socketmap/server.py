@@ -7,10 +7,12 @@ only asks "may this client relay?": a whitelisted client address answers
 the milter does it (IPv4-mapped IPv6 is IPv4, an ``IPv6:`` tag is dropped,
 IPv6 is cut to ``ipv6_prefix``).
 
-Postfix also asks for the client host name (``unknown`` when none) and, for
-tables that are not CIDR, the address shortened octet by octet (``192.0.2``,
-``192.0``): every key that is not a whole IP address is ``NOTFOUND`` at once,
-without touching the store.
+Postfix's ``check_client_access`` also asks for the client host name
+(``unknown`` when none), but never for partial keys such as an address
+shortened by octets: a socketmap is a pattern table to it, like ``cidr:``
+(socketmap_table(5)). Every key that is not a whole IP address (a host
+name, ``unknown``, anything a client of the socket may send) is
+``NOTFOUND`` at once, without touching the store.
 
 Fail closed: a store that cannot answer gives ``TEMP``; bad input ``PERM``.
 Connections are persistent (both MTAs keep one per process), bounded in
@@ -189,7 +191,7 @@ class SocketmapServer(UnixStreamServer):
         try:
             address = parse_client_address(request.key)
         except AddressError:
-            # A host name, "unknown", or a shortened address ("192.0.2").
+            # A host name, "unknown", or anything else that is no address.
             self._count("not_an_address")
             return self._notfound
         key = self._keying.key_address(address)

@@ -9,9 +9,12 @@ from popauth.store.base import (
     EndReason,
     Grant,
     GrantOutcome,
+    NotConfirmed,
     StoreKind,
+    StoreSetupError,
     StoreStats,
     StoreUnavailable,
+    UserBlocked,
     WhitelistStore,
 )
 
@@ -20,8 +23,11 @@ __all__ = [
     "EndedGrant",
     "Grant",
     "GrantOutcome",
+    "NotConfirmed",
     "StoreKind",
+    "StoreSetupError",
     "StoreStats",
     "StoreUnavailable",
+    "UserBlocked",
     "WhitelistStore",
 ]

@@ -23,6 +23,9 @@ were revoked or were pushed out, and how each ended. TTLCache drops expired
 entries without a word, so "expired at T" is read from the remembered entry
 itself. Only logins, renewals and removals write it; a lookup (the milter's
 per-message path) never touches it. It is not saved in the snapshot.
+
+The block list is checked under the same lock as the write (``is_blocked``),
+so a login and a block of the same user are ordered: see WhitelistStore.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import ipaddress
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cachetools import TTLCache
 
@@ -43,8 +46,10 @@ from popauth.store.base import (
     Grant,
     GrantOutcome,
     StoreStats,
+    UserBlocked,
     WhitelistStore,
 )
+from popauth.usernames import user_key
 
 # IPv6 keys are tagged above bit 127 so that ::c000:201 never collides with
 # 192.0.2.1; plain ints are far smaller than address objects or strings.
@@ -93,13 +98,25 @@ class _End:
         self.at = at
 
 
+def _nobody_is_blocked(_: str) -> bool:
+    return False
+
+
 class MemoryStore(WhitelistStore):
     def __init__(
-        self, *, ttl: int, max_entries: int, clock: Clock, remembered_ends: int = REMEMBERED_ENDS
+        self,
+        *,
+        ttl: int,
+        max_entries: int,
+        clock: Clock,
+        is_blocked: Callable[[str], bool] = _nobody_is_blocked,
+        remembered_ends: int = REMEMBERED_ENDS,
     ) -> None:
         self._ttl = ttl
         self._max_entries = max_entries
         self._clock = clock
+        # The block list's membership test; it must not take this store's lock.
+        self._is_blocked = is_blocked
         # Restoring a snapshot inserts entries as of their login time, so
         # that they keep their expiry; otherwise the shift is zero.
         self._timer_shift = 0.0
@@ -153,6 +170,8 @@ class MemoryStore(WhitelistStore):
         key = _key(address)
         evicted: Grant | None = None
         with self._lock:
+            if user and self._is_blocked(user):
+                raise UserBlocked(user)
             cache = self._cache
             now = self._timer()
             renewed = self._live(key, now) is not None
@@ -171,6 +190,8 @@ class MemoryStore(WhitelistStore):
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         key = _key(address)
         with self._lock:
+            if self._is_blocked(user):
+                raise UserBlocked(user)
             # One reading of the timer for the check and the update: an
             # entry found expired is never brought back.
             now = self._timer()
@@ -203,8 +224,10 @@ class MemoryStore(WhitelistStore):
         return self._grant_of(address, entry)
 
     def revoke_user(self, user_name: str) -> list[Grant]:
+        wanted = user_key(user_name)
         with self._lock:
-            removed = [(key, entry) for key, entry in self._listing() if entry.user == user_name]
+            listing = self._listing()
+            removed = [(key, entry) for key, entry in listing if user_key(entry.user) == wanted]
             now = self._timer()
             for key, entry in removed:
                 del self._cache[key]
