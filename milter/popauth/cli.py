@@ -16,9 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
 from popauth.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
+
+if TYPE_CHECKING:
+    from popauth.config import Settings
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -197,6 +201,20 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_follow(settings: Settings) -> int:
+    """check-config: what following follow_format means here; an error if refused."""
+    if not settings.follow.format:
+        return EXIT_OK
+    from popauth.follow.run import trust_report
+
+    report = trust_report(settings)
+    print("\n".join(report.lines()))
+    if report.refusal is not None:
+        print(f"popauth: configuration error: cannot follow: {report.refusal}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def _run_server(arguments: argparse.Namespace) -> int:
     from popauth.config import ConfigError, load_settings
     from popauth.localdelivery.resolve import LocalDeliveryError, resolve_local_delivery
@@ -214,7 +232,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
             return EXIT_ERROR
         print(f"{arguments.config}: OK")
         print("\n".join(local.describe()))
-        return EXIT_OK
+        return _check_follow(settings)
     from popauth.persistence import StateFileError
     from popauth.serve import serve
     from popauth.sockets import SocketInUse
