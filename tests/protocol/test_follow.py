@@ -27,7 +27,8 @@ def stamp(offset: float = 0.0) -> str:
 
 def login_line(user: str, ip: str, uid: int = 0, pid: int = 4000, offset: float = 0.0) -> str:
     """solid-pop3d's login line (a root process logs it), in the rsyslog template."""
-    return f"{stamp(offset)} uid={uid} pid={pid} solid-pop3d[{pid}]: user {user} authenticated - {ip}\n"
+    envelope = f"{stamp(offset)} uid={uid} pid={pid} solid-pop3d[{pid}]"
+    return f"{envelope}: user {user} authenticated - {ip}\n"
 
 
 @pytest.fixture
