@@ -9,8 +9,9 @@ servers and rsyslog of ``tests/live/logservers.py`` and the real Postfix of
   ``courierpop3d`` (ptrace, where the kernel lets users trace their own
   processes, as this machine's does: no Yama; elsewhere the test checks
   that the kernel refuses), and through ``Maildir/loginexec`` (any kernel).
-  rsyslog stamps the forged line ``uid=0``. The follower refuses Courier's log here; the PAM reporter
-  (``contrib/courier/popauth-courier-login``) reports the real login.
+  rsyslog stamps the forged line ``uid=0``. The follower refuses Courier's
+  log here; the PAM reporter (``contrib/courier/popauth-courier-login``)
+  reports the real login.
 - **popa3d**: in a private PID namespace with ``pid_max`` 1000, a stranger
   connects and leaves (or its session process is killed), then ``nobody``
   forks until it gets that session's pid and logs ``Authentication passed

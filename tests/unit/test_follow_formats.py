@@ -175,6 +175,15 @@ def test_popa3d_forgets_a_session_at_any_other_line_of_its_pid(ending: str) -> N
     assert forged == Refused("no_session", {"pid": 500})
 
 
+def test_popa3d_keeps_a_session_through_the_lines_of_its_pam_modules() -> None:
+    popa3d = popa3d_with_users()
+    assert popa3d.login(line("Session from 198.51.100.7", 30, ROOT)) is None
+    note = "pam_unix(popa3d:account): expired password for user alice (password aged)"
+    assert popa3d.login(line(note, 30, ROOT)) is None
+    login = popa3d.login(line("Authentication passed for alice", 30, ALICE))
+    assert isinstance(login, Login) and str(login.address) == "198.51.100.7"
+
+
 def test_popa3d_forgets_a_session_after_the_login_timeout() -> None:
     popa3d = popa3d_with_users()
     popa3d.session_timeout = 600

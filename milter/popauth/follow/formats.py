@@ -47,6 +47,8 @@ DEFAULT_SESSION_TIMEOUT = 600.0
 DEFAULT_MAIL_UIDS = range(1000, 60_000)
 # The overflow uid: what an unmapped uid shows as; never a mail account.
 NOBODY_UID = 65_534
+# pam_syslog's prefix: "pam_unix(popa3d:auth): ...".
+_PAM_MODULE_LINE = re.compile(r"pam_[A-Za-z0-9_]+\([^()\s]*\): ").match
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,10 @@ class SessionFormat(LoginFormat):
                 self._sessions.popitem(last=False)
             return None
         success = self._success(entry.message)
+        if success is None and _PAM_MODULE_LINE(entry.message):
+            # PAM modules log from the session's process while it checks the
+            # password, with popa3d's tag, whatever the verdict.
+            return None
         # One login per session line, and any other line of the pid ends the
         # session: popa3d logs one when a session ends without a login, and
         # a process that is gone leaves its pid to be handed out again.
