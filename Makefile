@@ -2,8 +2,8 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# The Dovecot hook: a Python script without a .py suffix, linted explicitly.
-HOOK := contrib/dovecot/popauth-login
+# The login reporters: Python scripts without a .py suffix, linted explicitly.
+HOOK := contrib/dovecot/popauth-login contrib/courier/popauth-courier-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 

@@ -253,6 +253,20 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_follow(settings: Settings) -> int:
+    """check-config: what following follow_format means here; an error if refused."""
+    if not settings.follow.format:
+        return EXIT_OK
+    from popauth.follow.run import trust_report
+
+    report = trust_report(settings)
+    print("\n".join(report.lines()))
+    if report.refusal is not None:
+        print(f"popauth: configuration error: cannot follow: {report.refusal}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 # What to do when someone else holds popauth's paths: by how serve was
 # started, and whether a process runs there or a directory is another user's.
 _ADVICE = {
@@ -291,7 +305,7 @@ def _check_config(arguments: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"{arguments.config}: OK")
     print("\n".join(local.describe()))
-    return EXIT_OK
+    return _check_follow(settings)
 
 
 def _run_server(arguments: argparse.Namespace) -> int:

@@ -577,12 +577,28 @@ class FollowSettings:
     # Logins logged longer ago than this are not reported (seconds).
     max_age: int = setting("follow_max_age", 60, integer(1, 86_400))
     poll_interval: float = setting("follow_poll_interval", 0.1, number(0.01, 10))
+    # Whether a mail account can run a program or write a file on this host
+    # (a shell, cron, a .forward pipe, FTP): Courier's log is then forgeable.
+    mail_users_run_programs: bool = setting("follow_mail_users_run_programs", True, boolean)
+    # popa3d: seconds a session line waits for its success line (popa3d's
+    # own idle timeout, POP_TIMEOUT, is 10 minutes).
+    session_timeout: int = setting("follow_session_timeout", 600, integer(1, 86_400))
+    # popa3d: the uids of mail accounts, whose own success lines count
+    # (Debian's normal users; never system accounts or nobody).
+    mail_uid_min: int = setting("follow_mail_uid_min", 1000, integer(1, 4_294_967_294))
+    mail_uid_max: int = setting("follow_mail_uid_max", 59_999, integer(1, 4_294_967_294))
 
     def __post_init__(self) -> None:
         if self.format == "regex" and not (self.regex and self.programs):
             raise ConfigError(
                 "bad value for 'follow_format': \"regex\" needs follow_regex and follow_programs"
             )
+        if self.mail_uid_min > self.mail_uid_max:
+            raise ConfigError("bad value for 'follow_mail_uid_max': less than follow_mail_uid_min")
+
+    @property
+    def mail_uids(self) -> range:
+        return range(self.mail_uid_min, self.mail_uid_max + 1)
 
 
 @dataclass(frozen=True, slots=True)

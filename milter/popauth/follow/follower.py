@@ -10,15 +10,19 @@ A line becomes a login only if all of these hold, checked in this order:
 
 1. it is in the configured envelope (``follow_trust``);
 2. its program is one of the format's programs;
-3. its message is the format's *successful* login, with a plausible user;
+3. its message is the format's *successful* login, with a plausible user
+   (popa3d: paired with a live session line of the same pid);
 4. ``rsyslog`` envelope: the kernel says a process of a trusted user
    (``follow_trusted_users``) sent it, and the tag's pid, if any, is that
-   process's;
+   process's (popa3d's success line: or a mail account's, its own);
 5. it is fresh: not older than ``follow_max_age`` seconds, and (standard
    input) not stamped before the follower started.
 
 Lines that fail 1 to 3 are other log traffic and pass silently; a line that
-passes 3 but fails 4 or 5 is logged as ``follow_refused`` with the reason.
+passes 3 but fails 4 or 5, or a success line the format refuses (a popa3d
+success line without a live session), is logged as ``follow_refused`` with
+the reason. Which formats may be followed at all on this host is decided
+before the first line (``popauth.follow.trust``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ from dataclasses import dataclass, field
 import structlog
 
 from popauth.follow.entries import EntryError, EntryParser
-from popauth.follow.formats import Login, LoginFormat
+from popauth.follow.formats import (
+    DEFAULT_MAIL_UIDS,
+    DEFAULT_SESSION_TIMEOUT,
+    Login,
+    LoginFormat,
+    Refused,
+    SessionFormat,
+)
 from popauth.follow.sources import LineSource
 
 # Lines stamped up to this long after "now" still count (clock steps, rounding).
@@ -68,10 +79,15 @@ class LineJudge:
         not_before: float,
         log: structlog.typing.FilteringBoundLogger,
         counters: Counters,
+        mail_uids: range = DEFAULT_MAIL_UIDS,
+        session_timeout: float = DEFAULT_SESSION_TIMEOUT,
     ) -> None:
         self._format = login_format
         if trust == "rsyslog":
             login_format.trusted_uids = trusted_uids
+        if isinstance(login_format, SessionFormat):
+            login_format.mail_uids = mail_uids
+            login_format.session_timeout = session_timeout
         self._programs = login_format.programs
         self._entries = EntryParser(trust)
         self._check_sender = trust == "rsyslog"
@@ -97,8 +113,12 @@ class LineJudge:
             if login is None:
                 continue
             self._counters.logins += 1
-            if self._check_sender and not self._format.sender_trusted(entry, login):
-                self._refuse("untrusted_sender", line, sender_uid=entry.sender_uid)
+            if isinstance(login, Refused):
+                self._refuse(login.reason, line, **login.details)
+                continue
+            refusal = self._check_sender and self._format.sender_refusal(entry, login)
+            if refusal:
+                self._refuse(refusal, line, sender_uid=entry.sender_uid)
                 continue
             if login.time < now - self._max_age or login.time < self._not_before:
                 self._refuse("stale", line, age=round(now - login.time, 3))

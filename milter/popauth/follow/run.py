@@ -14,6 +14,7 @@ from popauth.config import Settings
 from popauth.follow.follower import Counters, Follower, IngestReporter, LineJudge
 from popauth.follow.formats import build_format
 from popauth.follow.sources import FollowedFile, LineSource, StandardInput
+from popauth.follow.trust import TrustReport, assess, read_pid_max, read_ptrace_scope
 from popauth.logs import configure_logging
 
 
@@ -38,6 +39,17 @@ def check_log_file(path: Path, trust: str) -> None:
         )
 
 
+def trust_report(settings: Settings) -> TrustReport:
+    """What following ``follow_format`` means on this host's kernel (docs/follow.rst)."""
+    return assess(
+        settings.follow.format,
+        settings.follow.trust,
+        read_ptrace_scope(),
+        settings.follow.mail_users_run_programs,
+        read_pid_max(),
+    )
+
+
 def build_follower(settings: Settings, log: str | None = None) -> Follower:
     log_name = log or settings.follow.log
     if not log_name:
@@ -47,6 +59,9 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
     login_format = build_format(
         settings.follow.format, settings.follow.programs, settings.follow.regex
     )
+    trust = trust_report(settings)
+    if trust.refusal is not None:
+        raise FollowSetupError(trust.refusal)
     logger = configure_logging(settings.log.format, settings.log.level).bind(door="follow")
     started = time.time()
     source: LineSource
@@ -70,7 +85,18 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         not_before=not_before,
         log=logger,
         counters=counters,
+        mail_uids=settings.follow.mail_uids,
+        session_timeout=settings.follow.session_timeout,
     )
+    logger.info(
+        "follow_trust",
+        format=trust.format,
+        proves=trust.proves,
+        ptrace_scope="absent" if trust.ptrace_scope is None else trust.ptrace_scope,
+        kernel=trust.kernel,
+    )
+    for warning in trust.warnings:
+        logger.warning("follow_trust_warning", format=trust.format, warning=warning)
     logger.info(
         "follow_start",
         log=log_name,
