@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         "log", nargs="?", help='the log (default: follow_log); "-" = standard input'
     )
 
+    setup = commands.add_parser("setup", help="point Postfix, Dovecot or Sendmail at popauth")
+    setup.add_argument("--config", type=Path, help=CONFIG_HELP)
+    from popauth.setup.command import add_arguments
+
+    add_arguments(setup)
+
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument(
@@ -327,6 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_sessions(arguments)
     if arguments.command == "follow":
         return _run_follow(arguments)
+    if arguments.command == "setup":
+        from popauth.setup.command import run_setup
+
+        try:
+            return run_setup(arguments, settings_file(arguments))
+        except SettingsFileError as error:
+            print(f"popauth: {error}", file=sys.stderr)
+            return EXIT_ERROR
     return _run_client(arguments)
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from tests.live.netns import CLONE_NEWNET, NamespaceError, _libc
 
 REPO = Path(__file__).resolve().parents[2]
 CGROUP2 = Path("/run/popauth-tests/cgroup2")
@@ -43,6 +46,11 @@ hostname {hostname}
 exec chroot {root} /usr/bin/env -i container=docker {path} /lib/systemd/systemd \
     --log-target=console
 """
+
+
+def _enter(descriptor: int) -> None:
+    if _libc.setns(descriptor, CLONE_NEWNET) != 0:
+        raise NamespaceError("setns into the host's network namespace failed")
 
 
 class HostError(RuntimeError):
@@ -195,6 +203,43 @@ class DebianHost:
 
     def sh(self, script: str, **options: object) -> subprocess.CompletedProcess[str]:
         return self.run(["/bin/sh", "-ec", script], **options)  # type: ignore[arg-type]
+
+    def add_addresses(self, *addresses: str) -> None:
+        """More addresses on the host's loopback: clients that are not 127.x."""
+        for address in addresses:
+            subprocess.run(
+                ["nsenter", "-t", str(self.pid), "-n", "ip", "addr", "add", f"{address}/32", "dev", "lo"],
+                check=True,
+            )
+
+    @contextlib.contextmanager
+    def network(self) -> Iterator[None]:
+        """Run the block with this thread in the host's network namespace (its loopback)."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/proc/{self.pid}/ns/net", os.O_RDONLY)
+        try:
+            _enter(target)
+            try:
+                yield
+            finally:
+                _enter(home)
+        finally:
+            os.close(target)
+            os.close(home)
+
+    def journal(self, *arguments: str) -> str:
+        return self.run(["journalctl", "--no-pager", "-o", "cat", *arguments]).stdout
+
+    def main_pid(self, unit: str) -> int:
+        shown = self.run(["systemctl", "show", "-p", "MainPID", "--value", unit]).stdout
+        return int(shown.strip() or 0)
+
+    def unit_property(self, unit: str, name: str) -> str:
+        return self.run(["systemctl", "show", "-p", name, "--value", unit]).stdout.strip()
+
+    def documentation_paths(self, unit: str) -> list[str]:
+        shown = self.unit_property(unit, "Documentation")
+        return re.findall(r"file://(\S+)", shown)
 
     def put(self, source: Path, inside: str) -> None:
         """Copy a file of this machine to ``inside`` (a path under the host's /root)."""
