@@ -111,6 +111,10 @@ class DebianHost:
             f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME} mx\n::1 localhost\n"
         )
         (self.root / "etc" / "mailname").write_text(f"{HOSTNAME}\n")
+        # The operator's "yes" to apt's question, as no one is at a terminal here.
+        (self.root / "etc" / "apt" / "apt.conf.d" / "90popauth-test").write_text(
+            'APT::Get::Assume-Yes "true";\n'
+        )
         self.cgroup.mkdir()
         script = BOOT.format(
             root=shlex.quote(str(self.root)),
@@ -208,7 +212,18 @@ class DebianHost:
         """More addresses on the host's loopback: clients that are not 127.x."""
         for address in addresses:
             subprocess.run(
-                ["nsenter", "-t", str(self.pid), "-n", "ip", "addr", "add", f"{address}/32", "dev", "lo"],
+                [
+                    "nsenter",
+                    "-t",
+                    str(self.pid),
+                    "-n",
+                    "ip",
+                    "addr",
+                    "add",
+                    f"{address}/32",
+                    "dev",
+                    "lo",
+                ],
                 check=True,
             )
 

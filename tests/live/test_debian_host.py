@@ -36,7 +36,9 @@ pytestmark = pytest.mark.live
 LOCAL = f"alice@{HOSTNAME}"
 REMOTE = "someone@remote.example"
 PASSWORD = "wonderland"
-POP_CLIENT, STRANGER, AUTH_CLIENT, IMAP_CLIENT = "192.0.2.10", "192.0.2.20", "192.0.2.30", "192.0.2.40"
+POP_CLIENT, STRANGER = "192.0.2.10", "192.0.2.20"
+AUTH_CLIENT, IMAP_CLIENT = "192.0.2.30", "192.0.2.40"
+MAIL_HOST = ("postfix", "dovecot-pop3d", "dovecot-imapd")
 # The test's own short ttl, in a unit drop-in (the packaged popauth.toml stays as shipped).
 TEST_TTL = 6
 
@@ -119,7 +121,8 @@ def imap_session(source: str) -> imaplib.IMAP4:
     client = type("Imap", (_ImapFrom,), {"source": source})("127.0.0.1", 143, timeout=10)
     client.starttls(_tls())
     client.login("alice", PASSWORD)
-    return client
+    session: imaplib.IMAP4 = client
+    return session
 
 
 def rcpt(source: str, recipient: str, *, auth: bool = False) -> tuple[int, str]:
@@ -157,8 +160,7 @@ def install_mail_host(host: DebianHost) -> None:
         ),
     )
     host.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends"]
-        + ["postfix", "dovecot-pop3d", "dovecot-imapd"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *MAIL_HOST],
         env=("DEBIAN_FRONTEND=noninteractive",),
         timeout=600,
     )
@@ -246,11 +248,9 @@ def test_the_package_on_a_debian_host(host: DebianHost, package: Path) -> None: 
     assert owner == "popauth"
     writable = {}
     for path in ("/etc", "/usr/lib", "/var/spool/postfix", "/var/lib/popauth", "/run/popauth"):
-        probe = host.run(
-            ["nsenter", "-t", str(pid), "-m", "setpriv", "--reuid=popauth", "--regid=popauth"]
-            + ["--clear-groups", "touch", f"{path}/.popauth-probe"],
-            check=False,
-        )
+        as_popauth = ["setpriv", "--reuid=popauth", "--regid=popauth", "--clear-groups"]
+        touch = ["touch", f"{path}/.popauth-probe"]
+        probe = host.run(["nsenter", "-t", str(pid), "-m", *as_popauth, *touch], check=False)
         writable[path] = probe.returncode == 0
     seen["writable"] = writable
     assert writable == {
@@ -262,9 +262,9 @@ def test_the_package_on_a_debian_host(host: DebianHost, package: Path) -> None: 
     }
 
     # An IMAP session held open past ttl keeps relaying (popauth sessions renews it).
-    drop_in = f"""[Service]
+    drop_in = """[Service]
 ExecStart=
-ExecStart=/usr/bin/popauth {{command}} --config /etc/popauth/test.toml
+ExecStart=/usr/bin/popauth {command} --config /etc/popauth/test.toml
 """
     host.sh(
         "cp /etc/popauth/popauth.toml /etc/popauth/test.toml"
@@ -312,11 +312,8 @@ ExecStart=/usr/bin/popauth {{command}} --config /etc/popauth/test.toml
     for unit in ("popauth", "popauth-sessions"):
         for path in host.documentation_paths(unit):
             assert (host.root / path.lstrip("/")).is_file(), (unit, path)
-    checked = host.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "popauth"]
-        + ["check-config"],
-        check=False,
-    )
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    checked = host.run([*as_nobody, "popauth", "check-config"], check=False)
     seen["check-config as nobody"] = (checked.returncode, checked.stderr.strip())
     assert "Traceback" not in checked.stderr
     assert len(checked.stderr.strip().splitlines()) <= 1

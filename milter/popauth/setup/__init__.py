@@ -51,6 +51,8 @@ class Plan:
     backups: list[Path] = field(default_factory=list)
     # The check that must pass after the changes, else the backups go back.
     check: tuple[str, ...] | None = None
+    # How the postconf settings are written (with -c DIR for another instance).
+    postconf_command: tuple[str, ...] = ("postconf",)
 
     @property
     def changes_anything(self) -> bool:
@@ -86,7 +88,7 @@ def backup_name(path: Path, stamp: str) -> Path:
     return path.with_name(f"{path.name}.popauth-{stamp}")
 
 
-def apply(plan: Plan, postconf: Sequence[str] = ("postconf",)) -> list[str]:
+def apply(plan: Plan) -> list[str]:
     """Make the plan's changes; the lines say what was done. Raises SetupError."""
     if plan.refusals:
         raise SetupError("refused; nothing was changed")
@@ -98,7 +100,8 @@ def apply(plan: Plan, postconf: Sequence[str] = ("postconf",)) -> list[str]:
         done.append(shlex.join(command))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     restore: list[tuple[Path, bytes | None]] = []
-    for path in [*plan.backups, *(change.path for change in plan.files)]:
+    changed = [*plan.backups, *(change.path for change in plan.files)]
+    for path in changed if plan.postconf or plan.files else []:
         if any(path == kept for kept, _ in restore):
             continue
         if path.exists():
@@ -125,7 +128,7 @@ def apply(plan: Plan, postconf: Sequence[str] = ("postconf",)) -> list[str]:
             done.append(f"wrote {change.path}")
         if plan.postconf:
             settings = [f"{name} = {value}" for name, value in plan.postconf]
-            _must(run([*postconf, "-e", *settings]), "postconf -e")
+            _must(run([*plan.postconf_command, "-e", *settings]), "postconf -e")
             done.extend(shlex.join(["postconf", "-e", s]) for s in settings)
         if plan.check is not None:
             _must(run(plan.check), shlex.join(plan.check))

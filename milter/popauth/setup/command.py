@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from popauth.config import ConfigError, load_settings
-from popauth.setup import Plan, SetupError, apply
+from popauth.setup import Plan, SetupError, apply, run
 from popauth.setup.postfix import PostfixUnreadable
 
 EXIT_OK, EXIT_ERROR = 0, 2
@@ -31,7 +30,7 @@ def make_plan(target: str, settings_path: Path | None, directory: str) -> Plan:
     if target == "postfix":
         from popauth.setup.postfix import plan_postfix
 
-        status = os.system("postfix status >/dev/null 2>&1") if directory == "" else 0
+        status = run(["postfix", *(["-c", directory] if directory else []), "status"]).returncode
         return plan_postfix(
             settings, config_directory=directory, systemd=systemd, postfix_running=status == 0
         )

@@ -234,7 +234,7 @@ def plan_postfix(  # noqa: PLR0915 - one reading of main.cf, setting by setting
     directory = values["config_directory"]
     queue = values["queue_directory"]
     services = smtpd_services(read(["-F"]))
-    plan = Plan("postfix", backups=[Path(directory) / "main.cf"])
+    plan = Plan("postfix", backups=[Path(directory) / "main.cf"], postconf_command=tuple(command))
     ours, why_not = milter_entry(settings.milter.socket, queue, any(services.values()))
     if why_not:
         plan.refusals.append(why_not)
@@ -270,6 +270,12 @@ def plan_postfix(  # noqa: PLR0915 - one reading of main.cf, setting by setting
     entry = ours if tempfail else f"{{ {ours}, default_action=tempfail }}"
     if [*others, entry] != milters:
         plan.postconf.append(("smtpd_milters", ", ".join([*others, entry])))
+        # Locally submitted mail (sendmail(1), pickup) has no client address:
+        # popauth must not judge it, so a non_smtpd_milters that refers to
+        # smtpd_milters keeps the list it means today.
+        unexpanded = read(["non_smtpd_milters"]).get("non_smtpd_milters", "")
+        if "smtpd_milters" in unexpanded:
+            plan.postconf.insert(len(plan.postconf) - 1, ("non_smtpd_milters", ", ".join(others)))
     if others and not tempfail:
         plan.notes.append(
             f"milter_default_action is {values['milter_default_action']} for the other milters;"
