@@ -247,11 +247,18 @@ def test_the_package_on_a_debian_host(host: DebianHost, package: Path) -> None: 
     owner = host.run(["stat", "-c", "%U", f"/proc/{pid}"]).stdout.strip()
     assert owner == "popauth"
     writable = {}
+    uid, gid = (
+        host.run(["id", "-u", "popauth"]).stdout.strip(),
+        host.run(["id", "-g", "popauth"]).stdout.strip(),
+    )
     for path in ("/etc", "/usr/lib", "/var/spool/postfix", "/var/lib/popauth", "/run/popauth"):
-        as_popauth = ["setpriv", "--reuid=popauth", "--regid=popauth", "--clear-groups"]
+        # In the service's own mount namespace and root, as its user (numeric ids:
+        # nothing to look up there), the way popauth itself would write.
+        as_popauth = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
         touch = ["touch", f"{path}/.popauth-probe"]
-        probe = host.run(["nsenter", "-t", str(pid), "-m", *as_popauth, *touch], check=False)
+        probe = host.run(["nsenter", "-t", str(pid), "-m", "-r", *as_popauth, *touch], check=False)
         writable[path] = probe.returncode == 0
+        seen[f"touch {path}"] = probe.stderr.strip()
     seen["writable"] = writable
     assert writable == {
         "/etc": False,
@@ -259,7 +266,7 @@ def test_the_package_on_a_debian_host(host: DebianHost, package: Path) -> None: 
         "/var/spool/postfix": False,
         "/var/lib/popauth": True,
         "/run/popauth": True,
-    }
+    }, [value for key, value in seen.items() if key.startswith("touch")]
 
     # An IMAP session held open past ttl keeps relaying (popauth sessions renews it).
     drop_in = """[Service]
@@ -315,7 +322,7 @@ ExecStart=/usr/bin/popauth {command} --config /etc/popauth/test.toml
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     checked = host.run([*as_nobody, "popauth", "check-config"], check=False)
     seen["check-config as nobody"] = (checked.returncode, checked.stderr.strip())
-    assert "Traceback" not in checked.stderr
+    assert "Traceback" not in checked.stderr, checked.stderr[-1500:]
     assert len(checked.stderr.strip().splitlines()) <= 1
 
     # Purge: no user, no state, no unit.
