@@ -299,6 +299,8 @@ ExecStart=/usr/bin/popauth {command} --config /etc/popauth/test.toml
     assert seen["pop3 past ttl"][0] == 550
     for unit in ("popauth", "popauth-sessions"):
         (host.root / "etc" / "systemd" / "system" / f"{unit}.service.d" / "test-ttl.conf").unlink()
+    # The test's own file: purge removes only what the package made.
+    (host.root / "etc" / "popauth" / "test.toml").unlink()
     host.run(["systemctl", "daemon-reload"])
     host.run(["systemctl", "restart", "popauth", "popauth-sessions"])
 
