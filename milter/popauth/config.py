@@ -261,7 +261,13 @@ def _file_path(value: Any) -> Path:
     if text.rsplit("/", 1)[1] in ("", ".", ".."):
         raise ValueError("must name a file, not a directory")
     path = Path(text)
-    if path.is_dir():
+    try:
+        is_directory = path.is_dir()
+    except PermissionError:
+        # Python 3.11 raises where a parent may not be searched (a non-root
+        # user checking popauth's settings): then it cannot be told here.
+        is_directory = False
+    if is_directory:
         raise ValueError(f"{text} is a directory")
     return path
 
