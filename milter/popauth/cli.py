@@ -232,6 +232,7 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     from popauth.follow.follower import FollowError
     from popauth.follow.formats import FormatError
     from popauth.follow.run import FollowSetupError, build_follower, run_until_signalled
+    from popauth.follow.sources import SourceError
     from popauth.persistence import StateFileError
 
     try:
@@ -244,7 +245,7 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     try:
         follower = build_follower(settings, arguments.log)
         run_until_signalled(follower)
-    except (FollowSetupError, FormatError, StateFileError, OSError) as error:
+    except (FollowSetupError, FormatError, SourceError, StateFileError, OSError) as error:
         print(f"popauth: cannot follow: {error}", file=sys.stderr)
         return EXIT_ERROR
     except FollowError as error:

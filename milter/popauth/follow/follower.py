@@ -23,10 +23,15 @@ passes 3 but fails 4 or 5, or a success line the format refuses (a popa3d
 success line without a live session), is logged as ``follow_refused`` with
 the reason. Which formats may be followed at all on this host is decided
 before the first line (``popauth.follow.trust``).
+One exception: a line of the rsyslog envelope whose ``uid=`` and ``pid=``
+are empty means that rsyslog does not annotate (imuxsock's trusted
+properties are off), so no login can ever count; the first one is logged
+as an error that says so.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -49,6 +54,8 @@ from popauth.follow.sources import LineSource
 # Lines stamped up to this long after "now" still count (clock steps, rounding).
 FUTURE_SLACK = 5.0
 RETRY_DELAY = 1.0
+# rsyslog's template with imuxsock's trusted properties off: $!uid, $!pid empty.
+_NO_SENDER = re.compile(r"\S+ uid=\d* pid=\d* ").match
 
 
 class FollowError(RuntimeError):
@@ -95,6 +102,7 @@ class LineJudge:
         self._not_before = not_before
         self._log = log
         self._counters = counters
+        self._told_no_sender = False
 
     def logins(self, lines: Iterable[bytes], now: float) -> list[Login]:
         found: list[Login] = []
@@ -106,6 +114,8 @@ class LineJudge:
             except EntryError as error:
                 if "pid" in str(error):
                     self._refuse("pid_mismatch", line)
+                elif self._check_sender and _NO_SENDER(line):
+                    self._no_sender(line)
                 continue
             if entry.program not in self._programs:
                 continue
@@ -129,6 +139,22 @@ class LineJudge:
             found.append(login)
         return found
 
+    def _no_sender(self, line: str) -> None:
+        self._counters.refuse("no_sender")
+        if self._told_no_sender:
+            return
+        self._told_no_sender = True
+        self._log.error(
+            "follow_no_sender",
+            line=line[:300],
+            problem="rsyslog writes no sender uid: no login in this log can ever count",
+            fix=(
+                "turn on imuxsock's trusted properties on rsyslog's system socket: "
+                'module(load="imuxsock" SysSock.Annotate="on" SysSock.ParseTrusted="on") '
+                "(see contrib/rsyslog/popauth-follow.conf), then restart rsyslog"
+            ),
+        )
+
     def _refuse(self, reason: str, line: str, **fields: object) -> None:
         self._counters.refuse(reason)
         self._log.warning("follow_refused", reason=reason, line=line[:300], **fields)
@@ -140,7 +166,7 @@ class IngestReporter:
     def __init__(
         self, path: str, timeout: float, log: structlog.typing.FilteringBoundLogger
     ) -> None:
-        self._path = path
+        self.path = path
         self._timeout = timeout
         self._log = log
         self._connection: socket.socket | None = None
@@ -151,7 +177,7 @@ class IngestReporter:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             connection.settimeout(self._timeout)
             try:
-                connection.connect(self._path)
+                connection.connect(self.path)
             except OSError:
                 connection.close()
                 raise
@@ -165,24 +191,30 @@ class IngestReporter:
 
     def send(self, logins: list[Login]) -> list[str]:
         """The reply line of each LOGIN, in order; OSError if the socket failed."""
+        return self._requests([f"LOGIN {login.address} {login.user}" for login in logins])
+
+    def ping(self) -> str:
+        """``PING``'s reply (open to anyone who can connect); OSError if none."""
+        return self._requests(["PING"])[0]
+
+    def _requests(self, requests: list[str]) -> list[str]:
         # The ingest server drops idle connections: a kept one may be dead,
         # so a failure on a kept connection is retried once on a new one.
         for attempt in (1, 2):
             fresh = self._connection is None
             try:
-                return self._exchange(logins)
+                return self._exchange(requests)
             except OSError:
                 self.close()
                 if fresh or attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _exchange(self, logins: list[Login]) -> list[str]:
+    def _exchange(self, requests: list[str]) -> list[str]:
         connection = self._connect()
-        requests = "".join(f"LOGIN {login.address} {login.user}\n" for login in logins)
-        connection.sendall(requests.encode())
+        connection.sendall("".join(f"{request}\n" for request in requests).encode())
         replies: list[str] = []
-        while len(replies) < len(logins):
+        while len(replies) < len(requests):
             end = self._buffer.find(b"\n")
             if end < 0:
                 chunk = connection.recv(65536)
@@ -221,6 +253,7 @@ class Follower:
     def run(self) -> None:
         """Follow until stopped (or standard input ends); the position is saved on the way."""
         try:
+            self._check_ingest()
             while not self.stopping.is_set():
                 lines = self._source.read_lines()
                 if lines:
@@ -244,20 +277,51 @@ class Follower:
                 refused=self.counters.refused,
             )
 
+    def _check_ingest(self) -> None:
+        """At start: a socket that shuts this user out stops it now, not at a login."""
+        denied = False
+        while True:
+            try:
+                self._reporter.ping()
+                return
+            except OSError as error:
+                denied = self._unreachable(error, denied)
+                if not denied:
+                    return  # away (popauth not started yet): the logins will wait
+            if self.stopping.wait(RETRY_DELAY):
+                return
+
+    def _unreachable(self, error: OSError, denied_before: bool) -> bool:
+        """Log it; answer whether permission was denied; FollowError if twice in a row."""
+        self._log.warning("follow_ingest_unreachable", socket=self._reporter.path, error=str(error))
+        denied = isinstance(error, PermissionError)
+        if denied and denied_before:
+            # The socket's owner, group and mode (or ACL) shut this user out:
+            # that lasts until an operator acts. Once could be popauth's
+            # restart between its bind and chmod; twice in a row is not.
+            raise FollowError(
+                f"cannot connect to the ingest socket {self._reporter.path}: "
+                f"{error.strerror}; its group, mode or ACL must let this user in "
+                "(ingest_socket_group, ingest_socket_mode, ingest_socket_acl_groups)"
+            )
+        return denied
+
     def _report(self, logins: list[Login]) -> None:
         """Report until acknowledged: the position is saved only after this returns."""
         pending = logins
+        denied = False
         while pending:
             try:
                 replies = self._reporter.send(pending)
             except OSError as error:
-                self._log.warning("follow_ingest_unreachable", error=str(error))
+                denied = self._unreachable(error, denied)
                 if self.stopping.wait(RETRY_DELAY):
                     raise FollowError("stopped before the ingest endpoint answered") from None
                 # A login that waited past follow_max_age is no longer fresh.
                 oldest = self._clock() - self._max_age
                 pending = [login for login in pending if login.time >= oldest]
                 continue
+            denied = False
             retry: list[Login] = []
             for login, reply in zip(pending, replies, strict=True):
                 status, _, rest = reply.partition(" ")
@@ -273,7 +337,8 @@ class Follower:
                     retry.append(login)
                 elif rest.startswith("forbidden"):
                     raise FollowError(
-                        "the ingest socket refuses this user: add it to ingest_allowed_users"
+                        f"the ingest socket {self._reporter.path} refuses this user "
+                        "(ERR forbidden): add it to ingest_allowed_users"
                     )
                 else:
                     self.counters.refuse(rest.split(" ", 1)[0] or "error")
