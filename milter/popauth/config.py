@@ -264,7 +264,13 @@ def _file_path(value: Any) -> Path:
     if text.rsplit("/", 1)[1] in ("", ".", ".."):
         raise ValueError("must name a file, not a directory")
     path = Path(text)
-    if path.is_dir():
+    try:
+        is_directory = path.is_dir()
+    except OSError:
+        # A directory this user may not look into (another service's): the
+        # code that opens the file says so, naming it.
+        is_directory = False
+    if is_directory:
         raise ValueError(f"{text} is a directory")
     return path
 

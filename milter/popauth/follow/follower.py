@@ -23,10 +23,10 @@ passes 3 but fails 4 or 5, or a success line the format refuses (a popa3d
 success line without a live session), is logged as ``follow_refused`` with
 the reason. Which formats may be followed at all on this host is decided
 before the first line (``popauth.follow.trust``).
-One exception: a line of the rsyslog envelope whose ``uid=`` and ``pid=``
-are empty means that rsyslog does not annotate (imuxsock's trusted
-properties are off), so no login can ever count; the first one is logged
-as an error that says so.
+One exception: a line of the format's programs in the rsyslog envelope
+whose ``uid=`` and ``pid=`` are empty means that rsyslog does not annotate
+(imuxsock's trusted properties are off), so no login can ever count; the
+first one is logged as an error that says so.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from popauth.follow.sources import LineSource
 FUTURE_SLACK = 5.0
 RETRY_DELAY = 1.0
 # rsyslog's template with imuxsock's trusted properties off: $!uid, $!pid empty.
-_NO_SENDER = re.compile(r"\S+ uid=\d* pid=\d* ").match
+_NO_SENDER = re.compile(r"\S+ uid= pid= (?P<program>[^\s\[\]:]+)").match
 
 
 class FollowError(RuntimeError):
@@ -114,7 +114,7 @@ class LineJudge:
             except EntryError as error:
                 if "pid" in str(error):
                     self._refuse("pid_mismatch", line)
-                elif self._check_sender and _NO_SENDER(line):
+                elif self._check_sender and self._unannotated(line):
                     self._no_sender(line)
                 continue
             if entry.program not in self._programs:
@@ -138,6 +138,16 @@ class LineJudge:
                 continue
             found.append(login)
         return found
+
+    def _unannotated(self, line: str) -> bool:
+        """A line of the server's programs without a sender: rsyslog annotates nothing.
+
+        Only the server's own: on a Debian host Postfix's chrooted daemons
+        log through a socket of their own that rsyslog does not annotate,
+        with the same mail facility.
+        """
+        bare = _NO_SENDER(line)
+        return bare is not None and bare["program"] in self._programs
 
     def _no_sender(self, line: str) -> None:
         self._counters.refuse("no_sender")
