@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import cast
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from popauth.follow.follower import Counters, Follower, FollowError, IngestReporter, LineJudge
+from popauth.follow.follower import (
+    Counters,
+    Follower,
+    FollowError,
+    IngestReporter,
+    JournaldPids,
+    LineJudge,
+)
 from popauth.follow.formats import Login, build_format
 from popauth.follow.sources import LineSource
 
@@ -21,7 +29,7 @@ def stamp(moment: float = NOW) -> str:
     return datetime.datetime.fromtimestamp(moment, datetime.UTC).isoformat()
 
 
-def judge(counters: Counters) -> LineJudge:
+def judge(counters: Counters, journald: JournaldPids | None = None) -> LineJudge:
     return LineJudge(
         login_format=build_format("courier"),
         trust="rsyslog",
@@ -30,6 +38,7 @@ def judge(counters: Counters) -> LineJudge:
         not_before=0.0,
         log=cast(structlog.typing.FilteringBoundLogger, structlog.get_logger()),
         counters=counters,
+        journald=journald or JournaldPids(Path("/nonexistent")),
     )
 
 
@@ -156,3 +165,40 @@ def test_a_refusing_socket_is_found_at_start_not_at_the_first_login() -> None:
     with capture_logs(), pytest.raises(FollowError, match="ingest_socket_acl_groups"):
         follow(RefusingPing([]), source).run()
     assert not source.served
+
+
+# --- journald in front: its own pid on the lines of senders that are gone ---
+
+
+def fake_proc(root: Path, processes: dict[int, str]) -> Path:
+    for pid, comm in processes.items():
+        (root / str(pid)).mkdir()
+        (root / str(pid) / "comm").write_text(f"{comm}\n")
+    return root
+
+
+def test_journalds_pid_is_known_by_its_name_in_proc(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, {38: "systemd-journal", 40: "logger"})
+    pids = JournaldPids(proc)
+    assert 38 in pids
+    assert 40 not in pids
+    assert 99 not in pids  # gone: not journald's
+    (proc / "38" / "comm").unlink()
+    assert 38 in pids  # remembered: journald's pid stays its own
+
+
+def test_a_line_with_journalds_pid_is_refused_before_any_format_sees_it(tmp_path: Path) -> None:
+    """journald forwards a gone sender's line with its own pid (the uid is the sender's)."""
+    counters = Counters()
+    proc = fake_proc(tmp_path, {38: "systemd-journal"})
+    login = "courierpop3login: LOGIN, user=alice, ip=[192.0.2.7], port=[1]"
+    lines = [f"{stamp()} uid=0 pid=38 {login}", f"{stamp()} uid=0 pid=41 {login}"]
+    with capture_logs() as events:
+        found = judge(counters, journald=JournaldPids(proc)).logins(
+            [line.encode() for line in lines], NOW
+        )
+    assert len(found) == 1
+    (refused,) = [event for event in events if event["event"] == "follow_refused"]
+    assert (refused["reason"], refused["sender_uid"]) == ("journald_pid", 0)
+    assert counters.refused == {"journald_pid": 1}
+    assert counters.logins == 1  # the refused line never reached the format

@@ -10,23 +10,32 @@ A line becomes a login only if all of these hold, checked in this order:
 
 1. it is in the configured envelope (``follow_trust``);
 2. its program is one of the format's programs;
-3. its message is the format's *successful* login, with a plausible user
+3. ``rsyslog`` envelope: its pid is not journald's (below);
+4. its message is the format's *successful* login, with a plausible user
    (popa3d: paired with a live session line of the same pid);
-4. ``rsyslog`` envelope: the kernel says a process of a trusted user
+5. ``rsyslog`` envelope: the kernel says a process of a trusted user
    (``follow_trusted_users``) sent it, and the tag's pid, if any, is that
    process's (popa3d's success line: or a mail account's, its own);
-5. it is fresh: not older than ``follow_max_age`` seconds, and (standard
+6. it is fresh: not older than ``follow_max_age`` seconds, and (standard
    input) not stamped before the follower started.
 
-Lines that fail 1 to 3 are other log traffic and pass silently; a line that
-passes 3 but fails 4 or 5, or a success line the format refuses (a popa3d
-success line without a live session), is logged as ``follow_refused`` with
-the reason. Which formats may be followed at all on this host is decided
-before the first line (``popauth.follow.trust``).
+Lines that fail 1, 2 or 4 are other log traffic and pass silently; a line
+that fails 3, or passes 4 but fails 5 or 6, or a success line the format
+refuses (a popa3d success line without a live session), is logged as
+``follow_refused`` with the reason. Which formats may be followed at all on
+this host is decided before the first line (``popauth.follow.trust``).
 One exception: a line of the format's programs in the rsyslog envelope
 whose ``uid=`` and ``pid=`` are empty means that rsyslog does not annotate
 (imuxsock's trusted properties are off), so no login can ever count; the
 first one is logged as an error that says so.
+
+journald: on a systemd host /dev/log is journald's, which forwards each
+message to rsyslog with the sender's credentials. When the sender is gone
+by then (a short-lived process, or journald busy), the kernel refuses its
+pid, and journald sends its own instead; the uid stays the sender's. So the
+pid of such a line says nothing about its sender: the line is refused
+(``journald_pid``) before any format sees it (popa3d pairs its two lines
+by pid).
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -56,6 +66,41 @@ FUTURE_SLACK = 5.0
 RETRY_DELAY = 1.0
 # rsyslog's template with imuxsock's trusted properties off: $!uid, $!pid empty.
 _NO_SENDER = re.compile(r"\S+ uid= pid= (?P<program>[^\s\[\]:]+)").match
+# /proc/PID/comm of systemd-journald (the kernel keeps 15 characters).
+JOURNALD_COMM = b"systemd-journal"
+# Journald pids remembered (a new one after each restart of journald).
+_MAX_JOURNALD_PIDS = 16
+
+
+class JournaldPids:
+    """Whether a pid is systemd-journald's, as /proc says now.
+
+    The question is asked when the line is judged, a moment after rsyslog
+    wrote it; journald lives as long as the host, so its pid is still its
+    own (a process that names itself ``systemd-journal`` only gets its own
+    lines refused). A pid /proc does not show (the sender is gone) is not
+    journald's.
+    """
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self._proc = proc
+        self._known: set[int] = set()
+
+    def __contains__(self, pid: object) -> bool:
+        if not isinstance(pid, int):
+            return False
+        if pid in self._known:
+            return True
+        try:
+            comm = (self._proc / str(pid) / "comm").read_bytes()
+        except OSError:
+            return False
+        if comm.rstrip(b"\n") != JOURNALD_COMM:
+            return False
+        if len(self._known) >= _MAX_JOURNALD_PIDS:
+            self._known.clear()
+        self._known.add(pid)
+        return True
 
 
 class FollowError(RuntimeError):
@@ -88,6 +133,7 @@ class LineJudge:
         counters: Counters,
         mail_uids: range = DEFAULT_MAIL_UIDS,
         session_timeout: float = DEFAULT_SESSION_TIMEOUT,
+        journald: Container[int] | None = None,
     ) -> None:
         self._format = login_format
         if trust == "rsyslog":
@@ -103,6 +149,7 @@ class LineJudge:
         self._log = log
         self._counters = counters
         self._told_no_sender = False
+        self._journald = journald if journald is not None else JournaldPids()
 
     def logins(self, lines: Iterable[bytes], now: float) -> list[Login]:
         found: list[Login] = []
@@ -118,6 +165,9 @@ class LineJudge:
                     self._no_sender(line)
                 continue
             if entry.program not in self._programs:
+                continue
+            if self._check_sender and entry.sender_pid in self._journald:
+                self._refuse("journald_pid", line, sender_uid=entry.sender_uid)
                 continue
             login = self._format.login(entry)
             if login is None:

@@ -95,6 +95,14 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         mail_uids=settings.follow.mail_uids,
         session_timeout=settings.follow.session_timeout,
     )
+    if settings.follow.trust == "rsyslog" and not os.access("/proc/1/comm", os.R_OK):
+        # hidepid, or another PID namespace than rsyslog's: journald's pid
+        # on a line (its sender gone) cannot be told from the sender's.
+        logger.warning(
+            "follow_processes_hidden",
+            problem="/proc shows no other users' processes: journald's pid cannot be recognised",
+            fix="run the follower where it sees the host's processes (no hidepid, no private PIDs)",
+        )
     logger.info(
         "follow_trust",
         format=trust.format,
