@@ -43,7 +43,7 @@ from tests.live.postfix import PostfixInstance
 from tests.live.smtp import REMOTE, rcpt_reply
 from tests.live.stock_rsyslog import StockRsyslog
 from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
+from tests.support.popauth_server import POPAUTH, PopauthServer
 
 pytestmark = pytest.mark.live
 
@@ -414,3 +414,20 @@ def test_a_socket_that_shuts_the_follower_out_stops_it_naming_the_socket(
         "popauth: follow stopped: cannot connect to the ingest socket "
         "/run/popauth/ingest.sock: Permission denied"
     ), message
+
+
+def test_the_follow_unit_verifies() -> None:
+    """systemd-analyze only warns about unknown keys: any output is a failure."""
+    copy = Path(os.environ.get("TMPDIR", "/tmp")) / f"popauth-follow-verify-{os.getpid()}.service"
+    copy.write_text(FOLLOW_UNIT.read_text().replace("/usr/local/bin/popauth", POPAUTH))
+    try:
+        verified = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        copy.unlink()
+    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")

@@ -202,3 +202,15 @@ def test_a_line_with_journalds_pid_is_refused_before_any_format_sees_it(tmp_path
     assert (refused["reason"], refused["sender_uid"]) == ("journald_pid", 0)
     assert counters.refused == {"journald_pid": 1}
     assert counters.logins == 1  # the refused line never reached the format
+
+
+def test_a_no_is_remembered_for_a_second(tmp_path: Path) -> None:
+    now = [100.0]
+    proc = fake_proc(tmp_path, {50: "courierlogger"})
+    pids = JournaldPids(proc, clock=lambda: now[0])
+    assert 50 not in pids
+    (proc / "50" / "comm").write_text("systemd-journal\n")
+    now[0] += 0.5
+    assert 50 not in pids  # the same sender's next line: no second look
+    now[0] += 0.6
+    assert 50 in pids

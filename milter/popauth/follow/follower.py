@@ -40,6 +40,7 @@ by pid).
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -70,6 +71,9 @@ _NO_SENDER = re.compile(r"\S+ uid= pid= (?P<program>[^\s\[\]:]+)").match
 JOURNALD_COMM = b"systemd-journal"
 # Journald pids remembered (a new one after each restart of journald).
 _MAX_JOURNALD_PIDS = 16
+# Other pids, each for a second.
+_MAX_REMEMBERED_PIDS = 4096
+_NOT_JOURNALD_FOR = 1.0
 
 
 class JournaldPids:
@@ -79,28 +83,46 @@ class JournaldPids:
     wrote it; journald lives as long as the host, so its pid is still its
     own (a process that names itself ``systemd-journal`` only gets its own
     lines refused). A pid /proc does not show (the sender is gone) is not
-    journald's.
+    journald's. A "no" is remembered for a second: servers log many lines
+    from one process, and a new journald does not take a pid that fast.
     """
 
-    def __init__(self, proc: Path = Path("/proc")) -> None:
-        self._proc = proc
+    def __init__(self, proc: Path = Path("/proc"), clock: Callable[[], float] = time.monotonic):
+        self._proc = str(proc)
+        self._clock = clock
         self._known: set[int] = set()
+        self._not_until: dict[int, float] = {}
 
     def __contains__(self, pid: object) -> bool:
         if not isinstance(pid, int):
             return False
         if pid in self._known:
             return True
+        now = self._clock()
+        if self._not_until.get(pid, 0.0) > now:
+            return False
+        if self._comm(pid) == JOURNALD_COMM:
+            if len(self._known) >= _MAX_JOURNALD_PIDS:
+                self._known.clear()
+            self._known.add(pid)
+            return True
+        if len(self._not_until) >= _MAX_REMEMBERED_PIDS:
+            self._not_until.clear()
+        self._not_until[pid] = now + _NOT_JOURNALD_FOR
+        return False
+
+    def _comm(self, pid: int) -> bytes:
+        # os.open, not pathlib: this runs for every line of the server's programs.
         try:
-            comm = (self._proc / str(pid) / "comm").read_bytes()
+            descriptor = os.open(f"{self._proc}/{pid}/comm", os.O_RDONLY)
         except OSError:
-            return False
-        if comm.rstrip(b"\n") != JOURNALD_COMM:
-            return False
-        if len(self._known) >= _MAX_JOURNALD_PIDS:
-            self._known.clear()
-        self._known.add(pid)
-        return True
+            return b""
+        try:
+            return os.read(descriptor, 64).rstrip(b"\n")
+        except OSError:
+            return b""
+        finally:
+            os.close(descriptor)
 
 
 class FollowError(RuntimeError):
