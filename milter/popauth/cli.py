@@ -353,7 +353,7 @@ def _serve_with(settings: Settings, started_by: str, banner: list[str]) -> int:
     from popauth.persistence import StateFileError
     from popauth.preflight import occupant
     from popauth.serve import serve, state_file_paths
-    from popauth.sockets import SocketInUse
+    from popauth.sockets import SocketInUse, SocketSetupError
     from popauth.store import StoreSetupError
 
     problem = occupant(settings, state_file_paths(settings))
@@ -368,7 +368,7 @@ def _serve_with(settings: Settings, started_by: str, banner: list[str]) -> int:
     except LocalDeliveryError as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except (SocketInUse, StateFileError, StoreSetupError, OSError) as error:
+    except (SocketInUse, SocketSetupError, StateFileError, StoreSetupError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = EXIT_OK
