@@ -135,13 +135,26 @@ def test_the_rest_of_an_over_long_line_is_not_a_line(tmp_path: Path) -> None:
     break is dropped: its rest is not judged as a line of its own."""
     log = tmp_path / "mail.log"
     log.write_text("")
-    dropped: list[int] = []
-    source = FollowedFile(log, None, on_overlong=lambda: dropped.append(1))
+    source = FollowedFile(log, None)
     with log.open("ab") as handle:
         handle.write(b"x" * (MAX_LINE + 1))
     assert source.read_lines() == []
     with log.open("ab") as handle:
-        handle.write(b" " + FORGED + b"\nnext\n")
+        handle.write(FORGED + b"\nnext\n")
+    assert source.read_lines() == [b"next"]
+
+
+def test_a_dropped_line_is_told_once(tmp_path: Path) -> None:
+    log = tmp_path / "mail.log"
+    log.write_text("")
+    dropped: list[int] = []
+    source = FollowedFile(log, None, on_overlong=lambda: dropped.append(1))
+    for _ in range(3):
+        with log.open("ab") as handle:
+            handle.write(b"x" * (MAX_LINE + 1))
+        assert source.read_lines() == []
+    with log.open("ab") as handle:
+        handle.write(b"\nnext\n")
     assert source.read_lines() == [b"next"]
     assert dropped == [1]
 
