@@ -316,6 +316,7 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     from popauth.follow.follower import FollowError
     from popauth.follow.formats import FormatError
     from popauth.follow.run import FollowSetupError, build_follower, run_until_signalled
+    from popauth.follow.sources import SourceError
     from popauth.persistence import StateFileError
 
     try:
@@ -328,7 +329,7 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     try:
         follower = build_follower(settings, arguments.log)
         run_until_signalled(follower)
-    except (FollowSetupError, FormatError, StateFileError, OSError) as error:
+    except (FollowSetupError, FormatError, SourceError, StateFileError, OSError) as error:
         print(f"popauth: cannot follow: {error}", file=sys.stderr)
         return EXIT_ERROR
     except FollowError as error:
@@ -445,7 +446,7 @@ def _serve_with(
     from popauth.persistence import StateFileError
     from popauth.preflight import occupant
     from popauth.serve import serve, state_file_paths
-    from popauth.sockets import SocketInUse
+    from popauth.sockets import SocketInUse, SocketSetupError
     from popauth.store import StoreSetupError
 
     problem = occupant(settings, state_file_paths(settings))
@@ -460,7 +461,7 @@ def _serve_with(
     except LocalDeliveryError as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except (SocketInUse, StateFileError, StoreSetupError, OSError) as error:
+    except (SocketInUse, SocketSetupError, StateFileError, StoreSetupError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = EXIT_OK

@@ -234,6 +234,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         path=settings.ingest.socket,
         mode=settings.ingest.socket_mode,
         group=settings.ingest.socket_group,
+        acl_groups=settings.ingest.socket_acl_groups,
         store=store,
         keying=keying,
         peers=PeerPolicy.of(
