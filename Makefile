@@ -2,12 +2,12 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# The Dovecot hook: a Python script without a .py suffix, linted explicitly.
-HOOK := contrib/dovecot/popauth-login
+# The login reporters: Python scripts without a .py suffix, linted explicitly.
+HOOK := contrib/dovecot/popauth-login contrib/courier/popauth-courier-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run test lint unit bench fuzz clean man lock test-latest
+.PHONY: setup setup-run run try test check lint unit bench fuzz clean man lock test-latest test-distro-python deb
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -17,8 +17,18 @@ setup:
 setup-run:
 	@scripts/bootstrap run
 
+# The try-it mode's sockets and state: a directory of the checkout, where no
+# MTA is attached (docs/try-it.rst).
+TRY_IT_DIR := $(CURDIR)/.cache/try-it
+
+# popauth serve: on CONFIG, or learning from this host's Postfix or Sendmail;
+# with neither, the try-it mode under TRY_IT_DIR.
 run: setup-run
-	$(VENV)/bin/popauth serve $(if $(CONFIG),--config $(CONFIG))
+	@$(VENV)/bin/popauth serve --try-it-if-no-mta "$(TRY_IT_DIR)" $(if $(CONFIG),--config "$(CONFIG)")
+
+# The try-it mode even where an MTA or a popauth service is configured.
+try: setup-run
+	@$(VENV)/bin/popauth serve --try-it "$(TRY_IT_DIR)"
 
 lint: setup
 	$(VENV)/bin/ruff check milter tests bench $(HOOK)
@@ -26,8 +36,13 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 
-test: lint
+# Everything on this host: lint, every test, and the unit, protocol and
+# property suites once more on the distribution's own Python packages.
+check: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@scripts/test-distro-python
+
+test: check
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)
@@ -58,8 +73,19 @@ test-latest:
 	.venv-latest/bin/pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(pymilter|cachetools|structlog|redis|prometheus.client) '
 	.venv-latest/bin/python -m pytest -q tests/unit tests/properties tests/protocol $(PYTEST_ARGS)
 
+# The unit, protocol and property suites on the distribution's own packages of
+# popauth's dependencies (python3-milter, python3-structlog...): Debian 12 or 13,
+# as root; the venv holds only the test tools (see docs/dependencies.rst).
+test-distro-python:
+	@scripts/test-distro-python $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-latest .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-distro* .cache .mypy_cache .ruff_cache .pytest_cache
+
+# The Debian package popauth_VERSION_all.deb (debian/), built in a temporary
+# copy of the tree and checked with lintian; installs its build dependencies.
+deb:
+	@scripts/build-deb
 
 # The manual pages, from docs/popauth.rst and docs/configuration.rst.
 man: setup

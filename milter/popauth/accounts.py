@@ -7,7 +7,9 @@ first and last seen. It is bounded (least recently active users drop out
 first) and saved like the whitelist snapshot.
 
 The block list names users whose logins the ingest endpoint refuses. It is
-written through on every change: a block must survive any restart.
+written through on every change: a block must survive any restart. It holds
+names in their caseless form (:func:`popauth.usernames.user_key`), so that
+blocking ``Alice`` refuses ``alice`` and ``ALICE`` too.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from popauth.persistence import (
     write_json_atomically,
 )
 from popauth.store.base import StoreUnavailable
-from popauth.usernames import is_valid_user_name
+from popauth.usernames import is_valid_user_name, user_key
 
 
 class RelayWay(enum.Enum):
@@ -160,6 +162,8 @@ def _last_seen(usage: Usage) -> float:
 
 
 class BlockList(abc.ABC):
+    """Blocked users, matched caselessly; :meth:`users` lists their caseless forms."""
+
     @abc.abstractmethod
     def add(self, user: str) -> bool:
         """Block ``user``; False if already blocked."""
@@ -221,7 +225,8 @@ class FileBlockList(BlockList):
                         user=repr(user)[:80],
                         reason="not a valid user name",
                     )
-            self._users = frozenset(u for u in users if is_valid_user_name(u))
+            # A file written before names were kept caseless is folded here.
+            self._users = frozenset(user_key(u) for u in users if is_valid_user_name(u))
 
     def _replace(self, users: frozenset[str]) -> None:
         """Write ``users`` to disk, then make them the block list (caller holds the lock)."""
@@ -234,29 +239,37 @@ class FileBlockList(BlockList):
         self._users = users
 
     def add(self, user: str) -> bool:
+        key = user_key(user)
         with self._lock:
-            if user in self._users:
+            if key in self._users:
                 return False
-            self._replace(self._users | {user})
+            self._replace(self._users | {key})
             return True
 
     def remove(self, user: str) -> bool:
+        key = user_key(user)
         with self._lock:
-            if user not in self._users:
+            if key not in self._users:
                 return False
-            self._replace(self._users - {user})
+            self._replace(self._users - {key})
             return True
 
     def __contains__(self, user: object) -> bool:
         # A frozenset replaced whole: readers need no lock.
-        return user in self._users
+        return isinstance(user, str) and user_key(user) in self._users
 
     def users(self) -> list[str]:
         return sorted(self._users)
 
 
 class RedisBlockList(BlockList):
-    """The block list of a Redis-backed site: one set, shared by every host."""
+    """The block list of a Redis-backed site: one set, shared by every host.
+
+    Its key is the store's (``RedisStore.blocklist_key``): the store checks
+    it in the same script that writes a login. A member that is not in
+    caseless form was written before names were kept so: it still refuses
+    its own spelling, until an unblock of that spelling removes it.
+    """
 
     def __init__(self, client: redis.Redis, key: str) -> None:
         self._client = client
@@ -269,13 +282,16 @@ class RedisBlockList(BlockList):
             raise StoreUnavailable(f"redis: {error}") from error
 
     def add(self, user: str) -> bool:
-        return bool(self._call("sadd", user))
+        return bool(self._call("sadd", user_key(user)))
 
     def remove(self, user: str) -> bool:
-        return bool(self._call("srem", user))
+        return bool(self._call("srem", *{user_key(user), user}))
 
     def __contains__(self, user: object) -> bool:
-        return isinstance(user, str) and bool(self._call("sismember", user))
+        if not isinstance(user, str):
+            return False
+        found = self._call("smismember", *dict.fromkeys((user_key(user), user)))
+        return any(found)
 
     def users(self) -> list[str]:
         members = self._call("smembers")

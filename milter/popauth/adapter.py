@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import Milter
 import structlog
 
 from popauth.addresses import AddressError, IPAddress, parse_client_address
-from popauth.decision import Client, Decision, Reason, Verdict
+from popauth.decision import Client, Decision, Verdict
 from popauth.gate import Message, RelayGate
 from popauth.macros import macro_text
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient
+from popauth.replies import CHECK_FAILED, Replies
+
+# Replies is part of what building a RelayMilter takes.
+__all__ = ["SYMBOL_LISTS", "RelayMilter", "Replies", "client_address_of", "register_milter"]
 
 # The macros each stage needs. Asking for them (SMFIF_SETSYMLIST) makes an MTA
 # send them even where its configured macro lists lack them, and nothing else.
@@ -50,7 +53,7 @@ def fail_closed(callback: _Callback) -> _Callback:
         except Exception:
             self.metrics.errors.labels("milter_callback").inc()
             self.log.exception("milter_callback_failed", callback=callback.__name__)
-            self.setreply("451", "4.3.0", "Relay check failed, try again later")
+            self.setreply(CHECK_FAILED.code, CHECK_FAILED.status, CHECK_FAILED.text)
             return int(Milter.TEMPFAIL)
 
     return guarded  # type: ignore[return-value]
@@ -64,14 +67,6 @@ def client_address_of(hostaddr: object) -> IPAddress | None:
         except AddressError:
             return None
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class Replies:
-    """The texts after ``550 5.7.1 Relaying denied.``"""
-
-    reject: str
-    pop_first_retired: str
 
 
 class RelayMilter(Milter.Base):  # type: ignore[misc]
@@ -130,14 +125,11 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     def _reply(self, decision: Decision) -> int:
         if decision.verdict is Verdict.ACCEPT:
             return int(Milter.CONTINUE)
+        reply = self._replies.refusal(decision)
+        assert reply is not None  # every refusal has its text
+        self.setreply(reply.code, reply.status, reply.text)
         if decision.verdict is Verdict.TEMPFAIL:
-            self.setreply("451", "4.3.0", "Relay check unavailable, try again later")
             return int(Milter.TEMPFAIL)
-        if decision.reason is Reason.POP_FIRST_RETIRED:
-            explanation = self._replies.pop_first_retired
-        else:
-            explanation = self._replies.reject
-        self.setreply("550", "5.7.1", f"Relaying denied. {explanation}".rstrip())
         return int(Milter.REJECT)
 
     def abort(self) -> int:

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from popauth.addresses import AddressError, IPNetwork, NetworkSet, WhitelistKeying, parse_network
-from popauth.decision import PopFirst, RelayPolicy
+from popauth.decision import PopFirst, Provenance, RelayPolicy
 from popauth.ingest import wire
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
@@ -54,6 +54,9 @@ _CONVERT = "popauth.convert"
 
 # Where the state files live by default (systemd: StateDirectory=popauth).
 STATE_DIRECTORY = Path("/var/lib/popauth")
+# popauth follow's own (systemd: StateDirectory=popauth-follow): it runs as
+# another user, who cannot enter popauth's.
+FOLLOW_STATE_DIRECTORY = Path("/var/lib/popauth-follow")
 DEFAULT_INGEST_SOCKET = wire.DEFAULT_SOCKET
 DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
 DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
@@ -261,7 +264,13 @@ def _file_path(value: Any) -> Path:
     if text.rsplit("/", 1)[1] in ("", ".", ".."):
         raise ValueError("must name a file, not a directory")
     path = Path(text)
-    if path.is_dir():
+    try:
+        is_directory = path.is_dir()
+    except OSError:
+        # A directory this user may not look into (another service's): the
+        # code that opens the file says so, naming it.
+        is_directory = False
+    if is_directory:
         raise ValueError(f"{text} is a directory")
     return path
 
@@ -501,6 +510,8 @@ class IngestSettings:
     socket: Path = setting("ingest_socket", Path(DEFAULT_INGEST_SOCKET), _socket_path)
     socket_mode: int = setting("ingest_socket_mode", 0o660, _mode)
     socket_group: str = setting("ingest_socket_group", "", _socket_group)
+    # More groups that may connect, each by a POSIX ACL entry (popauth follow).
+    socket_acl_groups: tuple[str, ...] = setting("ingest_socket_acl_groups", (), _group_names)
     # Reporters: who may report logins (LOGIN), e.g. the POP server's hook.
     allowed_users: tuple[str, ...] = setting("ingest_allowed_users", (), _user_names)
     allowed_groups: tuple[str, ...] = setting("ingest_allowed_groups", (), _group_names)
@@ -572,17 +583,33 @@ class FollowSettings:
         "follow_trusted_users", ("root",), nonempty(_user_names)
     )
     state_path: Path | None = optional_setting(
-        "follow_state_path", STATE_DIRECTORY / "follow.json", _file_path
+        "follow_state_path", FOLLOW_STATE_DIRECTORY / "follow.json", _file_path
     )
     # Logins logged longer ago than this are not reported (seconds).
     max_age: int = setting("follow_max_age", 60, integer(1, 86_400))
     poll_interval: float = setting("follow_poll_interval", 0.1, number(0.01, 10))
+    # Whether a mail account can run a program or write a file on this host
+    # (a shell, cron, a .forward pipe, FTP): Courier's log is then forgeable.
+    mail_users_run_programs: bool = setting("follow_mail_users_run_programs", True, boolean)
+    # popa3d: seconds a session line waits for its success line (popa3d's
+    # own idle timeout, POP_TIMEOUT, is 10 minutes).
+    session_timeout: int = setting("follow_session_timeout", 600, integer(1, 86_400))
+    # popa3d: the uids of mail accounts, whose own success lines count
+    # (Debian's normal users; never system accounts or nobody).
+    mail_uid_min: int = setting("follow_mail_uid_min", 1000, integer(1, 4_294_967_294))
+    mail_uid_max: int = setting("follow_mail_uid_max", 59_999, integer(1, 4_294_967_294))
 
     def __post_init__(self) -> None:
         if self.format == "regex" and not (self.regex and self.programs):
             raise ConfigError(
                 "bad value for 'follow_format': \"regex\" needs follow_regex and follow_programs"
             )
+        if self.mail_uid_min > self.mail_uid_max:
+            raise ConfigError("bad value for 'follow_mail_uid_max': less than follow_mail_uid_min")
+
+    @property
+    def mail_uids(self) -> range:
+        return range(self.mail_uid_min, self.mail_uid_max + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,9 +640,11 @@ class StoreSettings:
     redis_sentinel_tls_ca_file: str = setting("redis_sentinel_tls_ca_file", "", _tls_file)
     redis_sentinel_tls_cert_file: str = setting("redis_sentinel_tls_cert_file", "", _tls_file)
     redis_sentinel_tls_key_file: str = setting("redis_sentinel_tls_key_file", "", _tls_file)
-    # Replicas that must hold a login before it is acknowledged (WAIT); 0 = none.
+    # Replicas that must hold a login, block, unblock or revoke before it is
+    # acknowledged (WAIT); 0 = none.
     redis_wait_replicas: int = setting("redis_wait_replicas", 0, integer(0, 16))
-    # Seconds a login waits for those replicas before it is refused.
+    # Seconds a change waits for those replicas before it is refused (a login)
+    # or answered as not confirmed (a block or revoke).
     redis_wait_timeout: float = setting("redis_wait_timeout", 0.1, number(0.001, 30))
 
     def __post_init__(self) -> None:
@@ -685,6 +714,7 @@ class RelaySettings:
             trusted_networks=self.trusted_networks,
             local_delivery=local.rules(),
             pop_first=self.pop_first,
+            provenance=Provenance(local.source, local.domains, local.mailers),
         )
 
 

@@ -68,10 +68,31 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where each local domain and mailer came from, as ``(name, origin)`` pairs.
+
+    Never read by the decision: only ``popauth explain`` says it. It travels
+    in the policy so that a reload swaps both at once.
+    """
+
+    # Which MTA was asked, e.g. "postfix (postconf -c /etc/postfix)"; "" if none.
+    source: str = ""
+    domains: tuple[tuple[str, str], ...] = ()
+    mailers: tuple[tuple[str, str], ...] = ()
+
+    def origin_of_domain(self, entry: str) -> str:
+        return dict(self.domains).get(entry, "")
+
+    def origin_of_mailer(self, mailer: str) -> str:
+        return dict(self.mailers).get(mailer, "")
+
+
+@dataclass(frozen=True, slots=True)
 class RelayPolicy:
     trusted_networks: NetworkSet
     local_delivery: LocalDeliveryRules
     pop_first: PopFirst = PopFirst.ON
+    provenance: Provenance = Provenance()
 
 
 @dataclass(frozen=True, slots=True)

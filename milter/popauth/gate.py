@@ -30,9 +30,25 @@ from popauth.escaping import escape_text
 from popauth.localdelivery.mismatch import MailerMismatchWarner
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient, is_local_recipient
-from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.store import Grant, StoreUnavailable, WhitelistStore
 
 _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """What the gate would decide for one recipient, and what it decided from.
+
+    ``grant`` is the whitelist entry that was read (None when there is none
+    or the store was not asked); ``stage`` is where the milter settles it:
+    ``connect``, ``mail`` (for the whole message) or ``rcpt``.
+    """
+
+    decision: Decision
+    client: Client
+    policy: RelayPolicy
+    grant: Grant | None
+    stage: str
 
 
 @dataclass(slots=True)
@@ -83,7 +99,8 @@ class RelayGate:
         """A verdict for every recipient of one message (or None), and its state."""
         started = time.perf_counter()
         policy = self._policy
-        client = Client(address, auth_user, *self._listing(policy, address, auth_user))
+        listing, grant = self._consult(policy, address, auth_user)
+        client = Client(address, auth_user, listing, "" if grant is None else grant.user)
         decision = decide_sender(policy, client)
         message = Message(client)
         if decision is None:
@@ -112,20 +129,40 @@ class RelayGate:
             self._ledger.record(_account(client), way, messages=int(first), recipients=1)
         return decision
 
-    def _listing(
+    def assess(self, address: IPAddress, auth_user: str, recipient: Recipient) -> Assessment:
+        """The decision the milter would take for this recipient now, recording nothing.
+
+        The same steps as connection(), message() and recipient() in turn,
+        without the log, the metrics or the usage ledger: ``popauth explain``.
+        """
+        policy = self._policy
+        decision = decide_connection(policy, address)
+        if decision is not None:
+            return Assessment(decision, Client(address), policy, None, "connect")
+        listing, grant = self._consult(policy, address, auth_user)
+        client = Client(address, auth_user, listing, "" if grant is None else grant.user)
+        decision = decide_sender(policy, client)
+        if decision is not None:
+            # Counting recipients keeps the milter asking at every RCPT.
+            counted = decision.reason in _WAYS and self._accounting is Accounting.RECIPIENTS
+            return Assessment(decision, client, policy, grant, "rcpt" if counted else "mail")
+        decision = decide_recipient(policy, client, recipient)
+        return Assessment(decision, client, policy, grant, "rcpt")
+
+    def _consult(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
-    ) -> tuple[Listing, str]:
+    ) -> tuple[Listing, Grant | None]:
         if address is None or not needs_whitelist(policy, address, auth_user):
-            return Listing.NOT_CONSULTED, ""
+            return Listing.NOT_CONSULTED, None
         try:
             grant = self._store.lookup(self._keying.key_address(address))
         except StoreUnavailable as failure:
             self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("whitelist_unavailable", client_ip=str(address), error=str(failure))
-            return Listing.UNAVAILABLE, ""
+            return Listing.UNAVAILABLE, None
         if grant is None:
-            return Listing.NOT_LISTED, ""
-        return Listing.LISTED, grant.user
+            return Listing.NOT_LISTED, None
+        return Listing.LISTED, grant
 
     def _record(
         self,

@@ -6,13 +6,30 @@ they are only exposed over HTTP when ``metrics_listen`` is set.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 # Decisions take microseconds; the upper buckets catch a slow Redis.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.25, 1.0)
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not written to stderr: the log is popauth's structlog events."""
 
 
 class Metrics:
@@ -46,7 +63,7 @@ class Metrics:
         self.whitelist_entries = Gauge(
             "popauth_whitelist_entries", "Clients on the whitelist", registry=self.registry
         )
-        self._server: Any = None
+        self._server: _MetricsServer | None = None
         # Labelled children, made once: labels() takes a lock on every call.
         self._children: dict[tuple[Counter, str, str], Any] = {}
 
@@ -77,8 +94,23 @@ class Metrics:
         self.whitelist_entries.set_function(count)
 
     def serve(self, host: str, port: int) -> None:
-        started = start_http_server(port, addr=host, registry=self.registry)
-        self._server = started[0] if isinstance(started, tuple) else None
+        """Serve ``/metrics`` on ``host`` (an IP address) and ``port`` in a thread.
+
+        The server is popauth's own, around prometheus_client's WSGI app:
+        ``start_http_server`` gives no handle to stop it before
+        prometheus-client 0.17 (Debian 12 ships 0.16).
+        """
+        server_class = _MetricsServer6 if ":" in host else _MetricsServer
+        server = make_server(
+            host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
+        )
+        threading.Thread(target=server.serve_forever, name="popauth-metrics", daemon=True).start()
+        self._server = server
+
+    @property
+    def port(self) -> int | None:
+        """The port ``/metrics`` is served on, while it is."""
+        return None if self._server is None else self._server.server_port
 
     def stop(self) -> None:
         if self._server is not None:

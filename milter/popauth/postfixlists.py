@@ -128,19 +128,38 @@ class PostfixList:
             return proper_parents(name)
         return ["." + parent for parent in proper_parents(name)]
 
-    def matches(self, name: str) -> bool:
-        """match_list_match() for a folded name without its root dot."""
+    def _deciding(self, name: str) -> tuple[int, str]:
+        """The position of the pattern that decides for ``name`` (or len(patterns)),
+        and the pattern text or table key that matched."""
         best = self._exact.get(name, len(self.patterns))
+        matched = name
         parent_keys = self._parent_keys(name)
         for key in parent_keys:
-            best = min(best, self._suffixes.get(key, best))
+            index = self._suffixes.get(key, best)
+            if index < best:
+                best, matched = index, key
         for index, keys in self._tables:
             if index >= best:
                 break
-            if name in keys or not keys.isdisjoint(parent_keys):
-                best = index
+            found = name if name in keys else next((k for k in parent_keys if k in keys), None)
+            if found is not None:
+                best, matched = index, found
                 break
+        return best, matched
+
+    def matches(self, name: str) -> bool:
+        """match_list_match() for a folded name without its root dot."""
+        best, _ = self._deciding(name)
         return best < len(self.patterns) and self.patterns[best].positive
+
+    def entry_for(self, domain: str) -> str | None:
+        """The pattern or table key that puts ``domain`` in the list; for explanations."""
+        if not is_valid_hostname(domain):
+            return None
+        best, matched = self._deciding(domain)
+        if best < len(self.patterns) and self.patterns[best].positive:
+            return matched
+        return None
 
     def contains_domain(self, domain: str) -> bool:
         """For a recipient domain: only a valid hostname can be in the list."""

@@ -38,6 +38,10 @@ class DomainMatcher(Protocol):
         """``domain`` is normalised (see normalise_domain)."""
         ...
 
+    def entry_for(self, domain: str) -> str | None:
+        """The listed entry that puts ``domain`` here, or None; for explanations."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class DomainSet:
@@ -65,6 +69,14 @@ class DomainSet:
 
     def __bool__(self) -> bool:
         return bool(self.names or self.parents)
+
+    def entry_for(self, domain: str) -> str | None:
+        """The listed name that makes ``domain`` local (``.example.org`` for a
+        subdomain), or None; for explanations, not for deciding."""
+        name = normalise_domain(domain)
+        if name in self.names:
+            return name
+        return next((parent for parent in self.parents if name.endswith(parent)), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ from popauth.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedg
 from popauth.adapter import RelayMilter, Replies
 from popauth.addresses import WhitelistKeying
 from popauth.clock import Clock, SystemClock
-from popauth.config import Settings
+from popauth.config import LogLevel, Settings
+from popauth.explain import Explainer
 from popauth.gate import RelayGate
 from popauth.ingest.roles import PeerPolicy
 from popauth.ingest.server import IngestLimits, IngestServer
@@ -36,8 +37,9 @@ from popauth.persistence import (
     StateFileMissing,
     prepare_state_directory,
 )
+from popauth.settings_reload import SettingsChangeCheck
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
-from popauth.store import StoreKind, WhitelistStore
+from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
 
@@ -74,7 +76,8 @@ def open_state(
     """The configured store and books, read from disk by ``State.restore``.
 
     Raises StateDirectoryUnsafe (popauth does not start) when a state file's
-    directory could be written by others than root and popauth's own user.
+    directory could be written by others than root and popauth's own user,
+    and StoreSetupError when Redis may evict the block list.
     """
     for path in state_file_paths(settings):
         prepare_state_directory(path)
@@ -91,18 +94,32 @@ def open_state(
             wait_replicas=settings.store.redis_wait_replicas,
             wait_timeout=settings.store.redis_wait_timeout,
         )
-        if not redis_store.ping():
-            # Not fatal: lookups fail closed until Redis answers.
+        try:
+            problem = redis_store.eviction_policy_problem()
+        except StoreUnavailable as failure:
+            # Not fatal: lookups fail closed until Redis answers, and logins
+            # until its eviction policy has been checked.
             log.error(
                 "redis_unavailable_at_start",
                 url=settings.store.redis_url,
                 sentinels=list(settings.store.redis_sentinels),
+                error=str(failure),
             )
-        blocks = RedisBlockList(redis_store.client, f"{stored.redis_key_prefix}blocked-users")
+        else:
+            if problem is not None:
+                log.error("redis_unsuitable", reason=problem)
+                redis_store.close()
+                raise StoreSetupError(problem)
+        blocks = RedisBlockList(redis_store.client, redis_store.blocklist_key)
         state = State(redis_store, blocks, ledger)
     else:
-        memory = MemoryStore(ttl=stored.ttl, max_entries=stored.max_entries, clock=clock)
         blocklist = FileBlockList(settings.accounts.blocklist_path, log)
+        memory = MemoryStore(
+            ttl=stored.ttl,
+            max_entries=stored.max_entries,
+            clock=clock,
+            is_blocked=blocklist.__contains__,
+        )
         state = State(memory, blocklist, ledger)
         if stored.snapshot_path is not None:
             snapshotter = Snapshotter(store=memory, path=stored.snapshot_path, clock=clock, log=log)
@@ -167,11 +184,15 @@ def socketmap_server(
         ),
         metrics=metrics,
         log=log,
+        lookup_events=settings.log.level is LogLevel.DEBUG,
     )
 
 
-def serve(settings: Settings) -> Stopped:
-    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback."""
+def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
+    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback.
+
+    ``settings_path`` is the file ``settings`` came from: a reload compares it.
+    """
     log = configure_logging(settings.log.format, settings.log.level)
     # First: without local domains and mailers nothing else is worth starting.
     local = resolve_local_delivery(settings.local)
@@ -198,11 +219,21 @@ def serve(settings: Settings) -> Stopped:
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
     reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
     lifecycle.on_reload("local_delivery", reloader, reloader.cancel)
+    lifecycle.on_reload("settings", SettingsChangeCheck(settings_path, settings, log))
     replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
+    explainer = Explainer(
+        gate=gate,
+        store=store,
+        keying=keying,
+        blocked=state.blocklist,
+        replies=replies,
+        clock=SystemClock(),
+    )
     ingest = IngestServer(
         path=settings.ingest.socket,
         mode=settings.ingest.socket_mode,
         group=settings.ingest.socket_group,
+        acl_groups=settings.ingest.socket_acl_groups,
         store=store,
         keying=keying,
         peers=PeerPolicy.of(
@@ -223,6 +254,7 @@ def serve(settings: Settings) -> Stopped:
         ledger=state.ledger,
         metrics=metrics,
         log=log,
+        explainer=explainer,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter = MilterService(

@@ -23,6 +23,7 @@ import abc
 import asyncio
 import collections
 import os
+import platform
 import socket
 import struct
 import threading
@@ -34,6 +35,18 @@ import structlog
 from popauth.sockets import clear_stale_socket, prepare_directory, remove_socket, set_permissions
 
 _PEERCRED = struct.Struct("3i")
+# Python does not name SO_PEERGROUPS (Linux 4.13); this is its number on every
+# architecture that uses the generic socket options, the ones Debian builds
+# popauth for except those listed.
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", None) or {
+    "sparc": 0x003D,
+    "sparc64": 0x003D,
+    "parisc": 0x4034,
+    "parisc64": 0x4034,
+}.get(platform.machine(), 59)
+_GID = struct.Struct("I")
+# As many supplementary groups as Python's getsockopt has room for (1024 bytes).
+_MAX_GROUPS = 256
 LISTEN_BACKLOG = 4096
 
 
@@ -42,13 +55,35 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    # The supplementary groups the process held when it connected.
+    groups: frozenset[int] = frozenset()
+
+    def in_group(self, gids: frozenset[int]) -> bool:
+        """Whether the primary or a supplementary group is one of ``gids``."""
+        return self.gid in gids or not gids.isdisjoint(self.groups)
 
 
 def peer_of(connection: socket.socket) -> Peer:
-    """The process at the other end of a UNIX socket (SO_PEERCRED)."""
+    """The process at the other end of a UNIX socket (SO_PEERCRED, SO_PEERGROUPS).
+
+    Both are the kernel's record of the peer's credentials at connect time:
+    a client cannot forge them, and no user database is asked. A user who
+    was just added to a group has it once they start a new session, as for
+    file permissions.
+    """
     raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, _peer_groups(connection))
+
+
+def _peer_groups(connection: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups, or none where the kernel cannot say
+    or they do not fit (then only the primary group counts: fail closed)."""
+    try:
+        raw = connection.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _MAX_GROUPS * _GID.size)
+    except OSError:
+        return frozenset()
+    return frozenset(gid for (gid,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
 
 
 class FramingError(ValueError):
@@ -94,10 +129,12 @@ class UnixStreamServer(abc.ABC):
         log: structlog.typing.FilteringBoundLogger,
         max_clients_per_uid: int | None = None,
         first_byte_timeout: float | None = None,
+        acl_groups: tuple[str, ...] = (),
     ) -> None:
         self._path = path
         self._mode = mode
         self._group = group
+        self._acl_groups = acl_groups
         self._max_clients = max_clients
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
@@ -176,7 +213,7 @@ class UnixStreamServer(abc.ABC):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self._path))
-            set_permissions(self._path, self._mode, self._group)
+            set_permissions(self._path, self._mode, self._group, self._acl_groups)
             # Bursts of connects must wait in the backlog, not fail with
             # EAGAIN (the kernel caps this at net.core.somaxconn).
             listener.listen(LISTEN_BACKLOG)

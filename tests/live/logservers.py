@@ -109,9 +109,12 @@ def rsyslog_template() -> str:
 class PrivateRsyslog:
     """rsyslogd -n with one imuxsock socket (trusted properties) and one output file."""
 
-    def __init__(self, root: Path, package_root: Path) -> None:
+    def __init__(self, root: Path, package_root: Path, prefix: tuple[str, ...] = ()) -> None:
         self.root = root
         self.package_root = package_root
+        # A command prefix, e.g. nsenter into the PID namespace of the servers
+        # it logs for, so that the pids it records are theirs.
+        self.prefix = prefix
         self.socket_path = root / "log.sock"
         self.log_path = root / "logins.log"
         self.pid_path = root / "rsyslogd.pid"
@@ -136,6 +139,7 @@ class PrivateRsyslog:
         output = (self.root / "rsyslogd.out").open("ab")
         self.process = subprocess.Popen(
             [
+                *self.prefix,
                 str(self.package_root / "usr/sbin/rsyslogd"),
                 "-n",
                 "-f",
@@ -337,6 +341,9 @@ def courier_pop3d(jail: Jail, port: int, package_root: Path) -> InetdServer:
     """
     run = jail.root / "run-courier"
     (run / "authdaemon").mkdir(parents=True, exist_ok=True)
+    # As Debian's tmpfiles.d makes it (0750 courier:courier): only root and
+    # the group may talk to authdaemond.
+    (run / "authdaemon").chmod(0o750)
     jail.extra_mounts = (
         *jail.extra_mounts,
         "mkdir -p /run/courier",

@@ -37,11 +37,20 @@ class RedisInstance(Daemon):
     port stays the same, so clients reconnect on their own.
     """
 
-    def __init__(self, *, root: Path, port: int, replica_of: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        port: int,
+        replica_of: int | None = None,
+        options: tuple[str, ...] = (),
+    ) -> None:
         self.root = root
         self.port = port
         # A replica of the server on 127.0.0.1:replica_of.
         self.replica_of = replica_of
+        # More redis-server options, e.g. ("--maxmemory-policy", "allkeys-lru").
+        self.options = options
         self.url = f"redis://127.0.0.1:{port}/0"
         # The same server on a UNIX socket too, for unix:// URLs.
         self.socket_path = root / "redis.sock"
@@ -69,6 +78,7 @@ class RedisInstance(Daemon):
                 # Lets tests stall the server (DEBUG SLEEP) to play a slow Redis.
                 "--enable-debug-command", "local",
                 *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from popauth.accounts import RedisBlockList
 from popauth.addresses import parse_client_address
 from popauth.clock import SystemClock
-from popauth.store import StoreUnavailable
-from popauth.store.redis import RedisStore, connect
+from popauth.store import StoreUnavailable, UserBlocked
+from popauth.store.redis import RedisStore, connect, glob_escaped
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
 
@@ -181,3 +182,49 @@ def test_renew_fails_closed_when_redis_is_down(redis_server: RedisInstance) -> N
     assert time.monotonic() - started < 2
     redis_server.start()
     assert store.renew(A, "alice") is None  # the restart lost the entry; none is made up
+
+
+@pytest.mark.parametrize("prefix", ["mail[1]:", "site*:", "a?b:", "back\\slash:", "[^x]-:"])
+def test_glob_characters_in_the_prefix_are_literal(
+    redis_server: RedisInstance, prefix: str
+) -> None:
+    """SCAN MATCH takes a glob: unescaped, "mail[1]:*" finds "mail1:" keys and
+    never its own, and a block or revoke by user then revokes nothing."""
+    store = make_store(redis_server, prefix=prefix)
+    # A site whose keys the unescaped pattern would match instead.
+    neighbour = make_store(redis_server, prefix="mail1:")
+    store.grant(A, "alice")
+    store.grant(B, "alice")
+    neighbour.grant(A, "alice")
+    assert {(grant.address, grant.user) for grant in store.entries()} == {
+        (A, "alice"),
+        (B, "alice"),
+    }
+    assert store.stats().entries == 2
+    assert {grant.address for grant in store.revoke_user("alice")} == {A, B}
+    assert store.lookup(A) is None
+    assert store.lookup(B) is None
+    assert neighbour.lookup(A) is not None
+
+
+def test_glob_escaping() -> None:
+    assert glob_escaped("mail[1]:") == "mail\\[1\\]:"
+    assert glob_escaped("a*b?c\\d") == "a\\*b\\?c\\\\d"
+    assert glob_escaped("popauth:") == "popauth:"
+
+
+def test_a_block_list_member_from_before_caseless_names_still_counts(
+    redis_server: RedisInstance,
+) -> None:
+    store = make_store(redis_server)
+    blocks = RedisBlockList(store.client, store.blocklist_key)
+    store.client.sadd(store.blocklist_key, "Alice")  # as an earlier popauth wrote it
+    with pytest.raises(UserBlocked):
+        store.grant(A, "Alice")
+    assert "Alice" in blocks
+    assert blocks.add("ALICE")  # now kept caseless, for every spelling
+    with pytest.raises(UserBlocked):
+        store.grant(A, "alice")
+    assert blocks.remove("Alice")
+    assert blocks.users() == []
+    assert not store.grant(A, "alice").renewed

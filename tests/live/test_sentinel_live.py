@@ -352,7 +352,8 @@ def test_a_cut_off_replica_loses_logins_unless_they_wait(
         os.kill(replica_pid, signal.SIGSTOP)
         try:
             with redis.Redis(port=cluster.master.port, socket_timeout=5) as client:
-                assert client.client_kill_filter(_type="replica") == 1
+                # "slave": the one name for it that redis-py 4.3 to 8 all accept.
+                assert client.client_kill_filter(_type="slave") == 1
             plain = [host_a.login(f"127.2.0.{n}", "dave") for n in range(1, 6)]
             waited = [careful.ask(f"LOGIN 127.3.0.{n} erin")[0] for n in range(1, 6)]
             cluster.master.kill()
@@ -370,3 +371,98 @@ def test_a_cut_off_replica_loses_logins_unless_they_wait(
     while (reply := host_b.relay("127.2.0.1"))[0] == 451:
         assert time.monotonic() < deadline
     assert reply[0] == 550
+
+
+def wait_for_failover(cluster: Cluster) -> None:
+    deadline = time.monotonic() + FAILOVER_DEADLINE
+    while cluster.master_port() != cluster.replica.port:
+        assert time.monotonic() < deadline, "no failover"
+        time.sleep(0.1)
+
+
+def relay_after_failover(host: Host, client: str) -> int:
+    """The first reply that is not a tempfail, once the hosts follow the new master."""
+    deadline = time.monotonic() + FAILOVER_DEADLINE
+    while (code := host.relay(client)[0]) == 451:
+        assert time.monotonic() < deadline, f"{client} still tempfails"
+        time.sleep(0.05)
+    return code
+
+
+ADMIN_CHANGES = ("BLOCK alice", "REVOKE 127.0.0.41", "REVOKEUSER carol", "UNBLOCK mallory")
+
+
+def test_changes_no_replica_confirms_are_answered_as_such(
+    cluster: Cluster, hosts: list[Host], stop_popauth: None
+) -> None:
+    """With the replica cut off, a block, a revoke and an unblock are not
+    acknowledged: each is answered ``ERR incomplete`` and says it is in force
+    on the master only. The failover then undoes them, as the replies said;
+    repeated once a replica is back, they are confirmed."""
+    start_popauth(hosts, cluster, redis_wait_replicas=1, redis_wait_timeout=0.1)
+    host_a, host_b = hosts
+    assert host_a.popauth is not None
+    for client, user in (("127.0.0.40", "alice"), ("127.0.0.41", "bob"), ("127.0.0.42", "carol")):
+        assert host_a.login(client, user).startswith("OK ")
+    assert host_a.popauth.ask("BLOCK mallory") == ["OK user=mallory revoked=0 blocked=new"]
+    replicated(cluster)
+    replica_pid = cluster.replica.pid
+    os.kill(replica_pid, signal.SIGSTOP)
+    try:
+        with redis.Redis(port=cluster.master.port, socket_timeout=5) as client:
+            assert client.client_kill_filter(_type="replica") == 1
+        replies = {line: host_a.popauth.ask(line)[0] for line in ADMIN_CHANGES}
+        # In force on the master all the same.
+        assert [host_b.relay(f"127.0.0.{n}")[0] for n in (40, 41, 42)] == [550, 550, 550]
+        assert host_b.login("127.0.0.43", "mallory").startswith("ERR unavailable ")
+        cluster.master.kill()
+    finally:
+        os.kill(replica_pid, signal.SIGCONT)
+    for line, reply in replies.items():
+        verb = line.split()[0]
+        assert reply == (
+            f"ERR incomplete {verb} is in force on the Redis master, but only 0 of 1 replicas "
+            "confirmed it: a failover may undo it; repeat it when the replicas are back"
+        ), reply
+    events = host_a.popauth.events("change_not_confirmed")
+    assert [(e["verb"], e["state"]) for e in events] == [
+        (line.split()[0], "in force on the master only") for line in ADMIN_CHANGES
+    ]
+    wait_for_failover(cluster)
+    # As the replies warned: the new master never had these changes.
+    assert relay_after_failover(host_b, "127.0.0.40") == 250
+    assert [host_b.relay(f"127.0.0.{n}")[0] for n in (41, 42)] == [250, 250]
+    assert host_b.login("127.0.0.43", "mallory").startswith("ERR blocked ")
+    # Repeated while no replica is back: in force on the new master, still unconfirmed.
+    assert host_a.popauth.ask("BLOCK alice")[0].startswith("ERR incomplete BLOCK ")
+    assert host_b.relay("127.0.0.40")[0] == 550
+    # The old master rejoins as a replica: the repeats are confirmed now.
+    cluster.master.start()
+    deadline = time.monotonic() + FAILOVER_DEADLINE
+    while not (reply := host_a.popauth.ask("BLOCK alice")[0]).startswith("OK "):
+        assert reply.startswith("ERR incomplete "), reply
+        assert time.monotonic() < deadline, "the old master did not rejoin as a replica"
+        time.sleep(0.1)
+    assert reply == "OK user=alice revoked=0 blocked=already"
+    assert host_a.popauth.ask("REVOKE 127.0.0.41")[0].startswith("OK address=127.0.0.41 user=bob")
+    assert host_a.popauth.ask("REVOKEUSER carol") == ["OK user=carol revoked=1"]
+    assert host_a.popauth.ask("UNBLOCK mallory") == ["OK user=mallory"]
+    assert [host_b.relay(f"127.0.0.{n}")[0] for n in (40, 41, 42)] == [550, 550, 550]
+
+
+def test_confirmed_changes_survive_a_failover(
+    cluster: Cluster, hosts: list[Host], stop_popauth: None
+) -> None:
+    start_popauth(hosts, cluster, redis_wait_replicas=1, redis_wait_timeout=0.2)
+    host_a, host_b = hosts
+    assert host_a.popauth is not None
+    for client, user in (("127.0.0.50", "alice"), ("127.0.0.51", "bob"), ("127.0.0.52", "carol")):
+        assert host_a.login(client, user).startswith("OK ")
+    assert host_a.popauth.ask("BLOCK Alice") == ["OK user=Alice revoked=1 blocked=new"]
+    assert host_a.popauth.ask("REVOKE 127.0.0.51")[0].startswith("OK ")
+    assert host_a.popauth.ask("REVOKEUSER carol") == ["OK user=carol revoked=1"]
+    cluster.master.kill()
+    wait_for_failover(cluster)
+    assert relay_after_failover(host_b, "127.0.0.50") == 550
+    assert [host_b.relay(f"127.0.0.{n}")[0] for n in (51, 52)] == [550, 550]
+    assert host_b.login("127.0.0.50", "alice").startswith("ERR blocked ")

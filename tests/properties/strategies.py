@@ -6,7 +6,7 @@ import ipaddress
 
 from hypothesis import strategies as st
 
-from popauth.usernames import MAX_USER
+from popauth.usernames import MAX_USER, user_key
 
 
 def _usable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -28,9 +28,14 @@ def client_addresses() -> st.SearchStrategy[ipaddress.IPv4Address | ipaddress.IP
 
 
 def user_names() -> st.SearchStrategy[str]:
-    """Valid user names: printable, no blanks, 1 to MAX_USER characters."""
+    """Valid user names: printable, no blanks, 1 to MAX_USER characters, and
+    so is their caseless form (the block list's key)."""
     return st.text(
         st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp", "Cf", "Co", "Cn")),
         min_size=1,
         max_size=min(MAX_USER, 40),
-    ).filter(lambda name: name.isprintable() and not any(c.isspace() for c in name))
+    ).filter(lambda name: _plain(name) and _plain(user_key(name)))
+
+
+def _plain(name: str) -> bool:
+    return 0 < len(name) <= MAX_USER and name.isprintable() and not any(c.isspace() for c in name)

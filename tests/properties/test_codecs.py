@@ -19,7 +19,7 @@ from popauth.ingest.protocol import (
     parse_request,
 )
 from popauth.socketmap import codec
-from popauth.usernames import MAX_USER, is_valid_user_name
+from popauth.usernames import MAX_USER, is_valid_user_name, user_key
 from tests.properties.strategies import client_addresses, user_names
 
 
@@ -123,3 +123,12 @@ def test_replies_are_one_ascii_netstring(status: codec.Status, text: str) -> Non
     assert rest == b""
     assert payload.startswith(status.value.encode() + b" ")
     assert payload.decode("ascii").isprintable()
+
+
+@given(user_names())
+def test_the_block_list_key_is_a_valid_name_and_its_own_key(user: str) -> None:
+    key = user_key(user)
+    assert is_valid_user_name(key)
+    assert user_key(key) == key
+    if user.isascii():
+        assert user_key(user.upper()) == user_key(user.lower()) == user.lower()

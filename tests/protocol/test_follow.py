@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from popauth.follow.sources import MAX_LINE
 from tests.support.follower import FollowerProcess, wait_until
 from tests.support.popauth_server import PopauthServer
 
@@ -25,11 +26,10 @@ def stamp(offset: float = 0.0) -> str:
     return moment.isoformat(timespec="microseconds")
 
 
-def courier(user: str, ip: str, uid: int = 0, pid: int = 4000, offset: float = 0.0) -> str:
-    return (
-        f"{stamp(offset)} uid={uid} pid={pid} courierpop3login: "
-        f"LOGIN, user={user}, ip=[::ffff:{ip}], port=[40000], protocol=POP3\n"
-    )
+def login_line(user: str, ip: str, uid: int = 0, pid: int = 4000, offset: float = 0.0) -> str:
+    """solid-pop3d's login line (a root process logs it), in the rsyslog template."""
+    envelope = f"{stamp(offset)} uid={uid} pid={pid} solid-pop3d[{pid}]"
+    return f"{envelope}: user {user} authenticated - {ip}\n"
 
 
 @pytest.fixture
@@ -63,17 +63,19 @@ def wait_whitelisted(server: PopauthServer, address: str, follower: FollowerProc
 
 
 def test_logins_take_the_ingest_path(tmp_path: Path, server: PopauthServer, log: Path) -> None:
-    follower = FollowerProcess(tmp_path, server, str(log), follow_format="courier").start()
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
     try:
         server.ask("BLOCK mallory")
         write(
             log,
-            courier("mallory", "192.0.2.66"),  # blocked: refused by the ingest endpoint
-            "Nov 23 09:41:23 mx courierpop3login: LOGIN, user=plain, ip=[192.0.2.67], port=[1]\n",
-            courier("failed", "192.0.2.68").replace("LOGIN,", "LOGIN FAILED,"),
-            courier("sneaky", "192.0.2.69", uid=65534),  # a local user's logger line
-            courier("old", "192.0.2.70", offset=-120),  # older than follow_max_age
-            courier("alice", "192.0.2.7"),
+            login_line("mallory", "192.0.2.66"),  # blocked: refused by the ingest endpoint
+            "Nov 23 09:41:23 mx solid-pop3d[1]: user plain authenticated - 192.0.2.67\n",
+            login_line("failed", "192.0.2.68").replace(
+                "user failed", "authentication failed for user failed"
+            ),
+            login_line("sneaky", "192.0.2.69", uid=65534),  # a local user's logger line
+            login_line("old", "192.0.2.70", offset=-120),  # older than follow_max_age
+            login_line("alice", "192.0.2.7"),
         )
         wait_whitelisted(server, "192.0.2.7", follower)
         for refused in ("192.0.2.66", "192.0.2.67", "192.0.2.68", "192.0.2.69", "192.0.2.70"):
@@ -82,7 +84,7 @@ def test_logins_take_the_ingest_path(tmp_path: Path, server: PopauthServer, log:
         assert reasons == {"untrusted_sender", "stale"}
         assert follower.events("follow_login_refused")[0]["user"] == "mallory"
         # ipv6_prefix applies: the whole /64 of an IPv6 login.
-        write(log, courier("bob", "x", pid=4001).replace("::ffff:x", "2001:db8:1:2::9"))
+        write(log, login_line("bob", "2001:db8:1:2::9", pid=4001))
         wait_whitelisted(server, "2001:db8:1:2::1234", follower)
         # The usage books and the whitelist name the user, as for a hook's login.
         entry = server.ask("QUERY 192.0.2.7")[0]
@@ -92,13 +94,13 @@ def test_logins_take_the_ingest_path(tmp_path: Path, server: PopauthServer, log:
 
 
 def test_a_restart_replays_nothing(tmp_path: Path, server: PopauthServer, log: Path) -> None:
-    follower = FollowerProcess(tmp_path, server, str(log), follow_format="courier").start()
-    write(log, courier("alice", "192.0.2.7"))
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
+    write(log, login_line("alice", "192.0.2.7"))
     wait_whitelisted(server, "192.0.2.7", follower)
     assert follower.stop() == 0
     server.ask("REVOKE 192.0.2.7")
-    write(log, courier("bob", "192.0.2.8"))  # logged while the follower is stopped
-    restarted = FollowerProcess(tmp_path, server, str(log), follow_format="courier").start()
+    write(log, login_line("bob", "192.0.2.8"))  # logged while the follower is stopped
+    restarted = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
     try:
         wait_whitelisted(server, "192.0.2.8", restarted)
         assert not whitelisted(server, "192.0.2.7")
@@ -112,12 +114,12 @@ def test_standard_input_refuses_lines_from_before_its_start(
 ) -> None:
     read_end, write_end = os.pipe()
     # What tail -F prints first: lines logged before the follower started.
-    os.write(write_end, courier("early", "192.0.2.9", offset=-3).encode())
-    follower = FollowerProcess(tmp_path, server, "-", follow_format="courier")
+    os.write(write_end, login_line("early", "192.0.2.9", offset=-3).encode())
+    follower = FollowerProcess(tmp_path, server, "-", follow_format="solid-pop3d")
     follower.start(stdin=read_end)
     os.close(read_end)
     try:
-        os.write(write_end, courier("alice", "192.0.2.7", offset=1).encode())
+        os.write(write_end, login_line("alice", "192.0.2.7", offset=1).encode())
         wait_whitelisted(server, "192.0.2.7", follower)
         assert not whitelisted(server, "192.0.2.9")
     finally:
@@ -137,3 +139,52 @@ def test_a_group_writable_trusted_file_is_refused(tmp_path: Path, server: Popaut
     with pytest.raises(AssertionError, match="writable by its group"):
         follower.start()
     assert follower.process is not None and follower.process.wait(10) == 2
+
+
+def test_courier_is_refused_where_a_mail_user_can_forge_its_line(
+    tmp_path: Path, server: PopauthServer, log: Path
+) -> None:
+    """Courier's LOGIN line comes from the logged-in user's own process: the
+    follower does not start, and says why and what to use instead."""
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="courier")
+    with pytest.raises(AssertionError, match="popauth follow exited"):
+        follower.start()
+    assert follower.process is not None and follower.process.wait(10) == 2
+    said = follower.output()
+    assert "cannot follow: courier's LOGIN line is written by a process of the logged-in" in said
+    assert "Maildir/loginexec" in said
+    assert "contrib/courier/popauth-courier-login" in said
+
+
+def test_the_rest_of_an_over_long_line_is_not_judged(
+    tmp_path: Path, server: PopauthServer, log: Path
+) -> None:
+    """A line cut at MAX_LINE is dropped up to its line break: what follows
+    the cut, a trusted-looking envelope included, is not a line."""
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
+    try:
+        with log.open("ab") as handle:
+            handle.write(b"x" * (MAX_LINE + 1))
+        follower.wait_for_event("follow_line_dropped")
+        write(log, login_line("mallory", "192.0.2.66"), login_line("alice", "192.0.2.7"))
+        wait_whitelisted(server, "192.0.2.7", follower)
+        assert not whitelisted(server, "192.0.2.66")
+        (dropped,) = follower.events("follow_line_dropped")
+        assert dropped["reason"] == "too_long"
+    finally:
+        assert follower.stop() == 0
+
+
+def test_lines_without_a_sender_are_an_error_said_once(
+    tmp_path: Path, server: PopauthServer, log: Path
+) -> None:
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
+    try:
+        unannotated = login_line("alice", "192.0.2.9").replace("uid=0 pid=4000", "uid= pid=")
+        write(log, unannotated, unannotated, login_line("alice", "192.0.2.7"))
+        wait_whitelisted(server, "192.0.2.7", follower)
+        assert not whitelisted(server, "192.0.2.9")
+        (told,) = follower.events("follow_no_sender")
+        assert told["level"] == "error"
+    finally:
+        assert follower.stop() == 0

@@ -8,8 +8,13 @@ from pathlib import Path
 from popauth.accounts import FileBlockList, UsageLedger
 from popauth.addresses import WhitelistKeying
 from popauth.client import IngestClient
+from popauth.config import Accounting, settings_from_mapping
+from popauth.explain import Explainer
+from popauth.gate import RelayGate
 from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.localdelivery import LocalDelivery
 from popauth.metrics import Metrics
+from popauth.replies import Replies
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
@@ -25,23 +30,45 @@ class Endpoint:
     ) -> None:
         self.path = directory / "ingest.sock"
         self.clock = FakeClock()
-        self.store = store_class(ttl=900, max_entries=1000, clock=self.clock)
-        self.log, self.sink = capturing_logger()
         self.blocklist = FileBlockList(directory / "blocked.json")
+        self.store = store_class(
+            ttl=900, max_entries=1000, clock=self.clock, is_blocked=self.blocklist.__contains__
+        )
+        self.log, self.sink = capturing_logger()
         self.ledger = UsageLedger(max_users=100, clock=self.clock)
         self.metrics = Metrics()
+        keying = WhitelistKeying(64)
+        relay = settings_from_mapping({}).relay
+        gate = RelayGate(
+            policy=relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
+            store=self.store,
+            keying=keying,
+            ledger=self.ledger,
+            accounting=Accounting.MESSAGES,
+            metrics=self.metrics,
+            log=self.log,
+        )
+        explainer = Explainer(
+            gate=gate,
+            store=self.store,
+            keying=keying,
+            blocked=self.blocklist,
+            replies=Replies(relay.reject_message, relay.pop_first_retired_message),
+            clock=self.clock,
+        )
         self.server = IngestServer(
             path=self.path,
             mode=0o666,
             group="",
             store=self.store,
-            keying=WhitelistKeying(64),
+            keying=keying,
             peers=peers or PeerPolicy.of([], []),
             limits=IngestLimits(**limits),  # type: ignore[arg-type]
             blocklist=self.blocklist,
             ledger=self.ledger,
             metrics=self.metrics,
             log=self.log,
+            explainer=explainer,
         )
 
     def ask(self, line: str) -> list[str]:

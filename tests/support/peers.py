@@ -13,26 +13,35 @@ import pwd
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
-def _become(user: str, group: int | None) -> None:
+def _become(user: str, group: int | None, supplementary: Sequence[int] = ()) -> None:
     entry = pwd.getpwnam(user)
-    os.setgroups([])
+    os.setgroups(list(supplementary))
     os.setgid(entry.pw_gid if group is None else group)
     os.setuid(entry.pw_uid)
 
 
-def ask_as(user: str, path: Path, line: str, *, group: int | None = None) -> str:
-    """The first reply line to ``line``, sent by a process running as ``user``."""
+def ask_as(
+    user: str,
+    path: Path,
+    line: str,
+    *,
+    group: int | None = None,
+    supplementary: Sequence[int] = (),
+) -> str:
+    """The first reply line to ``line``, sent by a process running as ``user``
+    (primary group ``group`` or the user's own, and only the ``supplementary``
+    groups given)."""
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         status = 0
         try:
             os.close(reader)
-            _become(user, group)
+            _become(user, group, supplementary)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
                 connection.settimeout(10)
                 connection.connect(str(path))

@@ -64,6 +64,23 @@ def test_block_list_is_written_through(tmp_path: Path) -> None:
     assert FileBlockList(path).users() == []
 
 
+def test_block_list_keeps_names_caseless(tmp_path: Path) -> None:
+    path = tmp_path / "blocked.json"
+    # As written before names were kept caseless.
+    path.write_text(
+        json.dumps(
+            {"format": "popauth-blocklist", "version": 1, "users": ["Alice", "alice", "BOB"]}
+        )
+    )
+    blocks = FileBlockList(path)
+    assert blocks.users() == ["alice", "bob"]
+    assert "ALICE" in blocks
+    assert "Bob" in blocks
+    assert not blocks.add("Älice")
+    assert blocks.remove("ALICE")
+    assert FileBlockList(path).users() == ["bob"]
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -72,6 +72,7 @@ def test_the_mta_is_answered_while_nobody_floods_the_socketmap(open_tmp: Path) -
         limits=SocketmapLimits(max_clients=100, max_clients_per_uid=8),
         metrics=Metrics(),
         log=capturing_logger()[0],
+        lookup_events=False,
     )
     server.start()
     postfix_gid = grp.getgrnam("postfix").gr_gid
@@ -106,6 +107,7 @@ def test_by_default_an_mta_reaching_the_socketmap_by_its_mode_is_not_throttled(
         limits=SocketmapLimits(),
         metrics=Metrics(),
         log=capturing_logger()[0],
+        lookup_events=False,
     )
     server.start()
     lookup = codec.encode(b"popauth 192.0.2.1").decode()

@@ -25,6 +25,6 @@ def test_follow_doc_renders_without_warnings() -> None:
 def test_follow_doc_lists_every_follow_setting() -> None:
     text = DOC.read_text()
     keys = [key for key in KEYS if key.startswith("follow_")]
-    assert len(keys) == 9
+    assert len(keys) == 13
     for key in keys:
         assert f"``{key}``" in text, key

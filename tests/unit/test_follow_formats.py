@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import pwd
-
 import pytest
 
 from popauth.addresses import parse_client_address
 from popauth.config import FOLLOW_FORMATS
 from popauth.follow.entries import EntryError, EntryParser, LogEntry
-from popauth.follow.formats import FORMAT_NAMES, FormatError, build_format
+from popauth.follow.formats import (
+    FORMAT_NAMES,
+    FormatError,
+    Login,
+    Refused,
+    SessionFormat,
+    build_format,
+)
 
 NOW = 1_800_000_000.0
 
@@ -123,7 +128,7 @@ def test_successful_logins_are_accepted(
     login_format = build_format(name)
     assert program in login_format.programs
     login = login_format.login(entry(program, message))
-    assert login is not None
+    assert isinstance(login, Login)
     assert (login.address, login.user, login.time) == (parse_client_address(address), user, NOW)
 
 
@@ -138,17 +143,84 @@ def test_popa3d_pairs_the_session_line_with_the_login_of_the_same_pid() -> None:
     assert popa3d.login(entry("popa3d", "Session from 127.0.0.3", pid=11)) is None
     assert popa3d.login(entry("popa3d", "Authentication failed for alice", pid=11)) is None
     login = popa3d.login(entry("popa3d", "Authentication passed for alice", pid=10))
-    assert login is not None and str(login.address) == "127.0.0.2"
+    assert isinstance(login, Login) and str(login.address) == "127.0.0.2"
     # Used up: a second success line of that pid needs its own session line.
-    assert popa3d.login(entry("popa3d", "Authentication passed for alice", pid=10)) is None
-    # Another pid's session never lends its address.
-    assert popa3d.login(entry("popa3d", "Authentication passed for bob", pid=12)) is None
+    again = popa3d.login(entry("popa3d", "Authentication passed for alice", pid=10))
+    assert again == Refused("no_session", {"pid": 10})
+    # The failure ended pid 11's session; another pid's session never lends its address.
+    for pid in (11, 12):
+        refused = popa3d.login(entry("popa3d", "Authentication passed for bob", pid=pid))
+        assert refused == Refused("no_session", {"pid": pid})
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "Didn't attempt authentication",  # the client left, or timed out
+        "Authentication failed for alice",
+        "Authentication failed for UNKNOWN USER",
+        "pipe: Too many open files",  # any other line of the pid
+        "Session from 203.0.113.9",  # a new session line from an untrusted sender
+    ],
+)
+def test_popa3d_forgets_a_session_at_any_other_line_of_its_pid(ending: str) -> None:
+    """A stranger connects and leaves: popa3d says so, and the pid that a
+    local account later takes over lends it no address (issue 18, defect 2)."""
+    popa3d = popa3d_with_users()
+    assert popa3d.login(line("Session from 203.0.113.9", 500, ROOT)) is None
+    # popa3d logs the ending after dropping to its own account; a session
+    # line from anyone else than root is not a session either.
+    assert popa3d.login(line(ending, 500, POPA3D)) is None
+    forged = popa3d.login(line("Authentication passed for alice", 500, ALICE))
+    assert forged == Refused("no_session", {"pid": 500})
+
+
+def test_popa3d_keeps_a_session_through_the_lines_of_its_pam_modules() -> None:
+    popa3d = popa3d_with_users()
+    assert popa3d.login(line("Session from 198.51.100.7", 30, ROOT)) is None
+    note = "pam_unix(popa3d:account): expired password for user alice (password aged)"
+    assert popa3d.login(line(note, 30, ROOT)) is None
+    login = popa3d.login(line("Authentication passed for alice", 30, ALICE))
+    assert isinstance(login, Login) and str(login.address) == "198.51.100.7"
+
+
+def test_popa3d_forgets_a_session_after_the_login_timeout() -> None:
+    popa3d = popa3d_with_users()
+    popa3d.session_timeout = 600
+    assert popa3d.login(line("Session from 198.51.100.7", 21, ROOT)) is None
+    late = popa3d.login(line("Authentication passed for alice", 21, ALICE, later=601))
+    assert late == Refused("session_expired", {"pid": 21, "age": 601})
+    assert popa3d.login(line("Session from 198.51.100.8", 22, ROOT)) is None
+    in_time = popa3d.login(line("Authentication passed for alice", 22, ALICE, later=599))
+    assert isinstance(in_time, Login) and str(in_time.address) == "198.51.100.8"
+    # Sessions nobody ended are dropped as newer ones come: memory stays bounded
+    # by the timeout, not only by MAX_PENDING_SESSIONS.
+    assert popa3d.login(line("Session from 198.51.100.9", 23, ROOT)) is None
+    assert popa3d.login(line("Session from 198.51.100.10", 24, ROOT, later=700)) is None
+    assert len(popa3d._sessions) == 1
+
+
+POPA3D_USERS = {"root": 0, "www-data": 33, "alice": 1001, "bob": 1002, "nobody": 65_534}
+ROOT, WWW_DATA, ALICE, BOB, NOBODY = POPA3D_USERS.values()
+POPA3D = 120  # popa3d's own system account
+
+
+def popa3d_with_users() -> SessionFormat:
+    popa3d = build_format("popa3d")
+    assert isinstance(popa3d, SessionFormat)
+    popa3d.trusted_uids = frozenset({ROOT})
+    popa3d.uid_of = POPA3D_USERS.get
+    return popa3d
+
+
+def line(message: str, pid: int, uid: int, later: float = 0) -> LogEntry:
+    return LogEntry(time=NOW + later, program="popa3d", message=message, pid=pid, sender_uid=uid)
 
 
 def test_regex_format_needs_its_groups_and_programs() -> None:
     custom = build_format("regex", ("vm-pop3d",), r"User (?P<user>\S+) logged in from (?P<ip>\S+)")
     login = custom.login(entry("vm-pop3d", "User alice logged in from 192.0.2.4"))
-    assert login is not None and login.user == "alice"
+    assert isinstance(login, Login) and login.user == "alice"
     assert custom.login(entry("vm-pop3d", "User alice logged in from nowhere")) is None
     with pytest.raises(FormatError, match="named groups"):
         build_format("regex", ("x",), r"(?P<ip>\S+)")
@@ -192,24 +264,29 @@ def test_plain_envelopes_with_and_without_host() -> None:
     assert iso.pid == 5 and iso.sender_uid is None
 
 
-def test_popa3d_trusts_a_session_from_root_and_a_success_from_the_user_itself() -> None:
-    popa3d = build_format("popa3d")
-    popa3d.trusted_uids = frozenset({0})
+def test_popa3d_trusts_a_session_from_root_and_a_success_from_a_mail_account_itself() -> None:
+    popa3d = popa3d_with_users()
 
-    def line(message: str, pid: int, uid: int) -> LogEntry:
-        return LogEntry(time=NOW, program="popa3d", message=message, pid=pid, sender_uid=uid)
+    def judged(user: str, sender: int, pid: int) -> str | None:
+        assert popa3d.login(line("Session from 198.51.100.7", pid, ROOT)) is None
+        success = line(f"Authentication passed for {user}", pid, sender)
+        login = popa3d.login(success)
+        assert isinstance(login, Login)
+        return popa3d.sender_refusal(success, login)
 
-    nobody = pwd.getpwnam("nobody").pw_uid
     # A session line a local user sent is not remembered.
-    assert popa3d.login(line("Session from 203.0.113.9", 20, nobody)) is None
-    assert popa3d.login(line("Authentication passed for nobody", 20, nobody)) is None
+    assert popa3d.login(line("Session from 203.0.113.9", 20, ALICE)) is None
+    refused = popa3d.login(line("Authentication passed for alice", 20, ALICE))
+    assert refused == Refused("no_session", {"pid": 20})
     # popa3d logs the success after switching to the user: that uid counts,
-    # for that user only.
-    assert popa3d.login(line("Session from 198.51.100.7", 21, 0)) is None
-    success = line("Authentication passed for nobody", 21, nobody)
-    login = popa3d.login(success)
-    assert login is not None and popa3d.sender_trusted(success, login)
-    assert popa3d.login(line("Session from 198.51.100.8", 22, 0)) is None
-    forged = line("Authentication passed for root", 22, nobody)
-    forged_login = popa3d.login(forged)
-    assert forged_login is not None and not popa3d.sender_trusted(forged, forged_login)
+    # for that user only, and only if it is a mail account's.
+    assert judged("alice", ALICE, 21) is None
+    assert judged("root", ROOT, 22) is None
+    assert judged("bob", ALICE, 23) == "untrusted_sender"
+    assert judged("root", ALICE, 24) == "untrusted_sender"
+    # A system account that takes over the pid of a stranger's session (the
+    # attack of issue 18, defect 2) names itself: it is no mail account.
+    assert judged("www-data", WWW_DATA, 25) == "not_a_mail_account"
+    assert judged("nobody", NOBODY, 26) == "not_a_mail_account"
+    popa3d.mail_uids = range(1000, 70_000)
+    assert judged("nobody", NOBODY, 27) == "not_a_mail_account"

@@ -44,6 +44,28 @@ from popauth.ingest.protocol import (
         (b"stats\n", Request(Verb.STATS)),
         (b"PING", Request(Verb.PING)),
         (b"QUIT\n", Request(Verb.QUIT)),
+        (
+            b"EXPLAIN 192.0.2.1 bob@remote.test\n",
+            Request(Verb.EXPLAIN, parse_client_address("192.0.2.1"), recipient="bob@remote.test"),
+        ),
+        (
+            b"explain 192.0.2.1 <> mailer=lmtp auth=joe sender=<> user=ann\n",
+            Request(
+                Verb.EXPLAIN,
+                parse_client_address("192.0.2.1"),
+                recipient="<>",
+                options=(("mailer", "lmtp"), ("auth", "joe"), ("sender", "<>"), ("user", "ann")),
+            ),
+        ),
+        (
+            # A recipient may hold "=" (SRS): only words after it are options.
+            b"EXPLAIN 192.0.2.1 SRS0=ab=cd=x.test=u@y.test\n",
+            Request(
+                Verb.EXPLAIN,
+                parse_client_address("192.0.2.1"),
+                recipient="SRS0=ab=cd=x.test=u@y.test",
+            ),
+        ),
     ],
 )
 def test_parse(line: bytes, request_: Request) -> None:
@@ -58,6 +80,14 @@ def test_parse(line: bytes, request_: Request) -> None:
         (b"LOGIN\n", ErrorCode.SYNTAX),
         (b"LOGIN 192.0.2.1 alice extra\n", ErrorCode.SYNTAX),
         (b"LIST everything\n", ErrorCode.SYNTAX),
+        (b"EXPLAIN 192.0.2.1\n", ErrorCode.SYNTAX),
+        (b"EXPLAIN bob@remote.test 192.0.2.1\n", ErrorCode.ADDRESS),
+        (b"EXPLAIN 192.0.2.1 bob@remote.test colour=blue\n", ErrorCode.SYNTAX),
+        (b"EXPLAIN 192.0.2.1 bob@remote.test user\n", ErrorCode.SYNTAX),
+        (b"EXPLAIN 192.0.2.1 bob@remote.test user=a user=b\n", ErrorCode.SYNTAX),
+        (b"EXPLAIN 192.0.2.1 bob@remote.test user=\n", ErrorCode.USER),
+        (b"EXPLAIN 192.0.2.1 bob@remote.test mailer=a/b\n", ErrorCode.SYNTAX),
+        (b"EXPLAIN 192.0.2.1 bob@remote.test sender=" + b"x" * 321 + b"\n", ErrorCode.SYNTAX),
         (b"RENEW 192.0.2.1\n", ErrorCode.SYNTAX),  # whose session: the user is required
         (b"RENEW 192.0.2.1 alice bob\n", ErrorCode.SYNTAX),
         (b"RENEW 192.0.2.1 \xc2\x85alice\n", ErrorCode.SYNTAX),

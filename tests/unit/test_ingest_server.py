@@ -19,7 +19,7 @@ from popauth.ingest.protocol import MAX_LINE, parse_fields
 from popauth.ingest.roles import Members
 from popauth.ingest.server import PeerPolicy
 from popauth.sockets import SocketInUse
-from popauth.store import GrantOutcome
+from popauth.store import Grant, GrantOutcome, NotConfirmed, StoreUnavailable
 from popauth.store.memory import MemoryStore
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import events
@@ -414,9 +414,11 @@ def test_revoke_and_block_win_over_renewals(endpoint: Endpoint) -> None:
     assert endpoint.ask("RENEW 192.0.2.2 mallory") == ["ERR blocked user mallory is blocked"]
     assert endpoint.ask("QUERY 192.0.2.2") == ["NOTFOUND address=192.0.2.2"]
     assert "renew_refused_blocked" in events(endpoint.sink)
-    # A blocked user's entry that slipped in (a login racing the block on
-    # another host) is not extended either.
+    # A blocked user's entry that is still there (blocked straight in the
+    # block list, without the revoke of BLOCK) is not extended either.
+    endpoint.blocklist.remove("mallory")
     endpoint.store.grant(parse_client_address("192.0.2.3"), "mallory")
+    endpoint.blocklist.add("mallory")
     assert endpoint.ask("RENEW 192.0.2.3 mallory")[0].startswith("ERR blocked")
     # The next real login brings alice's entry back, and renewals work again.
     endpoint.ask("LOGIN 192.0.2.1 alice")
@@ -452,3 +454,83 @@ def test_a_batch_of_renewals_on_one_connection(endpoint: Endpoint) -> None:
     found = [n for n, line in enumerate(lines[:100]) if line.startswith("OK ")]
     assert found == list(range(40))
     assert all(line.startswith("NOTFOUND ") for line in lines[40:100])
+
+
+class UnreplicatedStore(MemoryStore):
+    """A store whose replicas confirm nothing (as Redis with a replica cut off)."""
+
+    def grant(self, address: IPAddress, user: str) -> GrantOutcome:
+        raise NotConfirmed(0, 1, undone=True)
+
+    def confirm_changes(self) -> None:
+        raise NotConfirmed(0, 1, undone=False)
+
+
+def test_changes_the_replicas_do_not_confirm_say_what_holds(tmp_path: Path) -> None:
+    door = Endpoint(tmp_path, store_class=UnreplicatedStore)
+    door.server.start()
+    try:
+        assert door.ask("LOGIN 192.0.2.1 alice") == [
+            "ERR unavailable 0 of 1 replicas confirmed it; undone, nothing changed"
+        ]
+        for line in ("BLOCK mallory", "UNBLOCK bob", "REVOKE 192.0.2.1", "REVOKEUSER alice"):
+            verb = line.split()[0]
+            assert door.ask(line) == [
+                f"ERR incomplete {verb} is in force on the Redis master, but only 0 of 1 "
+                "replicas confirmed it: a failover may undo it; repeat it when the replicas "
+                "are back"
+            ]
+        # The block is in force all the same: undoing it would reopen the door.
+        assert door.blocklist.users() == ["mallory"]
+    finally:
+        door.server.stop()
+    logged = [c.kwargs for c in door.sink.calls if c.kwargs.get("event") == "change_not_confirmed"]
+    assert [(e["verb"], e["state"]) for e in logged] == [
+        ("LOGIN", "undone"),
+        ("BLOCK", "in force on the master only"),
+        ("UNBLOCK", "in force on the master only"),
+        ("REVOKE", "in force on the master only"),
+        ("REVOKEUSER", "in force on the master only"),
+    ]
+    assert logged[0]["client_ip"] == "192.0.2.1"
+    assert logged[1]["user"] == "mallory"
+    registry = door.metrics.registry
+    incomplete = {"verb": "BLOCK", "result": "incomplete"}
+    assert registry.get_sample_value("popauth_ingest_requests_total", incomplete) == 1
+
+
+class RevokeFailingStore(MemoryStore):
+    def revoke_user(self, user: str) -> list[Grant]:
+        raise StoreUnavailable("redis: connection reset")
+
+
+def test_a_block_whose_revoke_fails_says_the_block_holds(tmp_path: Path) -> None:
+    door = Endpoint(tmp_path, store_class=RevokeFailingStore)
+    door.server.start()
+    try:
+        door.store.grant(A, "mallory")
+        assert door.ask("BLOCK mallory") == [
+            "ERR incomplete user mallory is blocked, but their entries could not be revoked: "
+            "repeat BLOCK"
+        ]
+        assert door.blocklist.users() == ["mallory"]
+        assert door.ask("LOGIN 192.0.2.2 mallory")[0].startswith("ERR blocked ")
+        assert door.ask("REVOKEUSER mallory") == ["ERR unavailable whitelist store unavailable"]
+    finally:
+        door.server.stop()
+    assert "block_not_revoked" in events(door.sink)
+    incomplete = {"verb": "BLOCK", "result": "incomplete"}
+    assert door.metrics.registry.get_sample_value("popauth_ingest_requests_total", incomplete) == 1
+
+
+def test_blocks_match_names_caselessly(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 alice")
+    endpoint.ask("LOGIN 192.0.2.2 ALICE")
+    assert endpoint.ask("BLOCK Alice") == ["OK user=Alice revoked=2 blocked=new"]
+    assert endpoint.ask("BLOCK ALICE") == ["OK user=ALICE revoked=0 blocked=already"]
+    assert endpoint.ask("BLOCKED") == ["OK count=1", "user=alice"]
+    for spelling in ("alice", "aLiCe", "Älice", "\uff41\uff4c\uff49\uff43\uff45"):  # fullwidth
+        assert endpoint.ask(f"LOGIN 192.0.2.3 {spelling}")[0].startswith("ERR blocked "), spelling
+    assert endpoint.ask("QUERY 192.0.2.3") == ["NOTFOUND address=192.0.2.3"]
+    assert endpoint.ask("UNBLOCK ALICE") == ["OK user=ALICE"]
+    assert endpoint.ask("LOGIN 192.0.2.3 alice")[0].startswith("OK ")

@@ -7,16 +7,20 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from popauth.ingest import wire
 from popauth.ingest.protocol import parse_request
 from popauth.ingest.wire import ErrorCode, Verb
 
-HOOK = Path(__file__).resolve().parents[2] / "contrib" / "dovecot" / "popauth-login"
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+HOOK = CONTRIB / "dovecot" / "popauth-login"
+COURIER_REPORTER = CONTRIB / "courier" / "popauth-courier-login"
 
 
-def load_hook() -> ModuleType:
-    """The Dovecot hook as a module, without running it (it runs only as a script)."""
-    loader = importlib.machinery.SourceFileLoader("popauth_login_hook", str(HOOK))
+def load_hook(path: Path = HOOK) -> ModuleType:
+    """A contrib reporter as a module, without running it (it runs only as a script)."""
+    loader = importlib.machinery.SourceFileLoader(f"contrib_{path.parent.name}", str(path))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
@@ -24,8 +28,9 @@ def load_hook() -> ModuleType:
     return module
 
 
-def test_the_hooks_copies_equal_the_wire_definitions() -> None:
-    hook = load_hook()
+@pytest.mark.parametrize("path", [HOOK, COURIER_REPORTER], ids=["dovecot", "courier"])
+def test_the_hooks_copies_equal_the_wire_definitions(path: Path) -> None:
+    hook = load_hook(path)
     assert hook.DEFAULT_SOCKET == wire.DEFAULT_SOCKET
     assert hook.MAX_LINE == wire.MAX_LINE
     assert Verb.LOGIN.value == hook.LOGIN
@@ -39,7 +44,13 @@ def test_the_hooks_copies_equal_the_wire_definitions() -> None:
 def test_the_defaults_of_cli_and_config_are_the_wire_default() -> None:
     from popauth import cli, config
 
-    assert cli._parser().parse_args(["ping"]).socket == wire.DEFAULT_SOCKET
+    # No --socket and no settings file: the wire default.
+    arguments = cli._parser().parse_args(["ping", "--config", "/nonexistent/popauth.toml"])
+    arguments.config = None
+    if cli.settings_file(arguments) is None:
+        assert cli._client_socket(arguments) == wire.DEFAULT_SOCKET
+    arguments.socket = "/x.sock"
+    assert cli._client_socket(arguments) == "/x.sock"
     assert Path(wire.DEFAULT_SOCKET) == config.Settings().ingest.socket
 
 

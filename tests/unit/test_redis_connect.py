@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
-from popauth.store.redis import SentinelSettings, connect
+from popauth.addresses import parse_client_address
+from popauth.clock import SystemClock
+from popauth.store import StoreUnavailable
+from popauth.store.redis import (
+    RedisStore,
+    SentinelSettings,
+    connect,
+    unix_connections_take_a_connect_timeout,
+)
 
 
 def test_sentinel_options_carry_their_own_password_and_tls() -> None:
@@ -47,3 +59,25 @@ def test_the_master_takes_password_database_and_tls_from_the_url() -> None:
     # The sentinel password is not sent to the master, nor the master's to the sentinels.
     sentinel_kwargs = pool.sentinel_manager.sentinel_kwargs
     assert sentinel_kwargs["password"] == "sentinel-secret"
+
+
+def test_a_unix_url_bounds_the_connect_and_every_read_by_the_timeout(tmp_path: Path) -> None:
+    # redis-py 4.3 refused socket_connect_timeout for a UNIX socket (a TypeError
+    # at the first command); later ones take it, and need it.
+    client = connect(f"unix://{tmp_path}/redis.sock?db=2", 0.3)
+    connection: Any = client.connection_pool.make_connection()  # the interface declares no timeouts
+    assert connection.socket_timeout == 0.3
+    if unix_connections_take_a_connect_timeout():
+        assert connection.socket_connect_timeout == 0.3
+
+
+def test_a_unix_socket_that_is_not_there_is_an_outage_not_a_crash(tmp_path: Path) -> None:
+    store = RedisStore(
+        client=connect(f"unix://{tmp_path}/redis.sock", 0.3),
+        ttl=900,
+        key_prefix="popauth:",
+        clock=SystemClock(),
+    )
+    with pytest.raises(StoreUnavailable):
+        store.lookup(parse_client_address("192.0.2.1"))
+    assert not store.ping()

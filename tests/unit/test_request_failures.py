@@ -59,9 +59,11 @@ class Door:
     ) -> None:
         self.path = directory / "ingest.sock"
         clock = FakeClock()
-        self.store = store_class(ttl=900, max_entries=100, clock=clock)
-        self.log, self.sink = capturing_logger()
         self.blocklist = FileBlockList(blocklist_path or directory / "blocked.json")
+        self.store = store_class(
+            ttl=900, max_entries=100, clock=clock, is_blocked=self.blocklist.__contains__
+        )
+        self.log, self.sink = capturing_logger()
         self.server = IngestServer(
             path=self.path,
             mode=0o600,
@@ -155,6 +157,7 @@ def test_a_socketmap_failure_gets_one_temp_and_the_connection_goes_on(
         limits=SocketmapLimits(),
         metrics=Metrics(),
         log=log,
+        lookup_events=True,
     )
     server.start()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from popauth.addresses import parse_client_address
 from popauth.config import settings_from_mapping
 from popauth.ingest.protocol import Verb
 from popauth.ingest.roles import VERB_ROLES, PeerPolicy, Role
+from popauth.unixserver import _peer_groups, peer_of
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.peers import ask_as
 
@@ -32,6 +34,7 @@ REQUESTS = {
     "REPORT": "OK",
     "BLOCKED": "OK",
     "STATS": "OK",
+    "EXPLAIN 192.0.2.7 bob@remote.test": "OK",
     "REVOKE 192.0.2.7": "OK",
     "REVOKEUSER alice": "OK",
     "BLOCK mallory": "OK",
@@ -50,6 +53,7 @@ ALLOWED = {
         "REPORT",
         "BLOCKED",
         "STATS",
+        "EXPLAIN",
         "REVOKE",
         "REVOKEUSER",
     },
@@ -122,6 +126,54 @@ def test_roles_by_group_and_configured_administrators(open_tmp: Path) -> None:
         assert served.blocklist.users() == ["mallory"]
     finally:
         served.server.stop()
+
+
+def test_roles_by_supplementary_group(open_tmp: Path) -> None:
+    """An operator whose operators' group is a supplementary one, as for
+    anyone added to a group in /etc/group, holds the role; the groups are
+    the connecting process's own, as the kernel keeps them."""
+    daemon_group = grp.getgrnam("daemon").gr_gid
+    peers = PeerPolicy.of([], [], operator_groups=["daemon"])
+    served = Endpoint(open_tmp, peers=peers)
+    served.server.start()
+    try:
+        assert ask_as("dovecot", served.path, "STATS", supplementary=[daemon_group]).startswith(
+            "OK "
+        )
+        many = [*range(70_000, 70_255), daemon_group]
+        assert ask_as("dovecot", served.path, "STATS", supplementary=many).startswith("OK ")
+        assert ask_as("dovecot", served.path, "STATS", supplementary=many[:-1]).startswith(
+            "ERR forbidden"
+        )
+        # More than 256: they are not read at all, only the primary group counts.
+        too_many = [daemon_group, *range(70_000, 70_256)]
+        assert ask_as("dovecot", served.path, "STATS", supplementary=too_many).startswith(
+            "ERR forbidden"
+        )
+        assert ask_as(
+            "dovecot", served.path, "STATS", group=daemon_group, supplementary=too_many
+        ).startswith("OK ")
+        # Still an operator only.
+        assert ask_as("dovecot", served.path, "BLOCK x", supplementary=[daemon_group]).startswith(
+            "ERR forbidden"
+        )
+    finally:
+        served.server.stop()
+
+
+def test_a_peer_without_supplementary_groups_has_none() -> None:
+    """Where the kernel keeps no peer groups (not a UNIX socket), only the
+    primary group counts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unconnected:
+        assert _peer_groups(unconnected) == frozenset()
+    left, right = socket.socketpair()
+    with left, right:
+        peer = peer_of(left)
+    assert (peer.uid, peer.gid, peer.groups) == (
+        os.getuid(),
+        os.getgid(),
+        frozenset(os.getgroups()),
+    )
 
 
 def test_root_and_our_own_user_are_always_administrators() -> None:

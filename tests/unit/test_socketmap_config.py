@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from popauth.addresses import WhitelistKeying
+from popauth.addresses import WhitelistKeying, parse_client_address
 from popauth.config import ConfigError, Settings, settings_from_mapping
 from popauth.metrics import Metrics
 from popauth.serve import socketmap_server
+from popauth.socketmap import codec
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
-from tests.support.logs import capturing_logger
+from tests.support.logs import capturing_logger, events
 
 
 def test_off_by_default() -> None:
@@ -39,6 +41,30 @@ def test_configured(tmp_path: Path) -> None:
     server = socketmap_server(settings, store, WhitelistKeying(), Metrics(), log)
     assert server is not None
     assert server.path == tmp_path / "s.sock"
+
+
+@pytest.mark.parametrize(("level", "logged"), [("debug", True), ("info", False)])
+def test_each_lookup_is_logged_at_log_level_debug_only(
+    tmp_path: Path, level: str, logged: bool
+) -> None:
+    settings = settings_from_mapping(
+        {"socketmap_socket": str(tmp_path / "s.sock"), "log_level": level}
+    )
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    store.grant(parse_client_address("192.0.2.1"), "alice")
+    log, sink = capturing_logger()
+    server = socketmap_server(settings, store, WhitelistKeying(), Metrics(), log)
+    assert server is not None
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(tmp_path / "s.sock"))
+            client.sendall(codec.encode(b"popauth 192.0.2.1"))
+            assert client.recv(100) == codec.encode(b"OK OK")
+    finally:
+        server.stop()
+    assert ("socketmap_lookup" in events(sink)) is logged
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from structlog.testing import CapturingLogger
 
 from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
 from popauth.metrics import Metrics
@@ -38,7 +39,12 @@ class BlockingStore(FlakyStore):
 
 class Endpoint:
     def __init__(
-        self, directory: Path, store_class: type[FlakyStore] = FlakyStore, **limits: float
+        self,
+        directory: Path,
+        store_class: type[FlakyStore] = FlakyStore,
+        *,
+        lookup_events: bool = True,
+        **limits: float,
     ) -> None:
         self.path = directory / "socketmap.sock"
         self.store = store_class(ttl=900, max_entries=1000, clock=FakeClock())
@@ -55,6 +61,7 @@ class Endpoint:
             limits=SocketmapLimits(**limits),  # type: ignore[arg-type]
             metrics=self.metrics,
             log=self.log,
+            lookup_events=lookup_events,
         )
 
     def connect(self) -> Connection:
@@ -125,6 +132,40 @@ def test_hits_and_misses_normalised_like_the_milter(endpoint: Endpoint) -> None:
     assert endpoint.ask("2001:db8:0:1::5") == b"OK OK"
     assert endpoint.ask("ipv6:2001:db8:0:1::5") == b"OK OK"
     assert endpoint.ask("2001:db8:0:2::5") == b"NOTFOUND "
+
+
+def lookup_events(sink: CapturingLogger) -> list[dict[str, object]]:
+    """The fields of each ``socketmap_lookup`` event, less the door's own."""
+    return [
+        {key: value for key, value in call.kwargs.items() if key not in ("event", "door")}
+        for call in sink.calls
+        if call.kwargs.get("event") == "socketmap_lookup"
+    ]
+
+
+def test_each_lookup_is_logged_when_asked_to(endpoint: Endpoint) -> None:
+    grant(endpoint, "192.0.2.1")
+    assert endpoint.ask("192.0.2.1") == b"OK OK"
+    assert endpoint.ask("192.0.2.2") == b"NOTFOUND "
+    assert lookup_events(endpoint.sink) == [
+        {"client_ip": "192.0.2.1", "hit": True, "user": "alice"},
+        {"client_ip": "192.0.2.2", "hit": False},
+    ]
+
+
+def test_lookups_are_not_logged_otherwise_even_by_a_logger_that_takes_debug(
+    tmp_path: Path,
+) -> None:
+    quiet = Endpoint(tmp_path, lookup_events=False)
+    quiet.server.start()
+    try:
+        grant(quiet, "192.0.2.1")
+        assert quiet.ask("192.0.2.1") == b"OK OK"
+        assert quiet.ask("192.0.2.2") == b"NOTFOUND "
+    finally:
+        quiet.server.stop()
+    assert lookup_events(quiet.sink) == []
+    assert "socketmap_stopped" in events(quiet.sink)
 
 
 def test_loose_forms_of_a_whitelisted_address_are_not_found(endpoint: Endpoint) -> None:
@@ -318,6 +359,7 @@ def test_ok_value_and_name_are_configurable(tmp_path: Path) -> None:
         limits=SocketmapLimits(),
         metrics=Metrics(),
         log=log,
+        lookup_events=True,
     )
     server.start()
     try:

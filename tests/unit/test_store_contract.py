@@ -5,16 +5,20 @@ A new store joins by adding a case to ``STORES``; every test here then runs on i
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from popauth.addresses import parse_client_address
+from popauth.accounts import BlockList, FileBlockList, RedisBlockList
+from popauth.addresses import IPAddress, parse_client_address
 from popauth.clock import SystemClock
-from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.store import StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.store.memory import MemoryStore
 from popauth.store.redis import RedisStore, connect
 from tests.live.ports import free_port
@@ -32,6 +36,8 @@ class Subject:
     """A store under test, with the means to age it and to cut it off."""
 
     store: WhitelistStore
+    # The block list the store checks logins against.
+    blocklist: BlockList
     ttl: int
     # Let more than ``ttl`` seconds pass for every entry.
     outlive: Callable[[], None]
@@ -45,8 +51,11 @@ Factory = Callable[[int], Subject]
 def memory_factory(_: Path) -> Iterator[Factory]:
     def make(ttl: int) -> Subject:
         clock = FakeClock()
-        store = MemoryStore(ttl=ttl, max_entries=1000, clock=clock)
-        return Subject(store, ttl, lambda: clock.advance(ttl + 1), lambda: False)
+        blocklist = FileBlockList(None)
+        store = MemoryStore(
+            ttl=ttl, max_entries=1000, clock=clock, is_blocked=blocklist.__contains__
+        )
+        return Subject(store, blocklist, ttl, lambda: clock.advance(ttl + 1), lambda: False)
 
     yield make
 
@@ -68,7 +77,8 @@ def redis_factory(tmp_path: Path) -> Iterator[Factory]:
             store = RedisStore(
                 client=connect(server.url, 0.5), ttl=ttl, key_prefix="popauth:", clock=SystemClock()
             )
-            return Subject(store, ttl, lambda: outlive(store), cut_off)
+            blocklist = RedisBlockList(store.client, store.blocklist_key)
+            return Subject(store, blocklist, ttl, lambda: outlive(store), cut_off)
 
         yield make
 
@@ -154,6 +164,72 @@ def test_revoke_by_user(subject: Subject) -> None:
     assert {grant.address for grant in removed} == {A, C}
     assert [grant.user for grant in subject.store.entries()] == ["bob"]
     assert subject.store.revoke_user("alice") == []
+
+
+def test_revoke_by_user_matches_names_caselessly(subject: Subject) -> None:
+    subject.store.grant(A, "Alice")
+    subject.store.grant(C, "alice")
+    subject.store.grant(B, "bob")
+    removed = subject.store.revoke_user("ALICE")
+    assert sorted(grant.user for grant in removed) == ["Alice", "alice"]
+    assert [grant.user for grant in subject.store.entries()] == ["bob"]
+
+
+def test_a_blocked_user_can_neither_log_in_nor_renew(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    assert subject.blocklist.add("Alice")
+    for spelling in ("alice", "ALICE", "Älice"):
+        with pytest.raises(UserBlocked):
+            subject.store.grant(B, spelling)
+    with pytest.raises(UserBlocked):
+        subject.store.renew(A, "alice")
+    assert subject.store.lookup(B) is None
+    # An entry from before the block (the block's revoke is the caller's
+    # second step) is left as it was: neither extended nor changed.
+    found = subject.store.lookup(A)
+    assert found is not None
+    assert found.user == "alice"
+    # Other users, and logins without a user name, are not affected.
+    assert not subject.store.grant(B, "bob").renewed
+    subject.store.grant(C, "")
+    assert subject.blocklist.remove("aLiCe")
+    assert subject.store.renew(A, "alice") is not None
+
+
+RACING_ROUNDS = 200
+
+
+def test_a_login_in_flight_never_outlives_a_block(subject: Subject) -> None:
+    """A block is the block list's add, then the store's revoke_user; a login
+    racing with it either is refused or is revoked: never left behind."""
+
+    def login(address: IPAddress, user: str, start: threading.Barrier) -> None:
+        start.wait()
+        with contextlib.suppress(UserBlocked):
+            subject.store.grant(address, user)
+
+    def block(user: str, start: threading.Barrier) -> None:
+        start.wait()
+        subject.blocklist.add(user)
+        subject.store.revoke_user(user)
+
+    with ThreadPoolExecutor(2) as workers:
+        for number in range(RACING_ROUNDS):
+            start = threading.Barrier(2)
+            address = parse_client_address(f"10.0.{number // 250}.{number % 250}")
+            user = f"racer{number}"
+            done = [workers.submit(login, address, user, start), workers.submit(block, user, start)]
+            for future in done:
+                future.result()
+            assert subject.store.lookup(address) is None, user
+    assert subject.store.entries() == []
+
+
+def test_confirming_changes_without_replicas_to_wait_for(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    subject.store.revoke(A)
+    subject.store.confirm_changes()
+    assert subject.store.lookup(A) is None
 
 
 def test_listing_holds_every_live_entry(subject: Subject) -> None:

@@ -16,8 +16,12 @@ quotes, commas or ``=`` is refused outright, whatever the format.
 
 Servers that log the address and the user in two lines of one process
 (popa3d: ``Session from IP`` then ``Authentication passed for USER``) are
-matched by pid: the follower remembers the address per pid until the login
-line of that pid, or until the pid is forgotten (bounded memory).
+matched by pid. A pid is only a name the kernel hands out again once its
+process has ended, so a remembered session ends with the first other line of
+its pid (popa3d logs ``Didn't attempt authentication`` or ``Authentication
+failed`` when a session ends without a login), and after the server's own
+login timeout; and the success line, which popa3d logs after becoming the
+user, counts from that user's uid only when the uid is a mail account's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import pwd
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from popauth.addresses import AddressError, IPAddress, parse_client_address
@@ -35,6 +39,16 @@ MAX_USER = 256
 _USER_OK = re.compile(r"[^\s\[\]<>\"'`,=;()]{1," + str(MAX_USER) + "}").fullmatch
 # Sessions whose login line has not come yet, per format instance.
 MAX_PENDING_SESSIONS = 10_000
+# popa3d's POP_TIMEOUT (params.h; Debian's build keeps it): an idle session
+# is closed after 10 minutes, so a session line older than that whose pid
+# logged nothing since belongs to a process that is gone.
+DEFAULT_SESSION_TIMEOUT = 600.0
+# Debian's uids for normal (human) accounts: adduser's FIRST_UID..LAST_UID.
+DEFAULT_MAIL_UIDS = range(1000, 60_000)
+# The overflow uid: what an unmapped uid shows as; never a mail account.
+NOBODY_UID = 65_534
+# pam_syslog's prefix: "pam_unix(popa3d:auth): ...".
+_PAM_MODULE_LINE = re.compile(r"pam_[A-Za-z0-9_]+\([^()\s]*\): ").match
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +56,14 @@ class Login:
     address: IPAddress
     user: str
     time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A login line that must not count: why (a ``follow_refused`` reason) and details."""
+
+    reason: str
+    details: Mapping[str, object]
 
 
 class FormatError(ValueError):
@@ -75,11 +97,13 @@ class LoginFormat:
         # The uids whose lines count (rsyslog envelope), or None: every line.
         self.trusted_uids: frozenset[int] | None = None
 
-    def sender_trusted(self, entry: LogEntry, login: Login) -> bool:
-        """Whether the process that sent the login line may report logins."""
-        return self.trusted_uids is None or entry.sender_uid in self.trusted_uids
+    def sender_refusal(self, entry: LogEntry, login: Login) -> str | None:
+        """Why the process that sent the login line may not report it, or None."""
+        if self.trusted_uids is None or entry.sender_uid in self.trusted_uids:
+            return None
+        return "untrusted_sender"
 
-    def login(self, entry: LogEntry) -> Login | None:
+    def login(self, entry: LogEntry) -> Login | Refused | None:
         match = self._match(entry.message)
         if match is None:
             return None
@@ -101,40 +125,69 @@ class SessionFormat(LoginFormat):
         self.programs = programs
         self._session = session.fullmatch
         self._success = success.fullmatch
-        self._addresses: OrderedDict[int, str] = OrderedDict()
+        # pid -> (address, time of the session line), oldest first.
+        self._sessions: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.trusted_uids = None
+        # The uids of mail accounts, whose own success lines count.
+        self.mail_uids: range = DEFAULT_MAIL_UIDS
+        self.session_timeout = DEFAULT_SESSION_TIMEOUT
+        # The user database popa3d logs in against (tests give their own).
+        self.uid_of: Callable[[str], int | None] = _uid_of
 
-    def sender_trusted(self, entry: LogEntry, login: Login) -> bool:
+    def sender_refusal(self, entry: LogEntry, login: Login) -> str | None:
         """The session line came from a trusted sender (checked when it was read);
-        the success line from one too, or from the logged-in user's own uid:
-        popa3d logs it after switching to that user. A local user can forge
-        only a line naming themselves, and only for the pid of a session a
-        trusted process opened: no more than logging in as themselves."""
-        if super().sender_trusted(entry, login):
-            return True
-        return entry.sender_uid is not None and entry.sender_uid == _uid_of(login.user)
+        the success line from one too, or from the uid of the user it names,
+        if that is a mail account: popa3d logs it after becoming that user.
+        A system account (www-data, nobody) that takes over the pid of a
+        stranger's session never logs in to POP3, so its word counts for nothing."""
+        if super().sender_refusal(entry, login) is None:
+            return None
+        uid = entry.sender_uid
+        if uid is None or uid != self.uid_of(login.user):
+            return "untrusted_sender"
+        if uid not in self.mail_uids or uid == NOBODY_UID:
+            return "not_a_mail_account"
+        return None
 
-    def login(self, entry: LogEntry) -> Login | None:
-        if entry.pid is None:
+    def login(self, entry: LogEntry) -> Login | Refused | None:
+        pid = entry.pid
+        if pid is None:
             return None
         opened = self._session(entry.message)
         if opened is not None:
+            self._sessions.pop(pid, None)
             if self.trusted_uids is not None and entry.sender_uid not in self.trusted_uids:
                 return None
-            self._addresses[entry.pid] = opened["ip"]
-            self._addresses.move_to_end(entry.pid)
-            if len(self._addresses) > MAX_PENDING_SESSIONS:
-                self._addresses.popitem(last=False)
+            self._forget_expired(entry.time)
+            self._sessions[pid] = (opened["ip"], entry.time)
+            if len(self._sessions) > MAX_PENDING_SESSIONS:
+                self._sessions.popitem(last=False)
             return None
         success = self._success(entry.message)
+        if success is None and _PAM_MODULE_LINE(entry.message):
+            # PAM modules log from the session's process while it checks the
+            # password, with popa3d's tag, whatever the verdict.
+            return None
+        # One login per session line, and any other line of the pid ends the
+        # session: popa3d logs one when a session ends without a login, and
+        # a process that is gone leaves its pid to be handed out again.
+        session = self._sessions.pop(pid, None)
         if success is None:
             return None
-        # One login per session line: a second success line of the same pid
-        # (or a reused pid) needs a new session line first.
-        address = self._addresses.pop(entry.pid, None)
-        if address is None:
-            return None
+        if session is None:
+            return Refused("no_session", {"pid": pid})
+        address, opened_at = session
+        if entry.time - opened_at > self.session_timeout:
+            return Refused("session_expired", {"pid": pid, "age": round(entry.time - opened_at)})
         return _login(entry, address, success["user"])
+
+    def _forget_expired(self, now: float) -> None:
+        oldest = now - self.session_timeout
+        while self._sessions:
+            pid, (_, opened_at) = next(iter(self._sessions.items()))
+            if opened_at >= oldest:
+                return
+            del self._sessions[pid]
 
 
 def _uid_of(user: str) -> int | None:

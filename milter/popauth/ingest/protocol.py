@@ -9,11 +9,13 @@ and formatting grants, usage and statistics.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from popauth.accounts import Usage
 from popauth.addresses import AddressError, IPAddress, parse_client_address
 from popauth.ingest.wire import (
+    EXPLAIN_OPTIONS,
     MAX_LINE,
     MULTI_LINE,
     ErrorCode,
@@ -25,6 +27,7 @@ from popauth.ingest.wire import (
     ok,
     parse_fields,
 )
+from popauth.localdelivery import is_mailer_name
 from popauth.store import Grant, StoreStats
 from popauth.usernames import MAX_USER, is_valid_user_name, printable_user_name
 
@@ -54,6 +57,7 @@ class Argument(enum.Enum):
     ADDRESS = "address"
     OPTIONAL_USER = "[user]"
     USER = "user"
+    RECIPIENT = "recipient"
 
 
 _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
@@ -64,7 +68,10 @@ _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
     Verb.REVOKEUSER: (Argument.USER,),
     Verb.BLOCK: (Argument.USER,),
     Verb.UNBLOCK: (Argument.USER,),
+    Verb.EXPLAIN: (Argument.ADDRESS, Argument.RECIPIENT),
 }
+# The longest envelope address an EXPLAIN takes (RFC 5321 allows 256 with <>).
+MAX_ADDRESS = 320
 
 
 class ProtocolError(Exception):
@@ -79,6 +86,12 @@ class Request:
     verb: Verb
     address: IPAddress | None = None
     user: str = ""
+    recipient: str = ""
+    # ``key=value`` words after the arguments (EXPLAIN's), checked and in order.
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str) -> str:
+        return dict(self.options).get(name, "")
 
 
 def parse_request(line: bytes) -> Request:
@@ -103,17 +116,58 @@ def parse_request(line: bytes) -> Request:
     arguments = words[1:]
     expected = _ARGUMENTS.get(verb, ())
     required = [kind for kind in expected if kind is not Argument.OPTIONAL_USER]
-    if not len(required) <= len(arguments) <= len(expected):
-        usage = " ".join([verb.value, *(kind.value for kind in expected)])
+    known_options = _OPTIONS.get(verb, {})
+    most = len(expected) + len(known_options)
+    if not len(required) <= len(arguments) <= most:
+        usage = " ".join(
+            [verb.value, *(kind.value for kind in expected)]
+            + [f"[{name}=...]" for name in known_options]
+        )
         raise ProtocolError(ErrorCode.SYNTAX, f"usage: {usage}")
     address: IPAddress | None = None
     user = ""
+    recipient = ""
     for kind, argument in zip(expected, arguments, strict=False):
         if kind is Argument.ADDRESS:
             address = _address(argument)
+        elif kind is Argument.RECIPIENT:
+            recipient = _envelope_address(argument, "recipient")
         else:
             user = _user(argument)
-    return Request(verb, address, user)
+    options = _options(arguments[len(expected) :], known_options)
+    return Request(verb, address, user, recipient, options)
+
+
+def _options(
+    words: list[str], known: dict[str, Callable[[str], str]]
+) -> tuple[tuple[str, str], ...]:
+    found: dict[str, str] = {}
+    for word in words:
+        name, equals, value = word.partition("=")
+        check = known.get(name)
+        if not equals or check is None:
+            names = " ".join(f"{option}=..." for option in known)
+            raise ProtocolError(ErrorCode.SYNTAX, f"unknown option {word[:60]!r}; use {names}")
+        if name in found:
+            raise ProtocolError(ErrorCode.SYNTAX, f"option {name} given twice")
+        found[name] = check(value)
+    return tuple(found.items())
+
+
+def _envelope_address(text: str, what: str) -> str:
+    if not 0 < len(text) <= MAX_ADDRESS:
+        raise ProtocolError(ErrorCode.SYNTAX, f"a {what} is 1 to {MAX_ADDRESS} characters")
+    return text
+
+
+def _sender(text: str) -> str:
+    return _envelope_address(text, "sender")
+
+
+def _mailer(text: str) -> str:
+    if not is_mailer_name(text):
+        raise ProtocolError(ErrorCode.SYNTAX, "a mailer is 1 to 64 letters, digits or _.+-")
+    return text
 
 
 def _address(text: str) -> IPAddress:
@@ -127,6 +181,11 @@ def _user(text: str) -> str:
     if not is_valid_user_name(text):
         raise ProtocolError(ErrorCode.USER, f"user names are 1 to {MAX_USER} visible characters")
     return text
+
+
+_OPTIONS: dict[Verb, dict[str, Callable[[str], str]]] = {
+    Verb.EXPLAIN: dict(zip(EXPLAIN_OPTIONS, (_user, _user, _sender, _mailer), strict=True)),
+}
 
 
 def format_grant(grant: Grant, described_address: str) -> str:

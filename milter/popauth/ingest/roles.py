@@ -1,14 +1,16 @@
 """Who may do what on the ingest socket: three roles, checked per request.
 
-The peer's user and group come from ``SO_PEERCRED``, so they cannot be
-forged by the client.
+The peer's user and groups come from ``SO_PEERCRED`` and ``SO_PEERGROUPS``,
+read once per connection, so they cannot be forged by the client. A role
+given to a group counts for its members whether it is their primary or a
+supplementary group, as the kernel holds them for the connecting process.
 
 - **Reporters** (the POP/IMAP server's login hook) may report logins
   (``LOGIN``, ``RENEW``) and nothing else: a compromised hook user can
   whitelist addresses, which is its job, but cannot see who is where,
   revoke others or lift a block.
 - **Operators** (monitoring, help desk) may read (``QUERY``, ``LIST``,
-  ``REPORT``, ``BLOCKED``, ``STATS``) and revoke (``REVOKE``,
+  ``REPORT``, ``BLOCKED``, ``STATS``, ``EXPLAIN``) and revoke (``REVOKE``,
   ``REVOKEUSER``).
 - **Administrators** may do everything, including ``BLOCK`` and ``UNBLOCK``.
   Root and the user popauth runs as always are administrators.
@@ -48,6 +50,7 @@ VERB_ROLES: dict[Verb, Role | None] = {
     Verb.REPORT: Role.OPERATOR,
     Verb.BLOCKED: Role.OPERATOR,
     Verb.STATS: Role.OPERATOR,
+    Verb.EXPLAIN: Role.OPERATOR,
     Verb.REVOKE: Role.OPERATOR,
     Verb.REVOKEUSER: Role.OPERATOR,
     Verb.BLOCK: Role.ADMINISTRATOR,
@@ -75,7 +78,7 @@ class Members:
         return cls(frozenset(uids), frozenset(resolve_gid(g) for g in groups))
 
     def include(self, peer: Peer) -> bool:
-        return peer.uid in self.uids or peer.gid in self.gids
+        return peer.uid in self.uids or peer.in_group(self.gids)
 
 
 _NOBODY = Members(frozenset(), frozenset())

@@ -17,11 +17,12 @@ import structlog
 
 from popauth.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
+from popauth.explain import Explainer, Question, explanation_lines
 from popauth.ingest import protocol
 from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.ingest.roles import PeerPolicy
 from popauth.metrics import Metrics
-from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.store import NotConfirmed, StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.usernames import printable_user_name
 
@@ -54,11 +55,14 @@ class IngestServer(UnixStreamServer):
         ledger: UsageLedger,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
+        explainer: Explainer | None = None,
+        acl_groups: tuple[str, ...] = (),
     ) -> None:
         super().__init__(
             path=path,
             mode=mode,
             group=group,
+            acl_groups=acl_groups,
             max_clients=limits.max_clients,
             # Each complete line restarts the clock: a client has ``timeout``
             # seconds for every request, the first included.
@@ -83,6 +87,7 @@ class IngestServer(UnixStreamServer):
         self._blocklist = blocklist
         self._ledger = ledger
         self._metrics = metrics
+        self._explainer = explainer
 
     # --- framing -----------------------------------------------------------
 
@@ -141,6 +146,11 @@ class IngestServer(UnixStreamServer):
             return protocol.error(
                 ErrorCode.UNAVAILABLE, "block list cannot be saved, nothing changed"
             ), True
+        except _Incomplete as partly:
+            self._metrics.ingest_request(verb, "incomplete").inc()
+            return protocol.error(ErrorCode.INCOMPLETE, str(partly)), True
+        except NotConfirmed as failure:
+            return self._not_confirmed(request, failure, peer), True
         except StoreUnavailable as failure:
             self._metrics.ingest_request(verb, "unavailable").inc()
             self._metrics.errors.labels("store_unavailable").inc()
@@ -154,6 +164,38 @@ class IngestServer(UnixStreamServer):
         result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
         self._metrics.ingest_request(verb, result).inc()
         return reply, request.verb is not Verb.QUIT
+
+    def _not_confirmed(self, request: Request, failure: NotConfirmed, peer: Peer) -> bytes:
+        """The reply when the replicas did not confirm a change: say what state it left."""
+        verb = request.verb.value
+        confirmed = f"{failure.acknowledged} of {failure.wanted} replicas confirmed it"
+        if failure.undone:
+            code, state, reason = (
+                ErrorCode.UNAVAILABLE,
+                "undone",
+                f"{confirmed}; undone, nothing changed",
+            )
+        else:
+            code, state = ErrorCode.INCOMPLETE, "in force on the master only"
+            reason = (
+                f"{verb} is in force on the Redis master, but only {confirmed}: "
+                "a failover may undo it; repeat it when the replicas are back"
+            )
+        target = {"user": request.user}
+        if request.address is not None:
+            target = {"client_ip": self._keying.describe(self._keying.key_address(request.address))}
+        self._metrics.ingest_request(verb, code.value).inc()
+        self._metrics.errors.labels("not_confirmed").inc()
+        self._log.error(
+            "change_not_confirmed",
+            verb=verb,
+            acknowledged=failure.acknowledged,
+            wanted=failure.wanted,
+            state=state,
+            peer_uid=peer.uid,
+            **target,
+        )
+        return protocol.error(code, reason)
 
     def _refusal(self, request: Request, peer: Peer) -> str | None:
         return self._peers.refusal(request.verb, peer)
@@ -179,6 +221,8 @@ class IngestServer(UnixStreamServer):
             return protocol.multi_line(
                 protocol.format_usage(user, usage) for user, usage in self._ledger.pop_first_users()
             )
+        if verb is Verb.EXPLAIN:
+            return self._explain(request, peer)
         if request.address is None:
             return self._execute_for_user(verb, request.user, peer)
         key = self._keying.key_address(request.address)
@@ -192,6 +236,7 @@ class IngestServer(UnixStreamServer):
             self._log.info(
                 "revoke", client_ip=described, found=removed is not None, peer_uid=peer.uid
             )
+            self._store.confirm_changes()
             if removed is None:
                 return protocol.not_found(described)
             return protocol.ok(protocol.format_grant(removed, described))
@@ -201,10 +246,12 @@ class IngestServer(UnixStreamServer):
         return protocol.ok(protocol.format_grant(grant, described))
 
     def _login(self, key: IPAddress, described: str, user: str, peer: Peer) -> bytes:
-        if user and user in self._blocklist:
+        try:
+            # The store checks the block list in the same step as the write.
+            outcome = self._store.grant(key, user)
+        except UserBlocked:
             self._log.warning("login_refused_blocked", client_ip=described, user=user)
             return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
-        outcome = self._store.grant(key, user)
         if outcome.evicted is not None:
             self._log.warning(
                 "whitelist_full_evicted",
@@ -223,10 +270,11 @@ class IngestServer(UnixStreamServer):
 
     def _renew(self, key: IPAddress, described: str, user: str) -> bytes:
         """Extend a live session's entry; never create one (see store.renew)."""
-        if user in self._blocklist:
+        try:
+            grant = self._store.renew(key, user)
+        except UserBlocked:
             self._log.warning("renew_refused_blocked", client_ip=described, user=user)
             return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
-        grant = self._store.renew(key, user)
         # One line per open session per cycle: debug only; the renewing side
         # logs a summary of each cycle.
         self._log.debug("renew", client_ip=described, user=user, found=grant is not None)
@@ -234,16 +282,50 @@ class IngestServer(UnixStreamServer):
             return protocol.not_found(described)
         return protocol.ok(protocol.format_grant(grant, described))
 
+    def _explain(self, request: Request, peer: Peer) -> bytes:
+        """The milter's verdict for a client and recipient, and why, in plain lines."""
+        if self._explainer is None or request.address is None:
+            return protocol.error(ErrorCode.UNAVAILABLE, "this endpoint cannot explain")
+        question = Question(
+            address=request.address,
+            recipient=request.recipient,
+            user=request.option("user"),
+            auth_user=request.option("auth"),
+            sender=request.option("sender"),
+            mailer=request.option("mailer"),
+        )
+        facts = self._explainer.facts(question)
+        decision = facts.assessment.decision
+        self._log.info(
+            "explain",
+            client_ip=str(request.address),
+            recipient=request.recipient,
+            verdict=decision.verdict.value,
+            reason=decision.reason.value,
+            peer_uid=peer.uid,
+        )
+        return protocol.multi_line(explanation_lines(facts))
+
     def _execute_for_user(self, verb: Verb, user: str, peer: Peer) -> bytes:
         if verb is Verb.UNBLOCK:
             unblocked = self._blocklist.remove(user)
             self._log.info("unblock", user=user, found=unblocked, peer_uid=peer.uid)
+            self._store.confirm_changes()
             return protocol.ok(f"user={user}") if unblocked else protocol.not_found_user(user)
         newly_blocked = None
         if verb is Verb.BLOCK:
-            # Block first: a login racing with this cannot slip in after the revoke.
+            # Block first: a login that has not yet written its entry is then
+            # refused, and one that has is revoked below (see WhitelistStore).
             newly_blocked = self._blocklist.add(user)
-        revoked = self._store.revoke_user(user)
+        try:
+            revoked = self._store.revoke_user(user)
+        except StoreUnavailable as failure:
+            if verb is not Verb.BLOCK:
+                raise
+            self._log.error("block_not_revoked", user=user, error=str(failure), peer_uid=peer.uid)
+            raise _Incomplete(
+                f"user {user} is blocked, but their entries could not be revoked: repeat BLOCK"
+            ) from failure
         addresses = [self._keying.describe(grant.address) for grant in revoked]
         self._log.info(
             verb.value.lower(),
@@ -252,10 +334,15 @@ class IngestServer(UnixStreamServer):
             blocked=newly_blocked,
             peer_uid=peer.uid,
         )
+        self._store.confirm_changes()
         fields = f"user={user} revoked={len(revoked)}"
         if newly_blocked is not None:
             fields += " blocked=" + ("new" if newly_blocked else "already")
         return protocol.ok(fields)
+
+
+class _Incomplete(Exception):
+    """A change is in force, but not all of it: the reason says what holds."""
 
 
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")

@@ -7,10 +7,14 @@ by blanks. Every reply line starts with one of three words:
 ``OK``        the request succeeded; ``key=value`` fields follow;
 ``NOTFOUND``  the address or user is not there (QUERY, REVOKE, UNBLOCK);
 ``ERR``       the request failed and changed nothing; a code word and a
-              human-readable reason follow.
+              human-readable reason follow. One code is the exception:
+              ``ERR incomplete`` says a block, unblock or revoke is in force
+              but not everywhere it should be (not confirmed by the Redis
+              replicas, or a block whose revocations failed); its reason
+              says what holds, and repeating the request is safe.
 
-``LIST``, ``BLOCKED`` and ``REPORT`` answer ``OK count=N`` followed by exactly
-N lines.
+``LIST``, ``BLOCKED``, ``REPORT`` and ``EXPLAIN`` answer ``OK count=N``
+followed by exactly N lines.
 
 Standard library only: the client (``popauth login`` runs inside every POP
 login), the CLI and the server all import it. The Dovecot hook runs on the
@@ -43,10 +47,13 @@ class Verb(enum.Enum):
     STATS = "STATS"
     PING = "PING"
     QUIT = "QUIT"
+    EXPLAIN = "EXPLAIN"
 
 
 # Replies of these verbs are "OK count=N" and N more lines.
-MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT})
+MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT, Verb.EXPLAIN})
+# EXPLAIN's optional ``key=value`` words, after its address and recipient.
+EXPLAIN_OPTIONS = ("user", "auth", "sender", "mailer")
 
 
 class ErrorCode(enum.Enum):
@@ -59,6 +66,8 @@ class ErrorCode(enum.Enum):
     TIMEOUT = "timeout"
     BUSY = "busy"
     UNAVAILABLE = "unavailable"
+    # In force, but not confirmed everywhere: the only ERR that changed something.
+    INCOMPLETE = "incomplete"
     INTERNAL = "internal"
 
 

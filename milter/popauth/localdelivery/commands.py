@@ -91,8 +91,10 @@ class CommandRunner:
         with self._lock:
             self._cancelled = True
             running = list(self._running)
+        # Only the kill: the thread that runs the tool sees it end, then reaps
+        # it and closes its pipes (closing them here would pull them from under it).
         for process in running:
-            _kill(process)
+            _kill_group(process)
 
     @property
     def cancelled(self) -> bool:
@@ -121,9 +123,15 @@ class CommandRunner:
         return process
 
     def _release(self, process: subprocess.Popen[bytes]) -> None:
-        _kill(process)
         with self._lock:
             self._running.discard(process)
+        _kill_group(process)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=COMMAND_TIMEOUT)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     def _check(self, argv: Sequence[str], deadline: float, what: str) -> None:
         if self._cancelled:
@@ -198,14 +206,8 @@ class CommandRunner:
             yield pending.decode("utf-8", "replace")
 
 
-def _kill(process: subprocess.Popen[bytes]) -> None:
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
     # Not yet reaped, so its pid (the group's id) cannot belong to anyone else.
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=COMMAND_TIMEOUT)
-    for stream in (process.stdin, process.stdout, process.stderr):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()

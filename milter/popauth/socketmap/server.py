@@ -7,10 +7,12 @@ only asks "may this client relay?": a whitelisted client address answers
 the milter does it (IPv4-mapped IPv6 is IPv4, an ``IPv6:`` tag is dropped,
 IPv6 is cut to ``ipv6_prefix``).
 
-Postfix also asks for the client host name (``unknown`` when none) and, for
-tables that are not CIDR, the address shortened octet by octet (``192.0.2``,
-``192.0``): every key that is not a whole IP address is ``NOTFOUND`` at once,
-without touching the store.
+Postfix's ``check_client_access`` also asks for the client host name
+(``unknown`` when none), but never for partial keys such as an address
+shortened by octets: a socketmap is a pattern table to it, like ``cidr:``
+(socketmap_table(5)). Every key that is not a whole IP address (a host
+name, ``unknown``, anything a client of the socket may send) is
+``NOTFOUND`` at once, without touching the store.
 
 Fail closed: a store that cannot answer gives ``TEMP``; bad input ``PERM``.
 Connections are persistent (both MTAs keep one per process), bounded in
@@ -20,7 +22,6 @@ request size, time and number.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,7 @@ class SocketmapServer(UnixStreamServer):
         limits: SocketmapLimits,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
+        lookup_events: bool,
     ) -> None:
         super().__init__(
             path=path,
@@ -120,8 +122,10 @@ class SocketmapServer(UnixStreamServer):
         self._limits = limits
         self._metrics = metrics
         self.counters = SocketmapCounters()
-        # Per-lookup events are debug only: skip building them otherwise.
-        self._debug = self._log.is_enabled_for(logging.DEBUG)
+        # Per-lookup events are debug only (the caller knows the log level:
+        # structlog 22.3's bound loggers cannot be asked); not building them
+        # otherwise keeps a lookup cheap.
+        self._lookup_events = lookup_events
 
     def stop(self, timeout: float = 5.0) -> None:
         running = self._thread is not None
@@ -187,7 +191,7 @@ class SocketmapServer(UnixStreamServer):
         try:
             address = parse_client_address(request.key)
         except AddressError:
-            # A host name, "unknown", or a shortened address ("192.0.2").
+            # A host name, "unknown", or anything else that is no address.
             self._count("not_an_address")
             return self._notfound
         key = self._keying.key_address(address)
@@ -203,11 +207,11 @@ class SocketmapServer(UnixStreamServer):
             return codec.reply(Status.TEMP, "lookup failed")
         if grant is None:
             self._count("misses")
-            if self._debug:
+            if self._lookup_events:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
         self._count("hits")
-        if self._debug:
+        if self._lookup_events:
             self._log.debug(
                 "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
             )

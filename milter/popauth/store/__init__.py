@@ -5,19 +5,29 @@ ingest socket and the CLI never see how entries are kept.
 """
 
 from popauth.store.base import (
+    EndedGrant,
+    EndReason,
     Grant,
     GrantOutcome,
+    NotConfirmed,
     StoreKind,
+    StoreSetupError,
     StoreStats,
     StoreUnavailable,
+    UserBlocked,
     WhitelistStore,
 )
 
 __all__ = [
+    "EndReason",
+    "EndedGrant",
     "Grant",
     "GrantOutcome",
+    "NotConfirmed",
     "StoreKind",
+    "StoreSetupError",
     "StoreStats",
     "StoreUnavailable",
+    "UserBlocked",
     "WhitelistStore",
 ]

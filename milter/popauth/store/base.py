@@ -23,6 +23,31 @@ class StoreUnavailable(RuntimeError):
     """The backend cannot answer now; callers must fail closed."""
 
 
+class StoreSetupError(RuntimeError):
+    """The backend answers, but is set up so that popauth cannot keep its
+    promises (e.g. Redis may evict the block list): popauth does not start."""
+
+
+class UserBlocked(Exception):
+    """The user is on the block list: nothing was written."""
+
+
+class NotConfirmed(StoreUnavailable):
+    """Fewer replicas than required confirmed a change in time.
+
+    ``undone`` tells what state that leaves: True, the change was taken back
+    (a login: the client is not whitelisted); False, it stays in force where
+    it was written and a failover may lose it (a block or revoke: undoing
+    it would be the open door).
+    """
+
+    def __init__(self, acknowledged: int, wanted: int, *, undone: bool) -> None:
+        super().__init__(f"redis: {acknowledged} of {wanted} replicas confirmed the change")
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+        self.undone = undone
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """One whitelisted client: who logged in, when, and until when it may relay.
@@ -35,6 +60,27 @@ class Grant:
     user: str
     granted_at: float
     expires_at: float
+
+
+class EndReason(enum.Enum):
+    """How a whitelist entry ended before a new login."""
+
+    EXPIRED = "expired"
+    # REVOKE of its address.
+    REVOKED = "revoked"
+    # REVOKEUSER or BLOCK of its user.
+    REVOKED_WITH_USER = "revoked_with_user"
+    # Pushed out to make room when the whitelist was full.
+    EVICTED = "evicted"
+
+
+@dataclass(frozen=True, slots=True)
+class EndedGrant:
+    """The last entry of an address, and how and when (epoch seconds) it ended."""
+
+    grant: Grant
+    reason: EndReason
+    ended_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +123,14 @@ class WhitelistStore(abc.ABC):
     Implementations are safe to call from many threads at once and raise
     :class:`StoreUnavailable` (never return a made-up answer) when they cannot
     reach their data.
+
+    A store keeps the block list's promise: :meth:`grant` and :meth:`renew`
+    check the user against the block list in the same atomic step as the
+    write. So a login in flight while a user is blocked either sees the
+    block, or wrote its entry before the block was added, and then the
+    block's :meth:`revoke_user` (which runs after the block is added)
+    removes it. User names match the block list and :meth:`revoke_user`
+    caselessly (:func:`popauth.usernames.user_key`).
     """
 
     # Whether calls may wait on the network; such stores are kept off the
@@ -85,7 +139,10 @@ class WhitelistStore(abc.ABC):
 
     @abc.abstractmethod
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
-        """Whitelist ``address`` for the configured TTL, renewing an entry."""
+        """Whitelist ``address`` for the configured TTL, renewing an entry.
+
+        Raises :class:`UserBlocked` (and writes nothing) when ``user`` is blocked.
+        """
 
     @abc.abstractmethod
     def renew(self, address: IPAddress, user: str) -> Grant | None:
@@ -95,6 +152,7 @@ class WhitelistStore(abc.ABC):
         revoked, never granted) or when it belongs to someone else, and then
         changes nothing. So a revoke stays in force until the next login.
         The returned entry's ``granted_at`` is the time of this renewal.
+        Raises :class:`UserBlocked` (and changes nothing) when ``user`` is blocked.
         """
 
     @abc.abstractmethod
@@ -107,7 +165,7 @@ class WhitelistStore(abc.ABC):
 
     @abc.abstractmethod
     def revoke_user(self, user: str) -> list[Grant]:
-        """Remove every entry of ``user``; returns the removed entries."""
+        """Remove every entry of ``user`` (matched caselessly); returns the removed entries."""
 
     @abc.abstractmethod
     def entries(self) -> list[Grant]:
@@ -115,6 +173,28 @@ class WhitelistStore(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...
+
+    @property
+    def ends_remembered(self) -> int:
+        """How many recent logins and ends :meth:`recent_end` can tell about; 0: none."""
+        return 0
+
+    def recent_end(self, address: IPAddress) -> EndedGrant | None:
+        """How the last entry of ``address`` ended, if the store still remembers it.
+
+        None when the address has a live entry, when it was never granted,
+        and when the store does not remember (see :attr:`ends_remembered`).
+        For ``popauth explain``: never on the path of a relay decision.
+        """
+        return None
+
+    def confirm_changes(self) -> None:  # noqa: B027 - optional hook
+        """Wait until the changes made so far are as durable as configured.
+
+        Called after a block, unblock or revoke. Raises :class:`NotConfirmed`
+        (with ``undone`` False: the changes stay in force) when they are not;
+        a store with no replicas to wait for returns at once.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release resources; the default store holds none."""

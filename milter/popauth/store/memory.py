@@ -16,6 +16,16 @@ busy sending keeps its place; the one that lost its place fails closed and
 the caller logs it. A listing (snapshot, LIST, STATS) reads every entry; it
 then re-reads them in login order, so that afterwards the least recently
 used is the one that logged in first, on every cachetools release.
+
+Recent ends, for ``popauth explain``: the store also remembers the last
+entry of the most recent :data:`REMEMBERED_ENDS` addresses that logged in,
+were revoked or were pushed out, and how each ended. TTLCache drops expired
+entries without a word, so "expired at T" is read from the remembered entry
+itself. Only logins, renewals and removals write it; a lookup (the milter's
+per-message path) never touches it. It is not saved in the snapshot.
+
+The block list is checked under the same lock as the write (``is_blocked``),
+so a login and a block of the same user are ordered: see WhitelistStore.
 """
 
 from __future__ import annotations
@@ -23,18 +33,32 @@ from __future__ import annotations
 import ipaddress
 import sys
 import threading
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 from cachetools import TTLCache
 
 from popauth.addresses import IPAddress
 from popauth.clock import Clock
-from popauth.store.base import Grant, GrantOutcome, StoreStats, WhitelistStore
+from popauth.store.base import (
+    EndedGrant,
+    EndReason,
+    Grant,
+    GrantOutcome,
+    StoreStats,
+    UserBlocked,
+    WhitelistStore,
+)
+from popauth.usernames import user_key
 
 # IPv6 keys are tagged above bit 127 so that ::c000:201 never collides with
 # 192.0.2.1; plain ints are far smaller than address objects or strings.
 _IPV6_TAG = 1 << 128
 _IPV6_MASK = _IPV6_TAG - 1
+
+# How many addresses' last entries the store remembers for explanations
+# (about 100 bytes each beyond the entry itself: docs/explain.rst).
+REMEMBERED_ENDS = 10_000
 
 
 def _key(address: IPAddress) -> int:
@@ -63,11 +87,36 @@ class _Entry:
         self.expires = expires
 
 
+class _End:
+    """An entry removed before it expired: why, and the store-timer value when."""
+
+    __slots__ = ("at", "entry", "reason")
+
+    def __init__(self, entry: _Entry, reason: EndReason, at: float) -> None:
+        self.entry = entry
+        self.reason = reason
+        self.at = at
+
+
+def _nobody_is_blocked(_: str) -> bool:
+    return False
+
+
 class MemoryStore(WhitelistStore):
-    def __init__(self, *, ttl: int, max_entries: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        ttl: int,
+        max_entries: int,
+        clock: Clock,
+        is_blocked: Callable[[str], bool] = _nobody_is_blocked,
+        remembered_ends: int = REMEMBERED_ENDS,
+    ) -> None:
         self._ttl = ttl
         self._max_entries = max_entries
         self._clock = clock
+        # The block list's membership test; it must not take this store's lock.
+        self._is_blocked = is_blocked
         # Restoring a snapshot inserts entries as of their login time, so
         # that they keep their expiry; otherwise the shift is zero.
         self._timer_shift = 0.0
@@ -75,6 +124,9 @@ class MemoryStore(WhitelistStore):
             maxsize=max_entries, ttl=ttl, timer=self._timer
         )
         self._lock = threading.Lock()
+        # Per address, its last entry (live or expired) or how it was removed.
+        self._past: OrderedDict[int, _Entry | _End] = OrderedDict()
+        self._remembered_ends = remembered_ends
         self._grants = 0
         self._renewals = 0
         self._revocations = 0
@@ -101,12 +153,25 @@ class MemoryStore(WhitelistStore):
     def _put(self, key: int, user: str, now: float) -> _Entry:  # caller holds the lock
         entry = _Entry(sys.intern(user), now + self._ttl)
         self._cache[key] = entry
+        self._remember(key, entry)
         return entry
+
+    def _remember(self, key: int, past: _Entry | _End) -> None:  # caller holds the lock
+        remembered = self._past
+        remembered[key] = past
+        remembered.move_to_end(key)
+        if len(remembered) > self._remembered_ends:
+            remembered.popitem(last=False)
+
+    def _wall(self, timer_value: float) -> float:
+        return timer_value + self._clock.time() - self._clock.monotonic()
 
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
         key = _key(address)
         evicted: Grant | None = None
         with self._lock:
+            if user and self._is_blocked(user):
+                raise UserBlocked(user)
             cache = self._cache
             now = self._timer()
             renewed = self._live(key, now) is not None
@@ -115,6 +180,7 @@ class MemoryStore(WhitelistStore):
                 if len(cache) >= self._max_entries:
                     victim_key, victim = cache.popitem()  # the least recently used
                     evicted = self._grant_of(_address(victim_key), victim)
+                    self._remember(victim_key, _End(victim, EndReason.EVICTED, now))
                     self._evictions += 1
             entry = self._put(key, user, now)
             self._grants += 1
@@ -124,6 +190,8 @@ class MemoryStore(WhitelistStore):
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         key = _key(address)
         with self._lock:
+            if self._is_blocked(user):
+                raise UserBlocked(user)
             # One reading of the timer for the check and the update: an
             # entry found expired is never brought back.
             now = self._timer()
@@ -146,18 +214,24 @@ class MemoryStore(WhitelistStore):
     def revoke(self, address: IPAddress) -> Grant | None:
         key = _key(address)
         with self._lock:
-            entry = self._live(key, self._timer())
+            now = self._timer()
+            entry = self._live(key, now)
             if entry is None:
                 return None
             del self._cache[key]
+            self._remember(key, _End(entry, EndReason.REVOKED, now))
             self._revocations += 1
         return self._grant_of(address, entry)
 
     def revoke_user(self, user_name: str) -> list[Grant]:
+        wanted = user_key(user_name)
         with self._lock:
-            removed = [(key, entry) for key, entry in self._listing() if entry.user == user_name]
-            for key, _ in removed:
+            listing = self._listing()
+            removed = [(key, entry) for key, entry in listing if user_key(entry.user) == wanted]
+            now = self._timer()
+            for key, entry in removed:
                 del self._cache[key]
+                self._remember(key, _End(entry, EndReason.REVOKED_WITH_USER, now))
             self._revocations += len(removed)
         return [self._grant_of(_address(key), entry) for key, entry in removed]
 
@@ -195,6 +269,23 @@ class MemoryStore(WhitelistStore):
                 lookups=self._lookups,
                 hits=self._hits,
                 evictions=self._evictions,
+            )
+
+    @property
+    def ends_remembered(self) -> int:
+        return self._remembered_ends
+
+    def recent_end(self, address: IPAddress) -> EndedGrant | None:
+        with self._lock:
+            past = self._past.get(_key(address))
+            now = self._timer()
+            if isinstance(past, _End):
+                ended = self._grant_of(address, past.entry)
+                return EndedGrant(ended, past.reason, self._wall(past.at))
+            if past is None or now < past.expires:
+                return None  # never granted (or forgotten), or still live
+            return EndedGrant(
+                self._grant_of(address, past), EndReason.EXPIRED, self._wall(past.expires)
             )
 
     def restore(self, grants: Iterable[Grant]) -> int:

@@ -17,10 +17,23 @@ dead or demoted master fails like any outage (fail closed, tempfail), the
 connection is dropped, and the next call asks the sentinels again: popauth
 follows a failover without a restart.
 
-Replication is asynchronous, so a login written to the master just before it
-dies may be missing on the replica that takes over. ``wait_replicas`` makes a
-grant wait (``WAIT``) until that many replicas hold it before it is
-acknowledged; a grant they do not confirm in time is undone and refused.
+Replication is asynchronous, so a change written to the master just before
+it dies may be missing on the replica that takes over. ``wait_replicas``
+makes every change wait (``WAIT``) until that many replicas hold it before
+it is acknowledged. A login they do not confirm in time is undone and
+refused; a block, unblock or revoke stays in force on the master and is
+answered as not confirmed (undoing it would reopen what it closed). A
+renewal does not wait: losing one only lets an entry expire sooner.
+
+The block list is a set beside the entries (``blocklist_key``). A login
+checks it and writes its entry in one script, so a block added before the
+script runs refuses the login, and one added after it finds the entry and
+revokes it: a login in flight never outlives a block.
+
+Eviction: a Redis whose ``maxmemory-policy`` may evict keys without an
+expiry could drop the block list. :meth:`RedisStore.eviction_policy_problem`
+says so; popauth then refuses to start, and refuses logins until the
+policy has been seen to be safe.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -38,19 +52,78 @@ from redis.sentinel import Sentinel
 
 from popauth.addresses import AddressError, IPAddress, parse_stored_key
 from popauth.clock import Clock
-from popauth.store.base import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
+from popauth.store.base import (
+    Grant,
+    GrantOutcome,
+    NotConfirmed,
+    StoreStats,
+    StoreUnavailable,
+    UserBlocked,
+    WhitelistStore,
+)
+from popauth.usernames import user_key
 
-# RENEW in one step on the server: extend the key only while it exists and
-# belongs to the user (never create it, so a revoke wins), with a new value
-# and a new expiry. KEYS[1] the entry; ARGV user, new value, ttl.
-_RENEW_SCRIPT = """
+# The scripts below share two keys: KEYS[1] the entry, KEYS[2] the block
+# list; and their first two arguments: the user's caseless form and the user
+# as given (a member written before names were kept caseless still counts).
+_BLOCKED = """
+local function blocked()
+  return ARGV[1] ~= '' and (redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
+    or redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1)
+end
+"""
+
+# LOGIN in one step on the server: refuse a blocked user, else write the
+# entry with its expiry and return the value it replaced (0: none).
+# ARGV[3] the new value, ARGV[4] the ttl.
+_GRANT_SCRIPT = (
+    _BLOCKED
+    + """
+if blocked() then return -1 end
+local previous = redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4], 'GET')
+if previous then return previous end
+return 0
+"""
+)
+
+# RENEW in one step: refuse a blocked user (-1); extend the key only while
+# it exists and belongs to the user (never create it, so a revoke wins),
+# with a new value and a new expiry (1), else change nothing (0).
+_RENEW_SCRIPT = (
+    _BLOCKED
+    + """
+if blocked() then return -1 end
 local raw = redis.call('GET', KEYS[1])
-if not raw then return false end
+if not raw then return 0 end
 local user = string.match(raw, '^[^ ]+ [^ ]+ (.*)$')
-if user ~= ARGV[1] then return false end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if user ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
 return 1
 """
+)
+
+# Revoke one entry of a user found by a listing, only if it is still that
+# user's: another user may have logged in from the address since. Returns
+# the removed value or false. KEYS[1] the entry; ARGV[1] the user as stored.
+_REVOKE_IF_USER_SCRIPT = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+if string.match(raw, '^[^ ]+ [^ ]+ (.*)$') ~= ARGV[1] then return false end
+redis.call('DEL', KEYS[1])
+return raw
+"""
+
+# Policies that evict only keys with an expiry (the entries, never the block
+# list), or nothing. Anything else, allkeys-* and whatever comes next, may
+# evict the block list.
+SAFE_EVICTION_POLICIES = frozenset(
+    {"noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"}
+)
+
+
+def glob_escaped(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (SCAN MATCH)."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _encode(grant: Grant) -> str:
@@ -114,6 +187,31 @@ def _no_retries(timeout: float) -> dict[str, Any]:
     }
 
 
+def unix_connections_take_a_connect_timeout() -> bool:
+    """Whether this redis-py's UNIX socket connections accept ``socket_connect_timeout``.
+
+    redis-py 4.3 (Debian 12's) refuses the keyword and connects a UNIX socket
+    within ``socket_timeout``; later releases default the connect timeout to
+    their own constant instead (5 s in redis-py 8), so they must be given it.
+    Asked of the public class itself: building a connection does not connect.
+    """
+    # Any: the releases' type hints differ (8.x calls the class abstract).
+    connection_class: Any = redis.UnixDomainSocketConnection
+    try:
+        connection_class(socket_connect_timeout=1.0)
+    except TypeError:
+        return False
+    return True
+
+
+def _direct_options(url: str, timeout: float) -> dict[str, Any]:
+    """The client options for ``url`` itself, without sentinels."""
+    options = _no_retries(timeout)
+    if urlsplit(url).scheme == "unix" and not unix_connections_take_a_connect_timeout():
+        del options["socket_connect_timeout"]  # socket_timeout bounds the connect
+    return options
+
+
 def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) -> redis.Redis:
     """A client for ``url``, or for the master the sentinels name.
 
@@ -121,7 +219,7 @@ def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) 
     TLS (``rediss://``); its host and port are replaced by the sentinels' answer.
     """
     if sentinel is None:
-        return redis.Redis.from_url(url, **_no_retries(timeout))
+        return redis.Redis.from_url(url, **_direct_options(url, timeout))
     parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     master_options = {
         key: value
@@ -158,8 +256,13 @@ class RedisStore(WhitelistStore):
         self._clock = clock
         self._client = client
         self._renew_script = self._client.register_script(_RENEW_SCRIPT)
+        self._revoke_if_user_script = self._client.register_script(_REVOKE_IF_USER_SCRIPT)
+        self._grant_script = self._client.register_script(_GRANT_SCRIPT)
         self._wait_replicas = wait_replicas
         self._wait_milliseconds = max(1, round(wait_timeout * 1000))
+        # Set once maxmemory-policy has been seen to be safe; until then
+        # every login checks it first (Redis may have been down at start).
+        self._eviction_policy_safe = False
         # Counters of this process only; Redis holds the shared entries.
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
@@ -169,6 +272,19 @@ class RedisStore(WhitelistStore):
         """The connection, for state that lives next to the whitelist."""
         return self._client
 
+    @property
+    def blocklist_key(self) -> str:
+        """The set of blocked users that logins are checked against."""
+        return f"{self._prefix}blocked-users"
+
+    @property
+    def _changes_key(self) -> str:
+        # Bumped before each WAIT for a block, unblock or revoke: a write that
+        # always replicates, so the WAIT confirms everything the master held
+        # before it, even when the change itself wrote nothing (a repeated
+        # block, a revoke of what an earlier, unconfirmed revoke removed).
+        return f"{self._prefix}changes"
+
     def _key(self, address: IPAddress) -> str:
         return f"{self._prefix}{address}"
 
@@ -176,46 +292,95 @@ class RedisStore(WhitelistStore):
         with self._counts_lock:
             self._counts.update(increments)
 
+    def eviction_policy_problem(self) -> str | None:
+        """Why Redis's ``maxmemory-policy`` may lose the block list, or None.
+
+        Read with ``INFO memory``, else ``CONFIG GET``; when the ACL allows
+        neither, that is a problem too (fail closed: popauth cannot tell).
+        Raises StoreUnavailable when Redis does not answer.
+        """
+        try:
+            policy = self._eviction_policy()
+        except redis.exceptions.NoPermissionError:
+            return (
+                "cannot read Redis's maxmemory-policy: the ACL allows neither INFO nor "
+                "CONFIG GET to popauth's Redis user; allow +info"
+            )
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+        if policy not in SAFE_EVICTION_POLICIES:
+            return (
+                f"Redis's maxmemory-policy is {policy!r}, which may evict the block list; "
+                "set maxmemory-policy to volatile-ttl (or noeviction, or another volatile-* policy)"
+            )
+        self._eviction_policy_safe = True
+        return None
+
+    def _eviction_policy(self) -> str:
+        try:
+            memory: dict[str, Any] = self._client.info("memory")
+            if "maxmemory_policy" in memory:
+                return str(memory["maxmemory_policy"])
+        except redis.exceptions.NoPermissionError:
+            pass
+        answer: Any = self._client.config_get("maxmemory-policy")
+        policy = answer.get("maxmemory-policy", answer.get(b"maxmemory-policy", b""))
+        return _text(policy)
+
+    def _refuse_unless_eviction_is_safe(self) -> None:
+        if not self._eviction_policy_safe:
+            problem = self.eviction_policy_problem()
+            if problem is not None:
+                raise StoreUnavailable(f"redis: {problem}")
+
+    def _user_arguments(self, user: str) -> list[str]:
+        return [user_key(user) if user else "", user]
+
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
         now = self._clock.time()
         grant = Grant(address, user, now, now + self._ttl)
         key = self._key(address)
-        previous: Any
+        keys = [key, self.blocklist_key]
+        args: list[str | int] = [*self._user_arguments(user), _encode(grant), self._ttl]
+        self._refuse_unless_eviction_is_safe()
         try:
             if self._wait_replicas:
-                previous = self._set_on_replicas(address, key, _encode(grant))
+                previous = self._grant_on_replicas(address, keys, args)
             else:
-                previous = self._client.set(key, _encode(grant), ex=self._ttl, get=True)
+                previous = self._grant_script(keys=keys, args=args)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
-        renewed = previous is not None
+        if previous == -1:
+            raise UserBlocked(user)
+        renewed = previous != 0
         self._count(grants=1, renewals=int(renewed))
         return GrantOutcome(grant, renewed)
+
+    def _grant_on_replicas(self, address: IPAddress, keys: list[str], args: list[str | int]) -> Any:
+        """The login script, then WAIT on the same connection (one round trip for both)."""
+        pipe = self._client.pipeline(transaction=False)
+        # EVAL, not EVALSHA: a pipeline cannot reload a script the server lost.
+        pipe.eval(_GRANT_SCRIPT, len(keys), *keys, *args)
+        pipe.wait(self._wait_replicas, self._wait_milliseconds)
+        previous, acknowledged = pipe.execute()
+        if previous != -1 and acknowledged < self._wait_replicas:
+            self._undo(keys[0], address, None if previous == 0 else previous)
+            raise NotConfirmed(acknowledged, self._wait_replicas, undone=True)
+        return previous
 
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         now = self._clock.time()
         grant = Grant(address, user, now, now + self._ttl)
         try:
             renewed = self._renew_script(
-                keys=[self._key(address)], args=[user, _encode(grant), self._ttl]
+                keys=[self._key(address), self.blocklist_key],
+                args=[*self._user_arguments(user), _encode(grant), self._ttl],
             )
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
+        if renewed == -1:
+            raise UserBlocked(user)
         return grant if renewed else None
-
-    def _set_on_replicas(self, address: IPAddress, key: str, value: str) -> bytes | str | None:
-        """SET, then WAIT on the same connection (one round trip for both)."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.set(key, value, ex=self._ttl, get=True)
-        pipe.wait(self._wait_replicas, self._wait_milliseconds)
-        previous, acknowledged = pipe.execute()
-        if acknowledged < self._wait_replicas:
-            self._undo(key, address, previous)
-            raise StoreUnavailable(
-                f"redis: {acknowledged} of {self._wait_replicas} replicas confirmed the login"
-            )
-        result: bytes | str | None = previous
-        return result
 
     def _undo(self, key: str, address: IPAddress, previous: bytes | str | None) -> None:
         # The master keeps serving lookups: leave it as it was before this login.
@@ -224,6 +389,20 @@ class RedisStore(WhitelistStore):
             self._client.delete(key)
         else:
             self._client.set(key, previous, pxat=int(earlier.expires_at * 1000))
+
+    def confirm_changes(self) -> None:
+        if not self._wait_replicas:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.incr(self._changes_key)
+            pipe.wait(self._wait_replicas, self._wait_milliseconds)
+            _, acknowledged = pipe.execute()
+        except redis.RedisError as error:
+            # The change itself was made: it is not confirmed, not undone.
+            raise NotConfirmed(0, self._wait_replicas, undone=False) from error
+        if acknowledged < self._wait_replicas:
+            raise NotConfirmed(acknowledged, self._wait_replicas, undone=False)
 
     def lookup(self, address: IPAddress) -> Grant | None:
         try:
@@ -244,18 +423,29 @@ class RedisStore(WhitelistStore):
         return grant
 
     def revoke_user(self, user: str) -> list[Grant]:
+        wanted = user_key(user)
         removed = []
         for grant in self.entries():
-            if grant.user == user:
-                gone = self.revoke(grant.address)
-                if gone is not None:
-                    removed.append(gone)
+            if user_key(grant.user) != wanted:
+                continue
+            try:
+                raw = self._revoke_if_user_script(
+                    keys=[self._key(grant.address)], args=[grant.user]
+                )
+            except redis.RedisError as error:
+                raise StoreUnavailable(f"redis: {error}") from error
+            gone = None if raw is None else _decode(grant.address, raw)
+            if gone is not None:
+                removed.append(gone)
+        self._count(revocations=len(removed))
         return removed
 
     def entries(self) -> list[Grant]:
         grants: list[Grant] = []
+        # The prefix is a literal: "mail[1]:" must not match "mail1:...".
+        pattern = f"{glob_escaped(self._prefix)}*"
         try:
-            keys = list(self._client.scan_iter(match=f"{self._prefix}*", count=1000))
+            keys = list(self._client.scan_iter(match=pattern, count=1000))
             for start in range(0, len(keys), 1000):
                 batch = keys[start : start + 1000]
                 for key, raw in zip(batch, self._client.mget(batch), strict=True):
