@@ -24,6 +24,8 @@ from tests.support.leftovers import processes_inside, stop_leftovers
 pytestmark = pytest.mark.live
 
 USERS = {"alice": "{PLAIN}secret"}
+# A process that waits and names a path on its command line.
+SLEEPER = ("/usr/bin/python3", "-c", "import time; time.sleep(300)")
 
 
 def test_postfix_banner_twice(open_tmp: Path) -> None:
@@ -109,8 +111,8 @@ def test_a_daemon_left_running_is_found_by_its_directory_and_stopped(open_tmp: P
     other = open_tmp / "run-other"  # "run" is a prefix of its name, not its parent
     other.mkdir()
     postfix = PostfixInstance(root=run / "postfix", smtp_port=free_port(), milter=None)
-    named = subprocess.Popen(["sleep", "300", str(run / "a-file")])
-    unrelated = subprocess.Popen(["sleep", "300", str(other / "a-file")])
+    named = subprocess.Popen([*SLEEPER, str(run / "a-file")])
+    unrelated = subprocess.Popen([*SLEEPER, str(other / "a-file")])
     try:
         postfix.start()
         found = {leftover.pid: leftover.evidence for leftover in processes_inside([run])}
