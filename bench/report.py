@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -117,14 +118,17 @@ def figures_table(report: dict[str, Any]) -> str:
             if metric["unit"] == "ratio" and metric["median"] not in targets:
                 value = _escaped(_value(metric["median"], ""))
                 rows.append([name, _escaped(metric["name"]), value, "", ""])
-    lines = [
-        BEGIN,
-        "",
+    about = (
         f"One run of ``{report.get('command', 'python -m bench')}`` ({report['mode']}), "
         f"started {report['started']}, popauth {machine.get('popauth_revision', 'unknown')}: "
         f"{machine.get('nproc')} CPUs ({machine.get('cpu_model')}), Linux "
         f"{machine.get('kernel')}, Python {machine.get('python')}; {_load_text(report)}. "
-        f"Medians over {report.get('rounds')} rounds; every ratio is taken within each round.",
+        f"Medians over {report.get('rounds')} rounds; every ratio is taken within each round."
+    )
+    lines = [
+        BEGIN,
+        "",
+        *textwrap.wrap(about, 76, break_on_hyphens=False, break_long_words=False),
         "",
         *_simple_table(["Benchmark", "Target", "Measured", "Target", "Met"], rows),
         "",

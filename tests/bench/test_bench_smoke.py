@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,7 +89,14 @@ def check_metric(name: str, metric: dict[str, Any]) -> None:
         assert low <= metric["min"] and metric["max"] <= high, where
 
 
-def check_target(name: str, check: dict[str, Any], output: str) -> None:
+def section(output: str, name: str) -> str:
+    """What the run printed for benchmark ``name``."""
+    start = output.index(f"== {name}: ")
+    end = output.find("\n== ", start + 1)
+    return output[start : None if end < 0 else end]
+
+
+def check_target(name: str, check: dict[str, Any], printed: str) -> None:
     where = (name, check["name"])
     assert math.isfinite(check["value"]) and math.isfinite(check["target"]), where
     assert check["op"] in (">=", "<="), where
@@ -98,11 +106,14 @@ def check_target(name: str, check: dict[str, Any], output: str) -> None:
         else check["value"] <= check["target"]
     )
     assert check["met"] is met, where
-    # Its line in the printed table says the same.
-    lines = [line for line in output.splitlines() if line.startswith(check["name"] + " ")]
-    assert lines, f"no printed line for the target {where}"
-    verdict = "NOT met" if "NOT met" in lines[0] else "met" if " met " in lines[0] else None
-    assert verdict == ("met" if met else "NOT met"), (where, lines[0])
+    # Its line in the table of targets says the same (a metric may share its name).
+    verdicts = [
+        found.group(1)
+        for line in printed.splitlines()
+        if line.startswith(check["name"] + " ")
+        and (found := re.search(r"\s(NOT met|met)\s+[-+]", line))
+    ]
+    assert verdicts == ["met" if met else "NOT met"], (where, verdicts)
 
 
 def test_quick_bench_reports_every_benchmark(tmp_path: Path) -> None:
@@ -121,7 +132,7 @@ def test_quick_bench_reports_every_benchmark(tmp_path: Path) -> None:
         for metric in bench["metrics"].values():
             check_metric(name, metric)
         for check in bench["checks"]:
-            check_target(name, check, text)
+            check_target(name, check, section(text, name))
     load = report["machine"]
     assert len(load["load_average_at_start"]) == len(load["load_average_at_end"]) == 3
     # The soak's oracle judged sessions and found no wrong verdict.
