@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for benchmark in arguments.only:
             run_one(benchmark, mode, workdir, report)
+    except KeyboardInterrupt as interruption:
+        report["failures"]["interrupted"] = str(interruption) or "Ctrl-C"
+        print(f"== interrupted ({report['failures']['interrupted']})", file=sys.stderr)
     finally:
         # Whatever happened (a failure, Ctrl-C, SIGTERM): nothing may outlive the run.
         note_leftovers(report, "run", stop_leftovers([workdir]))
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {report['seconds']:.0f} s; load at the end {end_load[0]:.2f}")
     if arguments.json is not None:
         print(f"results written to {arguments.json}")
+    if "interrupted" in report["failures"]:
+        return 130
     return 1 if report["failures"] or report["leftovers"] else 0
 
 
