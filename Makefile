@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login contrib/courier/popauth-courier-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run try test check lint unit bench bench-publish fuzz clean man lock test-latest test-distro-python
+.PHONY: setup setup-run run try test check lint unit bench bench-publish fuzz clean man lock test-latest test-distro-python deb
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -87,6 +87,11 @@ test-distro-python:
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-distro* .cache .mypy_cache .ruff_cache .pytest_cache
+
+# The Debian package popauth_VERSION_all.deb (debian/), built in a temporary
+# copy of the tree and checked with lintian; installs its build dependencies.
+deb:
+	@scripts/build-deb
 
 # The manual pages, from docs/popauth.rst and docs/configuration.rst.
 man: setup

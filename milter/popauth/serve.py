@@ -37,6 +37,7 @@ from popauth.persistence import (
     StateFileMissing,
     prepare_state_directory,
 )
+from popauth.settings_reload import SettingsChangeCheck
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
 from popauth.store.memory import MemoryStore
@@ -187,8 +188,11 @@ def socketmap_server(
     )
 
 
-def serve(settings: Settings) -> Stopped:
-    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback."""
+def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
+    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback.
+
+    ``settings_path`` is the file ``settings`` came from: a reload compares it.
+    """
     log = configure_logging(settings.log.format, settings.log.level)
     # First: without local domains and mailers nothing else is worth starting.
     local = resolve_local_delivery(settings.local)
@@ -216,6 +220,7 @@ def serve(settings: Settings) -> Stopped:
     lifecycle.on_reload(
         "local_delivery", LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
     )
+    lifecycle.on_reload("settings", SettingsChangeCheck(settings_path, settings, log))
     replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
     explainer = Explainer(
         gate=gate,
@@ -229,6 +234,7 @@ def serve(settings: Settings) -> Stopped:
         path=settings.ingest.socket,
         mode=settings.ingest.socket_mode,
         group=settings.ingest.socket_group,
+        acl_groups=settings.ingest.socket_acl_groups,
         store=store,
         keying=keying,
         peers=PeerPolicy.of(

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
@@ -35,6 +35,7 @@ from typing import Any, TextIO
 from popauth.addresses import AddressError, parse_client_address
 from popauth.client import IngestClient, IngestUnreachable
 from popauth.ingest import wire
+from popauth.journal import is_journal, with_priority
 from popauth.usernames import is_valid_user_name
 
 # Column titles in ``doveadm -f tab who -1`` output (Dovecot 2.3 says
@@ -199,16 +200,21 @@ class EventLog:
     def __call__(self, level: str, event: str, **fields: Any) -> None:
         if self._LEVELS.index(level) < self._threshold:
             return
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        stamp += f".{int(now % 1 * 1000):03d}Z"
+        stream = self._stream or sys.stderr
+        # The journal stamps each line itself and reads its priority prefix.
+        journal = is_journal(stream)
+        stamp = ""
+        if not journal:
+            now = time.time()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            stamp += f".{int(now % 1 * 1000):03d}Z"
         if self._json:
-            line = json.dumps({**fields, "event": event, "level": level, "timestamp": stamp})
+            stamped = {"timestamp": stamp} if stamp else {}
+            line = json.dumps({**fields, "event": event, "level": level, **stamped})
         else:
             words = " ".join(f"{key}={json.dumps(value)}" for key, value in fields.items())
-            line = f"{stamp} {level:<7} {event} {words}".rstrip()
-        stream = self._stream or sys.stderr
-        print(line, file=stream, flush=True)
+            line = f"{stamp} {level:<7} {event} {words}".strip()
+        print(with_priority(level, line) if journal else line, file=stream, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +274,12 @@ class SessionRenewer:
         )
         return counts.errors == 0
 
-    def run(self, stop: threading.Event) -> None:
-        """Cycle every interval until ``stop`` is set (SIGTERM, SIGINT)."""
+    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
+        """Cycle every interval until ``stop`` is set (SIGTERM, SIGINT).
+
+        ``on_ready`` runs once the first cycle is done (systemd's READY=1):
+        the settings were usable and the renewer is cycling.
+        """
         plan = self._plan
         self._log(
             "info",
@@ -282,6 +292,9 @@ class SessionRenewer:
         due = time.monotonic()
         while not stop.is_set():
             self.cycle()
+            if on_ready is not None:
+                on_ready()
+                on_ready = None
             due += plan.interval
             # A late cycle starts the next one at once, never a burst of them.
             due = max(due, time.monotonic())
@@ -289,7 +302,9 @@ class SessionRenewer:
         self._log("info", "sessions_stopped")
 
 
-def run_until_signalled(renewer: SessionRenewer) -> None:
+def run_until_signalled(
+    renewer: SessionRenewer, on_ready: Callable[[], None] | None = None
+) -> None:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -297,4 +312,4 @@ def run_until_signalled(renewer: SessionRenewer) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    renewer.run(stop)
+    renewer.run(stop, on_ready)

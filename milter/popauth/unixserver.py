@@ -134,10 +134,12 @@ class UnixStreamServer(abc.ABC):
         log: structlog.typing.FilteringBoundLogger,
         max_clients_per_uid: int | None = None,
         first_byte_timeout: float | None = None,
+        acl_groups: tuple[str, ...] = (),
     ) -> None:
         self._path = path
         self._mode = mode
         self._group = group
+        self._acl_groups = acl_groups
         self._max_clients = max_clients
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
@@ -249,7 +251,7 @@ class UnixStreamServer(abc.ABC):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self._path))
-            set_permissions(self._path, self._mode, self._group)
+            set_permissions(self._path, self._mode, self._group, self._acl_groups)
             # Bursts of connects must wait in the backlog, not fail with
             # EAGAIN (the kernel caps this at net.core.somaxconn).
             listener.listen(LISTEN_BACKLOG)

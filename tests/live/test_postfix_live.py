@@ -53,7 +53,7 @@ def test_pop_login_whitelists_that_client_only(
 ) -> None:
     assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
     # The hook is synchronous: the entry exists as soon as the login is done.
-    query = popauth.cli("query", "127.0.0.2")
+    query = popauth.cli("query", "--format", "raw", "127.0.0.2")
     assert query.returncode == 0, query
     assert "user=alice" in query.stdout
     with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -121,8 +122,21 @@ def stop_leftovers(directories: Sequence[Path]) -> list[Leftover]:
     return leftovers
 
 
+def mounts_inside(directory: Path) -> list[str]:
+    """Mount points below ``directory`` (in this process's mount namespace)."""
+    prefix = str(directory).rstrip("/") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        points = [line.split()[4].replace("\\040", " ") for line in mountinfo]
+    return [point for point in points if point.startswith(prefix)]
+
+
 def _remove(directory: Path) -> None:
-    # Nothing is mounted here by then: each test unmounts what it mounted.
+    # Never through a mount point: a bind mount of /dev would take this
+    # machine's device nodes with it. Each test unmounts what it mounted.
+    mounted = mounts_inside(directory)
+    if mounted:
+        print(f"not removing {directory}: still mounted inside: {mounted}", file=sys.stderr)
+        return
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -344,3 +344,12 @@ def test_sentinels_and_wait_refuse_what_cannot_work() -> None:
     with pytest.raises(ConfigError, match="shorter than redis_timeout"):
         settings_from_mapping({"redis_wait_replicas": 1, "redis_wait_timeout": 0.5})
     assert settings_from_mapping({"redis_wait_replicas": 1}).store.redis_wait_timeout == 0.1
+
+
+def test_a_socket_path_under_a_directory_this_user_may_not_search(tmp_path: Path) -> None:
+    # popauth check-config as a non-root user, the milter socket in Postfix's spool.
+    from unittest import mock
+
+    with mock.patch.object(Path, "is_dir", side_effect=PermissionError(13, "Permission denied")):
+        settings = settings_from_mapping({"milter_socket": f"unix:{tmp_path}/private/milter.sock"})
+    assert settings.milter.socket.endswith("milter.sock")

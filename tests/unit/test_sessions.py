@@ -327,6 +327,22 @@ def test_the_loop_cycles_every_interval_and_stops_promptly(
     assert events.count("sessions_renewed") >= 3
 
 
+def test_the_loop_is_ready_after_its_first_cycle(endpoint: Endpoint, tmp_path: Path) -> None:
+    listing = tmp_path / "who.txt"
+    listing.write_text(DOVECOT_23, encoding="utf-8")
+    renewer, stream = make_renewer(endpoint, fake_doveadm(tmp_path, f"cat {listing}"), 0.2)
+    stop = threading.Event()
+    readiness: list[int] = []
+
+    def ready() -> None:
+        readiness.append(len(logged(stream)))
+        stop.set()
+
+    renewer.run(stop, ready)
+    # Told once, after sessions_started and the first cycle's summary.
+    assert readiness == [2]
+
+
 def test_console_log_lines() -> None:
     stream = io.StringIO()
     log = EventLog("console", "info", stream)

@@ -57,11 +57,13 @@ class IngestServer(UnixStreamServer):
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
         explainer: Explainer | None = None,
+        acl_groups: tuple[str, ...] = (),
     ) -> None:
         super().__init__(
             path=path,
             mode=mode,
             group=group,
+            acl_groups=acl_groups,
             max_clients=limits.max_clients,
             # Each complete line restarts the clock: a client has ``timeout``
             # seconds for every request, the first included.
