@@ -36,8 +36,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
-        epilog="benchmarks: "
-        + "; ".join(f"{b.name} ({b.old_key}): {b.measures}" for b in BENCHMARKS),
+        epilog="benchmarks (old key):\n"
+        + "\n".join(f"  {b.name} ({b.old_key}): {b.measures}" for b in BENCHMARKS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run (about a minute)")
