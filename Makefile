@@ -7,7 +7,7 @@ HOOK := contrib/dovecot/popauth-login contrib/courier/popauth-courier-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run try test check lint unit bench fuzz clean man lock test-latest test-distro-python deb
+.PHONY: setup setup-run run try test check lint unit bench bench-publish fuzz clean man lock test-latest test-distro-python deb
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -54,10 +54,16 @@ fuzz: setup
 	POPAUTH_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest tests/fuzz -s -q
 	POPAUTH_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/properties -q --hypothesis-show-statistics
 
-# The issue-5 benchmarks (about 6 minutes; needs root). `make bench BENCH_ARGS=--quick`
-# for the smoke version (under a minute).
+# The benchmarks (about 15 minutes; needs root), results in BENCH_JSON.
+# `make bench BENCH_ARGS=--quick` for the smoke version (about a minute),
+# `BENCH_ARGS="--only session-renewals,soak"` for some of them.
 bench: setup
 	$(PY) -m bench --json $(BENCH_JSON) $(BENCH_ARGS)
+
+# Make the last full run the committed one (bench/results/latest.json) and
+# regenerate the figures table of docs/performance.rst from it.
+bench-publish: setup
+	$(PY) -m bench.report --publish $(BENCH_JSON)
 
 # Refresh requirements/*.lock to the newest releases pyproject.toml allows.
 lock:

@@ -4,7 +4,8 @@ A login whitelists its address for ``ttl`` seconds, but an IMAP client may
 stay connected (IDLE) for hours without logging in again. This companion
 runs on the Dovecot host. Every ``session_renew_interval`` seconds it lists
 the live sessions with ``doveadm who -1`` and sends ``RENEW address user``
-for each, in one connection, to the local ingest socket. The endpoint only
+for each, pipelined over one connection, to the local ingest socket, which
+renews them a batch at a time. The endpoint only
 extends an entry that exists and belongs to that user, and refuses blocked
 users, so a revoke or a block wins until the user's next real login; and
 an address whose session ended simply expires ``ttl`` after its last
@@ -33,6 +34,7 @@ from typing import Any, TextIO
 
 from popauth.addresses import AddressError, parse_client_address
 from popauth.client import IngestClient, IngestUnreachable
+from popauth.ingest import wire
 from popauth.journal import is_journal, with_priority
 from popauth.usernames import is_valid_user_name
 
@@ -150,19 +152,31 @@ class RenewalCounts:
     first_error: str = ""
 
 
+_RENEWED = f"{wire.OK} "
+_NOT_FOUND = f"{wire.NOT_FOUND} "
+_BLOCKED = f"{wire.ERR} {wire.ErrorCode.BLOCKED.value} "
+
+
 def renew_sessions(client: IngestClient, sessions: Sequence[Session]) -> RenewalCounts:
-    """Send one RENEW per session over one connection; count the replies."""
+    """Send one RENEW per session over one connection; count the replies.
+
+    They are pipelined, :data:`wire.RENEW_BATCH` at a time, so the endpoint
+    renews each window in one step (with Redis, one script call).
+    """
     if not sessions:
         return RenewalCounts()
-    replies = client.request_many([f"RENEW {s.address} {s.user}" for s in sessions])
+    replies = client.request_many(
+        [f"{wire.Verb.RENEW.value} {s.address} {s.user}" for s in sessions],
+        window=wire.RENEW_BATCH,
+    )
     renewed = not_found = blocked = errors = 0
     first_error = ""
     for reply in replies:
-        if reply.startswith("OK "):
+        if reply.startswith(_RENEWED):
             renewed += 1
-        elif reply.startswith("NOTFOUND"):
+        elif reply.startswith(_NOT_FOUND):
             not_found += 1
-        elif reply.startswith("ERR blocked"):
+        elif reply.startswith(_BLOCKED):
             blocked += 1
         else:
             errors += 1
