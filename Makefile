@@ -7,7 +7,8 @@ HOOK := contrib/dovecot/popauth-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run test lint unit bench fuzz clean man lock test-latest
+.PHONY: setup setup-run run test check lint unit bench fuzz clean man lock test-latest \
+	test-debian13
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -26,8 +27,18 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 
-test: lint
+# The whole suite on this host, then again on Debian 13.
+test: check
+	@$(MAKE) --no-print-directory test-debian13
+
+# Lint and the whole suite on this host only (what test-debian13 runs inside its root).
+check: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole suite (make check) in a fresh Debian 13 root, chrooted; the root
+# is cached under /var/cache/popauth-tests. Needs root.
+test-debian13:
+	@PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test-debian13
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)

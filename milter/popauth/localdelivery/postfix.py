@@ -301,7 +301,10 @@ def learn_from_postfix(
     """
     config = PostfixConfig(config_directory, run)
     values = config.parameters(PARAMETERS)
-    learned = Learned(f"postfix (config_directory {values.get('config_directory', '?')})")
+    # The directory named with -c is the one read: Postfix 3.10's postconf can
+    # report its built-in default (/etc/postfix) for config_directory then.
+    directory = config_directory or values.get("config_directory", "?")
+    learned = Learned(f"postfix (config_directory {directory})")
     parent_style = set(split_list(values.get("parent_domain_matches_subdomains", "")))
     for parameter, transport_parameter in ADDRESS_CLASSES:
         value = values.get(parameter, "")
