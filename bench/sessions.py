@@ -8,7 +8,8 @@ connection to a running ``popauth serve``, which extends each entry.
 Opening 10,000 real IMAP sessions would measure Dovecot, not popauth, so
 doveadm talks to a stand-in for Dovecot's anvil process: a UNIX socket in
 the private ``base_dir`` that answers doveadm's ``CONNECT-DUMP`` with 10,000
-connections in anvil's own line format (``service/ip/user<TAB>pid<TAB>count``).
+connections in anvil's own line format (2.3: ``service/ip/user<TAB>pid<TAB>count``;
+2.4: a version handshake, then ``pid<TAB>user<TAB>service<TAB>ip<TAB>guid<TAB>dest_ip``).
 Everything from there on is the product: doveadm's formatting, the parser,
 the client and the server with 10,000 whitelisted entries (memory store, and
 Redis store with a private redis-server).
@@ -28,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.live.dovecot import DovecotSyntax, dovecot_syntax
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
 from tests.support.popauth_server import PopauthServer
@@ -53,19 +55,33 @@ def address(n: int) -> str:
     return f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}"
 
 
-def anvil_dump(count: int) -> bytes:
-    """What Dovecot 2.3's anvil answers to CONNECT-DUMP for ``count`` IMAP connections."""
+def anvil_dump(count: int, syntax: DovecotSyntax) -> bytes:
+    """What Dovecot's anvil answers to CONNECT-DUMP for ``count`` IMAP connections."""
+    if syntax.is_2_4:
+        # A header line (the alternative user name fields: none), then one
+        # line per connection with its GUID (src/anvil/connect-limit.c).
+        lines = [
+            f"{10_000 + n}\tuser{n:05d}\timap\t{address(n)}\t{n:032x}\t127.0.0.1\n"
+            for n in range(count)
+        ]
+        return ("\n" + "".join(lines) + "\n").encode()
     lines = [f"imap/{address(n)}/user{n:05d}\t{10_000 + n}\t1\n" for n in range(count)]
     return ("".join(lines) + "\n").encode()
+
+
+def anvil_greeting(syntax: DovecotSyntax) -> bytes:
+    """What anvil sends first on a new connection (2.4 only; 2.3 says nothing)."""
+    return b"VERSION\tanvil-server\t2\t0\n" if syntax.is_2_4 else b""
 
 
 class FakeAnvil:
     """A UNIX socket at ``base_dir/anvil`` answering CONNECT-DUMP, in a thread."""
 
-    def __init__(self, base_dir: Path, dump: bytes) -> None:
+    def __init__(self, base_dir: Path, dump: bytes, greeting: bytes = b"") -> None:
         base_dir.mkdir(parents=True, exist_ok=True)
         self.path = base_dir / "anvil"
         self._dump = dump
+        self._greeting = greeting
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.path))
         self._listener.listen(8)
@@ -79,6 +95,8 @@ class FakeAnvil:
             except OSError:
                 return  # closed
             with connection:
+                with contextlib.suppress(OSError):
+                    connection.sendall(self._greeting)
                 request = b""
                 while b"CONNECT-DUMP\n" not in request:
                     chunk = connection.recv(4096)
@@ -170,9 +188,13 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     count = QUICK_SESSIONS if mode.quick else SESSIONS
     result = BenchResult("B6", f"popauth sessions: one renewal cycle at {count:,} open sessions")
     base_dir = workdir / "dovecot-run"
-    anvil = FakeAnvil(base_dir, anvil_dump(count))
+    syntax = dovecot_syntax()
+    anvil = FakeAnvil(base_dir, anvil_dump(count, syntax), anvil_greeting(syntax))
     dovecot_config = workdir / "dovecot.conf"
-    dovecot_config.write_text(f"base_dir = {base_dir}\n", encoding="utf-8")
+    dovecot_config.write_text(
+        "".join(f"{line}\n" for line in [*syntax.preamble(), f"base_dir = {base_dir}"]),
+        encoding="utf-8",
+    )
     redis = RedisInstance(root=workdir / "redis", port=free_port())
     redis.start()
     bench = CycleBench(result, doveadm_command("doveadm", str(dovecot_config)), count, redis)
