@@ -2,9 +2,10 @@
 
 A short ttl (4 s) and renewal interval (0.5 s) stand for the real 900 s and
 225 s: an entry survives up to seven late or lost cycles, so a loaded
-machine does not turn a slow cycle into a refusal. Dovecot's post-login hook whitelists the client at login; ``popauth
-sessions`` lists the open sessions with the real ``doveadm who`` and renews
-them; Postfix asks the popauth milter at RCPT.
+machine does not turn a slow cycle into a refusal. Dovecot's post-login
+hook whitelists the client at login; ``popauth sessions`` lists the open
+sessions with the real ``doveadm who`` and renews them; Postfix asks the
+popauth milter at RCPT.
 """
 
 from __future__ import annotations
