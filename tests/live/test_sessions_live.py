@@ -31,6 +31,10 @@ pytestmark = pytest.mark.live
 
 TTL = 4
 INTERVAL = 0.5
+# How late the last renewal and the refused RCPT itself may come on a loaded
+# machine: a cycle that listed the session just before the logout renews it
+# once more, and each RCPT is a whole SMTP session.
+LATENESS = 1.0
 
 
 def imap_port(dovecot: DovecotInstance) -> int:
@@ -113,7 +117,7 @@ def test_an_open_imap_session_keeps_relaying_and_logout_ends_it(
         session.logout()
     # The entry outlives the session by at most ttl (and the cycle in flight).
     refused_after = seconds_until_refused(site.postfix, "127.0.0.2", limit=3 * TTL)
-    assert refused_after <= TTL + INTERVAL, refused_after
+    assert refused_after <= TTL + INTERVAL + LATENESS, refused_after
     renewed = site.sessions.events("sessions_renewed")
     assert sum(event["renewed"] for event in renewed) >= 2 * TTL / INTERVAL
     assert all(event["errors"] == 0 for event in renewed)
@@ -225,7 +229,7 @@ def test_sessions_renew_through_redis_for_another_host(
         assert site.dovecot_popauth.events("relay_decision") == []
         session.logout()
     refused_after = seconds_until_refused(site.postfix, "127.0.0.6", limit=3 * TTL)
-    assert refused_after <= TTL + INTERVAL, refused_after
+    assert refused_after <= TTL + INTERVAL + LATENESS, refused_after
 
 
 def test_a_revoke_on_the_mta_host_wins_over_renewals(
