@@ -208,6 +208,20 @@ def test_no_main_cf_means_no_postfix(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not isinstance(raised.value, MtaNotFound)
 
 
+def test_the_directory_named_is_the_one_reported(tmp_path: Path) -> None:
+    # Postfix 3.10's postconf -c DIR can print its built-in config_directory.
+    def stock_directory(argv: Sequence[str], stdin: str = "") -> CommandResult:
+        result = run_command(argv, stdin)
+        if "postconf" in argv[0]:
+            lines = [line for line in result.stdout.splitlines() if "config_directory" not in line]
+            stdout = "\n".join([*lines, "config_directory = /etc/postfix", ""])
+            return CommandResult(result.returncode, stdout, result.stderr)
+        return result
+
+    learned = learn_from_postfix(str(write_main_cf(tmp_path)), run=stock_directory)
+    assert learned.mta == f"postfix (config_directory {tmp_path})"
+
+
 def test_postconf_failure_is_reported(tmp_path: Path) -> None:
     def broken(argv: Sequence[str], stdin: str = "") -> CommandResult:
         if "postconf" in argv[0]:
