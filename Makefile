@@ -7,7 +7,8 @@ HOOK := contrib/dovecot/popauth-login contrib/courier/popauth-courier-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run try test check lint unit bench bench-publish fuzz clean man lock test-latest test-distro-python deb
+.PHONY: setup setup-run run try test check lint unit bench bench-publish fuzz clean man lock \
+	test-latest test-distro-python test-debian13 deb
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -36,13 +37,21 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 
-# Everything on this host: lint, every test, and the unit, protocol and
-# property suites once more on the distribution's own Python packages.
+# Lint and every test on this host, then the unit, protocol and property
+# suites once more on the distribution's own Python packages (what
+# test-debian13 runs inside its root too).
 check: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@scripts/test-distro-python
 
+# The whole suite on this host, then again in a fresh Debian 13 root.
 test: check
+	@$(MAKE) --no-print-directory test-debian13
+
+# The whole suite (make check) in a fresh Debian 13 root, chrooted; the root
+# is cached under /var/cache/popauth-tests. Needs root.
+test-debian13:
+	@PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test-debian13
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)

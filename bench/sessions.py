@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.live.dovecot import DovecotSyntax, dovecot_syntax
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
 from tests.support.popauth_server import PopauthServer
@@ -75,19 +76,33 @@ def user(n: int) -> str:
     return f"user{n:06d}"
 
 
-def anvil_dump(count: int) -> bytes:
-    """What Dovecot 2.3's anvil answers to CONNECT-DUMP for ``count`` IMAP connections."""
+def anvil_dump(count: int, syntax: DovecotSyntax) -> bytes:
+    """What Dovecot's anvil answers to CONNECT-DUMP for ``count`` IMAP connections."""
+    if syntax.is_2_4:
+        # A header line (the alternative user name fields: none), then one
+        # line per connection with its GUID (src/anvil/connect-limit.c).
+        lines = [
+            f"{10_000 + n}\t{user(n)}\timap\t{address(n)}\t{n:032x}\t127.0.0.1\n"
+            for n in range(count)
+        ]
+        return ("\n" + "".join(lines) + "\n").encode()
     lines = [f"imap/{address(n)}/{user(n)}\t{10_000 + n}\t1\n" for n in range(count)]
     return ("".join(lines) + "\n").encode()
+
+
+def anvil_greeting(syntax: DovecotSyntax) -> bytes:
+    """What anvil sends first on a new connection (2.4 only; 2.3 says nothing)."""
+    return b"VERSION\tanvil-server\t2\t0\n" if syntax.is_2_4 else b""
 
 
 class FakeAnvil:
     """A UNIX socket at ``base_dir/anvil`` answering CONNECT-DUMP, in a thread."""
 
-    def __init__(self, base_dir: Path, dump: bytes) -> None:
+    def __init__(self, base_dir: Path, dump: bytes, greeting: bytes = b"") -> None:
         base_dir.mkdir(parents=True, exist_ok=True)
         self.path = base_dir / "anvil"
         self._dump = dump
+        self._greeting = greeting
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.path))
         self._listener.listen(8)
@@ -101,6 +116,8 @@ class FakeAnvil:
             except OSError:
                 return  # closed
             with connection:
+                with contextlib.suppress(OSError):
+                    connection.sendall(self._greeting)
                 request = b""
                 while b"CONNECT-DUMP\n" not in request:
                     chunk = connection.recv(4096)
@@ -226,9 +243,13 @@ class CycleBench:
 
 def make_listing(workdir: Path, count: int) -> Listing:
     base_dir = workdir / f"dovecot-run-{count}"
-    anvil = FakeAnvil(base_dir, anvil_dump(count))
+    syntax = dovecot_syntax()
+    anvil = FakeAnvil(base_dir, anvil_dump(count, syntax), anvil_greeting(syntax))
     config = workdir / f"dovecot-{count}.conf"
-    config.write_text(f"base_dir = {base_dir}\n", encoding="utf-8")
+    config.write_text(
+        "".join(f"{line}\n" for line in [*syntax.preamble(), f"base_dir = {base_dir}"]),
+        encoding="utf-8",
+    )
     listing = Listing(count, anvil, doveadm_command("doveadm", str(config)))
     listed = list_sessions(listing.command, SERVICES, timeout=120)
     if len(listed.sessions) != count:

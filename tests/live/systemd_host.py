@@ -46,7 +46,6 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("POPAUTH_HOST_CACHE", "/var/cache/popauth-tests"))
 CGROUP2 = Path("/run/popauth-tests/cgroup2")
-MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "ca-certificates")
 HOSTNAME = "mx.example.test"
 # A clean environment inside: nothing of this machine's (its PATH, a venv).
@@ -88,6 +87,15 @@ def root_tarball(release: str = "bookworm", packages: Sequence[str] = ()) -> Pat
     return tarball
 
 
+def debian_mirror() -> str:
+    """The Debian archive this machine's apt uses (scripts/debian-mirror)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "debian-mirror"
+    found = subprocess.run([str(script)], capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        raise HostError(found.stderr.strip())
+    return found.stdout.strip()
+
+
 def _build(release: str, packages: list[str], tarball: Path) -> None:
     if shutil.which("debootstrap") is None:
         raise HostError("debootstrap is missing: apt-get install debootstrap")
@@ -101,7 +109,7 @@ def _build(release: str, packages: list[str], tarball: Path) -> None:
                 f"--include={','.join(packages)}",
                 release,
                 str(root),
-                MIRROR,
+                debian_mirror(),
             ],
             capture_output=True,
             text=True,

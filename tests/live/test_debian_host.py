@@ -31,7 +31,8 @@ import pytest
 
 from tests.live.debian_host import HOSTNAME, REPO, DebianHost
 
-pytestmark = pytest.mark.live
+# Each boots its own Debian host; test-debian13 leaves them to the machine's run.
+pytestmark = [pytest.mark.live, pytest.mark.debian_hosts]
 
 LOCAL = f"alice@{HOSTNAME}"
 REMOTE = "someone@remote.example"

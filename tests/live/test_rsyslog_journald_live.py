@@ -29,7 +29,8 @@ from tests.live.systemd_host import SystemdHost
 from tests.support.follower import FollowerProcess, wait_until
 from tests.support.popauth_server import PopauthServer
 
-pytestmark = pytest.mark.live
+# Each boots its own Debian host; test-debian13 leaves them to the machine's run.
+pytestmark = [pytest.mark.live, pytest.mark.debian_hosts]
 
 LOG = "/var/log/popauth-logins.log"
 # A sender that stays alive after it logged (perl-base is in every Debian root).

@@ -1,9 +1,11 @@
 """Open IMAP sessions keep relaying: real Dovecot, real Postfix, ``popauth sessions``.
 
-A short ttl (2 s) and renewal interval (0.5 s) stand for the real 900 s and
-225 s. Dovecot's post-login hook whitelists the client at login; ``popauth
-sessions`` lists the open sessions with the real ``doveadm who`` and renews
-them; Postfix asks the popauth milter at RCPT.
+A short ttl (4 s) and renewal interval (0.5 s) stand for the real 900 s and
+225 s: an entry survives up to seven late or lost cycles, so a loaded
+machine does not turn a slow cycle into a refusal. Dovecot's post-login
+hook whitelists the client at login; ``popauth sessions`` lists the open
+sessions with the real ``doveadm who`` and renews them; Postfix asks the
+popauth milter at RCPT.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
-TTL = 2
+TTL = 4
 INTERVAL = 0.5
+# How late the last renewal and the refused RCPT itself may come on a loaded
+# machine: a cycle that listed the session just before the logout renews it
+# once more, and each RCPT is a whole SMTP session.
+LATENESS = 1.0
 
 
 def imap_port(dovecot: DovecotInstance) -> int:
@@ -115,7 +121,7 @@ def test_an_open_imap_session_keeps_relaying_and_logout_ends_it(
         session.logout()
     # The entry outlives the session by at most ttl (and the cycle in flight).
     refused_after = seconds_until_refused(site.postfix, "127.0.0.2", limit=3 * TTL)
-    assert refused_after <= TTL + INTERVAL, refused_after
+    assert refused_after <= TTL + INTERVAL + LATENESS, refused_after
     renewed = site.sessions.events("sessions_renewed")
     assert sum(event["renewed"] for event in renewed) >= 2 * TTL / INTERVAL
     assert all(event["errors"] == 0 for event in renewed)
@@ -227,7 +233,7 @@ def test_sessions_renew_through_redis_for_another_host(
         assert site.dovecot_popauth.events("relay_decision") == []
         session.logout()
     refused_after = seconds_until_refused(site.postfix, "127.0.0.6", limit=3 * TTL)
-    assert refused_after <= TTL + INTERVAL, refused_after
+    assert refused_after <= TTL + INTERVAL + LATENESS, refused_after
 
 
 def test_a_revoke_on_the_mta_host_wins_over_renewals(

@@ -349,6 +349,23 @@ class BrokenPostconf(CommandRunner):
         return super().run(argv, stdin)
 
 
+class StockDirectoryPostconf(CommandRunner):
+    """Postfix 3.10's postconf -c DIR can print its built-in config_directory."""
+
+    def run(self, argv: Sequence[str], stdin: str = "") -> CommandResult:
+        result = super().run(argv, stdin)
+        if "postconf" in argv[0]:
+            lines = [line for line in result.stdout.splitlines() if "config_directory" not in line]
+            stdout = "\n".join([*lines, "config_directory = /etc/postfix", ""])
+            return CommandResult(result.returncode, stdout, result.stderr)
+        return result
+
+
+def test_the_directory_named_is_the_one_reported(tmp_path: Path) -> None:
+    learned = learn_from_postfix(str(write_main_cf(tmp_path)), run=StockDirectoryPostconf())
+    assert learned.source == f"postfix (config_directory {tmp_path})"
+
+
 def test_postconf_failure_is_reported(tmp_path: Path) -> None:
     with pytest.raises(LearnError, match=r"postconf .* failed: postconf: fatal: bad things"):
         learn_from_postfix(str(write_main_cf(tmp_path)), run=BrokenPostconf())

@@ -53,6 +53,21 @@ def test_parse_dovecot_23_listing() -> None:
     assert (listing.other_services, listing.unusable) == (0, 0)
 
 
+# The same listing from Dovecot 2.4.1 (Debian 13): "service" where 2.3 had
+# "proto", and the local address, empty for these loopback connections.
+DOVECOT_24 = (
+    "username\tservice\tpid\tip\tdest_ip\n"
+    "alice\timap\t22\t127.0.0.2\t\n"
+    "alice\timap\t24\t127.0.0.3\t\n"
+    "alice\timap\t26\t127.0.0.2\t\n"
+    "alice\tpop3\t28\t127.0.0.1\t127.0.0.1\n"
+)
+
+
+def test_parse_dovecot_24_listing() -> None:
+    assert parse_doveadm_who(DOVECOT_24, SERVICES) == parse_doveadm_who(DOVECOT_23, SERVICES)
+
+
 def test_parse_an_empty_listing() -> None:
     listing = parse_doveadm_who("username\tproto\tpid\tip\n", SERVICES)
     assert listing.sessions == []
