@@ -85,7 +85,7 @@ def test_pop3_and_imap_logins_reach_popauth(site: tuple[ContribDovecot, PopauthS
     assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.5")
     assert imap_login(dovecot.imap_port, "bob", USERS["bob"], "127.0.0.6")
     for address, user in (("127.0.0.5", "alice"), ("127.0.0.6", "bob")):
-        query = popauth.cli("query", address)
+        query = popauth.cli("query", "--format", "raw", address)
         assert query.returncode == 0, query
         assert f"user={user}" in query.stdout, query.stdout
     logins = popauth.events("login")
