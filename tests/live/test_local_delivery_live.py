@@ -182,8 +182,9 @@ def layout_postfix(
     request: pytest.FixtureRequest, live_root: Path, popauth_dir: Path
 ) -> Iterator[tuple[Layout, PostfixInstance]]:
     layout: Layout = request.param
+    # Short: Postfix's socket paths under it must stay within sun_path's 108 bytes.
     instance = start_layout_postfix(
-        live_root / f"postfix-{layout.name}-{time.monotonic_ns()}", popauth_dir, layout
+        live_root / f"pf-{LAYOUTS.index(layout)}-{time.monotonic_ns() % 10**9}", popauth_dir, layout
     )
     yield layout, instance
     instance.stop()
