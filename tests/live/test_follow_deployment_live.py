@@ -43,7 +43,8 @@ from tests.live.postfix import PostfixInstance
 from tests.live.smtp import REMOTE, rcpt_reply
 from tests.live.stock_rsyslog import StockRsyslog
 from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import POPAUTH, PopauthServer
+from tests.support.popauth_server import PopauthServer
+from tests.support.units import verify_unit
 
 pytestmark = pytest.mark.live
 
@@ -416,18 +417,6 @@ def test_a_socket_that_shuts_the_follower_out_stops_it_naming_the_socket(
     ), message
 
 
-def test_the_follow_unit_verifies() -> None:
+def test_the_follow_unit_verifies(tmp_path: Path) -> None:
     """systemd-analyze only warns about unknown keys: any output is a failure."""
-    copy = Path(os.environ.get("TMPDIR", "/tmp")) / f"popauth-follow-verify-{os.getpid()}.service"
-    copy.write_text(FOLLOW_UNIT.read_text().replace("/usr/local/bin/popauth", POPAUTH))
-    try:
-        verified = subprocess.run(
-            ["systemd-analyze", "verify", "--man=no", str(copy)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        copy.unlink()
-    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+    assert verify_unit(FOLLOW_UNIT, tmp_path) == (0, "")

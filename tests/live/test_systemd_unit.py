@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.peers import ask_as
-from tests.support.popauth_server import POPAUTH, toml_value
+from tests.support.popauth_server import toml_value
+from tests.support.units import verify_unit
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "contrib" / "systemd" / "popauth.service"
@@ -63,24 +64,12 @@ def unit_lines(key: str) -> list[str]:
     ]
 
 
-def test_the_unit_verifies() -> None:
+def test_the_unit_verifies(tmp_path: Path) -> None:
     """systemd-analyze only warns about unknown keys: any output is a failure.
 
     It does not look the popauth user up, so this holds on a host without it.
     """
-    copy = Path(os.environ.get("TMPDIR", "/tmp")) / f"popauth-verify-{os.getpid()}.service"
-    copy.write_text(UNIT.read_text(encoding="utf-8").replace("/usr/local/bin/popauth", POPAUTH))
-    try:
-        verified = subprocess.run(
-            ["systemd-analyze", "verify", "--man=no", str(copy)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        copy.unlink()
-    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+    assert verify_unit(UNIT, tmp_path) == (0, "")
 
 
 def test_the_unit_runs_popauth_unprivileged_and_notifies() -> None:

@@ -29,6 +29,7 @@ from popauth.sessions import (
 )
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.popauth_server import POPAUTH, toml_value
+from tests.support.units import verify_unit
 
 SERVICES = frozenset({"imap", "pop3"})
 
@@ -439,13 +440,4 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = Path(__file__).parents[2] / "contrib" / "systemd" / "popauth-sessions.service"
     text = unit.read_text(encoding="utf-8")
     assert "ExecStart=/usr/local/bin/popauth sessions --config " in text
-    copy = tmp_path / unit.name
-    copy.write_text(text.replace("/usr/local/bin/popauth", POPAUTH), encoding="utf-8")
-    verified = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(copy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+    assert verify_unit(unit, tmp_path) == (0, "")
