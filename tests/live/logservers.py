@@ -22,6 +22,7 @@ kernel reported them.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import pwd
@@ -106,7 +107,34 @@ def rsyslog_template() -> str:
     return text[start : text.index(")\n", start) + 2]
 
 
-class PrivateRsyslog:
+class SyslogSink(abc.ABC):
+    """An rsyslog under test: a /dev/log socket, and the text it has written."""
+
+    socket_path: Path
+
+    def send(self, tag: str, message: str, *, path: Path | None = None) -> None:
+        """One mail.info message to /dev/log (or ``path``), from this process (root)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(f"<22>{tag}: {message}".encode(), str(path or self.socket_path))
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Log a marker and wait until rsyslog has written it: what came before is written."""
+        marker = f"sync-{uuid.uuid4().hex}"
+        self.send("popauth-test", marker)
+        deadline = time.monotonic() + timeout
+        while marker not in self.text():
+            if time.monotonic() > deadline:
+                raise LogServerError(f"rsyslog did not write {marker}:\n{self.diagnostics()}")
+            time.sleep(0.01)
+
+    @abc.abstractmethod
+    def text(self) -> str: ...
+
+    @abc.abstractmethod
+    def diagnostics(self) -> str: ...
+
+
+class PrivateRsyslog(SyslogSink):
     """rsyslogd -n with one imuxsock socket (trusted properties) and one output file."""
 
     def __init__(self, root: Path, package_root: Path, prefix: tuple[str, ...] = ()) -> None:
@@ -162,20 +190,6 @@ class PrivateRsyslog:
         self.socket_path.chmod(0o666)  # every local user may log, as with /dev/log
         self.sync()
         return self
-
-    def send(self, tag: str, message: str) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-            sender.sendto(f"<22>{tag}: {message}".encode(), str(self.socket_path))
-
-    def sync(self, timeout: float = 10.0) -> None:
-        """Log a marker and wait until rsyslog has written it: what came before is written."""
-        marker = f"sync-{uuid.uuid4().hex}"
-        self.send("popauth-test", marker)
-        deadline = time.monotonic() + timeout
-        while marker not in self.text():
-            if time.monotonic() > deadline:
-                raise LogServerError(f"rsyslog did not write {marker}:\n{self.diagnostics()}")
-            time.sleep(0.01)
 
     def text(self) -> str:
         texts = []

@@ -24,13 +24,11 @@ import grp
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
-from tests.live.logservers import RSYSLOG_MODULES, LogServerError
+from tests.live.logservers import RSYSLOG_MODULES, LogServerError, SyslogSink
 
 REPO = Path(__file__).resolve().parents[2]
 SNIPPET = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
@@ -52,7 +50,7 @@ def operator_steps() -> list[str]:
     return steps
 
 
-class StockRsyslog:
+class StockRsyslog(SyslogSink):
     def __init__(self, root: Path, package_root: Path, *, edit_imuxsock: bool) -> None:
         self.root = root
         self.package_root = package_root
@@ -143,21 +141,6 @@ class StockRsyslog:
             time.sleep(0.02)
         self.sync()
         return self
-
-    def send(self, tag: str, message: str, *, path: Path | None = None) -> None:
-        """One mail.info message to /dev/log (or ``path``), from this process (root)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-            sender.sendto(f"<22>{tag}: {message}".encode(), str(path or self.socket_path))
-
-    def sync(self, timeout: float = 10.0) -> None:
-        """Log a marker and wait until rsyslog has written it: what came before is written."""
-        marker = f"sync-{uuid.uuid4().hex}"
-        self.send("popauth-test", marker)
-        deadline = time.monotonic() + timeout
-        while marker not in self.text():
-            if time.monotonic() > deadline:
-                raise LogServerError(f"rsyslog did not write {marker}:\n{self.diagnostics()}")
-            time.sleep(0.01)
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
