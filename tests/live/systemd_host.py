@@ -173,13 +173,12 @@ class SystemdHost:
         self.pid = 0
 
     def start(self, timeout: float = 90.0) -> SystemdHost:
-        tarball = root_tarball(self.release, self.packages)
+        tarball = self._tarball()
         self.root.mkdir()
         subprocess.run(
             ["tar", "-C", str(self.root), "--numeric-owner", "-xf", str(tarball)], check=True
         )
-        (self.root / "etc/hostname").write_text(f"{HOSTNAME}\n")
-        (self.root / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
+        self._prepare_root()
         self.cgroup.mkdir()
         script = BOOT.format(
             root=shlex.quote(str(self.root)),
@@ -203,6 +202,15 @@ class SystemdHost:
             self.stop()
             raise
         return self
+
+    def _tarball(self) -> Path:
+        """The root this host boots from (subclasses take theirs elsewhere)."""
+        return root_tarball(self.release, self.packages)
+
+    def _prepare_root(self) -> None:
+        """What the unpacked root gets before it boots: its host name."""
+        (self.root / "etc/hostname").write_text(f"{HOSTNAME}\n")
+        (self.root / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
 
     def _systemd_pid(self, deadline: float) -> int:
         """The pid, as this machine sees it, of the host's PID 1 once it is systemd."""
@@ -254,18 +262,28 @@ class SystemdHost:
         check: bool = True,
         timeout: float = 120.0,
         user: str | None = None,
+        input: str | None = None,
+        env: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``command`` inside the host (as root, or as ``user`` with its groups)."""
+        """Run ``command`` inside the host (as root, or as ``user`` with its groups).
+
+        ``env`` adds NAME=VALUE words to the clean environment inside.
+        """
         argv = ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "-u", "-i", "-r", "-w"]
-        argv += ["/usr/bin/env", "-i", *INSIDE_ENV]
+        argv += ["/usr/bin/env", "-i", *INSIDE_ENV, *env]
         if user is not None:
             argv += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
         done = subprocess.run(
-            [*argv, *command], capture_output=True, text=True, timeout=timeout, check=False
+            [*argv, *command],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if check and done.returncode != 0:
             raise HostError(
-                f"{shlex.join(command)} exited {done.returncode}:\n"
+                f"{shlex.join(command)} exited {done.returncode} on {self.release}:\n"
                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             )
         return done
