@@ -41,14 +41,16 @@ def test_the_hooks_copies_equal_the_wire_definitions(path: Path) -> None:
         assert hook.unsafe(character) == wire.has_control_characters(character), hex(code)
 
 
-def test_the_defaults_of_cli_and_config_are_the_wire_default() -> None:
+def test_the_defaults_of_cli_and_config_are_the_wire_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from popauth import cli, config
 
-    # No --socket and no settings file: the wire default.
-    arguments = cli._parser().parse_args(["ping", "--config", "/nonexistent/popauth.toml"])
-    arguments.config = None
-    if cli.settings_file(arguments) is None:
-        assert cli._client_socket(arguments) == wire.DEFAULT_SOCKET
+    # No --socket and no settings file (whatever this machine has in /etc): the wire default.
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    arguments = cli._parser().parse_args(["ping"])
+    assert cli.settings_file(arguments) is None
+    assert cli._client_socket(arguments) == wire.DEFAULT_SOCKET
     arguments.socket = "/x.sock"
     assert cli._client_socket(arguments) == "/x.sock"
     assert Path(wire.DEFAULT_SOCKET) == config.Settings().ingest.socket
