@@ -36,6 +36,7 @@ from typing import Any
 
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
+from tests.live.smtp import SmtpError, read_reply
 from tests.support.popauth_server import PopauthServer
 
 from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
@@ -59,45 +60,31 @@ BODY = (
 QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
-class SmtpError(RuntimeError):
-    pass
-
-
-def _reply(reader: Any) -> int:
-    """Read one (possibly multi-line) SMTP reply and return its code."""
-    while True:
-        line: bytes = reader.readline()
-        if len(line) < 4:
-            raise SmtpError(f"short SMTP reply {line!r}")
-        if line[3:4] != b"-":
-            return int(line[:3])
-
-
 def transaction(port: int, source_ip: str, recipient: str) -> int:
     """One SMTP connection with one message; the RCPT reply code."""
     with socket.create_connection(("127.0.0.1", port), 30, (source_ip, 0)) as sock:
         reader = sock.makefile("rb")
-        if _reply(reader) != 220:
+        if read_reply(reader) != 220:
             raise SmtpError("no 220 banner")
         sock.sendall(b"EHLO client.example\r\n")
-        if _reply(reader) != 250:
+        if read_reply(reader) != 250:
             raise SmtpError("EHLO refused")
         sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
-        code = _reply(reader)
+        code = read_reply(reader)
         if code != 250:
             raise SmtpError(f"MAIL got {code}")
         sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
-        rcpt = _reply(reader)
+        rcpt = read_reply(reader)
         if rcpt == 250:
             sock.sendall(b"DATA\r\n")
-            if _reply(reader) != 354:
+            if read_reply(reader) != 354:
                 raise SmtpError("DATA refused")
             sock.sendall(BODY)
-            code = _reply(reader)
+            code = read_reply(reader)
             if code != 250:
                 raise SmtpError(f"message got {code}")
         sock.sendall(b"QUIT\r\n")
-        _reply(reader)
+        read_reply(reader)
         reader.close()
     return rcpt
 

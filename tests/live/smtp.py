@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import smtplib
 from types import TracebackType
+from typing import BinaryIO
 
 # A recipient outside every local domain: any RCPT to it is relaying.
 REMOTE = "someone@remote.example"
+
+
+class SmtpError(RuntimeError):
+    """The server broke the dialogue a raw-socket client expected."""
+
+
+def read_reply(reader: BinaryIO) -> int:
+    """Read one (possibly multi-line) SMTP reply from ``reader``; its code."""
+    while True:
+        line = reader.readline()
+        if len(line) < 4:
+            raise SmtpError(f"short SMTP reply {line!r}")
+        if line[3:4] != b"-":
+            return int(line[:3])
 
 
 class SmtpSession:

@@ -27,8 +27,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import BinaryIO
 
+from tests.live.smtp import SmtpError, read_reply
 from tests.support.popauth_server import PopauthServer
 
 LOCAL_DOMAIN = "local.test"
@@ -40,10 +40,6 @@ TTL = 2
 # Slack around the expiry window: popauth's clock is read inside the LOGIN
 # round trip, the SMTP decision inside the RCPT round trip.
 MARGIN = 0.25
-
-
-class SmtpError(RuntimeError):
-    """The MTA answered something a soak session does not expect."""
 
 
 @dataclass
@@ -124,33 +120,23 @@ class Oracle:
         return None
 
 
-def _reply(reader: BinaryIO) -> int:
-    """Read one (possibly multi-line) SMTP reply and return its code."""
-    while True:
-        line = reader.readline()
-        if len(line) < 4:
-            raise SmtpError(f"short SMTP reply {line!r}")
-        if line[3:4] != b"-":
-            return int(line[:3])
-
-
 def smtp_rcpt(port: int, source_ip: str, recipient: str) -> int:
     """One SMTP session ending after RCPT (no message); the RCPT reply code."""
     with socket.create_connection(("127.0.0.1", port), 30, (source_ip, 0)) as sock:
         reader = sock.makefile("rb")
-        if _reply(reader) != 220:
+        if read_reply(reader) != 220:
             raise SmtpError("no 220 banner")
         sock.sendall(b"EHLO client.example\r\n")
-        if _reply(reader) != 250:
+        if read_reply(reader) != 250:
             raise SmtpError("EHLO refused")
         sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
-        code = _reply(reader)
+        code = read_reply(reader)
         if code != 250:
             raise SmtpError(f"MAIL got {code}")
         sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
-        rcpt = _reply(reader)
+        rcpt = read_reply(reader)
         sock.sendall(b"QUIT\r\n")
-        _reply(reader)
+        read_reply(reader)
         reader.close()
     return rcpt
 
