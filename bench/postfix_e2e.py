@@ -36,7 +36,7 @@ from typing import Any
 
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
-from tests.live.smtp import SmtpError, read_reply
+from tests.live.smtp import SmtpError, open_mail_transaction, read_reply
 from tests.support.popauth_server import PopauthServer
 
 from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
@@ -63,16 +63,7 @@ QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
 def transaction(port: int, source_ip: str, recipient: str) -> int:
     """One SMTP connection with one message; the RCPT reply code."""
     with socket.create_connection(("127.0.0.1", port), 30, (source_ip, 0)) as sock:
-        reader = sock.makefile("rb")
-        if read_reply(reader) != 220:
-            raise SmtpError("no 220 banner")
-        sock.sendall(b"EHLO client.example\r\n")
-        if read_reply(reader) != 250:
-            raise SmtpError("EHLO refused")
-        sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
-        code = read_reply(reader)
-        if code != 250:
-            raise SmtpError(f"MAIL got {code}")
+        reader = open_mail_transaction(sock)
         sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
         rcpt = read_reply(reader)
         if rcpt == 250:

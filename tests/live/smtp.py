@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 from types import TracebackType
 from typing import BinaryIO
 
@@ -22,6 +23,21 @@ def read_reply(reader: BinaryIO) -> int:
             raise SmtpError(f"short SMTP reply {line!r}")
         if line[3:4] != b"-":
             return int(line[:3])
+
+
+def open_mail_transaction(sock: socket.socket) -> BinaryIO:
+    """Banner, EHLO and MAIL FROM on a fresh connection; the reader for what follows."""
+    reader = sock.makefile("rb")
+    if read_reply(reader) != 220:
+        raise SmtpError("no 220 banner")
+    sock.sendall(b"EHLO client.example\r\n")
+    if read_reply(reader) != 250:
+        raise SmtpError("EHLO refused")
+    sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
+    code = read_reply(reader)
+    if code != 250:
+        raise SmtpError(f"MAIL got {code}")
+    return reader
 
 
 class SmtpSession:

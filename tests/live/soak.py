@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
-from tests.live.smtp import SmtpError, read_reply
+from tests.live.smtp import open_mail_transaction, read_reply
 from tests.support.popauth_server import PopauthServer
 
 LOCAL_DOMAIN = "local.test"
@@ -123,16 +123,7 @@ class Oracle:
 def smtp_rcpt(port: int, source_ip: str, recipient: str) -> int:
     """One SMTP session ending after RCPT (no message); the RCPT reply code."""
     with socket.create_connection(("127.0.0.1", port), 30, (source_ip, 0)) as sock:
-        reader = sock.makefile("rb")
-        if read_reply(reader) != 220:
-            raise SmtpError("no 220 banner")
-        sock.sendall(b"EHLO client.example\r\n")
-        if read_reply(reader) != 250:
-            raise SmtpError("EHLO refused")
-        sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
-        code = read_reply(reader)
-        if code != 250:
-            raise SmtpError(f"MAIL got {code}")
+        reader = open_mail_transaction(sock)
         sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
         rcpt = read_reply(reader)
         sock.sendall(b"QUIT\r\n")
