@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,10 @@ def session(path: str, plan: Script, tally: Tally) -> None:
 
 
 class NoopMilterProcess:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, wrapper: Sequence[str] = ()) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        # A command that runs the milter (e.g. under a profiler); it must exec it.
+        self.wrapper = list(wrapper)
         self.milter_path = directory / "milter.sock"
         self.log_path = directory / "noop.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -175,7 +178,13 @@ class NoopMilterProcess:
     def start(self, timeout: float = 15.0) -> NoopMilterProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.noop_milter", f"unix:{self.milter_path}"],
+                [
+                    *self.wrapper,
+                    sys.executable,
+                    "-m",
+                    "bench.noop_milter",
+                    f"unix:{self.milter_path}",
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=log,

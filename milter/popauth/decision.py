@@ -121,6 +121,11 @@ def decide_connection(policy: RelayPolicy, address: IPAddress | None) -> Decisio
     return None
 
 
+def decides_at_connection(policy: RelayPolicy) -> bool:
+    """Whether step 2 can settle anything at all: only with trusted networks."""
+    return bool(policy.trusted_networks)
+
+
 def needs_whitelist(policy: RelayPolicy, address: IPAddress | None, auth_user: str) -> bool:
     """Whether step 3 could change the outcome, i.e. the store is worth asking."""
     return bool(address is not None and not auth_user and address not in policy.trusted_networks)

@@ -20,7 +20,7 @@ def scrape(url: str) -> str:
 @pytest.mark.parametrize(("host", "url_host"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
 def test_scraped_then_stopped(host: str, url_host: str) -> None:
     metrics = Metrics()
-    metrics.decision("accept", "whitelisted").inc()
+    metrics.decision("accept", "whitelisted")
     metrics.track_whitelist_size(lambda: 7)
     metrics.serve(host, 0)
     port = metrics.port

@@ -119,20 +119,20 @@ class IngestServer(UnixStreamServer):
         try:
             request = protocol.parse_request(line)
         except ProtocolError as problem:
-            self._metrics.ingest_request("invalid", problem.code.value).inc()
+            self._metrics.ingest_request("invalid", problem.code.value)
             self._log.warning("ingest_rejected", peer_uid=peer.uid, error=problem.code.value)
             return protocol.error(problem.code, problem.reason), True
         verb = request.verb.value
         refusal = self._refusal(request, peer)
         if refusal is not None:
-            self._metrics.ingest_request(verb, "forbidden").inc()
+            self._metrics.ingest_request(verb, "forbidden")
             self._log.warning("ingest_forbidden", verb=verb, peer_uid=peer.uid, peer_gid=peer.gid)
             return protocol.error(ErrorCode.FORBIDDEN, refusal), True
         try:
             reply = self._execute(request, peer)
         except BlockListUnwritable as failure:
             # Nothing changed, in memory or on disk: say so, loudly.
-            self._metrics.ingest_request(verb, "unavailable").inc()
+            self._metrics.ingest_request(verb, "unavailable")
             self._metrics.errors.labels("blocklist_unwritable").inc()
             self._log.error(
                 "blocklist_write_failed",
@@ -145,22 +145,22 @@ class IngestServer(UnixStreamServer):
                 ErrorCode.UNAVAILABLE, "block list cannot be saved, nothing changed"
             ), True
         except _Incomplete as partly:
-            self._metrics.ingest_request(verb, "incomplete").inc()
+            self._metrics.ingest_request(verb, "incomplete")
             return protocol.error(ErrorCode.INCOMPLETE, str(partly)), True
         except NotConfirmed as failure:
             return self._not_confirmed(request, failure, peer), True
         except StoreUnavailable as failure:
-            self._metrics.ingest_request(verb, "unavailable").inc()
+            self._metrics.ingest_request(verb, "unavailable")
             self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("ingest_store_unavailable", verb=verb, error=str(failure))
             return protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable"), True
         except Exception:
-            self._metrics.ingest_request(verb, "internal").inc()
+            self._metrics.ingest_request(verb, "internal")
             self._metrics.errors.labels("internal").inc()
             self._log.exception("ingest_internal_error", verb=verb, peer_uid=peer.uid)
             return _INTERNAL, True
         result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
-        self._metrics.ingest_request(verb, result).inc()
+        self._metrics.ingest_request(verb, result)
         return reply, request.verb is not Verb.QUIT
 
     def _not_confirmed(self, request: Request, failure: NotConfirmed, peer: Peer) -> bytes:
@@ -182,7 +182,7 @@ class IngestServer(UnixStreamServer):
         target = {"user": request.user}
         if request.address is not None:
             target = {"client_ip": self._keying.describe(self._keying.key_address(request.address))}
-        self._metrics.ingest_request(verb, code.value).inc()
+        self._metrics.ingest_request(verb, code.value)
         self._metrics.errors.labels("not_confirmed").inc()
         self._log.error(
             "change_not_confirmed",

@@ -136,7 +136,7 @@ class SocketmapServer(UnixStreamServer):
     def _count(self, outcome: str) -> None:
         """Count for the stop log and for Prometheus alike."""
         self.counters.bump(outcome)
-        self._metrics.socketmap_request(outcome).inc()
+        self._metrics.socketmap_request(outcome)
 
     # --- framing -----------------------------------------------------------
 
