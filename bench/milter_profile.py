@@ -108,9 +108,11 @@ def _remove_store() -> None:
     answers: dict[object, object] = {}
 
     def lookup(self: MemoryStore, address: Any) -> Any:
-        if address not in answers:
-            answers[address] = original(self, address)
-        return answers[address]
+        key = int(address)
+        answer = answers.get(key, answers)
+        if answer is answers:
+            answer = answers[key] = original(self, address)
+        return answer
 
     MemoryStore.lookup = lookup  # type: ignore[method-assign]
 

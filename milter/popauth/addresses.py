@@ -85,6 +85,14 @@ def _usable(address: IPAddress, text: str) -> IPAddress:
     return address
 
 
+def address_text(address: IPAddress) -> str:
+    """``str(address)``, for IPv4 from its packed form in C (several times
+    cheaper: it is written in every decision's log line)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return socket.inet_ntoa(address.packed)
+    return str(address)
+
+
 def parse_stored_key(text: str) -> IPAddress:
     """A whitelist key as popauth itself wrote it (snapshot, Redis): the
     canonical text of an address or of an IPv6 prefix's network address,
@@ -139,7 +147,7 @@ class WhitelistKeying:
         """Text for logs and listings: the address, or the IPv6 prefix it stands for."""
         if isinstance(key, ipaddress.IPv6Address) and self.ipv6_prefix < 128:
             return f"{key}/{self.ipv6_prefix}"
-        return str(key)
+        return address_text(key)
 
 
 @dataclass(frozen=True, slots=True)

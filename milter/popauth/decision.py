@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from popauth.addresses import IPAddress, NetworkSet
 from popauth.recipients import DomainSet, Recipient, is_local_recipient
@@ -96,8 +97,13 @@ class RelayPolicy:
     provenance: Provenance = Provenance()
 
 
-@dataclass(frozen=True, slots=True)
-class Client:
+class Client(NamedTuple):
+    """What is known of the client when a message is decided.
+
+    A named tuple, not a frozen dataclass: as immutable, and built for every
+    message at half the cost.
+    """
+
     address: IPAddress | None
     auth_user: str = ""
     listing: Listing = Listing.NOT_CONSULTED

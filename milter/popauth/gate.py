@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import structlog
 
 from popauth.accounts import RelayWay, UsageLedger
-from popauth.addresses import IPAddress, WhitelistKeying
+from popauth.addresses import IPAddress, WhitelistKeying, address_text
 from popauth.config import Accounting
 from popauth.decision import (
     Client,
@@ -185,7 +185,7 @@ class RelayGate:
                 verdict=verdict,
                 reason=reason,
                 stage=stage,
-                client_ip=None if address is None else str(address),
+                client_ip=None if address is None else address_text(address),
                 user=client.auth_user or client.login_user or None,
             )
         else:
@@ -194,7 +194,7 @@ class RelayGate:
                 verdict=verdict,
                 reason=reason,
                 stage=stage,
-                client_ip=None if address is None else str(address),
+                client_ip=None if address is None else address_text(address),
                 user=client.auth_user or client.login_user or None,
                 recipient=recipient.envelope,
                 rcpt_mailer=recipient.mailer,

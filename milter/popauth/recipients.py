@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Characters that route mail onwards from inside a local part (percent hack,
 # bang paths, nested at-signs) or hide such routing (quoting, escapes).
@@ -63,9 +64,9 @@ class DomainSet:
         return next((parent for parent in self.parents if name.endswith(parent)), None)
 
 
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    """What the MTA tells the milter about one RCPT."""
+class Recipient(NamedTuple):
+    """What the MTA tells the milter about one RCPT (a named tuple: built for
+    every RCPT, at half the cost of a frozen dataclass)."""
 
     envelope: str
     mailer: str | None = None
@@ -79,9 +80,18 @@ def plain_address_parts(address: str) -> tuple[str, str | None] | None:
     source routes, quoted or escaped local parts, ``%``, ``!`` and a second
     ``@``. The empty address and the null sender are not mailboxes either.
     """
+    return _plain_parts(_mailbox_text(address))
+
+
+def _mailbox_text(address: str) -> str:
+    """The text of an address inside its blanks and angle brackets."""
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
+    return text
+
+
+def _plain_parts(text: str) -> tuple[str, str | None] | None:
     if not text or text.startswith("@"):
         return None
     local, at, domain = text.rpartition("@")
@@ -98,8 +108,8 @@ def plain_address_parts(address: str) -> tuple[str, str | None] | None:
     return local, domain_or_none
 
 
-def _is_plainly_local(address: str, local_domains: DomainSet) -> bool:
-    parts = plain_address_parts(address)
+def _is_plainly_local(text: str, local_domains: DomainSet) -> bool:
+    parts = _plain_parts(text)
     if parts is None:
         return False
     _, domain = parts
@@ -115,6 +125,11 @@ def is_local_recipient(
     mailer = recipient.mailer
     if mailer is None or mailer.lower() not in local_mailers:
         return False
-    if not _is_plainly_local(recipient.envelope, local_domains):
+    envelope = _mailbox_text(recipient.envelope)
+    if not _is_plainly_local(envelope, local_domains):
         return False
-    return recipient.resolved is None or _is_plainly_local(recipient.resolved, local_domains)
+    if recipient.resolved is None:
+        return True
+    resolved = _mailbox_text(recipient.resolved)
+    # Mostly the very address of the envelope: the same answer, known already.
+    return resolved == envelope or _is_plainly_local(resolved, local_domains)

@@ -159,8 +159,7 @@ class IngestServer(UnixStreamServer):
             self._metrics.errors.labels("internal").inc()
             self._log.exception("ingest_internal_error", verb=verb, peer_uid=peer.uid)
             return _INTERNAL, True
-        result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
-        self._metrics.ingest_request(verb, result)
+        self._metrics.ingest_request(verb, _result_of(reply))
         return reply, request.verb is not Verb.QUIT
 
     def _not_confirmed(self, request: Request, failure: NotConfirmed, peer: Peer) -> bytes:
@@ -337,6 +336,13 @@ class IngestServer(UnixStreamServer):
         if newly_blocked is not None:
             fields += " blocked=" + ("new" if newly_blocked else "already")
         return protocol.ok(fields)
+
+
+def _result_of(reply: bytes) -> str:
+    """The first word of a reply, in lower case: the metrics' result label."""
+    if reply.startswith(b"OK ") or reply == b"OK\n":
+        return "ok"  # nearly every reply: no splitting and decoding
+    return reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
 
 
 class _Incomplete(Exception):
