@@ -32,6 +32,8 @@ class UtcTimestamp:
     def __init__(self) -> None:
         # (second, its formatted prefix), replaced whole: safe across threads.
         self._cached: tuple[int, str] = (-1, "")
+        # (millisecond, its whole timestamp): lines come in bursts.
+        self._last: tuple[int, str] = (-1, "")
 
     def __call__(
         self, logger: Any, method: str, event: MutableMapping[str, Any]
@@ -40,13 +42,18 @@ class UtcTimestamp:
         return event
 
     def now(self) -> str:
-        now = time.time()
-        second = int(now)
+        millisecond = time.time_ns() // 1_000_000
+        last, stamp = self._last
+        if millisecond == last:
+            return stamp
+        second, rest = divmod(millisecond, 1000)
         cached_second, prefix = self._cached
         if second != cached_second:
             prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._cached = (second, prefix)
-        return f"{prefix}.{int((now - second) * 1000):03d}Z"
+        stamp = f"{prefix}.{rest:03d}Z"
+        self._last = (millisecond, stamp)
+        return stamp
 
 
 _NEEDS_QUOTES = re.compile(r"[\s\"'=]").search

@@ -29,6 +29,9 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.25, 1.0)
 
 
+_REQUESTS = ("requests",)
+
+
 class _MetricsServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -57,13 +60,15 @@ class CountsByLabels:
         # label values -> [count, created]
         self._counts: dict[tuple[str, ...], list[float]] = {}
 
-    def count(self, values: tuple[str, ...]) -> None:
+    def count(self, *labels: tuple[str, ...]) -> None:
+        """Add one to the count of each of ``labels`` (label values, in order)."""
         with self._lock:
-            entry = self._counts.get(values)
-            if entry is None:
-                self._counts[values] = [1, time.time()]
-            else:
-                entry[0] += 1
+            for values in labels:
+                entry = self._counts.get(values)
+                if entry is None:
+                    self._counts[values] = [1, time.time()]
+                else:
+                    entry[0] += 1
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
@@ -155,6 +160,10 @@ class Metrics:
     def socketmap_request(self, result: str) -> None:
         """Count one socketmap outcome."""
         self.socketmap_requests.count((result,))
+
+    def socketmap_answer(self, result: str) -> None:
+        """Count one answered socketmap request and its outcome."""
+        self.socketmap_requests.count(_REQUESTS, (result,))
 
     def ingest_request(self, verb: str, result: str) -> None:
         """Count one ingest request by verb and result."""
