@@ -161,6 +161,11 @@ class UnixStreamServer(abc.ABC):
         return self._log
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that serves every connection, in the door's thread."""
+        return self._loop
+
+    @property
     def blocking_calls(self) -> bool:
         """Whether store calls must run off the event loop."""
         return self._blocking_calls
@@ -326,6 +331,10 @@ class FramedConnection(asyncio.Protocol):
 
     def __init__(self, door: UnixStreamServer) -> None:
         self._door = door
+        # The door's loop, which runs every callback here. Kept rather than
+        # asked for: asyncio.get_running_loop() makes a getpid() system call
+        # each time, three per request.
+        self._loop = door.loop
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._peer = Peer(0, -1, -1)
@@ -345,7 +354,7 @@ class FramedConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._peer = peer_of(transport.get_extra_info("socket"))
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         if not self._door.opened(self):
             self._busy = True
             self._door.note("busy", self._peer)
@@ -364,7 +373,7 @@ class FramedConnection(asyncio.Protocol):
         self._door.closed(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         self._buffer += data
         self._serve()
 
@@ -431,7 +440,7 @@ class FramedConnection(asyncio.Protocol):
                 self._in_flight = True
                 assert self._transport is not None
                 self._transport.pause_reading()
-                done = asyncio.get_running_loop().run_in_executor(
+                done = self._loop.run_in_executor(
                     None, self._door.answer_safely, request, self._peer
                 )
                 done.add_done_callback(self._answered)
@@ -456,7 +465,7 @@ class FramedConnection(asyncio.Protocol):
 
     def _reply(self, reply: bytes, keep_open: bool) -> None:
         assert self._transport is not None
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         self._transport.write(reply)
         if not keep_open:
             self._transport.close()
@@ -473,7 +482,7 @@ class FramedConnection(asyncio.Protocol):
     # --- timeouts ----------------------------------------------------------
 
     def _wait(self, *, idle: bool, limit: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle = idle
         if limit is None:
             limit = self._door.idle_timeout if idle else self._door.request_timeout
@@ -486,7 +495,7 @@ class FramedConnection(asyncio.Protocol):
             self._timer = loop.call_at(self._deadline, self._check_clock)
 
     def _check_clock(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._check_clock)
             return
