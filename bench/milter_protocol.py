@@ -167,12 +167,23 @@ def session(path: str, plan: Script, tally: Tally) -> None:
 
 
 class NoopMilterProcess:
-    def __init__(self, directory: Path, *, wrapper: Sequence[str] = ()) -> None:
+    """A pymilter milter of the bench (by default the no-op one) in a process of its own."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        wrapper: Sequence[str] = (),
+        module: str = "bench.noop_milter",
+        arguments: Sequence[str] = (),
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         # A command that runs the milter (e.g. under a profiler); it must exec it.
         self.wrapper = list(wrapper)
+        self.module = module
+        self.arguments = list(arguments)
         self.milter_path = directory / "milter.sock"
-        self.log_path = directory / "noop.log"
+        self.log_path = directory / f"{module.rpartition('.')[2]}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> NoopMilterProcess:
@@ -182,8 +193,9 @@ class NoopMilterProcess:
                     *self.wrapper,
                     sys.executable,
                     "-m",
-                    "bench.noop_milter",
+                    self.module,
                     f"unix:{self.milter_path}",
+                    *self.arguments,
                 ],
                 cwd=REPO,
                 stdout=log,
@@ -192,13 +204,13 @@ class NoopMilterProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"no-op milter exited:\n{self.log_path.read_text()}")
+                raise RuntimeError(f"{self.module} exited:\n{self.log_path.read_text()}")
             with contextlib.suppress(OSError):
                 session(str(self.milter_path), script("local", "192.0.2.1", 1), Tally())
                 return self
             time.sleep(0.02)
         self.stop()
-        raise RuntimeError("no-op milter not ready")
+        raise RuntimeError(f"{self.module} not ready")
 
     def stop(self) -> None:
         if self.process is None:
