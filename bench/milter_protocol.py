@@ -310,7 +310,20 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             f"popauth, {clients} client(s)",
             f"no-op, {clients} client(s)",
         )
-        result.checks.append(Check(ratio.name, ratio.stats().median, ">=", 0.9))
+        result.checks.append(Check(ratio.name, ratio.stats().median, ">=", 0.8))
+        # popauth's own work: its CPU per session beyond the no-op milter's,
+        # per round; issue 21 measured 93 us (193 against 100) and asked for half.
+        own = result.metric(f"popauth's own CPU per session, {clients} client(s)", "us")
+        own.samples = [
+            mine - baseline
+            for mine, baseline in zip(
+                result.metric(f"popauth CPU per session, {clients} client(s)", "us").samples,
+                result.metric(f"no-op CPU per session, {clients} client(s)", "us").samples,
+                strict=True,
+            )
+        ]
+        if clients == 1:
+            result.checks.append(Check(own.name, own.stats().median, "<=", 46.5, "us"))
         result.ratio(
             f"popauth[warning]/no-op, {clients} client(s)",
             f"popauth[warning], {clients} client(s)",

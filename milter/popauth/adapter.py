@@ -16,6 +16,7 @@ unknown commands) and answers with a final verdict as early as it is known:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -59,7 +60,7 @@ def fail_closed(callback: _Callback) -> _Callback:
             return callback(self, *args)
         except Exception:
             self.metrics.errors.labels("milter_callback").inc()
-            self.log.exception("milter_callback_failed", callback=callback.__name__)
+            self.log.exception("milter_callback_failed", callback=callback.__name__.lstrip("_"))
             self.setreply(CHECK_FAILED.code, CHECK_FAILED.status, CHECK_FAILED.text)
             return int(Milter.TEMPFAIL)
 
@@ -121,8 +122,9 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             self._address = client_address_of(hostaddr)
         except Exception:
             self._address = None
-            self.metrics.errors.labels("milter_callback").inc()
-            self.log.exception("milter_callback_failed", callback="connect")
+            with contextlib.suppress(Exception):
+                self.metrics.errors.labels("milter_callback").inc()
+                self.log.exception("milter_callback_failed", callback="connect")
         return _NOREPLY
 
     @fail_closed
