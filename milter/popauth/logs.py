@@ -10,6 +10,9 @@ Values come from outside (recipient addresses, user names, client errors),
 so both renderers escape control characters, bytes that were not UTF-8 and
 the backslash (see :mod:`popauth.escaping`): a log line is one line, and an
 ESC sequence in a recipient address never reaches the operator's terminal.
+
+Under systemd (stderr is the journal) each line carries its priority and no
+timestamp: see :mod:`popauth.journal`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import structlog
 
 from popauth.config import LogFormat, LogLevel
 from popauth.escaping import escape_text
+from popauth.journal import is_journal, with_priority
 
 
 class UtcTimestamp:
@@ -98,8 +102,9 @@ class ConsoleRenderer:
     joined in one go: a decision line is written for every message.
     """
 
-    def __init__(self) -> None:
-        self._timestamp = UtcTimestamp()
+    def __init__(self, *, timestamps: bool = True) -> None:
+        # None: no timestamp (the journal stamps each line itself).
+        self._timestamp = UtcTimestamp() if timestamps else None
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         if "exc_info" in event:
@@ -111,9 +116,12 @@ class ConsoleRenderer:
         event.pop("timestamp", None)
         fields = [f"{key}={value}" for key, value in event.items() if value is not None]
         text = " ".join([name, *fields])
+        level = f"{_LEVELS.get(method, method):<7}"
+        if self._timestamp is not None:
+            level = f"{self._timestamp.now()} {level}"
         if exception is None and _shown_as_is(text, len(fields)):
-            return f"{self._timestamp.now()} {_LEVELS.get(method, method):<7} {text}"
-        head = f"{self._timestamp.now()} {_LEVELS.get(method, method):<7} {name}"
+            return f"{level} {text}"
+        head = f"{level} {name}"
         pairs = " ".join(
             f"{key}={_console_value(value)}" for key, value in event.items() if value is not None
         )
@@ -136,18 +144,40 @@ def escape_values(
     return event
 
 
+class JournalLines:
+    """A renderer's text with the journal priority of the event's level on each line."""
+
+    def __init__(self, render: structlog.typing.Processor) -> None:
+        self._render = render
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        level = str(event.get("level", method))
+        return with_priority(level, str(self._render(logger, method, event)))
+
+
 def configure_logging(
-    log_format: LogFormat, level: LogLevel
+    log_format: LogFormat, level: LogLevel, journal: bool | None = None
 ) -> structlog.typing.FilteringBoundLogger:
-    """Configure structlog once at start and return the root logger."""
+    """Configure structlog once at start and return the root logger.
+
+    ``journal``: lines for systemd's journal (priorities, no timestamp);
+    None decides by whether stderr is the journal.
+    """
+    if journal is None:
+        journal = is_journal(sys.stderr)
     processors: list[structlog.typing.Processor]
     if log_format is LogFormat.JSON:
+        processors = [structlog.processors.add_log_level]
+        if not journal:
+            processors.append(UtcTimestamp())
+        processors += [structlog.processors.format_exc_info, escape_values]
+        renderer: structlog.typing.Processor = structlog.processors.JSONRenderer()
+        processors.append(JournalLines(renderer) if journal else renderer)
+    elif journal:
+        # The journal stamps each line itself; JournalLines reads the level.
         processors = [
             structlog.processors.add_log_level,
-            UtcTimestamp(),
-            structlog.processors.format_exc_info,
-            escape_values,
-            structlog.processors.JSONRenderer(),
+            JournalLines(ConsoleRenderer(timestamps=False)),
         ]
     else:
         processors = [ConsoleRenderer()]

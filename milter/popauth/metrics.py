@@ -60,15 +60,15 @@ class CountsByLabels:
         # label values -> [count, created]
         self._counts: dict[tuple[str, ...], list[float]] = {}
 
-    def count(self, *labels: tuple[str, ...]) -> None:
-        """Add one to the count of each of ``labels`` (label values, in order)."""
+    def count(self, *labels: tuple[str, ...], amount: int = 1) -> None:
+        """Add ``amount`` to the count of each of ``labels`` (label values, in order)."""
         with self._lock:
             for values in labels:
                 entry = self._counts.get(values)
                 if entry is None:
-                    self._counts[values] = [1, time.time()]
+                    self._counts[values] = [amount, time.time()]
                 else:
-                    entry[0] += 1
+                    entry[0] += amount
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
@@ -165,9 +165,9 @@ class Metrics:
         """Count one answered socketmap request and its outcome."""
         self.socketmap_requests.count(_REQUESTS, (result,))
 
-    def ingest_request(self, verb: str, result: str) -> None:
-        """Count one ingest request by verb and result."""
-        self.ingest_requests.count((verb, result))
+    def ingest_request(self, verb: str, result: str, amount: int = 1) -> None:
+        """Count ``amount`` ingest requests (one by default) by verb and result."""
+        self.ingest_requests.count((verb, result), amount=amount)
 
     def track_whitelist_size(self, count: Callable[[], int]) -> None:
         """Ask the store for its size at every scrape."""
