@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,16 +167,36 @@ def session(path: str, plan: Script, tally: Tally) -> None:
 
 
 class NoopMilterProcess:
-    def __init__(self, directory: Path) -> None:
+    """A pymilter milter of the bench (by default the no-op one) in a process of its own."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        wrapper: Sequence[str] = (),
+        module: str = "bench.noop_milter",
+        arguments: Sequence[str] = (),
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        # A command that runs the milter (e.g. under a profiler); it must exec it.
+        self.wrapper = list(wrapper)
+        self.module = module
+        self.arguments = list(arguments)
         self.milter_path = directory / "milter.sock"
-        self.log_path = directory / "noop.log"
+        self.log_path = directory / f"{module.rpartition('.')[2]}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> NoopMilterProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.noop_milter", f"unix:{self.milter_path}"],
+                [
+                    *self.wrapper,
+                    sys.executable,
+                    "-m",
+                    self.module,
+                    f"unix:{self.milter_path}",
+                    *self.arguments,
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=log,
@@ -183,13 +204,13 @@ class NoopMilterProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"no-op milter exited:\n{self.log_path.read_text()}")
+                raise RuntimeError(f"{self.module} exited:\n{self.log_path.read_text()}")
             with contextlib.suppress(OSError):
                 session(str(self.milter_path), script("local", "192.0.2.1", 1), Tally())
                 return self
             time.sleep(0.02)
         self.stop()
-        raise RuntimeError("no-op milter not ready")
+        raise RuntimeError(f"{self.module} not ready")
 
     def stop(self) -> None:
         if self.process is None:
@@ -289,7 +310,20 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             f"popauth, {clients} client(s)",
             f"no-op, {clients} client(s)",
         )
-        result.checks.append(Check(ratio.name, ratio.stats().median, ">=", 0.9))
+        result.checks.append(Check(ratio.name, ratio.stats().median, ">=", 0.8))
+        # popauth's own work: its CPU per session beyond the no-op milter's,
+        # per round; issue 21 measured 93 us (193 against 100) and asked for half.
+        own = result.metric(f"popauth's own CPU per session, {clients} client(s)", "us")
+        own.samples = [
+            mine - baseline
+            for mine, baseline in zip(
+                result.metric(f"popauth CPU per session, {clients} client(s)", "us").samples,
+                result.metric(f"no-op CPU per session, {clients} client(s)", "us").samples,
+                strict=True,
+            )
+        ]
+        if clients == 1:
+            result.checks.append(Check(own.name, own.stats().median, "<=", 46.5, "us"))
         result.ratio(
             f"popauth[warning]/no-op, {clients} client(s)",
             f"popauth[warning], {clients} client(s)",

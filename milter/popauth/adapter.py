@@ -4,7 +4,9 @@ Round trips are what a milter costs the MTA, so the adapter negotiates away
 every callback the decision does not use (HELO, headers, body, DATA,
 unknown commands) and answers with a final verdict as early as it is known:
 
-- a trusted client is accepted at CONNECT, for the whole connection;
+- a trusted client is accepted at CONNECT, for the whole connection; with
+  no trusted networks CONNECT is answered with no reply at all (the MTA
+  does not wait for one);
 - an authenticated or whitelisted client is accepted at MAIL, for that
   message only, so the next MAIL on the same connection is checked again;
 - otherwise each RCPT is judged; an accepted local recipient gets CONTINUE,
@@ -14,6 +16,7 @@ unknown commands) and answers with a final verdict as early as it is known:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,9 +25,9 @@ import Milter
 import structlog
 
 from popauth.addresses import AddressError, IPAddress, parse_client_address
-from popauth.decision import Client, Decision, Verdict
+from popauth.decision import Client, Decision, Verdict, decides_at_connection
 from popauth.gate import Message, RelayGate
-from popauth.macros import macro_text
+from popauth.macros import as_text, macro_text
 from popauth.metrics import Metrics
 from popauth.recipients import Recipient
 from popauth.replies import CHECK_FAILED, Replies
@@ -41,6 +44,11 @@ SYMBOL_LISTS: dict[int, str] = {
 }
 
 _Callback = TypeVar("_Callback", bound=Callable[..., int])
+_ACCEPT = int(Milter.ACCEPT)
+_CONTINUE = int(Milter.CONTINUE)
+_REJECT = int(Milter.REJECT)
+_TEMPFAIL = int(Milter.TEMPFAIL)
+_NOREPLY = int(Milter.NOREPLY)
 
 
 def fail_closed(callback: _Callback) -> _Callback:
@@ -52,7 +60,7 @@ def fail_closed(callback: _Callback) -> _Callback:
             return callback(self, *args)
         except Exception:
             self.metrics.errors.labels("milter_callback").inc()
-            self.log.exception("milter_callback_failed", callback=callback.__name__)
+            self.log.exception("milter_callback_failed", callback=callback.__name__.lstrip("_"))
             self.setreply(CHECK_FAILED.code, CHECK_FAILED.status, CHECK_FAILED.text)
             return int(Milter.TEMPFAIL)
 
@@ -93,44 +101,69 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             for stage, macros in SYMBOL_LISTS.items():
                 self._ctx.setsymlist(stage, macros)
         opts[0] = self._actions
-        opts[1] = self._protocol = offered_protocol & ~self.protocol_mask()
+        protocol = offered_protocol & ~self.protocol_mask()
+        if not decides_at_connection(self._gate.policy):
+            # CONNECT can only go on: the MTA need not wait for its answer.
+            protocol |= offered_protocol & Milter.P_NR_CONN
+        opts[1] = self._protocol = protocol
         opts[2] = 0
         opts[3] = 0
         return int(Milter.CONTINUE)
 
-    @fail_closed
     def connect(self, hostname: str, family: int, hostaddr: object) -> int:
-        self._address = client_address_of(hostaddr)
-        if self._gate.connection(self._address) is not None:
-            return int(Milter.ACCEPT)
-        return int(Milter.CONTINUE)
+        if not self._protocol & Milter.P_NR_CONN:
+            return self._connect(hostaddr)
+        # Negotiated without trusted networks (were there any by now, MAIL
+        # would accept their clients: decide_sender checks them too). Any
+        # answer but NOREPLY would be read by the MTA as the answer to its
+        # next command, so nothing may escape: a client whose address is not
+        # known is a stranger, who may not relay.
+        try:
+            self._address = client_address_of(hostaddr)
+        except Exception:
+            self._address = None
+            with contextlib.suppress(Exception):
+                self.metrics.errors.labels("milter_callback").inc()
+                self.log.exception("milter_callback_failed", callback="connect")
+        return _NOREPLY
 
     @fail_closed
+    def _connect(self, hostaddr: object) -> int:
+        self._address = client_address_of(hostaddr)
+        if self._gate.connection(self._address) is not None:
+            return _ACCEPT
+        return _CONTINUE
+
     def envfrom(self, sender: str, *parameters: str) -> int:
+        return self.mail()
+
+    @fail_closed
+    def mail(self) -> int:
+        """MAIL FROM: the sender and its parameters are not needed, only who sends."""
         # Macros as the MTA sent them: pymilter's getsymval fails on 8-bit text.
         auth_user = macro_text(self._ctx, "{auth_authen}") or ""
         decision, self._message = self._gate.message(self._address, auth_user)
-        return int(Milter.ACCEPT) if decision is not None else int(Milter.CONTINUE)
+        return _ACCEPT if decision is not None else _CONTINUE
 
     @fail_closed
     def envrcpt(self, recipient: str, *parameters: str) -> int:
         message = self._message or Message(Client(self._address))
+        context = self._ctx
         rcpt = Recipient(
-            envelope=recipient,
-            mailer=macro_text(self._ctx, "{rcpt_mailer}"),
-            resolved=macro_text(self._ctx, "{rcpt_addr}"),
+            recipient, macro_text(context, "{rcpt_mailer}"), macro_text(context, "{rcpt_addr}")
         )
         return self._reply(self._gate.recipient(message, rcpt))
 
     def _reply(self, decision: Decision) -> int:
-        if decision.verdict is Verdict.ACCEPT:
-            return int(Milter.CONTINUE)
+        verdict = decision.verdict
+        if verdict is Verdict.ACCEPT:
+            return _CONTINUE
         reply = self._replies.refusal(decision)
         assert reply is not None  # every refusal has its text
-        self.setreply(reply.code, reply.status, reply.text)
-        if decision.verdict is Verdict.TEMPFAIL:
-            return int(Milter.TEMPFAIL)
-        return int(Milter.REJECT)
+        # Straight to the context: Milter.Base.setreply checks each text for
+        # a lone '%' every time, and the configuration already refuses one.
+        self._ctx.setreply(reply.code, reply.status, reply.text)
+        return _TEMPFAIL if verdict is Verdict.TEMPFAIL else _REJECT
 
     def abort(self) -> int:
         self._message = None
@@ -179,8 +212,13 @@ def register_milter(*, name: str, spec: str, timeout: int, factory: MilterFactor
     libmilter.set_exception_policy(libmilter.TEMPFAIL)
     libmilter.set_flags(libmilter.SETSYMLIST)
     libmilter.set_connect_callback(connect)
-    libmilter.set_envfrom_callback(lambda ctx, *args: ctx.getpriv().envfrom_bytes(*args))
-    libmilter.set_envrcpt_callback(lambda ctx, *args: ctx.getpriv().envrcpt_bytes(*args))
+    # Milter.Base's envfrom_bytes and envrcpt_bytes decode every argument;
+    # the sender and the ESMTP parameters are never read, so only the
+    # recipient is decoded (losslessly, like the macros).
+    libmilter.set_envfrom_callback(lambda ctx, *args: ctx.getpriv().mail())
+    libmilter.set_envrcpt_callback(
+        lambda ctx, recipient, *args: ctx.getpriv().envrcpt(as_text(recipient))
+    )
     libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
     libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
     libmilter.set_close_callback(close)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import structlog
 
 from popauth.accounts import RelayWay, UsageLedger
-from popauth.addresses import IPAddress, WhitelistKeying
+from popauth.addresses import IPAddress, WhitelistKeying, address_text
 from popauth.config import Accounting
 from popauth.decision import (
     Client,
@@ -92,7 +92,7 @@ class RelayGate:
         """A verdict for the whole SMTP connection, or None."""
         decision = decide_connection(self._policy, address)
         if decision is not None:
-            self._record(decision, "connect", Client(address), None, 0.0)
+            self._record(decision, "connect", Client(address), None, None)
         return decision
 
     def message(self, address: IPAddress | None, auth_user: str) -> tuple[Decision | None, Message]:
@@ -170,22 +170,34 @@ class RelayGate:
         stage: str,
         client: Client,
         recipient: Recipient | None,
-        seconds: float,
+        seconds: float | None,
     ) -> None:
-        self._metrics.decision(decision.verdict.value, decision.reason.value).inc()
-        if stage != "connect":
-            self._metrics.decision_seconds.observe(seconds)
-        self._log.info(
-            "relay_decision",
-            verdict=decision.verdict.value,
-            reason=decision.reason.value,
-            stage=stage,
-            client_ip=None if client.address is None else str(client.address),
-            user=_user(client) or None,
-            recipient=None if recipient is None else recipient.envelope,
-            rcpt_mailer=None if recipient is None else recipient.mailer,
-            rcpt_addr=None if recipient is None else recipient.resolved,
-        )
+        verdict = decision.verdict.value
+        reason = decision.reason.value
+        self._metrics.decision(verdict, reason, seconds)
+        address = client.address
+        # Only the fields that have a value: every one costs on each line.
+        if recipient is None:
+            self._log.info(
+                "relay_decision",
+                verdict=verdict,
+                reason=reason,
+                stage=stage,
+                client_ip=None if address is None else address_text(address),
+                user=client.auth_user or client.login_user or None,
+            )
+        else:
+            self._log.info(
+                "relay_decision",
+                verdict=verdict,
+                reason=reason,
+                stage=stage,
+                client_ip=None if address is None else address_text(address),
+                user=client.auth_user or client.login_user or None,
+                recipient=recipient.envelope,
+                rcpt_mailer=recipient.mailer,
+                rcpt_addr=recipient.resolved,
+            )
         if decision.reason is Reason.WHITELISTED and self._policy.pop_first is PopFirst.WARN:
             self._log.warning(
                 "pop_first_deprecated",

@@ -36,21 +36,32 @@ class UtcTimestamp:
     def __init__(self) -> None:
         # (second, its formatted prefix), replaced whole: safe across threads.
         self._cached: tuple[int, str] = (-1, "")
+        # (millisecond, its whole timestamp): lines come in bursts.
+        self._last: tuple[int, str] = (-1, "")
 
     def __call__(
         self, logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        now = time.time()
-        second = int(now)
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self) -> str:
+        millisecond = time.time_ns() // 1_000_000
+        last, stamp = self._last
+        if millisecond == last:
+            return stamp
+        second, rest = divmod(millisecond, 1000)
         cached_second, prefix = self._cached
         if second != cached_second:
             prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._cached = (second, prefix)
-        event["timestamp"] = f"{prefix}.{int((now - second) * 1000):03d}Z"
-        return event
+        stamp = f"{prefix}.{rest:03d}Z"
+        self._last = (millisecond, stamp)
+        return stamp
 
 
 _NEEDS_QUOTES = re.compile(r"[\s\"'=]").search
+_LEVELS = {"warn": "warning", "exception": "error"}
 
 
 def _console_value(value: Any) -> str:
@@ -61,18 +72,61 @@ def _console_value(value: Any) -> str:
     return text
 
 
-def render_console(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
-    """``TIMESTAMP LEVEL EVENT key=value ...``; keys without a value are left out."""
-    head = f"{event.pop('level', method):<7} {event.pop('event', '')}"
-    stamp = event.pop("timestamp", "")
-    if stamp:  # none for the journal, which stamps each line itself
-        head = f"{stamp} {head}"
-    exception = event.pop("exception", None)
-    fields = " ".join(
-        f"{key}={_console_value(value)}" for key, value in event.items() if value is not None
+def _shown_as_is(text: str, fields: int) -> bool:
+    """Whether ``EVENT key=value ...`` (``fields`` pairs) needs no escape and no quotes.
+
+    Printable text holds none of the characters :func:`escape_text` escapes
+    but the backslash, and no whitespace but the blank; counting blanks and
+    equals signs tells that none is inside a name or a value, and an equals
+    sign before a blank or at the end is an empty value. Plain string
+    methods, no regular expression: this runs for every line.
+    """
+    return (
+        text.isprintable()
+        and text.count(" ") == fields
+        and text.count("=") == fields
+        and "\\" not in text
+        and '"' not in text
+        and "'" not in text
+        and "= " not in text
+        and not text.endswith("=")
     )
-    line = f"{escape_text(head)} {fields}" if fields else escape_text(head)
-    return f"{line}\n{_escape_traceback(exception)}" if exception else line
+
+
+class ConsoleRenderer:
+    """The whole console chain in one processor: ``TIMESTAMP LEVEL EVENT key=value ...``.
+
+    Keys without a value are left out. Level, timestamp and traceback are
+    added here rather than by separate processors, and a line whose names
+    and values hold nothing to escape or quote (nearly all) is checked and
+    joined in one go: a decision line is written for every message.
+    """
+
+    def __init__(self, *, timestamps: bool = True) -> None:
+        # None: no timestamp (the journal stamps each line itself).
+        self._timestamp = UtcTimestamp() if timestamps else None
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        if "exc_info" in event:
+            structlog.processors.format_exc_info(logger, method, event)
+        exception = event.pop("exception", None)
+        name = event.pop("event", "")
+        # Set by this renderer, as structlog's add_log_level and UtcTimestamp would.
+        event.pop("level", None)
+        event.pop("timestamp", None)
+        fields = [f"{key}={value}" for key, value in event.items() if value is not None]
+        text = " ".join([name, *fields])
+        level = f"{_LEVELS.get(method, method):<7}"
+        if self._timestamp is not None:
+            level = f"{self._timestamp.now()} {level}"
+        if exception is None and _shown_as_is(text, len(fields)):
+            return f"{level} {text}"
+        head = f"{level} {name}"
+        pairs = " ".join(
+            f"{key}={_console_value(value)}" for key, value in event.items() if value is not None
+        )
+        line = f"{escape_text(head)} {pairs}" if pairs else escape_text(head)
+        return f"{line}\n{_escape_traceback(exception)}" if exception else line
 
 
 def _escape_traceback(text: str) -> str:
@@ -111,17 +165,22 @@ def configure_logging(
     """
     if journal is None:
         journal = is_journal(sys.stderr)
-    processors: list[structlog.typing.Processor] = [structlog.processors.add_log_level]
-    if not journal:
-        processors.append(UtcTimestamp())
-    processors.append(structlog.processors.format_exc_info)
-    renderer: structlog.typing.Processor
+    processors: list[structlog.typing.Processor]
     if log_format is LogFormat.JSON:
-        processors.append(escape_values)
-        renderer = structlog.processors.JSONRenderer()
+        processors = [structlog.processors.add_log_level]
+        if not journal:
+            processors.append(UtcTimestamp())
+        processors += [structlog.processors.format_exc_info, escape_values]
+        renderer: structlog.typing.Processor = structlog.processors.JSONRenderer()
+        processors.append(JournalLines(renderer) if journal else renderer)
+    elif journal:
+        # The journal stamps each line itself; JournalLines reads the level.
+        processors = [
+            structlog.processors.add_log_level,
+            JournalLines(ConsoleRenderer(timestamps=False)),
+        ]
     else:
-        renderer = render_console
-    processors.append(JournalLines(renderer) if journal else renderer)
+        processors = [ConsoleRenderer()]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level.number),

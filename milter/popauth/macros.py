@@ -84,6 +84,16 @@ def macro_bytes(context: _Context | Any, name: str) -> bytes | None:
 
 
 def macro_text(context: _Context | Any, name: str) -> str | None:
-    """:func:`macro_bytes` as lossless text (see :func:`as_text`)."""
+    """:func:`macro_bytes` as lossless text (see :func:`as_text`).
+
+    pymilter's own ``getsymval`` is asked first: where it succeeds the bytes
+    were valid UTF-8, which :func:`as_text` decodes to the same text, and it
+    costs a fraction of the two foreign calls of :func:`macro_bytes`, which
+    is left for the bytes it cannot decode.
+    """
+    try:
+        return context.getsymval(name)
+    except UnicodeDecodeError:
+        pass
     raw = macro_bytes(context, name)
     return None if raw is None else as_text(raw)

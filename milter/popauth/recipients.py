@@ -62,7 +62,8 @@ class DomainSet:
         return cls(frozenset(names), tuple(parents))
 
     def contains_domain(self, domain: str) -> bool:
-        return domain in self.names or any(domain.endswith(parent) for parent in self.parents)
+        # endswith takes the tuple at once: no generator for every recipient.
+        return domain in self.names or (bool(self.parents) and domain.endswith(self.parents))
 
     def __contains__(self, domain: object) -> bool:
         return isinstance(domain, str) and self.contains_domain(normalise_domain(domain))
@@ -150,9 +151,18 @@ def plain_address_parts(address: str) -> tuple[str, str | None] | None:
     source routes, quoted or escaped local parts, ``%``, ``!`` and a second
     ``@``. The empty address and the null sender are not mailboxes either.
     """
+    return _plain_parts(_mailbox_text(address))
+
+
+def _mailbox_text(address: str) -> str:
+    """The text of an address inside its blanks and angle brackets."""
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
+    return text
+
+
+def _plain_parts(text: str) -> tuple[str, str | None] | None:
     if not text or text.startswith("@"):
         return None
     local, at, domain = text.rpartition("@")
@@ -180,8 +190,9 @@ class Classified:
     address: str | None
 
 
-def _parts(address: str) -> tuple[str, str | None] | None:
-    parts = plain_address_parts(address)
+def _parts(text: str) -> tuple[str, str | None] | None:
+    """Local part and normalised domain of an address's ``_mailbox_text``."""
+    parts = _plain_parts(text)
     if parts is None:
         return None
     local, domain = parts
@@ -190,12 +201,15 @@ def _parts(address: str) -> tuple[str, str | None] | None:
 
 def classify(recipient: Recipient, rules: LocalDeliveryRules) -> Classified | None:
     """The class of a plain recipient, or None (disguised, or in no class)."""
-    envelope = _parts(recipient.envelope)
+    envelope_text = _mailbox_text(recipient.envelope)
+    envelope = _parts(envelope_text)
     if envelope is None:
         return None
     routed = envelope
     if recipient.resolved is not None:
-        resolved = _parts(recipient.resolved)
+        resolved_text = _mailbox_text(recipient.resolved)
+        # Mostly the envelope's very address: its parts are known already.
+        resolved = envelope if resolved_text == envelope_text else _parts(resolved_text)
         if resolved is None:
             return None
         # Sendmail hands the local mailer a bare user: the envelope names the domain.

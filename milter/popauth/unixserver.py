@@ -168,6 +168,11 @@ class UnixStreamServer(abc.ABC):
         return self._log
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that serves every connection, in the door's thread."""
+        return self._loop
+
+    @property
     def blocking_calls(self) -> bool:
         """Whether store calls must run off the event loop."""
         return self._blocking_calls
@@ -366,6 +371,10 @@ class FramedConnection(asyncio.Protocol):
 
     def __init__(self, door: UnixStreamServer) -> None:
         self._door = door
+        # The door's loop, which runs every callback here. Kept rather than
+        # asked for: asyncio.get_running_loop() makes a getpid() system call
+        # each time, three per request.
+        self._loop = door.loop
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._peer = Peer(0, -1, -1)
@@ -385,7 +394,7 @@ class FramedConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._peer = peer_of(transport.get_extra_info("socket"))
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         if not self._door.opened(self):
             self._busy = True
             self._door.note("busy", self._peer)
@@ -404,7 +413,7 @@ class FramedConnection(asyncio.Protocol):
         self._door.closed(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         self._buffer += data
         self._serve()
 
@@ -472,7 +481,7 @@ class FramedConnection(asyncio.Protocol):
                 self._in_flight = True
                 assert self._transport is not None
                 self._transport.pause_reading()
-                done = asyncio.get_running_loop().run_in_executor(
+                done = self._loop.run_in_executor(
                     None, self._door.answer_batch_safely, batch, self._peer
                 )
                 done.add_done_callback(functools.partial(self._answered, len(batch)))
@@ -522,7 +531,7 @@ class FramedConnection(asyncio.Protocol):
     def _reply_all(self, replies: list[tuple[bytes, bool]]) -> None:
         """Write the replies of a batch in one piece; close after one that says so."""
         assert self._transport is not None
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         for end, (_, keep_open) in enumerate(replies, 1):
             if not keep_open:
                 self._transport.write(b"".join(reply for reply, _ in replies[:end]))
@@ -542,7 +551,7 @@ class FramedConnection(asyncio.Protocol):
     # --- timeouts ----------------------------------------------------------
 
     def _wait(self, *, idle: bool, limit: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle = idle
         if limit is None:
             limit = self._door.idle_timeout if idle else self._door.request_timeout
@@ -555,7 +564,7 @@ class FramedConnection(asyncio.Protocol):
             self._timer = loop.call_at(self._deadline, self._check_clock)
 
     def _check_clock(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._check_clock)
             return

@@ -57,7 +57,14 @@ def _compatible(text: str) -> str:
 def is_valid_user_name(user: object) -> bool:
     """1 to MAX_USER printable characters, none of them blank, in both
     the name and its caseless form."""
-    return isinstance(user, str) and _is_plain_name(user) and _is_plain_name(user_key(user))
+    if not isinstance(user, str):
+        return False
+    if user.isascii():
+        # The common case, answered without a regular expression: the only
+        # printable ASCII blank is the space, and the caseless form (the
+        # lower case) is exactly as plain as the name.
+        return 0 < len(user) <= MAX_USER and user.isprintable() and " " not in user
+    return _is_plain_name(user) and _is_plain_name(user_key(user))
 
 
 def printable_user_name(user: str) -> str:

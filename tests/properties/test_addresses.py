@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from popauth.addresses import (
     AddressError,
     WhitelistKeying,
+    address_text,
     parse_client_address,
     parse_stored_key,
     unmap,
@@ -78,3 +79,10 @@ def test_whitelist_keys_survive_a_store_round_trip(
 ) -> None:
     key = WhitelistKeying(prefix).key_address(unmap(address))
     assert parse_stored_key(str(key)) == key
+
+
+@given(st.ip_addresses())
+def test_address_text_is_the_text_of_the_address(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    assert address_text(address) == str(address)

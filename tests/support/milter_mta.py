@@ -28,8 +28,13 @@ class Mta:
         self.actions, self.protocol = self.milter.optneg_mta(actions=ACTIONS)
 
     def connect(self, address: str, family: str = mc.SMFIA_INET) -> tuple[str, dict[str, Any]]:
+        arguments = {"hostname": "client.example", "family": family, "port": 4321}
+        if self.protocol & mc.SMFIP_NR_CONN:
+            # The milter said it would not answer CONNECT: it goes on.
+            self.milter._send(mc.SMFIC_CONNECT, address=address, **arguments)
+            return CONTINUE, {}
         return self.milter.send_ar(  # type: ignore[no-any-return]
-            mc.SMFIC_CONNECT, hostname="client.example", family=family, port=4321, address=address
+            mc.SMFIC_CONNECT, address=address, **arguments
         )
 
     def mail(self, auth: str | None = None) -> tuple[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import Milter
+import pytest
 
 # Renamed so that pytest does not take it for a test class.
 from Milter.testctx import TestCtx as MilterContext
@@ -29,8 +30,12 @@ class BrokenStore(MemoryStore):
         raise RuntimeError("bug in the store")
 
 
-def make(store: MemoryStore) -> tuple[RelayMilter, MilterContext, Metrics]:
-    settings = settings_from_mapping({"trusted_networks": [], "local_domains": ["local.test"]})
+def make(
+    store: MemoryStore, trusted: tuple[str, ...] = ()
+) -> tuple[RelayMilter, MilterContext, Metrics]:
+    settings = settings_from_mapping(
+        {"trusted_networks": list(trusted), "local_domains": ["local.test"]}
+    )
     metrics = Metrics()
     log, _ = capturing_logger()
     gate = RelayGate(
@@ -107,3 +112,48 @@ def test_unusable_client_addresses_are_no_address_at_all() -> None:
     for text in ("0.0.0.0", "255.255.255.255", "224.0.0.1", "::", "ff02::1"):
         assert client_address_of((text, 25)) is None, text
     assert client_address_of(("fe80::1%eth0", 25, 0, 2)) == parse_client_address("fe80::1")
+
+
+OFFERED = [0, Milter.P_NR_CONN | Milter.P_NR_MAIL | Milter.P_NR_RCPT, 0, 0]
+
+
+def test_connect_owes_no_answer_without_trusted_networks() -> None:
+    milter, _, _ = make(MemoryStore(ttl=900, max_entries=10, clock=FakeClock()))
+    options = list(OFFERED)
+    assert milter.negotiate(options) == Milter.CONTINUE
+    # CONNECT cannot decide anything; MAIL and RCPT can and are answered.
+    assert options[1] & Milter.P_NR_CONN
+    assert not options[1] & (Milter.P_NR_MAIL | Milter.P_NR_RCPT)
+    assert milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321)) == Milter.NOREPLY
+
+
+def test_connect_is_answered_where_trusted_networks_can_accept() -> None:
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    milter, _, _ = make(store, trusted=("192.0.2.0/24",))
+    options = list(OFFERED)
+    milter.negotiate(options)
+    assert not options[1] & Milter.P_NR_CONN
+    assert milter.connect("client", socket.AF_INET, ("192.0.2.7", 4321)) == Milter.ACCEPT
+
+
+def test_a_failure_at_a_connect_owing_no_answer_leaves_a_stranger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    store.grant(parse_client_address("198.51.100.7"), "alice")
+    milter, context, metrics = make(store)
+    milter.negotiate(list(OFFERED))
+
+    def broken(hostaddr: object) -> IPAddress | None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("popauth.adapter.client_address_of", broken)
+    # Any answer here would be taken for the answer to MAIL: none escapes.
+    assert milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321)) == Milter.NOREPLY
+    errors = metrics.registry.get_sample_value("popauth_errors_total", {"kind": "milter_callback"})
+    assert errors == 1
+    # The client is not known, so not whitelisted: it may not relay.
+    assert milter.envfrom("<sender@example.org>") == Milter.CONTINUE
+    context._setsymval("{rcpt_mailer}", "smtp")
+    context._setsymval("{rcpt_addr}", "x@remote.example")
+    assert milter.envrcpt("<x@remote.example>") == Milter.REJECT

@@ -20,7 +20,7 @@ def scrape(url: str) -> str:
 @pytest.mark.parametrize(("host", "url_host"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
 def test_scraped_then_stopped(host: str, url_host: str) -> None:
     metrics = Metrics()
-    metrics.decision("accept", "whitelisted").inc()
+    metrics.decision("accept", "whitelisted")
     metrics.track_whitelist_size(lambda: 7)
     metrics.serve(host, 0)
     port = metrics.port
@@ -42,3 +42,26 @@ def test_stop_without_serve_does_nothing() -> None:
     metrics = Metrics()
     metrics.stop()
     assert metrics.port is None
+
+
+def test_hot_path_counts_are_exposed_as_counters_and_a_histogram() -> None:
+    metrics = Metrics()
+    metrics.decision("reject", "relay_denied", 0.0003)
+    metrics.decision("reject", "relay_denied")
+    metrics.ingest_request("LOGIN", "ok")
+    metrics.socketmap_answer("hits")
+
+    def sample(name: str, **labels: str) -> float | None:
+        value: float | None = metrics.registry.get_sample_value(name, labels)
+        return value
+
+    assert sample("popauth_decisions_total", verdict="reject", reason="relay_denied") == 2
+    # Only the decisions that were timed are in the histogram.
+    assert sample("popauth_decision_seconds_count") == 1
+    assert sample("popauth_decision_seconds_bucket", le="0.00025") == 0
+    assert sample("popauth_decision_seconds_bucket", le="0.0005") == 1
+    assert sample("popauth_decision_seconds_bucket", le="+Inf") == 1
+    assert sample("popauth_decision_seconds_sum") == 0.0003
+    assert sample("popauth_ingest_requests_total", verb="LOGIN", result="ok") == 1
+    assert sample("popauth_socketmap_requests_total", result="requests") == 1
+    assert sample("popauth_socketmap_requests_total", result="hits") == 1

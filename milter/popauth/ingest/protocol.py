@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import NamedTuple
 
 from popauth.accounts import Usage
 from popauth.addresses import AddressError, IPAddress, parse_client_address
@@ -81,8 +82,9 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """One parsed request (a named tuple: one is built for every request)."""
+
     verb: Verb
     address: IPAddress | None = None
     user: str = ""
@@ -108,17 +110,13 @@ def parse_request(line: bytes) -> Request:
     words = text.split()
     if not words:
         raise ProtocolError(ErrorCode.SYNTAX, "empty request")
-    try:
-        verb = Verb(words[0].upper())
-    except ValueError:
+    grammar = _GRAMMARS.get(words[0].upper())
+    if grammar is None:
         known = " ".join(v.value for v in Verb)
-        raise ProtocolError(ErrorCode.SYNTAX, f"unknown verb; use one of {known}") from None
+        raise ProtocolError(ErrorCode.SYNTAX, f"unknown verb; use one of {known}")
+    verb, expected, required, known_options = grammar
     arguments = words[1:]
-    expected = _ARGUMENTS.get(verb, ())
-    required = [kind for kind in expected if kind is not Argument.OPTIONAL_USER]
-    known_options = _OPTIONS.get(verb, {})
-    most = len(expected) + len(known_options)
-    if not len(required) <= len(arguments) <= most:
+    if not required <= len(arguments) <= len(expected) + len(known_options):
         usage = " ".join(
             [verb.value, *(kind.value for kind in expected)]
             + [f"[{name}=...]" for name in known_options]
@@ -134,6 +132,9 @@ def parse_request(line: bytes) -> Request:
             recipient = _envelope_address(argument, "recipient")
         else:
             user = _user(argument)
+    if not known_options:
+        # Only EXPLAIN takes options; the count above left no other words.
+        return Request(verb, address, user, recipient)
     options = _options(arguments[len(expected) :], known_options)
     return Request(verb, address, user, recipient, options)
 
@@ -185,6 +186,17 @@ def _user(text: str) -> str:
 
 _OPTIONS: dict[Verb, dict[str, Callable[[str], str]]] = {
     Verb.EXPLAIN: dict(zip(EXPLAIN_OPTIONS, (_user, _user, _sender, _mailer), strict=True)),
+}
+# Per verb word: the verb, its arguments, how many are required, its options.
+# One look-up per request instead of building an enum member and three.
+_GRAMMARS: dict[str, tuple[Verb, tuple[Argument, ...], int, dict[str, Callable[[str], str]]]] = {
+    verb.value: (
+        verb,
+        _ARGUMENTS.get(verb, ()),
+        sum(kind is not Argument.OPTIONAL_USER for kind in _ARGUMENTS.get(verb, ())),
+        _OPTIONS.get(verb, {}),
+    )
+    for verb in Verb
 }
 
 

@@ -131,7 +131,7 @@ class IngestServer(UnixStreamServer):
             reply = self._execute(request, peer)
         except BlockListUnwritable as failure:
             # Nothing changed, in memory or on disk: say so, loudly.
-            self._metrics.ingest_request(verb, "unavailable").inc()
+            self._metrics.ingest_request(verb, "unavailable")
             self._metrics.errors.labels("blocklist_unwritable").inc()
             self._log.error(
                 "blocklist_write_failed",
@@ -144,30 +144,30 @@ class IngestServer(UnixStreamServer):
                 ErrorCode.UNAVAILABLE, "block list cannot be saved, nothing changed"
             ), True
         except _Incomplete as partly:
-            self._metrics.ingest_request(verb, "incomplete").inc()
+            self._metrics.ingest_request(verb, "incomplete")
             return protocol.error(ErrorCode.INCOMPLETE, str(partly)), True
         except NotConfirmed as failure:
             return self._not_confirmed(request, failure, peer), True
         except StoreUnavailable as failure:
-            self._metrics.ingest_request(verb, "unavailable").inc()
+            self._metrics.ingest_request(verb, "unavailable")
             self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("ingest_store_unavailable", verb=verb, error=str(failure))
             return _UNAVAILABLE, True
         except Exception:
-            self._metrics.ingest_request(verb, "internal").inc()
+            self._metrics.ingest_request(verb, "internal")
             self._metrics.errors.labels("internal").inc()
             self._log.exception("ingest_internal_error", verb=verb, peer_uid=peer.uid)
             return _INTERNAL, True
-        self._metrics.ingest_request(verb, _result(reply)).inc()
+        self._metrics.ingest_request(verb, _result(reply))
         return reply, request.verb is not Verb.QUIT
 
     def _rejected(self, problem: ProtocolError, peer: Peer) -> bytes:
-        self._metrics.ingest_request("invalid", problem.code.value).inc()
+        self._metrics.ingest_request("invalid", problem.code.value)
         self._log.warning("ingest_rejected", peer_uid=peer.uid, error=problem.code.value)
         return protocol.error(problem.code, problem.reason)
 
     def _forbidden(self, verb: str, refusal: str, peer: Peer) -> bytes:
-        self._metrics.ingest_request(verb, "forbidden").inc()
+        self._metrics.ingest_request(verb, "forbidden")
         self._log.warning("ingest_forbidden", verb=verb, peer_uid=peer.uid, peer_gid=peer.gid)
         return protocol.error(ErrorCode.FORBIDDEN, refusal)
 
@@ -214,14 +214,14 @@ class IngestServer(UnixStreamServer):
         try:
             outcomes = self._store.renew_many([(key, user) for _, key, user in renewals])
         except StoreUnavailable as failure:
-            self._metrics.ingest_request(verb, "unavailable").inc(len(renewals))
+            self._metrics.ingest_request(verb, "unavailable", len(renewals))
             self._metrics.errors.labels("store_unavailable").inc(len(renewals))
             self._log.error(
                 "ingest_store_unavailable", verb=verb, error=str(failure), requests=len(renewals)
             )
             return [_UNAVAILABLE] * len(renewals)
         except Exception:
-            self._metrics.ingest_request(verb, "internal").inc(len(renewals))
+            self._metrics.ingest_request(verb, "internal", len(renewals))
             self._metrics.errors.labels("internal").inc(len(renewals))
             self._log.exception("ingest_internal_error", verb=verb, requests=len(renewals))
             return [_INTERNAL] * len(renewals)
@@ -230,7 +230,7 @@ class IngestServer(UnixStreamServer):
             for (_, key, user), outcome in zip(renewals, outcomes, strict=True)
         ]
         for result, count in Counter(_result(reply) for reply in replies).items():
-            self._metrics.ingest_request(verb, result).inc(count)
+            self._metrics.ingest_request(verb, result, count)
         return replies
 
     def _not_confirmed(self, request: Request, failure: NotConfirmed, peer: Peer) -> bytes:
@@ -252,7 +252,7 @@ class IngestServer(UnixStreamServer):
         target = {"user": request.user}
         if request.address is not None:
             target = {"client_ip": self._keying.describe(self._keying.key_address(request.address))}
-        self._metrics.ingest_request(verb, code.value).inc()
+        self._metrics.ingest_request(verb, code.value)
         self._metrics.errors.labels("not_confirmed").inc()
         self._log.error(
             "change_not_confirmed",
@@ -417,6 +417,8 @@ class _Incomplete(Exception):
 
 def _result(reply: bytes) -> str:
     """A reply's first word, as the metrics count it: ok, notfound, err."""
+    if reply.startswith(b"OK ") or reply == b"OK\n":
+        return "ok"  # nearly every reply: no splitting and decoding
     return reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
 
 

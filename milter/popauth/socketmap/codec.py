@@ -10,7 +10,7 @@ reason`` or ``PERM reason``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Longest request payload accepted. Postfix and Sendmail send ``NAME KEY`` with
 # a host name or an address as the key, far below this.
@@ -59,23 +59,40 @@ def decode(buffer: bytes, max_length: int = MAX_REQUEST) -> tuple[bytes, bytes] 
     None when more bytes are needed; :class:`NetstringError` when the bytes
     can never become a valid netstring.
     """
-    colon = buffer.find(b":", 0, header_digits(max_length) + 1)
-    if colon < 0:
-        if len(buffer) > header_digits(max_length) or (buffer and not buffer.isdigit()):
-            # Let parse_length name the problem.
-            parse_length(buffer[: header_digits(max_length) + 1], max_length)
+    split = split_first(buffer, max_length)
+    if split is None:
         return None
-    length = parse_length(buffer[:colon], max_length)
+    payload, used = split
+    return payload, bytes(buffer[used:])
+
+
+def split_first(
+    buffer: bytes | bytearray, max_length: int = MAX_REQUEST
+) -> tuple[bytes, int] | None:
+    """The first netstring's payload in ``buffer`` and how many bytes it took.
+
+    As :func:`decode`, without copying the rest: a server reads requests
+    from its own buffer.
+    """
+    width = header_digits(max_length)
+    colon = buffer.find(b":", 0, width + 1)
+    if colon < 0:
+        if len(buffer) > width or (buffer and not buffer.isdigit()):
+            # Let parse_length name the problem.
+            parse_length(bytes(buffer[: width + 1]), max_length)
+        return None
+    length = parse_length(bytes(buffer[:colon]), max_length)
     end = colon + 1 + length
     if len(buffer) <= end:
         return None
-    if buffer[end : end + 1] != b",":
+    if buffer[end] != 0x2C:  # ","
         raise NetstringError("missing comma after the payload")
-    return buffer[colon + 1 : end], buffer[end + 1 :]
+    return bytes(buffer[colon + 1 : end]), end + 1
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """``NAME KEY`` (a named tuple: one is built for every lookup)."""
+
     name: str
     key: str
 

@@ -136,22 +136,25 @@ class SocketmapServer(UnixStreamServer):
     def _count(self, outcome: str) -> None:
         """Count for the stop log and for Prometheus alike."""
         self.counters.bump(outcome)
-        self._metrics.socketmap_request(outcome).inc()
+        self._metrics.socketmap_request(outcome)
+
+    def _answered(self, outcome: str) -> None:
+        """Count one answered request and its outcome, in one step."""
+        counters = self.counters
+        counters.requests += 1
+        counters.bump(outcome)
+        self._metrics.socketmap_answer(outcome)
 
     # --- framing -----------------------------------------------------------
 
     def split_request(self, buffer: bytearray) -> tuple[bytes, int] | None:
         try:
-            decoded = codec.decode(bytes(buffer), self._limits.max_request)
+            return codec.split_first(buffer, self._limits.max_request)
         except NetstringError as problem:
             # The stream cannot be resynchronised: PERM, then close.
             raise FramingError(
                 codec.reply(Status.PERM, f"bad netstring: {problem}"), str(problem)
             ) from None
-        if decoded is None:
-            return None
-        payload, rest = decoded
-        return payload, len(buffer) - len(rest)
 
     def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
         return self.answer(request), True
@@ -177,40 +180,39 @@ class SocketmapServer(UnixStreamServer):
 
     def answer(self, payload: bytes) -> bytes:
         """The reply netstring to one well-framed request payload."""
-        self._count("requests")
         try:
             request = codec.parse_request(payload)
         except RequestError as problem:
-            self._count("perm")
+            self._answered("perm")
             self._log.warning("socketmap_rejected", error=str(problem))
             return codec.reply(Status.PERM, str(problem))
         if request.name != self._name:
-            self._count("perm")
+            self._answered("perm")
             self._log.warning("socketmap_rejected", error="unknown map", map=request.name[:64])
             return codec.reply(Status.PERM, "unknown map")
         try:
             address = parse_client_address(request.key)
         except AddressError:
             # A host name, "unknown", or anything else that is no address.
-            self._count("not_an_address")
+            self._answered("not_an_address")
             return self._notfound
         key = self._keying.key_address(address)
         try:
             grant = self._store.lookup(key)
         except StoreUnavailable as failure:
-            self._count("temp")
+            self._answered("temp")
             self._log.warning("socketmap_store_unavailable", error=str(failure))
             return codec.reply(Status.TEMP, "whitelist store unavailable")
         except Exception:
-            self._count("temp")
+            self._answered("temp")
             self._log.exception("socketmap_lookup_failed")
             return codec.reply(Status.TEMP, "lookup failed")
         if grant is None:
-            self._count("misses")
+            self._answered("misses")
             if self._lookup_events:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
-        self._count("hits")
+        self._answered("hits")
         if self._lookup_events:
             self._log.debug(
                 "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
