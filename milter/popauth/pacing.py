@@ -14,6 +14,10 @@ interpreter's switch interval (5 ms).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+_Item = TypeVar("_Item")
 
 # Items per chunk: about a tenth of a millisecond of work each.
 CHUNK = 256
@@ -25,3 +29,11 @@ PAUSE = 0.0001
 def let_others_run() -> None:
     """Release the interpreter for a moment, so that waiting threads go first."""
     time.sleep(PAUSE)
+
+
+def paced(items: Iterable[_Item]) -> Iterator[_Item]:
+    """``items``, letting other threads run after every :data:`CHUNK` of them."""
+    for count, item in enumerate(items, 1):
+        yield item
+        if count % CHUNK == 0:
+            let_others_run()

@@ -22,6 +22,7 @@ from popauth.ingest import protocol
 from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.ingest.roles import PeerPolicy
 from popauth.metrics import Metrics
+from popauth.pacing import paced
 from popauth.store import NotConfirmed, StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.usernames import printable_user_name
@@ -100,6 +101,12 @@ class IngestServer(UnixStreamServer):
 
     def privileged(self, peer: Peer) -> bool:
         return self._peers.holds_a_role(peer)
+
+    def answers_off_loop(self, request: bytes) -> bool:
+        # A listing or revocation walks the whole whitelist: the logins of
+        # other connections go on meanwhile (the store lets them in).
+        verb = request.split(None, 1)[:1]
+        return self.blocking_calls or (bool(verb) and verb[0].upper() in _WHOLE_WHITELIST)
 
     def note(self, event: str, peer: Peer) -> None:
         if event == "evicted":
@@ -209,7 +216,7 @@ class IngestServer(UnixStreamServer):
         if verb is Verb.LIST:
             return protocol.multi_line(
                 protocol.format_grant(grant, self._keying.describe(grant.address))
-                for grant in self._store.entries()
+                for grant in paced(self._store.entries())
             )
         if verb is Verb.BLOCKED:
             return protocol.multi_line(
@@ -343,6 +350,8 @@ class _Incomplete(Exception):
     """A change is in force, but not all of it: the reason says what holds."""
 
 
+# Verbs whose answer walks the whole whitelist.
+_WHOLE_WHITELIST = frozenset({b"LIST", b"REVOKEUSER", b"BLOCK"})
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
 _TIMEOUT = protocol.error(ErrorCode.TIMEOUT, "no complete request in time")
 _BUSY = protocol.error(ErrorCode.BUSY, "too many clients, try again")
