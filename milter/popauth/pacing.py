@@ -14,10 +14,6 @@ interpreter's switch interval (5 ms).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
-_Item = TypeVar("_Item")
 
 # Items per chunk: about a tenth of a millisecond of work each.
 CHUNK = 256
@@ -26,14 +22,13 @@ CHUNK = 256
 PAUSE = 0.0001
 
 
+# The interpreter's switch interval for popauth serve (Python's default is
+# 5 ms): the longest a thread that wants the interpreter lock waits for one
+# that keeps running Python, e.g. a decision behind a snapshot. Decisions
+# are far shorter than this, so it costs nothing when nothing long runs.
+SWITCH_INTERVAL = 0.0005
+
+
 def let_others_run() -> None:
     """Release the interpreter for a moment, so that waiting threads go first."""
     time.sleep(PAUSE)
-
-
-def paced(items: Iterable[_Item]) -> Iterator[_Item]:
-    """``items``, letting other threads run after every :data:`CHUNK` of them."""
-    for count, item in enumerate(items, 1):
-        yield item
-        if count % CHUNK == 0:
-            let_others_run()

@@ -375,9 +375,9 @@ class WaitingListingStore(MemoryStore):
 
     login_answered = threading.Event()
 
-    def entries(self) -> list[Grant]:
+    def entry_chunks(self) -> Iterator[list[Grant]]:
         assert self.login_answered.wait(5), "the listing held up the logins"
-        return super().entries()
+        return super().entry_chunks()
 
     def revoke_user(self, user: str) -> list[Grant]:
         assert self.login_answered.wait(5), "the revocation held up the logins"

@@ -22,7 +22,6 @@ from popauth.ingest import protocol
 from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.ingest.roles import PeerPolicy
 from popauth.metrics import Metrics
-from popauth.pacing import paced
 from popauth.store import NotConfirmed, StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.usernames import printable_user_name
@@ -216,7 +215,8 @@ class IngestServer(UnixStreamServer):
         if verb is Verb.LIST:
             return protocol.multi_line(
                 protocol.format_grant(grant, self._keying.describe(grant.address))
-                for grant in paced(self._store.entries())
+                for chunk in self._store.entry_chunks()
+                for grant in chunk
             )
         if verb is Verb.BLOCKED:
             return protocol.multi_line(

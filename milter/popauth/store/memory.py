@@ -53,7 +53,7 @@ import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from cachetools import TTLCache
 
@@ -283,17 +283,25 @@ class MemoryStore(WhitelistStore):
         expires_at = float(entry) + self._clock.time() - self._clock.monotonic()
         return Grant(address, entry.user, expires_at - self._ttl, expires_at)
 
-    def _grants_of(self, entries: list[_Entry]) -> list[Grant]:
-        """The grants of ``entries``, made a chunk at a time (outside the lock)."""
+    def _grant_chunks(self, entries: list[_Entry]) -> Iterator[list[Grant]]:
+        """The grants of ``entries``, a chunk at a time, made only when asked.
+
+        Outside the lock, letting other threads in after each chunk. A
+        consumer that drops each chunk when done (a snapshot) keeps few
+        objects alive at a time: a million grants alive at once would
+        survive into the collector's oldest generation and bring on a full
+        collection, which walks every object the whitelist holds while
+        every other thread waits.
+        """
         shift = self._clock.time() - self._clock.monotonic()
         ttl = self._ttl
-        grants: list[Grant] = []
         for start in range(0, len(entries), CHUNK):
+            chunk = []
             for entry in entries[start : start + CHUNK]:
                 expires_at = float(entry) + shift
-                grants.append(Grant(_address(entry.key), entry.user, expires_at - ttl, expires_at))
+                chunk.append(Grant(_address(entry.key), entry.user, expires_at - ttl, expires_at))
+            yield chunk
             let_others_run()
-        return grants
 
     def _wall(self, timer_value: float) -> float:
         return timer_value + self._clock.time() - self._clock.monotonic()
@@ -382,9 +390,12 @@ class MemoryStore(WhitelistStore):
                 removed.append(entry)
 
         self._walk(visit)
-        return self._grants_of(removed)
+        return [grant for chunk in self._grant_chunks(removed) for grant in chunk]
 
     def entries(self) -> list[Grant]:
+        return [grant for chunk in self.entry_chunks() for grant in chunk]
+
+    def entry_chunks(self) -> Iterator[list[Grant]]:
         listed: list[_Entry] = []
         # Written while the walk went on: by key, the newest write last.
         rewritten: dict[int, _Entry] = {}
@@ -400,7 +411,7 @@ class MemoryStore(WhitelistStore):
         if rewritten:
             listed = [entry for entry in listed if entry.key not in rewritten]
             listed += rewritten.values()
-        return self._grants_of(listed)
+        return self._grant_chunks(listed)
 
     def stats(self) -> StoreStats:
         with self._lock:

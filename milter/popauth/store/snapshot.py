@@ -179,7 +179,8 @@ class Snapshotter:
 
     def save(self) -> None:
         began = self._clock.monotonic()
-        count = write_snapshot(self._path, self._store.entries(), self._clock.time())
+        grants = itertools.chain.from_iterable(self._store.entry_chunks())
+        count = write_snapshot(self._path, grants, self._clock.time())
         # Info, once a snapshot interval: how long a save takes is worth seeing.
         self._log.info(
             "snapshot_saved",
