@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import os
 import random
 import statistics
 import subprocess
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import snapshot_latency
 from bench.common import REPO, BenchResult, Check, Mode
 
 FIRST = ["anna", "ben", "carla", "dieter", "emma", "felix", "greta", "hans", "ines", "jonas"]
@@ -80,6 +83,23 @@ def child(size: int, lookups: int, shared_user: bool) -> dict[str, Any]:
         rates.append(batch / (time.perf_counter() - started))
     if hits != batch * 5:
         raise RuntimeError(f"only {hits} of {batch * 5} lookups hit")
+    # The same number of lookups with better locality: addresses in the
+    # order they logged in (their objects were allocated in that order, so
+    # neighbours share cache lines and pages), and 1,000 addresses picked at
+    # random, looked up over and over (all of their memory stays in the CPU
+    # caches). If these match the small store's rate, the big store's loss
+    # is cache misses, not the hash tables' size or layout.
+    in_order = [ipaddress.IPv4Address(BASE + n * size // len(wanted)) for n in range(len(wanted))]
+    hot = [wanted[n % 1000] for n in range(len(wanted))]
+    locality = {}
+    for name, addresses in (("in_order", in_order), ("hot", hot)):
+        batch_rates = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for address in addresses[:batch]:
+                store.lookup(address)
+            batch_rates.append(min(batch, len(addresses)) / (time.perf_counter() - started))
+        locality[name] = statistics.median(batch_rates)
     return {
         "size": size,
         "rss_before": before,
@@ -87,6 +107,8 @@ def child(size: int, lookups: int, shared_user: bool) -> dict[str, Any]:
         "bytes_per_entry": (after - before) / size,
         "fill_per_second": size / fill_seconds,
         "lookups_per_second": statistics.median(rates),
+        "lookups_per_second_in_order": locality["in_order"],
+        "lookups_per_second_hot": locality["hot"],
     }
 
 
@@ -110,12 +132,42 @@ def label(size: int) -> str:
     return f"10^{len(str(size)) - 1}"
 
 
+def other_cachetools() -> list[Path]:
+    """Other cachetools releases to break the memory down for: directories
+    (``pip install --target DIR cachetools==X``) in POPAUTH_BENCH_CACHETOOLS,
+    separated by colons."""
+    listed = os.environ.get("POPAUTH_BENCH_CACHETOOLS", "")
+    return [Path(entry) for entry in listed.split(":") if entry]
+
+
+def breakdown(size: int, cachetools_dir: Path | None) -> dict[str, Any]:
+    environment = dict(os.environ)
+    if cachetools_dir is not None:
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(cachetools_dir), *filter(None, [environment.get("PYTHONPATH")])]
+        )
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.memory_breakdown", str(size)],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory breakdown failed:\n{completed.stderr}")
+    outcome: dict[str, Any] = json.loads(completed.stdout)
+    return outcome
+
+
 def run(mode: Mode, workdir: Path) -> BenchResult:
     result = BenchResult("B5", "scale: whitelist memory and lookup rate (MemoryStore)")
     # The smoke run stops at 10^5: filling 10^6 takes about 8 s per repeat.
     sizes = (1_000, 10_000, 100_000) if mode.quick else (1_000, 10_000, 100_000, 1_000_000)
     lookups = 100_000 if mode.quick else 300_000
     repeats = 1 if mode.quick else 3
+    top, bottom = label(sizes[-1]), label(sizes[0])
     for index in range(repeats):
         order = sizes if index % 2 == 0 else tuple(reversed(sizes))
         for size in order:
@@ -128,27 +180,75 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             result.metric(f"grants/s filling to {name}", "grants/s").samples.append(
                 outcome["fill_per_second"]
             )
+            if size in (sizes[0], sizes[-1]):
+                for key, how in (("in_order", "addresses in login order"), ("hot", "hot 1,000")):
+                    result.metric(f"lookups/s at {name}, {how}", "lookups/s").samples.append(
+                        outcome[f"lookups_per_second_{key}"]
+                    )
         shared = measure(sizes[-1], 1000, shared_user=True)
-        result.metric(f"bytes/entry at {label(sizes[-1])}, one user name", "B").samples.append(
+        result.metric(f"bytes/entry at {top}, one user name", "B").samples.append(
             shared["bytes_per_entry"]
         )
+    for cachetools_dir in [None, *other_cachetools()]:
+        parts = breakdown(sizes[-1], cachetools_dir)
+        release = f"cachetools {parts['cachetools']}"
+        for component, value in parts["bytes_per_entry"].items():
+            name = f"bytes/entry at {top} (tracemalloc), {release}: {component}"
+            result.metric(name, "B").samples.append(value)
     result.metrics.sort(key=lambda metric: metric.name.split(" at ")[0].split(" to ")[0])
-    top, bottom = label(sizes[-1]), label(sizes[0])
     per_entry = result.metric(f"bytes/entry at {top}", "B").stats()
     ratio = result.ratio(
         f"lookup rate {top}/{bottom}", f"lookups/s at {top}", f"lookups/s at {bottom}"
     )
+    for how in ("addresses in login order", "hot 1,000"):
+        result.ratio(
+            f"lookup rate {top}/{bottom}, {how}",
+            f"lookups/s at {top}, {how}",
+            f"lookups/s at {bottom}, {how}",
+        )
+    latency_entries = 100_000 if mode.quick else 1_000_000
+    latency = snapshot_latency.measure(
+        workdir / "snapshots", latency_entries, 5.0 if mode.quick else 30.0
+    )
+    during = result.metric(
+        f"RCPT decision latency at {label(latency_entries)} entries, snapshot being written",
+        "ms",
+        show_p99=True,
+    )
+    during.samples = latency.during_snapshot
+    between = result.metric(
+        f"RCPT decision latency at {label(latency_entries)} entries, between snapshots",
+        "ms",
+        show_p99=True,
+    )
+    between.samples = latency.between_snapshots
+    result.metric(
+        f"snapshot save of {label(latency_entries)} entries", "s"
+    ).samples = latency.snapshot_seconds
     result.checks += [
         Check(f"bytes/entry at {top}", per_entry.median, "<=", 300.0, "B"),
         Check(ratio.name, ratio.stats().median, ">=", 0.9),
+        Check(
+            f"RCPT decision p99 at {label(latency_entries)} entries, snapshot being written",
+            during.stats().p99 if during.samples else math.inf,
+            "<=",
+            2.0,
+            "ms",
+        ),
     ]
     result.notes += [
         "RSS delta (VmRSS) around filling, in a fresh interpreter per size; at 10^3 the page "
         "granularity of RSS makes bytes/entry coarse",
         f"{lookups:,} lookups per size in 5 batches (median batch rate), of addresses spread "
-        "over the whole store (all hits)",
+        "over the whole store (all hits); 'in login order' and 'hot 1,000' look up as many "
+        "with better locality: where they keep the small store's rate, the loss is cache misses",
         "'one user name': every entry has the same user, so the difference is the cost "
         "of the user name strings",
+        "tracemalloc rows: each component built alone (bench/memory_breakdown.py); more "
+        "cachetools releases with POPAUTH_BENCH_CACHETOOLS=DIR[:DIR] (pip install --target DIR)",
+        f"RCPT latency: a real popauth serve restored from a snapshot of {latency_entries:,} "
+        "entries, saving one every second; the deciding exchange of one MTA session at a time "
+        "(bench/snapshot_latency.py), sorted by the server's snapshot_saved events",
     ]
     return result
 
