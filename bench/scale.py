@@ -31,6 +31,7 @@ from bench.common import REPO, BenchResult, Check, Mode
 FIRST = ["anna", "ben", "carla", "dieter", "emma", "felix", "greta", "hans", "ines", "jonas"]
 LAST = ["meier", "schmidt", "schneider", "fischer", "weber", "wagner", "becker", "hoffmann"]
 BASE = int(ipaddress.IPv4Address("10.0.0.0"))
+LOCALITY = (("consecutive", "consecutive addresses"), ("hot", "100 hot addresses"))
 
 
 def user_name(index: int) -> str:
@@ -70,45 +71,47 @@ def child(size: int, lookups: int, shared_user: bool) -> dict[str, Any]:
         store.grant(ipaddress.IPv4Address(BASE + index), user)
     fill_seconds = time.perf_counter() - started
     after = rss_bytes()
-    # Five batches; the median batch rate shrugs off a burst of load from
-    # other processes on the machine.
-    hits = 0
+    # The same number of lookups with better locality: consecutive
+    # addresses (their entries were allocated one after the other, and an
+    # int's hash is itself, so they share cache lines and pages in every
+    # table), and 100 addresses picked at random, looked up over and over
+    # (their memory stays in the CPU caches). If these keep the small
+    # store's rate while the spread-out lookups do not, the big store's loss
+    # is cache and TLB misses, not the tables' size or layout. The kinds
+    # take turns, batch by batch, so that load from other processes hits
+    # them alike; five batches each, the median batch rate shrugs off a
+    # burst of such load.
     batch = max(1, lookups // 5)
-    rates = []
-    for first in range(0, batch * 5, batch):
-        started = time.perf_counter()
-        for index in range(first, first + batch):
-            if store.lookup(wanted[index % len(wanted)]) is not None:
-                hits += 1
-        rates.append(batch / (time.perf_counter() - started))
-    if hits != batch * 5:
-        raise RuntimeError(f"only {hits} of {batch * 5} lookups hit")
-    # The same number of lookups with better locality: addresses in the
-    # order they logged in (their objects were allocated in that order, so
-    # neighbours share cache lines and pages), and 1,000 addresses picked at
-    # random, looked up over and over (all of their memory stays in the CPU
-    # caches). If these match the small store's rate, the big store's loss
-    # is cache misses, not the hash tables' size or layout.
-    in_order = [ipaddress.IPv4Address(BASE + n * size // len(wanted)) for n in range(len(wanted))]
-    hot = [wanted[n % 1000] for n in range(len(wanted))]
-    locality = {}
-    for name, addresses in (("in_order", in_order), ("hot", hot)):
-        batch_rates = []
-        for _ in range(5):
+    kinds = {
+        "spread": [wanted[n % len(wanted)] for n in range(batch)],
+        "consecutive": [ipaddress.IPv4Address(BASE + n % size) for n in range(batch)],
+        "hot": [wanted[n % 100] for n in range(batch)],
+    }
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    hits = 0
+    for _ in range(5):
+        for kind, addresses in kinds.items():
             started = time.perf_counter()
-            for address in addresses[:batch]:
-                store.lookup(address)
-            batch_rates.append(min(batch, len(addresses)) / (time.perf_counter() - started))
-        locality[name] = statistics.median(batch_rates)
+            for address in addresses:
+                if store.lookup(address) is not None:
+                    hits += 1
+            rates[kind].append(batch / (time.perf_counter() - started))
+    if hits != batch * 5 * len(kinds):
+        raise RuntimeError(f"only {hits} of {batch * 5 * len(kinds)} lookups hit")
+    locality = {kind: statistics.median(values) for kind, values in rates.items()}
+    spread_over_consecutive = statistics.median(
+        spread / near for spread, near in zip(rates["spread"], rates["consecutive"], strict=True)
+    )
     return {
         "size": size,
         "rss_before": before,
         "rss_after": after,
         "bytes_per_entry": (after - before) / size,
         "fill_per_second": size / fill_seconds,
-        "lookups_per_second": statistics.median(rates),
-        "lookups_per_second_in_order": locality["in_order"],
+        "lookups_per_second": locality["spread"],
+        "lookups_per_second_consecutive": locality["consecutive"],
         "lookups_per_second_hot": locality["hot"],
+        "spread_over_consecutive": spread_over_consecutive,
     }
 
 
@@ -181,10 +184,13 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
                 outcome["fill_per_second"]
             )
             if size in (sizes[0], sizes[-1]):
-                for key, how in (("in_order", "addresses in login order"), ("hot", "hot 1,000")):
+                for key, how in LOCALITY:
                     result.metric(f"lookups/s at {name}, {how}", "lookups/s").samples.append(
                         outcome[f"lookups_per_second_{key}"]
                     )
+                result.metric(
+                    f"lookup rate at {name}, spread / consecutive (same store)", "ratio"
+                ).samples.append(outcome["spread_over_consecutive"])
         shared = measure(sizes[-1], 1000, shared_user=True)
         result.metric(f"bytes/entry at {top}, one user name", "B").samples.append(
             shared["bytes_per_entry"]
@@ -200,7 +206,7 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     ratio = result.ratio(
         f"lookup rate {top}/{bottom}", f"lookups/s at {top}", f"lookups/s at {bottom}"
     )
-    for how in ("addresses in login order", "hot 1,000"):
+    for _, how in LOCALITY:
         result.ratio(
             f"lookup rate {top}/{bottom}, {how}",
             f"lookups/s at {top}, {how}",
@@ -240,8 +246,9 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
         "RSS delta (VmRSS) around filling, in a fresh interpreter per size; at 10^3 the page "
         "granularity of RSS makes bytes/entry coarse",
         f"{lookups:,} lookups per size in 5 batches (median batch rate), of addresses spread "
-        "over the whole store (all hits); 'in login order' and 'hot 1,000' look up as many "
-        "with better locality: where they keep the small store's rate, the loss is cache misses",
+        "over the whole store (all hits); 'consecutive' and '100 hot' look up as many "
+        "with better locality, taking turns with them: where they keep the small store's rate, "
+        "the loss is cache and TLB misses",
         "'one user name': every entry has the same user, so the difference is the cost "
         "of the user name strings",
         "tracemalloc rows: each component built alone (bench/memory_breakdown.py); more "
