@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tests.support.popauth_server import PopauthServer
 
-from bench.common import percentile
 from bench.milter_protocol import (
     CONTINUE,
     OPTNEG,
@@ -53,9 +52,9 @@ class Sample:
 
 @dataclass
 class Outcome:
-    during_snapshot: list[float]
-    between_snapshots: list[float]
-    snapshots: int
+    # Milliseconds of each decision made while a snapshot was being written.
+    during: list[float]
+    between: list[float]
     snapshot_seconds: list[float]
 
 
@@ -151,13 +150,4 @@ def measure(workdir: Path, entries: int, seconds: float) -> Outcome:
     for sample in samples:
         inside = any(start <= sample.began <= end for start, end in windows)
         (during if inside else between).append(sample.milliseconds)
-    return Outcome(during, between, len(windows), [end - start for start, end in windows])
-
-
-def summary(values: list[float]) -> str:
-    if not values:
-        return "no samples"
-    return (
-        f"p50 {percentile(values, 0.5):.3f} ms, p99 {percentile(values, 0.99):.3f} ms, "
-        f"max {max(values):.3f} ms ({len(values)} samples)"
-    )
+    return Outcome(during, between, [end - start for start, end in windows])
