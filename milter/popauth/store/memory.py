@@ -201,8 +201,10 @@ class MemoryStore(WhitelistStore):
         return now
 
     def _expire(self, now: float) -> None:
-        # What expires between two operations is at most what logged in
-        # during as long a time, a TTL earlier: never the whole whitelist.
+        # What has expired since the last operation: the logins of as long a
+        # span, a TTL earlier. Operations come many a second on a busy host,
+        # so this is a handful; only a store left idle for a whole TTL after
+        # a burst of logins pays for that burst here, once.
         self._cache.expire(now)
         root = self._root
         entry = root.newer
