@@ -7,7 +7,8 @@ HOOK := contrib/dovecot/popauth-login contrib/courier/popauth-courier-login
 BENCH_JSON ?= bench/results.json
 BENCH_ARGS ?=
 
-.PHONY: setup setup-run run try test check lint unit bench fuzz clean man lock test-latest test-distro-python
+.PHONY: setup setup-run run try test check lint unit bench bench-publish fuzz clean man lock \
+	test-latest test-distro-python test-debian13 deb
 
 # The test daemons (Postfix, Dovecot, Redis...) and development tools.
 setup:
@@ -36,13 +37,21 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 
-# Everything on this host: lint, every test, and the unit, protocol and
-# property suites once more on the distribution's own Python packages.
+# Lint and every test on this host, then the unit, protocol and property
+# suites once more on the distribution's own Python packages (what
+# test-debian13 runs inside its root too).
 check: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@scripts/test-distro-python
 
+# The whole suite on this host, then again in a fresh Debian 13 root.
 test: check
+	@$(MAKE) --no-print-directory test-debian13
+
+# The whole suite (make check) in a fresh Debian 13 root, chrooted; the root
+# is cached under /var/cache/popauth-tests. Needs root.
+test-debian13:
+	@PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test-debian13
 
 unit: setup
 	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)
@@ -54,10 +63,16 @@ fuzz: setup
 	POPAUTH_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest tests/fuzz -s -q
 	POPAUTH_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/properties -q --hypothesis-show-statistics
 
-# The issue-5 benchmarks (about 6 minutes; needs root). `make bench BENCH_ARGS=--quick`
-# for the smoke version (under a minute).
+# The benchmarks (about 15 minutes; needs root), results in BENCH_JSON.
+# `make bench BENCH_ARGS=--quick` for the smoke version (about a minute),
+# `BENCH_ARGS="--only session-renewals,soak"` for some of them.
 bench: setup
 	$(PY) -m bench --json $(BENCH_JSON) $(BENCH_ARGS)
+
+# Make the last full run the committed one (bench/results/latest.json) and
+# regenerate the figures table of docs/performance.rst from it.
+bench-publish: setup
+	$(PY) -m bench.report --publish $(BENCH_JSON)
 
 # Refresh requirements/*.lock to the newest releases pyproject.toml allows.
 lock:
@@ -81,6 +96,11 @@ test-distro-python:
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-distro* .cache .mypy_cache .ruff_cache .pytest_cache
+
+# The Debian package popauth_VERSION_all.deb (debian/), built in a temporary
+# copy of the tree and checked with lintian; installs its build dependencies.
+deb:
+	@scripts/build-deb
 
 # The manual pages, from docs/popauth.rst and docs/configuration.rst.
 man: setup

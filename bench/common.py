@@ -138,7 +138,7 @@ class Check:
 
 @dataclass
 class BenchResult:
-    key: str  # "B1"
+    key: str  # its name, e.g. "milter-throughput" (the runner sets it)
     title: str
     metrics: list[Metric] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)

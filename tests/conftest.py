@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.leftovers import make_run_directory, run_directory, stop_leftovers
 from tests.support.shared_runtime import RuntimeUnreachable, shared_runtime
 
 
@@ -25,6 +25,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(str(problem), returncode=2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_daemon_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After every other fixture has stopped its daemons: none may be left.
+
+    A daemon still running from one of this run's temporary directories is
+    ended (by its pid) and fails the run, naming it.
+    """
+    directories = [tmp_path_factory.getbasetemp(), run_directory()]
+    yield
+    leftovers = stop_leftovers(directories)
+    if leftovers:
+        pytest.fail(
+            "daemons were left running from this run's directories (now stopped):\n"
+            + "\n".join(leftover.describe() for leftover in leftovers),
+            pytrace=False,
+        )
+
+
 @pytest.fixture
 def open_tmp() -> Iterator[Path]:
     """A temporary directory other users can traverse.
@@ -32,7 +50,6 @@ def open_tmp() -> Iterator[Path]:
     pytest's own base directory is private to root, but MTA and POP server
     processes (postfix, dovecot, nobody) must reach sockets inside it.
     """
-    directory = Path(tempfile.mkdtemp(prefix="popauth-test-"))
-    directory.chmod(0o755)
+    directory = make_run_directory("popauth-test-")
     yield directory
     shutil.rmtree(directory, ignore_errors=True)

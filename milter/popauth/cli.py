@@ -25,6 +25,36 @@ if TYPE_CHECKING:
     from popauth.config import Settings
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
+# The settings file every command reads when --config names none.
+DEFAULT_CONFIG = Path("/etc/popauth/popauth.toml")
+CONFIG_HELP = f"TOML settings (default: {DEFAULT_CONFIG} if it exists, else the embedded defaults)"
+
+
+class SettingsFileError(Exception):
+    """The settings file was named twice, differently."""
+
+
+def settings_file(arguments: argparse.Namespace) -> Path | None:
+    """The settings file a command reads: --config, the old positional form, or the default."""
+    named = [path for path in (arguments.config, getattr(arguments, "config_file", None)) if path]
+    if len(set(named)) > 1:
+        raise SettingsFileError(f"two settings files named: {named[0]} and {named[1]}")
+    if named:
+        return Path(named[0])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def _add_explain(explain: argparse.ArgumentParser) -> None:
+    explain.add_argument("address", help="the SMTP client's IP address")
+    explain.add_argument("recipient", help="the envelope recipient (RCPT TO)")
+    explain.add_argument("--user", default="", help="the POP/IMAP user expected at ADDRESS")
+    explain.add_argument("--auth", default="", metavar="USER", help="as if SMTP AUTH as USER")
+    explain.add_argument("--sender", default="", help="the envelope sender (MAIL FROM)")
+    explain.add_argument(
+        "--mailer",
+        default="",
+        help="the MTA's {rcpt_mailer} for RECIPIENT (default: a local one for a local domain)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the milter and the ingest endpoint")
-    serve.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
+    serve.add_argument("--config", type=Path, help=CONFIG_HELP)
     serve.add_argument(
         "--try-it",
         type=Path,
@@ -47,30 +77,44 @@ def _parser() -> argparse.ArgumentParser:
         " configured Postfix or Sendmail on this host, plain serve otherwise",
     )
     check = commands.add_parser("check-config", help="validate a settings file and exit")
-    check.add_argument("config", type=Path)
+    check.add_argument("--config", type=Path, help=CONFIG_HELP)
+    # The older form, `check-config FILE`, still works.
+    check.add_argument("config_file", nargs="?", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    check.add_argument("--quiet", action="store_true", help="print nothing when the file is good")
     sessions = commands.add_parser(
         "sessions", help="keep open IMAP/POP sessions relaying (runs beside Dovecot)"
     )
-    sessions.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
+    sessions.add_argument("--config", type=Path, help=CONFIG_HELP)
     sessions.add_argument("--once", action="store_true", help="run one renewal cycle and exit")
     follow = commands.add_parser(
         "follow", help="report the logins a POP/IMAP server writes to its log (docs/follow.rst)"
     )
-    follow.add_argument("--config", type=Path, help="TOML settings (default: embedded defaults)")
+    follow.add_argument("--config", type=Path, help=CONFIG_HELP)
     follow.add_argument(
         "log", nargs="?", help='the log (default: follow_log); "-" = standard input'
     )
 
+    setup = commands.add_parser("setup", help="point Postfix, Dovecot or Sendmail at popauth")
+    setup.add_argument("--config", type=Path, help=CONFIG_HELP)
+    from popauth.setup.command import add_arguments
+
+    add_arguments(setup)
+
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--socket", default=DEFAULT_SOCKET, help="ingest socket path")
+        sub.add_argument(
+            "--socket", help=f"ingest socket path (default: the settings', else {DEFAULT_SOCKET})"
+        )
+        sub.add_argument("--config", type=Path, help=CONFIG_HELP + "; gives the socket")
         sub.add_argument("--timeout", type=float, default=2.0, help="give up after SECONDS")
         return sub
 
     login = client("login", "report a POP/IMAP login (the hook client)")
     login.add_argument("address")
     login.add_argument("user", nargs="?", default="")
-    client("query", "show the whitelist entry of an address").add_argument("address")
+    query = client("query", "show the whitelist entry of an address")
+    query.add_argument("address")
+    query.add_argument("--format", choices=("table", "raw"), default="table")
     revoke = client("revoke", "remove an address, or every address of a user, from the whitelist")
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("address", nargs="?")
@@ -80,18 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     client("blocked", "list blocked users")
     report = client("report", "users who still relay by POP first, most recent first")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    explain = client("explain", "the milter's verdict for a client and a recipient, and why")
-    explain.add_argument("address", help="the SMTP client's IP address")
-    explain.add_argument("recipient", help="the envelope recipient (RCPT TO)")
-    explain.add_argument("--user", default="", help="the POP/IMAP user expected at ADDRESS")
-    explain.add_argument("--auth", default="", metavar="USER", help="as if SMTP AUTH as USER")
-    explain.add_argument("--sender", default="", help="the envelope sender (MAIL FROM)")
-    explain.add_argument(
-        "--mailer",
-        default="",
-        help="the MTA's {rcpt_mailer} for RECIPIENT (default: a local one for a local domain)",
-    )
-    client("list", "list every whitelisted client")
+    _add_explain(client("explain", "the milter's verdict for a client and a recipient, and why"))
+    listing = client("list", "list every whitelisted client")
+    # raw: the ingest protocol's key=value lines, times in epoch seconds.
+    listing.add_argument("--format", choices=("table", "raw"), default="table")
     client("stats", "show whitelist statistics")
     client("ping", "check that the endpoint answers")
     return parser
@@ -129,12 +165,31 @@ def _request_line(arguments: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def _print_report(lines: list[str], style: str) -> None:
+def _rows(lines: list[str], time_keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """``key=value`` reply lines as rows, the times as UTC dates."""
     rows = [dict(word.split("=", 1) for word in line.split()) for line in lines]
     for row in rows:
         for key, value in row.items():
-            if key.endswith("_seen"):
+            if key.endswith(time_keys):
                 row[key] = _timestamp(value)
+    return rows
+
+
+def _print_table(columns: list[str], rows: list[dict[str, str]]) -> None:
+    table = [columns, *([row.get(c, "") for c in columns] for row in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for row_values in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row_values, widths, strict=True)).rstrip())
+
+
+def _print_grants(reply: list[str], command: str) -> None:
+    """list, query, revoke: one row per entry, dates as in report (UTC)."""
+    lines = reply[1:] if command == "list" else [reply[0].split(" ", 1)[1]]
+    _print_table(["address", "user", "granted", "expires"], _rows(lines, ("granted", "expires")))
+
+
+def _print_report(lines: list[str], style: str) -> None:
+    rows = _rows(lines, ("_seen",))
     columns = [
         "user",
         "pop_messages",
@@ -152,10 +207,7 @@ def _print_report(lines: list[str], style: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        table = [columns, *([row.get(c, "") for c in columns] for row in rows)]
-        widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-        for row_values in table:
-            print("  ".join(v.ljust(w) for v, w in zip(row_values, widths, strict=True)).rstrip())
+        _print_table(columns, rows)
 
 
 def _timestamp(epoch: str) -> str:
@@ -165,14 +217,33 @@ def _timestamp(epoch: str) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
+def _client_socket(arguments: argparse.Namespace) -> str:
+    """--socket, else the ingest socket of the settings file, else the default."""
+    if arguments.socket:
+        return str(arguments.socket)
+    path = settings_file(arguments)
+    if path is None:
+        return DEFAULT_SOCKET
+    from popauth.config import load_settings
+
+    return str(load_settings(path).ingest.socket)
+
+
 def _run_client(arguments: argparse.Namespace) -> int:
+    from popauth.config import ConfigError
+
     try:
         line = _request_line(arguments)
     except BlankInArgument:
         print("popauth: arguments must not be empty or contain blanks", file=sys.stderr)
         return EXIT_ERROR
     try:
-        reply = IngestClient(arguments.socket, arguments.timeout).request(line)
+        socket_path = _client_socket(arguments)
+    except (ConfigError, SettingsFileError) as error:
+        print(f"popauth: configuration error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        reply = IngestClient(socket_path, arguments.timeout).request(line)
     except UnsafeRequest:
         print("popauth: control characters are not allowed in arguments", file=sys.stderr)
         return EXIT_ERROR
@@ -185,6 +256,9 @@ def _run_client(arguments: argparse.Namespace) -> int:
         return EXIT_OK
     if status == OK and arguments.command == "explain":
         print("\n".join(reply[1:]))
+        return EXIT_OK
+    if status == OK and getattr(arguments, "format", "raw") == "table":
+        _print_grants(reply, arguments.command)
         return EXIT_OK
     if status == OK:
         print("\n".join(reply))
@@ -199,6 +273,7 @@ def _run_client(arguments: argparse.Namespace) -> int:
 def _run_sessions(arguments: argparse.Namespace) -> int:
     # Standard library only, like the client commands: no server modules.
     from popauth.config import ConfigError, load_settings
+    from popauth.notify import NotifyError, notify
     from popauth.sessions import (
         EventLog,
         RenewalPlan,
@@ -208,8 +283,8 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
     )
 
     try:
-        settings = load_settings(arguments.config)
-    except ConfigError as error:
+        settings = load_settings(settings_file(arguments))
+    except (ConfigError, SettingsFileError) as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     sessions = settings.sessions
@@ -220,10 +295,19 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
         services=frozenset(sessions.protocols),
         interval=settings.session_interval(),
     )
-    renewer = SessionRenewer(plan, EventLog(settings.log.format.value, settings.log.level.value))
+    log = EventLog(settings.log.format.value, settings.log.level.value)
+    renewer = SessionRenewer(plan, log)
     if arguments.once:
         return EXIT_OK if renewer.cycle() else EXIT_ERROR
-    run_until_signalled(renewer)
+
+    def ready() -> None:
+        # Type=notify: systemd counts the unit started only now, after a first cycle.
+        try:
+            notify("READY=1")
+        except NotifyError as error:
+            log("error", "not_notified", error=str(error))
+
+    run_until_signalled(renewer, ready)
     return EXIT_OK
 
 
@@ -232,11 +316,12 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     from popauth.follow.follower import FollowError
     from popauth.follow.formats import FormatError
     from popauth.follow.run import FollowSetupError, build_follower, run_until_signalled
+    from popauth.follow.sources import SourceError
     from popauth.persistence import StateFileError
 
     try:
-        settings = load_settings(arguments.config)
-    except ConfigError as error:
+        settings = load_settings(settings_file(arguments))
+    except (ConfigError, SettingsFileError) as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     if arguments.log not in (None, "-") and not arguments.log.startswith("/"):
@@ -244,7 +329,7 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     try:
         follower = build_follower(settings, arguments.log)
         run_until_signalled(follower)
-    except (FollowSetupError, FormatError, StateFileError, OSError) as error:
+    except (FollowSetupError, FormatError, SourceError, StateFileError, OSError) as error:
         print(f"popauth: cannot follow: {error}", file=sys.stderr)
         return EXIT_ERROR
     except FollowError as error:
@@ -298,13 +383,18 @@ def _check_config(arguments: argparse.Namespace) -> int:
     from popauth.localdelivery.resolve import LocalDeliveryError, resolve_local_delivery
 
     try:
-        settings = load_settings(arguments.config)
+        settings = load_settings(settings_file(arguments))
         local = resolve_local_delivery(settings.local)
-    except (ConfigError, LocalDeliveryError) as error:
+    except (ConfigError, SettingsFileError, LocalDeliveryError) as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"{arguments.config}: OK")
-    print("\n".join(local.describe()))
+    except OSError as error:
+        # e.g. a non-root user who may not run the MTA's tools or read its files.
+        print(f"popauth: cannot check: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if not arguments.quiet:
+        print(f"{settings_file(arguments) or 'embedded defaults'}: OK")
+        print("\n".join(local.describe()))
     return _check_follow(settings)
 
 
@@ -312,14 +402,15 @@ def _run_server(arguments: argparse.Namespace) -> int:
     if arguments.command == "check-config":
         return _check_config(arguments)
     from popauth.config import ConfigError, load_settings
-    from popauth.tryit import Mode, choose_mode, host_has_mta
+    from popauth.tryit import SETTINGS_NAME, Mode, choose_mode, host_has_mta
 
     if arguments.try_it and (arguments.config or arguments.try_it_if_no_mta):
         print("popauth: --try-it takes neither --config nor --try-it-if-no-mta", file=sys.stderr)
         return EXIT_ERROR
     try:
-        settings = load_settings(arguments.config)
-    except ConfigError as error:
+        settings_path = None if arguments.try_it else settings_file(arguments)
+        settings = load_settings(settings_path)
+    except (ConfigError, SettingsFileError) as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     started_by, why = "serve", "asked for with --try-it"
@@ -327,8 +418,8 @@ def _run_server(arguments: argparse.Namespace) -> int:
     banner: list[str] = []
     if arguments.try_it_if_no_mta is not None:
         started_by = "make-run"
-        config_given = arguments.config is not None
-        # Settings given: no need to ask the MTA (choose_mode serves them).
+        # A settings file given, or the service's own: no need to ask the MTA.
+        config_given = settings_path is not None
         has_mta = not config_given and host_has_mta(settings.local)
         if choose_mode(config_given=config_given, has_mta=has_mta) is Mode.TRY_IT:
             directory = arguments.try_it_if_no_mta
@@ -344,15 +435,18 @@ def _run_server(arguments: argparse.Namespace) -> int:
             )
             return EXIT_ERROR
         started_by = "try-it"
-    return _serve_with(settings, started_by, banner)
+        settings_path = directory.absolute() / SETTINGS_NAME
+    return _serve_with(settings, settings_path, started_by, banner)
 
 
-def _serve_with(settings: Settings, started_by: str, banner: list[str]) -> int:
+def _serve_with(
+    settings: Settings, settings_path: Path | None, started_by: str, banner: list[str]
+) -> int:
     from popauth.localdelivery.resolve import LocalDeliveryError
     from popauth.persistence import StateFileError
     from popauth.preflight import occupant
     from popauth.serve import serve, state_file_paths
-    from popauth.sockets import SocketInUse
+    from popauth.sockets import SocketInUse, SocketSetupError
     from popauth.store import StoreSetupError
 
     problem = occupant(settings, state_file_paths(settings))
@@ -363,11 +457,11 @@ def _serve_with(settings: Settings, started_by: str, banner: list[str]) -> int:
     if banner:
         print("\n".join(banner), flush=True)
     try:
-        stopped = serve(settings)
+        stopped = serve(settings, settings_path)
     except LocalDeliveryError as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except (SocketInUse, StateFileError, StoreSetupError, OSError) as error:
+    except (SocketInUse, SocketSetupError, StateFileError, StoreSetupError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = EXIT_OK
@@ -399,6 +493,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_sessions(arguments)
     if arguments.command == "follow":
         return _run_follow(arguments)
+    if arguments.command == "setup":
+        from popauth.setup.command import run_setup
+
+        try:
+            return run_setup(arguments, settings_file(arguments))
+        except SettingsFileError as error:
+            print(f"popauth: {error}", file=sys.stderr)
+            return EXIT_ERROR
     return _run_client(arguments)
 
 

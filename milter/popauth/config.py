@@ -54,6 +54,9 @@ _CONVERT = "popauth.convert"
 
 # Where the state files live by default (systemd: StateDirectory=popauth).
 STATE_DIRECTORY = Path("/var/lib/popauth")
+# popauth follow's own (systemd: StateDirectory=popauth-follow): it runs as
+# another user, who cannot enter popauth's.
+FOLLOW_STATE_DIRECTORY = Path("/var/lib/popauth-follow")
 DEFAULT_INGEST_SOCKET = wire.DEFAULT_SOCKET
 DEFAULT_MILTER_SOCKET = "unix:/run/popauth/milter.sock"
 DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
@@ -261,7 +264,13 @@ def _file_path(value: Any) -> Path:
     if text.rsplit("/", 1)[1] in ("", ".", ".."):
         raise ValueError("must name a file, not a directory")
     path = Path(text)
-    if path.is_dir():
+    try:
+        is_directory = path.is_dir()
+    except OSError:
+        # A directory this user may not look into (another service's): the
+        # code that opens the file says so, naming it.
+        is_directory = False
+    if is_directory:
         raise ValueError(f"{text} is a directory")
     return path
 
@@ -501,6 +510,8 @@ class IngestSettings:
     socket: Path = setting("ingest_socket", Path(DEFAULT_INGEST_SOCKET), _socket_path)
     socket_mode: int = setting("ingest_socket_mode", 0o660, _mode)
     socket_group: str = setting("ingest_socket_group", "", _socket_group)
+    # More groups that may connect, each by a POSIX ACL entry (popauth follow).
+    socket_acl_groups: tuple[str, ...] = setting("ingest_socket_acl_groups", (), _group_names)
     # Reporters: who may report logins (LOGIN), e.g. the POP server's hook.
     allowed_users: tuple[str, ...] = setting("ingest_allowed_users", (), _user_names)
     allowed_groups: tuple[str, ...] = setting("ingest_allowed_groups", (), _group_names)
@@ -572,7 +583,7 @@ class FollowSettings:
         "follow_trusted_users", ("root",), nonempty(_user_names)
     )
     state_path: Path | None = optional_setting(
-        "follow_state_path", STATE_DIRECTORY / "follow.json", _file_path
+        "follow_state_path", FOLLOW_STATE_DIRECTORY / "follow.json", _file_path
     )
     # Logins logged longer ago than this are not reported (seconds).
     max_age: int = setting("follow_max_age", 60, integer(1, 86_400))
@@ -701,8 +712,7 @@ class RelaySettings:
         """The decision's data, with the effective local domains and mailers."""
         return RelayPolicy(
             trusted_networks=self.trusted_networks,
-            local_domains=local.domain_set(),
-            local_mailers=local.mailer_set(),
+            local_delivery=local.rules(),
             pop_first=self.pop_first,
             provenance=Provenance(local.source, local.domains, local.mailers),
         )

@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass
 
 from popauth.addresses import IPAddress, NetworkSet
-from popauth.recipients import DomainSet, Recipient, is_local_recipient
+from popauth.recipients import LocalDeliveryRules, Recipient, is_local_recipient
 
 
 class Verdict(enum.Enum):
@@ -90,8 +90,7 @@ class Provenance:
 @dataclass(frozen=True, slots=True)
 class RelayPolicy:
     trusted_networks: NetworkSet
-    local_domains: DomainSet
-    local_mailers: frozenset[str]
+    local_delivery: LocalDeliveryRules
     pop_first: PopFirst = PopFirst.ON
     provenance: Provenance = Provenance()
 
@@ -151,7 +150,7 @@ def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) 
     settled = decide_sender(policy, client)
     if settled is not None:
         return settled
-    if is_local_recipient(recipient, policy.local_domains, policy.local_mailers):
+    if is_local_recipient(recipient, policy.local_delivery):
         return ACCEPT_LOCAL
     if client.listing is Listing.UNAVAILABLE:
         return TEMPFAIL_UNAVAILABLE

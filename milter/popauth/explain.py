@@ -18,7 +18,13 @@ from popauth.addresses import IPAddress, WhitelistKeying
 from popauth.clock import Clock
 from popauth.decision import Listing, PopFirst, Reason, RelayPolicy
 from popauth.gate import Assessment, RelayGate
-from popauth.recipients import Recipient, is_local_recipient, plain_address_parts
+from popauth.recipients import (
+    Classified,
+    Recipient,
+    classify,
+    is_local_recipient,
+    plain_address_parts,
+)
 from popauth.replies import Replies, SmtpReply
 from popauth.store import EndedGrant, EndReason, Grant, WhitelistStore
 from popauth.usernames import printable_user_name
@@ -125,24 +131,22 @@ def recipient_as_the_mta_gives_it(
 ) -> tuple[Recipient, bool]:
     """The recipient with its ``{rcpt_mailer}``, and whether that mailer is assumed.
 
-    Without ``--mailer``, a recipient plainly in a local domain is assumed
-    to arrive with the first local mailer (the MTA agrees with its own
-    lists); any other recipient needs none, since its domain already makes
-    it relayed.
+    Without ``--mailer``, a recipient plainly in a delivery class is assumed
+    to arrive with the mailer that class delivers it with (the MTA agrees
+    with its own lists); any other recipient needs none, since its domain
+    already makes it relayed.
     """
     if question.mailer:
         return Recipient(question.recipient, question.mailer), False
-    parts = plain_address_parts(question.recipient)
-    local_mailers = [mailer for mailer, _ in policy.provenance.mailers] or sorted(
-        policy.local_mailers
-    )
-    if (
-        parts is not None
-        and local_mailers
-        and (parts[1] is None or parts[1] in policy.local_domains)
-    ):
-        return Recipient(question.recipient, local_mailers[0]), True
-    return Recipient(question.recipient), True
+    found = classify(Recipient(question.recipient), policy.local_delivery)
+    if found is None:
+        return Recipient(question.recipient), True
+    expected = found.delivery_class.expected_mailers(found.address)
+    in_order = [mailer for mailer, _ in policy.provenance.mailers if mailer in expected]
+    mailers = in_order or sorted(expected)
+    if not mailers:
+        return Recipient(question.recipient), True
+    return Recipient(question.recipient, mailers[0]), True
 
 
 # --- the lines ---------------------------------------------------------------
@@ -259,7 +263,7 @@ def _user_lines(facts: Facts) -> list[str]:
 def _recipient_line(facts: Facts) -> str:
     policy = facts.assessment.policy
     recipient = facts.recipient
-    local = is_local_recipient(recipient, policy.local_domains, policy.local_mailers)
+    local = is_local_recipient(recipient, policy.local_delivery)
     why = _why_local(facts) if local else _why_relayed(facts)
     line = f"recipient: {recipient.envelope} {'is local' if local else 'is relayed'}: {why}"
     if facts.assessment.stage != "rcpt":
@@ -270,13 +274,14 @@ def _recipient_line(facts: Facts) -> str:
 def _why_local(facts: Facts) -> str:
     policy = facts.assessment.policy
     recipient = facts.recipient
-    parts = plain_address_parts(recipient.envelope)
-    domain = None if parts is None else parts[1]
-    if domain is None:
+    found = classify(recipient, policy.local_delivery)
+    if found is None or found.domain is None:
         where = "a bare local part, completed with the MTA's own domain"
     else:
-        entry = policy.local_domains.entry_for(domain) or domain
+        entry = found.delivery_class.domains.entry_for(found.domain) or found.domain
         where = f"domain {entry}{_origin(policy.provenance.origin_of_domain(entry))}"
+        if found.delivery_class.name != "configured":
+            where += f" (delivery class {found.delivery_class.name})"
     mailer = (recipient.mailer or "").lower()
     said = f"{where}, mailer {mailer}{_origin(policy.provenance.origin_of_mailer(mailer))}"
     if facts.mailer_assumed:
@@ -290,23 +295,28 @@ def _why_relayed(facts: Facts) -> str:
     parts = plain_address_parts(recipient.envelope)
     if parts is None:
         return "not a plain mailbox (%, !, quotes or a source route route mail onwards)"
-    domain = parts[1]
-    if domain is not None and domain not in policy.local_domains:
-        return f"{domain} is not a local domain; the local domains are {_domains(policy)}"
+    found = classify(recipient, policy.local_delivery)
+    if found is None:
+        if parts[1] is None:
+            return "a bare local part, and no delivery class takes one (ask with its domain)"
+        return f"{parts[1]} is not a local domain; the local domains are {_domains(policy)}"
     mailer = (recipient.mailer or "").lower()
-    known = ", ".join(
-        f"{name}{_origin(origin)}" for name, origin in policy.provenance.mailers
-    ) or ", ".join(sorted(policy.local_mailers))
     return (
         f"mailer {mailer or '(none)'} is not a local mailer;"
-        f" the local mailers are {known or 'none'}"
+        f" the local mailers are {_expected(policy, found) or 'none'}"
     )
+
+
+def _expected(policy: RelayPolicy, found: Classified) -> str:
+    """The mailers the recipient's class delivers it with, with their origins."""
+    expected = found.delivery_class.expected_mailers(found.address)
+    known = dict(policy.provenance.mailers)
+    shown = [f"{name}{_origin(origin)}" for name, origin in known.items() if name in expected]
+    return ", ".join(shown + sorted(expected - known.keys()))
 
 
 def _domains(policy: RelayPolicy) -> str:
     named = [f"{name}{_origin(origin)}" for name, origin in policy.provenance.domains]
-    if not named:
-        named = sorted(policy.local_domains.names) + list(policy.local_domains.parents)
     if not named:
         return "none: nothing is set or learned"
     shown = ", ".join(named[:_SHOWN_DOMAINS])

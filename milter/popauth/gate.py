@@ -123,9 +123,7 @@ class RelayGate:
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
-        if way is not None and not is_local_recipient(
-            recipient, policy.local_domains, policy.local_mailers
-        ):
+        if way is not None and not is_local_recipient(recipient, policy.local_delivery):
             first = message.relayed_recipients == 0
             message.relayed_recipients += 1
             self._ledger.record(_account(client), way, messages=int(first), recipients=1)

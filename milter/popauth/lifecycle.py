@@ -18,6 +18,14 @@ it, so libmilter's thread, which blocks them except while it waits, never
 sees them. A signal that arrives during the start waits in the socket and
 is acted on once the start is over: SIGTERM and SIGINT stop everything at
 once, and SIGHUP runs the reload callbacks and leaves the milter serving.
+Reloads run in a worker thread, one at a time (SIGHUPs that arrive during a
+reload make one more), so the main thread always hears a stop: a reload
+can wait on an MTA tool that hangs (a ``postconf``, a ``postmap`` on an
+unreachable LDAP table). A stop wins: the reloads' cancel callbacks kill
+what they run, the worker is given RELOAD_GRACE seconds and then abandoned
+(it is a daemon thread), and the components stop as always, the snapshot
+last.
+
 One window remains: a signal that arrives while the main thread is inside
 the handler of the same signal (a burst within microseconds), or while
 another signal is still pending for it, can reach libmilter's thread. A
@@ -43,6 +51,8 @@ CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 # The byte stop_soon() writes to the wake-up socket; no signal has number 0.
 _STOP_REQUESTED = 0
+# How long a stop waits for a cancelled reload before leaving it behind.
+RELOAD_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,14 +84,18 @@ class Lifecycle:
     ) -> None:
         self._log = log
         self._notify = notify_systemd
-        self._reloads: list[tuple[str, Callable[[], None]]] = []
+        self._reloads: list[Reload] = []
         self._lock = threading.Lock()
         self._failure: str | None = None
         self._wake: socket.socket | None = None
 
-    def on_reload(self, name: str, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on SIGHUP (in registration order); a failure is logged."""
-        self._reloads.append((name, callback))
+    def on_reload(
+        self, name: str, callback: Callable[[], None], cancel: Callable[[], None] | None = None
+    ) -> None:
+        """Run ``callback`` on SIGHUP (in registration order, in the reload
+        thread); a failure is logged. ``cancel`` is called (from the main
+        thread) when popauth stops: it must make a running callback return soon."""
+        self._reloads.append(Reload(name, callback, cancel))
 
     def stop_soon(self, reason: str) -> None:
         """Stop everything because a component failed while serving (any thread)."""
@@ -103,11 +117,13 @@ class Lifecycle:
             for step in steps:
                 self._start(step)
                 started.callback(self._stop, step)
+            reloader = ReloadWorker(self._reloads, self._log)
             self._tell("READY=1")
             self._log.info("ready", components=[step.name for step in steps])
-            stopped = self._serve_until_stopped(woken)
+            stopped = self._serve_until_stopped(woken, reloader)
             self._tell("STOPPING=1")
             self._log.info("stopping", reason=stopped.reason)
+            reloader.stop()
         self._log.info("stopped", reason=stopped.reason)
         return stopped
 
@@ -133,7 +149,7 @@ class Lifecycle:
             reader.close()
             writer.close()
 
-    def _serve_until_stopped(self, woken: socket.socket) -> Stopped:
+    def _serve_until_stopped(self, woken: socket.socket, reloader: ReloadWorker) -> Stopped:
         while True:
             for number in woken.recv(64):
                 if number == _STOP_REQUESTED:
@@ -143,15 +159,7 @@ class Lifecycle:
                 if number in STOP_SIGNALS:
                     return Stopped(signal.Signals(number).name, clean=True)
                 if number == signal.SIGHUP:
-                    self._reload()
-
-    def _reload(self) -> None:
-        for name, callback in self._reloads:
-            try:
-                callback()
-            except Exception:
-                self._log.exception("reload_failed", component=name)
-        self._log.info("reloaded", components=[name for name, _ in self._reloads])
+                    reloader.request()
 
     def _start(self, step: Step) -> None:
         try:
@@ -174,3 +182,57 @@ class Lifecycle:
             self._notify(state)
         except NotifyError as error:
             self._log.warning("notify_failed", state=state, error=str(error))
+
+
+@dataclass(frozen=True)
+class Reload:
+    name: str
+    callback: Callable[[], None]
+    cancel: Callable[[], None] | None = None
+
+
+class ReloadWorker:
+    """Runs the reload callbacks in a thread of their own, never two at once."""
+
+    def __init__(self, reloads: Sequence[Reload], log: structlog.typing.FilteringBoundLogger):
+        self._reloads = tuple(reloads)
+        self._log = log
+        self._wanted = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="popauth-reload", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """One more reload after the one running, if any (requests coalesce)."""
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._stopping.is_set():
+                return
+            self._wanted.clear()
+            for reload in self._reloads:
+                if self._stopping.is_set():
+                    return
+                try:
+                    reload.callback()
+                except Exception:
+                    self._log.exception("reload_failed", component=reload.name)
+            if not self._stopping.is_set():
+                self._log.info("reloaded", components=[reload.name for reload in self._reloads])
+
+    def stop(self, grace: float = RELOAD_GRACE) -> None:
+        """Cancel what runs, wait ``grace`` seconds for it, then leave it behind."""
+        self._stopping.set()
+        self._wanted.set()
+        for reload in self._reloads:
+            if reload.cancel is None:
+                continue
+            try:
+                reload.cancel()
+            except Exception:
+                self._log.exception("reload_cancel_failed", component=reload.name)
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            self._log.warning("reload_abandoned", grace=grace)

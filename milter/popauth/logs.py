@@ -10,6 +10,9 @@ Values come from outside (recipient addresses, user names, client errors),
 so both renderers escape control characters, bytes that were not UTF-8 and
 the backslash (see :mod:`popauth.escaping`): a log line is one line, and an
 ESC sequence in a recipient address never reaches the operator's terminal.
+
+Under systemd (stderr is the journal) each line carries its priority and no
+timestamp: see :mod:`popauth.journal`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import structlog
 
 from popauth.config import LogFormat, LogLevel
 from popauth.escaping import escape_text
+from popauth.journal import is_journal, with_priority
 
 
 class UtcTimestamp:
@@ -59,7 +63,10 @@ def _console_value(value: Any) -> str:
 
 def render_console(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
     """``TIMESTAMP LEVEL EVENT key=value ...``; keys without a value are left out."""
-    head = f"{event.pop('timestamp', '')} {event.pop('level', method):<7} {event.pop('event', '')}"
+    head = f"{event.pop('level', method):<7} {event.pop('event', '')}"
+    stamp = event.pop("timestamp", "")
+    if stamp:  # none for the journal, which stamps each line itself
+        head = f"{stamp} {head}"
     exception = event.pop("exception", None)
     fields = " ".join(
         f"{key}={_console_value(value)}" for key, value in event.items() if value is not None
@@ -83,20 +90,38 @@ def escape_values(
     return event
 
 
+class JournalLines:
+    """A renderer's text with the journal priority of the event's level on each line."""
+
+    def __init__(self, render: structlog.typing.Processor) -> None:
+        self._render = render
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        level = str(event.get("level", method))
+        return with_priority(level, str(self._render(logger, method, event)))
+
+
 def configure_logging(
-    log_format: LogFormat, level: LogLevel
+    log_format: LogFormat, level: LogLevel, journal: bool | None = None
 ) -> structlog.typing.FilteringBoundLogger:
-    """Configure structlog once at start and return the root logger."""
-    processors: list[structlog.typing.Processor] = [
-        structlog.processors.add_log_level,
-        UtcTimestamp(),
-        structlog.processors.format_exc_info,
-    ]
+    """Configure structlog once at start and return the root logger.
+
+    ``journal``: lines for systemd's journal (priorities, no timestamp);
+    None decides by whether stderr is the journal.
+    """
+    if journal is None:
+        journal = is_journal(sys.stderr)
+    processors: list[structlog.typing.Processor] = [structlog.processors.add_log_level]
+    if not journal:
+        processors.append(UtcTimestamp())
+    processors.append(structlog.processors.format_exc_info)
+    renderer: structlog.typing.Processor
     if log_format is LogFormat.JSON:
         processors.append(escape_values)
-        processors.append(structlog.processors.JSONRenderer())
+        renderer = structlog.processors.JSONRenderer()
     else:
-        processors.append(render_console)
+        renderer = render_console
+    processors.append(JournalLines(renderer) if journal else renderer)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level.number),

@@ -4,16 +4,21 @@ The text of an address is not enough: ``user%remote@local.test``,
 ``remote!user@local.test``, ``"user@remote"@local.test`` and source routes all
 end in a local domain, yet an MTA with default settings rewrites them and
 relays the mail. So a recipient counts as local only when every witness
-agrees: the MTA's own transport word (``{rcpt_mailer}``) is a local one, the
-envelope text is a plain address in a local domain, and the address the MTA
-resolved (``{rcpt_addr}``) is too. Anything odd counts as relayed, which at
-worst refuses mail from a stranger; it never lets one relay.
+agrees: the envelope text is a plain address, the address the MTA resolved
+(``{rcpt_addr}``) is too, both domains are in the same *delivery class*
+(Postfix's address classes: local, virtual alias, virtual mailbox, relay),
+and the MTA's own transport word (``{rcpt_mailer}``) is the one that class
+delivers that address with. Anything odd counts as relayed, which at worst
+refuses mail from a stranger; it never lets one relay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from popauth.postfixlists import TransportRoutes, fold
 
 # Characters that route mail onwards from inside a local part (percent hack,
 # bang paths, nested at-signs) or hide such routing (quoting, escapes).
@@ -21,13 +26,26 @@ _ROUTING_CHARACTERS = frozenset('@%!"\\')
 
 
 def normalise_domain(domain: str) -> str:
-    """Domains compare case-insensitively and without the root dot."""
-    return domain.strip().rstrip(".").lower()
+    """Domains compare case-insensitively and without one root dot (as Postfix)."""
+    domain = domain.strip().lower()
+    return domain[:-1] if domain.endswith(".") else domain
+
+
+class DomainMatcher(Protocol):
+    """The domains of one delivery class."""
+
+    def contains_domain(self, domain: str) -> bool:
+        """``domain`` is normalised (see normalise_domain)."""
+        ...
+
+    def entry_for(self, domain: str) -> str | None:
+        """The listed entry that puts ``domain`` here, or None; for explanations."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class DomainSet:
-    """Local domains: exact names, and ``.example.org`` for every subdomain."""
+    """Configured local domains: exact names, and ``.example.org`` for every subdomain."""
 
     names: frozenset[str] = frozenset()
     parents: tuple[str, ...] = ()
@@ -43,11 +61,11 @@ class DomainSet:
                 names.add(normalise_domain(domain))
         return cls(frozenset(names), tuple(parents))
 
+    def contains_domain(self, domain: str) -> bool:
+        return domain in self.names or any(domain.endswith(parent) for parent in self.parents)
+
     def __contains__(self, domain: object) -> bool:
-        if not isinstance(domain, str):
-            return False
-        name = normalise_domain(domain)
-        return name in self.names or any(name.endswith(parent) for parent in self.parents)
+        return isinstance(domain, str) and self.contains_domain(normalise_domain(domain))
 
     def __bool__(self) -> bool:
         return bool(self.names or self.parents)
@@ -59,6 +77,61 @@ class DomainSet:
         if name in self.names:
             return name
         return next((parent for parent in self.parents if name.endswith(parent)), None)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryClass:
+    """One way the MTA delivers here: its domains, and the mailers it uses for them.
+
+    ``routes`` are the MTA's per-address and per-domain exceptions (Postfix's
+    transport_maps): where one applies, its transport is the only local
+    mailer for that address; elsewhere ``mailers`` are.
+    """
+
+    name: str
+    domains: DomainMatcher
+    mailers: frozenset[str]
+    routes: TransportRoutes | None = None
+    # A recipient with no domain at all (Sendmail's bare local user) is here.
+    bare_local_parts: bool = False
+
+    def expected_mailers(self, address: str | None) -> frozenset[str]:
+        """The mailers for a folded ``local@domain`` (None: a bare local part)."""
+        if self.routes is None or address is None:
+            return self.mailers
+        transport = self.routes.transport_for(address)
+        # No entry, or ":nexthop" (an empty transport): the class's own.
+        return frozenset({transport.lower()}) if transport else self.mailers
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDeliveryRules:
+    """Every delivery class, in the MTA's order: the first whose domains match decides."""
+
+    classes: tuple[DeliveryClass, ...] = ()
+    # Every mailer any class could expect: most relayed mail is told by its
+    # mailer alone, without looking at the address.
+    mailers: frozenset[str] = field(init=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        words: set[str] = set()
+        for each in self.classes:
+            words |= each.mailers
+            if each.routes is not None:
+                words |= {word.lower() for word in each.routes.entries.values() if word}
+        object.__setattr__(self, "mailers", frozenset(words))
+
+    @classmethod
+    def configured(cls, domains: Iterable[str], mailers: Iterable[str]) -> LocalDeliveryRules:
+        """One class: these domains with these mailers (``local_domains``/``local_mailers``)."""
+        words = frozenset(mailer.lower() for mailer in mailers)
+        return cls((DeliveryClass("configured", DomainSet.of(domains), words, None, True),))
+
+    def class_of(self, domain: str) -> DeliveryClass | None:
+        return next((c for c in self.classes if c.domains.contains_domain(domain)), None)
+
+    def bare_class(self) -> DeliveryClass | None:
+        return next((c for c in self.classes if c.bare_local_parts), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,29 +162,61 @@ def plain_address_parts(address: str) -> tuple[str, str | None] | None:
         if not domain:
             return None
         domain_or_none = domain
-    if not local or any(character in _ROUTING_CHARACTERS for character in local):
+    if not local or not _ROUTING_CHARACTERS.isdisjoint(local):
         return None
-    if domain_or_none is not None and any(c in _ROUTING_CHARACTERS for c in domain_or_none):
+    if domain_or_none is not None and not _ROUTING_CHARACTERS.isdisjoint(domain_or_none):
         return None
     return local, domain_or_none
 
 
-def _is_plainly_local(address: str, local_domains: DomainSet) -> bool:
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """A plain recipient and the delivery class its domain is in."""
+
+    delivery_class: DeliveryClass
+    # The domain the class was chosen by: the resolved one, else the envelope's.
+    domain: str | None
+    # Folded ``local@domain`` the MTA routes by; None for a bare local part.
+    address: str | None
+
+
+def _parts(address: str) -> tuple[str, str | None] | None:
     parts = plain_address_parts(address)
     if parts is None:
-        return False
-    _, domain = parts
-    # A bare local part (``postmaster``) is completed by the MTA with its own
-    # domain; the mailer check decides whether that is delivered here.
-    return domain is None or domain in local_domains
+        return None
+    local, domain = parts
+    return local, None if domain is None else normalise_domain(domain)
 
 
-def is_local_recipient(
-    recipient: Recipient, local_domains: DomainSet, local_mailers: frozenset[str]
-) -> bool:
-    """True only when the MTA will deliver this recipient locally."""
-    if recipient.mailer is None or recipient.mailer.lower() not in local_mailers:
+def classify(recipient: Recipient, rules: LocalDeliveryRules) -> Classified | None:
+    """The class of a plain recipient, or None (disguised, or in no class)."""
+    envelope = _parts(recipient.envelope)
+    if envelope is None:
+        return None
+    routed = envelope
+    if recipient.resolved is not None:
+        resolved = _parts(recipient.resolved)
+        if resolved is None:
+            return None
+        # Sendmail hands the local mailer a bare user: the envelope names the domain.
+        if resolved[1] is not None:
+            routed = resolved
+    local, domain = routed
+    chosen = rules.bare_class() if domain is None else rules.class_of(domain)
+    if chosen is None:
+        return None
+    if envelope[1] not in (None, domain) and not chosen.domains.contains_domain(envelope[1]):
+        return None
+    address = None if domain is None else f"{fold(local)}@{domain}"
+    return Classified(chosen, domain, address)
+
+
+def is_local_recipient(recipient: Recipient, rules: LocalDeliveryRules) -> bool:
+    """True only when the MTA will deliver this recipient here."""
+    if recipient.mailer is None:
         return False
-    if not _is_plainly_local(recipient.envelope, local_domains):
+    mailer = recipient.mailer.lower()
+    if mailer not in rules.mailers:
         return False
-    return recipient.resolved is None or _is_plainly_local(recipient.resolved, local_domains)
+    found = classify(recipient, rules)
+    return found is not None and mailer in found.delivery_class.expected_mailers(found.address)

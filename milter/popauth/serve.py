@@ -39,6 +39,7 @@ from popauth.persistence import (
     StateFileMissing,
     prepare_state_directory,
 )
+from popauth.settings_reload import SettingsChangeCheck
 from popauth.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
 from popauth.store.memory import MemoryStore
@@ -189,8 +190,11 @@ def socketmap_server(
     )
 
 
-def serve(settings: Settings) -> Stopped:
-    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback."""
+def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
+    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback.
+
+    ``settings_path`` is the file ``settings`` came from: a reload compares it.
+    """
     sys.setswitchinterval(SWITCH_INTERVAL)
     log = configure_logging(settings.log.format, settings.log.level)
     # First: without local domains and mailers nothing else is worth starting.
@@ -204,7 +208,7 @@ def serve(settings: Settings) -> Stopped:
     metrics.track_whitelist_size(lambda: store.stats().entries)
     saver = PeriodicSaver(interval=settings.store.snapshot_interval, saves=state.saves, log=log)
     policy = settings.relay.policy(local)
-    if not policy.local_domains:
+    if not any(learned.has_domains() for learned in local.classes):
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
     gate = RelayGate(
         policy=policy,
@@ -216,9 +220,9 @@ def serve(settings: Settings) -> Stopped:
         log=log,
     )
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
-    lifecycle.on_reload(
-        "local_delivery", LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
-    )
+    reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
+    lifecycle.on_reload("local_delivery", reloader, reloader.cancel)
+    lifecycle.on_reload("settings", SettingsChangeCheck(settings_path, settings, log))
     replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
     explainer = Explainer(
         gate=gate,
@@ -232,6 +236,7 @@ def serve(settings: Settings) -> Stopped:
         path=settings.ingest.socket,
         mode=settings.ingest.socket_mode,
         group=settings.ingest.socket_group,
+        acl_groups=settings.ingest.socket_acl_groups,
         store=store,
         keying=keying,
         peers=PeerPolicy.of(

@@ -4,7 +4,8 @@ A login whitelists its address for ``ttl`` seconds, but an IMAP client may
 stay connected (IDLE) for hours without logging in again. This companion
 runs on the Dovecot host. Every ``session_renew_interval`` seconds it lists
 the live sessions with ``doveadm who -1`` and sends ``RENEW address user``
-for each, in one connection, to the local ingest socket. The endpoint only
+for each, pipelined over one connection, to the local ingest socket, which
+renews them a batch at a time. The endpoint only
 extends an entry that exists and belongs to that user, and refuses blocked
 users, so a revoke or a block wins until the user's next real login; and
 an address whose session ended simply expires ``ttl`` after its last
@@ -26,13 +27,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
 from popauth.addresses import AddressError, parse_client_address
 from popauth.client import IngestClient, IngestUnreachable
+from popauth.ingest import wire
+from popauth.journal import is_journal, with_priority
 from popauth.usernames import is_valid_user_name
 
 # Column titles in ``doveadm -f tab who -1`` output (Dovecot 2.3 says
@@ -149,19 +152,31 @@ class RenewalCounts:
     first_error: str = ""
 
 
+_RENEWED = f"{wire.OK} "
+_NOT_FOUND = f"{wire.NOT_FOUND} "
+_BLOCKED = f"{wire.ERR} {wire.ErrorCode.BLOCKED.value} "
+
+
 def renew_sessions(client: IngestClient, sessions: Sequence[Session]) -> RenewalCounts:
-    """Send one RENEW per session over one connection; count the replies."""
+    """Send one RENEW per session over one connection; count the replies.
+
+    They are pipelined, :data:`wire.RENEW_BATCH` at a time, so the endpoint
+    renews each window in one step (with Redis, one script call).
+    """
     if not sessions:
         return RenewalCounts()
-    replies = client.request_many([f"RENEW {s.address} {s.user}" for s in sessions])
+    replies = client.request_many(
+        [f"{wire.Verb.RENEW.value} {s.address} {s.user}" for s in sessions],
+        window=wire.RENEW_BATCH,
+    )
     renewed = not_found = blocked = errors = 0
     first_error = ""
     for reply in replies:
-        if reply.startswith("OK "):
+        if reply.startswith(_RENEWED):
             renewed += 1
-        elif reply.startswith("NOTFOUND"):
+        elif reply.startswith(_NOT_FOUND):
             not_found += 1
-        elif reply.startswith("ERR blocked"):
+        elif reply.startswith(_BLOCKED):
             blocked += 1
         else:
             errors += 1
@@ -185,16 +200,21 @@ class EventLog:
     def __call__(self, level: str, event: str, **fields: Any) -> None:
         if self._LEVELS.index(level) < self._threshold:
             return
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        stamp += f".{int(now % 1 * 1000):03d}Z"
+        stream = self._stream or sys.stderr
+        # The journal stamps each line itself and reads its priority prefix.
+        journal = is_journal(stream)
+        stamp = ""
+        if not journal:
+            now = time.time()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            stamp += f".{int(now % 1 * 1000):03d}Z"
         if self._json:
-            line = json.dumps({**fields, "event": event, "level": level, "timestamp": stamp})
+            stamped = {"timestamp": stamp} if stamp else {}
+            line = json.dumps({**fields, "event": event, "level": level, **stamped})
         else:
             words = " ".join(f"{key}={json.dumps(value)}" for key, value in fields.items())
-            line = f"{stamp} {level:<7} {event} {words}".rstrip()
-        stream = self._stream or sys.stderr
-        print(line, file=stream, flush=True)
+            line = f"{stamp} {level:<7} {event} {words}".strip()
+        print(with_priority(level, line) if journal else line, file=stream, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,8 +274,12 @@ class SessionRenewer:
         )
         return counts.errors == 0
 
-    def run(self, stop: threading.Event) -> None:
-        """Cycle every interval until ``stop`` is set (SIGTERM, SIGINT)."""
+    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
+        """Cycle every interval until ``stop`` is set (SIGTERM, SIGINT).
+
+        ``on_ready`` runs once the first cycle is done (systemd's READY=1):
+        the settings were usable and the renewer is cycling.
+        """
         plan = self._plan
         self._log(
             "info",
@@ -268,6 +292,9 @@ class SessionRenewer:
         due = time.monotonic()
         while not stop.is_set():
             self.cycle()
+            if on_ready is not None:
+                on_ready()
+                on_ready = None
             due += plan.interval
             # A late cycle starts the next one at once, never a burst of them.
             due = max(due, time.monotonic())
@@ -275,7 +302,9 @@ class SessionRenewer:
         self._log("info", "sessions_stopped")
 
 
-def run_until_signalled(renewer: SessionRenewer) -> None:
+def run_until_signalled(
+    renewer: SessionRenewer, on_ready: Callable[[], None] | None = None
+) -> None:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -283,4 +312,4 @@ def run_until_signalled(renewer: SessionRenewer) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    renewer.run(stop)
+    renewer.run(stop, on_ready)

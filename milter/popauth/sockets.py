@@ -7,11 +7,17 @@ import grp
 import os
 import socket
 import stat
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 
 class SocketInUse(RuntimeError):
     """Another process is already serving on the socket path."""
+
+
+class SocketSetupError(RuntimeError):
+    """A socket's permissions cannot be set as configured; the message says why."""
 
 
 def resolve_gid(group: str) -> int:
@@ -49,10 +55,46 @@ def prepare_directory(path: Path) -> None:
         directory.mkdir(parents=True, mode=0o755)
 
 
-def set_permissions(path: Path, mode: int, group: str) -> None:
+def set_permissions(path: Path, mode: int, group: str, acl_groups: Iterable[str] = ()) -> None:
     if group:
         os.chown(path, -1, resolve_gid(group))
     os.chmod(path, mode)
+    gids = sorted({resolve_gid(name) for name in acl_groups})
+    if gids:
+        try:
+            os.setxattr(path, _ACCESS_ACL, access_acl(mode, gids))
+        except OSError as error:
+            raise SocketSetupError(
+                f"{path}: cannot give the groups {', '.join(acl_groups)} access by a POSIX ACL: "
+                f"{error.strerror}"
+            ) from None
+
+
+# The kernel's binary form of a POSIX access ACL (linux/posix_acl_xattr.h),
+# set directly: the standard library has no ACL calls, and the setfacl
+# program may be missing.
+_ACCESS_ACL = "system.posix_acl_access"
+_ACL_VERSION = 2
+_USER_OBJ, _GROUP_OBJ, _NAMED_GROUP, _MASK, _OTHER = 0x01, 0x04, 0x08, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+# Connecting to a UNIX socket needs write permission; read and write, as
+# ingest_socket_mode = "0660" gives its group.
+_READ_WRITE = 0o6
+
+
+def access_acl(mode: int, gids: Iterable[int]) -> bytes:
+    """The ACL of ``mode`` plus read and write for each group in ``gids``."""
+
+    def entry(tag: int, permissions: int, ident: int = _NO_ID) -> bytes:
+        return struct.pack("<HHI", tag, permissions, ident)
+
+    owner, group, other = (mode >> 6) & 0o7, (mode >> 3) & 0o7, mode & 0o7
+    # Entries in the kernel's order: by tag, named groups by id; the mask
+    # is the union of the group class, as setfacl computes it.
+    entries = [entry(_USER_OBJ, owner), entry(_GROUP_OBJ, group)]
+    entries += [entry(_NAMED_GROUP, _READ_WRITE, gid) for gid in sorted(set(gids))]
+    entries += [entry(_MASK, group | _READ_WRITE), entry(_OTHER, other)]
+    return struct.pack("<I", _ACL_VERSION) + b"".join(entries)
 
 
 def remove_socket(path: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from popauth.config import LocalDeliverySettings, Settings
 from popauth.localdelivery import LearnError
-from popauth.localdelivery.commands import Runner, run_command
+from popauth.localdelivery.commands import Runner
 from popauth.localdelivery.resolve import learn_from_mta
 
 TRY_IT_DOMAIN = "example.test"
@@ -50,7 +50,7 @@ class Mode(enum.Enum):
     TRY_IT = "try-it"
 
 
-def host_has_mta(local: LocalDeliverySettings, run: Runner = run_command) -> bool:
+def host_has_mta(local: LocalDeliverySettings, run: Runner | None = None) -> bool:
     """Whether a Postfix or Sendmail configuration is here to learn from.
 
     A configuration that exists but cannot be read counts as an MTA: plain

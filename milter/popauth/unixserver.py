@@ -11,7 +11,11 @@ a cap, and serves each connection with :class:`FramedConnection`: requests
 framed by the door, answered in order, one at a time, with a timeout while
 idle and one per request, and store calls off the loop when they may block.
 A door says how requests are framed (:meth:`split_request`) and answered
-(:meth:`answer_request`), and what each kind of refusal sounds like.
+(:meth:`answer_request`), and what each kind of refusal sounds like. A door
+may also answer several pipelined requests in one step
+(:meth:`joins_batch`, :meth:`answer_batch`): those that a client sent
+before reading any reply, and that have arrived, are taken together, still
+one reply each and in order.
 
 Connections are plain asyncio Protocols: streams (a reader, a writer and a
 coroutine per read) cost more than the small requests themselves.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import functools
 import os
 import platform
 import socket
@@ -129,10 +134,12 @@ class UnixStreamServer(abc.ABC):
         log: structlog.typing.FilteringBoundLogger,
         max_clients_per_uid: int | None = None,
         first_byte_timeout: float | None = None,
+        acl_groups: tuple[str, ...] = (),
     ) -> None:
         self._path = path
         self._mode = mode
         self._group = group
+        self._acl_groups = acl_groups
         self._max_clients = max_clients
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
@@ -184,6 +191,24 @@ class UnixStreamServer(abc.ABC):
         Runs in a worker thread when the store may block.
         """
 
+    def joins_batch(self, request: bytes) -> bool:
+        """Whether ``request`` may be answered together with the requests of
+        the same kind that follow it (see :meth:`answer_batch`)."""
+        return False
+
+    def answer_batch(self, requests: list[bytes], peer: Peer) -> list[tuple[bytes, bool]]:
+        """The replies to consecutive requests that :meth:`joins_batch`
+        admitted (at most :attr:`max_batch`), one each, in order.
+
+        Runs in a worker thread when the store may block.
+        """
+        return [self.answer_request(request, peer) for request in requests]
+
+    @property
+    def max_batch(self) -> int:
+        """The most requests :meth:`answer_batch` is given at once."""
+        return 1
+
     def note(self, event: str, peer: Peer) -> None:
         """A refusal happened (busy, timeout, partial, framing): log or count it."""
         self._log.warning(event, peer_uid=peer.uid)
@@ -210,6 +235,21 @@ class UnixStreamServer(abc.ABC):
             self._log.exception("request_failed", peer_uid=peer.uid)
             return self.refusals.internal, True
 
+    def answer_batch_safely(self, requests: list[bytes], peer: Peer) -> list[tuple[bytes, bool]]:
+        """:meth:`answer_batch` (:meth:`answer_safely` for one request), with
+        every request of a batch that fails unexpectedly, or that answers a
+        different number of replies, given the internal-error reply."""
+        if len(requests) == 1:
+            return [self.answer_safely(requests[0], peer)]
+        try:
+            replies = self.answer_batch(requests, peer)
+            if len(replies) != len(requests):
+                raise RuntimeError(f"{len(replies)} replies to {len(requests)} requests")
+        except Exception:
+            self._log.exception("request_failed", peer_uid=peer.uid, requests=len(requests))
+            return [(self.refusals.internal, True)] * len(requests)
+        return replies
+
     # --- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
@@ -219,7 +259,7 @@ class UnixStreamServer(abc.ABC):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self._path))
-            set_permissions(self._path, self._mode, self._group)
+            set_permissions(self._path, self._mode, self._group, self._acl_groups)
             # Bursts of connects must wait in the backlog, not fail with
             # EAGAIN (the kernel caps this at net.core.somaxconn).
             listener.listen(LISTEN_BACKLOG)
@@ -430,6 +470,7 @@ class FramedConnection(asyncio.Protocol):
                 return
             request, length = framed
             del self._buffer[:length]
+            batch = self._take_batch(request)
             self._wait(idle=not self._buffer)
             if self._busy:
                 self._finish(self._door.refusals.busy)
@@ -440,34 +481,62 @@ class FramedConnection(asyncio.Protocol):
                 assert self._transport is not None
                 self._transport.pause_reading()
                 done = asyncio.get_running_loop().run_in_executor(
-                    None, self._door.answer_safely, request, self._peer
+                    None, self._door.answer_batch_safely, batch, self._peer
                 )
-                done.add_done_callback(self._answered)
+                done.add_done_callback(functools.partial(self._answered, len(batch)))
                 return
-            self._reply(*self._door.answer_safely(request, self._peer))
+            self._reply_all(self._door.answer_batch_safely(batch, self._peer))
 
-    def _answered(self, done: asyncio.Future[tuple[bytes, bool]]) -> None:
+    def _take_batch(self, first: bytes) -> list[bytes]:
+        """``first`` and the complete requests after it that may join it.
+
+        Only what has already arrived is taken: a batch never waits for more.
+        A request that cannot be framed stays in the buffer, to be refused
+        after the batch has been answered.
+        """
+        batch = [first]
+        door = self._door
+        if not door.joins_batch(first):
+            return batch
+        while len(batch) < door.max_batch and self._buffer:
+            try:
+                framed = door.split_request(self._buffer)
+            except Exception:
+                break
+            if framed is None or not door.joins_batch(framed[0]):
+                break
+            batch.append(framed[0])
+            del self._buffer[: framed[1]]
+        return batch
+
+    def _answered(self, count: int, done: asyncio.Future[list[tuple[bytes, bool]]]) -> None:
         self._in_flight = False
         if not self._open():
             return
         failure = done.exception()
         if failure is not None:
-            # answer_safely catches every Exception; this is the executor
-            # itself failing (e.g. shut down under us).
+            # answer_batch_safely catches every Exception; this is the
+            # executor itself failing (e.g. shut down under us).
             self._door.log.error("request_failed", error=repr(failure), exc_info=failure)
-            self._reply(self._door.refusals.internal, True)
+            self._reply_all([(self._door.refusals.internal, True)] * count)
         else:
-            self._reply(*done.result())
+            self._reply_all(done.result())
+        if not self._open():
+            return
         assert self._transport is not None
         self._transport.resume_reading()
         self._serve()
 
-    def _reply(self, reply: bytes, keep_open: bool) -> None:
+    def _reply_all(self, replies: list[tuple[bytes, bool]]) -> None:
+        """Write the replies of a batch in one piece; close after one that says so."""
         assert self._transport is not None
         self.last_active = asyncio.get_running_loop().time()
-        self._transport.write(reply)
-        if not keep_open:
-            self._transport.close()
+        for end, (_, keep_open) in enumerate(replies, 1):
+            if not keep_open:
+                self._transport.write(b"".join(reply for reply, _ in replies[:end]))
+                self._transport.close()
+                return
+        self._transport.write(b"".join(reply for reply, _ in replies))
 
     def _finish(self, reply: bytes | None) -> None:
         """Send a last reply (if any) and close."""

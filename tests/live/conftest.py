@@ -8,7 +8,6 @@ reconnects to for every SMTP session.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from tests.live.dovecot import DovecotInstance
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
+from tests.support.leftovers import make_run_directory
 from tests.support.popauth_server import PopauthServer
 from tests.support.shared_runtime import shared_runtime
 
@@ -40,8 +40,7 @@ LIVE_SETTINGS: dict[str, Any] = {
 
 @pytest.fixture(scope="session")
 def live_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="popauth-live-"))
-    root.chmod(0o755)
+    root = make_run_directory("popauth-live-")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

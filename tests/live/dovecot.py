@@ -31,6 +31,7 @@ absolute paths or set ``PATH`` itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import imaplib
 import os
 import poplib
@@ -63,12 +64,107 @@ class DovecotError(RuntimeError):
     """Dovecot failed to start or stop; the message carries the log tail."""
 
 
-def _login_service(proto: str, port: int, listen: str) -> list[str]:
+@functools.cache
+def dovecot_version() -> tuple[int, ...]:
+    """The installed Dovecot's version from ``dovecot --version`` (``2.4.1-4 (7d8c0e5759)``)."""
+    try:
+        completed = subprocess.run(
+            ["dovecot", "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except FileNotFoundError:
+        raise DovecotError("dovecot is not installed: run scripts/bootstrap test") from None
+    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", completed.stdout.strip())
+    if completed.returncode != 0 or found is None:
+        raise DovecotError(f"dovecot --version: {completed.stdout}{completed.stderr}")
+    return tuple(int(part) for part in found.groups("0"))
+
+
+class DovecotSyntax:
+    """The settings whose syntax changed in Dovecot 2.4, for the installed version.
+
+    2.4 refuses 2.3's names (and the reverse): every file it reads starts
+    with ``dovecot_config_version``; ``%u`` became ``%{user}``; passdb and
+    userdb blocks are named by their driver.
+    """
+
+    def __init__(self, version: tuple[int, ...]) -> None:
+        self.version = version
+        self.is_2_4 = version >= (2, 4)
+
+    def preamble(self) -> list[str]:
+        """The first lines of dovecot.conf."""
+        if not self.is_2_4:
+            return []
+        version = ".".join(str(part) for part in self.version[:3])
+        return [f"dovecot_config_version = {version}", f"dovecot_storage_version = {version}"]
+
+    @property
+    def user(self) -> str:
+        return "%{user}" if self.is_2_4 else "%u"
+
+    @property
+    def user_name_lower(self) -> str:
+        """The user name without ``@domain``, lower case (``%Ln`` in 2.3)."""
+        return "%{user | username | lower}" if self.is_2_4 else "%Ln"
+
+    @property
+    def listener_address(self) -> str:
+        """The address setting of an ``inet_listener`` (2.4: the global ``listen``)."""
+        return "listen" if self.is_2_4 else "address"
+
+    def allow_cleartext(self) -> str:
+        return "auth_allow_cleartext = yes" if self.is_2_4 else "disable_plaintext_auth = no"
+
+    def maildir(self, path: str) -> list[str]:
+        """Mail in the Maildir at ``path`` (which may use :attr:`user`)."""
+        if self.is_2_4:
+            return ["mail_driver = maildir", f"mail_path = {path}"]
+        return [f"mail_location = maildir:{path}"]
+
+    def passwd_file(self, path: Path) -> list[str]:
+        """A passwd-file passdb of ``{PLAIN}`` passwords keyed by the whole user name."""
+        if self.is_2_4:
+            return [
+                "passdb passwd-file {",
+                f"  passwd_file_path = {path}",
+                "  default_password_scheme = PLAIN",
+                "}",
+            ]
+        return [
+            "passdb {",
+            "  driver = passwd-file",
+            f"  args = scheme=PLAIN username_format=%u {path}",
+            "}",
+        ]
+
+    def static_userdb(self, uid: int, gid: int, home: str) -> list[str]:
+        if self.is_2_4:
+            return [
+                "userdb static {",
+                "  fields {",
+                f"    uid = {uid}\n    gid = {gid}\n    home = {home}",
+                "  }",
+                "}",
+            ]
+        return [
+            "userdb {",
+            "  driver = static",
+            f"  args = uid={uid} gid={gid} home={home}",
+            "}",
+        ]
+
+
+def dovecot_syntax() -> DovecotSyntax:
+    """The syntax of the installed Dovecot."""
+    return DovecotSyntax(dovecot_version())
+
+
+def _login_service(proto: str, port: int, listen: str, syntax: DovecotSyntax) -> list[str]:
     """``service pop3-login`` / ``imap-login``: plain port on ``listen``, no TLS port."""
     return [
         f"service {proto}-login {{",
         f"  inet_listener {proto} {{",
-        f"    address = {listen}",
+        f"    {syntax.listener_address} = {listen}",
         f"    port = {port}",
         "  }",
         f"  inet_listener {proto}s {{",
@@ -149,7 +245,10 @@ class DovecotInstance(Daemon):
         if self.lmtp_socket is not None:
             protocols += " lmtp"
         mail = pwd.getpwnam(MAIL_USER)
+        syntax = dovecot_syntax()
+        mail_root = self.root / "mail"
         parts = [
+            *syntax.preamble(),
             f"protocols = {protocols}",
             f"listen = {self.listen}",
             f"base_dir = {self.base_dir}",
@@ -157,27 +256,21 @@ class DovecotInstance(Daemon):
             f"log_path = {self.log_file}",
             f"instance_name = dovecot-{self.pop3_port}",
             "ssl = no",
-            "disable_plaintext_auth = no",
+            syntax.allow_cleartext(),
             "auth_mechanisms = plain login",
             "auth_verbose = yes",
             "auth_failure_delay = 0",  # failed logins answer at once
-            f"mail_location = maildir:{self.root / 'mail'}/%u/Maildir",
+            *syntax.maildir(f"{mail_root}/{syntax.user}/Maildir"),
             f"first_valid_uid = {mail.pw_uid}",
             f"last_valid_uid = {mail.pw_uid}",
             f"first_valid_gid = {mail.pw_gid}",
             f"last_valid_gid = {mail.pw_gid}",
-            "passdb {",
-            "  driver = passwd-file",
-            f"  args = scheme=PLAIN username_format=%u {self.root / 'users'}",
-            "}",
-            "userdb {",
-            "  driver = static",
-            f"  args = uid={mail.pw_uid} gid={mail.pw_gid} home={self.root / 'mail'}/%u",
-            "}",
-            *_login_service("pop3", self.pop3_port, self.listen),
+            *syntax.passwd_file(self.root / "users"),
+            *syntax.static_userdb(mail.pw_uid, mail.pw_gid, f"{mail_root}/{syntax.user}"),
+            *_login_service("pop3", self.pop3_port, self.listen, syntax),
         ]
         if self.imap_port is not None:
-            parts += _login_service("imap", self.imap_port, self.listen)
+            parts += _login_service("imap", self.imap_port, self.listen, syntax)
         if self.auth_socket_for_postfix is not None:
             parts += [
                 "service auth {",
@@ -193,7 +286,7 @@ class DovecotInstance(Daemon):
                 "service lmtp {",
                 f"  unix_listener {self.lmtp_socket} {{\n    mode = 0666\n  }}",
                 "}",
-                "protocol lmtp {\n  auth_username_format = %Ln\n}",
+                f"protocol lmtp {{\n  auth_username_format = {syntax.user_name_lower}\n}}",
             ]
         if self.postlogin_hook is not None:
             # script-login env_clean()s before exec'ing the hook, so
@@ -207,7 +300,9 @@ class DovecotInstance(Daemon):
                     f"service {proto} {{\n  executable = {proto} {proto}-postlogin\n}}",
                     f"service {proto}-postlogin {{",
                     f"  executable = script-login {hook_command}",
-                    "  user = $default_internal_user",
+                    # Dovecot's default_internal_user; the variable is spelt
+                    # differently in 2.3 and 2.4, the name works in both.
+                    "  user = dovecot",
                     f"  unix_listener {proto}-postlogin {{\n  }}",
                     "}",
                 ]

@@ -330,6 +330,14 @@ class InetdServer:
 
 
 COURIER_BIN = Path("usr/lib/courier/courier")
+COURIERTCPD = Path("/usr/sbin/couriertcpd")  # courier-base
+
+
+def couriertcpd_has_ident(couriertcpd: Path = COURIERTCPD) -> bool:
+    """Whether couriertcpd knows IDENT lookups (Courier 1.0, Debian 12), and so the
+    ``-noidentlookup`` that turns them off; 1.4 (Debian 13) dropped both and
+    refuses the option."""
+    return b"noidentlookup" in couriertcpd.read_bytes()
 
 
 def courier_pop3d(jail: Jail, port: int, package_root: Path) -> InetdServer:
@@ -354,7 +362,8 @@ def courier_pop3d(jail: Jail, port: int, package_root: Path) -> InetdServer:
         "/usr/sbin/courierlogger -name=authdaemond /usr/lib/courier/courier-authlib/authdaemond &"
         " while [ ! -S /run/courier/authdaemon/socket ]; do sleep 0.02; done;"
         " exec /usr/sbin/courierlogger -name=courierpop3login /usr/sbin/couriertcpd"
-        " -address=127.0.0.1 -maxprocs=40 -maxperip=40 -nodnslookup -noidentlookup"
+        " -address=127.0.0.1 -maxprocs=40 -maxperip=40 -nodnslookup"
+        f"{' -noidentlookup' if couriertcpd_has_ident() else ''}"
         f" {port} {programs}/courierpop3login {programs}/courierpop3d Maildir"
     )
     return InetdServer(jail, port, ["/bin/sh", "-c", script], inetd=False)

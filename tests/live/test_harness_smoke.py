@@ -1,24 +1,31 @@
 """Smoke tests of the live harness itself: private Postfix and Dovecot instances.
 
 No milter is involved; these only prove that the instances start, answer, stop,
-can run side by side, and that the Dovecot post-login hook sees ``hook_env``.
+can run side by side, that the Dovecot post-login hook sees ``hook_env``, and
+that a daemon left running is found by the end-of-run check.
 """
 
 from __future__ import annotations
 
+import signal
 import smtplib
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.ports import free_port, read_banner
+from tests.live.ports import free_port, read_banner, wait_pid_gone
 from tests.live.postfix import PostfixInstance
+from tests.support.leftovers import processes_inside, stop_leftovers
 
 # No skips: a missing daemon or missing root must fail the run, not hide it.
 pytestmark = pytest.mark.live
 
 USERS = {"alice": "{PLAIN}secret"}
+# A process that waits and names a path on its command line.
+SLEEPER = ("/usr/bin/python3", "-c", "import time; time.sleep(300)")
 
 
 def test_postfix_banner_twice(open_tmp: Path) -> None:
@@ -93,3 +100,34 @@ def test_smtp_auth_through_dovecot(open_tmp: Path) -> None:
         client.ehlo("client.example")
         code, _ = client.login("alice", "secret")
         assert code == 235
+
+
+def test_a_daemon_left_running_is_found_by_its_directory_and_stopped(open_tmp: Path) -> None:
+    """What the end-of-run check relies on: Postfix's master, daemonised into
+    its queue directory, and a process naming a file of the run, are found;
+    a process naming a directory that merely starts with the same name is not."""
+    run = open_tmp / "run"
+    run.mkdir()
+    other = open_tmp / "run-other"  # "run" is a prefix of its name, not its parent
+    other.mkdir()
+    postfix = PostfixInstance(root=run / "postfix", smtp_port=free_port(), milter=None)
+    named = subprocess.Popen([*SLEEPER, str(run / "a-file")])
+    unrelated = subprocess.Popen([*SLEEPER, str(other / "a-file")])
+    try:
+        postfix.start()
+        found = {leftover.pid: leftover.evidence for leftover in processes_inside([run])}
+        master = int((postfix.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        assert found.get(master) == "cwd", found
+        assert found.get(named.pid) == "cmdline", found
+        assert unrelated.pid not in found
+        stopped = {leftover.pid for leftover in stop_leftovers([run])}
+        assert {master, named.pid} <= stopped
+        assert named.wait(10) == -signal.SIGTERM
+        assert wait_pid_gone(master, time.monotonic() + 10)
+        assert processes_inside([run]) == []
+        assert unrelated.poll() is None
+    finally:
+        postfix.stop()
+        for process in (named, unrelated):
+            process.kill()
+            process.wait()

@@ -285,6 +285,65 @@ def test_a_foreign_mailer_for_a_local_domain_is_warned_once(
     ]
 
 
+# A backup MX for backup.test that must not relay for one customer's
+# subdomain, on a host whose example.test has one address routed onwards
+# over smtp (the default transport's word). popauth once learned "smtp" as a
+# local mailer and ".backup.test" without the exclusion: a stranger's mail to
+# customer.backup.test was accepted as local and Postfix relayed it away.
+BACKUP_MX = Layout(
+    name="backup-mx-with-an-exclusion",
+    domain="backup.test",
+    mailer="relay",
+    mailer_origin="postfix relay_transport (for relay_domains)",
+    main_cf=lambda root: {
+        "myhostname": "mx.example.test",
+        "mydestination": "$myhostname, example.test, localhost",
+        # parent_domain_matches_subdomains includes relay_domains by default.
+        "relay_domains": "!customer.backup.test, backup.test",
+        "transport_maps": f"texthash:{root}/transport",
+    },
+    files={"transport": "legacy@example.test smtp:[192.0.2.10]\n"},
+)
+
+
+def test_an_excluded_relay_domain_is_refused_to_strangers(
+    live_root: Path, popauth_dir: Path, start_popauth: PopauthFactory
+) -> None:
+    root = live_root / f"postfix-exclusion-{time.monotonic_ns()}"
+    postfix = start_layout_postfix(root, popauth_dir, BACKUP_MX)
+    try:
+        popauth = start_popauth(**LEARNED_ONLY, postfix_config_directory=str(postfix.config_dir))
+        port = postfix.smtp_port
+        for excluded in ("anyone@customer.backup.test", "anyone@deep.customer.backup.test"):
+            reply = rcpt_reply(port, STRANGER, excluded)
+            decision = popauth.events("relay_decision")[-1]
+            # Postfix would relay it: its default class, with the default transport.
+            assert decision["rcpt_mailer"] == "smtp", decision
+            assert_relay_denied(reply)
+            assert decision["reason"] == "relay_denied", decision
+        # The rest of the backup MX, and the routed address, still come in.
+        expected = {
+            "anyone@backup.test": "relay",
+            "anyone@sub.backup.test": "relay",
+            "legacy@example.test": "smtp",
+            "other@example.test": "local",
+        }
+        for recipient, mailer in expected.items():
+            assert_inbound_accepted(port, recipient)
+            accepted = popauth.events("relay_decision")[-1]
+            assert (accepted["reason"], accepted["rcpt_mailer"]) == ("local_recipient", mailer)
+        # smtp is local for the routed address only.
+        assert_relay_denied(rcpt_reply(port, STRANGER, "someone@remote.example"))
+        assert_relays_refused(port, "backup.test", popauth)
+        assert_relays_refused(port, "example.test", popauth)
+        shown = check_config(popauth)
+        assert "delivery class relay: relay_domains (a name matches its subdomains too)" in shown
+        assert "  !customer.backup.test    postfix relay_domains" in shown
+        assert "(legacy@example.test)" in shown
+    finally:
+        postfix.stop()
+
+
 def test_sighup_learns_a_new_domain(
     live_root: Path, popauth_dir: Path, start_popauth: PopauthFactory
 ) -> None:

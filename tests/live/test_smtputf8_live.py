@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,6 +19,7 @@ from tests.live.dovecot import DovecotInstance
 from tests.live.ports import free_port
 from tests.live.postfix import PostfixInstance
 from tests.live.smtp import SmtpSession
+from tests.support.leftovers import make_run_directory
 from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
@@ -54,8 +53,7 @@ class Utf8Session(SmtpSession):
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[tuple[PostfixInstance, PopauthServer]]:
-    root = Path(tempfile.mkdtemp(prefix="popauth-utf8-"))
-    root.chmod(0o755)
+    root = make_run_directory("popauth-utf8-")
     (root / "sasl").mkdir(mode=0o755)
     (root / "popauth").mkdir(mode=0o755)
     dovecot = Utf8Dovecot(

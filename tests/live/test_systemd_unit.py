@@ -90,7 +90,7 @@ def test_the_unit_runs_popauth_unprivileged_and_notifies() -> None:
     assert unit_lines("RuntimeDirectory") == ["popauth"]
     assert unit_lines("StateDirectory") == ["popauth"]
     assert unit_lines("ReadWritePaths") == ["-/var/spool/postfix/popauth"]
-    assert unit_lines("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    assert unit_lines("ExecReload") == ["/bin/sh -c 'kill -HUP \"$MAINPID\"'"]
 
 
 def spool_command() -> str:

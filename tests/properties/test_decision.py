@@ -25,7 +25,7 @@ from popauth.decision import (
     decide_recipient,
     decide_sender,
 )
-from popauth.recipients import DomainSet, Recipient, is_local_recipient
+from popauth.recipients import DomainSet, LocalDeliveryRules, Recipient, is_local_recipient
 from tests.properties.strategies import client_addresses
 
 LOCAL_DOMAINS = ("local.test", ".hosted.test")
@@ -54,10 +54,10 @@ def policies(draw: st.DrawFn) -> RelayPolicy:
             max_size=3,
         )
     )
+    domains = draw(st.lists(st.sampled_from(LOCAL_DOMAINS), max_size=2))
     return RelayPolicy(
         trusted_networks=NetworkSet.of(ipaddress.ip_network(n) for n in networks),
-        local_domains=DomainSet.of(draw(st.lists(st.sampled_from(LOCAL_DOMAINS), max_size=2))),
-        local_mailers=LOCAL_MAILERS,
+        local_delivery=LocalDeliveryRules.configured(domains, LOCAL_MAILERS),
         pop_first=draw(st.sampled_from(list(PopFirst))),
     )
 
@@ -80,8 +80,10 @@ def oracle_domain(address: str) -> str | None:
 def oracle_is_local_domain(domain: str | None, policy: RelayPolicy) -> bool:
     if domain is None:
         return True  # a bare local part: the mailer decides
-    return domain in policy.local_domains.names or any(
-        domain.endswith(parent) for parent in policy.local_domains.parents
+    (configured,) = policy.local_delivery.classes
+    assert isinstance(configured.domains, DomainSet)
+    return domain in configured.domains.names or any(
+        domain.endswith(parent) for parent in configured.domains.parents
     )
 
 
@@ -143,8 +145,7 @@ def test_smtp_auth_always_relays(
 def test_a_local_recipient_has_a_local_mailer_and_no_routing(
     recipient: Recipient, domains: list[str]
 ) -> None:
-    local_domains = DomainSet.of(domains)
-    if not is_local_recipient(recipient, local_domains, LOCAL_MAILERS):
+    if not is_local_recipient(recipient, LocalDeliveryRules.configured(domains, LOCAL_MAILERS)):
         return
     assert recipient.mailer is not None and recipient.mailer.lower() in LOCAL_MAILERS
     for address in filter(None, [recipient.envelope, recipient.resolved]):

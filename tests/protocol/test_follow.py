@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from popauth.follow.sources import MAX_LINE
 from tests.support.follower import FollowerProcess, wait_until
 from tests.support.popauth_server import PopauthServer
 
@@ -153,3 +154,37 @@ def test_courier_is_refused_where_a_mail_user_can_forge_its_line(
     assert "cannot follow: courier's LOGIN line is written by a process of the logged-in" in said
     assert "Maildir/loginexec" in said
     assert "contrib/courier/popauth-courier-login" in said
+
+
+def test_the_rest_of_an_over_long_line_is_not_judged(
+    tmp_path: Path, server: PopauthServer, log: Path
+) -> None:
+    """A line cut at MAX_LINE is dropped up to its line break: what follows
+    the cut, a trusted-looking envelope included, is not a line."""
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
+    try:
+        with log.open("ab") as handle:
+            handle.write(b"x" * (MAX_LINE + 1))
+        follower.wait_for_event("follow_line_dropped")
+        write(log, login_line("mallory", "192.0.2.66"), login_line("alice", "192.0.2.7"))
+        wait_whitelisted(server, "192.0.2.7", follower)
+        assert not whitelisted(server, "192.0.2.66")
+        (dropped,) = follower.events("follow_line_dropped")
+        assert dropped["reason"] == "too_long"
+    finally:
+        assert follower.stop() == 0
+
+
+def test_lines_without_a_sender_are_an_error_said_once(
+    tmp_path: Path, server: PopauthServer, log: Path
+) -> None:
+    follower = FollowerProcess(tmp_path, server, str(log), follow_format="solid-pop3d").start()
+    try:
+        unannotated = login_line("alice", "192.0.2.9").replace("uid=0 pid=4000", "uid= pid=")
+        write(log, unannotated, unannotated, login_line("alice", "192.0.2.7"))
+        wait_whitelisted(server, "192.0.2.7", follower)
+        assert not whitelisted(server, "192.0.2.9")
+        (told,) = follower.events("follow_no_sender")
+        assert told["level"] == "error"
+    finally:
+        assert follower.stop() == 0

@@ -37,6 +37,8 @@ class FollowerProcess:
             "log_format": "json",
             **settings,
         }
+        # None leaves a key out (follow_state_path=None: the default).
+        self.settings = {k: v for k, v in self.settings.items() if v is not None}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, stdin: int | None = None) -> FollowerProcess:

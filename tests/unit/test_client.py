@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -68,7 +69,16 @@ def test_cli_exit_codes(endpoint: Endpoint, capsys: pytest.CaptureFixture[str]) 
     assert "user=alice" in capsys.readouterr().out
     assert main(["query", "--socket", sock, "192.0.2.1"]) == EXIT_OK
     assert main(["list", "--socket", sock]) == EXIT_OK
-    assert "count=1" in capsys.readouterr().out
+    # Dates as report prints them; the protocol's lines with --format raw.
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].split() == ["address", "user", "granted", "expires"]
+    assert shown[1].split()[:2] == ["192.0.2.1", "alice"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", " ".join(shown[1].split()[2:4]))
+    assert shown[2:] == shown[:2]  # list: the same row
+    assert main(["list", "--socket", sock, "--format", "raw"]) == EXIT_OK
+    raw = capsys.readouterr().out
+    assert "count=1" in raw
+    assert re.search(r"granted=\d+ expires=\d+", raw)
     assert main(["revoke", "--socket", sock, "192.0.2.1"]) == EXIT_OK
     assert main(["query", "--socket", sock, "192.0.2.1"]) == EXIT_NOT_FOUND
     assert main(["login", "--socket", sock, "not-an-ip"]) == EXIT_ERROR
@@ -108,6 +118,31 @@ def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     bad.write_text("ttl = 60\nbogus = 1\n")
     assert main(["check-config", str(bad)]) == EXIT_ERROR
     assert "'bogus'" in capsys.readouterr().err
+    # --config as every other command takes it; --quiet says nothing when good.
+    assert main(["check-config", "--config", str(bad)]) == EXIT_ERROR
+    assert main(["check-config", "--quiet", "--config", str(good)]) == EXIT_OK
+    assert capsys.readouterr().out == ""
+    assert main(["check-config", "--config", str(good), str(bad)]) == EXIT_ERROR
+    assert "two settings files" in capsys.readouterr().err
+
+
+def test_the_default_settings_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from popauth import cli
+
+    default = tmp_path / "popauth.toml"
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", default)
+    # Absent: the embedded defaults.
+    for command in (["serve"], ["check-config"], ["sessions"], ["follow"], ["list"]):
+        assert cli.settings_file(cli._parser().parse_args(command)) is None
+    default.write_text('local_domains = ["example.org"]\nlocal_mailers = ["local"]\nttl = 77\n')
+    assert main(["check-config"]) == EXIT_OK
+    assert capsys.readouterr().out.startswith(f"{default}: OK")
+    # A client command finds the socket in it.
+    default.write_text(f'ingest_socket = "{tmp_path}/elsewhere.sock"\n')
+    assert main(["ping"]) == EXIT_ERROR
+    assert "elsewhere.sock" in capsys.readouterr().err
 
 
 def test_cli_block_and_report(endpoint: Endpoint, capsys: pytest.CaptureFixture[str]) -> None:

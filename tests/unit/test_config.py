@@ -87,9 +87,10 @@ def test_loads_toml_into_typed_groups(tmp_path: Path) -> None:
     assert str(settings.metrics.listen) == "[::1]:9754"
     policy = settings.relay.policy(resolve_local_delivery(settings.local))
     assert policy.pop_first is PopFirst.WARN
-    assert policy.local_mailers == frozenset({"local", "virtual"})
-    assert "a.hosted.example" in policy.local_domains
-    assert "example.org" in policy.local_domains
+    (configured,) = policy.local_delivery.classes
+    assert configured.mailers == frozenset({"local", "virtual"})
+    assert configured.domains.contains_domain("a.hosted.example")
+    assert configured.domains.contains_domain("example.org")
     assert parse_client_address("10.1.2.3") in policy.trusted_networks
     assert parse_client_address("127.0.0.1") not in policy.trusted_networks
 
@@ -344,3 +345,12 @@ def test_sentinels_and_wait_refuse_what_cannot_work() -> None:
     with pytest.raises(ConfigError, match="shorter than redis_timeout"):
         settings_from_mapping({"redis_wait_replicas": 1, "redis_wait_timeout": 0.5})
     assert settings_from_mapping({"redis_wait_replicas": 1}).store.redis_wait_timeout == 0.1
+
+
+def test_a_socket_path_under_a_directory_this_user_may_not_search(tmp_path: Path) -> None:
+    # popauth check-config as a non-root user, the milter socket in Postfix's spool.
+    from unittest import mock
+
+    with mock.patch.object(Path, "is_dir", side_effect=PermissionError(13, "Permission denied")):
+        settings = settings_from_mapping({"milter_socket": f"unix:{tmp_path}/private/milter.sock"})
+    assert settings.milter.socket.endswith("milter.sock")

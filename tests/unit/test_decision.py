@@ -25,12 +25,11 @@ from popauth.decision import (
     decide_sender,
     needs_whitelist,
 )
-from popauth.recipients import DomainSet, Recipient
+from popauth.recipients import LocalDeliveryRules, Recipient
 
 POLICY = RelayPolicy(
     trusted_networks=NetworkSet.of([parse_network("192.0.2.0/24"), parse_network("2001:db8::/64")]),
-    local_domains=DomainSet.of(["local.test"]),
-    local_mailers=frozenset({"local", "virtual"}),
+    local_delivery=LocalDeliveryRules.configured(["local.test"], ["local", "virtual"]),
 )
 STRANGER = ipaddress.ip_address("198.51.100.7")
 TRUSTED = ipaddress.ip_address("192.0.2.10")
@@ -109,5 +108,5 @@ def test_store_is_consulted_only_when_it_can_change_the_outcome() -> None:
 def test_pop_first_modes(
     mode: PopFirst, client: Client, recipient: Recipient, expected: Decision
 ) -> None:
-    policy = RelayPolicy(POLICY.trusted_networks, POLICY.local_domains, POLICY.local_mailers, mode)
+    policy = RelayPolicy(POLICY.trusted_networks, POLICY.local_delivery, mode)
     assert decide_recipient(policy, client, recipient) == expected

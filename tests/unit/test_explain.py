@@ -12,8 +12,10 @@ from popauth.config import Accounting, settings_from_mapping
 from popauth.decision import Reason, Verdict
 from popauth.explain import Explainer, Question, _relative, recipient_as_the_mta_gives_it
 from popauth.gate import RelayGate
-from popauth.localdelivery import LocalDelivery
+from popauth.localdelivery import LearnedClass, LocalDelivery
 from popauth.metrics import Metrics
+from popauth.postfixlists import ListKind, ListPattern, PostfixList
+from popauth.recipients import DeliveryClass, DomainSet
 from popauth.replies import Replies
 from popauth.store import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
 from popauth.store.memory import MemoryStore
@@ -38,10 +40,21 @@ class Setup:
     provenance: LocalDelivery = field(
         default_factory=lambda: LocalDelivery(
             (
-                ("example.test", "postfix mydestination"),
-                (".example.org", "configured: local_domains"),
+                LearnedClass(
+                    DeliveryClass(
+                        "local",
+                        DomainSet.of(["example.test", ".example.org"]),
+                        frozenset({"local"}),
+                        bare_local_parts=True,
+                    ),
+                    "local: mixed",
+                    (
+                        ("example.test", "postfix mydestination"),
+                        (".example.org", "configured: local_domains"),
+                    ),
+                    (("local", "postfix local_transport"),),
+                ),
             ),
-            (("local", "postfix local_transport"),),
             "postfix (postconf -c /etc/postfix)",
         )
     )
@@ -103,9 +116,9 @@ def test_a_stranger_may_send_to_a_local_recipient(setup: Setup) -> None:
     assert field_of(lines, "verdict").startswith("accept (local_recipient), at RCPT TO")
     assert field_of(lines, "reply").startswith("none from popauth")
     assert field_of(lines, "recipient") == (
-        "joe@example.test is local: domain example.test [postfix mydestination], mailer local"
-        " [postfix local_transport] (the mailer is assumed: --mailer names the {rcpt_mailer}"
-        " the MTA uses)"
+        "joe@example.test is local: domain example.test [postfix mydestination]"
+        " (delivery class local), mailer local [postfix local_transport] (the mailer is"
+        " assumed: --mailer names the {rcpt_mailer} the MTA uses)"
     )
 
 
@@ -326,3 +339,33 @@ def test_relative_times(seconds: float, text: str) -> None:
 
 def test_the_verdict_word_is_the_decisions() -> None:
     assert {verdict.value for verdict in Verdict} == {"accept", "reject", "tempfail"}
+
+
+def test_an_excluded_domain_of_a_learned_class_is_relayed(setup: Setup) -> None:
+    """relay_domains = !customer.backup.test, backup.test: the exclusion is explained."""
+    relay = PostfixList(
+        (ListPattern(False, "customer.backup.test"), ListPattern(True, "backup.test")),
+        ListKind.DOMAIN,
+        parent_style=True,
+    )
+    setup.provenance = LocalDelivery(
+        (
+            LearnedClass(
+                DeliveryClass("relay", relay, frozenset({"relay"})),
+                "relay: relay_domains (a name matches its subdomains too)",
+                (
+                    ("!customer.backup.test", "postfix relay_domains"),
+                    ("backup.test", "postfix relay_domains"),
+                ),
+                (("relay", "postfix relay_transport (for relay_domains)"),),
+            ),
+        ),
+        "postfix (config_directory /etc/postfix)",
+    )
+    excluded = field_of(setup.lines(STRANGER, "anyone@customer.backup.test"), "recipient")
+    assert excluded.startswith("anyone@customer.backup.test is relayed: customer.backup.test")
+    local = field_of(setup.lines(STRANGER, "anyone@sub.backup.test"), "recipient")
+    assert local.startswith(
+        "anyone@sub.backup.test is local: domain backup.test [postfix relay_domains]"
+        " (delivery class relay), mailer relay"
+    )

@@ -8,8 +8,9 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,9 @@ from popauth.addresses import IPAddress, parse_client_address
 from popauth.ingest.protocol import MAX_LINE, parse_fields
 from popauth.ingest.roles import Members
 from popauth.ingest.server import PeerPolicy
+from popauth.ingest.wire import RENEW_BATCH
 from popauth.sockets import SocketInUse
-from popauth.store import Grant, GrantOutcome, NotConfirmed, StoreUnavailable
+from popauth.store import Grant, GrantOutcome, NotConfirmed, Renewal, StoreUnavailable
 from popauth.store.memory import MemoryStore
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import events
@@ -485,6 +487,144 @@ def test_a_batch_of_renewals_on_one_connection(endpoint: Endpoint) -> None:
     found = [n for n, line in enumerate(lines[:100]) if line.startswith("OK ")]
     assert found == list(range(40))
     assert all(line.startswith("NOTFOUND ") for line in lines[40:100])
+
+
+class GatedStore(MemoryStore):
+    """A store that may block, whose first batch of renewals waits for a go,
+    and which records the size of every batch it is asked to renew."""
+
+    may_block = True
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.batches: list[int] = []
+
+    def renew_many(self, sessions: Sequence[tuple[IPAddress, str]]) -> list[Renewal]:
+        if not self.batches:
+            self.entered.set()
+            assert self.go.wait(10), "the test never let the first batch go"
+        self.batches.append(len(sessions))
+        return super().renew_many(sessions)
+
+
+def read_lines(connection: socket.socket, count: int) -> list[str]:
+    data = b""
+    while (received := data.count(b"\n")) < count:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {received} of {count} replies"
+        data += chunk
+    return data.decode().splitlines()
+
+
+def test_pipelined_renewals_are_applied_in_batches_with_one_reply_each(tmp_path: Path) -> None:
+    door = Endpoint(tmp_path, store_class=GatedStore, timeout=10)
+    store = door.store
+    assert isinstance(store, GatedStore)
+    door.server.start()
+    try:
+        for n in range(1, 951):
+            store.grant(parse_client_address(f"10.0.{n // 250}.{n % 250}"), f"user{n}")
+        # Lines 1..950 of the pipeline; a bad one and a PING in the middle.
+        lines = [f"RENEW 10.0.{n // 250}.{n % 250} user{n}" for n in range(1, 951)]
+        lines[299] = "RENEW 999.0.0.1 user300"
+        lines[699] = "PING"
+        with door.raw() as connection:
+            connection.sendall(f"{lines[0]}\n".encode())
+            # The first renewal holds the door: everything else arrives meanwhile.
+            assert store.entered.wait(10)
+            connection.sendall("".join(f"{line}\n" for line in lines[1:]).encode() + b"QUIT\n")
+            store.go.set()
+            replies = read_lines(connection, len(lines) + 1)
+        assert len(replies) == len(lines) + 1
+        assert replies[-1] == "OK bye"
+        for number, (line, reply) in enumerate(zip(lines, replies, strict=False), 1):
+            if number == 300:
+                assert reply.startswith("ERR address"), reply
+            elif number == 700:
+                assert reply == "OK pong"
+            else:
+                assert reply.startswith(f"OK address={line.split()[1]} user=user{number} "), reply
+        # One alone, then what had arrived: at most RENEW_BATCH requests at a
+        # time (the bad one answered in place), the PING ending one batch.
+        assert store.batches == [1, RENEW_BATCH - 1, 198, 250], store.batches
+    finally:
+        door.server.stop()
+
+
+class FailingRenewals(MemoryStore):
+    may_block = True
+    failure: Exception = StoreUnavailable("redis: connection refused")
+
+    def renew_many(self, sessions: Sequence[tuple[IPAddress, str]]) -> list[Renewal]:
+        raise self.failure
+
+
+class BrokenRenewals(FailingRenewals):
+    failure = RuntimeError("a bug")
+
+
+@pytest.mark.parametrize(
+    ("store_class", "reply", "event"),
+    [
+        (
+            FailingRenewals,
+            "ERR unavailable whitelist store unavailable",
+            "ingest_store_unavailable",
+        ),
+        (
+            BrokenRenewals,
+            "ERR internal unexpected error, logged by popauth",
+            "ingest_internal_error",
+        ),
+    ],
+)
+def test_a_batch_the_store_cannot_renew_gets_one_error_per_request(
+    tmp_path: Path, store_class: type[MemoryStore], reply: str, event: str
+) -> None:
+    door = Endpoint(tmp_path, store_class=store_class)
+    door.server.start()
+    try:
+        batch = "".join(f"RENEW 192.0.2.{n} user{n}\n" for n in range(1, 101))
+        with door.raw() as connection:
+            connection.sendall(f"{batch}RENEW nonsense x\nPING\n".encode())
+            replies = read_lines(connection, 102)
+        assert len(replies) == 102
+        assert replies[-2].startswith("ERR address")
+        assert replies[-1] == "OK pong"
+        assert set(replies[:100]) == {reply}
+        logged = [call.kwargs for call in door.sink.calls if call.kwargs.get("event") == event]
+        assert logged
+        assert sum(fields.get("requests", 1) for fields in logged) == 100
+        assert (
+            door.metrics.registry.get_sample_value(
+                "popauth_ingest_requests_total",
+                {"verb": "RENEW", "result": reply.split()[1]},
+            )
+            == 100
+        )
+    finally:
+        door.server.stop()
+
+
+def test_renewals_in_a_batch_are_counted_by_result(endpoint: Endpoint) -> None:
+    for n in range(1, 31):
+        endpoint.ask(f"LOGIN 192.0.2.{n} user{n}")
+    endpoint.ask("BLOCK user30")
+    batch = "".join(f"RENEW 192.0.2.{n} user{n}\n" for n in range(1, 41))
+    with endpoint.raw() as connection:
+        connection.sendall(batch.encode())
+        replies = read_lines(connection, 40)
+    assert [reply.split()[0] for reply in replies] == ["OK"] * 29 + ["ERR"] + ["NOTFOUND"] * 10
+    registry = endpoint.metrics.registry
+    counts = {
+        result: registry.get_sample_value(
+            "popauth_ingest_requests_total", {"verb": "RENEW", "result": result}
+        )
+        for result in ("ok", "err", "notfound")
+    }
+    assert counts == {"ok": 29, "err": 1, "notfound": 10}
 
 
 class UnreplicatedStore(MemoryStore):

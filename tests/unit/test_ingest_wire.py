@@ -44,7 +44,13 @@ def test_the_hooks_copies_equal_the_wire_definitions(path: Path) -> None:
 def test_the_defaults_of_cli_and_config_are_the_wire_default() -> None:
     from popauth import cli, config
 
-    assert cli._parser().parse_args(["ping"]).socket == wire.DEFAULT_SOCKET
+    # No --socket and no settings file: the wire default.
+    arguments = cli._parser().parse_args(["ping", "--config", "/nonexistent/popauth.toml"])
+    arguments.config = None
+    if cli.settings_file(arguments) is None:
+        assert cli._client_socket(arguments) == wire.DEFAULT_SOCKET
+    arguments.socket = "/x.sock"
+    assert cli._client_socket(arguments) == "/x.sock"
     assert Path(wire.DEFAULT_SOCKET) == config.Settings().ingest.socket
 
 

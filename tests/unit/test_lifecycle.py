@@ -126,3 +126,55 @@ def test_a_notify_failure_is_logged_not_fatal() -> None:
 
     assert Lifecycle(log, broken).run([Journal().step("store")]).clean
     assert events(sink).count("notify_failed") == 2
+
+
+def test_a_stop_wins_over_a_reload_that_hangs() -> None:
+    """SIGTERM during a reload: the reload is cancelled and the components stop."""
+    log, sink = capturing_logger()
+    lifecycle = Lifecycle(log, lambda state: True)
+    journal = Journal()
+    hanging = threading.Event()
+    cancelled = threading.Event()
+
+    def relearn() -> None:
+        hanging.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        cancelled.wait()  # as a postconf that never answers, until killed
+
+    lifecycle.on_reload("local delivery", relearn, cancelled.set)
+
+    def start() -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    stopped = lifecycle.run([journal.step("store"), Step("probe", start, lambda: None)])
+    assert stopped.reason == "SIGTERM" and stopped.clean
+    assert hanging.is_set() and cancelled.is_set()
+    assert journal.entries == ["start store", "stop store"]
+    assert "reloaded" not in events(sink)
+    assert "reload_abandoned" not in events(sink)
+
+
+def test_a_reload_that_ignores_its_cancel_is_left_behind() -> None:
+    log, sink = capturing_logger()
+    lifecycle = Lifecycle(log, lambda state: True)
+    journal = Journal()
+    release = threading.Event()
+
+    def relearn() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        release.wait()
+
+    lifecycle.on_reload("stubborn", relearn)
+    try:
+        stopped = lifecycle.run(
+            [
+                journal.step("store"),
+                Step("probe", lambda: os.kill(os.getpid(), signal.SIGHUP), lambda: None),
+            ]
+        )
+    finally:
+        release.set()
+    assert stopped.reason == "SIGTERM"
+    # The store was stopped (the snapshot saved) all the same.
+    assert journal.entries == ["start store", "stop store"]
+    assert "reload_abandoned" in events(sink)

@@ -13,7 +13,7 @@ from structlog.testing import CapturingLogger
 from popauth.config import settings_from_mapping
 from popauth.decision import RelayPolicy
 from popauth.localdelivery import LearnError, LocalDelivery, MtaNotFound
-from popauth.localdelivery.commands import CommandResult, run_command
+from popauth.localdelivery.commands import CommandResult, CommandRunner
 from popauth.localdelivery.mismatch import MailerMismatchWarner
 from popauth.localdelivery.reload import LocalDeliveryReloader
 from popauth.localdelivery.resolve import (
@@ -22,8 +22,9 @@ from popauth.localdelivery.resolve import (
     resolve_local_delivery,
 )
 from popauth.localdelivery.sendmail import learn_from_sendmail, parsed_mailer, split_answers
-from popauth.recipients import Recipient
+from popauth.recipients import Recipient, is_local_recipient
 from tests.support.logs import capturing_logger
+from tests.support.settled import write_settled
 
 # What Sendmail 8.17 prints for "$=w", "$={VirtHost}", "/parse postmaster".
 SENDMAIL_BT_OUTPUT = """\
@@ -50,17 +51,24 @@ def test_split_answers_and_parsed_mailer() -> None:
     assert parsed_mailer(["mailer relay, host hub.example, user postmaster"]) == "relay"
 
 
-def fake_sendmail(output: str, returncode: int = 0) -> Any:
-    calls: list[tuple[list[str], str]] = []
+class FakeSendmail(CommandRunner):
+    """Answers for sendmail -bt; the real postconf for anything else."""
 
-    def run(argv: Sequence[str], stdin: str = "") -> CommandResult:
+    def __init__(self, output: str, returncode: int = 0) -> None:
+        super().__init__()
+        self.output = output
+        self.returncode = returncode
+        self.calls: list[tuple[list[str], str]] = []
+
+    def run(self, argv: Sequence[str], stdin: str = "") -> CommandResult:
         if argv[0].endswith("/postconf"):
-            return run_command(argv, stdin)
-        calls.append((list(argv), stdin))
-        return CommandResult(returncode, output, "")
+            return super().run(argv, stdin)
+        self.calls.append((list(argv), stdin))
+        return CommandResult(self.returncode, self.output, "")
 
-    run.calls = calls  # type: ignore[attr-defined]
-    return run
+
+def fake_sendmail(output: str, returncode: int = 0) -> FakeSendmail:
+    return FakeSendmail(output, returncode)
 
 
 def test_learn_from_sendmail_asks_test_mode(tmp_path: Path) -> None:
@@ -70,14 +78,19 @@ def test_learn_from_sendmail_asks_test_mode(tmp_path: Path) -> None:
     learned = learn_from_sendmail("/bin/true", str(cf), run)
     questions = "$=w\n$={VirtHost}\n/parse postmaster\n"
     assert run.calls == [(["/bin/true", "-bt", "-C", str(cf)], questions)]
-    assert learned.domains == {
-        "local.test": "sendmail class w",
-        "localhost": "sendmail class w",
-        "mx.local.test": "sendmail class w",
-        "[127.0.0.1]": "sendmail class w",
-        "virt.test": "sendmail class {VirtHost}",
-    }
-    assert learned.mailers == {"local": "sendmail ruleset parse (/parse postmaster)"}
+    assert learned.domains == (
+        ("local.test", "sendmail class w"),
+        ("localhost", "sendmail class w"),
+        ("mx.local.test", "sendmail class w"),
+        ("[127.0.0.1]", "sendmail class w"),
+        ("virt.test", "sendmail class {VirtHost}"),
+    )
+    assert learned.mailers == (("local", "sendmail ruleset parse (/parse postmaster)"),)
+    rules = learned.rules()
+    # Sendmail hands its local mailer a bare user name.
+    assert is_local_recipient(Recipient("<info@virt.test>", "local", "root"), rules)
+    assert is_local_recipient(Recipient("<root>", "local", "root"), rules)
+    assert not is_local_recipient(Recipient("<a@virt.test>", "esmtp", "a@remote.example"), rules)
 
 
 def test_sendmail_failures(tmp_path: Path) -> None:
@@ -116,6 +129,7 @@ def test_configured_lists_are_used_as_they_are(no_postfix: Path) -> None:
     assert local.domains == (("example.org", "configured: local_domains"),)
     assert local.mailers == (("lmtp", "configured: local_mailers"),)
     assert local.source == ""
+    assert is_local_recipient(Recipient("<a@example.org>", "lmtp", None), local.rules())
 
 
 def test_nothing_to_learn_and_nothing_configured_names_the_keys(no_postfix: Path) -> None:
@@ -139,9 +153,10 @@ def test_an_explicit_mta_must_be_there(no_postfix: Path) -> None:
 
 
 def test_configured_domains_with_learned_mailers(tmp_path: Path) -> None:
-    (tmp_path / "main.cf").write_text(
+    write_settled(
+        tmp_path / "main.cf",
         "compatibility_level = 3.6\nmydestination = pf.test\n"
-        "virtual_mailbox_domains = vmd.test\nvirtual_transport = lmtp:unix:x\n"
+        "virtual_mailbox_domains = vmd.test\nvirtual_transport = lmtp:unix:x\n",
     )
     local = resolve_local_delivery(
         settings(local_domains=["mine.test"], postfix_config_directory=str(tmp_path))
@@ -159,8 +174,28 @@ def test_configured_domains_with_learned_mailers(tmp_path: Path) -> None:
     }
 
 
+def test_learned_domains_with_configured_mailers(tmp_path: Path) -> None:
+    """Each class keeps its domains; the configured words are every class's mailers."""
+    write_settled(
+        tmp_path / "main.cf",
+        "compatibility_level = 3.6\nmydestination = pf.test\n"
+        "relay_domains = !no.backup.test, backup.test\n"
+        # Not read: local_mailers says which words count.
+        "transport_maps = regexp:/nowhere/transport.re\n",
+    )
+    local = resolve_local_delivery(
+        settings(local_mailers=["lmtp"], postfix_config_directory=str(tmp_path))
+    )
+    rules = local.rules()
+    assert is_local_recipient(Recipient("<a@pf.test>", "lmtp", None), rules)
+    assert is_local_recipient(Recipient("<a@x.backup.test>", "lmtp", None), rules)
+    assert not is_local_recipient(Recipient("<a@no.backup.test>", "lmtp", None), rules)
+    assert not is_local_recipient(Recipient("<a@pf.test>", "local", None), rules)
+    assert local.mailers == (("lmtp", "configured: local_mailers"),)
+
+
 def test_a_postfix_that_delivers_nothing_here_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\nmydestination =\n")
+    write_settled(tmp_path / "main.cf", "compatibility_level = 3.6\nmydestination =\n")
     with pytest.raises(LocalDeliveryError, match=r"delivers no domain here.*set local_domains"):
         resolve_local_delivery(settings(postfix_config_directory=str(tmp_path)))
 
@@ -213,20 +248,21 @@ class Holder:
 
 def test_reload_swaps_the_policy_or_keeps_the_old_one(tmp_path: Path) -> None:
     main_cf = tmp_path / "main.cf"
-    main_cf.write_text("compatibility_level = 3.6\nmydestination = one.test\n")
+    write_settled(main_cf, "compatibility_level = 3.6\nmydestination = one.test\n")
     learn = settings(postfix_config_directory=str(tmp_path))
     first = policy_of(resolve_local_delivery(learn))
     holder = Holder(first)
     log, sink = capturing_logger()
     reload = LocalDeliveryReloader(learn, holder, policy_of, log).reload
-    main_cf.write_text("compatibility_level = 3.6\nmydestination = one.test, two.test\n")
+    write_settled(main_cf, "compatibility_level = 3.6\nmydestination = one.test, two.test\n")
     assert reload()
-    assert "two.test" in holder.policy.local_domains
+    two = Recipient("<a@two.test>", "local", "a@two.test")
+    assert is_local_recipient(two, holder.policy.local_delivery)
     reloaded = events(sink, "local_delivery_reloaded")[-1]
     assert "two.test (postfix mydestination)" in reloaded["local_domains"]
     # A configuration that cannot be read changes nothing.
     kept = holder.policy
-    main_cf.write_text(f"compatibility_level = 3.6\nmydestination = hash:{tmp_path}/gone\n")
+    write_settled(main_cf, f"compatibility_level = 3.6\nmydestination = hash:{tmp_path}/gone\n")
     assert not reload()
     assert holder.policy is kept
     assert "gone" in events(sink, "local_delivery_not_reloaded")[-1]["error"]

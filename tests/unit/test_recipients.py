@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from popauth.recipients import DomainSet, Recipient, is_local_recipient, plain_address_parts
+from popauth.postfixlists import ListKind, ListPattern, PostfixList, TransportRoutes
+from popauth.recipients import (
+    DeliveryClass,
+    DomainSet,
+    LocalDeliveryRules,
+    Recipient,
+    is_local_recipient,
+    plain_address_parts,
+)
 
 DOMAINS = DomainSet.of(["local.test", ".hosted.test"])
-MAILERS = frozenset({"local", "virtual"})
+RULES = LocalDeliveryRules.configured(["local.test", ".hosted.test"], ["local", "virtual"])
 
 
 @pytest.mark.parametrize(
@@ -45,7 +53,7 @@ def test_plain_address_parts(address: str, parts: tuple[str, str | None] | None)
     ],
 )
 def test_local(recipient: Recipient) -> None:
-    assert is_local_recipient(recipient, DOMAINS, MAILERS)
+    assert is_local_recipient(recipient, RULES)
 
 
 @pytest.mark.parametrize(
@@ -68,10 +76,12 @@ def test_local(recipient: Recipient) -> None:
         Recipient("<user@hosted.test>", "virtual", "user@hosted.test"),
         Recipient("<user@[127.0.0.1]>", "local", "user@[127.0.0.1]"),
         Recipient("<>", "local", ""),
+        # Postfix strips one root dot, not two.
+        Recipient("<user@local.test..>", "local", None),
     ],
 )
 def test_not_local(recipient: Recipient) -> None:
-    assert not is_local_recipient(recipient, DOMAINS, MAILERS)
+    assert not is_local_recipient(recipient, RULES)
 
 
 def test_domain_set() -> None:
@@ -80,3 +90,71 @@ def test_domain_set() -> None:
     assert "hosted.test" not in DOMAINS
     assert "evil-local.test" not in DOMAINS
     assert not DomainSet.of([])
+
+
+def postfix_list(
+    *patterns: str, kind: ListKind = ListKind.STRING, parent: bool = False
+) -> PostfixList:
+    """Name patterns as written in main.cf ("!" excludes)."""
+    parsed = [ListPattern(not p.startswith("!"), p.lstrip("!")) for p in patterns]
+    return PostfixList(tuple(parsed), kind, parent)
+
+
+# The layout of an open relay found by an attack: a backup MX that excludes
+# one customer's subdomain, and one address routed by transport_maps to an
+# inner host over smtp (the default transport's word too).
+ROUTES = TransportRoutes({"legacy@example.test": "smtp"})
+BACKUP_MX = LocalDeliveryRules(
+    (
+        DeliveryClass(
+            "local", postfix_list("mx.example.test", "example.test"), frozenset({"local"}), ROUTES
+        ),
+        DeliveryClass(
+            "relay",
+            postfix_list("!customer.backup.test", "backup.test", kind=ListKind.DOMAIN, parent=True),
+            frozenset({"relay"}),
+            ROUTES,
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("address", "mailer", "local"),
+    [
+        # The exclusion holds, whatever the mailer.
+        ("anyone@customer.backup.test", "smtp", False),
+        ("anyone@customer.backup.test", "relay", False),
+        ("anyone@deeper.customer.backup.test", "relay", False),
+        ("anyone@backup.test", "relay", True),
+        ("anyone@other.backup.test", "relay", True),
+        # A mailer of another class does not count.
+        ("anyone@backup.test", "local", False),
+        ("anyone@example.test", "relay", False),
+        # smtp is local for the routed address only.
+        ("legacy@example.test", "smtp", True),
+        ("legacy@example.test", "local", False),
+        ("other@example.test", "smtp", False),
+        ("other@example.test", "local", True),
+        ("anyone@backup.test", "smtp", False),
+        ("anyone@remote.example", "smtp", False),
+        # mydestination is a list of exact names.
+        ("anyone@sub.example.test", "local", False),
+    ],
+)
+def test_domain_and_mailer_come_from_one_class(address: str, mailer: str, local: bool) -> None:
+    recipient = Recipient(f"<{address}>", mailer, address)
+    assert is_local_recipient(recipient, BACKUP_MX) is local
+
+
+def test_the_class_is_chosen_by_the_resolved_domain_and_the_envelope_must_agree() -> None:
+    # Postfix routes by {rcpt_addr}; an envelope in another class is refused.
+    assert not is_local_recipient(
+        Recipient("<x@backup.test>", "local", "x@example.test"), BACKUP_MX
+    )
+    assert is_local_recipient(Recipient("<Legacy@Example.TEST.>", "SMTP", None), BACKUP_MX)
+    # Without a class for bare local parts, a bare user is not local.
+    assert not is_local_recipient(Recipient("<postmaster>", "local", None), BACKUP_MX)
+    assert is_local_recipient(
+        Recipient("<postmaster>", "local", "postmaster@example.test"), BACKUP_MX
+    )

@@ -53,6 +53,21 @@ def test_parse_dovecot_23_listing() -> None:
     assert (listing.other_services, listing.unusable) == (0, 0)
 
 
+# The same listing from Dovecot 2.4.1 (Debian 13): "service" where 2.3 had
+# "proto", and the local address, empty for these loopback connections.
+DOVECOT_24 = (
+    "username\tservice\tpid\tip\tdest_ip\n"
+    "alice\timap\t22\t127.0.0.2\t\n"
+    "alice\timap\t24\t127.0.0.3\t\n"
+    "alice\timap\t26\t127.0.0.2\t\n"
+    "alice\tpop3\t28\t127.0.0.1\t127.0.0.1\n"
+)
+
+
+def test_parse_dovecot_24_listing() -> None:
+    assert parse_doveadm_who(DOVECOT_24, SERVICES) == parse_doveadm_who(DOVECOT_23, SERVICES)
+
+
 def test_parse_an_empty_listing() -> None:
     listing = parse_doveadm_who("username\tproto\tpid\tip\n", SERVICES)
     assert listing.sessions == []
@@ -325,6 +340,22 @@ def test_the_loop_cycles_every_interval_and_stops_promptly(
     assert events[0] == "sessions_started"
     assert events[-1] == "sessions_stopped"
     assert events.count("sessions_renewed") >= 3
+
+
+def test_the_loop_is_ready_after_its_first_cycle(endpoint: Endpoint, tmp_path: Path) -> None:
+    listing = tmp_path / "who.txt"
+    listing.write_text(DOVECOT_23, encoding="utf-8")
+    renewer, stream = make_renewer(endpoint, fake_doveadm(tmp_path, f"cat {listing}"), 0.2)
+    stop = threading.Event()
+    readiness: list[int] = []
+
+    def ready() -> None:
+        readiness.append(len(logged(stream)))
+        stop.set()
+
+    renewer.run(stop, ready)
+    # Told once, after sessions_started and the first cycle's summary.
+    assert readiness == [2]
 
 
 def test_console_log_lines() -> None:

@@ -20,7 +20,7 @@ from popauth.addresses import IPAddress, parse_client_address
 from popauth.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.store.memory import MemoryStore
-from popauth.store.redis import RedisStore, connect
+from popauth.store.redis import RENEWALS_PER_CALL, RedisStore, connect
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
 from tests.support.clock import FakeClock
@@ -196,6 +196,64 @@ def test_a_blocked_user_can_neither_log_in_nor_renew(subject: Subject) -> None:
     assert subject.store.renew(A, "alice") is not None
 
 
+def test_a_batch_of_renewals_keeps_each_renewals_terms(subject: Subject) -> None:
+    """renew_many answers one outcome per session, in order, each as renew would."""
+    store = subject.store
+    store.grant(A, "alice")
+    store.grant(B, "bob")
+    store.grant(C, "carol")
+    assert subject.blocklist.add("Carol")
+    before = {grant.address: grant.expires_at for grant in store.entries()}
+    outcomes = store.renew_many(
+        [
+            (A, "alice"),
+            (B, "mallory"),  # bob's entry: not taken over
+            (parse_client_address("192.0.2.99"), "alice"),  # none: not created
+            (C, "carol"),  # blocked, under any spelling
+            (C, "CAROL"),
+            (A, "alice"),  # twice in one batch: renewed twice
+        ]
+    )
+    assert [(o.grant is not None, o.blocked) for o in outcomes] == [
+        (True, False),
+        (False, False),
+        (False, False),
+        (False, True),
+        (False, True),
+        (True, False),
+    ]
+    renewed = outcomes[0].grant
+    assert renewed is not None
+    assert (renewed.address, renewed.user) == (A, "alice")
+    assert store.lookup(parse_client_address("192.0.2.99")) is None
+    found = {grant.address: grant for grant in store.entries()}
+    assert found[B].user == "bob"
+    assert found[C].user == "carol"
+    assert found[C].expires_at == pytest.approx(before[C], abs=0.01)  # blocked: left alone
+    assert store.renew_many([]) == []
+
+
+def test_a_batch_larger_than_one_store_call(subject: Subject) -> None:
+    """More sessions than one Redis script call takes: every one answered, in order."""
+    count = RENEWALS_PER_CALL * 2 + 7
+    addresses = [parse_client_address(f"10.1.{n // 250}.{n % 250 + 1}") for n in range(count)]
+    for number, address in enumerate(addresses):
+        if number % 3:
+            subject.store.grant(address, f"user{number}")
+    outcomes = subject.store.renew_many(
+        [(address, f"user{number}") for number, address in enumerate(addresses)]
+    )
+    assert len(outcomes) == count
+    assert [outcome.grant is not None for outcome in outcomes] == [
+        bool(number % 3) for number in range(count)
+    ]
+    assert all(
+        outcome.grant.address == address
+        for outcome, address in zip(outcomes, addresses, strict=True)
+        if outcome.grant is not None
+    )
+
+
 RACING_ROUNDS = 200
 
 
@@ -223,6 +281,34 @@ def test_a_login_in_flight_never_outlives_a_block(subject: Subject) -> None:
                 future.result()
             assert subject.store.lookup(address) is None, user
     assert subject.store.entries() == []
+
+
+def test_renewals_in_flight_never_outlive_a_block(subject: Subject) -> None:
+    """Batches of renewals racing with a block leave no entry of the user behind."""
+    addresses = [parse_client_address(f"10.2.0.{n}") for n in range(1, 41)]
+
+    def renew(user: str, start: threading.Barrier) -> None:
+        start.wait()
+        for _ in range(5):
+            subject.store.renew_many([(address, user) for address in addresses])
+
+    def block(user: str, start: threading.Barrier) -> None:
+        start.wait()
+        subject.blocklist.add(user)
+        subject.store.revoke_user(user)
+
+    with ThreadPoolExecutor(2) as workers:
+        for number in range(RACING_ROUNDS // 10):
+            user = f"idler{number}"
+            for address in addresses:
+                subject.store.grant(address, user)
+            start = threading.Barrier(2)
+            done = [workers.submit(renew, user, start), workers.submit(block, user, start)]
+            for future in done:
+                future.result()
+            assert subject.store.entries() == [], user
+            outcomes = subject.store.renew_many([(addresses[0], user)])
+            assert outcomes[0].blocked
 
 
 def test_confirming_changes_without_replicas_to_wait_for(subject: Subject) -> None:

@@ -10,28 +10,44 @@ A line becomes a login only if all of these hold, checked in this order:
 
 1. it is in the configured envelope (``follow_trust``);
 2. its program is one of the format's programs;
-3. its message is the format's *successful* login, with a plausible user
+3. ``rsyslog`` envelope: its pid is not journald's (below);
+4. its message is the format's *successful* login, with a plausible user
    (popa3d: paired with a live session line of the same pid);
-4. ``rsyslog`` envelope: the kernel says a process of a trusted user
+5. ``rsyslog`` envelope: the kernel says a process of a trusted user
    (``follow_trusted_users``) sent it, and the tag's pid, if any, is that
    process's (popa3d's success line: or a mail account's, its own);
-5. it is fresh: not older than ``follow_max_age`` seconds, and (standard
+6. it is fresh: not older than ``follow_max_age`` seconds, and (standard
    input) not stamped before the follower started.
 
-Lines that fail 1 to 3 are other log traffic and pass silently; a line that
-passes 3 but fails 4 or 5, or a success line the format refuses (a popa3d
-success line without a live session), is logged as ``follow_refused`` with
-the reason. Which formats may be followed at all on this host is decided
-before the first line (``popauth.follow.trust``).
+Lines that fail 1, 2 or 4 are other log traffic and pass silently; a line
+that fails 3, or passes 4 but fails 5 or 6, or a success line the format
+refuses (a popa3d success line without a live session), is logged as
+``follow_refused`` with the reason. Which formats may be followed at all on
+this host is decided before the first line (``popauth.follow.trust``).
+One exception: a line of the format's programs in the rsyslog envelope
+whose ``uid=`` and ``pid=`` are empty means that rsyslog does not annotate
+(imuxsock's trusted properties are off), so no login can ever count; the
+first one is logged as an error that says so.
+
+journald: on a systemd host /dev/log is journald's, which forwards each
+message to rsyslog with the sender's credentials. When the sender is gone
+by then (a short-lived process, or journald busy), the kernel refuses its
+pid, and journald sends its own instead; the uid stays the sender's. So the
+pid of such a line says nothing about its sender: the line is refused
+(``journald_pid``) before any format sees it (popa3d pairs its two lines
+by pid).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -54,6 +70,64 @@ RETRY_DELAY = 1.0
 # the socket timeout; one unbounded write of a whole backlog could outlast
 # it, and then be sent again whole, forever, on a busy host.
 REPORT_BATCH = 500
+# rsyslog's template with imuxsock's trusted properties off: $!uid, $!pid empty.
+_NO_SENDER = re.compile(r"\S+ uid= pid= (?P<program>[^\s\[\]:]+)").match
+# /proc/PID/comm of systemd-journald (the kernel keeps 15 characters).
+JOURNALD_COMM = b"systemd-journal"
+# Journald pids remembered (a new one after each restart of journald).
+_MAX_JOURNALD_PIDS = 16
+# Other pids, each for a second.
+_MAX_REMEMBERED_PIDS = 4096
+_NOT_JOURNALD_FOR = 1.0
+
+
+class JournaldPids:
+    """Whether a pid is systemd-journald's, as /proc says now.
+
+    The question is asked when the line is judged, a moment after rsyslog
+    wrote it; journald lives as long as the host, so its pid is still its
+    own (a process that names itself ``systemd-journal`` only gets its own
+    lines refused). A pid /proc does not show (the sender is gone) is not
+    journald's. A "no" is remembered for a second: servers log many lines
+    from one process, and a new journald does not take a pid that fast.
+    """
+
+    def __init__(self, proc: Path = Path("/proc"), clock: Callable[[], float] = time.monotonic):
+        self._proc = str(proc)
+        self._clock = clock
+        self._known: set[int] = set()
+        self._not_until: dict[int, float] = {}
+
+    def __contains__(self, pid: object) -> bool:
+        if not isinstance(pid, int):
+            return False
+        if pid in self._known:
+            return True
+        now = self._clock()
+        if self._not_until.get(pid, 0.0) > now:
+            return False
+        if self._comm(pid) == JOURNALD_COMM:
+            if len(self._known) >= _MAX_JOURNALD_PIDS:
+                self._known.clear()
+            self._known.add(pid)
+            return True
+        if len(self._not_until) >= _MAX_REMEMBERED_PIDS:
+            self._not_until.clear()
+        self._not_until[pid] = now + _NOT_JOURNALD_FOR
+        return False
+
+    def _comm(self, pid: int) -> bytes:
+        # os.open, not pathlib: this runs for every line of the server's programs.
+        try:
+            descriptor = os.open(f"{self._proc}/{pid}/comm", os.O_RDONLY)
+        except OSError:
+            return b""
+        try:
+            return os.read(descriptor, 64).rstrip(b"\n")
+        except OSError:
+            return b""
+        finally:
+            os.close(descriptor)
 
 
 class FollowError(RuntimeError):
@@ -86,6 +160,7 @@ class LineJudge:
         counters: Counters,
         mail_uids: range = DEFAULT_MAIL_UIDS,
         session_timeout: float = DEFAULT_SESSION_TIMEOUT,
+        journald: Container[int] | None = None,
     ) -> None:
         self._format = login_format
         if trust == "rsyslog":
@@ -100,6 +175,8 @@ class LineJudge:
         self._not_before = not_before
         self._log = log
         self._counters = counters
+        self._told_no_sender = False
+        self._journald = journald if journald is not None else JournaldPids()
 
     def logins(self, lines: Iterable[bytes], now: float) -> list[Login]:
         found: list[Login] = []
@@ -111,8 +188,13 @@ class LineJudge:
             except EntryError as error:
                 if "pid" in str(error):
                     self._refuse("pid_mismatch", line)
+                elif self._check_sender and self._unannotated(line):
+                    self._no_sender(line)
                 continue
             if entry.program not in self._programs:
+                continue
+            if self._check_sender and entry.sender_pid in self._journald:
+                self._refuse("journald_pid", line, sender_uid=entry.sender_uid)
                 continue
             login = self._format.login(entry)
             if login is None:
@@ -134,6 +216,32 @@ class LineJudge:
             found.append(login)
         return found
 
+    def _unannotated(self, line: str) -> bool:
+        """A line of the server's programs without a sender: rsyslog annotates nothing.
+
+        Only the server's own: on a Debian host Postfix's chrooted daemons
+        log through a socket of their own that rsyslog does not annotate,
+        with the same mail facility.
+        """
+        bare = _NO_SENDER(line)
+        return bare is not None and bare["program"] in self._programs
+
+    def _no_sender(self, line: str) -> None:
+        self._counters.refuse("no_sender")
+        if self._told_no_sender:
+            return
+        self._told_no_sender = True
+        self._log.error(
+            "follow_no_sender",
+            line=line[:300],
+            problem="rsyslog writes no sender uid: no login in this log can ever count",
+            fix=(
+                "turn on imuxsock's trusted properties on rsyslog's system socket: "
+                'module(load="imuxsock" SysSock.Annotate="on" SysSock.ParseTrusted="on") '
+                "(see contrib/rsyslog/popauth-follow.conf), then restart rsyslog"
+            ),
+        )
+
     def _refuse(self, reason: str, line: str, **fields: object) -> None:
         self._counters.refuse(reason)
         self._log.warning("follow_refused", reason=reason, line=line[:300], **fields)
@@ -145,7 +253,7 @@ class IngestReporter:
     def __init__(
         self, path: str, timeout: float, log: structlog.typing.FilteringBoundLogger
     ) -> None:
-        self._path = path
+        self.path = path
         self._timeout = timeout
         self._log = log
         self._connection: socket.socket | None = None
@@ -156,7 +264,7 @@ class IngestReporter:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             connection.settimeout(self._timeout)
             try:
-                connection.connect(self._path)
+                connection.connect(self.path)
             except OSError:
                 connection.close()
                 raise
@@ -170,25 +278,31 @@ class IngestReporter:
 
     def send(self, logins: list[Login]) -> list[str]:
         """The reply line of each LOGIN, in order; OSError if the socket failed."""
+        return self._requests([f"LOGIN {login.address} {login.user}" for login in logins])
+
+    def ping(self) -> str:
+        """``PING``'s reply (open to anyone who can connect); OSError if none."""
+        return self._requests(["PING"])[0]
+
+    def _requests(self, requests: list[str]) -> list[str]:
         # The ingest server drops idle connections: a kept one may be dead,
         # so a failure on a kept connection is retried once on a new one.
         for attempt in (1, 2):
             fresh = self._connection is None
             try:
-                return self._exchange(logins)
+                return self._exchange(requests)
             except OSError:
                 self.close()
                 if fresh or attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _exchange(self, logins: list[Login]) -> list[str]:
+    def _exchange(self, requests: list[str]) -> list[str]:
         connection = self._connect()
-        requests = "".join(f"LOGIN {login.address} {login.user}\n" for login in logins)
-        connection.sendall(requests.encode())
+        connection.sendall("".join(f"{request}\n" for request in requests).encode())
         replies: list[str] = []
         buffer = self._buffer
-        while len(replies) < len(logins):
+        while len(replies) < len(requests):
             chunk = connection.recv(65536)
             if not chunk:
                 raise ConnectionResetError("the ingest endpoint closed the connection")
@@ -196,7 +310,7 @@ class IngestReporter:
             buffer = lines.pop()  # the unterminated rest, b"" after a whole line
             replies += (line.decode("utf-8", "replace") for line in lines)
         self._buffer = buffer
-        if len(replies) > len(logins):
+        if len(replies) > len(requests):
             raise ConnectionResetError("the ingest endpoint answered more than it was asked")
         return replies
 
@@ -227,6 +341,7 @@ class Follower:
     def run(self) -> None:
         """Follow until stopped (or standard input ends); the position is saved on the way."""
         try:
+            self._check_ingest()
             while not self.stopping.is_set():
                 lines = self._source.read_lines()
                 if lines:
@@ -252,20 +367,51 @@ class Follower:
                 refused=self.counters.refused,
             )
 
+    def _check_ingest(self) -> None:
+        """At start: a socket that shuts this user out stops it now, not at a login."""
+        denied = False
+        while True:
+            try:
+                self._reporter.ping()
+                return
+            except OSError as error:
+                denied = self._unreachable(error, denied)
+                if not denied:
+                    return  # away (popauth not started yet): the logins will wait
+            if self.stopping.wait(RETRY_DELAY):
+                return
+
+    def _unreachable(self, error: OSError, denied_before: bool) -> bool:
+        """Log it; answer whether permission was denied; FollowError if twice in a row."""
+        self._log.warning("follow_ingest_unreachable", socket=self._reporter.path, error=str(error))
+        denied = isinstance(error, PermissionError)
+        if denied and denied_before:
+            # The socket's owner, group and mode (or ACL) shut this user out:
+            # that lasts until an operator acts. Once could be popauth's
+            # restart between its bind and chmod; twice in a row is not.
+            raise FollowError(
+                f"cannot connect to the ingest socket {self._reporter.path}: "
+                f"{error.strerror}; its group, mode or ACL must let this user in "
+                "(ingest_socket_group, ingest_socket_mode, ingest_socket_acl_groups)"
+            )
+        return denied
+
     def _report(self, logins: list[Login]) -> None:
         """Report until acknowledged: the position is saved only after this returns."""
         pending = logins
+        denied = False
         while pending:
             try:
                 replies = self._reporter.send(pending)
             except OSError as error:
-                self._log.warning("follow_ingest_unreachable", error=str(error))
+                denied = self._unreachable(error, denied)
                 if self.stopping.wait(RETRY_DELAY):
                     raise FollowError("stopped before the ingest endpoint answered") from None
                 # A login that waited past follow_max_age is no longer fresh.
                 oldest = self._clock() - self._max_age
                 pending = [login for login in pending if login.time >= oldest]
                 continue
+            denied = False
             retry: list[Login] = []
             for login, reply in zip(pending, replies, strict=True):
                 status, _, rest = reply.partition(" ")
@@ -281,7 +427,8 @@ class Follower:
                     retry.append(login)
                 elif rest.startswith("forbidden"):
                     raise FollowError(
-                        "the ingest socket refuses this user: add it to ingest_allowed_users"
+                        f"the ingest socket {self._reporter.path} refuses this user "
+                        "(ERR forbidden): add it to ingest_allowed_users"
                     )
                 else:
                     self.counters.refuse(rest.split(" ", 1)[0] or "error")

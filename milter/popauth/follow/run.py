@@ -13,7 +13,7 @@ from types import FrameType
 from popauth.config import Settings
 from popauth.follow.follower import Counters, Follower, IngestReporter, LineJudge
 from popauth.follow.formats import build_format
-from popauth.follow.sources import FollowedFile, LineSource, StandardInput
+from popauth.follow.sources import MAX_LINE, FollowedFile, LineSource, StandardInput
 from popauth.follow.trust import TrustReport, assess, read_pid_max, read_ptrace_scope
 from popauth.logs import configure_logging
 
@@ -64,19 +64,26 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         raise FollowSetupError(trust.refusal)
     logger = configure_logging(settings.log.format, settings.log.level).bind(door="follow")
     started = time.time()
+    counters = Counters()
+
+    def dropped_overlong_line() -> None:
+        counters.refuse("too_long")
+        logger.warning("follow_line_dropped", reason="too_long", limit=MAX_LINE)
+
     source: LineSource
     if log_name == "-":
-        source = StandardInput()
+        source = StandardInput(on_overlong=dropped_overlong_line)
         # No position to go on from: whatever was logged before this start
         # (tail -F prints the last lines first) is old.
         not_before = float(int(started))
     else:
         path = Path(log_name)
         check_log_file(path, settings.follow.trust)
-        state = settings.follow.state_path
-        source = FollowedFile(path, state)
+        source = FollowedFile(path, settings.follow.state_path, on_overlong=dropped_overlong_line)
+        # Now, not at the first login: a position that cannot be saved is a
+        # setup error, and its message names the file.
+        source.commit()
         not_before = 0.0
-    counters = Counters()
     judge = LineJudge(
         login_format=login_format,
         trust=settings.follow.trust,
@@ -88,6 +95,14 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         mail_uids=settings.follow.mail_uids,
         session_timeout=settings.follow.session_timeout,
     )
+    if settings.follow.trust == "rsyslog" and not os.access("/proc/1/comm", os.R_OK):
+        # hidepid, or another PID namespace than rsyslog's: journald's pid
+        # on a line (its sender gone) cannot be told from the sender's.
+        logger.warning(
+            "follow_processes_hidden",
+            problem="/proc shows no other users' processes: journald's pid cannot be recognised",
+            fix="run the follower where it sees the host's processes (no hidepid, no private PIDs)",
+        )
     logger.info(
         "follow_trust",
         format=trust.format,

@@ -10,6 +10,7 @@ nothing, and no client can stop the endpoint from serving the others.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,11 @@ import structlog
 from popauth.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.addresses import IPAddress, WhitelistKeying
 from popauth.explain import Explainer, Question, explanation_lines
-from popauth.ingest import protocol
+from popauth.ingest import protocol, wire
 from popauth.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.ingest.roles import PeerPolicy
 from popauth.metrics import Metrics
-from popauth.store import NotConfirmed, StoreUnavailable, UserBlocked, WhitelistStore
+from popauth.store import NotConfirmed, Renewal, StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.usernames import printable_user_name
 
@@ -56,11 +57,13 @@ class IngestServer(UnixStreamServer):
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
         explainer: Explainer | None = None,
+        acl_groups: tuple[str, ...] = (),
     ) -> None:
         super().__init__(
             path=path,
             mode=mode,
             group=group,
+            acl_groups=acl_groups,
             max_clients=limits.max_clients,
             # Each complete line restarts the clock: a client has ``timeout``
             # seconds for every request, the first included.
@@ -125,15 +128,11 @@ class IngestServer(UnixStreamServer):
         try:
             request = protocol.parse_request(line)
         except ProtocolError as problem:
-            self._metrics.ingest_request("invalid", problem.code.value).inc()
-            self._log.warning("ingest_rejected", peer_uid=peer.uid, error=problem.code.value)
-            return protocol.error(problem.code, problem.reason), True
+            return self._rejected(problem, peer), True
         verb = request.verb.value
         refusal = self._refusal(request, peer)
         if refusal is not None:
-            self._metrics.ingest_request(verb, "forbidden").inc()
-            self._log.warning("ingest_forbidden", verb=verb, peer_uid=peer.uid, peer_gid=peer.gid)
-            return protocol.error(ErrorCode.FORBIDDEN, refusal), True
+            return self._forbidden(verb, refusal, peer), True
         try:
             reply = self._execute(request, peer)
         except BlockListUnwritable as failure:
@@ -159,15 +158,86 @@ class IngestServer(UnixStreamServer):
             self._metrics.ingest_request(verb, "unavailable").inc()
             self._metrics.errors.labels("store_unavailable").inc()
             self._log.error("ingest_store_unavailable", verb=verb, error=str(failure))
-            return protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable"), True
+            return _UNAVAILABLE, True
         except Exception:
             self._metrics.ingest_request(verb, "internal").inc()
             self._metrics.errors.labels("internal").inc()
             self._log.exception("ingest_internal_error", verb=verb, peer_uid=peer.uid)
             return _INTERNAL, True
-        result = reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
-        self._metrics.ingest_request(verb, result).inc()
+        self._metrics.ingest_request(verb, _result(reply)).inc()
         return reply, request.verb is not Verb.QUIT
+
+    def _rejected(self, problem: ProtocolError, peer: Peer) -> bytes:
+        self._metrics.ingest_request("invalid", problem.code.value).inc()
+        self._log.warning("ingest_rejected", peer_uid=peer.uid, error=problem.code.value)
+        return protocol.error(problem.code, problem.reason)
+
+    def _forbidden(self, verb: str, refusal: str, peer: Peer) -> bytes:
+        self._metrics.ingest_request(verb, "forbidden").inc()
+        self._log.warning("ingest_forbidden", verb=verb, peer_uid=peer.uid, peer_gid=peer.gid)
+        return protocol.error(ErrorCode.FORBIDDEN, refusal)
+
+    # --- pipelined renewals, one store call for many -------------------------
+
+    def joins_batch(self, request: bytes) -> bool:
+        # A hint only: every line of a batch is parsed and checked on its own.
+        return request[:6].upper() == _RENEW_PREFIX
+
+    @property
+    def max_batch(self) -> int:
+        return wire.RENEW_BATCH
+
+    def answer_batch(self, requests: list[bytes], peer: Peer) -> list[tuple[bytes, bool]]:
+        """The replies to consecutive RENEW requests: each parsed and checked
+        on its own, the valid ones renewed in one store call, in order."""
+        replies: list[tuple[bytes, bool] | None] = [None] * len(requests)
+        renewals: list[tuple[int, IPAddress, str]] = []
+        for index, line in enumerate(requests):
+            try:
+                request = protocol.parse_request(line)
+            except ProtocolError as problem:
+                replies[index] = self._rejected(problem, peer), True
+                continue
+            if request.verb is not Verb.RENEW or request.address is None:
+                replies[index] = self.answer_request(line, peer)
+                continue
+            refusal = self._refusal(request, peer)
+            if refusal is not None:
+                replies[index] = self._forbidden(request.verb.value, refusal, peer), True
+                continue
+            renewals.append((index, self._keying.key_address(request.address), request.user))
+        if renewals:
+            renewed = self._renew_many(renewals)
+            for (index, _, _), reply in zip(renewals, renewed, strict=True):
+                replies[index] = reply, True
+        answered = [reply for reply in replies if reply is not None]
+        if len(answered) != len(requests):
+            raise RuntimeError("a request of the batch was left unanswered")
+        return answered
+
+    def _renew_many(self, renewals: list[tuple[int, IPAddress, str]]) -> list[bytes]:
+        verb = Verb.RENEW.value
+        try:
+            outcomes = self._store.renew_many([(key, user) for _, key, user in renewals])
+        except StoreUnavailable as failure:
+            self._metrics.ingest_request(verb, "unavailable").inc(len(renewals))
+            self._metrics.errors.labels("store_unavailable").inc(len(renewals))
+            self._log.error(
+                "ingest_store_unavailable", verb=verb, error=str(failure), requests=len(renewals)
+            )
+            return [_UNAVAILABLE] * len(renewals)
+        except Exception:
+            self._metrics.ingest_request(verb, "internal").inc(len(renewals))
+            self._metrics.errors.labels("internal").inc(len(renewals))
+            self._log.exception("ingest_internal_error", verb=verb, requests=len(renewals))
+            return [_INTERNAL] * len(renewals)
+        replies = [
+            self._renewal_reply(outcome, self._keying.describe(key), user)
+            for (_, key, user), outcome in zip(renewals, outcomes, strict=True)
+        ]
+        for result, count in Counter(_result(reply) for reply in replies).items():
+            self._metrics.ingest_request(verb, result).inc(count)
+        return replies
 
     def _not_confirmed(self, request: Request, failure: NotConfirmed, peer: Peer) -> bytes:
         """The reply when the replicas did not confirm a change: say what state it left."""
@@ -275,17 +345,19 @@ class IngestServer(UnixStreamServer):
 
     def _renew(self, key: IPAddress, described: str, user: str) -> bytes:
         """Extend a live session's entry; never create one (see store.renew)."""
-        try:
-            grant = self._store.renew(key, user)
-        except UserBlocked:
+        (outcome,) = self._store.renew_many([(key, user)])
+        return self._renewal_reply(outcome, described, user)
+
+    def _renewal_reply(self, outcome: Renewal, described: str, user: str) -> bytes:
+        if outcome.blocked:
             self._log.warning("renew_refused_blocked", client_ip=described, user=user)
             return protocol.error(ErrorCode.BLOCKED, f"user {user} is blocked")
         # One line per open session per cycle: debug only; the renewing side
         # logs a summary of each cycle.
-        self._log.debug("renew", client_ip=described, user=user, found=grant is not None)
-        if grant is None:
+        self._log.debug("renew", client_ip=described, user=user, found=outcome.grant is not None)
+        if outcome.grant is None:
             return protocol.not_found(described)
-        return protocol.ok(protocol.format_grant(grant, described))
+        return protocol.ok(protocol.format_grant(outcome.grant, described))
 
     def _explain(self, request: Request, peer: Peer) -> bytes:
         """The milter's verdict for a client and recipient, and why, in plain lines."""
@@ -350,6 +422,13 @@ class _Incomplete(Exception):
     """A change is in force, but not all of it: the reason says what holds."""
 
 
+def _result(reply: bytes) -> str:
+    """A reply's first word, as the metrics count it: ok, notfound, err."""
+    return reply.split(b" ", 1)[0].rstrip(b"\n").decode().lower()
+
+
+_RENEW_PREFIX = f"{Verb.RENEW.value} ".encode()
+_UNAVAILABLE = protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable")
 # Verbs whose answer walks the whole whitelist.
 _WHOLE_WHITELIST = frozenset({b"LIST", b"REVOKEUSER", b"BLOCK"})
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")

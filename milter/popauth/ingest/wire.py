@@ -16,6 +16,12 @@ by blanks. Every reply line starts with one of three words:
 ``LIST``, ``BLOCKED``, ``REPORT`` and ``EXPLAIN`` answer ``OK count=N``
 followed by exactly N lines.
 
+A client may pipeline: send several requests before reading any reply. The
+replies come back in the order of the requests, exactly one each. Up to
+:data:`RENEW_BATCH` consecutive ``RENEW`` requests that have arrived are
+applied in one step (one store call, e.g. one Redis script), each still on
+its own terms and with its own reply.
+
 Standard library only: the client (``popauth login`` runs inside every POP
 login), the CLI and the server all import it. The Dovecot hook runs on the
 system Python without popauth installed, so it keeps its own copies of what
@@ -31,6 +37,9 @@ from collections.abc import Iterable
 DEFAULT_SOCKET = "/run/popauth/ingest.sock"
 # The longest request line, in bytes, line ending included.
 MAX_LINE = 512
+# The most pipelined RENEW requests the endpoint applies in one step, and
+# how many ``popauth sessions`` sends before reading their replies.
+RENEW_BATCH = 500
 
 
 class Verb(enum.Enum):

@@ -1,22 +1,29 @@
-"""Which domains and mailers the MTA delivers here, learned from the MTA itself.
+"""Which mail the MTA delivers here, learned from the MTA itself.
 
-A recipient counts as inbound (deliverable by anyone) only when its domain is
-one of the local domains and the MTA's ``{rcpt_mailer}`` is one of the local
-mailers. Both lists must match what the MTA really does, so popauth reads them
-from the MTA's own configuration (``postfix``, ``sendmail``) unless the
-settings name them; ``resolve`` joins the two and says where each came from.
+A recipient counts as inbound (deliverable by anyone) only when its domain
+is in one of the MTA's delivery classes and the MTA's ``{rcpt_mailer}`` is
+the mailer that class delivers it with (see :mod:`popauth.recipients`).
+That must match what the MTA really does, so popauth reads it from the
+MTA's own configuration (``postfix``, ``sendmail``) unless the settings name
+the domains and mailers; ``resolve`` joins the two and says where each
+came from.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from popauth.recipients import DomainSet
+from popauth.postfixlists import TransportRoutes
+from popauth.recipients import DeliveryClass, DomainSet, LocalDeliveryRules
 
 DOMAIN_PATTERN = re.compile(r"^\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?$")
 MAILER_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+CONFIGURED_DOMAINS = "configured: local_domains"
+CONFIGURED_MAILERS = "configured: local_mailers"
+# How many transport_maps routes check-config shows by name per mailer.
+SHOWN_ROUTE_KEYS = 3
 
 
 class LearnError(Exception):
@@ -41,51 +48,102 @@ def canonical_domain(text: str) -> str:
     return text[:-1] if text.endswith(".") and len(text) > 1 else text
 
 
-@dataclass
-class Learned:
-    """What one MTA's configuration says: each name with where it came from.
+@dataclass(frozen=True)
+class LearnedClass:
+    """One delivery class with what it was made of, for people to read."""
 
-    The first origin recorded for a name is kept; later ones add nothing.
-    """
+    rule: DeliveryClass
+    # e.g. "relay: relay_domains (a name matches its subdomains too)".
+    heading: str
+    # (pattern as written, e.g. "!customer.example.org", origin).
+    domains: tuple[tuple[str, str], ...]
+    # (mailer, origin).
+    mailers: tuple[tuple[str, str], ...]
 
-    mta: str
-    domains: dict[str, str] = field(default_factory=dict)
-    mailers: dict[str, str] = field(default_factory=dict)
+    def has_domains(self) -> bool:
+        matcher = self.rule.domains
+        if isinstance(matcher, DomainSet):
+            return bool(matcher)
+        return any(not shown.startswith("!") for shown, _ in self.domains)
 
-    def add_domain(self, domain: str, origin: str) -> None:
-        self.domains.setdefault(canonical_domain(domain), origin)
 
-    def add_mailer(self, mailer: str, origin: str) -> None:
-        self.mailers.setdefault(mailer.lower(), origin)
+@dataclass(frozen=True)
+class RouteSummary:
+    """The transport_maps entries kept for one mailer word, for check-config."""
+
+    mailer: str
+    table: str
+    keys: tuple[str, ...]
+    count: int
+
+    def origin(self) -> str:
+        more = f" and {self.count - len(self.keys)} more" if self.count > len(self.keys) else ""
+        return f"postfix transport_maps {self.table} ({', '.join(self.keys)}{more})"
 
 
 @dataclass(frozen=True)
 class LocalDelivery:
-    """The effective local domains and mailers, each with its origin."""
+    """The effective delivery classes, each name with its origin."""
 
-    domains: tuple[tuple[str, str], ...]
-    mailers: tuple[tuple[str, str], ...]
-    # Which MTA was asked, e.g. "postfix (postconf -c /etc/postfix)"; "" if none.
+    classes: tuple[LearnedClass, ...]
+    # Which MTA was asked, e.g. "postfix (config_directory /etc/postfix)"; "" if none.
     source: str = ""
+    # transport_maps routes the classes follow, summarised per mailer.
+    routes: tuple[RouteSummary, ...] = ()
 
     @classmethod
     def configured(cls, domains: Iterable[str], mailers: Iterable[str]) -> LocalDelivery:
-        return cls(
-            tuple((canonical_domain(d), "configured: local_domains") for d in domains),
-            tuple((m.lower(), "configured: local_mailers") for m in mailers),
-        )
+        return cls((configured_class(domains, [(m.lower(), CONFIGURED_MAILERS) for m in mailers]),))
 
-    def domain_set(self) -> DomainSet:
-        return DomainSet.of(domain for domain, _ in self.domains)
+    def rules(self) -> LocalDeliveryRules:
+        return LocalDeliveryRules(tuple(learned.rule for learned in self.classes))
 
-    def mailer_set(self) -> frozenset[str]:
-        return frozenset(mailer for mailer, _ in self.mailers)
+    @property
+    def domains(self) -> tuple[tuple[str, str], ...]:
+        """Every pattern of every class with its origin, first origin kept."""
+        return first_origins(pair for learned in self.classes for pair in learned.domains)
+
+    @property
+    def mailers(self) -> tuple[tuple[str, str], ...]:
+        pairs = [pair for learned in self.classes for pair in learned.mailers]
+        return first_origins(pairs + [(route.mailer, route.origin()) for route in self.routes])
 
     def describe(self) -> list[str]:
-        """Lines for ``popauth check-config``: every name and its origin."""
+        """Lines for ``popauth check-config``: every class, name and origin."""
         lines = [f"learned from: {self.source or 'nothing (both lists are configured)'}"]
-        lines.append("local mailers:")
-        lines += [f"  {mailer:<24} {origin}" for mailer, origin in self.mailers]
-        lines.append("local domains:")
-        lines += [f"  {domain:<24} {origin}" for domain, origin in self.domains]
+        for learned in self.classes:
+            lines.append(f"delivery class {learned.heading}")
+            lines.append(" mailers:")
+            lines += [f"  {mailer:<24} {origin}" for mailer, origin in learned.mailers]
+            lines.append(" domains:")
+            lines += [f"  {shown:<24} {origin}" for shown, origin in learned.domains]
+        if self.routes:
+            lines.append("transport_maps routes (the only local mailer where they apply):")
+            lines += [f"  {route.mailer:<24} {route.origin()}" for route in self.routes]
         return lines
+
+
+def first_origins(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Each name once, with the first origin recorded for it."""
+    seen: dict[str, str] = {}
+    for name, origin in pairs:
+        seen.setdefault(name, origin)
+    return tuple(seen.items())
+
+
+def configured_class(
+    domains: Iterable[str],
+    mailers: Iterable[tuple[str, str]],
+    routes: TransportRoutes | None = None,
+) -> LearnedClass:
+    """The one class of configured ``local_domains``, with these mailers."""
+    shown_domains = first_origins((canonical_domain(d), CONFIGURED_DOMAINS) for d in domains)
+    shown_mailers = first_origins(mailers)
+    rule = DeliveryClass(
+        name="configured",
+        domains=DomainSet.of(domain for domain, _ in shown_domains),
+        mailers=frozenset(mailer for mailer, _ in shown_mailers),
+        routes=routes,
+        bare_local_parts=True,
+    )
+    return LearnedClass(rule, "configured: local_domains", shown_domains, shown_mailers)

@@ -14,10 +14,10 @@ import threading
 import structlog
 
 from popauth.decision import RelayPolicy
-from popauth.recipients import Recipient, plain_address_parts
+from popauth.recipients import Recipient, classify
 
 # Mailer words come from the MTA's transports and domains from the local
-# list, so the pairs are few; the cap only guards against the unforeseen.
+# classes, so the pairs are few; the cap only guards against the unforeseen.
 MAX_REMEMBERED_PAIRS = 10_000
 
 
@@ -28,18 +28,15 @@ class MailerMismatchWarner:
         self._lock = threading.Lock()
 
     def check(self, policy: RelayPolicy, recipient: Recipient) -> None:
-        mailer = recipient.mailer
-        if mailer is None or mailer.lower() in policy.local_mailers:
+        if recipient.mailer is None:
             return
-        # Cheap tests first: this runs for every refused recipient.
-        domain = recipient.envelope.rstrip(">").rpartition("@")[2].rstrip(".").lower()
-        pair = (mailer.lower(), domain)
-        if not domain or pair in self._warned or domain not in policy.local_domains:
+        found = classify(recipient, policy.local_delivery)
+        if found is None or found.domain is None:
             return
-        if _plain_local_domain(recipient.envelope, policy) != domain or (
-            recipient.resolved is not None
-            and _plain_local_domain(recipient.resolved, policy) is None
-        ):
+        expected = found.delivery_class.expected_mailers(found.address)
+        mailer = recipient.mailer.lower()
+        pair = (mailer, found.domain)
+        if mailer in expected or pair in self._warned:
             return
         with self._lock:
             if pair in self._warned or len(self._warned) >= MAX_REMEMBERED_PAIRS:
@@ -47,21 +44,16 @@ class MailerMismatchWarner:
             self._warned.add(pair)
         self._log.warning(
             "local_domain_with_foreign_mailer",
-            rcpt_mailer=pair[0],
-            domain=domain,
+            rcpt_mailer=mailer,
+            domain=found.domain,
+            delivery_class=found.delivery_class.name,
+            expected_mailers=sorted(expected),
             setting="local_mailers",
             hint=(
-                f"mail to {domain} arrives with {{rcpt_mailer}}={pair[0]}, which is not in"
-                f" local_mailers, so strangers' mail to it is refused as relaying; if"
-                f" {pair[0]} delivers here, add it to local_mailers (or remove local_mailers"
+                f"mail to {found.domain} arrives with {{rcpt_mailer}}={mailer}, which is not"
+                f" what popauth expects there ({', '.join(sorted(expected)) or 'nothing'}),"
+                " so strangers' mail to it is refused as relaying; if"
+                f" {mailer} delivers here, add it to local_mailers (or remove local_mailers"
                 " to learn it from the MTA)"
             ),
         )
-
-
-def _plain_local_domain(address: str, policy: RelayPolicy) -> str | None:
-    parts = plain_address_parts(address)
-    if parts is None or parts[1] is None:
-        return None
-    domain = parts[1].rstrip(".").lower()
-    return domain if domain in policy.local_domains else None

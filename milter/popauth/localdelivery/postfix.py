@@ -1,104 +1,200 @@
-"""Local domains and mailers from Postfix's own configuration.
+"""Delivery classes from Postfix's own configuration.
 
-Postfix sorts every recipient domain into an address class and delivers each
-class with its transport; the transport's name is what smtpd sends the milter
-as ``{rcpt_mailer}``:
+Postfix sorts every recipient domain into an address class (trivial-rewrite,
+in this order: the first list that matches wins) and delivers the class
+with its transport; the transport's name is what smtpd sends the milter as
+``{rcpt_mailer}``:
 
 =========================  =================================================
-domain list                transport ({rcpt_mailer} is the part before ':')
+address class (its list)   transport ({rcpt_mailer} is the part before ':')
 =========================  =================================================
-mydestination              local_transport (``local``)
-virtual_alias_domains      ``error`` until cleanup rewrites the address with
-                           virtual_alias_maps (trivial-rewrite's answer)
-virtual_mailbox_domains    virtual_transport (``virtual``, often ``lmtp``)
-relay_domains              relay_transport (``relay``): inbound, backup MX
+local (mydestination)      local_transport (``local``)
+virtual alias              ``error`` until cleanup rewrites the address with
+(virtual_alias_domains)    virtual_alias_maps (trivial-rewrite's answer)
+virtual mailbox            virtual_transport (``virtual``, often ``lmtp``)
+(virtual_mailbox_domains)
+relay (relay_domains)      relay_transport (``relay``): inbound, backup MX
 =========================  =================================================
 
-and ``transport_maps`` can give any of those domains another transport. The
-values come from ``postconf -x`` (``$name`` expanded, ``-c DIR`` or
-``MAIL_CONFIG`` like every Postfix command); domain lists may hold
-``/file/name`` and ``type:table`` patterns, which are read with ``postmap``.
+``transport_maps`` can give an address or a domain of any class but virtual
+alias another transport; where it does, that transport is the address's
+only local mailer. Every other domain is Postfix's default class: mail
+relayed elsewhere.
+
+popauth follows Postfix's matching exactly (:mod:`popauth.postfixlists`):
+``!`` exclusions, ``/file/name`` and ``type:table`` patterns, string lists
+(exact names) versus relay_domains (parent domains, after
+parent_domain_matches_subdomains). What it cannot follow exactly (a table
+whose keys cannot be listed, a file that Postfix versions read differently)
+is refused with an error naming the setting: a list followed only roughly
+could count a domain as local that Postfix relays away.
+
+The values come from ``postconf -x`` (``$name`` expanded, ``-c DIR`` or
+``MAIL_CONFIG`` like every Postfix command); tables are listed with
+``postmap -s``, streamed, keeping only the entries that matter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from popauth.localdelivery import (
-    Learned,
+    SHOWN_ROUTE_KEYS,
+    LearnedClass,
     LearnError,
+    LocalDelivery,
     MtaNotFound,
-    canonical_domain,
-    is_domain_name,
+    RouteSummary,
+    configured_class,
+    first_origins,
     is_mailer_name,
 )
 from popauth.localdelivery.commands import (
+    CommandFailed,
     CommandResult,
+    CommandRunner,
     CommandUnavailable,
     Runner,
     find_tool,
-    run_command,
 )
-from popauth.recipients import DomainSet
+from popauth.postfixlists import (
+    ListKind,
+    ListPattern,
+    PostfixList,
+    RelevantDomains,
+    TransportRoutes,
+    fold,
+)
+from popauth.recipients import DeliveryClass, DomainSet
 
-# Each domain list with the transport of its address class (None: a fixed word).
-ADDRESS_CLASSES: tuple[tuple[str, str | None], ...] = (
-    ("mydestination", "local_transport"),
-    ("virtual_alias_domains", None),
-    ("virtual_mailbox_domains", "virtual_transport"),
-    ("relay_domains", "relay_transport"),
+
+@dataclass(frozen=True)
+class AddressClass:
+    name: str
+    # The domain list, and the parameter naming the class's transport.
+    parameter: str
+    transport_parameter: str | None
+    kind: ListKind
+
+
+ADDRESS_CLASSES = (
+    AddressClass("local", "mydestination", "local_transport", ListKind.STRING),
+    AddressClass("virtual alias", "virtual_alias_domains", None, ListKind.STRING),
+    AddressClass(
+        "virtual mailbox", "virtual_mailbox_domains", "virtual_transport", ListKind.STRING
+    ),
+    AddressClass("relay", "relay_domains", "relay_transport", ListKind.DOMAIN),
 )
 # trivial-rewrite resolves a virtual alias domain to the error transport; the
 # real destination is known only after cleanup's virtual_alias_maps rewrite.
 VIRTUAL_ALIAS_MAILER = "error"
 PARAMETERS = (
     "config_directory",
-    "mydestination",
-    "local_transport",
-    "virtual_alias_domains",
-    "virtual_mailbox_domains",
-    "virtual_transport",
-    "relay_domains",
-    "relay_transport",
+    *(spec.parameter for spec in ADDRESS_CLASSES),
+    *(spec.transport_parameter for spec in ADDRESS_CLASSES if spec.transport_parameter),
     "transport_maps",
     "parent_domain_matches_subdomains",
+    "recipient_delimiter",
+    "owner_request_special",
+    "double_bounce_sender",
 )
 # Table types whose entries postmap -s can list; the others can only be asked
 # for a key (and postmap's fatal error on them costs a one-second pause).
 LISTABLE_TABLE_TYPES = frozenset(
     {"hash", "btree", "lmdb", "cdb", "dbm", "sdbm", "texthash", "inline"}
 )
+# Postfix's list separators (CHARS_COMMA_SP) and white space (isspace in C).
+LIST_SEPARATORS = frozenset(", \t\r\n")
+C_SPACE = " \t\n\v\f\r"
+# More transport_maps entries in local classes than this are not kept in memory.
+MAX_TRANSPORT_ROUTES = 100_000
 _FIX_DOMAINS = "set local_domains in popauth's settings to the domains Postfix delivers here"
-_FIX_MAILERS = "set local_mailers in popauth's settings to the transports of those domains"
+_FIX_MAILERS = (
+    "set local_mailers in popauth's settings to the transports of the local domains"
+    " (popauth then does without transport_maps)"
+)
 
 
 def split_list(text: str) -> list[str]:
-    """Split a Postfix list at commas and white space, keeping ``{...}`` whole."""
+    """Postfix's mystrtokq(): split at commas and white space, keep ``{...}`` whole.
+
+    A token that starts with ``#`` ends the list (Postfix warns that a
+    comment after text is not supported, and ignores the rest).
+    """
     items: list[str] = []
     current: list[str] = []
     depth = 0
-    for character in text:
+    for character in text + ",":
         if character == "{":
             depth += 1
         elif character == "}" and depth:
             depth -= 1
-        if depth == 0 and (character == "," or character.isspace()):
+        elif depth == 0 and character in LIST_SEPARATORS:
             if current:
+                if current[0] == "#":
+                    return items
                 items.append("".join(current))
                 current = []
             continue
         current.append(character)
-    if current:
-        items.append("".join(current))
     return items
 
 
-def file_entries(text: str) -> list[str]:
-    """The entries of a ``/file/name`` pattern: lists without ``#`` comments."""
-    entries: list[str] = []
-    for line in text.splitlines():
-        entries += split_list(line.split("#", 1)[0])
-    return entries
+def _lines_before_3_8(text: str) -> list[str]:
+    """How Postfix up to 3.7 reads a /file/name list: each line, '#' lines skipped."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line for line in lines if not line.startswith("#")]
+
+
+def _logical_lines(text: str) -> list[str]:
+    """readllines(): lines joined with their indented continuations, comments dropped."""
+    logical: list[str] = []
+    position = 0
+    while True:
+        buffer = ""
+        at_end = False
+        while True:
+            newline = text.find("\n", position)
+            if newline < 0:
+                line, position, at_end = text[position:], len(text), True
+            else:
+                line, position = text[position:newline], newline + 1
+            if not line.strip(C_SPACE) or line.lstrip(C_SPACE)[0] == "#":
+                line = ""
+            buffer += line
+            if at_end:
+                break
+            if buffer:
+                following = text[position] if position < len(text) else ""
+                if not following or (following != "#" and following not in C_SPACE):
+                    break
+        if buffer and buffer[0] in C_SPACE:
+            continue  # text continued from nothing: Postfix warns and skips it
+        if buffer:
+            logical.append(buffer)
+        if at_end:
+            return logical
+
+
+def file_entries(text: str, path: str = "file") -> list[str]:
+    """The patterns of a ``/file/name`` list, read as every Postfix reads it.
+
+    Postfix up to 3.7 reads it line by line; 3.8 and later join indented
+    lines to the one before (and then a ``#`` ends the joined line). Where the two
+    differ, popauth cannot know which one runs, so it refuses the file.
+    """
+    old = [item for line in _lines_before_3_8(text) for item in split_list(line)]
+    new = [item for line in _logical_lines(text) for item in split_list(line)]
+    if old != new:
+        raise LearnError(
+            f"{path}: Postfix versions read this file differently (an indented line, or a"
+            " '#' comment after text followed by one); put each pattern on its own"
+            " unindented line"
+        )
+    return new
 
 
 def parse_postconf(text: str) -> dict[str, str]:
@@ -113,14 +209,15 @@ def parse_postconf(text: str) -> dict[str, str]:
     return values
 
 
-def parse_table_dump(text: str) -> dict[str, str]:
-    """``key<TAB>value`` lines from ``postmap -s`` or ``postmap -q -``."""
-    entries: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(None, 1)
-        if parts:
-            entries[parts[0].lower()] = parts[1].strip() if len(parts) > 1 else ""
-    return entries
+def table_entry(line: str) -> tuple[str, str] | None:
+    """``key<TAB>value`` from ``postmap -s``; the key exactly as stored."""
+    key, tab, value = line.partition("\t")
+    if tab and key and not key[0].isspace():
+        return key, value.strip()
+    parts = line.split(None, 1)
+    if not parts:
+        return None
+    return parts[0], parts[1].strip() if len(parts) > 1 else ""
 
 
 def mailer_word(transport: str) -> str | None:
@@ -133,6 +230,7 @@ def mailer_word(transport: str) -> str | None:
 
 
 def is_table(pattern: str) -> bool:
+    """MATCH_DICTIONARY(): ``type:name``, not an ``[address]``."""
     return ":" in pattern and not pattern.startswith("[")
 
 
@@ -144,9 +242,9 @@ def _table_for_reading(table: str) -> str:
 class PostfixConfig:
     """One Postfix configuration, read through its own tools."""
 
-    def __init__(self, config_directory: str = "", run: Runner = run_command) -> None:
+    def __init__(self, config_directory: str = "", run: Runner | None = None) -> None:
         self.config_directory = config_directory
-        self._run = run
+        self._run = run if run is not None else CommandRunner()
         self._where = f"-c {config_directory}" if config_directory else "MAIL_CONFIG or default"
 
     def _tool(self, name: str) -> list[str]:
@@ -160,7 +258,7 @@ class PostfixConfig:
 
     def _call(self, argv: Sequence[str], stdin: str = "") -> CommandResult:
         try:
-            return self._run(argv, stdin)
+            return self._run.run(argv, stdin)
         except CommandUnavailable as problem:
             raise LearnError(str(problem)) from None
 
@@ -173,29 +271,29 @@ class PostfixConfig:
             raise LearnError(f"postconf ({self._where}) failed: {message}")
         return parse_postconf(result.stdout)
 
-    def dump_table(self, table: str) -> dict[str, str]:
-        """Every entry of a table that Postfix can list (hash, lmdb, texthash...)."""
+    def table_lines(self, table: str, fold_keys: bool) -> Iterator[str]:
+        """Every entry of a listable table as ``postmap -s`` prints it, streamed.
+
+        ``fold_keys`` opens it as transport_maps does (keys folded); without
+        it, as a domain list does, so the keys are exactly what Postfix
+        compares the lower-cased name with. Parse a line with table_entry.
+        """
         kind = _table_for_reading(table).split(":", 1)[0]
         if kind not in LISTABLE_TABLE_TYPES:
             raise LearnError(
                 f"cannot list the entries of {table}: {kind} tables cannot be listed"
                 f" (listable: {', '.join(sorted(LISTABLE_TABLE_TYPES))})"
             )
-        result = self._call([*self._tool("postmap"), "-s", _table_for_reading(table)])
-        if result.returncode != 0:
-            raise LearnError(f"cannot list the entries of {table}: {result.error_text()}")
-        return parse_table_dump(result.stdout)
-
-    def query_table(self, table: str, keys: Sequence[str]) -> dict[str, str]:
-        """The entries of ``keys`` found in a table (any type Postfix can query)."""
-        if not keys:
-            return {}
-        argv = [*self._tool("postmap"), "-q", "-", _table_for_reading(table)]
-        result = self._call(argv, "".join(f"{key}\n" for key in keys))
-        # postmap -q exits 1 when no key was found; errors are "fatal:" lines.
-        if result.returncode not in (0, 1) or "fatal:" in result.stderr:
-            raise LearnError(f"cannot look up keys in {table}: {result.error_text()}")
-        return parse_table_dump(result.stdout)
+        argv = [*self._tool("postmap"), *([] if fold_keys else ["-f"])]
+        argv += ["-s", _table_for_reading(table)]
+        try:
+            yield from self._run.lines(argv)
+        except CommandFailed as failed:
+            raise LearnError(
+                f"cannot list the entries of {table}: {failed.result.error_text()}"
+            ) from None
+        except CommandUnavailable as problem:
+            raise LearnError(f"cannot list the entries of {table}: {problem}") from None
 
     def read_file(self, path: str) -> str:
         try:
@@ -205,127 +303,237 @@ class PostfixConfig:
             raise LearnError(f"cannot read {path}: {error.strerror}") from None
 
 
-def _domain_list(config: PostfixConfig, parameter: str, value: str) -> list[str]:
-    """Every domain a Postfix domain list names, through files and tables."""
-    domains: list[str] = []
-    pending = split_list(value)
-    seen_files: set[str] = set()
-    while pending:
-        item = pending.pop(0)
-        if item.startswith("!"):
-            continue  # an exclusion; what it excludes is not added either
-        if item.startswith("/"):
-            if item not in seen_files:
-                seen_files.add(item)
-                pending = file_entries(config.read_file(item)) + pending
-            continue
-        if is_table(item):
+@dataclass
+class CompiledList:
+    matcher: PostfixList
+    # (pattern as check-config shows it, origin)
+    shown: list[tuple[str, str]]
+
+
+class ListCompiler:
+    """match_list_init(): a list value, files and tables expanded, as Postfix does."""
+
+    def __init__(self, config: PostfixConfig, parameter: str) -> None:
+        self._config = config
+        self._parameter = parameter
+        self.patterns: list[ListPattern] = []
+        self.shown: list[tuple[str, str]] = []
+
+    def _fail(self, problem: str) -> LearnError:
+        return LearnError(f"{self._parameter}: {problem}; {_FIX_DOMAINS}")
+
+    def add(self, text: str, positive: bool = True, files: tuple[str, ...] = ()) -> None:
+        origin = f"postfix {self._parameter}" + (f" ({files[-1]})" if files else "")
+        for token in split_list(text):
+            item = token
+            polarity = positive
+            while item.startswith("!"):
+                polarity = not polarity
+                item = item[1:]
+            if not item:
+                raise self._fail(f"no pattern after '!' in {token!r}")
+            if item.startswith("/"):
+                if item in files:
+                    raise self._fail(f"{item} includes itself")
+                try:
+                    entries = file_entries(self._config.read_file(item), item)
+                except LearnError as problem:
+                    raise self._fail(str(problem)) from None
+                for entry in entries:
+                    self.add(entry, polarity, (*files, item))
+            elif is_table(item):
+                try:
+                    lines = self._config.table_lines(item, fold_keys=False)
+                    keys = frozenset(entry[0] for entry in map(table_entry, lines) if entry)
+                except LearnError as problem:
+                    raise self._fail(str(problem)) from None
+                self.patterns.append(ListPattern(polarity, item, keys))
+                self.shown += [(_shown(polarity, key), f"{origin} {item}") for key in sorted(keys)]
+            else:
+                self.patterns.append(ListPattern(polarity, fold(item)))
+                self.shown.append((_shown(polarity, fold(item)), origin))
+
+
+def _shown(positive: bool, text: str) -> str:
+    return text if positive else "!" + text
+
+
+def compile_list(
+    config: PostfixConfig, parameter: str, value: str, kind: ListKind, *, parent_style: bool
+) -> CompiledList:
+    compiler = ListCompiler(config, parameter)
+    compiler.add(value)
+    return CompiledList(PostfixList(tuple(compiler.patterns), kind, parent_style), compiler.shown)
+
+
+def _class_heading(spec: AddressClass, compiled: PostfixList) -> str:
+    if spec.kind is ListKind.STRING:
+        return f"{spec.name}: {spec.parameter} (exact names only)"
+    if compiled.parent_style:
+        return f"{spec.name}: {spec.parameter} (a name matches its subdomains too)"
+    return f"{spec.name}: {spec.parameter} (.name matches the subdomains of name)"
+
+
+def _class_mailer(spec: AddressClass, values: dict[str, str]) -> tuple[str, str] | None:
+    if spec.transport_parameter is None:
+        origin = f"postfix {spec.parameter} (resolved to Postfix's error transport)"
+        return VIRTUAL_ALIAS_MAILER, origin
+    word = mailer_word(values.get(spec.transport_parameter, ""))
+    if word is None:
+        return None
+    return word, f"postfix {spec.transport_parameter} (for {spec.parameter})"
+
+
+def _is_yes(value: str) -> bool:
+    return value.strip().lower() in ("yes", "true", "1")
+
+
+class TransportLearner:
+    """The transport_maps entries that apply to domains of the local classes.
+
+    transport(5) looks up the address, the address without its extension,
+    the domain, its parents and ``*``, across the tables in order; popauth
+    does the same in memory (TransportRoutes), so it needs those entries.
+    Only they are kept: a table of millions of routes elsewhere is streamed
+    through and costs time, not memory.
+    """
+
+    def __init__(self, config: PostfixConfig, values: dict[str, str], parent_style: bool) -> None:
+        self._config = config
+        self._values = values
+        self._parent_style = parent_style
+
+    def tables(self) -> list[str]:
+        tables = split_list(self._values.get("transport_maps", ""))
+        for table in tables:
+            if not is_table(table):
+                raise LearnError(f"transport_maps: {table!r} is not a type:table; {_FIX_MAILERS}")
+        return tables
+
+    def learn(self, relevant: RelevantDomains) -> tuple[TransportRoutes | None, list[RouteSummary]]:
+        tables = self.tables()
+        if not tables:
+            return None, []
+        entries: dict[str, str] = {}
+        summaries: dict[str, RouteSummary] = {}
+        for table in tables:
             try:
-                keys = config.dump_table(item)
-            except LearnError as problem:
-                raise LearnError(f"{parameter}: {problem}; {_FIX_DOMAINS}") from None
-            # Keys with an '@' are mailboxes (a table shared with *_maps).
-            domains += [key for key in keys if "@" not in key and is_domain_name(key)]
-            continue
-        if is_domain_name(item):
-            domains.append(item)
-    return domains
-
-
-def _transport_keys(domain: str, parent_style: bool) -> list[str]:
-    """transport(5)'s search order for a domain (after the full address)."""
-    keys = [domain]
-    labels = domain.split(".")
-    for start in range(1, len(labels)):
-        parent = ".".join(labels[start:])
-        keys.append(parent if parent_style else "." + parent)
-    keys.append("*")
-    return keys
-
-
-def _address_and_domain_keys(domain: str, parent_style: bool) -> list[str]:
-    # A sample mailbox first: regular-expression tables see the full address.
-    return [f"postmaster@{domain}", *_transport_keys(domain, parent_style)]
-
-
-def _transport_mailers(
-    config: PostfixConfig,
-    learned: Learned,
-    tables: list[str],
-    domains: Sequence[str],
-    parent_style: bool,
-) -> None:
-    """Transport words that ``transport_maps`` gives recipients in local domains."""
-    local = DomainSet.of(domains)
-    exact = [d for d in domains if not d.startswith(".")]
-    probes = sorted(
-        {key for domain in exact for key in _address_and_domain_keys(domain, parent_style)}
-    )
-    contents: list[dict[str, str]] = []
-    for table in tables:
-        try:
-            entries = config.dump_table(table)
-        except LearnError:
-            try:
-                entries = config.query_table(table, probes)
+                for line in self._config.table_lines(table, fold_keys=True):
+                    # Most lines are routes elsewhere: judged by the key alone, unparsed.
+                    key, tab, value = line.partition("\t")
+                    if not tab:
+                        entry = table_entry(line)
+                        if entry is None:
+                            continue
+                        key, value = entry
+                    if key in entries or not relevant.wants_key(key, self._parent_style):
+                        continue
+                    if len(entries) >= MAX_TRANSPORT_ROUTES:
+                        raise LearnError(
+                            f"more than {MAX_TRANSPORT_ROUTES} entries of {table} route mail"
+                            " in the local domains, more than popauth keeps in memory"
+                        )
+                    transport = value.split(":", 1)[0].strip()
+                    entries[key] = transport
+                    _summarise(summaries, table, key, transport)
             except LearnError as problem:
                 raise LearnError(f"transport_maps: {problem}; {_FIX_MAILERS}") from None
-        else:
-            # A listed table also names single mailboxes and subdomains.
-            for key, value in entries.items():
-                domain = key.rpartition("@")[2].lstrip(".")
-                word = mailer_word(value)
-                if key != "*" and word and domain in local:
-                    learned.add_mailer(word, f"postfix transport_maps {table} ({key})")
-        contents.append(entries)
-    for domain in exact:
-        for key in _address_and_domain_keys(domain, parent_style):
-            found = next((e[key] for e in contents if key in e), None)
-            if found is not None:
-                word = mailer_word(found)
-                if word:
-                    learned.add_mailer(word, f"postfix transport_maps ({key} -> {domain})")
-                break
+        routes = TransportRoutes(
+            entries=entries,
+            parent_style=self._parent_style,
+            recipient_delimiter=self._values.get("recipient_delimiter", ""),
+            unsplit_local_parts=frozenset(
+                {"postmaster", "mailer-daemon", fold(self._values.get("double_bounce_sender", ""))}
+            ),
+            owner_request_special=_is_yes(self._values.get("owner_request_special", "yes")),
+        )
+        return routes, list(summaries.values())
+
+
+def _summarise(summaries: dict[str, RouteSummary], table: str, key: str, transport: str) -> None:
+    word = transport.lower() or "(the class's own)"
+    known = summaries.get(word)
+    if known is None:
+        summaries[word] = RouteSummary(word, table, (key,), 1)
+        return
+    keys = known.keys if len(known.keys) >= SHOWN_ROUTE_KEYS else (*known.keys, key)
+    summaries[word] = RouteSummary(word, known.table, keys, known.count + 1)
+
+
+def _parent_style(config: PostfixConfig, values: dict[str, str]) -> PostfixList:
+    """parent_domain_matches_subdomains is itself a string list (of feature names)."""
+    value = values.get("parent_domain_matches_subdomains", "")
+    name = "parent_domain_matches_subdomains"
+    return compile_list(config, name, value, ListKind.STRING, parent_style=False).matcher
 
 
 def learn_from_postfix(
     config_directory: str = "",
     configured_domains: Sequence[str] | None = None,
-    run: Runner = run_command,
-) -> Learned:
-    """What Postfix delivers here. ``configured_domains`` replaces its domain lists.
+    run: Runner | None = None,
+    *,
+    with_transport_maps: bool = True,
+) -> LocalDelivery:
+    """What Postfix delivers here. ``configured_domains`` replaces its domain lists;
+    without ``with_transport_maps`` (local_mailers is configured) no route is learned.
 
     Raises MtaNotFound when there is no Postfix configuration (and no
     directory was named), LearnError when one is there but cannot be read
-    whole: an unreadable list would silently refuse mail to its domains.
+    whole or followed exactly.
     """
     config = PostfixConfig(config_directory, run)
     values = config.parameters(PARAMETERS)
-    learned = Learned(f"postfix (config_directory {values.get('config_directory', '?')})")
-    parent_style = set(split_list(values.get("parent_domain_matches_subdomains", "")))
-    for parameter, transport_parameter in ADDRESS_CLASSES:
-        value = values.get(parameter, "")
-        if not split_list(value):
-            continue
-        if configured_domains is None:
-            for domain in _domain_list(config, parameter, value):
-                learned.add_domain(domain, f"postfix {parameter}")
-                if parameter in parent_style and not domain.startswith("."):
-                    learned.add_domain("." + domain, f"postfix {parameter} (and subdomains)")
-        if transport_parameter is None:
-            word: str | None = VIRTUAL_ALIAS_MAILER
-            origin = f"postfix {parameter} (resolved to Postfix's error transport)"
-        else:
-            word = mailer_word(values.get(transport_parameter, ""))
-            origin = f"postfix {transport_parameter} (for {parameter})"
-        if word:
-            learned.add_mailer(word, origin)
-    domains = (
-        [canonical_domain(d) for d in configured_domains]
-        if configured_domains is not None
-        else list(learned.domains)
+    # A directory given with -c is the one read, whatever main.cf says of itself.
+    source = f"postfix (config_directory {config_directory or values.get('config_directory', '?')})"
+    parent_features = _parent_style(config, values)
+    if not with_transport_maps:
+        values = {**values, "transport_maps": ""}
+    transports = TransportLearner(config, values, parent_features.matches("transport_maps"))
+    specs = [spec for spec in ADDRESS_CLASSES if split_list(values.get(spec.parameter, ""))]
+    if configured_domains is not None:
+        return _with_configured_domains(source, specs, values, transports, configured_domains)
+    compiled = {
+        spec.name: compile_list(
+            config,
+            spec.parameter,
+            values[spec.parameter],
+            spec.kind,
+            parent_style=spec.kind is ListKind.DOMAIN and parent_features.matches(spec.parameter),
+        )
+        for spec in specs
+    }
+    # transport_maps is not consulted for virtual alias domains.
+    routed = [compiled[spec.name].matcher for spec in specs if spec.transport_parameter]
+    routes, summaries = transports.learn(RelevantDomains.of_lists(routed))
+    classes = []
+    for spec in specs:
+        mailer = _class_mailer(spec, values)
+        matcher = compiled[spec.name].matcher
+        rule = DeliveryClass(
+            name=spec.name,
+            domains=matcher,
+            mailers=frozenset({mailer[0]} if mailer else ()),
+            routes=routes if spec.transport_parameter else None,
+        )
+        heading = _class_heading(spec, matcher)
+        shown = tuple(compiled[spec.name].shown)
+        classes.append(LearnedClass(rule, heading, shown, (mailer,) if mailer else ()))
+    return LocalDelivery(tuple(classes), source, tuple(summaries))
+
+
+def _with_configured_domains(
+    source: str,
+    specs: list[AddressClass],
+    values: dict[str, str],
+    transports: TransportLearner,
+    configured_domains: Sequence[str],
+) -> LocalDelivery:
+    """Configured domains, with every class's transport and their transport_maps routes."""
+    mailers = first_origins(
+        mailer for spec in specs if (mailer := _class_mailer(spec, values)) is not None
     )
-    tables = [t for t in split_list(values.get("transport_maps", "")) if is_table(t)]
-    if tables and domains:
-        _transport_mailers(config, learned, tables, domains, "transport_maps" in parent_style)
-    return learned
+    domains = DomainSet.of(configured_domains)
+    relevant = RelevantDomains(domains.names, (parent[1:] for parent in domains.parents))
+    routes, summaries = transports.learn(relevant)
+    learned = configured_class(configured_domains, mailers, routes)
+    return LocalDelivery((learned,), source, tuple(summaries))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-from popauth.localdelivery import Learned, LearnError, LocalDelivery, MtaNotFound
-from popauth.localdelivery.commands import Runner, run_command
+from popauth.localdelivery import LearnedClass, LearnError, LocalDelivery, MtaNotFound
+from popauth.localdelivery.commands import Runner
 from popauth.localdelivery.postfix import learn_from_postfix
 from popauth.localdelivery.sendmail import learn_from_sendmail
 
@@ -40,23 +41,30 @@ class LearnSettings(Protocol):
 
 
 def learn_from_mta(
-    settings: LearnSettings, configured_domains: Sequence[str] | None, run: Runner
-) -> tuple[Learned | None, list[str]]:
+    settings: LearnSettings, configured_domains: Sequence[str] | None, run: Runner | None
+) -> tuple[LocalDelivery | None, list[str]]:
     """Ask the chosen MTA; None and the reasons when there is none to ask."""
     choice = settings.learn_from_mta
     absent: list[str] = []
     if choice in ("auto", "postfix"):
         try:
-            return learn_from_postfix(
-                settings.postfix_config_directory, configured_domains, run
-            ), absent
+            learned = learn_from_postfix(
+                settings.postfix_config_directory,
+                configured_domains,
+                run,
+                with_transport_maps=settings.local_mailers is None,
+            )
+            return learned, absent
         except MtaNotFound as reason:
             if choice == "postfix" or settings.postfix_config_directory:
                 raise LearnError(str(reason)) from None
             absent.append(str(reason))
     if choice in ("auto", "sendmail"):
         try:
-            return learn_from_sendmail(settings.sendmail_command, settings.sendmail_cf, run), absent
+            learned = learn_from_sendmail(
+                settings.sendmail_command, settings.sendmail_cf, run, configured_domains
+            )
+            return learned, absent
         except MtaNotFound as reason:
             if choice == "sendmail":
                 raise LearnError(str(reason)) from None
@@ -66,7 +74,7 @@ def learn_from_mta(
     return None, absent
 
 
-def resolve_local_delivery(settings: LearnSettings, run: Runner = run_command) -> LocalDelivery:
+def resolve_local_delivery(settings: LearnSettings, run: Runner | None = None) -> LocalDelivery:
     """Configured lists as they are; absent ones learned from the MTA.
 
     Raises LocalDeliveryError, naming the keys to set, when a list is neither
@@ -93,13 +101,28 @@ def resolve_local_delivery(settings: LearnSettings, run: Runner = run_command) -
             f"{' and '.join(missing)} not set, and there is no MTA to learn them from "
             f"({'; '.join(absent)}): {_KEYS_HINT}"
         )
-    domains = configured.domains if domains_set else tuple(learned.domains.items())
-    mailers = configured.mailers if mailers_set else tuple(learned.mailers.items())
-    if not domains and not domains_set:
+    if mailers_set:
+        learned = with_mailers(learned, configured.classes[0])
+    if not domains_set and not any(each.has_domains() for each in learned.classes):
         raise LocalDeliveryError(
-            f"{learned.mta} delivers no domain here, so every inbound message would be "
+            f"{learned.source} delivers no domain here, so every inbound message would be "
             f"refused: set local_domains"
         )
-    if not mailers:
-        raise LocalDeliveryError(f"{learned.mta} names no local transport: set local_mailers")
-    return LocalDelivery(domains, mailers, learned.mta)
+    if not any(learned_class.rule.mailers for learned_class in learned.classes):
+        raise LocalDeliveryError(f"{learned.source} names no local transport: set local_mailers")
+    return learned
+
+
+def with_mailers(learned: LocalDelivery, configured: LearnedClass) -> LocalDelivery:
+    """The learned classes, each delivered by the configured mailers (and no routes)."""
+    classes = tuple(
+        dataclasses.replace(
+            learned_class,
+            rule=dataclasses.replace(
+                learned_class.rule, mailers=configured.rule.mailers, routes=None
+            ),
+            mailers=configured.mailers,
+        )
+        for learned_class in learned.classes
+    )
+    return LocalDelivery(classes, learned.source)

@@ -12,20 +12,29 @@ local mail on).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from popauth.localdelivery import (
-    Learned,
+    LearnedClass,
     LearnError,
+    LocalDelivery,
     MtaNotFound,
     canonical_domain,
+    configured_class,
+    first_origins,
     is_domain_name,
     is_mailer_name,
 )
-from popauth.localdelivery.commands import CommandUnavailable, Runner, run_command
+from popauth.localdelivery.commands import CommandRunner, CommandUnavailable, Runner
+from popauth.recipients import DeliveryClass, DomainSet
 
 # The test-mode questions, in order; the answers follow prompts ("> ").
 QUESTIONS = ("$=w", "$={VirtHost}", "/parse postmaster")
-DOMAIN_CLASS_ORIGINS = ("sendmail class w", "sendmail class {VirtHost}")
+# (class, heading, whether a bare local user is delivered by it)
+DOMAIN_CLASSES = (
+    ("sendmail class w", "local: sendmail class w (exact names)", True),
+    ("sendmail class {VirtHost}", "virtual: sendmail class {VirtHost} (exact names)", False),
+)
 
 
 def split_answers(output: str) -> list[list[str]]:
@@ -53,30 +62,51 @@ def parsed_mailer(lines: list[str]) -> str | None:
     return None
 
 
-def learn_from_sendmail(command: str, cf: str, run: Runner = run_command) -> Learned:
-    """Class w, class {VirtHost} and the local mailer of ``cf``."""
+def learn_from_sendmail(
+    command: str,
+    cf: str,
+    run: Runner | None = None,
+    configured_domains: Sequence[str] | None = None,
+) -> LocalDelivery:
+    """Class w, class {VirtHost} and the local mailer of ``cf``.
+
+    With ``configured_domains``, one class of those domains with that mailer.
+    """
     if not os.path.exists(cf):
         raise MtaNotFound(f"no Sendmail configuration at {cf}")
     if not os.access(command, os.X_OK):
         raise LearnError(f"{cf} exists, but {command} cannot be run; set sendmail_command")
     stdin = "".join(f"{question}\n" for question in QUESTIONS)
     try:
-        result = run([command, "-bt", "-C", cf], stdin)
+        runner = run if run is not None else CommandRunner()
+        result = runner.run([command, "-bt", "-C", cf], stdin)
     except CommandUnavailable as problem:
         raise LearnError(str(problem)) from None
     answers = split_answers(result.stdout)
     if result.returncode != 0 or len(answers) < len(QUESTIONS):
         raise LearnError(f"{command} -bt -C {cf} failed: {result.error_text()}")
-    learned = Learned(f"sendmail ({command} -bt -C {cf})")
-    for origin, lines in zip(DOMAIN_CLASS_ORIGINS, answers, strict=False):
-        for line in lines:
-            if is_domain_name(line):
-                learned.add_domain(canonical_domain(line), origin)
     mailer = parsed_mailer(answers[2])
     if mailer is None:
         raise LearnError(
             f"{command} -bt did not say which mailer delivers to postmaster: "
             f"{' / '.join(answers[2][-2:])}; set local_mailers"
         )
-    learned.add_mailer(mailer, "sendmail ruleset parse (/parse postmaster)")
-    return learned
+    mailers = ((mailer, "sendmail ruleset parse (/parse postmaster)"),)
+    source = f"sendmail ({command} -bt -C {cf})"
+    if configured_domains is not None:
+        return LocalDelivery((configured_class(configured_domains, mailers),), source)
+    classes = []
+    for (origin, heading, bare), lines in zip(DOMAIN_CLASSES, answers, strict=False):
+        domains = first_origins(
+            (canonical_domain(line), origin) for line in lines if is_domain_name(line)
+        )
+        if not domains and not bare:
+            continue
+        rule = DeliveryClass(
+            name=origin,
+            domains=DomainSet.of(domain for domain, _ in domains),
+            mailers=frozenset({mailer}),
+            bare_local_parts=bare,
+        )
+        classes.append(LearnedClass(rule, heading, domains, mailers))
+    return LocalDelivery(tuple(classes), source)

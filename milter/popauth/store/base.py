@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,6 +93,16 @@ class GrantOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewal:
+    """What one renewal of a batch did (see :meth:`WhitelistStore.renew_many`)."""
+
+    # The extended entry; None when there was none of that user (left alone).
+    grant: Grant | None = None
+    # The user is blocked: nothing was changed.
+    blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     entries: int
     max_entries: int
@@ -155,6 +165,24 @@ class WhitelistStore(abc.ABC):
         The returned entry's ``granted_at`` is the time of this renewal.
         Raises :class:`UserBlocked` (and changes nothing) when ``user`` is blocked.
         """
+
+    def renew_many(self, sessions: Sequence[tuple[IPAddress, str]]) -> list[Renewal]:
+        """:meth:`renew` each ``(address, user)``, in order: one outcome each.
+
+        Each renewal keeps :meth:`renew`'s promise on its own (the block
+        check and the extension in one atomic step); a store that can do
+        many in one round trip overrides this. Raises
+        :class:`StoreUnavailable` when the backend cannot be asked; some of
+        the sessions may have been renewed then, which is harmless: a
+        renewal only extends a live entry of that user.
+        """
+        outcomes = []
+        for address, user in sessions:
+            try:
+                outcomes.append(Renewal(self.renew(address, user)))
+            except UserBlocked:
+                outcomes.append(Renewal(blocked=True))
+        return outcomes
 
     @abc.abstractmethod
     def lookup(self, address: IPAddress) -> Grant | None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -56,6 +57,7 @@ from popauth.store.base import (
     Grant,
     GrantOutcome,
     NotConfirmed,
+    Renewal,
     StoreStats,
     StoreUnavailable,
     UserBlocked,
@@ -63,44 +65,61 @@ from popauth.store.base import (
 )
 from popauth.usernames import user_key
 
-# The scripts below share two keys: KEYS[1] the entry, KEYS[2] the block
-# list; and their first two arguments: the user's caseless form and the user
-# as given (a member written before names were kept caseless still counts).
+# Whether a user is on the block list: its caseless form or the name as
+# given (a member written before names were kept caseless still counts).
+# An empty caseless form is an anonymous login, which no block concerns.
 _BLOCKED = """
-local function blocked()
-  return ARGV[1] ~= '' and (redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1
-    or redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1)
+local function blocked(blocklist, folded, user)
+  return folded ~= '' and (redis.call('SISMEMBER', blocklist, folded) == 1
+    or redis.call('SISMEMBER', blocklist, user) == 1)
 end
 """
 
 # LOGIN in one step on the server: refuse a blocked user, else write the
 # entry with its expiry and return the value it replaced (0: none).
-# ARGV[3] the new value, ARGV[4] the ttl.
+# KEYS[1] the entry, KEYS[2] the block list; ARGV[1] the user's caseless
+# form, ARGV[2] the user, ARGV[3] the new value, ARGV[4] the ttl.
 _GRANT_SCRIPT = (
     _BLOCKED
     + """
-if blocked() then return -1 end
+if blocked(KEYS[2], ARGV[1], ARGV[2]) then return -1 end
 local previous = redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4], 'GET')
 if previous then return previous end
 return 0
 """
 )
 
-# RENEW in one step: refuse a blocked user (-1); extend the key only while
-# it exists and belongs to the user (never create it, so a revoke wins),
-# with a new value and a new expiry (1), else change nothing (0).
+# RENEW of a batch of sessions in one step, each on its own terms: refuse a
+# blocked user (-1); extend the key only while it exists and belongs to the
+# user (never create it, so a revoke wins), with a new value and a new
+# expiry (1); else change nothing (0). One result per session, in order.
+# KEYS[1] the block list, KEYS[1 + i] the entry of session i; ARGV[1] the
+# ttl, then three per session: the user's caseless form, the user, the new value.
 _RENEW_SCRIPT = (
     _BLOCKED
     + """
-if blocked() then return -1 end
-local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
-local user = string.match(raw, '^[^ ]+ [^ ]+ (.*)$')
-if user ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-return 1
+local results = {}
+for i = 2, #KEYS do
+  local at = 3 * i - 4
+  local user = ARGV[at + 1]
+  local result = 0
+  if blocked(KEYS[1], ARGV[at], user) then
+    result = -1
+  else
+    local raw = redis.call('GET', KEYS[i])
+    if raw and string.match(raw, '^[^ ]+ [^ ]+ (.*)$') == user then
+      redis.call('SET', KEYS[i], ARGV[at + 2], 'EX', ARGV[1])
+      result = 1
+    end
+  end
+  results[i - 1] = result
+end
+return results
 """
 )
+# Sessions per script call: a call holds Redis for its whole length (about
+# a microsecond per session), and its arguments are sent in one piece.
+RENEWALS_PER_CALL = 500
 
 # Revoke one entry of a user found by a listing, only if it is still that
 # user's: another user may have logged in from the address since. Returns
@@ -119,6 +138,9 @@ return raw
 SAFE_EVICTION_POLICIES = frozenset(
     {"noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"}
 )
+
+
+_BLOCKED_RENEWAL = Renewal(blocked=True)
 
 
 def glob_escaped(text: str) -> str:
@@ -369,18 +391,37 @@ class RedisStore(WhitelistStore):
         return previous
 
     def renew(self, address: IPAddress, user: str) -> Grant | None:
+        (outcome,) = self.renew_many([(address, user)])
+        if outcome.blocked:
+            raise UserBlocked(user)
+        return outcome.grant
+
+    def renew_many(self, sessions: Sequence[tuple[IPAddress, str]]) -> list[Renewal]:
+        """One script call per :data:`RENEWALS_PER_CALL` sessions (see the script)."""
+        outcomes: list[Renewal] = []
+        for start in range(0, len(sessions), RENEWALS_PER_CALL):
+            outcomes += self._renew_batch(sessions[start : start + RENEWALS_PER_CALL])
+        return outcomes
+
+    def _renew_batch(self, sessions: Sequence[tuple[IPAddress, str]]) -> list[Renewal]:
         now = self._clock.time()
-        grant = Grant(address, user, now, now + self._ttl)
+        expires = now + self._ttl
+        grants = [Grant(address, user, now, expires) for address, user in sessions]
+        keys = [self.blocklist_key]
+        args: list[str | int] = [self._ttl]
+        for grant in grants:
+            keys.append(self._key(grant.address))
+            args += [*self._user_arguments(grant.user), _encode(grant)]
         try:
-            renewed = self._renew_script(
-                keys=[self._key(address), self.blocklist_key],
-                args=[*self._user_arguments(user), _encode(grant), self._ttl],
-            )
+            results = self._renew_script(keys=keys, args=args)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
-        if renewed == -1:
-            raise UserBlocked(user)
-        return grant if renewed else None
+        if not isinstance(results, list) or len(results) != len(grants):
+            raise StoreUnavailable(f"redis: the renewal script answered {results!r:.100}")
+        return [
+            _BLOCKED_RENEWAL if result == -1 else Renewal(grant if result == 1 else None)
+            for grant, result in zip(grants, results, strict=True)
+        ]
 
     def _undo(self, key: str, address: IPAddress, previous: bytes | str | None) -> None:
         # The master keeps serving lookups: leave it as it was before this login.
