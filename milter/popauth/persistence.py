@@ -15,7 +15,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,15 @@ def prepare_state_directory(path: Path) -> None:
 
 def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
     """Replace ``path`` with ``document``; StateWriteError (nothing changed) if it fails."""
-    data = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    write_atomically(path, [json.dumps(document, separators=(",", ":"), allow_nan=False).encode()])
+
+
+def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    """Replace ``path`` with the concatenated ``chunks``, written as they come.
+
+    StateWriteError (nothing changed) if it fails; an exception raised while
+    the chunks are made leaves nothing behind either.
+    """
     try:
         prepare_state_directory(path)
     except StateDirectoryUnsafe as problem:
@@ -89,7 +97,8 @@ def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
     try:
         with os.fdopen(descriptor, "wb") as handle:
             os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

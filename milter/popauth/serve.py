@@ -9,6 +9,7 @@ closed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.logs import configure_logging
 from popauth.metrics import Metrics
 from popauth.milter_service import MilterService
+from popauth.pacing import SWITCH_INTERVAL
 from popauth.persistence import (
     PeriodicSaver,
     StateFileError,
@@ -193,6 +195,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
 
     ``settings_path`` is the file ``settings`` came from: a reload compares it.
     """
+    sys.setswitchinterval(SWITCH_INTERVAL)
     log = configure_logging(settings.log.format, settings.log.level)
     # First: without local domains and mailers nothing else is worth starting.
     local = resolve_local_delivery(settings.local)

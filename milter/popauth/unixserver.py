@@ -218,6 +218,14 @@ class UnixStreamServer(abc.ABC):
         """A refusal happened (busy, timeout, partial, framing): log or count it."""
         self._log.warning(event, peer_uid=peer.uid)
 
+    def answers_off_loop(self, request: bytes) -> bool:
+        """Whether ``request`` is answered in a worker thread, off the event loop.
+
+        By default when the store may block; a door adds the requests whose
+        answer takes long however fast the store (a walk over all of it).
+        """
+        return self._blocking_calls
+
     def privileged(self, peer: Peer) -> bool:
         """Whether ``peer`` is exempt from ``max_clients_per_uid``."""
         return peer.uid in (0, os.getuid())
@@ -476,8 +484,8 @@ class FramedConnection(asyncio.Protocol):
             if self._busy:
                 self._finish(self._door.refusals.busy)
                 return
-            if self._door.blocking_calls:
-                # A slow store must not hold up every other client of the loop.
+            if self._door.answers_off_loop(request):
+                # A slow answer must not hold up every other client of the loop.
                 self._in_flight = True
                 assert self._transport is not None
                 self._transport.pause_reading()

@@ -372,6 +372,37 @@ def test_blocking_store_keeps_replies_in_order_and_serves_others(tmp_path: Path)
         slow.server.stop()
 
 
+class WaitingListingStore(MemoryStore):
+    """A fast store whose listings and user revocations wait for a login to be answered."""
+
+    login_answered = threading.Event()
+
+    def entry_chunks(self) -> Iterator[list[Grant]]:
+        assert self.login_answered.wait(5), "the listing held up the logins"
+        return super().entry_chunks()
+
+    def revoke_user(self, user: str) -> list[Grant]:
+        assert self.login_answered.wait(5), "the revocation held up the logins"
+        return super().revoke_user(user)
+
+
+@pytest.mark.parametrize("request_line", ["LIST", "REVOKEUSER alice", "BLOCK mallory"])
+def test_whole_whitelist_requests_leave_the_loop_to_logins(
+    tmp_path: Path, request_line: str
+) -> None:
+    WaitingListingStore.login_answered = threading.Event()
+    server = Endpoint(tmp_path, store_class=WaitingListingStore, timeout=10)
+    server.server.start()
+    try:
+        with server.raw() as connection:
+            connection.sendall(request_line.encode() + b"\n")
+            assert server.ask("LOGIN 192.0.2.1 alice")[0].startswith("OK address=192.0.2.1")
+            WaitingListingStore.login_answered.set()
+            assert connection.recv(4096).startswith(b"OK ")
+    finally:
+        server.server.stop()
+
+
 def test_half_closed_client_still_gets_every_reply(tmp_path: Path) -> None:
     """Like `printf 'LOGIN …\\n' | socat - UNIX-CONNECT:…`: send, shut down writing, read."""
     slow = Endpoint(tmp_path, store_class=SlowStore, timeout=5)

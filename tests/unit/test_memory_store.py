@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+
+import pytest
 
 from popauth.addresses import parse_client_address
+from popauth.pacing import CHUNK
+from popauth.store import memory
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
 
@@ -99,7 +104,7 @@ def test_a_lookup_that_misses_uses_nothing() -> None:
     assert store.grant(C, "c").evicted.address == A  # type: ignore[union-attr]
 
 
-def test_a_listing_leaves_the_login_order_as_the_eviction_order() -> None:
+def test_a_listing_is_not_a_use() -> None:
     store, clock = make(ttl=100, max_entries=3)
     store.grant(A, "a")
     clock.advance(1)
@@ -108,8 +113,9 @@ def test_a_listing_leaves_the_login_order_as_the_eviction_order() -> None:
     store.grant(C, "c")
     store.lookup(A)  # A is the most recently used ...
     assert [g.address for g in store.entries()] == [A, B, C]
-    # ... until a listing, after which the first login goes first again.
-    assert store.grant(V6, "d").evicted.address == A  # type: ignore[union-attr]
+    assert store.stats().entries == 3
+    # ... and stays so: listing and counting read no entry as a use.
+    assert store.grant(V6, "d").evicted.address == B  # type: ignore[union-attr]
 
 
 def test_expiry_is_kept_per_entry() -> None:
@@ -214,3 +220,102 @@ def test_renewed_entry_moves_to_the_young_end_of_the_eviction_order() -> None:
     assert outcome.evicted is not None
     assert outcome.evicted.address == B
     assert [g.address for g in store.entries()] == [A, C]
+
+
+# --- walks over the whole whitelist let others in between chunks -------------
+
+ADDRESSES = [parse_client_address(f"10.1.{n // 256}.{n % 256}") for n in range(CHUNK * 3 + 5)]
+
+
+def filled(count: int = len(ADDRESSES)) -> tuple[MemoryStore, FakeClock]:
+    store, clock = make(ttl=900, max_entries=len(ADDRESSES) + 10)
+    for address in ADDRESSES[:count]:
+        store.grant(address, "filler")
+        clock.advance(0.001)
+    return store, clock
+
+
+def between_chunks(monkeypatch: pytest.MonkeyPatch, action: Callable[[int], None]) -> None:
+    """Run ``action(pause number)`` where a walk lets other threads in."""
+    pauses = iter(range(1_000_000))
+    monkeypatch.setattr(memory, "let_others_run", lambda: action(next(pauses)))
+
+
+def test_a_listing_releases_the_lock_between_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = filled()
+    answered: list[bool] = []
+
+    def lookup_from_another_thread(_: int) -> None:
+        thread = threading.Thread(target=lambda: answered.append(store.lookup(A) is None))
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive(), "a lookup waited for the whole listing"
+
+    between_chunks(monkeypatch, lookup_from_another_thread)
+    assert len(store.entries()) == len(ADDRESSES)
+    # Every chunk of the walk and of making the grants was followed by a pause.
+    assert len(answered) >= 2 * (len(ADDRESSES) // CHUNK)
+
+
+def test_a_listing_shows_an_entry_renewed_meanwhile_once_with_its_new_login(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, clock = filled()
+    oldest, newest = ADDRESSES[0], ADDRESSES[-1]
+    newcomer = parse_client_address("203.0.113.9")
+
+    def logins(pause: int) -> None:
+        if pause == 0:  # the first chunk is listed; renew one behind and one ahead
+            clock.advance(1)
+            store.grant(oldest, "filler")
+            store.grant(newest, "filler")
+            store.grant(newcomer, "late")
+
+    between_chunks(monkeypatch, logins)
+    listed = store.entries()
+    addresses = [grant.address for grant in listed]
+    assert len(addresses) == len(set(addresses)) == len(ADDRESSES) + 1
+    assert addresses[-3:] == [oldest, newest, newcomer]
+    assert [grant.granted_at for grant in listed] == sorted(g.granted_at for g in listed)
+
+
+def test_revoking_a_user_removes_a_login_of_theirs_made_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, _ = filled()
+    store.grant(A, "alice")
+    store.grant(B, "bob")
+
+    def login_of_alice(pause: int) -> None:
+        if pause == 0:
+            store.grant(C, "ALICE")
+
+    between_chunks(monkeypatch, login_of_alice)
+    removed = store.revoke_user("alice")
+    assert {grant.address for grant in removed} == {A, C}
+    assert store.lookup(A) is None
+    assert store.lookup(C) is None
+    assert store.lookup(B) is not None
+    assert store.stats().entries == len(ADDRESSES) + 1
+
+
+def test_expired_entries_leave_the_cache_and_the_listing_alike() -> None:
+    store, clock = filled(CHUNK + 3)
+    clock.advance(900 - 0.0015)  # all but the newest have expired
+    assert [grant.address for grant in store.entries()] == [ADDRESSES[CHUNK + 2]]
+    assert store.stats().entries == 1
+    store.grant(A, "a")
+    assert [grant.address for grant in store.entries()] == [ADDRESSES[CHUNK + 2], A]
+
+
+def test_a_restored_entry_of_a_user_blocked_since_is_dropped() -> None:
+    clock = FakeClock()
+    saved = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    saved.grant(A, "alice")
+    saved.grant(B, "bob")
+    store = MemoryStore(
+        ttl=900, max_entries=10, clock=clock, is_blocked=lambda user: user == "alice"
+    )
+    assert store.restore(saved.entries()) == 1
+    assert store.lookup(A) is None
+    assert store.lookup(B) is not None

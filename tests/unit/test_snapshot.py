@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from popauth.addresses import parse_client_address
+from popauth.pacing import CHUNK
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import SnapshotError, Snapshotter, read_snapshot, write_snapshot
@@ -31,6 +32,28 @@ def test_rewrite_replaces_atomically(tmp_path: Path) -> None:
     write_snapshot(path, [Grant(A, "alice", 1.0, 2.0)], saved_at=1.0)
     write_snapshot(path, [], saved_at=2.0)
     assert read_snapshot(path) == []
+
+
+def test_a_snapshot_written_in_chunks_is_one_json_document(tmp_path: Path) -> None:
+    path = tmp_path / "whitelist.json"
+    grants = [
+        Grant(parse_client_address(f"10.0.{n // 256}.{n % 256}"), f"u{n}", n + 0.5, n + 900.5)
+        for n in range(CHUNK * 2 + 3)
+    ]
+    assert write_snapshot(path, iter(grants), saved_at=7.0) == len(grants)
+    document = json.loads(path.read_bytes())
+    assert document["saved_at"] == 7.0
+    assert len(document["entries"]) == len(grants)
+    assert read_snapshot(path) == grants
+
+
+def test_a_snapshot_that_cannot_be_encoded_leaves_the_old_one(tmp_path: Path) -> None:
+    path = tmp_path / "whitelist.json"
+    write_snapshot(path, [Grant(A, "alice", 1.0, 2.0)], saved_at=1.0)
+    with pytest.raises(ValueError):
+        write_snapshot(path, [Grant(A, "alice", 1.0, float("nan"))], saved_at=2.0)
+    assert read_snapshot(path) == [Grant(A, "alice", 1.0, 2.0)]
+    assert [p.name for p in tmp_path.iterdir()] == ["whitelist.json"]
 
 
 GOOD = {"format": "popauth-whitelist", "version": 1, "saved_at": 1.0}

@@ -65,6 +65,11 @@ from popauth.follow.sources import LineSource
 # Lines stamped up to this long after "now" still count (clock steps, rounding).
 FUTURE_SLACK = 5.0
 RETRY_DELAY = 1.0
+# Lines judged, and LOGINs sent in one write, at a time. A backlog of any
+# size then goes out in exchanges that each take a bounded time, far inside
+# the socket timeout; one unbounded write of a whole backlog could outlast
+# it, and then be sent again whole, forever, on a busy host.
+REPORT_BATCH = 500
 # rsyslog's template with imuxsock's trusted properties off: $!uid, $!pid empty.
 _NO_SENDER = re.compile(r"\S+ uid= pid= (?P<program>[^\s\[\]:]+)").match
 # /proc/PID/comm of systemd-journald (the kernel keeps 15 characters).
@@ -296,16 +301,17 @@ class IngestReporter:
         connection = self._connect()
         connection.sendall("".join(f"{request}\n" for request in requests).encode())
         replies: list[str] = []
+        buffer = self._buffer
         while len(replies) < len(requests):
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    raise ConnectionResetError("the ingest endpoint closed the connection")
-                self._buffer += chunk
-                continue
-            replies.append(self._buffer[:end].decode("utf-8", "replace"))
-            self._buffer = self._buffer[end + 1 :]
+            chunk = connection.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("the ingest endpoint closed the connection")
+            lines = (buffer + chunk).split(b"\n")
+            buffer = lines.pop()  # the unterminated rest, b"" after a whole line
+            replies += (line.decode("utf-8", "replace") for line in lines)
+        self._buffer = buffer
+        if len(replies) > len(requests):
+            raise ConnectionResetError("the ingest endpoint answered more than it was asked")
         return replies
 
 
@@ -339,9 +345,11 @@ class Follower:
             while not self.stopping.is_set():
                 lines = self._source.read_lines()
                 if lines:
-                    logins = self._judge.logins(lines, self._clock())
-                    if logins:
-                        self._report(logins)
+                    for start in range(0, len(lines), REPORT_BATCH):
+                        batch = lines[start : start + REPORT_BATCH]
+                        logins = self._judge.logins(batch, self._clock())
+                        if logins:
+                            self._report(logins)
                     self._source.commit()
                 elif self._source.exhausted:
                     return

@@ -104,6 +104,12 @@ class IngestServer(UnixStreamServer):
     def privileged(self, peer: Peer) -> bool:
         return self._peers.holds_a_role(peer)
 
+    def answers_off_loop(self, request: bytes) -> bool:
+        # A listing or revocation walks the whole whitelist: the logins of
+        # other connections go on meanwhile (the store lets them in).
+        verb = request.split(None, 1)[:1]
+        return self.blocking_calls or (bool(verb) and verb[0].upper() in _WHOLE_WHITELIST)
+
     def note(self, event: str, peer: Peer) -> None:
         if event == "evicted":
             # Under a flood of silent clients this happens constantly.
@@ -279,7 +285,8 @@ class IngestServer(UnixStreamServer):
         if verb is Verb.LIST:
             return protocol.multi_line(
                 protocol.format_grant(grant, self._keying.describe(grant.address))
-                for grant in self._store.entries()
+                for chunk in self._store.entry_chunks()
+                for grant in chunk
             )
         if verb is Verb.BLOCKED:
             return protocol.multi_line(
@@ -424,6 +431,8 @@ def _result(reply: bytes) -> str:
 
 _RENEW_PREFIX = f"{Verb.RENEW.value} ".encode()
 _UNAVAILABLE = protocol.error(ErrorCode.UNAVAILABLE, "whitelist store unavailable")
+# Verbs whose answer walks the whole whitelist.
+_WHOLE_WHITELIST = frozenset({b"LIST", b"REVOKEUSER", b"BLOCK"})
 _TOO_LONG = protocol.error(ErrorCode.TOO_LONG, f"request longer than {protocol.MAX_LINE} bytes")
 _TIMEOUT = protocol.error(ErrorCode.TIMEOUT, "no complete request in time")
 _BUSY = protocol.error(ErrorCode.BUSY, "too many clients, try again")

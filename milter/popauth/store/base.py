@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -199,6 +199,11 @@ class WhitelistStore(abc.ABC):
     @abc.abstractmethod
     def entries(self) -> list[Grant]:
         """Every live entry, oldest login first."""
+
+    def entry_chunks(self) -> Iterator[list[Grant]]:
+        """:meth:`entries` in chunks, in the same order; a store may make each
+        chunk only when it is asked for, so that few grants live at a time."""
+        yield self.entries()
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...

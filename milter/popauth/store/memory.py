@@ -4,25 +4,43 @@ libmilter calls back from one thread per SMTP connection and the ingest
 endpoint runs in a thread of its own, while ``TTLCache`` is not thread-safe
 (even a lookup reorders its LRU list), so every access holds the lock.
 
-Only TTLCache's public interface is used (``get``, ``in``, item assignment,
-``popitem``, ``expire``, iteration), so its internals may change between
-releases without changing popauth.
+Only TTLCache's public interface is used (``get``, ``pop``, item
+assignment, ``popitem``, ``expire``, ``len``), so its internals may change
+between releases without changing popauth.
 
 Eviction rule, popauth's own: when the cache is full, a new login first
 drops expired entries and then the entry *least recently used*, where a
 login, a renewal and a lookup that found the entry (a message relayed) each
-count as a use. That is TTLCache's documented ``popitem``. A client that is
-busy sending keeps its place; the one that lost its place fails closed and
-the caller logs it. A listing (snapshot, LIST, STATS) reads every entry; it
-then re-reads them in login order, so that afterwards the least recently
-used is the one that logged in first, on every cachetools release.
+count as a use, and nothing else does: a listing (snapshot, LIST, STATS,
+REVOKEUSER) is not a use. That is TTLCache's documented ``popitem``. A
+client that is busy sending keeps its place; the one that lost its place
+fails closed and the caller logs it.
+
+No lookup or login waits behind work that grows with the whitelist. Each
+entry is also a link of popauth's own list of the entries in login order
+(which, with one TTL for all, is also their expiry order). So:
+
+- a listing or a revocation of a user walks that list in chunks of
+  :data:`popauth.pacing.CHUNK` entries, holding the lock for one chunk at a
+  time and letting other threads run between chunks (``popauth.pacing``),
+  and never reads the cache, so it is not a use;
+- every operation first drops the entries that have expired since the last
+  one, oldest first, from the cache and the list alike. The cache is never
+  left to find a pile of them at once, and the store's timer stands still
+  during an operation, so the cache and the list always agree on what has
+  expired.
+
+A listing is weakly consistent, as a walk that lets others in between its
+steps must be: every entry live from its start to its end is listed once;
+one written while it went on is listed with its newest login; one removed
+while it went on may or may not be.
 
 Recent ends, for ``popauth explain``: the store also remembers the last
 entry of the most recent :data:`REMEMBERED_ENDS` addresses that logged in,
-were revoked or were pushed out, and how each ended. TTLCache drops expired
-entries without a word, so "expired at T" is read from the remembered entry
-itself. Only logins, renewals and removals write it; a lookup (the milter's
-per-message path) never touches it. It is not saved in the snapshot.
+were revoked or were pushed out, and how each ended. "Expired at T" is read
+from the remembered entry itself. Only logins, renewals and removals write
+it; a lookup (the milter's per-message path) never touches it. It is not
+saved in the snapshot.
 
 The block list is checked under the same lock as the write (``is_blocked``),
 so a login and a block of the same user are ordered: see WhitelistStore.
@@ -31,15 +49,17 @@ so a login and a block of the same user are ordered: see WhitelistStore.
 from __future__ import annotations
 
 import ipaddress
+import math
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from cachetools import TTLCache
 
 from popauth.addresses import IPAddress
 from popauth.clock import Clock
+from popauth.pacing import CHUNK, let_others_run
 from popauth.store.base import (
     EndedGrant,
     EndReason,
@@ -73,18 +93,45 @@ def _address(key: int) -> IPAddress:
     return ipaddress.IPv4Address(key)
 
 
-class _Entry:
-    """Who logged in, and the store-timer value at which the entry expires.
+# The key of the list's root and of the bookmarks of walks under way.
+_MARK = -1
+
+
+class _Entry(float):
+    """A whitelist entry: its expiry on the store's timer, as the float itself.
 
     TTLCache keeps its own expiry per key but does not publish it, so the
-    entry carries it too (the bytes this costs are in docs/performance.rst).
+    entry carries it too. Being that float (rather than an object holding
+    one) saves 24 bytes per entry. It also carries who logged in, its key,
+    and its neighbours in popauth's list of entries in login order. An
+    entry never changes once written; a renewal writes a new one.
     """
 
-    __slots__ = ("expires", "user")
+    __slots__ = ("key", "newer", "older", "user")
 
-    def __init__(self, user: str, expires: float) -> None:
-        self.user = user
-        self.expires = expires
+    key: int
+    user: str
+    # Toward the oldest and the newest login; the list's root links its ends.
+    older: _Entry
+    newer: _Entry
+
+    @property
+    def expires(self) -> float:
+        return float(self)
+
+
+def _mark() -> _Entry:
+    """A root or a bookmark: no entry, never expires, linked to itself."""
+    mark = _Entry(math.inf)
+    mark.key, mark.user = _MARK, ""
+    mark.older = mark.newer = mark
+    return mark
+
+
+def _link_before(entry: _Entry, successor: _Entry) -> None:
+    entry.newer = successor
+    entry.older = older = successor.older
+    older.newer = successor.older = entry
 
 
 class _End:
@@ -102,6 +149,9 @@ def _nobody_is_blocked(_: str) -> bool:
     return False
 
 
+Visit = Callable[[_Entry, bool], None]
+
+
 class MemoryStore(WhitelistStore):
     def __init__(
         self,
@@ -117,12 +167,15 @@ class MemoryStore(WhitelistStore):
         self._clock = clock
         # The block list's membership test; it must not take this store's lock.
         self._is_blocked = is_blocked
-        # Restoring a snapshot inserts entries as of their login time, so
-        # that they keep their expiry; otherwise the shift is zero.
-        self._timer_shift = 0.0
+        # The store's timer: set once at the start of every operation (under
+        # the lock), so the cache sees one instant throughout it. Restoring
+        # a snapshot sets it back, so that entries keep their expiry.
+        self._now = clock.monotonic()
         self._cache: TTLCache[int, _Entry] = TTLCache(
             maxsize=max_entries, ttl=ttl, timer=self._timer
         )
+        # Every entry in the cache, oldest login first, and bookmarks.
+        self._root = _mark()
         self._lock = threading.Lock()
         # Per address, its last entry (live or expired) or how it was removed.
         self._past: OrderedDict[int, _Entry | _End] = OrderedDict()
@@ -135,36 +188,127 @@ class MemoryStore(WhitelistStore):
         self._evictions = 0
 
     def _timer(self) -> float:
-        return self._clock.monotonic() + self._timer_shift
+        return self._now
 
-    def _grant_of(self, address: IPAddress, entry: _Entry) -> Grant:
-        # Wall-clock times are derived on the way out, so a clock step
-        # changes what is displayed, never how long an entry lives.
-        expires_at = entry.expires + self._clock.time() - self._clock.monotonic()
-        return Grant(address, entry.user, expires_at - self._ttl, expires_at)
+    # --- the list in login order (caller holds the lock) -------------------
 
-    def _live(self, key: int, now: float) -> _Entry | None:  # caller holds the lock
-        """The entry of ``key`` if it is live at ``now``; a use of it (LRU)."""
-        entry = self._cache.get(key)
-        if entry is None or not now < entry.expires:
-            return None
-        return entry
+    def _start(self) -> float:
+        """Begin an operation: fix the timer and drop what has expired since."""
+        self._now = now = self._clock.monotonic()
+        oldest = self._root.newer
+        if not now < oldest or (oldest.key == _MARK and oldest is not self._root):
+            self._expire(now)
+        return now
 
-    def _put(self, key: int, user: str, now: float) -> _Entry:  # caller holds the lock
-        entry = _Entry(sys.intern(user), now + self._ttl)
+    def _expire(self, now: float) -> None:
+        # What has expired since the last operation: the logins of as long a
+        # span, a TTL earlier. Operations come many a second on a busy host,
+        # so this is a handful; only a store left idle for a whole TTL after
+        # a burst of logins pays for that burst here, once.
+        self._cache.expire(now)
+        root = self._root
+        entry = root.newer
+        while entry is not root:
+            following = entry.newer
+            if entry.key != _MARK:
+                if now < entry:
+                    return
+                self._unlink(entry)
+            entry = following
+
+    def _unlink(self, entry: _Entry) -> None:
+        entry.older.newer = entry.newer
+        entry.newer.older = entry.older
+        # A removed entry may be remembered (recent ends): it must not keep
+        # its old neighbours, and theirs, alive.
+        entry.older = entry.newer = self._root
+
+    def _put(self, key: int, user: str, now: float, replacing: _Entry | None) -> _Entry:
+        entry = _Entry(now + self._ttl)
+        entry.key, entry.user = key, sys.intern(user)
         self._cache[key] = entry
+        if replacing is not None:
+            self._unlink(replacing)
+        _link_before(entry, self._root)
         self._remember(key, entry)
         return entry
 
-    def _remember(self, key: int, past: _Entry | _End) -> None:  # caller holds the lock
+    def _remember(self, key: int, past: _Entry | _End) -> None:
         remembered = self._past
         remembered[key] = past
         remembered.move_to_end(key)
         if len(remembered) > self._remembered_ends:
             remembered.popitem(last=False)
 
+    def _walk(self, visit: Visit) -> None:
+        """``visit(entry, late)`` for every entry, oldest first, a chunk per lock hold.
+
+        ``late`` tells an entry written after the walk began; the walk goes
+        on to the newest end as it is when it ends, so every entry written
+        meanwhile is visited too, after its write. Between chunks the lock
+        is released and other threads run; a bookmark in the list keeps the
+        place, and entries removed meanwhile are simply not there.
+        """
+        root = self._root
+        bookmark, end = _mark(), _mark()
+        with self._lock:
+            self._start()
+            _link_before(bookmark, root.newer)
+            _link_before(end, root)
+        late = False
+        try:
+            while bookmark.newer is not root:
+                with self._lock:
+                    self._start()
+                    entry = bookmark.newer
+                    budget = CHUNK
+                    while entry is not root and budget:
+                        following = entry.newer
+                        if entry is end:
+                            late = True
+                        elif entry.key != _MARK:
+                            visit(entry, late)
+                            budget -= 1
+                        entry = following
+                    # The place to go on from: before the first entry not visited.
+                    self._unlink(bookmark)
+                    _link_before(bookmark, entry)
+                let_others_run()
+        finally:
+            with self._lock:
+                self._unlink(end)
+                self._unlink(bookmark)
+
+    def _grant_of(self, address: IPAddress, entry: _Entry) -> Grant:
+        # Wall-clock times are derived on the way out, so a clock step
+        # changes what is displayed, never how long an entry lives.
+        expires_at = float(entry) + self._clock.time() - self._clock.monotonic()
+        return Grant(address, entry.user, expires_at - self._ttl, expires_at)
+
+    def _grant_chunks(self, entries: list[_Entry]) -> Iterator[list[Grant]]:
+        """The grants of ``entries``, a chunk at a time, made only when asked.
+
+        Outside the lock, letting other threads in after each chunk. A
+        consumer that drops each chunk when done (a snapshot) keeps few
+        objects alive at a time: a million grants alive at once would
+        survive into the collector's oldest generation and bring on a full
+        collection, which walks every object the whitelist holds while
+        every other thread waits.
+        """
+        shift = self._clock.time() - self._clock.monotonic()
+        ttl = self._ttl
+        for start in range(0, len(entries), CHUNK):
+            chunk = []
+            for entry in entries[start : start + CHUNK]:
+                expires_at = float(entry) + shift
+                chunk.append(Grant(_address(entry.key), entry.user, expires_at - ttl, expires_at))
+            yield chunk
+            let_others_run()
+
     def _wall(self, timer_value: float) -> float:
         return timer_value + self._clock.time() - self._clock.monotonic()
+
+    # --- the store ---------------------------------------------------------
 
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
         key = _key(address)
@@ -173,19 +317,18 @@ class MemoryStore(WhitelistStore):
             if user and self._is_blocked(user):
                 raise UserBlocked(user)
             cache = self._cache
-            now = self._timer()
-            renewed = self._live(key, now) is not None
-            if not renewed and len(cache) >= self._max_entries:
-                cache.expire()
-                if len(cache) >= self._max_entries:
-                    victim_key, victim = cache.popitem()  # the least recently used
-                    evicted = self._grant_of(_address(victim_key), victim)
-                    self._remember(victim_key, _End(victim, EndReason.EVICTED, now))
-                    self._evictions += 1
-            entry = self._put(key, user, now)
+            now = self._start()
+            current = cache.get(key)  # a use (LRU); expired entries are gone
+            if current is None and len(cache) >= self._max_entries:
+                victim_key, victim = cache.popitem()  # the least recently used
+                self._unlink(victim)
+                evicted = self._grant_of(_address(victim_key), victim)
+                self._remember(victim_key, _End(victim, EndReason.EVICTED, now))
+                self._evictions += 1
+            entry = self._put(key, user, now, current)
             self._grants += 1
-            self._renewals += renewed
-        return GrantOutcome(self._grant_of(address, entry), renewed, evicted)
+            self._renewals += current is not None
+        return GrantOutcome(self._grant_of(address, entry), current is not None, evicted)
 
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         key = _key(address)
@@ -194,18 +337,19 @@ class MemoryStore(WhitelistStore):
                 raise UserBlocked(user)
             # One reading of the timer for the check and the update: an
             # entry found expired is never brought back.
-            now = self._timer()
-            live = self._live(key, now)
-            if live is None or live.user != user:
+            now = self._start()
+            current = self._cache.get(key)
+            if current is None or current.user != user:
                 return None
-            entry = self._put(key, live.user, now)
+            entry = self._put(key, current.user, now, current)
         return self._grant_of(address, entry)
 
     def lookup(self, address: IPAddress) -> Grant | None:
         key = _key(address)
         with self._lock:
             self._lookups += 1
-            entry = self._live(key, self._timer())
+            self._start()
+            entry = self._cache.get(key)
             if entry is None:
                 return None
             self._hits += 1
@@ -214,51 +358,66 @@ class MemoryStore(WhitelistStore):
     def revoke(self, address: IPAddress) -> Grant | None:
         key = _key(address)
         with self._lock:
-            now = self._timer()
-            entry = self._live(key, now)
+            now = self._start()
+            entry = self._cache.pop(key, None)
             if entry is None:
                 return None
-            del self._cache[key]
+            self._unlink(entry)
             self._remember(key, _End(entry, EndReason.REVOKED, now))
             self._revocations += 1
         return self._grant_of(address, entry)
 
     def revoke_user(self, user_name: str) -> list[Grant]:
-        wanted = user_key(user_name)
-        with self._lock:
-            listing = self._listing()
-            removed = [(key, entry) for key, entry in listing if user_key(entry.user) == wanted]
-            now = self._timer()
-            for key, entry in removed:
-                del self._cache[key]
-                self._remember(key, _End(entry, EndReason.REVOKED_WITH_USER, now))
-            self._revocations += len(removed)
-        return [self._grant_of(_address(key), entry) for key, entry in removed]
+        """Remove every entry of the user, a chunk at a time.
 
-    def _listing(self) -> list[tuple[int, _Entry]]:  # caller holds the lock
-        """(key, entry) of every live entry, oldest login first.
-
-        Reading an entry is a use of it; reading them all once more in login
-        order leaves the LRU order the login order, whatever order this
-        cachetools release iterates in.
+        Atomic for that user's logins all the same: the walk goes on to the
+        newest end as it is when the walk ends, so an entry of the user
+        written while it went on is removed too. A BLOCK adds the user to
+        the block list first, so no such entry can be written at all.
         """
-        cache = self._cache
-        now = self._timer()
-        cache.expire()
-        live = [(key, entry) for key in list(cache) if (entry := self._live(key, now))]
-        live.sort(key=lambda pair: pair[1].expires)
-        for key, _ in live:
-            cache.get(key)
-        return live
+        wanted = user_key(user_name)
+        matches: dict[str, bool] = {}  # per distinct name: casefolding costs
+        removed: list[_Entry] = []
+
+        def visit(entry: _Entry, _: bool) -> None:
+            name = entry.user
+            matching = matches.get(name)
+            if matching is None:
+                matching = matches[name] = user_key(name) == wanted
+            if matching:
+                del self._cache[entry.key]
+                self._unlink(entry)
+                self._remember(entry.key, _End(entry, EndReason.REVOKED_WITH_USER, self._now))
+                self._revocations += 1
+                removed.append(entry)
+
+        self._walk(visit)
+        return [grant for chunk in self._grant_chunks(removed) for grant in chunk]
 
     def entries(self) -> list[Grant]:
-        with self._lock:
-            live = self._listing()
-        return [self._grant_of(_address(key), entry) for key, entry in live]
+        return [grant for chunk in self.entry_chunks() for grant in chunk]
+
+    def entry_chunks(self) -> Iterator[list[Grant]]:
+        listed: list[_Entry] = []
+        # Written while the walk went on: by key, the newest write last.
+        rewritten: dict[int, _Entry] = {}
+
+        def visit(entry: _Entry, late: bool) -> None:
+            if late:
+                rewritten.pop(entry.key, None)
+                rewritten[entry.key] = entry
+            else:
+                listed.append(entry)
+
+        self._walk(visit)
+        if rewritten:
+            listed = [entry for entry in listed if entry.key not in rewritten]
+            listed += rewritten.values()
+        return self._grant_chunks(listed)
 
     def stats(self) -> StoreStats:
         with self._lock:
-            self._cache.expire()
+            self._start()
             return StoreStats(
                 entries=len(self._cache),
                 max_entries=self._max_entries,
@@ -278,35 +437,37 @@ class MemoryStore(WhitelistStore):
     def recent_end(self, address: IPAddress) -> EndedGrant | None:
         with self._lock:
             past = self._past.get(_key(address))
-            now = self._timer()
+            now = self._clock.monotonic()
             if isinstance(past, _End):
                 ended = self._grant_of(address, past.entry)
                 return EndedGrant(ended, past.reason, self._wall(past.at))
-            if past is None or now < past.expires:
+            if past is None or now < past:
                 return None  # never granted (or forgotten), or still live
-            return EndedGrant(
-                self._grant_of(address, past), EndReason.EXPIRED, self._wall(past.expires)
-            )
+            return EndedGrant(self._grant_of(address, past), EndReason.EXPIRED, self._wall(past))
 
     def restore(self, grants: Iterable[Grant]) -> int:
         """Re-insert saved entries with their remaining time; returns how many.
 
-        Expired entries are dropped. Only for an empty store at start: the
-        cache keeps its expiry list ordered by inserting oldest first.
+        Expired entries are dropped, and so are those of users on the block
+        list now (fail closed: a block made after the snapshot still holds).
+        Only for an empty store at start: the cache and the list keep their
+        expiry order by inserting oldest first.
         """
-        now_wall = self._clock.time()
         restored = 0
         with self._lock:
-            try:
-                for grant in sorted(grants, key=lambda g: g.expires_at):
-                    # A snapshot never outlives the TTL now in force.
-                    remaining = min(grant.expires_at - now_wall, self._ttl)
-                    if remaining <= 0 or len(self._cache) >= self._max_entries:
-                        continue
-                    # Inserted "ttl - remaining" seconds ago, it expires on time.
-                    self._timer_shift = remaining - self._ttl
-                    self._put(_key(grant.address), grant.user, self._timer())
-                    restored += 1
-            finally:
-                self._timer_shift = 0.0
+            now_wall = self._clock.time()
+            now = self._start()
+            for grant in sorted(grants, key=lambda g: g.expires_at):
+                # A snapshot never outlives the TTL now in force.
+                remaining = min(grant.expires_at - now_wall, self._ttl)
+                if remaining <= 0 or len(self._cache) >= self._max_entries:
+                    continue
+                if grant.user and self._is_blocked(grant.user):
+                    continue
+                # Inserted "ttl - remaining" seconds ago, it expires on time.
+                self._now = shifted = now + remaining - self._ttl
+                key = _key(grant.address)
+                self._put(key, grant.user, shifted, self._cache.get(key))
+                restored += 1
+            self._now = now
         return restored
