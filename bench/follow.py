@@ -31,9 +31,9 @@ from tests.support.follower import FollowerProcess
 from tests.support.popauth_server import PopauthServer
 
 from bench.common import BenchResult, Check, Mode
-from popauth.follow.follower import Counters, Follower, IngestReporter, LineJudge
-from popauth.follow.formats import build_format
-from popauth.follow.sources import FollowedFile
+from popauth.companions.follow.follower import Counters, Follower, IngestReporter, LineJudge
+from popauth.companions.follow.formats import build_format
+from popauth.companions.follow.sources import FollowedFile
 
 LOCAL_DOMAIN = "local.test"
 TARGET_LINES_PER_SECOND = 5_000

@@ -47,7 +47,7 @@ def allocated(build: Callable[[], Any]) -> tuple[int, Any]:
 
 def breakdown(size: int) -> dict[str, Any]:
     from bench.scale import user_name
-    from popauth.clock import SystemClock
+    from popauth.basics.clock import SystemClock
     from popauth.store import memory
 
     keys = [BASE + n for n in range(size)]

@@ -71,7 +71,7 @@ def removals_of(setup: str) -> tuple[str, ...]:
 
 
 def _remove_metrics() -> None:
-    from popauth.metrics import Metrics
+    from popauth.telemetry.metrics import Metrics
 
     Metrics.decision = lambda self, verdict, reason, seconds=None: None  # type: ignore[method-assign]
 
@@ -79,10 +79,10 @@ def _remove_metrics() -> None:
 def _remove_macros() -> None:
     import Milter
 
-    from popauth.adapter import RelayMilter, fail_closed
-    from popauth.decision import Client
-    from popauth.gate import Message
-    from popauth.recipients import Recipient
+    from popauth.doors.milter.adapter import RelayMilter, fail_closed
+    from popauth.relay.decision import Client
+    from popauth.relay.gate import Message
+    from popauth.relay.recipients import Recipient
 
     @fail_closed
     def mail(self: RelayMilter) -> int:
@@ -118,8 +118,8 @@ def _remove_store() -> None:
 
 
 def _remove_gate() -> None:
-    from popauth.decision import ACCEPT_LOCAL, ACCEPT_WHITELISTED, REJECT_RELAY, Client
-    from popauth.gate import Message, RelayGate
+    from popauth.relay.decision import ACCEPT_LOCAL, ACCEPT_WHITELISTED, REJECT_RELAY, Client
+    from popauth.relay.gate import Message, RelayGate
 
     whitelisted = set(WHITELISTED_IPS)
 

@@ -48,7 +48,7 @@ def rss_bytes() -> int:
 
 
 def child(size: int, lookups: int, shared_user: bool) -> dict[str, Any]:
-    from popauth.clock import SystemClock
+    from popauth.basics.clock import SystemClock
     from popauth.store.memory import MemoryStore
 
     store = MemoryStore(ttl=900, max_entries=size, clock=SystemClock())

@@ -44,9 +44,7 @@ from tests.live.redis import RedisInstance
 from tests.support.popauth_server import PopauthServer
 
 from bench.common import BenchResult, Check, Mode, process_cpu_seconds, rounds
-from popauth.client import IngestClient
-from popauth.ingest import wire
-from popauth.sessions import (
+from popauth.companions.sessions import (
     EventLog,
     RenewalPlan,
     SessionRenewer,
@@ -54,6 +52,8 @@ from popauth.sessions import (
     list_sessions,
     parse_doveadm_who,
 )
+from popauth.doors.ingest import wire
+from popauth.doors.ingest.client import IngestClient
 
 SIZES = (10_000, 100_000)
 QUICK_SIZES = (2_000,)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from popauth.client import IngestClient, IngestUnreachable, UnsafeRequest
-from popauth.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
+from popauth.doors.ingest.client import IngestClient, IngestUnreachable, UnsafeRequest
+from popauth.doors.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
 
 if TYPE_CHECKING:
     from popauth.config import Settings
@@ -272,15 +272,15 @@ def _run_client(arguments: argparse.Namespace) -> int:
 
 def _run_sessions(arguments: argparse.Namespace) -> int:
     # Standard library only, like the client commands: no server modules.
-    from popauth.config import ConfigError, load_settings
-    from popauth.notify import NotifyError, notify
-    from popauth.sessions import (
+    from popauth.companions.sessions import (
         EventLog,
         RenewalPlan,
         SessionRenewer,
         doveadm_command,
         run_until_signalled,
     )
+    from popauth.config import ConfigError, load_settings
+    from popauth.daemon.notify import NotifyError, notify
 
     try:
         settings = load_settings(settings_file(arguments))
@@ -312,12 +312,12 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
 
 
 def _run_follow(arguments: argparse.Namespace) -> int:
+    from popauth.companions.follow.follower import FollowError
+    from popauth.companions.follow.formats import FormatError
+    from popauth.companions.follow.run import FollowSetupError, build_follower, run_until_signalled
+    from popauth.companions.follow.sources import SourceError
     from popauth.config import ConfigError, load_settings
-    from popauth.follow.follower import FollowError
-    from popauth.follow.formats import FormatError
-    from popauth.follow.run import FollowSetupError, build_follower, run_until_signalled
-    from popauth.follow.sources import SourceError
-    from popauth.persistence import StateFileError
+    from popauth.store.statefile import StateFileError
 
     try:
         settings = load_settings(settings_file(arguments))
@@ -342,7 +342,7 @@ def _check_follow(settings: Settings) -> int:
     """check-config: what following follow_format means here; an error if refused."""
     if not settings.follow.format:
         return EXIT_OK
-    from popauth.follow.run import trust_report
+    from popauth.companions.follow.run import trust_report
 
     report = trust_report(settings)
     print("\n".join(report.lines()))
@@ -402,7 +402,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
     if arguments.command == "check-config":
         return _check_config(arguments)
     from popauth.config import ConfigError, load_settings
-    from popauth.tryit import SETTINGS_NAME, Mode, choose_mode, host_has_mta
+    from popauth.daemon.tryit import SETTINGS_NAME, Mode, choose_mode, host_has_mta
 
     if arguments.try_it and (arguments.config or arguments.try_it_if_no_mta):
         print("popauth: --try-it takes neither --config nor --try-it-if-no-mta", file=sys.stderr)
@@ -442,12 +442,12 @@ def _run_server(arguments: argparse.Namespace) -> int:
 def _serve_with(
     settings: Settings, settings_path: Path | None, started_by: str, banner: list[str]
 ) -> int:
+    from popauth.daemon.preflight import occupant
+    from popauth.daemon.serve import serve, state_file_paths
+    from popauth.doors.sockets import SocketInUse, SocketSetupError
     from popauth.localdelivery.resolve import LocalDeliveryError
-    from popauth.persistence import StateFileError
-    from popauth.preflight import occupant
-    from popauth.serve import serve, state_file_paths
-    from popauth.sockets import SocketInUse, SocketSetupError
     from popauth.store import StoreSetupError
+    from popauth.store.statefile import StateFileError
 
     problem = occupant(settings, state_file_paths(settings))
     if problem is not None:
@@ -478,7 +478,7 @@ def _serve_with(
 
 def _try_it_settings(directory: Path, why: str) -> tuple[Settings, list[str]]:
     from popauth.config import load_settings
-    from popauth.tryit import banner, write_settings
+    from popauth.daemon.tryit import banner, write_settings
 
     path = write_settings(directory)
     settings = load_settings(path)

@@ -28,7 +28,6 @@ import difflib
 import enum
 import grp
 import ipaddress
-import logging
 import pwd
 import re
 import tomllib
@@ -38,12 +37,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from popauth.addresses import AddressError, IPNetwork, NetworkSet, WhitelistKeying, parse_network
-from popauth.decision import PopFirst, Provenance, RelayPolicy
-from popauth.ingest import wire
+from popauth.basics.addresses import (
+    AddressError,
+    IPNetwork,
+    NetworkSet,
+    WhitelistKeying,
+    parse_network,
+)
+from popauth.doors.ingest import wire
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
+from popauth.relay.decision import PopFirst, Provenance, RelayPolicy
+from popauth.relay.gate import Accounting
 from popauth.store import StoreKind
+from popauth.telemetry.logs import LogFormat, LogLevel
 
 T = TypeVar("T")
 EnumT = TypeVar("EnumT", bound=enum.Enum)
@@ -78,35 +85,6 @@ class ConfigError(ValueError):
 # The vocabulary of settings that the modules they configure import from here;
 # this module loads only the standard library and popauth's pure modules, so
 # that the stdlib-only commands (``popauth sessions``) can read the settings.
-
-
-class Accounting(enum.Enum):
-    """What the usage ledger counts for authenticated and whitelisted clients."""
-
-    # Messages only: the milter accepts them at MAIL FROM, the cheapest way.
-    MESSAGES = "messages"
-    # Messages and relayed recipients: the milter must see every RCPT,
-    # which costs the MTA one round trip per recipient and one per message.
-    RECIPIENTS = "recipients"
-
-
-class LogFormat(enum.Enum):
-    CONSOLE = "console"
-    JSON = "json"
-
-
-class LogLevel(enum.Enum):
-    """The least severe events written; each is a :mod:`logging` level."""
-
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def number(self) -> int:
-        level: int = getattr(logging, self.name)
-        return level
 
 
 def setting(key: str, default: T, convert: Converter[T]) -> T:

@@ -2,9 +2,9 @@
 
 The first byte picks the parser, the rest is its input:
 
-- the ingest request line parser (``popauth.ingest.protocol.parse_request``);
-- the socketmap netstring decoder and request parser (``popauth.socketmap.codec``);
-- the client address parser (``popauth.addresses.parse_client_address``).
+- the ingest request line parser (``popauth.doors.ingest.protocol.parse_request``);
+- the socketmap netstring decoder and request parser (``popauth.doors.socketmap.codec``);
+- the client address parser (``popauth.basics.addresses.parse_client_address``).
 
 Each may refuse its input only with its own error type; anything else, or a
 broken invariant, is a crash that libFuzzer reports with the input.
@@ -20,10 +20,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from popauth.addresses import AddressError, parse_client_address
-    from popauth.ingest.protocol import ProtocolError, parse_request
-    from popauth.socketmap import codec
-    from popauth.usernames import is_valid_user_name
+    from popauth.doors.ingest.protocol import ProtocolError, parse_request
+
+    from popauth.basics.addresses import AddressError, parse_client_address
+    from popauth.basics.usernames import is_valid_user_name
+    from popauth.doors.socketmap import codec
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 

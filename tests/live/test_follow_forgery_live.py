@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from popauth.follow.trust import read_ptrace_scope, users_trace_own_processes
+from popauth.companions.follow.trust import read_ptrace_scope, users_trace_own_processes
 from tests.live.conftest import PopauthFactory
 from tests.live.logservers import (
     MAIL_UID,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from popauth.client import IngestClient
+from popauth.doors.ingest.client import IngestClient
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance
 from tests.support.popauth_server import PopauthServer

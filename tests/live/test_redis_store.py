@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from popauth.accounts import RedisBlockList
-from popauth.addresses import parse_client_address
-from popauth.clock import SystemClock
+from popauth.basics.addresses import parse_client_address
+from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked
+from popauth.store.accounts import RedisBlockList
 from popauth.store.redis import RedisStore, connect, glob_escaped
 from tests.live.ports import free_port
 from tests.live.redis import RedisInstance

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis
 
-from popauth.client import IngestClient
-from popauth.sessions import RenewalCounts, Session, renew_sessions
+from popauth.companions.sessions import RenewalCounts, Session, renew_sessions
+from popauth.doors.ingest.client import IngestClient
 from tests.live.conftest import LIVE_SETTINGS, USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance, ImapSession
 from tests.live.ports import free_port

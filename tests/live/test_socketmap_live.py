@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from popauth.socketmap import codec
+from popauth.doors.socketmap import codec
 from tests.live.conftest import USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance
 from tests.live.ports import free_port

@@ -6,7 +6,7 @@ import ipaddress
 
 from hypothesis import strategies as st
 
-from popauth.usernames import MAX_USER, user_key
+from popauth.basics.usernames import MAX_USER, user_key
 
 
 def _usable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

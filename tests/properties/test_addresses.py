@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from popauth.addresses import (
+from popauth.basics.addresses import (
     AddressError,
     WhitelistKeying,
     address_text,

@@ -7,9 +7,7 @@ import ipaddress
 
 from hypothesis import given
 from hypothesis import strategies as st
-
-from popauth.addresses import unmap
-from popauth.ingest.protocol import (
+from popauth.doors.ingest.protocol import (
     MAX_LINE,
     ErrorCode,
     ProtocolError,
@@ -18,8 +16,10 @@ from popauth.ingest.protocol import (
     parse_fields,
     parse_request,
 )
-from popauth.socketmap import codec
-from popauth.usernames import MAX_USER, is_valid_user_name, user_key
+
+from popauth.basics.addresses import unmap
+from popauth.basics.usernames import MAX_USER, is_valid_user_name, user_key
+from popauth.doors.socketmap import codec
 from tests.properties.strategies import client_addresses, user_names
 
 

@@ -14,8 +14,8 @@ import ipaddress
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from popauth.addresses import NetworkSet
-from popauth.decision import (
+from popauth.basics.addresses import NetworkSet
+from popauth.relay.decision import (
     Client,
     Listing,
     PopFirst,
@@ -25,7 +25,7 @@ from popauth.decision import (
     decide_recipient,
     decide_sender,
 )
-from popauth.recipients import DomainSet, LocalDeliveryRules, Recipient, is_local_recipient
+from popauth.relay.recipients import DomainSet, LocalDeliveryRules, Recipient, is_local_recipient
 from tests.properties.strategies import client_addresses
 
 LOCAL_DOMAINS = ("local.test", ".hosted.test")

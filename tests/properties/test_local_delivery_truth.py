@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popauth.localdelivery.postfix import learn_from_postfix
-from popauth.recipients import Recipient, is_local_recipient
+from popauth.relay.recipients import Recipient, is_local_recipient
 from tests.support.settled import write_settled
 from tests.support.trivial_rewrite import Resolution, TrivialRewrite
 

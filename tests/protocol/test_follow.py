@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from popauth.follow.sources import MAX_LINE
+from popauth.companions.follow.sources import MAX_LINE
 from tests.support.follower import FollowerProcess, wait_until
 from tests.support.popauth_server import PopauthServer
 

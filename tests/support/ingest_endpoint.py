@@ -5,17 +5,17 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from popauth.accounts import FileBlockList, UsageLedger
-from popauth.addresses import WhitelistKeying
-from popauth.client import IngestClient
-from popauth.config import Accounting, settings_from_mapping
-from popauth.explain import Explainer
-from popauth.gate import RelayGate
-from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.basics.addresses import WhitelistKeying
+from popauth.config import settings_from_mapping
+from popauth.doors.ingest.client import IngestClient
+from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.localdelivery import LocalDelivery
-from popauth.metrics import Metrics
-from popauth.replies import Replies
+from popauth.relay.explain import Explainer
+from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.replies import Replies
+from popauth.store.accounts import FileBlockList, UsageLedger
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 

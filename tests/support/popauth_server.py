@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from popauth.client import IngestClient, IngestUnreachable
+from popauth.doors.ingest.client import IngestClient, IngestUnreachable
 
 _serial = itertools.count(1)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from popauth.accounts import FileBlockList, RelayWay, UsageLedger
-from popauth.persistence import StateFileError
+from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
+from popauth.store.statefile import StateFileError
 from tests.support.clock import FakeClock
 
 

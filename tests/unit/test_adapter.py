@@ -10,15 +10,15 @@ import pytest
 # Renamed so that pytest does not take it for a test class.
 from Milter.testctx import TestCtx as MilterContext
 
-from popauth.accounts import UsageLedger
-from popauth.adapter import RelayMilter, Replies, client_address_of
-from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
-from popauth.config import Accounting, settings_from_mapping
-from popauth.gate import RelayGate
+from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.config import settings_from_mapping
+from popauth.doors.milter.adapter import RelayMilter, Replies, client_address_of
 from popauth.localdelivery import LocalDelivery
-from popauth.metrics import Metrics
+from popauth.relay.gate import Accounting, RelayGate
 from popauth.store import Grant
+from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 
@@ -90,7 +90,7 @@ def test_client_address_forms() -> None:
 
 
 def test_8bit_macros_are_decided_on_their_bytes() -> None:
-    # What popauth.macros makes of bytes that are not UTF-8: surrogate escapes.
+    # What popauth.doors.milter.macros makes of bytes that are not UTF-8: surrogate escapes.
     store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
     milter, context, _ = make(store)
     milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321))
@@ -147,7 +147,7 @@ def test_a_failure_at_a_connect_owing_no_answer_leaves_a_stranger(
     def broken(hostaddr: object) -> IPAddress | None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr("popauth.adapter.client_address_of", broken)
+    monkeypatch.setattr("popauth.doors.milter.adapter.client_address_of", broken)
     # Any answer here would be taken for the answer to MAIL: none escapes.
     assert milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321)) == Milter.NOREPLY
     errors = metrics.registry.get_sample_value("popauth_errors_total", {"kind": "milter_callback"})

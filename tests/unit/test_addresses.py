@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from popauth.addresses import (
+from popauth.basics.addresses import (
     AddressError,
     NetworkSet,
     WhitelistKeying,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from popauth.accounts import RelayWay
 from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
-from popauth.client import IngestClient, IngestUnreachable
+from popauth.doors.ingest.client import IngestClient, IngestUnreachable
+from popauth.store.accounts import RelayWay
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.scripted import scripted_endpoint
 

@@ -6,23 +6,22 @@ from typing import Any
 
 import pytest
 
-from popauth.addresses import parse_client_address
+from popauth.basics.addresses import parse_client_address
 from popauth.config import (
     KEYS,
     LEARNED_UNLESS_SET,
-    Accounting,
     ConfigError,
     ListenAddress,
-    LogFormat,
-    LogLevel,
     Settings,
     load_settings,
     settings_from_mapping,
 )
-from popauth.decision import PopFirst
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import resolve_local_delivery
+from popauth.relay.decision import PopFirst
+from popauth.relay.gate import Accounting
 from popauth.store import StoreKind
+from popauth.telemetry.logs import LogFormat, LogLevel
 
 CONTRIB = Path(__file__).parents[2] / "contrib" / "popauth.toml"
 

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from popauth.addresses import NetworkSet, parse_network
-from popauth.decision import (
+from popauth.basics.addresses import NetworkSet, parse_network
+from popauth.relay.decision import (
     ACCEPT_AUTHENTICATED,
     ACCEPT_LOCAL,
     ACCEPT_TRUSTED,
@@ -25,7 +25,7 @@ from popauth.decision import (
     decide_sender,
     needs_whitelist,
 )
-from popauth.recipients import LocalDeliveryRules, Recipient
+from popauth.relay.recipients import LocalDeliveryRules, Recipient
 
 POLICY = RelayPolicy(
     trusted_networks=NetworkSet.of([parse_network("192.0.2.0/24"), parse_network("2001:db8::/64")]),

@@ -25,7 +25,7 @@ def test_configuration_reference_lists_every_setting_with_its_default() -> None:
 
 
 def test_reasons_table_lists_exactly_the_reasons() -> None:
-    from popauth.decision import Reason
+    from popauth.relay.decision import Reason
 
     text = (DOCS / "decisions.rst").read_text()
     table = text[text.index("\nReasons\n=======") :]

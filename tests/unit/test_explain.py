@@ -6,19 +6,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from popauth.accounts import UsageLedger
-from popauth.addresses import IPAddress, parse_client_address
-from popauth.config import Accounting, settings_from_mapping
-from popauth.decision import Reason, Verdict
-from popauth.explain import Explainer, Question, _relative, recipient_as_the_mta_gives_it
-from popauth.gate import RelayGate
+from popauth.basics.addresses import IPAddress, parse_client_address
+from popauth.config import settings_from_mapping
 from popauth.localdelivery import LearnedClass, LocalDelivery
-from popauth.metrics import Metrics
-from popauth.postfixlists import ListKind, ListPattern, PostfixList
-from popauth.recipients import DeliveryClass, DomainSet
-from popauth.replies import Replies
+from popauth.relay.decision import Reason, Verdict
+from popauth.relay.explain import Explainer, Question, _relative, recipient_as_the_mta_gives_it
+from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.postfixlists import ListKind, ListPattern, PostfixList
+from popauth.relay.recipients import DeliveryClass, DomainSet
+from popauth.relay.replies import Replies
 from popauth.store import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
+from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 

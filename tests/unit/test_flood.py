@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from popauth.doors.ingest.roles import PeerPolicy
 
-from popauth.addresses import WhitelistKeying, parse_client_address
-from popauth.ingest.roles import PeerPolicy
-from popauth.metrics import Metrics
-from popauth.socketmap import codec
-from popauth.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.basics.addresses import WhitelistKeying, parse_client_address
+from popauth.doors.socketmap import codec
+from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import capturing_logger

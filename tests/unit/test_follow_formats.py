@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from popauth.addresses import parse_client_address
-from popauth.config import FOLLOW_FORMATS
-from popauth.follow.entries import EntryError, EntryParser, LogEntry
-from popauth.follow.formats import (
+from popauth.basics.addresses import parse_client_address
+from popauth.companions.follow.entries import EntryError, EntryParser, LogEntry
+from popauth.companions.follow.formats import (
     FORMAT_NAMES,
     FormatError,
     Login,
@@ -15,6 +14,7 @@ from popauth.follow.formats import (
     SessionFormat,
     build_format,
 )
+from popauth.config import FOLLOW_FORMATS
 
 NOW = 1_800_000_000.0
 

@@ -10,7 +10,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from popauth.follow.follower import (
+from popauth.companions.follow.follower import (
     Counters,
     Follower,
     FollowError,
@@ -18,8 +18,8 @@ from popauth.follow.follower import (
     JournaldPids,
     LineJudge,
 )
-from popauth.follow.formats import Login, build_format
-from popauth.follow.sources import LineSource
+from popauth.companions.follow.formats import Login, build_format
+from popauth.companions.follow.sources import LineSource
 
 NOW = 1_800_000_000.0
 SOCKET = "/run/popauth/ingest.sock"

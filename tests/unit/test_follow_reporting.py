@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import structlog
 
-from popauth.follow.follower import (
+from popauth.companions.follow.follower import (
     REPORT_BATCH,
     Counters,
     Follower,
     IngestReporter,
     LineJudge,
 )
-from popauth.follow.formats import Login, build_format
-from popauth.follow.sources import LineSource
+from popauth.companions.follow.formats import Login, build_format
+from popauth.companions.follow.sources import LineSource
 
 LOG = structlog.get_logger()
 

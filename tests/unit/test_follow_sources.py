@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from popauth.follow.sources import (
+from popauth.companions.follow.sources import (
     MAX_LINE,
     READ_CHUNK,
     FollowedFile,
     SourceError,
     StandardInput,
 )
-from popauth.persistence import StateFileError
+from popauth.store.statefile import StateFileError
 
 
 def append(path: Path, *lines: str) -> None:

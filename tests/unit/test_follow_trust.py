@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from popauth.cli import EXIT_ERROR, EXIT_OK, main
-from popauth.config import FOLLOW_FORMATS
-from popauth.follow import trust
-from popauth.follow.trust import (
+from popauth.companions.follow import trust
+from popauth.companions.follow.trust import (
     ORIGINS,
     assess,
     ptrace_meaning,
     read_ptrace_scope,
     users_trace_own_processes,
 )
+from popauth.config import FOLLOW_FORMATS
 
 # None: Yama absent; 0: classic ptrace; 1 and up: a user cannot attach to a
 # process it did not start.

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from structlog.testing import CapturingLogger
 
-from popauth.accounts import UsageLedger
-from popauth.addresses import WhitelistKeying, parse_client_address
-from popauth.config import Accounting, settings_from_mapping
-from popauth.decision import Reason, Verdict
-from popauth.gate import RelayGate
+from popauth.basics.addresses import WhitelistKeying, parse_client_address
+from popauth.config import settings_from_mapping
 from popauth.localdelivery import LocalDelivery
-from popauth.metrics import Metrics
-from popauth.recipients import Recipient
+from popauth.relay.decision import Reason, Verdict
+from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.recipients import Recipient
+from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger, events
 
@@ -103,7 +103,7 @@ def test_off_mode_refuses_with_its_own_reason() -> None:
 
 
 def test_an_8bit_smtp_auth_name_is_booked_printable() -> None:
-    # The adapter hands over the MTA's bytes as surrogate escapes (popauth.macros).
+    # The adapter hands over the MTA's bytes as surrogate escapes (popauth.doors.milter.macros).
     gate, ledger, _, _ = make(Accounting.MESSAGES)
     latin1_name = b"j\xf6rg\x1b[2J".decode("utf-8", "surrogateescape")
     decision, _ = gate.message(parse_client_address("203.0.113.9"), latin1_name)

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from popauth.addresses import parse_client_address
-from popauth.ingest.protocol import (
+from popauth.doors.ingest.protocol import (
     MAX_LINE,
     ErrorCode,
     ProtocolError,
@@ -13,6 +11,8 @@ from popauth.ingest.protocol import (
     parse_fields,
     parse_request,
 )
+
+from popauth.basics.addresses import parse_client_address
 
 
 @pytest.mark.parametrize(

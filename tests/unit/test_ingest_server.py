@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from popauth.doors.ingest.protocol import MAX_LINE, parse_fields
+from popauth.doors.ingest.roles import Members
+from popauth.doors.ingest.server import PeerPolicy
+from popauth.doors.ingest.wire import RENEW_BATCH
 
-from popauth.accounts import RelayWay
-from popauth.addresses import IPAddress, parse_client_address
-from popauth.ingest.protocol import MAX_LINE, parse_fields
-from popauth.ingest.roles import Members
-from popauth.ingest.server import PeerPolicy
-from popauth.ingest.wire import RENEW_BATCH
-from popauth.sockets import SocketInUse
+from popauth.basics.addresses import IPAddress, parse_client_address
+from popauth.doors.sockets import SocketInUse
 from popauth.store import Grant, GrantOutcome, NotConfirmed, Renewal, StoreUnavailable
+from popauth.store.accounts import RelayWay
 from popauth.store.memory import MemoryStore
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import events
@@ -210,7 +210,7 @@ def test_peer_credentials_of_other_users(open_tmp: Path) -> None:
     server = Endpoint(open_tmp, peers=peers)
     server.server.start()
     client = (
-        "import sys; from popauth.client import IngestClient; "
+        "import sys; from popauth.doors.ingest.client import IngestClient; "
         "print(IngestClient(sys.argv[1]).request(sys.argv[2])[0])"
     )
     try:
@@ -294,7 +294,7 @@ def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
     server = Endpoint(open_tmp, peers=PeerPolicy.of(["nobody"], []))
     server.server.start()
     client = (
-        "import sys; from popauth.client import IngestClient; "
+        "import sys; from popauth.doors.ingest.client import IngestClient; "
         "print(IngestClient(sys.argv[1]).request(sys.argv[2])[0])"
     )
     try:

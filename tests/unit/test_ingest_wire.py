@@ -8,10 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from popauth.doors.ingest.protocol import parse_request
+from popauth.doors.ingest.wire import ErrorCode, Verb
 
-from popauth.ingest import wire
-from popauth.ingest.protocol import parse_request
-from popauth.ingest.wire import ErrorCode, Verb
+from popauth.doors.ingest import wire
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 HOOK = CONTRIB / "dovecot" / "popauth-login"

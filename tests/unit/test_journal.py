@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from popauth.config import LogFormat, LogLevel, settings_from_mapping
-from popauth.journal import is_journal, with_priority
-from popauth.logs import configure_logging
-from popauth.sessions import EventLog
-from popauth.settings_reload import SettingsChangeCheck, changed_keys
+from popauth.companions.sessions import EventLog
+from popauth.config import settings_from_mapping
+from popauth.daemon.settings_reload import SettingsChangeCheck, changed_keys
+from popauth.telemetry.journal import is_journal, with_priority
+from popauth.telemetry.logs import LogFormat, LogLevel, configure_logging
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from popauth.lifecycle import Lifecycle, Step
-from popauth.notify import NotifyError
+from popauth.daemon.lifecycle import Lifecycle, Step
+from popauth.daemon.notify import NotifyError
 from tests.support.logs import capturing_logger, events
 
 

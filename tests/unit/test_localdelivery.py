@@ -11,10 +11,8 @@ import pytest
 from structlog.testing import CapturingLogger
 
 from popauth.config import settings_from_mapping
-from popauth.decision import RelayPolicy
 from popauth.localdelivery import LearnError, LocalDelivery, MtaNotFound
 from popauth.localdelivery.commands import CommandResult, CommandRunner
-from popauth.localdelivery.mismatch import MailerMismatchWarner
 from popauth.localdelivery.reload import LocalDeliveryReloader
 from popauth.localdelivery.resolve import (
     LearnSettings,
@@ -22,7 +20,9 @@ from popauth.localdelivery.resolve import (
     resolve_local_delivery,
 )
 from popauth.localdelivery.sendmail import learn_from_sendmail, parsed_mailer, split_answers
-from popauth.recipients import Recipient, is_local_recipient
+from popauth.relay.decision import RelayPolicy
+from popauth.relay.mismatch import MailerMismatchWarner
+from popauth.relay.recipients import Recipient, is_local_recipient
 from tests.support.logs import capturing_logger
 from tests.support.settled import write_settled
 

@@ -20,7 +20,7 @@ from popauth.localdelivery.postfix import (
     split_list,
     table_entry,
 )
-from popauth.recipients import Recipient, is_local_recipient
+from popauth.relay.recipients import Recipient, is_local_recipient
 from tests.support.settled import write_settled
 
 

@@ -8,8 +8,7 @@ import re
 import pytest
 import structlog
 
-from popauth.config import LogFormat, LogLevel
-from popauth.logs import configure_logging
+from popauth.telemetry.logs import LogFormat, LogLevel, configure_logging
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ from collections.abc import Callable
 
 import pytest
 
-from popauth.addresses import parse_client_address
-from popauth.pacing import CHUNK
+from popauth.basics.addresses import parse_client_address
 from popauth.store import memory
 from popauth.store.memory import MemoryStore
+from popauth.store.pacing import CHUNK
 from tests.support.clock import FakeClock
 
 A = parse_client_address("192.0.2.1")

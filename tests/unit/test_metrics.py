@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from popauth.metrics import Metrics
+from popauth.telemetry.metrics import Metrics
 
 
 def scrape(url: str) -> str:

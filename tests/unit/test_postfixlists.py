@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from popauth.postfixlists import (
+from popauth.relay.postfixlists import (
     ListKind,
     ListPattern,
     PostfixList,

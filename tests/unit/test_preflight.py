@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from popauth.config import Settings, settings_from_mapping
-from popauth.preflight import Occupancy, Occupant, occupant, socket_holder
+from popauth.daemon.preflight import Occupancy, Occupant, occupant, socket_holder
 from tests.support.ingest_endpoint import Endpoint
 
 

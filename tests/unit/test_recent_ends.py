@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from popauth.addresses import parse_client_address
+from popauth.basics.addresses import parse_client_address
 from popauth.store import EndReason
 from popauth.store.memory import REMEMBERED_ENDS, MemoryStore
 from tests.support.clock import FakeClock

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from popauth.postfixlists import ListKind, ListPattern, PostfixList, TransportRoutes
-from popauth.recipients import (
+from popauth.relay.postfixlists import ListKind, ListPattern, PostfixList, TransportRoutes
+from popauth.relay.recipients import (
     DeliveryClass,
     DomainSet,
     LocalDeliveryRules,

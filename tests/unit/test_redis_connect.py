@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
-from popauth.addresses import parse_client_address
-from popauth.clock import SystemClock
+from popauth.basics.addresses import parse_client_address
+from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable
 from popauth.store.redis import (
     RedisStore,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from popauth.decision import (
+from popauth.relay.decision import (
     ACCEPT_LOCAL,
     REJECT_POP_FIRST_RETIRED,
     REJECT_RELAY,
     TEMPFAIL_UNAVAILABLE,
 )
-from popauth.replies import Replies
+from popauth.relay.replies import Replies
 
 
 def test_each_refusal_has_its_reply_and_an_accept_has_none() -> None:

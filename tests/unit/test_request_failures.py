@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from structlog.testing import CapturingLogger
 
-from popauth.accounts import BlockListUnwritable, FileBlockList, UsageLedger
-from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
-from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
-from popauth.metrics import Metrics
-from popauth.socketmap import codec
-from popauth.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.doors.socketmap import codec
+from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store import GrantOutcome
+from popauth.store.accounts import BlockListUnwritable, FileBlockList, UsageLedger
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from popauth.addresses import parse_client_address
-from popauth.client import IngestClient, IngestUnreachable
-from popauth.config import ConfigError, Settings, settings_from_mapping
-from popauth.sessions import (
+from popauth.basics.addresses import parse_client_address
+from popauth.companions.sessions import (
     DoveadmError,
     EventLog,
     RenewalPlan,
@@ -27,6 +25,8 @@ from popauth.sessions import (
     parse_doveadm_who,
     renew_sessions,
 )
+from popauth.config import ConfigError, Settings, settings_from_mapping
+from popauth.doors.ingest.client import IngestClient, IngestUnreachable
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.popauth_server import POPAUTH, toml_value
 from tests.support.units import verify_unit
@@ -301,7 +301,7 @@ def test_a_failed_cycle_is_logged_and_changes_nothing(endpoint: Endpoint, tmp_pa
 
 
 def test_forbidden_renewals_are_an_error(tmp_path: Path) -> None:
-    from popauth.ingest.roles import Members, PeerPolicy
+    from popauth.doors.ingest.roles import Members, PeerPolicy
 
     strict = Endpoint(tmp_path, peers=PeerPolicy(Members(frozenset({4242}), frozenset({4242}))))
     strict.server.start()

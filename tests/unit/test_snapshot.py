@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from popauth.addresses import parse_client_address
-from popauth.pacing import CHUNK
+from popauth.basics.addresses import parse_client_address
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
+from popauth.store.pacing import CHUNK
 from popauth.store.snapshot import SnapshotError, Snapshotter, read_snapshot, write_snapshot
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from popauth.sockets import SocketSetupError, access_acl, set_permissions
+from popauth.doors.sockets import SocketSetupError, access_acl, set_permissions
 
 
 def test_the_acl_is_the_mode_plus_each_group_in_the_kernel_order() -> None:

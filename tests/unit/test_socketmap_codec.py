@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from popauth.socketmap import codec
-from popauth.socketmap.codec import NetstringError, RequestError, Status
+from popauth.doors.socketmap import codec
+from popauth.doors.socketmap.codec import NetstringError, RequestError, Status
 
 
 def test_encode() -> None:

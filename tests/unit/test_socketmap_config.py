@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from popauth.addresses import WhitelistKeying, parse_client_address
+from popauth.basics.addresses import WhitelistKeying, parse_client_address
 from popauth.config import ConfigError, Settings, settings_from_mapping
-from popauth.metrics import Metrics
-from popauth.serve import socketmap_server
-from popauth.socketmap import codec
+from popauth.daemon.serve import socketmap_server
+from popauth.doors.socketmap import codec
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger, events
 

@@ -12,12 +12,12 @@ from typing import ClassVar
 import pytest
 from structlog.testing import CapturingLogger
 
-from popauth.addresses import IPAddress, WhitelistKeying, parse_client_address
-from popauth.metrics import Metrics
-from popauth.socketmap import codec
-from popauth.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.doors.socketmap import codec
+from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store import Grant, StoreUnavailable
 from popauth.store.memory import MemoryStore
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger, events
 

@@ -15,14 +15,16 @@ import threading
 from pathlib import Path
 
 import pytest
+from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 
-from popauth.accounts import FileBlockList, RelayWay, UsageLedger
-from popauth.addresses import WhitelistKeying
-from popauth.client import IngestClient
+from popauth.basics.addresses import WhitelistKeying
 from popauth.config import settings_from_mapping
-from popauth.ingest.server import IngestLimits, IngestServer, PeerPolicy
-from popauth.metrics import Metrics
-from popauth.persistence import (
+from popauth.daemon.serve import open_state
+from popauth.doors.ingest.client import IngestClient
+from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
+from popauth.store.memory import MemoryStore
+from popauth.store.snapshot import Snapshotter, read_snapshot
+from popauth.store.statefile import (
     StateDirectoryUnsafe,
     StateFileError,
     StateFileMissing,
@@ -30,9 +32,7 @@ from popauth.persistence import (
     read_json_document,
     write_json_atomically,
 )
-from popauth.serve import open_state
-from popauth.store.memory import MemoryStore
-from popauth.store.snapshot import Snapshotter, read_snapshot
+from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 

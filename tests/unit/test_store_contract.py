@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from popauth.accounts import BlockList, FileBlockList, RedisBlockList
-from popauth.addresses import IPAddress, parse_client_address
-from popauth.clock import SystemClock
+from popauth.basics.addresses import IPAddress, parse_client_address
+from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked, WhitelistStore
+from popauth.store.accounts import BlockList, FileBlockList, RedisBlockList
 from popauth.store.memory import MemoryStore
 from popauth.store.redis import RENEWALS_PER_CALL, RedisStore, connect
 from tests.live.ports import free_port

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from popauth.config import load_settings, settings_from_mapping
-from popauth.serve import state_file_paths
-from popauth.tryit import (
+from popauth.daemon.serve import state_file_paths
+from popauth.daemon.tryit import (
     TRY_IT_DOMAIN,
     Mode,
     banner,

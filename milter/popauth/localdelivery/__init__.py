@@ -2,7 +2,7 @@
 
 A recipient counts as inbound (deliverable by anyone) only when its domain
 is in one of the MTA's delivery classes and the MTA's ``{rcpt_mailer}`` is
-the mailer that class delivers it with (see :mod:`popauth.recipients`).
+the mailer that class delivers it with (see :mod:`popauth.relay.recipients`).
 That must match what the MTA really does, so popauth reads it from the
 MTA's own configuration (``postfix``, ``sendmail``) unless the settings name
 the domains and mailers; ``resolve`` joins the two and says where each
@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from popauth.postfixlists import TransportRoutes
-from popauth.recipients import DeliveryClass, DomainSet, LocalDeliveryRules
+from popauth.relay.postfixlists import TransportRoutes
+from popauth.relay.recipients import DeliveryClass, DomainSet, LocalDeliveryRules
 
 DOMAIN_PATTERN = re.compile(r"^\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?$")
 MAILER_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")

@@ -21,7 +21,7 @@ alias another transport; where it does, that transport is the address's
 only local mailer. Every other domain is Postfix's default class: mail
 relayed elsewhere.
 
-popauth follows Postfix's matching exactly (:mod:`popauth.postfixlists`):
+popauth follows Postfix's matching exactly (:mod:`popauth.relay.postfixlists`):
 ``!`` exclusions, ``/file/name`` and ``type:table`` patterns, string lists
 (exact names) versus relay_domains (parent domains, after
 parent_domain_matches_subdomains). What it cannot follow exactly (a table
@@ -58,7 +58,7 @@ from popauth.localdelivery.commands import (
     Runner,
     find_tool,
 )
-from popauth.postfixlists import (
+from popauth.relay.postfixlists import (
     ListKind,
     ListPattern,
     PostfixList,
@@ -66,7 +66,7 @@ from popauth.postfixlists import (
     TransportRoutes,
     fold,
 )
-from popauth.recipients import DeliveryClass, DomainSet
+from popauth.relay.recipients import DeliveryClass, DomainSet
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from typing import Protocol
 
 import structlog
 
-from popauth.decision import RelayPolicy
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.commands import CommandRunner, Runner
 from popauth.localdelivery.resolve import LearnSettings, LocalDeliveryError, resolve_local_delivery
+from popauth.relay.decision import RelayPolicy
 
 
 class PolicyHolder(Protocol):

@@ -26,7 +26,7 @@ from popauth.localdelivery import (
     is_mailer_name,
 )
 from popauth.localdelivery.commands import CommandRunner, CommandUnavailable, Runner
-from popauth.recipients import DeliveryClass, DomainSet
+from popauth.relay.recipients import DeliveryClass, DomainSet
 
 # The test-mode questions, in order; the answers follow prompts ("> ").
 QUESTIONS = ("$=w", "$={VirtHost}", "/parse postmaster")

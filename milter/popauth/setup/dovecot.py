@@ -17,7 +17,7 @@ import pwd
 from pathlib import Path
 
 from popauth.config import Settings
-from popauth.ingest.wire import DEFAULT_SOCKET
+from popauth.doors.ingest.wire import DEFAULT_SOCKET
 from popauth.setup import FileChange, Plan, run
 from popauth.setup.postfix import SASL, read_postconf
 

@@ -25,7 +25,7 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from popauth.addresses import NetworkSet
+from popauth.basics.addresses import NetworkSet
 from popauth.config import Settings
 from popauth.localdelivery.postfix import split_list
 from popauth.setup import FileChange, Plan, run

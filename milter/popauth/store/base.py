@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from popauth.addresses import IPAddress
+from popauth.basics.addresses import IPAddress
 
 
 class StoreKind(enum.Enum):
@@ -141,7 +141,7 @@ class WhitelistStore(abc.ABC):
     block, or wrote its entry before the block was added, and then the
     block's :meth:`revoke_user` (which runs after the block is added)
     removes it. User names match the block list and :meth:`revoke_user`
-    caselessly (:func:`popauth.usernames.user_key`).
+    caselessly (:func:`popauth.basics.usernames.user_key`).
     """
 
     # Whether calls may wait on the network; such stores are kept off the

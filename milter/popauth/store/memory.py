@@ -21,8 +21,8 @@ entry is also a link of popauth's own list of the entries in login order
 (which, with one TTL for all, is also their expiry order). So:
 
 - a listing or a revocation of a user walks that list in chunks of
-  :data:`popauth.pacing.CHUNK` entries, holding the lock for one chunk at a
-  time and letting other threads run between chunks (``popauth.pacing``),
+  :data:`popauth.store.pacing.CHUNK` entries, holding the lock for one chunk at a
+  time and letting other threads run between chunks (``popauth.store.pacing``),
   and never reads the cache, so it is not a use;
 - every operation first drops the entries that have expired since the last
   one, oldest first, from the cache and the list alike. The cache is never
@@ -57,9 +57,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 from cachetools import TTLCache
 
-from popauth.addresses import IPAddress
-from popauth.clock import Clock
-from popauth.pacing import CHUNK, let_others_run
+from popauth.basics.addresses import IPAddress
+from popauth.basics.clock import Clock
+from popauth.basics.usernames import user_key
 from popauth.store.base import (
     EndedGrant,
     EndReason,
@@ -69,7 +69,7 @@ from popauth.store.base import (
     UserBlocked,
     WhitelistStore,
 )
-from popauth.usernames import user_key
+from popauth.store.pacing import CHUNK, let_others_run
 
 # IPv6 keys are tagged above bit 127 so that ::c000:201 never collides with
 # 192.0.2.1; plain ints are far smaller than address objects or strings.

@@ -51,8 +51,9 @@ from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from popauth.addresses import AddressError, IPAddress, parse_stored_key
-from popauth.clock import Clock
+from popauth.basics.addresses import AddressError, IPAddress, parse_stored_key
+from popauth.basics.clock import Clock
+from popauth.basics.usernames import user_key
 from popauth.store.base import (
     Grant,
     GrantOutcome,
@@ -63,7 +64,6 @@ from popauth.store.base import (
     UserBlocked,
     WhitelistStore,
 )
-from popauth.usernames import user_key
 
 # Whether a user is on the block list: its caseless form or the name as
 # given (a member written before names were kept caseless still counts).

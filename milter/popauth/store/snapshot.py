@@ -1,6 +1,6 @@
 """Snapshots of the embedded whitelist, so that a restart locks nobody out.
 
-The file is JSON (see :mod:`popauth.persistence`: atomic, mode 0600, because
+The file is JSON (see :mod:`popauth.store.statefile`: atomic, mode 0600, because
 it names users and their addresses). Reading is strict: a file that is
 missing, truncated, corrupt or not a popauth snapshot raises
 :class:`SnapshotError`; the caller logs it and starts empty, it never
@@ -20,18 +20,18 @@ from typing import Any
 
 import structlog
 
-from popauth.addresses import AddressError, parse_stored_key
-from popauth.clock import Clock
-from popauth.pacing import CHUNK, let_others_run
-from popauth.persistence import (
+from popauth.basics.addresses import AddressError, parse_stored_key
+from popauth.basics.clock import Clock
+from popauth.basics.usernames import is_valid_user_name
+from popauth.store.base import Grant
+from popauth.store.memory import MemoryStore
+from popauth.store.pacing import CHUNK, let_others_run
+from popauth.store.statefile import (
     StateFileError,
     StateFileMissing,
     read_json_document,
     write_atomically,
 )
-from popauth.store.base import Grant
-from popauth.store.memory import MemoryStore
-from popauth.usernames import is_valid_user_name
 
 FORMAT = "popauth-whitelist"
 VERSION = 1

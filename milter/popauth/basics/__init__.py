@@ -1,0 +1,1 @@
+"""Values every layer shares: client addresses, user names, text shown safely, time."""

@@ -1,0 +1,1 @@
+"""The processes beside a POP/IMAP server: ``popauth follow`` and ``popauth sessions``."""

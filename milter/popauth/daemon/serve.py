@@ -1,0 +1,299 @@
+"""``popauth serve``: build every piece from the settings and run them together.
+
+Each piece is a component with a start and a stop (:mod:`popauth.daemon.lifecycle`):
+the store (restored from disk), the saver, the ingest endpoint, the
+socketmap, the metrics endpoint and the milter, started in that order and
+stopped in reverse, so the last snapshot is written after every door has
+closed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from popauth.basics.addresses import WhitelistKeying
+from popauth.basics.clock import Clock, SystemClock
+from popauth.config import Settings
+from popauth.daemon.lifecycle import Lifecycle, Step, Stopped
+from popauth.daemon.settings_reload import SettingsChangeCheck
+from popauth.doors.ingest.roles import PeerPolicy
+from popauth.doors.ingest.server import IngestLimits, IngestServer
+from popauth.doors.milter.adapter import RelayMilter, Replies
+from popauth.doors.milter.service import MilterService
+from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delivery
+from popauth.localdelivery.resolve import resolve_local_delivery
+from popauth.relay.explain import Explainer
+from popauth.relay.gate import RelayGate
+from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
+from popauth.store.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedger
+from popauth.store.memory import MemoryStore
+from popauth.store.pacing import SWITCH_INTERVAL
+from popauth.store.snapshot import Snapshotter
+from popauth.store.statefile import (
+    PeriodicSaver,
+    StateFileError,
+    StateFileMissing,
+    prepare_state_directory,
+)
+from popauth.telemetry.logs import LogLevel, configure_logging
+from popauth.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from popauth.store.redis import SentinelSettings
+
+
+@dataclass
+class State:
+    """The whitelist and the account books, and how to restore and save what is local."""
+
+    store: WhitelistStore
+    blocklist: BlockList
+    ledger: UsageLedger
+    restores: list[Callable[[], None]] = field(default_factory=list)
+    saves: list[Callable[[], None]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for restore in self.restores:
+            restore()
+
+
+def state_file_paths(settings: Settings) -> list[Path]:
+    """Every state file popauth will write with these settings."""
+    paths = [settings.accounts.usage_path]
+    if settings.store.kind is StoreKind.MEMORY:
+        paths += [settings.store.snapshot_path, settings.accounts.blocklist_path]
+    return [path for path in paths if path is not None]
+
+
+def open_state(
+    settings: Settings, clock: Clock, log: structlog.typing.FilteringBoundLogger
+) -> State:
+    """The configured store and books, read from disk by ``State.restore``.
+
+    Raises StateDirectoryUnsafe (popauth does not start) when a state file's
+    directory could be written by others than root and popauth's own user,
+    and StoreSetupError when Redis may evict the block list.
+    """
+    for path in state_file_paths(settings):
+        prepare_state_directory(path)
+    ledger = UsageLedger(max_users=settings.accounts.usage_max_users, clock=clock)
+    stored = settings.store
+    if stored.kind is StoreKind.REDIS:
+        from popauth.store.redis import RedisStore, connect
+
+        redis_store = RedisStore(
+            client=connect(stored.redis_url, stored.redis_timeout, sentinel_settings(settings)),
+            ttl=settings.store.ttl,
+            key_prefix=settings.store.redis_key_prefix,
+            clock=clock,
+            wait_replicas=settings.store.redis_wait_replicas,
+            wait_timeout=settings.store.redis_wait_timeout,
+        )
+        try:
+            problem = redis_store.eviction_policy_problem()
+        except StoreUnavailable as failure:
+            # Not fatal: lookups fail closed until Redis answers, and logins
+            # until its eviction policy has been checked.
+            log.error(
+                "redis_unavailable_at_start",
+                url=settings.store.redis_url,
+                sentinels=list(settings.store.redis_sentinels),
+                error=str(failure),
+            )
+        else:
+            if problem is not None:
+                log.error("redis_unsuitable", reason=problem)
+                redis_store.close()
+                raise StoreSetupError(problem)
+        blocks = RedisBlockList(redis_store.client, redis_store.blocklist_key)
+        state = State(redis_store, blocks, ledger)
+    else:
+        blocklist = FileBlockList(settings.accounts.blocklist_path, log)
+        memory = MemoryStore(
+            ttl=stored.ttl,
+            max_entries=stored.max_entries,
+            clock=clock,
+            is_blocked=blocklist.__contains__,
+        )
+        state = State(memory, blocklist, ledger)
+        if stored.snapshot_path is not None:
+            snapshotter = Snapshotter(store=memory, path=stored.snapshot_path, clock=clock, log=log)
+            state.restores.append(snapshotter.restore)
+            state.saves.append(snapshotter.save)
+    usage_path = settings.accounts.usage_path
+    if usage_path is not None:
+
+        def load_usage() -> None:
+            try:
+                ledger.load(usage_path, log)
+            except StateFileMissing as problem:
+                log.info("usage_not_restored", path=str(usage_path), reason=str(problem))
+            except StateFileError as problem:
+                log.error("usage_not_restored", path=str(usage_path), reason=str(problem))
+
+        state.restores.append(load_usage)
+        state.saves.append(lambda: ledger.save(usage_path))
+    return state
+
+
+def sentinel_settings(settings: Settings) -> SentinelSettings | None:
+    if not settings.store.redis_sentinels:
+        return None
+    from popauth.store.redis import SentinelSettings
+
+    return SentinelSettings(
+        addresses=settings.store.sentinel_addresses(),
+        service=settings.store.redis_sentinel_service,
+        username=settings.store.redis_sentinel_username,
+        password=settings.store.redis_sentinel_password,
+        tls=settings.store.redis_sentinel_tls,
+        tls_ca_file=settings.store.redis_sentinel_tls_ca_file,
+        tls_cert_file=settings.store.redis_sentinel_tls_cert_file,
+        tls_key_file=settings.store.redis_sentinel_tls_key_file,
+    )
+
+
+def socketmap_server(
+    settings: Settings,
+    store: WhitelistStore,
+    keying: WhitelistKeying,
+    metrics: Metrics,
+    log: structlog.typing.FilteringBoundLogger,
+) -> SocketmapServer | None:
+    """The socketmap door, when ``socketmap_socket`` is set."""
+    if settings.socketmap.socket is None:
+        return None
+    return SocketmapServer(
+        path=settings.socketmap.socket,
+        mode=settings.socketmap.socket_mode,
+        group=settings.socketmap.socket_group,
+        store=store,
+        keying=keying,
+        name=settings.socketmap.name,
+        ok_value=settings.socketmap.ok_value,
+        limits=SocketmapLimits(
+            timeout=settings.socketmap.timeout,
+            idle_timeout=settings.socketmap.idle_timeout,
+            max_clients=settings.socketmap.max_clients,
+            max_clients_per_uid=settings.socketmap.clients_per_uid,
+        ),
+        metrics=metrics,
+        log=log,
+        lookup_events=settings.log.level is LogLevel.DEBUG,
+    )
+
+
+def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
+    """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback.
+
+    ``settings_path`` is the file ``settings`` came from: a reload compares it.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    log = configure_logging(settings.log.format, settings.log.level)
+    # First: without local domains and mailers nothing else is worth starting.
+    local = resolve_local_delivery(settings.local)
+    log_local_delivery(log, "local_delivery", local)
+    lifecycle = Lifecycle(log)
+    keying = settings.store.keying
+    state = open_state(settings, SystemClock(), log)
+    store = state.store
+    metrics = Metrics()
+    metrics.track_whitelist_size(lambda: store.stats().entries)
+    saver = PeriodicSaver(interval=settings.store.snapshot_interval, saves=state.saves, log=log)
+    policy = settings.relay.policy(local)
+    if not any(learned.has_domains() for learned in local.classes):
+        log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
+    gate = RelayGate(
+        policy=policy,
+        store=store,
+        keying=keying,
+        ledger=state.ledger,
+        accounting=settings.accounts.accounting,
+        metrics=metrics,
+        log=log,
+    )
+    # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
+    reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
+    lifecycle.on_reload("local_delivery", reloader, reloader.cancel)
+    lifecycle.on_reload("settings", SettingsChangeCheck(settings_path, settings, log))
+    replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
+    explainer = Explainer(
+        gate=gate,
+        store=store,
+        keying=keying,
+        blocked=state.blocklist,
+        replies=replies,
+        clock=SystemClock(),
+    )
+    ingest = IngestServer(
+        path=settings.ingest.socket,
+        mode=settings.ingest.socket_mode,
+        group=settings.ingest.socket_group,
+        acl_groups=settings.ingest.socket_acl_groups,
+        store=store,
+        keying=keying,
+        peers=PeerPolicy.of(
+            settings.ingest.allowed_users,
+            settings.ingest.allowed_groups,
+            operator_users=settings.ingest.operator_users,
+            operator_groups=settings.ingest.operator_groups,
+            administrator_users=settings.ingest.admin_users,
+            administrator_groups=settings.ingest.admin_groups,
+        ),
+        limits=IngestLimits(
+            timeout=settings.ingest.timeout,
+            max_clients=settings.ingest.max_clients,
+            max_clients_per_uid=settings.ingest.clients_per_uid,
+            first_byte_timeout=settings.ingest.first_byte_timeout,
+        ),
+        blocklist=state.blocklist,
+        ledger=state.ledger,
+        metrics=metrics,
+        log=log,
+        explainer=explainer,
+    )
+    socketmap = socketmap_server(settings, store, keying, metrics, log)
+    milter = MilterService(
+        name=settings.milter.name,
+        spec=settings.milter.socket,
+        timeout=settings.milter.timeout,
+        mode=settings.milter.socket_mode,
+        group=settings.milter.socket_group,
+        factory=lambda: RelayMilter(gate, replies, metrics, log),
+        on_exit=lifecycle.stop_soon,
+        log=log,
+    )
+    steps = [
+        Step("store", state.restore, store.close),
+        Step("saver", saver.start, saver.stop),
+        Step("ingest", ingest.start, ingest.stop),
+    ]
+    if socketmap is not None:
+        steps.append(Step("socketmap", socketmap.start, socketmap.stop))
+    metrics_address = settings.metrics.listen
+    if metrics_address is not None:
+        steps.append(
+            Step(
+                "metrics",
+                lambda: metrics.serve(metrics_address.host, metrics_address.port),
+                metrics.stop,
+            )
+        )
+    steps.append(Step("milter", milter.start, milter.stop))
+    log.info(
+        "starting",
+        milter_socket=settings.milter.socket,
+        ingest_socket=str(settings.ingest.socket),
+        socketmap_socket=settings.socketmap.socket and str(settings.socketmap.socket),
+        metrics=settings.metrics.listen and str(settings.metrics.listen),
+        ttl=settings.store.ttl,
+        store=settings.store.kind.value,
+    )
+    return lifecycle.run(steps)

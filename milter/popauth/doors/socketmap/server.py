@@ -1,0 +1,220 @@
+"""The socketmap endpoint: the whitelist as a Postfix/Sendmail lookup table.
+
+A second door to the same store as the milter. The MTA keeps its own relay
+gate (Postfix ``reject_unauth_destination``, Sendmail's ``check_rcpt``) and
+only asks "may this client relay?": a whitelisted client address answers
+``OK <value>``, anything else ``NOTFOUND``. Keys are normalised exactly as
+the milter does it (IPv4-mapped IPv6 is IPv4, an ``IPv6:`` tag is dropped,
+IPv6 is cut to ``ipv6_prefix``).
+
+Postfix's ``check_client_access`` also asks for the client host name
+(``unknown`` when none), but never for partial keys such as an address
+shortened by octets: a socketmap is a pattern table to it, like ``cidr:``
+(socketmap_table(5)). Every key that is not a whole IP address (a host
+name, ``unknown``, anything a client of the socket may send) is
+``NOTFOUND`` at once, without touching the store.
+
+Fail closed: a store that cannot answer gives ``TEMP``; bad input ``PERM``.
+Connections are persistent (both MTAs keep one per process), bounded in
+request size, time and number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from popauth.basics.addresses import AddressError, WhitelistKeying, parse_client_address
+from popauth.doors.socketmap import codec
+from popauth.doors.socketmap.codec import NetstringError, RequestError, Status
+from popauth.doors.sockets import resolve_gid
+from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.telemetry.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class SocketmapLimits:
+    # Seconds to complete a request once its first byte arrived.
+    timeout: float = 5.0
+    # Seconds a persistent connection may stay idle between requests.
+    idle_timeout: float = 300.0
+    max_clients: int = 512
+    max_request: int = codec.MAX_REQUEST
+    # Connections one uid may hold, unless it is root, popauth's user or in
+    # the socket's group (the MTA); 0: no quota. Off by default: an MTA
+    # that reaches the socket through its mode, not its group, must never
+    # be throttled.
+    max_clients_per_uid: int = 0
+
+
+@dataclass(slots=True)
+class SocketmapCounters:
+    """What the endpoint answered, logged at stop.
+
+    Counted without a lock: exact with the memory store (every answer runs in
+    the event loop's thread), approximate when a blocking store's answers run
+    in worker threads.
+    """
+
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    not_an_address: int = 0
+    temp: int = 0
+    perm: int = 0
+    busy: int = 0
+    timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def bump(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
+
+class SocketmapServer(UnixStreamServer):
+    def __init__(
+        self,
+        *,
+        path: Path,
+        mode: int,
+        group: str,
+        store: WhitelistStore,
+        keying: WhitelistKeying,
+        name: str,
+        ok_value: str,
+        limits: SocketmapLimits,
+        metrics: Metrics,
+        log: structlog.typing.FilteringBoundLogger,
+        lookup_events: bool,
+    ) -> None:
+        super().__init__(
+            path=path,
+            mode=mode,
+            group=group,
+            max_clients=limits.max_clients,
+            request_timeout=limits.timeout,
+            # An idle persistent connection is closed without a word.
+            idle_timeout=limits.idle_timeout,
+            refusals=Refusals(
+                timeout=codec.reply(Status.TIMEOUT, "no complete request in time"),
+                idle=None,
+                busy=codec.reply(Status.TEMP, "too many clients, try again"),
+                busy_answers_a_request=True,
+                internal=codec.reply(Status.TEMP, "lookup failed"),
+            ),
+            blocking_calls=store.may_block,
+            thread_name="popauth-socketmap",
+            log=log.bind(door="socketmap"),
+            max_clients_per_uid=limits.max_clients_per_uid or None,
+        )
+        self._mta_gid = resolve_gid(group) if group else os.getgid()
+        self._store = store
+        self._keying = keying
+        self._name = name
+        self._ok = codec.reply(Status.OK, ok_value)
+        self._notfound = codec.reply(Status.NOTFOUND)
+        self._limits = limits
+        self._metrics = metrics
+        self.counters = SocketmapCounters()
+        # Per-lookup events are debug only (the caller knows the log level:
+        # structlog 22.3's bound loggers cannot be asked); not building them
+        # otherwise keeps a lookup cheap.
+        self._lookup_events = lookup_events
+
+    def stop(self, timeout: float = 5.0) -> None:
+        running = self._thread is not None
+        super().stop(timeout)
+        if running:
+            self._log.info("socketmap_stopped", **self.counters.as_dict())
+
+    def _count(self, outcome: str) -> None:
+        """Count for the stop log and for Prometheus alike."""
+        self.counters.bump(outcome)
+        self._metrics.socketmap_request(outcome)
+
+    def _answered(self, outcome: str) -> None:
+        """Count one answered request and its outcome, in one step."""
+        counters = self.counters
+        counters.requests += 1
+        counters.bump(outcome)
+        self._metrics.socketmap_answer(outcome)
+
+    # --- framing -----------------------------------------------------------
+
+    def split_request(self, buffer: bytearray) -> tuple[bytes, int] | None:
+        try:
+            return codec.split_first(buffer, self._limits.max_request)
+        except NetstringError as problem:
+            # The stream cannot be resynchronised: PERM, then close.
+            raise FramingError(
+                codec.reply(Status.PERM, f"bad netstring: {problem}"), str(problem)
+            ) from None
+
+    def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
+        return self.answer(request), True
+
+    def privileged(self, peer: Peer) -> bool:
+        return peer.gid == self._mta_gid or super().privileged(peer)
+
+    def note(self, event: str, peer: Peer) -> None:
+        if event == "evicted":
+            self._log.debug("socketmap_idle_client_closed", peer_uid=peer.uid)
+        elif event == "framing_error":
+            self._count("perm")
+            self._log.warning("socketmap_rejected", error="bad netstring")
+        elif event == "busy":
+            self._count("busy")
+            self._log.warning("socketmap_busy", clients=self.clients)
+        elif event == "timeout":
+            self._count("timeouts")
+            self._log.warning("socketmap_timeout")
+        elif event == "partial_request":
+            self._log.warning("socketmap_partial_request")
+        # An idle persistent connection simply ends: nothing to note.
+
+    def answer(self, payload: bytes) -> bytes:
+        """The reply netstring to one well-framed request payload."""
+        try:
+            request = codec.parse_request(payload)
+        except RequestError as problem:
+            self._answered("perm")
+            self._log.warning("socketmap_rejected", error=str(problem))
+            return codec.reply(Status.PERM, str(problem))
+        if request.name != self._name:
+            self._answered("perm")
+            self._log.warning("socketmap_rejected", error="unknown map", map=request.name[:64])
+            return codec.reply(Status.PERM, "unknown map")
+        try:
+            address = parse_client_address(request.key)
+        except AddressError:
+            # A host name, "unknown", or anything else that is no address.
+            self._answered("not_an_address")
+            return self._notfound
+        key = self._keying.key_address(address)
+        try:
+            grant = self._store.lookup(key)
+        except StoreUnavailable as failure:
+            self._answered("temp")
+            self._log.warning("socketmap_store_unavailable", error=str(failure))
+            return codec.reply(Status.TEMP, "whitelist store unavailable")
+        except Exception:
+            self._answered("temp")
+            self._log.exception("socketmap_lookup_failed")
+            return codec.reply(Status.TEMP, "lookup failed")
+        if grant is None:
+            self._answered("misses")
+            if self._lookup_events:
+                self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
+            return self._notfound
+        self._answered("hits")
+        if self._lookup_events:
+            self._log.debug(
+                "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
+            )
+        return self._ok

@@ -1,0 +1,1 @@
+"""The relay decision: pure functions, the recipients they judge, the gate to the store."""

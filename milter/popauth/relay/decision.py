@@ -1,0 +1,170 @@
+"""The relay decision: pure functions of what is known about one client.
+
+The steps, in order, for every recipient:
+
+1. accept a client that authenticated with SMTP AUTH;
+2. accept a client inside ``trusted_networks``;
+3. accept a client whose POP/IMAP login is still on the whitelist (unless
+   ``pop_first`` is "off": then it is refused with its own reason, so that
+   its user learns that POP-before-SMTP has been retired);
+4. accept a recipient that the MTA delivers locally;
+5. otherwise refuse: tempfail if the whitelist could not be read, else reject.
+
+Steps 1-3 do not depend on the recipient, so the milter can settle them once
+per connection (step 2) or once per message (steps 1 and 3) and spare the MTA
+the per-recipient round trips. Nothing here does I/O or knows about pymilter.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from popauth.basics.addresses import IPAddress, NetworkSet
+from popauth.relay.recipients import LocalDeliveryRules, Recipient, is_local_recipient
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+class Reason(enum.Enum):
+    SMTP_AUTH = "smtp_auth"
+    TRUSTED_NETWORK = "trusted_network"
+    WHITELISTED = "whitelisted"
+    LOCAL_RECIPIENT = "local_recipient"
+    RELAY_DENIED = "relay_denied"
+    WHITELIST_UNAVAILABLE = "whitelist_unavailable"
+    POP_FIRST_RETIRED = "pop_first_retired"
+
+
+class PopFirst(enum.Enum):
+    """Whether POP-before-SMTP still lets clients relay."""
+
+    ON = "on"
+    # Still relays; the milter logs a deprecation event for each such message.
+    WARN = "warn"
+    # SMTP AUTH only; whitelisted clients get a distinct explanation.
+    OFF = "off"
+
+
+class Listing(enum.Enum):
+    """The whitelist's answer for a client."""
+
+    LISTED = "listed"
+    NOT_LISTED = "not_listed"
+    UNAVAILABLE = "unavailable"
+    # The store was not asked because an earlier step already settles the
+    # verdict (or the client has no IP address); never grants anything.
+    NOT_CONSULTED = "not_consulted"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where each local domain and mailer came from, as ``(name, origin)`` pairs.
+
+    Never read by the decision: only ``popauth explain`` says it. It travels
+    in the policy so that a reload swaps both at once.
+    """
+
+    # Which MTA was asked, e.g. "postfix (postconf -c /etc/postfix)"; "" if none.
+    source: str = ""
+    domains: tuple[tuple[str, str], ...] = ()
+    mailers: tuple[tuple[str, str], ...] = ()
+
+    def origin_of_domain(self, entry: str) -> str:
+        return dict(self.domains).get(entry, "")
+
+    def origin_of_mailer(self, mailer: str) -> str:
+        return dict(self.mailers).get(mailer, "")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    trusted_networks: NetworkSet
+    local_delivery: LocalDeliveryRules
+    pop_first: PopFirst = PopFirst.ON
+    provenance: Provenance = Provenance()
+
+
+class Client(NamedTuple):
+    """What is known of the client when a message is decided.
+
+    A named tuple, not a frozen dataclass: as immutable, and built for every
+    message at half the cost.
+    """
+
+    address: IPAddress | None
+    auth_user: str = ""
+    listing: Listing = Listing.NOT_CONSULTED
+    # Who logged in to POP/IMAP from this client; for the log only.
+    login_user: str = ""
+
+
+ACCEPT_AUTHENTICATED = Decision(Verdict.ACCEPT, Reason.SMTP_AUTH)
+ACCEPT_TRUSTED = Decision(Verdict.ACCEPT, Reason.TRUSTED_NETWORK)
+ACCEPT_WHITELISTED = Decision(Verdict.ACCEPT, Reason.WHITELISTED)
+ACCEPT_LOCAL = Decision(Verdict.ACCEPT, Reason.LOCAL_RECIPIENT)
+REJECT_RELAY = Decision(Verdict.REJECT, Reason.RELAY_DENIED)
+TEMPFAIL_UNAVAILABLE = Decision(Verdict.TEMPFAIL, Reason.WHITELIST_UNAVAILABLE)
+REJECT_POP_FIRST_RETIRED = Decision(Verdict.REJECT, Reason.POP_FIRST_RETIRED)
+
+
+def decide_connection(policy: RelayPolicy, address: IPAddress | None) -> Decision | None:
+    """Step 2, the only step that holds for a whole connection."""
+    if address is not None and address in policy.trusted_networks:
+        return ACCEPT_TRUSTED
+    return None
+
+
+def decides_at_connection(policy: RelayPolicy) -> bool:
+    """Whether step 2 can settle anything at all: only with trusted networks."""
+    return bool(policy.trusted_networks)
+
+
+def needs_whitelist(policy: RelayPolicy, address: IPAddress | None, auth_user: str) -> bool:
+    """Whether step 3 could change the outcome, i.e. the store is worth asking."""
+    return bool(address is not None and not auth_user and address not in policy.trusted_networks)
+
+
+def decide_sender(policy: RelayPolicy, client: Client) -> Decision | None:
+    """Steps 1-3: a verdict for every recipient of the message, or None."""
+    if client.auth_user:
+        return ACCEPT_AUTHENTICATED
+    trusted = decide_connection(policy, client.address)
+    if trusted is not None:
+        return trusted
+    if _pop_first_grants(policy, client):
+        return ACCEPT_WHITELISTED
+    return None
+
+
+def _pop_first_grants(policy: RelayPolicy, client: Client) -> bool:
+    return (
+        client.address is not None
+        and client.listing is Listing.LISTED
+        and policy.pop_first is not PopFirst.OFF
+    )
+
+
+def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) -> Decision:
+    """All five steps for one recipient."""
+    settled = decide_sender(policy, client)
+    if settled is not None:
+        return settled
+    if is_local_recipient(recipient, policy.local_delivery):
+        return ACCEPT_LOCAL
+    if client.listing is Listing.UNAVAILABLE:
+        return TEMPFAIL_UNAVAILABLE
+    if client.address is not None and client.listing is Listing.LISTED:
+        return REJECT_POP_FIRST_RETIRED
+    return REJECT_RELAY

@@ -1,0 +1,360 @@
+"""``popauth explain``: the milter's verdict for one client and recipient, and why.
+
+The verdict comes from the relay gate itself (:meth:`RelayGate.assess`:
+the same store lookup and the same pure decision as a real message), the
+reply text from :mod:`popauth.relay.replies`, as the adapter sends it. This
+module only gathers what else an operator needs to read the verdict (how
+the last whitelist entry ended, which users are blocked, where each local
+domain and mailer came from) and says it in plain lines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Container
+from dataclasses import dataclass
+
+from popauth.basics.addresses import IPAddress, WhitelistKeying
+from popauth.basics.clock import Clock
+from popauth.basics.usernames import printable_user_name
+from popauth.relay.decision import Listing, PopFirst, Reason, RelayPolicy
+from popauth.relay.gate import Assessment, RelayGate
+from popauth.relay.recipients import (
+    Classified,
+    Recipient,
+    classify,
+    is_local_recipient,
+    plain_address_parts,
+)
+from popauth.relay.replies import Replies, SmtpReply
+from popauth.store import EndedGrant, EndReason, Grant, WhitelistStore
+
+# How many local domains a line names before "and N more".
+_SHOWN_DOMAINS = 5
+
+_STAGES = {
+    "connect": "at CONNECT, for the whole connection",
+    "mail": "at MAIL FROM, for every recipient of the message",
+    "rcpt": "at RCPT TO, for this recipient",
+}
+
+_ENDINGS = {
+    EndReason.EXPIRED: "it expired at {at}",
+    EndReason.REVOKED: "a REVOKE of the address removed it at {at}",
+    EndReason.REVOKED_WITH_USER: "a REVOKEUSER or BLOCK of its user removed it at {at}",
+    EndReason.EVICTED: "it was pushed out at {at} to make room: the whitelist was full",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What the operator asks: a client address and a recipient, and optionally
+    the POP/IMAP user expected there, the SMTP AUTH name, the sender and the
+    MTA's ``{rcpt_mailer}`` for the recipient."""
+
+    address: IPAddress
+    recipient: str
+    user: str = ""
+    auth_user: str = ""
+    sender: str = ""
+    mailer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """Everything an explanation says, gathered at one moment (``now``, epoch)."""
+
+    question: Question
+    described: str
+    assessment: Assessment
+    recipient: Recipient
+    mailer_assumed: bool
+    ended: EndedGrant | None
+    ends_remembered: int
+    blocked: frozenset[str]
+    reply: SmtpReply | None
+    now: float
+
+
+class Explainer:
+    """Answers ``EXPLAIN`` on the ingest socket from the live gate, store and block list."""
+
+    def __init__(
+        self,
+        *,
+        gate: RelayGate,
+        store: WhitelistStore,
+        keying: WhitelistKeying,
+        blocked: Container[str],
+        replies: Replies,
+        clock: Clock,
+    ) -> None:
+        self._gate = gate
+        self._store = store
+        self._keying = keying
+        self._blocked = blocked
+        self._replies = replies
+        self._clock = clock
+
+    def explain(self, question: Question) -> list[str]:
+        return explanation_lines(self.facts(question))
+
+    def facts(self, question: Question) -> Facts:
+        policy = self._gate.policy
+        recipient, assumed = recipient_as_the_mta_gives_it(question, policy)
+        assessment = self._gate.assess(question.address, question.auth_user, recipient)
+        key = self._keying.key_address(question.address)
+        ended = None
+        if assessment.grant is None and assessment.client.listing is not Listing.UNAVAILABLE:
+            ended = self._store.recent_end(key)
+        concerned = {question.user, question.auth_user}
+        for grant in (assessment.grant, None if ended is None else ended.grant):
+            if grant is not None:
+                concerned.add(grant.user)
+        blocked = frozenset(user for user in concerned if user and user in self._blocked)
+        return Facts(
+            question=question,
+            described=self._keying.describe(key),
+            assessment=assessment,
+            recipient=recipient,
+            mailer_assumed=assumed,
+            ended=ended,
+            ends_remembered=self._store.ends_remembered,
+            blocked=blocked,
+            reply=self._replies.refusal(assessment.decision),
+            now=self._clock.time(),
+        )
+
+
+def recipient_as_the_mta_gives_it(
+    question: Question, policy: RelayPolicy
+) -> tuple[Recipient, bool]:
+    """The recipient with its ``{rcpt_mailer}``, and whether that mailer is assumed.
+
+    Without ``--mailer``, a recipient plainly in a delivery class is assumed
+    to arrive with the mailer that class delivers it with (the MTA agrees
+    with its own lists); any other recipient needs none, since its domain
+    already makes it relayed.
+    """
+    if question.mailer:
+        return Recipient(question.recipient, question.mailer), False
+    found = classify(Recipient(question.recipient), policy.local_delivery)
+    if found is None:
+        return Recipient(question.recipient), True
+    expected = found.delivery_class.expected_mailers(found.address)
+    in_order = [mailer for mailer, _ in policy.provenance.mailers if mailer in expected]
+    mailers = in_order or sorted(expected)
+    if not mailers:
+        return Recipient(question.recipient), True
+    return Recipient(question.recipient, mailers[0]), True
+
+
+# --- the lines ---------------------------------------------------------------
+
+
+def explanation_lines(facts: Facts) -> list[str]:
+    lines = [_verdict_line(facts), _reply_line(facts), _whitelist_line(facts)]
+    lines += _user_lines(facts)
+    lines.append(_recipient_line(facts))
+    if facts.question.sender:
+        lines.append(
+            f"sender: {facts.question.sender} is not part of the decision"
+            " (popauth judges the client and the recipient)"
+        )
+    return lines
+
+
+def _verdict_line(facts: Facts) -> str:
+    decision = facts.assessment.decision
+    return (
+        f"verdict: {decision.verdict.value} ({decision.reason.value}),"
+        f" {_STAGES[facts.assessment.stage]}"
+    )
+
+
+def _reply_line(facts: Facts) -> str:
+    if facts.reply is not None:
+        return f"reply: {facts.reply}"
+    if facts.assessment.decision.reason is Reason.LOCAL_RECIPIENT:
+        return "reply: none from popauth: the MTA goes on with this recipient (its own checks)"
+    return "reply: none from popauth: the MTA goes on with the message (its own checks)"
+
+
+def _whitelist_line(facts: Facts) -> str:
+    assessment = facts.assessment
+    client = assessment.client
+    address = facts.question.address
+    subject = (
+        facts.described if facts.described == str(address) else f"{facts.described} ({address})"
+    )
+    if assessment.stage == "connect":
+        network = _trusted_network(assessment.policy, address)
+        return f"whitelist: not consulted: {address} is in trusted_networks ({network})"
+    if client.listing is Listing.NOT_CONSULTED:
+        user = printable_user_name(facts.question.auth_user)
+        return f"whitelist: not consulted: the client authenticated with SMTP AUTH as {user}"
+    if client.listing is Listing.UNAVAILABLE:
+        return (
+            "whitelist: the store cannot be read now, so refused recipients get a temporary"
+            " failure (see popauth's log: whitelist_unavailable)"
+        )
+    if assessment.grant is not None:
+        line = f"whitelist: {subject}: {_entry(assessment.grant, facts.now)}"
+        if assessment.decision.reason is Reason.POP_FIRST_RETIRED or (
+            assessment.decision.reason is Reason.LOCAL_RECIPIENT
+            and not _pop_first_relays(assessment.policy)
+        ):
+            line += '; pop_first = "off": a POP/IMAP login no longer lets anyone relay'
+        return line
+    return f"whitelist: {subject} has no entry: {_why_none(facts)}"
+
+
+def _entry(grant: Grant, now: float) -> str:
+    return (
+        f"{printable_user_name(grant.user) or '(no user name)'} logged in at"
+        f" {_moment(grant.granted_at, now)}; the entry expires at {_moment(grant.expires_at, now)}"
+    )
+
+
+def _why_none(facts: Facts) -> str:
+    ended = facts.ended
+    if ended is not None:
+        grant = ended.grant
+        user = printable_user_name(grant.user) or "(no user name)"
+        ending = _ENDINGS[ended.reason].format(at=_moment(ended.ended_at, facts.now))
+        return f"{ending}; it was {user}'s, from a login at {_moment(grant.granted_at, facts.now)}"
+    if facts.ends_remembered:
+        return (
+            "never granted since popauth started, as far as it remembers"
+            f" (the last {facts.ends_remembered} addresses that logged in or lost their entry)"
+        )
+    return (
+        "never granted, expired or revoked: this store keeps no record of ended entries,"
+        " so popauth cannot tell which"
+    )
+
+
+def _user_lines(facts: Facts) -> list[str]:
+    lines = []
+    question = facts.question
+    for user in sorted(facts.blocked):
+        shown = printable_user_name(user)
+        if user == question.auth_user and user != question.user:
+            lines.append(
+                f"user: {shown} is blocked, but a block refuses POP/IMAP logins only:"
+                " SMTP AUTH is the MTA's to refuse"
+            )
+        else:
+            lines.append(
+                f"user: {shown} is blocked: their POP/IMAP logins are refused and whitelist"
+                f" nothing (popauth unblock {shown})"
+            )
+    if question.user and question.user not in facts.blocked:
+        lines.append(f"user: {printable_user_name(question.user)} is not blocked")
+    grant = facts.assessment.grant or (None if facts.ended is None else facts.ended.grant)
+    if question.user and grant is not None and grant.user != question.user:
+        lines.append(
+            f"user: the entry is {printable_user_name(grant.user) or '(no user name)'}'s,"
+            f" not {printable_user_name(question.user)}'s"
+        )
+    return lines
+
+
+def _recipient_line(facts: Facts) -> str:
+    policy = facts.assessment.policy
+    recipient = facts.recipient
+    local = is_local_recipient(recipient, policy.local_delivery)
+    why = _why_local(facts) if local else _why_relayed(facts)
+    line = f"recipient: {recipient.envelope} {'is local' if local else 'is relayed'}: {why}"
+    if facts.assessment.stage != "rcpt":
+        line += " (the verdict does not depend on it)"
+    return line
+
+
+def _why_local(facts: Facts) -> str:
+    policy = facts.assessment.policy
+    recipient = facts.recipient
+    found = classify(recipient, policy.local_delivery)
+    if found is None or found.domain is None:
+        where = "a bare local part, completed with the MTA's own domain"
+    else:
+        entry = found.delivery_class.domains.entry_for(found.domain) or found.domain
+        where = f"domain {entry}{_origin(policy.provenance.origin_of_domain(entry))}"
+        if found.delivery_class.name != "configured":
+            where += f" (delivery class {found.delivery_class.name})"
+    mailer = (recipient.mailer or "").lower()
+    said = f"{where}, mailer {mailer}{_origin(policy.provenance.origin_of_mailer(mailer))}"
+    if facts.mailer_assumed:
+        said += " (the mailer is assumed: --mailer names the {rcpt_mailer} the MTA uses)"
+    return said
+
+
+def _why_relayed(facts: Facts) -> str:
+    policy = facts.assessment.policy
+    recipient = facts.recipient
+    parts = plain_address_parts(recipient.envelope)
+    if parts is None:
+        return "not a plain mailbox (%, !, quotes or a source route route mail onwards)"
+    found = classify(recipient, policy.local_delivery)
+    if found is None:
+        if parts[1] is None:
+            return "a bare local part, and no delivery class takes one (ask with its domain)"
+        return f"{parts[1]} is not a local domain; the local domains are {_domains(policy)}"
+    mailer = (recipient.mailer or "").lower()
+    return (
+        f"mailer {mailer or '(none)'} is not a local mailer;"
+        f" the local mailers are {_expected(policy, found) or 'none'}"
+    )
+
+
+def _expected(policy: RelayPolicy, found: Classified) -> str:
+    """The mailers the recipient's class delivers it with, with their origins."""
+    expected = found.delivery_class.expected_mailers(found.address)
+    known = dict(policy.provenance.mailers)
+    shown = [f"{name}{_origin(origin)}" for name, origin in known.items() if name in expected]
+    return ", ".join(shown + sorted(expected - known.keys()))
+
+
+def _domains(policy: RelayPolicy) -> str:
+    named = [f"{name}{_origin(origin)}" for name, origin in policy.provenance.domains]
+    if not named:
+        return "none: nothing is set or learned"
+    shown = ", ".join(named[:_SHOWN_DOMAINS])
+    if len(named) > _SHOWN_DOMAINS:
+        shown += f" and {len(named) - _SHOWN_DOMAINS} more"
+    return shown
+
+
+def _origin(origin: str) -> str:
+    return f" [{origin}]" if origin else ""
+
+
+def _trusted_network(policy: RelayPolicy, address: IPAddress) -> str:
+    for network in policy.trusted_networks:
+        if network.version == address.version and address in network:
+            return str(network)
+    return "?"
+
+
+def _pop_first_relays(policy: RelayPolicy) -> bool:
+    return policy.pop_first is not PopFirst.OFF
+
+
+def _moment(epoch: float, now: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    return f"{stamp} ({_relative(epoch - now)})"
+
+
+def _relative(seconds: float) -> str:
+    whole = round(seconds)
+    if whole == 0:
+        return "now"
+    minutes, rest = divmod(abs(whole), 60)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{hours} h"] if hours else []
+    if minutes:
+        parts.append(f"{minutes} min")
+    if rest or not parts:
+        parts.append(f"{rest} s")
+    span = " ".join(parts)
+    return f"in {span}" if whole > 0 else f"{span} ago"

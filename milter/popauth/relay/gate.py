@@ -1,0 +1,229 @@
+"""The relay gate: the pure decision joined with the store, the log and the books.
+
+Everything the milter adapter needs, minus pymilter: the adapter turns MTA
+callbacks into calls here and verdicts into milter replies, nothing more.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from popauth.basics.addresses import IPAddress, WhitelistKeying, address_text
+from popauth.basics.escaping import escape_text
+from popauth.relay.decision import (
+    Client,
+    Decision,
+    Listing,
+    PopFirst,
+    Reason,
+    RelayPolicy,
+    decide_connection,
+    decide_recipient,
+    decide_sender,
+    needs_whitelist,
+)
+from popauth.relay.mismatch import MailerMismatchWarner
+from popauth.relay.recipients import Recipient, is_local_recipient
+from popauth.store import Grant, StoreUnavailable, WhitelistStore
+from popauth.store.accounts import RelayWay, UsageLedger
+from popauth.telemetry.metrics import Metrics
+
+
+class Accounting(enum.Enum):
+    """What the usage ledger counts for authenticated and whitelisted clients."""
+
+    # Messages only: the milter accepts them at MAIL FROM, the cheapest way.
+    MESSAGES = "messages"
+    # Messages and relayed recipients: the milter must see every RCPT,
+    # which costs the MTA one round trip per recipient and one per message.
+    RECIPIENTS = "recipients"
+
+
+_WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """What the gate would decide for one recipient, and what it decided from.
+
+    ``grant`` is the whitelist entry that was read (None when there is none
+    or the store was not asked); ``stage`` is where the milter settles it:
+    ``connect``, ``mail`` (for the whole message) or ``rcpt``.
+    """
+
+    decision: Decision
+    client: Client
+    policy: RelayPolicy
+    grant: Grant | None
+    stage: str
+
+
+@dataclass(slots=True)
+class Message:
+    """What the gate remembers about the message in progress."""
+
+    client: Client
+    relayed_recipients: int = 0
+
+
+class RelayGate:
+    def __init__(
+        self,
+        *,
+        policy: RelayPolicy,
+        store: WhitelistStore,
+        keying: WhitelistKeying,
+        ledger: UsageLedger,
+        accounting: Accounting,
+        metrics: Metrics,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._policy = policy
+        self._store = store
+        self._keying = keying
+        self._ledger = ledger
+        self._accounting = accounting
+        self._metrics = metrics
+        self._log = log.bind(door="milter")
+        self._mismatches = MailerMismatchWarner(self._log)
+
+    @property
+    def policy(self) -> RelayPolicy:
+        return self._policy
+
+    def replace_policy(self, policy: RelayPolicy) -> None:
+        """Swap the policy whole (a reload); each call below reads it once."""
+        self._policy = policy
+
+    def connection(self, address: IPAddress | None) -> Decision | None:
+        """A verdict for the whole SMTP connection, or None."""
+        decision = decide_connection(self._policy, address)
+        if decision is not None:
+            self._record(decision, "connect", Client(address), None, None)
+        return decision
+
+    def message(self, address: IPAddress | None, auth_user: str) -> tuple[Decision | None, Message]:
+        """A verdict for every recipient of one message (or None), and its state."""
+        started = time.perf_counter()
+        policy = self._policy
+        listing, grant = self._consult(policy, address, auth_user)
+        client = Client(address, auth_user, listing, "" if grant is None else grant.user)
+        decision = decide_sender(policy, client)
+        message = Message(client)
+        if decision is None:
+            return None, message
+        way = _WAYS.get(decision.reason)
+        if way is not None and self._accounting is Accounting.RECIPIENTS:
+            # Settled, but each RCPT must be seen to count relayed recipients.
+            return None, message
+        self._record(decision, "mail", client, None, time.perf_counter() - started)
+        if way is not None:
+            self._ledger.record(_account(client), way, messages=1, recipients=0)
+        return decision, message
+
+    def recipient(self, message: Message, recipient: Recipient) -> Decision:
+        started = time.perf_counter()
+        policy = self._policy
+        client = message.client
+        decision = decide_recipient(policy, client, recipient)
+        self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
+        if decision.reason is not Reason.LOCAL_RECIPIENT:
+            self._mismatches.check(policy, recipient)
+        way = _WAYS.get(decision.reason)
+        if way is not None and not is_local_recipient(recipient, policy.local_delivery):
+            first = message.relayed_recipients == 0
+            message.relayed_recipients += 1
+            self._ledger.record(_account(client), way, messages=int(first), recipients=1)
+        return decision
+
+    def assess(self, address: IPAddress, auth_user: str, recipient: Recipient) -> Assessment:
+        """The decision the milter would take for this recipient now, recording nothing.
+
+        The same steps as connection(), message() and recipient() in turn,
+        without the log, the metrics or the usage ledger: ``popauth explain``.
+        """
+        policy = self._policy
+        decision = decide_connection(policy, address)
+        if decision is not None:
+            return Assessment(decision, Client(address), policy, None, "connect")
+        listing, grant = self._consult(policy, address, auth_user)
+        client = Client(address, auth_user, listing, "" if grant is None else grant.user)
+        decision = decide_sender(policy, client)
+        if decision is not None:
+            # Counting recipients keeps the milter asking at every RCPT.
+            counted = decision.reason in _WAYS and self._accounting is Accounting.RECIPIENTS
+            return Assessment(decision, client, policy, grant, "rcpt" if counted else "mail")
+        decision = decide_recipient(policy, client, recipient)
+        return Assessment(decision, client, policy, grant, "rcpt")
+
+    def _consult(
+        self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
+    ) -> tuple[Listing, Grant | None]:
+        if address is None or not needs_whitelist(policy, address, auth_user):
+            return Listing.NOT_CONSULTED, None
+        try:
+            grant = self._store.lookup(self._keying.key_address(address))
+        except StoreUnavailable as failure:
+            self._metrics.errors.labels("store_unavailable").inc()
+            self._log.error("whitelist_unavailable", client_ip=str(address), error=str(failure))
+            return Listing.UNAVAILABLE, None
+        if grant is None:
+            return Listing.NOT_LISTED, None
+        return Listing.LISTED, grant
+
+    def _record(
+        self,
+        decision: Decision,
+        stage: str,
+        client: Client,
+        recipient: Recipient | None,
+        seconds: float | None,
+    ) -> None:
+        verdict = decision.verdict.value
+        reason = decision.reason.value
+        self._metrics.decision(verdict, reason, seconds)
+        address = client.address
+        # Only the fields that have a value: every one costs on each line.
+        if recipient is None:
+            self._log.info(
+                "relay_decision",
+                verdict=verdict,
+                reason=reason,
+                stage=stage,
+                client_ip=None if address is None else address_text(address),
+                user=client.auth_user or client.login_user or None,
+            )
+        else:
+            self._log.info(
+                "relay_decision",
+                verdict=verdict,
+                reason=reason,
+                stage=stage,
+                client_ip=None if address is None else address_text(address),
+                user=client.auth_user or client.login_user or None,
+                recipient=recipient.envelope,
+                rcpt_mailer=recipient.mailer,
+                rcpt_addr=recipient.resolved,
+            )
+        if decision.reason is Reason.WHITELISTED and self._policy.pop_first is PopFirst.WARN:
+            self._log.warning(
+                "pop_first_deprecated",
+                client_ip=str(client.address),
+                user=client.login_user or None,
+                hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
+            )
+
+
+def _user(client: Client) -> str:
+    return client.auth_user or client.login_user
+
+
+def _account(client: Client) -> str:
+    """The ledger's name for the user: an 8-bit or control character in an SMTP
+    AUTH name (the MTA's bytes, see popauth.doors.milter.macros) is kept as an escape, so
+    that REPORT and the usage file stay printable text."""
+    return escape_text(_user(client))

@@ -1,0 +1,57 @@
+"""The SMTP replies popauth has the MTA send, once for the milter and ``explain``.
+
+Pure: no pymilter. The adapter hands these to libmilter's ``setreply``;
+``popauth explain`` prints them, so an operator reads the very text a
+refused client got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from popauth.relay.decision import Decision, Reason, Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpReply:
+    code: str
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+# A refusal the MTA may retry: the whitelist could not be read.
+UNAVAILABLE = SmtpReply("451", "4.3.0", "Relay check unavailable, try again later")
+# A callback broke: fail closed, with a temporary failure.
+CHECK_FAILED = SmtpReply("451", "4.3.0", "Relay check failed, try again later")
+
+
+@dataclass(frozen=True, slots=True)
+class Replies:
+    """The texts after ``550 5.7.1 Relaying denied.``"""
+
+    reject: str
+    pop_first_retired: str
+    # Built once: a refusal costs the milter no formatting per recipient.
+    _denied: SmtpReply = field(init=False, repr=False, compare=False)
+    _retired: SmtpReply = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_denied", _relaying_denied(self.reject))
+        object.__setattr__(self, "_retired", _relaying_denied(self.pop_first_retired))
+
+    def refusal(self, decision: Decision) -> SmtpReply | None:
+        """What the MTA answers for a refused recipient; None when popauth accepts."""
+        if decision.verdict is Verdict.ACCEPT:
+            return None
+        if decision.verdict is Verdict.TEMPFAIL:
+            return UNAVAILABLE
+        if decision.reason is Reason.POP_FIRST_RETIRED:
+            return self._retired
+        return self._denied
+
+
+def _relaying_denied(explanation: str) -> SmtpReply:
+    return SmtpReply("550", "5.7.1", f"Relaying denied. {explanation}".rstrip())

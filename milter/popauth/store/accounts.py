@@ -1,0 +1,298 @@
+"""Accounts: the block list, and per-user usage of each way to relay.
+
+The usage ledger answers the phase-out question "who still relies on POP
+first?": per user, how many messages (and recipients) were relayed because
+of a POP/IMAP login and how many because of SMTP AUTH, and when each was
+first and last seen. It is bounded (least recently active users drop out
+first) and saved like the whitelist snapshot.
+
+The block list names users whose logins the ingest endpoint refuses. It is
+written through on every change: a block must survive any restart. It holds
+names in their caseless form (:func:`popauth.basics.usernames.user_key`), so that
+blocking ``Alice`` refuses ``alice`` and ``ALICE`` too.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import math
+import threading
+from dataclasses import asdict, dataclass
+from dataclasses import fields as fields_of
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+from cachetools import LRUCache
+
+from popauth.basics.clock import Clock
+from popauth.basics.usernames import is_valid_user_name, user_key
+from popauth.store.base import StoreUnavailable
+from popauth.store.statefile import (
+    StateFileError,
+    StateFileMissing,
+    StateWriteError,
+    read_json_document,
+    write_json_atomically,
+)
+
+
+class RelayWay(enum.Enum):
+    POP_FIRST = "pop"
+    SMTP_AUTH = "auth"
+
+
+@dataclass(slots=True)
+class Usage:
+    pop_messages: int = 0
+    pop_recipients: int = 0
+    pop_first_seen: float = 0.0
+    pop_last_seen: float = 0.0
+    auth_messages: int = 0
+    auth_recipients: int = 0
+    auth_first_seen: float = 0.0
+    auth_last_seen: float = 0.0
+
+    def add(self, way: RelayWay, messages: int, recipients: int, now: float) -> None:
+        if way is RelayWay.POP_FIRST:
+            self.pop_messages += messages
+            self.pop_recipients += recipients
+            self.pop_first_seen = self.pop_first_seen or now
+            self.pop_last_seen = now
+        else:
+            self.auth_messages += messages
+            self.auth_recipients += recipients
+            self.auth_first_seen = self.auth_first_seen or now
+            self.auth_last_seen = now
+
+
+USAGE_FORMAT = "popauth-usage"
+USAGE_VERSION = 1
+
+
+class UsageLedger:
+    def __init__(self, *, max_users: int, clock: Clock) -> None:
+        self._clock = clock
+        self._users: LRUCache[str, Usage] = LRUCache(maxsize=max_users)
+        self._lock = threading.Lock()
+
+    def record(self, user: str, way: RelayWay, *, messages: int, recipients: int) -> None:
+        if not user:
+            return
+        now = self._clock.time()
+        with self._lock:
+            usage = self._users.get(user)
+            if usage is None:
+                usage = self._users[user] = Usage()
+            usage.add(way, messages, recipients, now)
+
+    def pop_first_users(self) -> list[tuple[str, Usage]]:
+        """Users who relayed by POP first, most recently seen first."""
+        with self._lock:
+            rows = [(user, Usage(**asdict(u))) for user, u in self._users.items()]
+        relying = [(user, usage) for user, usage in rows if usage.pop_messages]
+        return sorted(relying, key=lambda row: row[1].pop_last_seen, reverse=True)
+
+    def get(self, user: str) -> Usage | None:
+        with self._lock:
+            usage = self._users.get(user)
+            return None if usage is None else Usage(**asdict(usage))
+
+    def save(self, path: Path) -> None:
+        with self._lock:
+            users = {user: asdict(usage) for user, usage in self._users.items()}
+        write_json_atomically(
+            path, {"format": USAGE_FORMAT, "version": USAGE_VERSION, "users": users}
+        )
+
+    def load(self, path: Path, log: structlog.typing.FilteringBoundLogger | None = None) -> int:
+        """Merge a saved ledger; raises StateFileError for a bad file.
+
+        A record that is not a plain user name with finite, non-negative
+        numbers is dropped (and logged), never served.
+        """
+        document = read_json_document(path, USAGE_FORMAT, USAGE_VERSION)
+        users = document.get("users")
+        if not isinstance(users, dict):
+            raise StateFileError("no user table")
+        loaded: dict[str, Usage] = {}
+        for user, fields in users.items():
+            problem = _usage_problem(user, fields)
+            if problem is not None:
+                if log is not None:
+                    log.error(
+                        "usage_record_dropped", path=str(path), user=repr(user)[:80], reason=problem
+                    )
+                continue
+            loaded[user] = Usage(**fields)
+        with self._lock:
+            # Oldest activity first, so the LRU order matches how recent it is.
+            for user, usage in sorted(loaded.items(), key=lambda kv: _last_seen(kv[1])):
+                self._users[user] = usage
+        return len(loaded)
+
+
+_USAGE_FIELDS = {field.name: field.type for field in fields_of(Usage)}
+
+
+def _usage_problem(user: str, fields: Any) -> str | None:
+    """Why a saved usage record cannot be used, or None if it can."""
+    if not is_valid_user_name(user):
+        return "not a valid user name"
+    if not isinstance(fields, dict) or set(fields) != set(_USAGE_FIELDS):
+        return "malformed"
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{name} is not a number"
+        if not math.isfinite(value) or value < 0:
+            return f"{name} is not a finite, non-negative number"
+        if _USAGE_FIELDS[name] == "int" and value != int(value):
+            return f"{name} is not a whole number"
+        fields[name] = int(value) if _USAGE_FIELDS[name] == "int" else float(value)
+    return None
+
+
+def _last_seen(usage: Usage) -> float:
+    return max(usage.pop_last_seen, usage.auth_last_seen)
+
+
+# --- the block list ---------------------------------------------------------
+
+
+class BlockList(abc.ABC):
+    """Blocked users, matched caselessly; :meth:`users` lists their caseless forms."""
+
+    @abc.abstractmethod
+    def add(self, user: str) -> bool:
+        """Block ``user``; False if already blocked."""
+
+    @abc.abstractmethod
+    def remove(self, user: str) -> bool:
+        """Unblock ``user``; False if not blocked."""
+
+    @abc.abstractmethod
+    def __contains__(self, user: object) -> bool: ...
+
+    @abc.abstractmethod
+    def users(self) -> list[str]: ...
+
+
+BLOCK_FORMAT = "popauth-blocklist"
+BLOCK_VERSION = 1
+
+
+class BlockListUnwritable(StoreUnavailable):
+    """The block list could not be saved; it is unchanged, in memory too."""
+
+
+class FileBlockList(BlockList):
+    """The embedded store's block list, one JSON file rewritten on each change.
+
+    A change is written to disk before it takes effect in memory: if the
+    write fails (read-only or full filesystem), :class:`BlockListUnwritable`
+    is raised and nothing changed, so a block is never acknowledged and then
+    lost at the next restart.
+
+    A damaged file stops popauth at start (StateFileError): starting without
+    it would let blocked users relay again. A name that is not a valid user
+    name (a blank or a line break in it) is dropped and logged: no login can
+    carry such a name, and serving it would break the ``BLOCKED`` framing.
+    """
+
+    def __init__(
+        self, path: Path | None, log: structlog.typing.FilteringBoundLogger | None = None
+    ) -> None:
+        self._path = path
+        self._users: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+        if path is not None:
+            try:
+                document = read_json_document(path, BLOCK_FORMAT, BLOCK_VERSION)
+            except StateFileMissing:
+                return
+            except StateFileError as problem:
+                raise StateFileError(f"block list {path}: {problem}") from None
+            users = document.get("users")
+            if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+                raise StateFileError(f"block list {path}: malformed user list")
+            for user in users:
+                if not is_valid_user_name(user) and log is not None:
+                    log.error(
+                        "blocklist_record_dropped",
+                        path=str(path),
+                        user=repr(user)[:80],
+                        reason="not a valid user name",
+                    )
+            # A file written before names were kept caseless is folded here.
+            self._users = frozenset(user_key(u) for u in users if is_valid_user_name(u))
+
+    def _replace(self, users: frozenset[str]) -> None:
+        """Write ``users`` to disk, then make them the block list (caller holds the lock)."""
+        if self._path is not None:
+            document = {"format": BLOCK_FORMAT, "version": BLOCK_VERSION, "users": sorted(users)}
+            try:
+                write_json_atomically(self._path, document)
+            except StateWriteError as error:
+                raise BlockListUnwritable(f"block list not saved: {error.strerror}") from None
+        self._users = users
+
+    def add(self, user: str) -> bool:
+        key = user_key(user)
+        with self._lock:
+            if key in self._users:
+                return False
+            self._replace(self._users | {key})
+            return True
+
+    def remove(self, user: str) -> bool:
+        key = user_key(user)
+        with self._lock:
+            if key not in self._users:
+                return False
+            self._replace(self._users - {key})
+            return True
+
+    def __contains__(self, user: object) -> bool:
+        # A frozenset replaced whole: readers need no lock.
+        return isinstance(user, str) and user_key(user) in self._users
+
+    def users(self) -> list[str]:
+        return sorted(self._users)
+
+
+class RedisBlockList(BlockList):
+    """The block list of a Redis-backed site: one set, shared by every host.
+
+    Its key is the store's (``RedisStore.blocklist_key``): the store checks
+    it in the same script that writes a login. A member that is not in
+    caseless form was written before names were kept so: it still refuses
+    its own spelling, until an unblock of that spelling removes it.
+    """
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self._client = client
+        self._key = key
+
+    def _call(self, method: str, *args: str) -> Any:
+        try:
+            return getattr(self._client, method)(self._key, *args)
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+
+    def add(self, user: str) -> bool:
+        return bool(self._call("sadd", user_key(user)))
+
+    def remove(self, user: str) -> bool:
+        return bool(self._call("srem", *{user_key(user), user}))
+
+    def __contains__(self, user: object) -> bool:
+        if not isinstance(user, str):
+            return False
+        found = self._call("smismember", *dict.fromkeys((user_key(user), user)))
+        return any(found)
+
+    def users(self) -> list[str]:
+        members = self._call("smembers")
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)

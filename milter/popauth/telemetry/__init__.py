@@ -1,0 +1,1 @@
+"""What popauth tells its operator: log lines, journal priorities, Prometheus metrics."""
