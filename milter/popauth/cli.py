@@ -271,9 +271,7 @@ def _run_client(arguments: argparse.Namespace) -> int:
 
 
 def _run_sessions(arguments: argparse.Namespace) -> int:
-    # Standard library only, like the client commands: no server modules.
     from popauth.companions.sessions import (
-        EventLog,
         RenewalPlan,
         SessionRenewer,
         doveadm_command,
@@ -281,6 +279,7 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
     )
     from popauth.config import ConfigError, load_settings
     from popauth.daemon.notify import NotifyError, notify
+    from popauth.telemetry.logs import configure_logging
 
     try:
         settings = load_settings(settings_file(arguments))
@@ -295,7 +294,7 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
         services=frozenset(sessions.protocols),
         interval=settings.session_interval(),
     )
-    log = EventLog(settings.log.format.value, settings.log.level.value)
+    log = configure_logging(settings.log.format, settings.log.level)
     renewer = SessionRenewer(plan, log)
     if arguments.once:
         return EXIT_OK if renewer.cycle() else EXIT_ERROR
@@ -305,7 +304,7 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
         try:
             notify("READY=1")
         except NotifyError as error:
-            log("error", "not_notified", error=str(error))
+            log.error("not_notified", error=str(error))
 
     run_until_signalled(renewer, ready)
     return EXIT_OK

@@ -93,8 +93,6 @@ class MilterService:
     :meth:`stop`), so that the rest of popauth does not go on without it.
     """
 
-    name = "milter"
-
     def __init__(
         self,
         *,
