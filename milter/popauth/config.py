@@ -44,6 +44,7 @@ from popauth.basics.addresses import (
     WhitelistKeying,
     parse_network,
 )
+from popauth.basics.errors import ConfigError
 from popauth.doors.ingest import wire
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
@@ -76,10 +77,6 @@ DEFAULT_REJECT_MESSAGE = (
 
 # Keys whose absence means "learn from the MTA": no default value to write down.
 LEARNED_UNLESS_SET = ("local_domains", "local_mailers")
-
-
-class ConfigError(ValueError):
-    """A setting is unknown or has a bad value; the message names the key."""
 
 
 # The vocabulary of settings that the modules they configure import from here;

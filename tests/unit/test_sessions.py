@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from popauth.basics.addresses import parse_client_address
+from popauth.basics.errors import ConfigError
 from popauth.companions.sessions import (
     DoveadmError,
     RenewalPlan,
@@ -24,7 +25,7 @@ from popauth.companions.sessions import (
     parse_doveadm_who,
     renew_sessions,
 )
-from popauth.config import ConfigError, Settings, settings_from_mapping
+from popauth.config import Settings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
 from popauth.telemetry.logs import LogFormat, LogLevel, logger_writing_to
 from tests.support.ingest_endpoint import Endpoint

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from popauth.basics.addresses import parse_client_address
+from popauth.basics.errors import StateFileError
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import CHUNK
 from popauth.store.snapshot import Snapshotter, write_snapshot
-from popauth.store.statefile import StateFileError
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 

@@ -18,6 +18,12 @@ from pathlib import Path
 import pytest
 
 from popauth.basics.addresses import WhitelistKeying
+from popauth.basics.errors import (
+    StateDirectoryUnsafe,
+    StateFileError,
+    StateFileMissing,
+    StateWriteError,
+)
 from popauth.config import settings_from_mapping
 from popauth.daemon.serve import open_state
 from popauth.doors.ingest.client import IngestClient
@@ -25,14 +31,7 @@ from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
-from popauth.store.statefile import (
-    StateDirectoryUnsafe,
-    StateFileError,
-    StateFileMissing,
-    StateWriteError,
-    read_json_document,
-    write_json_atomically,
-)
+from popauth.store.statefile import read_json_document, write_json_atomically
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger

@@ -32,6 +32,7 @@ from types import FrameType
 import structlog
 
 from popauth.basics.addresses import AddressError, parse_client_address
+from popauth.basics.errors import UnavailableError
 from popauth.basics.usernames import is_valid_user_name
 from popauth.doors.ingest import wire
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
@@ -41,7 +42,7 @@ from popauth.doors.ingest.client import IngestClient, IngestUnreachable
 _SERVICE_COLUMNS = ("proto", "service")
 
 
-class DoveadmError(RuntimeError):
+class DoveadmError(UnavailableError, RuntimeError):
     """doveadm could not be run, failed, or printed something else than a listing."""
 
 

@@ -11,12 +11,14 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from popauth.basics.errors import StartupError
 
-class SocketInUse(RuntimeError):
+
+class SocketInUse(StartupError, RuntimeError):
     """Another process is already serving on the socket path."""
 
 
-class SocketSetupError(RuntimeError):
+class SocketSetupError(StartupError, RuntimeError):
     """A socket's permissions cannot be set as configured; the message says why."""
 
 

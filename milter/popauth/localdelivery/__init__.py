@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from popauth.basics.errors import UnavailableError
 from popauth.relay.postfixlists import TransportRoutes
 from popauth.relay.recipients import DeliveryClass, DomainSet, LocalDeliveryRules
 
@@ -26,7 +27,7 @@ CONFIGURED_MAILERS = "configured: local_mailers"
 SHOWN_ROUTE_KEYS = 3
 
 
-class LearnError(Exception):
+class LearnError(UnavailableError):
     """The MTA's configuration was found but could not be read whole."""
 
 

@@ -22,16 +22,12 @@ import structlog
 
 from popauth.basics.addresses import AddressError, parse_stored_key
 from popauth.basics.clock import Clock
+from popauth.basics.errors import InputError, StateFileError, StateFileMissing
 from popauth.basics.usernames import is_valid_user_name
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import CHUNK, let_others_run
-from popauth.store.statefile import (
-    StateFileError,
-    StateFileMissing,
-    read_json_document,
-    write_atomically,
-)
+from popauth.store.statefile import read_json_document, write_atomically
 
 FORMAT = "popauth-whitelist"
 VERSION = 1
@@ -94,7 +90,7 @@ def read_snapshot_contents(path: Path) -> SnapshotContents:
     return SnapshotContents(grants, dropped)
 
 
-class _BadEntry(ValueError):
+class _BadEntry(InputError):
     pass
 
 

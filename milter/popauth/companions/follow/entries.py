@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from popauth.basics.errors import InputError
+
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
@@ -41,7 +43,7 @@ class LogEntry:
     pid: int | None = None
 
 
-class EntryError(ValueError):
+class EntryError(InputError):
     """The line is not in the expected envelope; the message says why."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import NamedTuple
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
+from popauth.basics.errors import InputError
 from popauth.basics.usernames import MAX_USER, is_valid_user_name, printable_user_name
 from popauth.doors.ingest.wire import (
     EXPLAIN_OPTIONS,
@@ -75,7 +76,7 @@ _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
 MAX_ADDRESS = 320
 
 
-class ProtocolError(Exception):
+class ProtocolError(InputError):
     def __init__(self, code: ErrorCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code

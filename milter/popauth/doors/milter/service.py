@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from popauth.basics.errors import StartupError
 from popauth.doors.milter.adapter import MilterFactory, register_milter
 from popauth.doors.sockets import (
     clear_stale_socket,
@@ -81,7 +82,7 @@ def quit_answered(spec: str, timeout: float) -> bool:
             return False
 
 
-class MilterSocketError(OSError):
+class MilterSocketError(StartupError, OSError):
     """libmilter could not open the milter socket."""
 
 
