@@ -120,8 +120,10 @@ class IngestServer(UnixStreamServer):
             self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self.clients)
         elif event == "framing_error":
             self._log.warning("ingest_rejected", peer_uid=peer.uid, error="too-long")
+        elif event == "partial_request":
+            self._log.warning("ingest_partial_request", peer_uid=peer.uid)
         else:
-            self._log.warning(f"ingest_{event}", peer_uid=peer.uid)
+            super().note(event, peer)
 
     def answer_request(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
         """The reply to one request line, and whether to keep the connection."""
