@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
 from popauth.basics.clock import Clock
-from popauth.basics.usernames import printable_user_name
+from popauth.basics.escaping import escape_user_name
 from popauth.relay.decision import Listing, PopFirst, Reason, RelayPolicy
 from popauth.relay.gate import Assessment, RelayGate
 from popauth.relay.recipients import (
@@ -191,7 +191,7 @@ def _whitelist_line(facts: Facts) -> str:
         network = _trusted_network(assessment.policy, address)
         return f"whitelist: not consulted: {address} is in trusted_networks ({network})"
     if client.listing is Listing.NOT_CONSULTED:
-        user = printable_user_name(facts.question.auth_user)
+        user = escape_user_name(facts.question.auth_user)
         return f"whitelist: not consulted: the client authenticated with SMTP AUTH as {user}"
     if client.listing is Listing.UNAVAILABLE:
         return (
@@ -211,7 +211,7 @@ def _whitelist_line(facts: Facts) -> str:
 
 def _entry(grant: Grant, now: float) -> str:
     return (
-        f"{printable_user_name(grant.user) or '(no user name)'} logged in at"
+        f"{escape_user_name(grant.user) or '(no user name)'} logged in at"
         f" {_moment(grant.granted_at, now)}; the entry expires at {_moment(grant.expires_at, now)}"
     )
 
@@ -220,7 +220,7 @@ def _why_none(facts: Facts) -> str:
     ended = facts.ended
     if ended is not None:
         grant = ended.grant
-        user = printable_user_name(grant.user) or "(no user name)"
+        user = escape_user_name(grant.user) or "(no user name)"
         ending = _ENDINGS[ended.reason].format(at=_moment(ended.ended_at, facts.now))
         return f"{ending}; it was {user}'s, from a login at {_moment(grant.granted_at, facts.now)}"
     if facts.ends_remembered:
@@ -238,7 +238,7 @@ def _user_lines(facts: Facts) -> list[str]:
     lines = []
     question = facts.question
     for user in sorted(facts.blocked):
-        shown = printable_user_name(user)
+        shown = escape_user_name(user)
         if user == question.auth_user and user != question.user:
             lines.append(
                 f"user: {shown} is blocked, but a block refuses POP/IMAP logins only:"
@@ -250,12 +250,12 @@ def _user_lines(facts: Facts) -> list[str]:
                 f" nothing (popauth unblock {shown})"
             )
     if question.user and question.user not in facts.blocked:
-        lines.append(f"user: {printable_user_name(question.user)} is not blocked")
+        lines.append(f"user: {escape_user_name(question.user)} is not blocked")
     grant = facts.assessment.grant or (None if facts.ended is None else facts.ended.grant)
     if question.user and grant is not None and grant.user != question.user:
         lines.append(
-            f"user: the entry is {printable_user_name(grant.user) or '(no user name)'}'s,"
-            f" not {printable_user_name(question.user)}'s"
+            f"user: the entry is {escape_user_name(grant.user) or '(no user name)'}'s,"
+            f" not {escape_user_name(question.user)}'s"
         )
     return lines
 

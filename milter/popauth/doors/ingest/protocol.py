@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
 from popauth.basics.errors import InputError
-from popauth.basics.usernames import MAX_USER, is_valid_user_name, printable_user_name
+from popauth.basics.escaping import escape_user_name
+from popauth.basics.usernames import MAX_USER, is_valid_user_name
 from popauth.doors.ingest.wire import (
     EXPLAIN_OPTIONS,
     MAX_LINE,
@@ -203,14 +204,14 @@ _GRAMMARS: dict[str, tuple[Verb, tuple[Argument, ...], int, dict[str, Callable[[
 
 def format_grant(grant: Grant, described_address: str) -> str:
     return (
-        f"address={described_address} user={printable_user_name(grant.user)} "
+        f"address={described_address} user={escape_user_name(grant.user)} "
         f"granted={int(grant.granted_at)} expires={int(grant.expires_at)}"
     )
 
 
 def format_usage(user: str, usage: Usage) -> str:
     fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
-    return f"user={printable_user_name(user)} {fields}"
+    return f"user={escape_user_name(user)} {fields}"
 
 
 def stats_fields(stats: StoreStats) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
-from popauth.basics.usernames import printable_user_name
+from popauth.basics.escaping import escape_user_name
 from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.doors.ingest.roles import PeerPolicy
@@ -292,7 +292,7 @@ class IngestServer(UnixStreamServer):
             )
         if verb is Verb.BLOCKED:
             return protocol.multi_line(
-                f"user={printable_user_name(user)}" for user in self._blocklist.users()
+                f"user={escape_user_name(user)}" for user in self._blocklist.users()
             )
         if verb is Verb.REPORT:
             return protocol.multi_line(
