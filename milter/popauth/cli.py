@@ -340,11 +340,11 @@ def _run_follow(arguments: argparse.Namespace) -> int:
 
 def _check_follow(settings: Settings) -> int:
     """check-config: what following follow_format means here; an error if refused."""
-    if not settings.follow.format:
+    if settings.follow.format is None:
         return EXIT_OK
     from popauth.companions.follow.run import trust_report
 
-    report = trust_report(settings)
+    report = trust_report(settings, settings.follow.format)
     print("\n".join(report.lines()))
     if report.refusal is not None:
         print(f"popauth: configuration error: cannot follow: {report.refusal}", file=sys.stderr)

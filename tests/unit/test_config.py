@@ -40,7 +40,6 @@ def test_embedded_defaults() -> None:
     assert settings.store.ttl == 900
     assert settings.store.kind is StoreKind.MEMORY
     assert settings.milter.socket.startswith("unix:")
-    assert settings.milter.socket_path == Path("/run/popauth/milter.sock")
     assert settings.ingest.socket_mode == 0o660
     assert settings.store.ipv6_prefix == 128
     assert settings.socketmap.socket is None
@@ -79,7 +78,6 @@ def test_loads_toml_into_typed_groups(tmp_path: Path) -> None:
     assert settings.store.kind is StoreKind.REDIS
     assert settings.store.snapshot_path is None
     assert settings.ingest.socket_mode == 0o600
-    assert settings.milter.socket_path is None
     assert settings.log.format is LogFormat.JSON
     assert settings.accounts.accounting is Accounting.RECIPIENTS
     assert settings.metrics.listen == ListenAddress("::1", 9754)
