@@ -77,8 +77,8 @@ def effective_lines(settings: Settings) -> Iterator[str]:
             continue
         line = f"{key.name} = " + _hide_password(key, _literal(toml_of(key, value)))
         if value != key.default:
-            if key.default is None:
-                default = "not set"
+            if key.name in LEARNED_UNLESS_SET:
+                default = "not set, learned from the MTA"
             else:
                 default = _hide_password(key, _literal(toml_of(key, key.default)))
             line += f"  {CHANGED}{default}"
