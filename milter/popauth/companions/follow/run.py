@@ -38,7 +38,7 @@ def trust_report(settings: Settings, follow_format: FollowFormat) -> TrustReport
     """What following ``follow_format`` means on this host's kernel (docs/follow.rst)."""
     return assess(
         follow_format.value,
-        settings.follow.trust.value,
+        settings.follow.trust,
         read_ptrace_scope(),
         settings.follow.mail_users_run_programs,
         read_pid_max(),
@@ -82,7 +82,7 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         not_before = 0.0
     judge = LineJudge(
         login_format=login_format,
-        trust=settings.follow.trust.value,
+        trust=settings.follow.trust,
         trusted_uids=settings.follow.trusted_uids,
         max_age=settings.follow.max_age,
         not_before=not_before,
