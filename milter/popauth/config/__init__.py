@@ -12,8 +12,9 @@ is loaded.
 - :mod:`popauth.config.loader`: the file, its keys and the groups joined;
 - :mod:`popauth.config.effective`: ``check-config --show``.
 
-This package loads only the standard library and popauth's pure modules, so
-that the stdlib-only commands (``popauth sessions``) can read the settings.
+This package loads only the standard library and popauth's pure modules (not
+the code that asks the MTA), so that the stdlib-only commands (``popauth
+sessions``) can read the settings.
 """
 
 from popauth.config.converters import ListenAddress

@@ -68,8 +68,7 @@ from popauth.config.converters import (
     visible,
 )
 from popauth.doors.ingest import wire
-from popauth.localdelivery import LocalDelivery
-from popauth.localdelivery.resolve import LearnFrom
+from popauth.localdelivery import LearnFrom, LocalDelivery
 from popauth.relay.decision import PopFirst, Provenance, RelayPolicy
 from popauth.relay.gate import Accounting
 from popauth.store import StoreKind

@@ -11,6 +11,7 @@ came from.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,15 @@ CONFIGURED_DOMAINS = "configured: local_domains"
 CONFIGURED_MAILERS = "configured: local_mailers"
 # How many transport_maps routes check-config shows by name per mailer.
 SHOWN_ROUTE_KEYS = 3
+
+
+class LearnFrom(enum.StrEnum):
+    """Which MTA local delivery is learned from (``learn_from_mta``)."""
+
+    AUTO = "auto"  # Postfix, then Sendmail
+    POSTFIX = "postfix"
+    SENDMAIL = "sendmail"
+    NONE = "none"
 
 
 class LearnError(Exception):

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Sequence
 from typing import Protocol
 
-from popauth.localdelivery import LearnedClass, LearnError, LocalDelivery, MtaNotFound
+from popauth.localdelivery import LearnedClass, LearnError, LearnFrom, LocalDelivery, MtaNotFound
 from popauth.localdelivery.commands import Runner
 from popauth.localdelivery.postfix import learn_from_postfix
 from popauth.localdelivery.sendmail import learn_from_sendmail
-
-
-class LearnFrom(enum.StrEnum):
-    """Which MTA local delivery is learned from (``learn_from_mta``)."""
-
-    AUTO = "auto"  # Postfix, then Sendmail
-    POSTFIX = "postfix"
-    SENDMAIL = "sendmail"
-    NONE = "none"
-
 
 _KEYS_HINT = (
     "set local_domains and local_mailers in the settings file (e.g. local_domains ="
