@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.doors.ingest.protocol import MAX_LINE, parse_fields
 from popauth.doors.ingest.roles import Members
 from popauth.doors.ingest.server import PeerPolicy
 from popauth.doors.ingest.wire import RENEW_BATCH
-
-from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.doors.sockets import SocketInUse
 from popauth.store import Grant, GrantOutcome, NotConfirmed, Renewal, StoreUnavailable
 from popauth.store.accounts import RelayWay
