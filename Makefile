@@ -32,8 +32,8 @@ try: setup-run
 	@$(VENV)/bin/popauth serve --try-it "$(TRY_IT_DIR)"
 
 lint: setup
-	$(VENV)/bin/ruff check milter tests bench $(HOOK)
-	$(VENV)/bin/ruff format --check milter tests bench $(HOOK)
+	$(VENV)/bin/ruff check milter harness tests bench $(HOOK)
+	$(VENV)/bin/ruff format --check milter harness tests bench $(HOOK)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 

@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.support.popauth_server import PopauthServer
-from tests.support.shared_runtime import shared_runtime
-
 from bench.common import POPAUTH_BIN, BenchResult, Check, Mode, Stats
+from harness.dovecot import DovecotInstance
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.shared_runtime import shared_runtime
 
 USERS = {"alice": "{PLAIN}wonderland", "bob": "{PLAIN}builder", "carol": "{PLAIN}secret"}
 PASSWORDS = {"alice": "wonderland", "bob": "builder", "carol": "secret"}

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.popauth_server import PopauthServer
-
 from bench.common import REPO, BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
+from harness.popauth import PopauthServer
 
 # Milter protocol (version 6) constants, from libmilter's mfdef.h.
 VERSION = 6

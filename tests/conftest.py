@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.leftovers import make_run_directory, run_directory, stop_leftovers
-from tests.support.shared_runtime import RuntimeUnreachable, shared_runtime
+from harness.leftovers import make_run_directory, run_directory, stop_leftovers
+from harness.shared_runtime import RuntimeUnreachable, shared_runtime
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bench.registry import NAMES
 
-from tests.support.leftovers import run_directory
+from bench.registry import NAMES
+from harness.leftovers import run_directory
 
 REPO = Path(__file__).resolve().parents[2]
 # The quick run takes about a minute; on a loaded machine, more.

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.support.leftovers import make_run_directory
-from tests.support.popauth_server import PopauthServer
-from tests.support.shared_runtime import shared_runtime
+from harness.dovecot import DovecotInstance
+from harness.leftovers import make_run_directory
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.shared_runtime import shared_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = {"alice": "wonderland", "bob": "builder"}

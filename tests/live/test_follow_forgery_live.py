@@ -33,9 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from popauth.companions.follow.trust import read_ptrace_scope, users_trace_own_processes
-from tests.live.conftest import PopauthFactory
-from tests.live.logservers import (
+from harness.logservers import (
     MAIL_UID,
     POP3_CLIENT,
     InetdServer,
@@ -44,12 +42,13 @@ from tests.live.logservers import (
     courier_pop3d,
     ensure_package_root,
 )
+from harness.popauth import FollowerProcess, PopauthServer, wait_until
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, rcpt_reply
+from popauth.companions.follow.trust import read_ptrace_scope, users_trace_own_processes
+from tests.live.conftest import PopauthFactory
 from tests.live.pidns import PidNamespace
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

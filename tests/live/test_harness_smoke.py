@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.ports import free_port, read_banner, wait_pid_gone
-from tests.live.postfix import PostfixInstance
-from tests.support.leftovers import processes_inside, stop_leftovers
+from harness.dovecot import DovecotInstance, imap_login, pop3_login
+from harness.leftovers import processes_inside, stop_leftovers
+from harness.ports import free_port, read_banner, wait_pid_gone
+from harness.postfix import PostfixInstance
 
 # No skips: a missing daemon or missing root must fail the run, not hide it.
 pytestmark = pytest.mark.live

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import POPAUTH, PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance, start_host_postfix
+from harness.redis import RedisInstance
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.live.conftest import LIVE_SETTINGS
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance, start_host_postfix
-from tests.live.redis import RedisInstance
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import POPAUTH, PopauthServer
 
 pytestmark = pytest.mark.live
 

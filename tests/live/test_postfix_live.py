@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.dovecot import DovecotInstance, imap_login, pop3_login
+from harness.popauth import PopauthServer
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

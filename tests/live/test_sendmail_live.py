@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import PopauthFactory
-from tests.live.ports import free_port
-from tests.live.sendmail import (
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.sendmail import (
     CONTRIB_MC,
     DEFAULT_CACHE_DIR,
     SendmailInstance,
@@ -31,8 +31,8 @@ from tests.live.sendmail import (
     make_sasl_dir,
     wrap_contrib_mc,
 )
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import PopauthServer
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
+from tests.live.conftest import PopauthFactory
 
 pytestmark = pytest.mark.live
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.ports import free_port
-from tests.live.sendmail import (
+from harness.ports import free_port
+from harness.sendmail import (
     CONTRIB_MC,
     DEFAULT_CACHE_DIR,
     SendmailInstance,

@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 import redis
 
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance, start_host_postfix
+from harness.redis import RedisInstance, SentinelInstance
+from harness.smtp import REMOTE, rcpt_reply
 from tests.live.conftest import LIVE_SETTINGS
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance, start_host_postfix
-from tests.live.redis import RedisInstance, SentinelInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

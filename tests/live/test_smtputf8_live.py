@@ -14,13 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.dovecot import DovecotInstance
+from harness.leftovers import make_run_directory
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import SmtpSession
 from tests.live.conftest import LIVE_SETTINGS
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import SmtpSession
-from tests.support.leftovers import make_run_directory
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

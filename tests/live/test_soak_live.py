@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from harness.postfix import PostfixInstance
+from harness.soak import TTL, WORKERS, Oracle, Tally, run_workers, total
 from tests.live.conftest import PopauthFactory
-from tests.live.postfix import PostfixInstance
-from tests.live.soak import TTL, WORKERS, Oracle, Tally, run_workers, total
 
 pytestmark = pytest.mark.live
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import PopauthServer
 from tests.support.milter_mta import ACCEPT, CONTINUE, REPLY, Mta
 from tests.support.peers import ask_as
-from tests.support.popauth_server import PopauthServer
 
 REMOTE = "friend@remote.example"
 LOCAL = "joe@local.test"

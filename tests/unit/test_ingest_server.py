@@ -13,19 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from harness.shared_runtime import shared_runtime
+from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.doors.ingest.protocol import MAX_LINE, parse_fields
 from popauth.doors.ingest.roles import Members
 from popauth.doors.ingest.server import PeerPolicy
 from popauth.doors.ingest.wire import RENEW_BATCH
-
-from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.doors.sockets import SocketInUse
 from popauth.store import Grant, GrantOutcome, NotConfirmed, Renewal, StoreUnavailable
 from popauth.store.accounts import RelayWay
 from popauth.store.memory import MemoryStore
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import events
-from tests.support.shared_runtime import shared_runtime
 
 A = parse_client_address("192.0.2.1")
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.ports import free_port
+from harness.redis import RedisInstance
 from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.store.accounts import BlockList, FileBlockList, RedisBlockList
 from popauth.store.memory import MemoryStore
 from popauth.store.redis import RENEWALS_PER_CALL, RedisStore, connect
-from tests.live.ports import free_port
-from tests.live.redis import RedisInstance
 from tests.support.clock import FakeClock
 
 A = parse_client_address("192.0.2.1")
