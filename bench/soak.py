@@ -1,7 +1,7 @@
 """soak: minutes of SMTP sessions through a real Postfix while logins, revokes,
 blocks and expiries churn; an oracle predicts every verdict.
 
-The workers and the oracle are ``tests/live/soak.py`` (the live tests run the
+The workers and the oracle are ``harness/soak.py`` (the live tests run the
 same soak for seconds). Here it runs for ``FULL_SECONDS``, and popauth's
 resident memory and open file descriptors are read at the start (after a
 warm-up) and at the end. A wrong verdict fails the benchmark.

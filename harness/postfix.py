@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from harness.daemon import DaemonError, ForegroundDaemon
-from harness.ports import free_port, log_tail, pid_alive, read_banner, read_log, wait_pid_gone
+from harness.ports import log_tail, pid_alive, read_banner, read_log, wait_pid_gone
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -346,18 +346,3 @@ def contrib_relay_restrictions(socket_path: Path) -> str:
     value = " ".join(line.strip() for line in match.group(1).splitlines())
     assert PRODUCTION_SOCKETMAP in value
     return value.replace(PRODUCTION_SOCKETMAP, str(socket_path))
-
-
-def start_host_postfix(directory: Path, name: str) -> PostfixInstance:
-    """A running Postfix for one MTA host of a multi-host test: its own
-    directory, the milter at ``directory/milter.sock``, domain local.test."""
-    directory.mkdir(mode=0o755)
-    postfix = PostfixInstance(
-        root=directory / "postfix",
-        smtp_port=free_port(),
-        milter=f"unix:{directory / 'milter.sock'}",
-        local_domain="local.test",
-        extra_main_cf={"myhostname": f"{name}.local.test", "myorigin": "local.test"},
-    )
-    postfix.start()
-    return postfix

@@ -1,6 +1,8 @@
+"""Fixtures for every suite. Nothing here needs root or a daemon: the live
+layer (tests/live/conftest.py) asks for those itself."""
+
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,21 +10,6 @@ from pathlib import Path
 import pytest
 
 from harness.leftovers import make_run_directory, run_directory, stop_leftovers
-from harness.shared_runtime import RuntimeUnreachable, shared_runtime
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Stop at once, with one line saying what to do, when the suite cannot run."""
-    if os.geteuid() != 0:
-        pytest.exit(
-            "the tests start private Postfix/Dovecot instances and switch users: "
-            "run them as root (sudo make test)",
-            returncode=2,
-        )
-    try:
-        shared_runtime()
-    except RuntimeUnreachable as problem:
-        pytest.exit(str(problem), returncode=2)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ Everything is what the docs and the contrib files say, run for real:
   namespace each);
 - rsyslog: Debian's own, with its stock ``/etc/rsyslog.conf``, the edit and
   the snippet of ``contrib/rsyslog/popauth-follow.conf``
-  (``tests/live/stock_rsyslog.py``); the login line is solid-pop3d's, for a
+  (``harness/stock_rsyslog.py``); the login line is solid-pop3d's, for a
   real POP3 login, through that rsyslog;
 - ``popauth serve`` as ``popauth`` with its groups, in the directories its
   unit gets (``/run/popauth``, ``/var/lib/popauth`` mode 0700), with the

@@ -1,7 +1,7 @@
 """Forged login lines, written the ways a local account really can, through real servers.
 
 Issue 18's two open relays in ``popauth follow``, replayed with the real
-servers and rsyslog of ``tests/live/logservers.py`` and the real Postfix of
+servers and rsyslog of ``harness/logservers.py`` and the real Postfix of
 ``conftest.py``; a forged address must get 550.
 
 - **Courier**: the logged-in user writes ``LOGIN, user=victim, ip=[...]`` to

@@ -1,6 +1,6 @@
 """``popauth follow`` with real POP3 servers that log through a real rsyslog.
 
-Each server runs privately (``tests/live/logservers.py``): its syslog()
+Each server runs privately (``harness/logservers.py``): its syslog()
 reaches a private rsyslog that writes the follower's log with the contrib
 template. A real POP3 login is followed, reported to ``popauth serve``, and
 the client then relays through the real Postfix of ``conftest.py``.

@@ -2,7 +2,7 @@
 
 Debian's rsyslog package, its own ``/etc/rsyslog.conf`` (which already
 loads imuxsock), the snippet in ``/etc/rsyslog.d/``, with and without the
-edit its header tells the operator to make (``tests/live/stock_rsyslog.py``).
+edit its header tells the operator to make (``harness/stock_rsyslog.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The soak, bounded: seconds of SMTP sessions through real Postfix while logins,
 revokes, blocks and expiries churn, and not one verdict differs from the oracle's.
 
-The workers and the oracle are ``tests/live/soak.py``; ``make bench`` runs the
+The workers and the oracle are ``harness/soak.py``; ``make bench`` runs the
 same soak for minutes (the ``soak`` benchmark).
 """
 
