@@ -1,5 +1,6 @@
 """Fixtures for every suite. Nothing here needs root or a daemon: the live
-layer (tests/live/conftest.py) asks for those itself."""
+layer (tests/live/conftest.py) asks for those itself, and so does every test
+marked ``live`` elsewhere."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from pathlib import Path
 import pytest
 
 from harness.leftovers import make_run_directory, run_directory, stop_leftovers
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked live outside tests/live (one acting as other users, the
+    benchmark smoke test) needs what the live layer needs."""
+    if item.get_closest_marker("live") is not None:
+        from tests.live.conftest import require_live_host
+
+        require_live_host()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,7 +21,6 @@ import pytest
 
 from bench.registry import NAMES
 from harness.leftovers import run_directory
-from tests.live.conftest import live_host  # noqa: F401 - a fixture, used by pytestmark
 
 REPO = Path(__file__).resolve().parents[2]
 # The quick run takes about a minute; on a loaded machine, more.
@@ -48,7 +47,7 @@ RATIO_BOUNDS = (0.001, 100.0)
 
 # Runs private Postfix and Dovecot as root; without them it fails, never skips:
 # the live layer's check stops the run with one line saying what to do.
-pytestmark = [pytest.mark.live, pytest.mark.usefixtures("live_host")]
+pytestmark = pytest.mark.live
 
 
 def run_quick_bench(output: Path) -> tuple[int, str]:
