@@ -36,7 +36,7 @@ from pathlib import Path
 
 from harness.daemon import DaemonError, ForegroundDaemon
 from harness.debs import unpacked_root
-from harness.ports import grant_traversal, read_log, wait_for_banner
+from harness.ports import grant_traversal, read_banner, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRIB_RSYSLOG = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
@@ -268,44 +268,36 @@ class Jail:
         return ["unshare", "-m", "--propagation", "private", "sh", "-c", prelude, "jail", *argv]
 
 
-class InetdServer:
+class InetdServer(ForegroundDaemon):
     """A POP3 server inside a Jail on 127.0.0.1:port: run per connection (as from
     inetd), or, with ``inetd=False``, a daemon that listens itself."""
+
+    name = "the POP3 server"
+    error = LogServerError
+    start_timeout = START_TIMEOUT
 
     def __init__(self, jail: Jail, port: int, argv: list[str], *, inetd: bool = True) -> None:
         self.jail = jail
         self.port = port
         self.argv = argv
         self.inetd = inetd
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> InetdServer:
+    @property
+    def output_path(self) -> Path:
+        return self.jail.root / "inetd.out"
+
+    def command(self) -> list[str]:
         argv = self.argv
         if self.inetd:
             argv = ["/usr/bin/python3", "-I", str(ACCEPTOR), str(self.port), "--", *argv]
-        command = self.jail.command(argv)
-        output = (self.jail.root / "inetd.out").open("ab")
-        self.process = subprocess.Popen(
-            command, stdout=output, stderr=output, start_new_session=True
-        )
-        output.close()
-        if not wait_for_banner("127.0.0.1", self.port, b"+OK", time.monotonic() + START_TIMEOUT):
-            self.stop()
-            text = (self.jail.root / "inetd.out").read_text(errors="replace")
-            raise LogServerError(f"{self.argv[0]} not ready on port {self.port}:\n{text}")
-        return self
+        return self.jail.command(argv)
 
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
+    def ready(self) -> bool:
+        banner = read_banner("127.0.0.1", self.port, timeout=0.5)
+        return banner is not None and banner.startswith(b"+OK")
+
+    def diagnostics(self) -> str:
+        return f"{self.argv[0]} on port {self.port}:\n{read_log(self.output_path)}"
 
 
 COURIER_BIN = Path("usr/lib/courier/courier")

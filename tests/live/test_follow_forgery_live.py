@@ -42,7 +42,7 @@ from harness.logservers import (
     courier_pop3d,
     ensure_package_root,
 )
-from harness.popauth import FollowerProcess, PopauthServer, wait_until
+from harness.popauth import FollowerProcess, PopauthProcessError, PopauthServer, wait_until
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.smtp import REMOTE, rcpt_reply
@@ -196,7 +196,7 @@ def follower_or_its_refusal(
     process = FollowerProcess(directory, popauth, str(log), follow_format=follow_format)
     try:
         process.start()
-    except AssertionError:
+    except PopauthProcessError:
         assert process.process is not None and process.process.poll() is not None
     return process
 
