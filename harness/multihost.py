@@ -69,6 +69,8 @@ class MtaHosts:
 
     def __init__(self, root: Path, names: Sequence[str]) -> None:
         self.hosts: list[MtaHost] = []
+        # Traversable: smtpd (user postfix) reaches the milter sockets below it.
+        root.mkdir(mode=0o755, exist_ok=True)
         try:
             for name in names:
                 self.hosts.append(start_mta_host(root / name, name))
