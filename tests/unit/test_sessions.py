@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import POPAUTH, toml_value
 from popauth.basics.addresses import parse_client_address
 from popauth.basics.errors import ConfigError
 from popauth.companions.sessions import (
@@ -29,7 +30,6 @@ from popauth.config import Settings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
 from popauth.telemetry.logs import LogFormat, LogLevel, logger_writing_to
 from tests.support.ingest_endpoint import Endpoint
-from tests.support.popauth_server import POPAUTH, toml_value
 from tests.support.units import verify_unit
 
 SERVICES = frozenset({"imap", "pop3"})
