@@ -132,16 +132,22 @@ class Tally:
         )
 
 
+def negotiate(sock: socket.socket, path: str, *, timeout: float) -> int:
+    """Connect ``sock`` to the milter at ``path``, negotiate, and return its protocol bits."""
+    sock.settimeout(timeout)
+    sock.connect(path)
+    sock.sendall(OPTNEG)
+    command, data = read_packet(sock)
+    if command != b"O":
+        raise ConnectionError(f"bad option negotiation reply {command!r}")
+    _, _, protocol = struct.unpack("!III", data[:12])
+    return int(protocol)
+
+
 def session(path: str, plan: Script, tally: Tally) -> None:
     """One SMTP session as Postfix reports it; records the deciding reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(path)
-        sock.sendall(OPTNEG)
-        command, data = read_packet(sock)
-        if command != b"O":
-            raise ConnectionError(f"bad option negotiation reply {command!r}")
-        _, _, protocol = struct.unpack("!III", data[:12])
+        protocol = negotiate(sock, path, timeout=10)
         final = CONTINUE
         for step, skip, no_reply in (
             (plan.connect, P_NOCONNECT, P_NR_CONN),

@@ -16,14 +16,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.milter_protocol import (
     CONTINUE,
-    OPTNEG,
     P_NOMAIL,
     P_NORCPT,
     P_NR_CONN,
@@ -31,6 +29,7 @@ from bench.milter_protocol import (
     REPLYCODE,
     WHITELISTED_IPS,
     Script,
+    negotiate,
     read_packet,
     script,
 )
@@ -74,13 +73,7 @@ def make_snapshot(path: Path, entries: int) -> None:
 def decision_milliseconds(path: str, plan: Script) -> float:
     """One session; the time of the exchange whose reply decides it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(path)
-        sock.sendall(OPTNEG)
-        command, data = read_packet(sock)
-        if command != b"O":
-            raise ConnectionError(f"bad option negotiation reply {command!r}")
-        _, _, protocol = struct.unpack("!III", data[:12])
+        protocol = negotiate(sock, path, timeout=30)
         if protocol & (P_NOMAIL | P_NORCPT):
             raise RuntimeError("popauth skips MAIL or RCPT: nothing to time")
         sock.sendall(plan.connect)

@@ -23,7 +23,8 @@ class DebError(RuntimeError):
     """A package could not be downloaded or unpacked; the message says what to do."""
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_quietly(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """A tool run with its output captured and no prompts (apt, dpkg, openssl)."""
     return subprocess.run(
         argv,
         cwd=cwd,
@@ -45,12 +46,12 @@ def download(packages: Sequence[str], cache_dir: Path) -> None:
     missing = [package for package in packages if not cached_debs(cache_dir, package)]
     if not missing:
         return
-    result = _run(["apt-get", "download", *missing], cwd=cache_dir)
+    result = run_quietly(["apt-get", "download", *missing], cwd=cache_dir)
     if result.returncode != 0:
-        update = _run(["apt-get", "update"])
+        update = run_quietly(["apt-get", "update"])
         if update.returncode != 0:
             raise DebError(f"apt-get update failed:\n{update.stderr}")
-        result = _run(["apt-get", "download", *missing], cwd=cache_dir)
+        result = run_quietly(["apt-get", "download", *missing], cwd=cache_dir)
         if result.returncode != 0:
             raise DebError(
                 f"apt-get download {' '.join(missing)} failed (run scripts/bootstrap test):\n"
@@ -76,7 +77,7 @@ def unpacked_root(packages: Sequence[str], cache_dir: Path, root: Path) -> Path:
     staging.mkdir(parents=True)
     for package in packages:
         deb = cached_debs(cache_dir, package)[-1]
-        result = _run(["dpkg", "-x", str(deb), str(staging)])
+        result = run_quietly(["dpkg", "-x", str(deb), str(staging)])
         if result.returncode != 0:
             raise DebError(f"dpkg -x {deb} failed:\n{result.stderr}")
     (staging / STAMP).write_text(wanted)

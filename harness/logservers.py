@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 
 from harness.daemon import DaemonError, ForegroundDaemon
-from harness.debs import unpacked_root
+from harness.debs import run_quietly, unpacked_root
 from harness.ports import grant_traversal, read_banner, read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,17 +51,6 @@ START_TIMEOUT = 20.0
 
 class LogServerError(DaemonError):
     """A private server or rsyslog could not be fetched or started."""
-
-
-def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
 
 
 def ensure_package_root(destination: Path, cache_dir: Path = CACHE_DIR) -> Path:
@@ -184,7 +173,7 @@ class PrivateRsyslog(SyslogSink):
 
 
 def _hash(password: str) -> str:
-    result = _run(["openssl", "passwd", "-6", password])
+    result = run_quietly(["openssl", "passwd", "-6", password])
     if result.returncode != 0:
         raise LogServerError(f"openssl passwd failed: {result.stderr}")
     return result.stdout.strip()
