@@ -183,9 +183,15 @@ def _print_table(columns: list[str], rows: list[dict[str, str]]) -> None:
 
 
 def _print_grants(reply: list[str], command: str) -> None:
-    """list, query, revoke: one row per entry, dates as in report (UTC)."""
-    lines = reply[1:] if command == "list" else [reply[0].split(" ", 1)[1]]
-    _print_table(["address", "user", "granted", "expires"], _rows(lines, ("granted", "expires")))
+    """list: one row per user of each entry; query: the entry, with all its
+    users (user and granted: the newest login); dates as in report (UTC)."""
+    columns = ["address", "user", "granted", "expires"]
+    if command == "list":
+        lines = reply[1:]
+    else:
+        lines = [reply[0].split(" ", 1)[1]]
+        columns.append("users")
+    _print_table(columns, _rows(lines, ("granted", "expires")))
 
 
 def _print_report(lines: list[str], style: str) -> None:

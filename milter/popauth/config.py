@@ -49,7 +49,7 @@ from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import LEARN_CHOICES
 from popauth.relay.decision import PopFirst, Provenance, RelayPolicy
 from popauth.relay.gate import Accounting
-from popauth.store import StoreKind
+from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
 from popauth.telemetry.logs import LogFormat, LogLevel
 
 T = TypeVar("T")
@@ -596,6 +596,11 @@ class StoreSettings:
 
     ttl: int = setting("ttl", 900, integer(1, 7 * 86_400))
     max_entries: int = setting("max_entries", 100_000, integer(1, 100_000_000))
+    # Users one entry (address) holds at once; one more pushes out the one
+    # expiring soonest. 1 = the entry is only its last login's.
+    max_users_per_address: int = setting(
+        "max_users_per_address", MAX_USERS_PER_ADDRESS, integer(1, 10_000)
+    )
     ipv6_prefix: int = setting("ipv6_prefix", 128, integer(0, 128))
     kind: StoreKind = setting("store", StoreKind.MEMORY, choice(StoreKind))
     # The embedded store's snapshot; None disables it.

@@ -38,19 +38,19 @@ def test_grant_lookup_and_expiry() -> None:
     assert store.stats().entries == 0
 
 
-def test_new_login_renews() -> None:
+def test_a_new_login_of_the_same_user_renews_and_another_user_joins() -> None:
     store, clock = make(ttl=900)
     store.grant(A, "alice")
     clock.advance(800)
-    outcome = store.grant(A, "alice2")
-    assert outcome.renewed
+    assert store.grant(A, "alice").renewed
+    assert not store.grant(A, "alice2").renewed
     clock.advance(800)
     grant = store.lookup(A)
     assert grant is not None
-    assert grant.user == "alice2"
+    assert grant.users == ("alice", "alice2")
     assert grant.expires_at == clock.time() + 100
     stats = store.stats()
-    assert (stats.grants, stats.renewals) == (2, 1)
+    assert (stats.grants, stats.renewals, stats.entries) == (3, 1, 1)
 
 
 def test_ipv4_and_ipv6_keys_do_not_collide() -> None:

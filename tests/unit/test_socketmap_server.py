@@ -148,7 +148,7 @@ def test_each_lookup_is_logged_when_asked_to(endpoint: Endpoint) -> None:
     assert endpoint.ask("192.0.2.1") == b"OK OK"
     assert endpoint.ask("192.0.2.2") == b"NOTFOUND "
     assert lookup_events(endpoint.sink) == [
-        {"client_ip": "192.0.2.1", "hit": True, "user": "alice"},
+        {"client_ip": "192.0.2.1", "hit": True, "user": "alice", "users": ["alice"]},
         {"client_ip": "192.0.2.2", "hit": False},
     ]
 

@@ -95,6 +95,7 @@ def open_state(
             clock=clock,
             wait_replicas=settings.store.redis_wait_replicas,
             wait_timeout=settings.store.redis_wait_timeout,
+            max_users_per_address=stored.max_users_per_address,
         )
         try:
             problem = redis_store.eviction_policy_problem()
@@ -119,6 +120,7 @@ def open_state(
         memory = MemoryStore(
             ttl=stored.ttl,
             max_entries=stored.max_entries,
+            max_users_per_address=stored.max_users_per_address,
             clock=clock,
             is_blocked=blocklist.__contains__,
         )

@@ -27,7 +27,7 @@ from popauth.relay.recipients import (
     plain_address_parts,
 )
 from popauth.relay.replies import Replies, SmtpReply
-from popauth.store import EndedGrant, EndReason, Grant, WhitelistStore
+from popauth.store import EndedGrant, EndReason, Entry, WhitelistStore
 
 # How many local domains a line names before "and N more".
 _SHOWN_DOMAINS = 5
@@ -108,9 +108,10 @@ class Explainer:
         if assessment.grant is None and assessment.client.listing is not Listing.UNAVAILABLE:
             ended = self._store.recent_end(key)
         concerned = {question.user, question.auth_user}
-        for grant in (assessment.grant, None if ended is None else ended.grant):
-            if grant is not None:
-                concerned.add(grant.user)
+        if assessment.grant is not None:
+            concerned.update(assessment.grant.users)
+        if ended is not None:
+            concerned.add(ended.grant.user)
         blocked = frozenset(user for user in concerned if user and user in self._blocked)
         return Facts(
             question=question,
@@ -209,11 +210,27 @@ def _whitelist_line(facts: Facts) -> str:
     return f"whitelist: {subject} has no entry: {_why_none(facts)}"
 
 
-def _entry(grant: Grant, now: float) -> str:
-    return (
-        f"{printable_user_name(grant.user) or '(no user name)'} logged in at"
-        f" {_moment(grant.granted_at, now)}; the entry expires at {_moment(grant.expires_at, now)}"
+def _entry(entry: Entry, now: float) -> str:
+    """Every user of the entry, oldest login first, each with their own expiry."""
+    if len(entry.grants) == 1:
+        grant = entry.newest
+        return (
+            f"{_shown(grant.user)} logged in at {_moment(grant.granted_at, now)};"
+            f" the entry expires at {_moment(grant.expires_at, now)}"
+        )
+    members = ", ".join(
+        f"{_shown(grant.user)} (logged in at {_moment(grant.granted_at, now)},"
+        f" until {_moment(grant.expires_at, now)})"
+        for grant in entry.grants
     )
+    return (
+        f"{len(entry.grants)} users logged in: {members};"
+        f" the entry expires at {_moment(entry.expires_at, now)}, with its last user"
+    )
+
+
+def _shown(user: str) -> str:
+    return printable_user_name(user) or "(no user name)"
 
 
 def _why_none(facts: Facts) -> str:
@@ -251,12 +268,13 @@ def _user_lines(facts: Facts) -> list[str]:
             )
     if question.user and question.user not in facts.blocked:
         lines.append(f"user: {printable_user_name(question.user)} is not blocked")
-    grant = facts.assessment.grant or (None if facts.ended is None else facts.ended.grant)
-    if question.user and grant is not None and grant.user != question.user:
-        lines.append(
-            f"user: the entry is {printable_user_name(grant.user) or '(no user name)'}'s,"
-            f" not {printable_user_name(question.user)}'s"
-        )
+    live = facts.assessment.grant
+    users = (
+        live.users if live is not None else () if facts.ended is None else (facts.ended.grant.user,)
+    )
+    if question.user and users and question.user not in users:
+        owners = " and ".join(f"{_shown(user)}'s" for user in users)
+        lines.append(f"user: the entry is {owners}, not {printable_user_name(question.user)}'s")
     return lines
 
 

@@ -28,7 +28,7 @@ from popauth.relay.decision import (
 )
 from popauth.relay.mismatch import MailerMismatchWarner
 from popauth.relay.recipients import Recipient, is_local_recipient
-from popauth.store import Grant, StoreUnavailable, WhitelistStore
+from popauth.store import Entry, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import RelayWay, UsageLedger
 from popauth.telemetry.metrics import Metrics
 
@@ -50,7 +50,7 @@ _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_
 class Assessment:
     """What the gate would decide for one recipient, and what it decided from.
 
-    ``grant`` is the whitelist entry that was read (None when there is none
+    ``grant`` is the whitelist entry that was read, all its users (None when there is none
     or the store was not asked); ``stage`` is where the milter settles it:
     ``connect``, ``mail`` (for the whole message) or ``rcpt``.
     """
@@ -58,7 +58,7 @@ class Assessment:
     decision: Decision
     client: Client
     policy: RelayPolicy
-    grant: Grant | None
+    grant: Entry | None
     stage: str
 
 
@@ -162,7 +162,7 @@ class RelayGate:
 
     def _consult(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
-    ) -> tuple[Listing, Grant | None]:
+    ) -> tuple[Listing, Entry | None]:
         if address is None or not needs_whitelist(policy, address, auth_user):
             return Listing.NOT_CONSULTED, None
         try:

@@ -6,6 +6,12 @@ missing, truncated, corrupt or not a popauth snapshot raises
 :class:`SnapshotError`; the caller logs it and starts empty, it never
 guesses. A single entry that is not a valid address, user name and pair of
 finite times is dropped and logged; the others are restored.
+
+Version 2 holds one row ``[address, user, granted, expires]`` per user of
+each entry, so an address with several users has several rows. Version 1
+(popauth before 2.0) had the same rows, one per address (its last login):
+it is still read, each row an entry of one user. An older popauth refuses
+a version 2 file (and starts empty) rather than keep one user per address.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from popauth.store.statefile import (
 )
 
 FORMAT = "popauth-whitelist"
-VERSION = 1
+VERSION = 2
+# Read still: one row per address.
+OLDER_VERSIONS = (1,)
 
 
 class SnapshotError(ValueError):
@@ -46,7 +54,7 @@ class SnapshotMissing(SnapshotError):
 
 
 def write_snapshot(path: Path, grants: Iterable[Grant], saved_at: float) -> int:
-    """Write every grant to ``path`` atomically; returns how many.
+    """Write every membership to ``path`` atomically; returns how many.
 
     The document is made and written a chunk of entries at a time, letting
     other threads run between chunks: encoding a large whitelist in one go
@@ -93,7 +101,7 @@ def read_snapshot_contents(path: Path) -> SnapshotContents:
     (SnapshotMissing when there is none); a single bad entry is dropped.
     """
     try:
-        document = read_json_document(path, FORMAT, VERSION)
+        document = read_json_document(path, FORMAT, VERSION, older_versions=OLDER_VERSIONS)
     except StateFileMissing as problem:
         raise SnapshotMissing(str(problem)) from None
     except StateFileError as problem:

@@ -215,6 +215,10 @@ class SocketmapServer(UnixStreamServer):
         self._answered("hits")
         if self._lookup_events:
             self._log.debug(
-                "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
+                "socketmap_lookup",
+                client_ip=self._keying.describe(key),
+                hit=True,
+                user=grant.user,
+                users=list(grant.users),
             )
         return self._ok
