@@ -20,10 +20,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from popauth.doors.ingest.protocol import ProtocolError, parse_request
-
     from popauth.basics.addresses import AddressError, parse_client_address
     from popauth.basics.usernames import is_valid_user_name
+    from popauth.doors.ingest.protocol import ProtocolError, parse_request
     from popauth.doors.socketmap import codec
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")

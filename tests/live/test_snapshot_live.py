@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from popauth.doors.ingest.protocol import parse_fields
 
+from popauth.doors.ingest.protocol import parse_fields
 from popauth.store.snapshot import read_snapshot
 from tests.live.conftest import USERS, PopauthFactory
 from tests.live.dovecot import DovecotInstance, pop3_login

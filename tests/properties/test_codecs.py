@@ -7,6 +7,9 @@ import ipaddress
 
 from hypothesis import given
 from hypothesis import strategies as st
+
+from popauth.basics.addresses import unmap
+from popauth.basics.usernames import MAX_USER, is_valid_user_name, user_key
 from popauth.doors.ingest.protocol import (
     MAX_LINE,
     ErrorCode,
@@ -16,9 +19,6 @@ from popauth.doors.ingest.protocol import (
     parse_fields,
     parse_request,
 )
-
-from popauth.basics.addresses import unmap
-from popauth.basics.usernames import MAX_USER, is_valid_user_name, user_key
 from popauth.doors.socketmap import codec
 from tests.properties.strategies import client_addresses, user_names
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from popauth.doors.ingest.roles import PeerPolicy
 
 from popauth.basics.addresses import WhitelistKeying, parse_client_address
+from popauth.doors.ingest.roles import PeerPolicy
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store.memory import MemoryStore

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+
+from popauth.basics.addresses import parse_client_address
 from popauth.doors.ingest.protocol import (
     MAX_LINE,
     ErrorCode,
@@ -11,8 +13,6 @@ from popauth.doors.ingest.protocol import (
     parse_fields,
     parse_request,
 )
-
-from popauth.basics.addresses import parse_client_address
 
 
 @pytest.mark.parametrize(

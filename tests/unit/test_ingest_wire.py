@@ -8,10 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from popauth.doors.ingest.protocol import parse_request
-from popauth.doors.ingest.wire import ErrorCode, Verb
 
 from popauth.doors.ingest import wire
+from popauth.doors.ingest.protocol import parse_request
+from popauth.doors.ingest.wire import ErrorCode, Verb
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 HOOK = CONTRIB / "dovecot" / "popauth-login"

@@ -319,3 +319,38 @@ def test_a_restored_entry_of_a_user_blocked_since_is_dropped() -> None:
     assert store.restore(saved.entries()) == 1
     assert store.lookup(A) is None
     assert store.lookup(B) is not None
+
+
+def test_a_full_store_evicts_an_address_with_all_its_users() -> None:
+    store, clock = make(max_entries=2)
+    store.grant(A, "alice")
+    store.grant(A, "bob")
+    clock.advance(1)
+    store.grant(V6, "carol")
+    outcome = store.grant(parse_client_address("198.51.100.9"), "dave")
+    assert outcome.evicted is not None
+    assert (outcome.evicted.address, outcome.evicted.users) == (A, ("alice", "bob"))
+    assert store.lookup(A) is None
+    assert [g.user for g in store.entries()] == ["carol", "dave"]
+    assert store.stats().entries == 2
+
+
+def test_the_recent_end_of_an_entry_of_several_users() -> None:
+    store, clock = make(ttl=900)
+    store.grant(A, "alice")
+    clock.advance(100)
+    store.grant(A, "bob")
+    store.revoke_user("bob")  # alice's membership remains: no end yet
+    assert store.recent_end(A) is None
+    clock.advance(850)  # alice's ended at 900
+    ended = store.recent_end(A)
+    assert ended is not None
+    assert (ended.grant.user, ended.reason.value) == ("alice", "expired")
+    assert ended.ended_at == pytest.approx(clock.time() - 50)
+    store.grant(A, "carol")
+    store.grant(A, "dave")
+    store.revoke_user("carol")
+    store.revoke_user("dave")
+    ended = store.recent_end(A)
+    assert ended is not None
+    assert (ended.grant.user, ended.reason.value) == ("dave", "revoked_with_user")

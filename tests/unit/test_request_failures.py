@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from structlog.testing import CapturingLogger
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
 from popauth.store import GrantOutcome

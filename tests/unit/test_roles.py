@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from popauth.doors.ingest.protocol import Verb
-from popauth.doors.ingest.roles import VERB_ROLES, PeerPolicy, Role
 
 from popauth.basics.addresses import parse_client_address
 from popauth.config import settings_from_mapping
+from popauth.doors.ingest.protocol import Verb
+from popauth.doors.ingest.roles import VERB_ROLES, PeerPolicy, Role
 from popauth.doors.unixserver import _peer_groups, peer_of
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.peers import ask_as

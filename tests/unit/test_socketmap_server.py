@@ -15,7 +15,7 @@ from structlog.testing import CapturingLogger
 from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
-from popauth.store import Grant, StoreUnavailable
+from popauth.store import Entry, StoreUnavailable
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
@@ -27,7 +27,7 @@ class FlakyStore(MemoryStore):
 
     down = False
 
-    def lookup(self, address: IPAddress) -> Grant | None:
+    def lookup(self, address: IPAddress) -> Entry | None:
         if self.down:
             raise StoreUnavailable("redis is down")
         return super().lookup(address)

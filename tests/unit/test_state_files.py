@@ -15,12 +15,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 
 from popauth.basics.addresses import WhitelistKeying
 from popauth.config import settings_from_mapping
 from popauth.daemon.serve import open_state
 from popauth.doors.ingest.client import IngestClient
+from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
 from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter, read_snapshot

@@ -92,11 +92,13 @@ end
 """
 
 # An entry's live members, on the server: {user, value, expiry} each.
-# Expired members are deleted on the way. An entry in the format of
-# popauth before 2.0 (a string "granted expires user", one user) becomes a
-# hash of that one member first. ``now`` is the caller's clock, as in the
-# values. Then ``settle`` gives the key its last member's expiry as its own
-# (so Redis drops the address when its last member expires) or deletes it.
+# Expired members are deleted on the way. An entry in the format of popauth
+# before 2.0 (a string "granted expires user", one user) becomes a hash of
+# that one member first. A value that is not popauth's is left alone,
+# except by a login (``replace_foreign``), which writes over it. ``now`` is
+# the caller's clock, as in the values. ``settle`` gives the key its last
+# member's expiry as its own (so Redis drops the address when its last
+# member expires), or deletes it.
 _MEMBERS = """
 local function expiry_of(value)
   return tonumber(string.match(value, '^[^ ]+ ([^ ]+)$'))
@@ -113,17 +115,23 @@ local function settle(key, now)
     redis.call('PEXPIRE', key, math.ceil((latest - now) * 1000))
   end
 end
-local function members(key, now)
+local function members(key, now, replace_foreign)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'string' then
     local raw = redis.call('GET', key)
-    redis.call('DEL', key)
     local granted, expires, user = string.match(raw, '^([^ ]+) ([^ ]+) (.*)$')
     if user and tonumber(expires) and tonumber(granted) then
+      redis.call('DEL', key)
       redis.call('HSET', key, user, granted .. ' ' .. expires)
       settle(key, now)
+    elseif replace_foreign then
+      redis.call('DEL', key)
+      return {}
+    else
+      return {}
     end
   elseif kind ~= 'hash' then
+    if replace_foreign and kind ~= 'none' then redis.call('DEL', key) end
     return {}
   end
   local all = redis.call('HGETALL', key)
@@ -152,7 +160,7 @@ _GRANT_SCRIPT = (
     + """
 if blocked(KEYS[2], ARGV[1], ARGV[2]) then return -1 end
 local now = tonumber(ARGV[4])
-local live = members(KEYS[1], now)
+local live = members(KEYS[1], now, true)
 local previous, displaced, displaced_value = '', '', ''
 local soonest = nil
 for _, member in ipairs(live) do
@@ -177,7 +185,7 @@ _UNDO_GRANT_SCRIPT = (
     _MEMBERS
     + """
 local now = tonumber(ARGV[5])
-members(KEYS[1], now)
+members(KEYS[1], now, true)
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
