@@ -251,7 +251,7 @@ def test_the_keys_own_expiry_is_its_last_members(redis_server: RedisInstance) ->
 def test_entries_of_the_one_user_format_are_read_and_converted(
     redis_server: RedisInstance,
 ) -> None:
-    """An entry as popauth before 2.0 wrote it, "granted expires user", still counts."""
+    """An entry as earlier releases wrote it, "granted expires user", still counts."""
     store = make_store(redis_server)
     key = "popauth:192.0.2.1"
     now = time.time()

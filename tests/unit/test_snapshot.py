@@ -156,7 +156,7 @@ OLD_FORMAT = Path(__file__).parents[1] / "support" / "snapshots" / "whitelist-v1
 
 
 def test_a_snapshot_of_the_one_user_format_still_loads(tmp_path: Path) -> None:
-    """Version 1 (popauth before 2.0, one row per address) restores as one user each."""
+    """Version 1 (earlier releases, one row per address) restores as one user each."""
     clock = FakeClock()  # 1800000000: every entry of the file is live
     assert json.loads(OLD_FORMAT.read_text())["version"] == 1
     store = MemoryStore(ttl=900, max_entries=10, clock=clock)

@@ -12,7 +12,7 @@ new user pushes out the member that expires soonest) are each one atomic
 step. A lookup reads the hash (``HGETALL``) and counts only the members
 still live.
 
-An entry written by popauth before 2.0 is one string "granted expires
+An entry written by earlier releases (one user) is one string "granted expires
 user". A lookup or listing reads it as an entry of that one user, and the
 first change to it turns it into a hash; so an upgrade keeps every client
 whitelisted. A host still running the old release reads a hash as an
@@ -92,8 +92,8 @@ end
 """
 
 # An entry's live members, on the server: {user, value, expiry} each.
-# Expired members are deleted on the way. An entry in the format of popauth
-# before 2.0 (a string "granted expires user", one user) becomes a hash of
+# Expired members are deleted on the way. An entry in the format of earlier
+# releases (a string "granted expires user", one user) becomes a hash of
 # that one member first. A value that is not popauth's is left alone,
 # except by a login (``replace_foreign``), which writes over it. ``now`` is
 # the caller's clock, as in the values. ``settle`` gives the key its last
@@ -304,7 +304,7 @@ def _member(address: IPAddress, user: bytes | str, raw: bytes | str) -> Grant | 
 
 
 def _legacy(address: IPAddress, raw: bytes | str) -> Grant | None:
-    """An entry as popauth before 2.0 wrote it: one string "granted expires user"."""
+    """An entry as earlier releases wrote it: one string "granted expires user"."""
     try:
         granted, expires, user = _text(raw).split(" ", 2)
         return Grant(address, user, float(granted), float(expires))
@@ -631,7 +631,7 @@ class RedisStore(WhitelistStore):
                     if (member := _member(address, user, raw)) is not None
                 ]
             except redis.exceptions.ResponseError:
-                # WRONGTYPE: an entry written before 2.0, until a login converts it.
+                # WRONGTYPE: an entry of the one-user format, until a change converts it.
                 members = self._legacy_members(address, key)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error

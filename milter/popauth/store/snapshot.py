@@ -9,7 +9,7 @@ finite times is dropped and logged; the others are restored.
 
 Version 2 holds one row ``[address, user, granted, expires]`` per user of
 each entry, so an address with several users has several rows. Version 1
-(popauth before 2.0) had the same rows, one per address (its last login):
+(earlier releases) had the same rows, one per address (its last login):
 it is still read, each row an entry of one user. An older popauth refuses
 a version 2 file (and starts empty) rather than keep one user per address.
 """
