@@ -34,6 +34,7 @@ from bench.common import BenchResult, Check, Mode
 from popauth.companions.follow.follower import Counters, Follower, IngestReporter, LineJudge
 from popauth.companions.follow.formats import build_format
 from popauth.companions.follow.sources import FollowedFile
+from popauth.config import FollowTrust
 
 LOCAL_DOMAIN = "local.test"
 TARGET_LINES_PER_SECOND = 5_000
@@ -61,7 +62,7 @@ def quiet_logger() -> structlog.typing.FilteringBoundLogger:
 def judge(counters: Counters, log: structlog.typing.FilteringBoundLogger) -> LineJudge:
     return LineJudge(
         login_format=build_format("courier"),
-        trust="rsyslog",
+        trust=FollowTrust.RSYSLOG,
         trusted_uids=frozenset({0}),
         max_age=60,
         not_before=0,

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     # The older form, `check-config FILE`, still works.
     check.add_argument("config_file", nargs="?", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     check.add_argument("--quiet", action="store_true", help="print nothing when the file is good")
+    check.add_argument(
+        "--show",
+        action="store_true",
+        help="print every effective setting, those changed from the default marked"
+        " (like postconf -n and -d together), and exit",
+    )
     sessions = commands.add_parser(
         "sessions", help="keep open IMAP/POP sessions relaying (runs beside Dovecot)"
     )
@@ -346,11 +352,11 @@ def _run_follow(arguments: argparse.Namespace) -> int:
 
 def _check_follow(settings: Settings) -> int:
     """check-config: what following follow_format means here; an error if refused."""
-    if not settings.follow.format:
+    if settings.follow.format is None:
         return EXIT_OK
     from popauth.companions.follow.run import trust_report
 
-    report = trust_report(settings)
+    report = trust_report(settings, settings.follow.format)
     print("\n".join(report.lines()))
     if report.refusal is not None:
         print(f"popauth: configuration error: cannot follow: {report.refusal}", file=sys.stderr)
@@ -388,6 +394,8 @@ def _check_config(arguments: argparse.Namespace) -> int:
     from popauth.config import ConfigError, load_settings
     from popauth.localdelivery.resolve import LocalDeliveryError, resolve_local_delivery
 
+    if arguments.show:
+        return _show_config(arguments)
     try:
         settings = load_settings(settings_file(arguments))
         local = resolve_local_delivery(settings.local)
@@ -402,6 +410,22 @@ def _check_config(arguments: argparse.Namespace) -> int:
         print(f"{settings_file(arguments) or 'embedded defaults'}: OK")
         print("\n".join(local.describe()))
     return _check_follow(settings)
+
+
+def _show_config(arguments: argparse.Namespace) -> int:
+    """check-config --show: the settings as popauth would run with them; no MTA is asked."""
+    from popauth.config import ConfigError, load_settings
+    from popauth.config.effective import effective_lines
+
+    path = settings_file(arguments)
+    try:
+        settings = load_settings(path)
+    except (ConfigError, SettingsFileError) as error:
+        print(f"popauth: configuration error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"# effective settings of {path or 'embedded defaults'}")
+    print("\n".join(effective_lines(settings)))
+    return EXIT_OK
 
 
 def _run_server(arguments: argparse.Namespace) -> int:

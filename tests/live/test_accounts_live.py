@@ -81,6 +81,13 @@ def test_report_after_mixed_traffic(
                 assert session.rcpt(recipient)[0] == 250
             assert session.rcpt("bob@local.test")[0] == 250  # local: not relayed
             assert session.send_message(recipients)[0] == 250
+    # Two transactions alice abandons after RCPT (RSET, then QUIT): never sent, not counted.
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt("d@remote.example")[0] == 250
+        assert session.rset()[0] == 250
+        assert session.mail()[0] == 250
+        assert session.rcpt("e@remote.example")[0] == 250
     # bob relays by SMTP AUTH only.
     with SmtpSession(postfix.smtp_port, "127.0.0.5") as session:
         session.login("bob", USERS["bob"])

@@ -6,9 +6,9 @@ import socket
 from pathlib import Path
 
 from popauth.basics.addresses import WhitelistKeying
-from popauth.config import settings_from_mapping
+from popauth.config import IngestSettings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient
-from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.localdelivery import LocalDelivery
 from popauth.relay.explain import Explainer
 from popauth.relay.gate import Accounting, RelayGate
@@ -57,13 +57,14 @@ class Endpoint:
             clock=self.clock,
         )
         self.server = IngestServer(
-            path=self.path,
-            mode=0o666,
-            group="",
+            settings=IngestSettings(
+                socket=self.path,
+                socket_mode=0o666,
+                **limits,  # type: ignore[arg-type]
+            ),
             store=self.store,
             keying=keying,
             peers=peers or PeerPolicy.of([], []),
-            limits=IngestLimits(**limits),  # type: ignore[arg-type]
             blocklist=self.blocklist,
             ledger=self.ledger,
             metrics=self.metrics,

@@ -31,7 +31,10 @@ class BrokenStore(MemoryStore):
 
 
 def make(
-    store: MemoryStore, trusted: tuple[str, ...] = ()
+    store: MemoryStore,
+    trusted: tuple[str, ...] = (),
+    accounting: Accounting = Accounting.MESSAGES,
+    ledger: UsageLedger | None = None,
 ) -> tuple[RelayMilter, MilterContext, Metrics]:
     settings = settings_from_mapping(
         {"trusted_networks": list(trusted), "local_domains": ["local.test"]}
@@ -42,8 +45,8 @@ def make(
         policy=settings.relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
         store=store,
         keying=WhitelistKeying(),
-        ledger=UsageLedger(max_users=10, clock=FakeClock()),
-        accounting=Accounting.MESSAGES,
+        ledger=ledger or UsageLedger(max_users=10, clock=FakeClock()),
+        accounting=accounting,
         metrics=metrics,
         log=log,
     )
@@ -61,6 +64,28 @@ def test_a_failing_callback_answers_tempfail_never_continue() -> None:
     assert context._reply == ("451", "4.3.0", "Relay check failed, try again later")
     errors = metrics.registry.get_sample_value("popauth_errors_total", {"kind": "milter_callback"})
     assert errors == 1
+
+
+def test_a_message_counts_at_its_end_and_an_aborted_one_not_at_all() -> None:
+    store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
+    store.grant(parse_client_address("198.51.100.7"), "alice")
+    ledger = UsageLedger(max_users=10, clock=FakeClock())
+    milter, context, _ = make(store, accounting=Accounting.RECIPIENTS, ledger=ledger)
+    milter.connect("client", socket.AF_INET, ("198.51.100.7", 4321))
+    context._setsymval("{rcpt_mailer}", "smtp")
+    context._setsymval("{rcpt_addr}", "x@remote.example")
+    assert milter.envfrom("<alice@local.test>") == Milter.CONTINUE
+    assert milter.envrcpt("<x@remote.example>") == Milter.CONTINUE
+    assert milter.abort() == Milter.CONTINUE  # RSET after RCPT
+    assert ledger.get("alice") is None
+    assert milter.envfrom("<alice@local.test>") == Milter.CONTINUE
+    assert milter.envrcpt("<x@remote.example>") == Milter.CONTINUE
+    assert milter.envrcpt("<x@remote.example>") == Milter.CONTINUE
+    assert milter.eom() == Milter.CONTINUE
+    milter.abort()  # Postfix ends every transaction with ABORT, sent or not
+    usage = ledger.get("alice")
+    assert usage is not None
+    assert (usage.pop_messages, usage.pop_recipients) == (1, 2)
 
 
 def test_replies_and_early_verdicts() -> None:

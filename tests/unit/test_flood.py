@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from popauth.basics.addresses import WhitelistKeying, parse_client_address
+from popauth.basics.posixids import system_group, system_user
+from popauth.config import SocketmapSettings
 from popauth.doors.ingest.roles import PeerPolicy
 from popauth.doors.socketmap import codec
-from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.doors.socketmap.server import SocketmapServer
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
@@ -31,7 +33,7 @@ FLOOD = 500
 @pytest.fixture
 def ingest(open_tmp: Path) -> Iterator[Endpoint]:
     # The hook (dovecot) is a reporter; nobody holds no role.
-    served = Endpoint(open_tmp, peers=PeerPolicy.of(["dovecot"], []), timeout=5)
+    served = Endpoint(open_tmp, peers=PeerPolicy.of([system_user("dovecot")], []), timeout=5)
     served.server.start()
     yield served
     served.server.stop()
@@ -63,13 +65,14 @@ def test_the_mta_is_answered_while_nobody_floods_the_socketmap(open_tmp: Path) -
     store.grant(parse_client_address("192.0.2.1"), "alice")
     server = SocketmapServer(
         path=path,
-        mode=0o666,
-        group="postfix",
+        settings=SocketmapSettings(
+            socket_mode=0o666,
+            socket_group=system_group("postfix"),
+            max_clients=100,
+            clients_per_uid=8,
+        ),
         store=store,
         keying=WhitelistKeying(128),
-        name="popauth",
-        ok_value="OK",
-        limits=SocketmapLimits(max_clients=100, max_clients_per_uid=8),
         metrics=Metrics(),
         log=capturing_logger()[0],
         lookup_events=False,
@@ -98,13 +101,9 @@ def test_by_default_an_mta_reaching_the_socketmap_by_its_mode_is_not_throttled(
     store.grant(parse_client_address("192.0.2.1"), "alice")
     server = SocketmapServer(
         path=path,
-        mode=0o666,
-        group="",
+        settings=SocketmapSettings(socket_mode=0o666),
         store=store,
         keying=WhitelistKeying(128),
-        name="popauth",
-        ok_value="OK",
-        limits=SocketmapLimits(),
         metrics=Metrics(),
         log=capturing_logger()[0],
         lookup_events=False,

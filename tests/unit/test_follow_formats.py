@@ -14,7 +14,7 @@ from popauth.companions.follow.formats import (
     SessionFormat,
     build_format,
 )
-from popauth.config import FOLLOW_FORMATS
+from popauth.config import FOLLOW_FORMATS, FollowTrust
 
 NOW = 1_800_000_000.0
 
@@ -235,7 +235,7 @@ def test_the_config_lists_every_format() -> None:
 
 
 def test_rsyslog_envelope_carries_the_kernels_sender() -> None:
-    parser = EntryParser("rsyslog")
+    parser = EntryParser(FollowTrust.RSYSLOG)
     parsed = parser.parse(
         "2026-11-23T09:45:07.020701+00:00 uid=0 pid=3667 courierpop3login: LOGIN, user=a", NOW
     )
@@ -253,7 +253,7 @@ def test_rsyslog_envelope_carries_the_kernels_sender() -> None:
 
 
 def test_plain_envelopes_with_and_without_host() -> None:
-    parser = EntryParser("file")
+    parser = EntryParser(FollowTrust.FILE)
     now = 1_795_427_000.0  # 2026-11-23, a few minutes after the lines
     syslog = parser.parse("Nov 23 09:41:23 mx cyrus/pop3[812]: login: x", now)
     assert (syslog.program, syslog.pid, syslog.message) == ("cyrus/pop3", 812, "login: x")

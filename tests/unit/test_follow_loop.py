@@ -20,6 +20,7 @@ from popauth.companions.follow.follower import (
 )
 from popauth.companions.follow.formats import Login, build_format
 from popauth.companions.follow.sources import LineSource
+from popauth.config import FollowTrust
 
 NOW = 1_800_000_000.0
 SOCKET = "/run/popauth/ingest.sock"
@@ -32,7 +33,7 @@ def stamp(moment: float = NOW) -> str:
 def judge(counters: Counters, journald: JournaldPids | None = None) -> LineJudge:
     return LineJudge(
         login_format=build_format("courier"),
-        trust="rsyslog",
+        trust=FollowTrust.RSYSLOG,
         trusted_uids=frozenset({0}),
         max_age=60,
         not_before=0.0,

@@ -20,6 +20,7 @@ from popauth.companions.follow.follower import (
 )
 from popauth.companions.follow.formats import Login, build_format
 from popauth.companions.follow.sources import LineSource
+from popauth.config import FollowTrust
 
 LOG = structlog.get_logger()
 
@@ -67,7 +68,7 @@ def login_lines(count: int) -> list[bytes]:
 def judge(counters: Counters) -> LineJudge:
     return LineJudge(
         login_format=build_format("courier"),
-        trust="rsyslog",
+        trust=FollowTrust.RSYSLOG,
         trusted_uids=frozenset({0}),
         max_age=60,
         not_before=0,

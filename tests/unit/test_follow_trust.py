@@ -15,7 +15,7 @@ from popauth.companions.follow.trust import (
     read_ptrace_scope,
     users_trace_own_processes,
 )
-from popauth.config import FOLLOW_FORMATS
+from popauth.config import FOLLOW_FORMATS, FollowTrust
 
 # None: Yama absent; 0: classic ptrace; 1 and up: a user cannot attach to a
 # process it did not start.
@@ -47,7 +47,7 @@ def test_ptrace_scope_is_read_from_yama_and_fails_closed(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("scope", [*TRACEABLE, *RESTRICTED])
 def test_courier_is_refused_while_mail_users_run_programs(scope: int | None) -> None:
-    report = assess("courier", "rsyslog", scope, mail_users_run_programs=True)
+    report = assess("courier", FollowTrust.RSYSLOG, scope, mail_users_run_programs=True)
     assert report.refusal is not None
     assert "Maildir/loginexec" in report.refusal
     assert "contrib/courier/popauth-courier-login" in report.refusal
@@ -56,17 +56,17 @@ def test_courier_is_refused_while_mail_users_run_programs(scope: int | None) -> 
 
 @pytest.mark.parametrize("scope", TRACEABLE)
 def test_courier_is_refused_while_users_may_trace_their_processes(scope: int | None) -> None:
-    report = assess("courier", "rsyslog", scope, mail_users_run_programs=False)
+    report = assess("courier", FollowTrust.RSYSLOG, scope, mail_users_run_programs=False)
     assert report.refusal is not None
     assert "trace its own courierpop3d" in report.refusal
     assert "kernel.yama.ptrace_scope = 1" in report.refusal
     assert "loginexec" not in report.refusal
 
 
-@pytest.mark.parametrize("envelope", ["rsyslog", "file"])
+@pytest.mark.parametrize("envelope", list(FollowTrust))
 @pytest.mark.parametrize("scope", RESTRICTED)
 def test_courier_is_followed_only_without_local_mail_users_and_ptrace(
-    envelope: str, scope: int
+    envelope: FollowTrust, scope: int
 ) -> None:
     report = assess("courier", envelope, scope, mail_users_run_programs=False)
     assert report.refusal is None
@@ -78,7 +78,7 @@ def test_courier_is_followed_only_without_local_mail_users_and_ptrace(
 def test_servers_whose_writer_cannot_be_traced_are_trusted_on_any_kernel(
     name: str, scope: int | None
 ) -> None:
-    report = assess(name, "rsyslog", scope, mail_users_run_programs=True)
+    report = assess(name, FollowTrust.RSYSLOG, scope, mail_users_run_programs=True)
     assert report.refusal is None
     assert report.warnings == ()
 
@@ -86,30 +86,32 @@ def test_servers_whose_writer_cannot_be_traced_are_trusted_on_any_kernel(
 @pytest.mark.parametrize("name", ["qpopper", "uw", "regex"])
 def test_formats_not_seen_live_warn_while_ptrace_is_open(name: str) -> None:
     for scope in TRACEABLE:
-        (warning,) = assess(name, "rsyslog", scope, mail_users_run_programs=True).warnings
+        (warning,) = assess(name, FollowTrust.RSYSLOG, scope, mail_users_run_programs=True).warnings
         assert "tracing" in warning
     for scope in RESTRICTED:
-        assert assess(name, "rsyslog", scope, mail_users_run_programs=True).warnings == ()
+        assert assess(name, FollowTrust.RSYSLOG, scope, mail_users_run_programs=True).warnings == ()
 
 
 def test_popa3d_names_what_a_mail_account_could_still_do() -> None:
-    report = assess("popa3d", "rsyslog", 1, mail_users_run_programs=True, pid_max=4_194_304)
+    report = assess(
+        "popa3d", FollowTrust.RSYSLOG, 1, mail_users_run_programs=True, pid_max=4_194_304
+    )
     (warning,) = report.warnings
     assert "follow_session_timeout" in warning and "kernel.pid_max = 4194304" in warning
     assert report.refusal is None
-    assert assess("popa3d", "rsyslog", 1, mail_users_run_programs=False).warnings == ()
+    assert assess("popa3d", FollowTrust.RSYSLOG, 1, mail_users_run_programs=False).warnings == ()
 
 
 def test_a_trusted_file_is_a_warning_for_every_format() -> None:
     for name in ORIGINS:
         if name == "courier":
             continue
-        warnings = assess(name, "file", 1, mail_users_run_programs=False).warnings
+        warnings = assess(name, FollowTrust.FILE, 1, mail_users_run_programs=False).warnings
         assert any("every line of the file counts" in warning for warning in warnings), name
 
 
 def test_the_report_for_people_names_the_refusal() -> None:
-    lines = assess("courier", "rsyslog", None, mail_users_run_programs=True).lines()
+    lines = assess("courier", FollowTrust.RSYSLOG, None, mail_users_run_programs=True).lines()
     assert lines[0].startswith("follow: courier: a counted line proves: courierlogger")
     assert lines[1].startswith("follow: kernel: Yama is absent")
     assert lines[-1].startswith("follow: refused: courier's LOGIN line")

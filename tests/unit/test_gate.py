@@ -68,17 +68,39 @@ def test_recipients_mode_watches_every_rcpt_and_counts_relayed_ones() -> None:
     assert decision is None  # settled, but the RCPTs must be seen
     for recipient in (REMOTE, LOCAL, REMOTE):
         assert gate.recipient(message, recipient).verdict is Verdict.ACCEPT
+    gate.message_sent(message)
     _, second = gate.message(CLIENT, "")
     gate.recipient(second, REMOTE)
-    gate.message(parse_client_address("203.0.113.9"), "bob")  # authenticated
+    gate.message_sent(second)
+    gate.message(parse_client_address("203.0.113.9"), "bob")  # authenticated, no RCPT
     _, third = gate.message(parse_client_address("203.0.113.9"), "bob")
     gate.recipient(third, REMOTE)
+    gate.message_sent(third)
     alice = ledger.get("alice")
     assert alice is not None
     assert (alice.pop_messages, alice.pop_recipients) == (2, 3)
     bob = ledger.get("bob")
     assert bob is not None
     assert (bob.auth_messages, bob.auth_recipients, bob.pop_messages) == (1, 1, 0)
+
+
+def test_recipients_mode_counts_a_message_only_once_it_is_sent() -> None:
+    gate, ledger, _, _ = make(Accounting.RECIPIENTS)
+    _, abandoned = gate.message(CLIENT, "")
+    gate.recipient(abandoned, REMOTE)
+    gate.recipient(abandoned, REMOTE)
+    # Judged and relayed at RCPT, then RSET or QUIT: no end of data, no count.
+    assert ledger.get("alice") is None
+    _, local_only = gate.message(CLIENT, "")
+    gate.recipient(local_only, LOCAL)
+    gate.message_sent(local_only)
+    assert ledger.get("alice") is None  # nothing relayed, nothing counted
+    _, sent = gate.message(CLIENT, "")
+    gate.recipient(sent, REMOTE)
+    gate.message_sent(sent)
+    alice = ledger.get("alice")
+    assert alice is not None
+    assert (alice.pop_messages, alice.pop_recipients) == (1, 1)
 
 
 def test_warn_mode_relays_and_logs_a_deprecation() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from popauth.basics.addresses import IPAddress, parse_client_address
+from popauth.basics.posixids import system_user
 from popauth.doors.ingest.protocol import MAX_LINE, parse_fields
 from popauth.doors.ingest.roles import Members
 from popauth.doors.ingest.server import PeerPolicy
@@ -206,7 +207,7 @@ def test_state_changes_need_an_allowed_peer(tmp_path: Path) -> None:
 
 def test_peer_credentials_of_other_users(open_tmp: Path) -> None:
     allowed = pwd.getpwnam("nobody")
-    peers = PeerPolicy.of(["nobody"], [])
+    peers = PeerPolicy.of([system_user("nobody")], [])
     server = Endpoint(open_tmp, peers=peers)
     server.server.start()
     client = (
@@ -291,7 +292,7 @@ def test_report_lists_pop_first_users(endpoint: Endpoint) -> None:
 
 def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
     hook_user = pwd.getpwnam("nobody")
-    server = Endpoint(open_tmp, peers=PeerPolicy.of(["nobody"], []))
+    server = Endpoint(open_tmp, peers=PeerPolicy.of([system_user("nobody")], []))
     server.server.start()
     client = (
         "import sys; from popauth.doors.ingest.client import IngestClient; "

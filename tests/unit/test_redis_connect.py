@@ -10,27 +10,28 @@ from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
 from popauth.basics.addresses import parse_client_address
 from popauth.basics.clock import SystemClock
+from popauth.config import StoreSettings
 from popauth.store import StoreUnavailable
 from popauth.store.redis import (
     RedisStore,
-    SentinelSettings,
     connect,
+    sentinel_connection_options,
     unix_connections_take_a_connect_timeout,
 )
 
 
 def test_sentinel_options_carry_their_own_password_and_tls() -> None:
-    settings = SentinelSettings(
-        addresses=(("127.0.0.1", 26379),),
-        service="popauth",
-        username="watcher",
-        password="sentinel-secret",
-        tls=True,
-        tls_ca_file="/etc/ssl/ca.pem",
-        tls_cert_file="/etc/ssl/client.pem",
-        tls_key_file="/etc/ssl/client.key",
+    settings = StoreSettings(
+        redis_sentinels=("127.0.0.1:26379",),
+        redis_sentinel_service="popauth",
+        redis_sentinel_username="watcher",
+        redis_sentinel_password="sentinel-secret",
+        redis_sentinel_tls=True,
+        redis_sentinel_tls_ca_file="/etc/ssl/ca.pem",
+        redis_sentinel_tls_cert_file="/etc/ssl/client.pem",
+        redis_sentinel_tls_key_file="/etc/ssl/client.key",
     )
-    options = settings.connection_options(0.3)
+    options = sentinel_connection_options(settings, 0.3)
     assert options["password"] == "sentinel-secret"
     assert options["username"] == "watcher"
     assert options["ssl"] is True
@@ -40,13 +41,15 @@ def test_sentinel_options_carry_their_own_password_and_tls() -> None:
         "/etc/ssl/client.key",
     )
     assert options["socket_timeout"] == options["socket_connect_timeout"] == 0.3
-    plain = SentinelSettings(addresses=(("127.0.0.1", 26379),), service="popauth")
-    assert not {"password", "ssl"} & set(plain.connection_options(1))
+    plain = StoreSettings(redis_sentinels=("127.0.0.1:26379",), redis_sentinel_service="popauth")
+    assert not {"password", "ssl"} & set(sentinel_connection_options(plain, 1))
 
 
 def test_the_master_takes_password_database_and_tls_from_the_url() -> None:
-    sentinels = SentinelSettings(
-        addresses=(("127.0.0.1", 26379),), service="popauth", password="sentinel-secret"
+    sentinels = StoreSettings(
+        redis_sentinels=("127.0.0.1:26379",),
+        redis_sentinel_service="popauth",
+        redis_sentinel_password="sentinel-secret",
     )
     client = connect("rediss://:master-secret@ignored:1/3", 0.3, sentinels)
     pool = client.connection_pool

@@ -17,9 +17,10 @@ import pytest
 from structlog.testing import CapturingLogger
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
-from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.config import IngestSettings, SocketmapSettings
+from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.doors.socketmap import codec
-from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.doors.socketmap.server import SocketmapServer
 from popauth.store import GrantOutcome
 from popauth.store.accounts import BlockListUnwritable, FileBlockList, UsageLedger
 from popauth.store.memory import MemoryStore
@@ -65,13 +66,10 @@ class Door:
         )
         self.log, self.sink = capturing_logger()
         self.server = IngestServer(
-            path=self.path,
-            mode=0o600,
-            group="",
+            settings=IngestSettings(socket=self.path, socket_mode=0o600, timeout=5),
             store=self.store,
             keying=WhitelistKeying(128),
             peers=PeerPolicy.of([], []),
-            limits=IngestLimits(timeout=5),
             blocklist=self.blocklist,
             ledger=BrokenLedger(max_users=10, clock=clock),
             metrics=Metrics(),
@@ -148,13 +146,9 @@ def test_a_socketmap_failure_gets_one_temp_and_the_connection_goes_on(
     path = tmp_path / "socketmap.sock"
     server = SocketmapServer(
         path=path,
-        mode=0o600,
-        group="",
+        settings=SocketmapSettings(socket_mode=0o600),
         store=store,
         keying=BrokenKeying(128),
-        name="popauth",
-        ok_value="OK",
-        limits=SocketmapLimits(),
         metrics=Metrics(),
         log=log,
         lookup_events=True,

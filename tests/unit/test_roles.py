@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from popauth.basics.addresses import parse_client_address
+from popauth.basics.posixids import system_group, system_user
 from popauth.config import settings_from_mapping
 from popauth.doors.ingest.protocol import Verb
 from popauth.doors.ingest.roles import VERB_ROLES, PeerPolicy, Role
@@ -109,8 +110,8 @@ def test_roles_by_group_and_configured_administrators(open_tmp: Path) -> None:
     peers = PeerPolicy.of(
         [],
         [],
-        operator_groups=["daemon"],
-        administrator_users=["nobody"],
+        operator_groups=[system_group("daemon")],
+        administrator_users=[system_user("nobody")],
     )
     served = Endpoint(open_tmp, peers=peers)
     served.server.start()
@@ -133,7 +134,7 @@ def test_roles_by_supplementary_group(open_tmp: Path) -> None:
     anyone added to a group in /etc/group, holds the role; the groups are
     the connecting process's own, as the kernel keeps them."""
     daemon_group = grp.getgrnam("daemon").gr_gid
-    peers = PeerPolicy.of([], [], operator_groups=["daemon"])
+    peers = PeerPolicy.of([], [], operator_groups=[system_group("daemon")])
     served = Endpoint(open_tmp, peers=peers)
     served.server.start()
     try:

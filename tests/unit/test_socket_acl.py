@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from popauth.basics.posixids import system_group
 from popauth.doors.sockets import SocketSetupError, access_acl, set_permissions
 
 
@@ -49,7 +50,7 @@ def test_a_socket_admits_its_acl_groups_and_no_one_else(open_directory: Path) ->
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path))
         listener.listen(8)
-        set_permissions(path, 0o660, "root", ("nogroup",))
+        set_permissions(path, 0o660, system_group("root"), (system_group("nogroup"),))
         status = path.stat()
         # The mode still reads 0660, with the owning group unchanged.
         assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o660, 0)
@@ -96,4 +97,4 @@ def test_a_file_system_without_acls_is_an_error_naming_the_socket(
 
     monkeypatch.setattr(os, "setxattr", unsupported)
     with pytest.raises(SocketSetupError, match=f"{path}: cannot give the groups nogroup"):
-        set_permissions(path, 0o660, "", ("nogroup",))
+        set_permissions(path, 0o660, None, (system_group("nogroup"),))

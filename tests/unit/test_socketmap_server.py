@@ -13,8 +13,9 @@ import pytest
 from structlog.testing import CapturingLogger
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.config import SocketmapSettings
 from popauth.doors.socketmap import codec
-from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.doors.socketmap.server import SocketmapServer
 from popauth.store import Entry, StoreUnavailable
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
@@ -52,13 +53,9 @@ class Endpoint:
         self.metrics = Metrics()
         self.server = SocketmapServer(
             path=self.path,
-            mode=0o666,
-            group="",
+            settings=SocketmapSettings(socket_mode=0o666, **limits),  # type: ignore[arg-type]
             store=self.store,
             keying=WhitelistKeying(64),
-            name="popauth",
-            ok_value="OK",
-            limits=SocketmapLimits(**limits),  # type: ignore[arg-type]
             metrics=self.metrics,
             log=self.log,
             lookup_events=lookup_events,
@@ -350,13 +347,9 @@ def test_ok_value_and_name_are_configurable(tmp_path: Path) -> None:
     log, _ = capturing_logger()
     server = SocketmapServer(
         path=tmp_path / "s.sock",
-        mode=0o600,
-        group="",
+        settings=SocketmapSettings(socket_mode=0o600, name="relayclients", ok_value="RELAY"),
         store=store,
         keying=WhitelistKeying(),
-        name="relayclients",
-        ok_value="RELAY",
-        limits=SocketmapLimits(),
         metrics=Metrics(),
         log=log,
         lookup_events=True,

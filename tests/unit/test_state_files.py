@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from popauth.basics.addresses import WhitelistKeying
-from popauth.config import settings_from_mapping
+from popauth.config import IngestSettings, settings_from_mapping
 from popauth.daemon.serve import open_state
 from popauth.doors.ingest.client import IngestClient
-from popauth.doors.ingest.server import IngestLimits, IngestServer, PeerPolicy
+from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter, read_snapshot
@@ -220,13 +220,10 @@ def test_damaged_state_files_keep_list_blocked_and_report_framed(tmp_path: Path)
     ledger.load(tmp_path / "usage.json", log)
     ledger.record("alice", RelayWay.POP_FIRST, messages=1, recipients=1)
     server = IngestServer(
-        path=tmp_path / "ingest.sock",
-        mode=0o600,
-        group="",
+        settings=IngestSettings(socket=tmp_path / "ingest.sock", socket_mode=0o600),
         store=store,
         keying=WhitelistKeying(128),
         peers=PeerPolicy.of([], []),
-        limits=IngestLimits(),
         blocklist=FileBlockList(tmp_path / "blocked.json", log),
         ledger=ledger,
         metrics=Metrics(),

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,11 +21,10 @@ from popauth.basics.clock import Clock, SystemClock
 from popauth.config import Settings
 from popauth.daemon.lifecycle import Lifecycle, Step, Stopped
 from popauth.daemon.settings_reload import SettingsChangeCheck
-from popauth.doors.ingest.roles import PeerPolicy
-from popauth.doors.ingest.server import IngestLimits, IngestServer
+from popauth.doors.ingest.server import IngestServer
 from popauth.doors.milter.adapter import RelayMilter, Replies
 from popauth.doors.milter.service import MilterService
-from popauth.doors.socketmap.server import SocketmapLimits, SocketmapServer
+from popauth.doors.socketmap.server import SocketmapServer
 from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delivery
 from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.relay.explain import Explainer
@@ -44,9 +42,6 @@ from popauth.store.statefile import (
 )
 from popauth.telemetry.logs import LogLevel, configure_logging
 from popauth.telemetry.metrics import Metrics
-
-if TYPE_CHECKING:
-    from popauth.store.redis import SentinelSettings
 
 
 @dataclass
@@ -89,7 +84,9 @@ def open_state(
         from popauth.store.redis import RedisStore, connect
 
         redis_store = RedisStore(
-            client=connect(stored.redis_url, stored.redis_timeout, sentinel_settings(settings)),
+            client=connect(
+                stored.redis_url, stored.redis_timeout, stored if stored.redis_sentinels else None
+            ),
             ttl=settings.store.ttl,
             key_prefix=settings.store.redis_key_prefix,
             clock=clock,
@@ -145,23 +142,6 @@ def open_state(
     return state
 
 
-def sentinel_settings(settings: Settings) -> SentinelSettings | None:
-    if not settings.store.redis_sentinels:
-        return None
-    from popauth.store.redis import SentinelSettings
-
-    return SentinelSettings(
-        addresses=settings.store.sentinel_addresses(),
-        service=settings.store.redis_sentinel_service,
-        username=settings.store.redis_sentinel_username,
-        password=settings.store.redis_sentinel_password,
-        tls=settings.store.redis_sentinel_tls,
-        tls_ca_file=settings.store.redis_sentinel_tls_ca_file,
-        tls_cert_file=settings.store.redis_sentinel_tls_cert_file,
-        tls_key_file=settings.store.redis_sentinel_tls_key_file,
-    )
-
-
 def socketmap_server(
     settings: Settings,
     store: WhitelistStore,
@@ -174,18 +154,9 @@ def socketmap_server(
         return None
     return SocketmapServer(
         path=settings.socketmap.socket,
-        mode=settings.socketmap.socket_mode,
-        group=settings.socketmap.socket_group,
+        settings=settings.socketmap,
         store=store,
         keying=keying,
-        name=settings.socketmap.name,
-        ok_value=settings.socketmap.ok_value,
-        limits=SocketmapLimits(
-            timeout=settings.socketmap.timeout,
-            idle_timeout=settings.socketmap.idle_timeout,
-            max_clients=settings.socketmap.max_clients,
-            max_clients_per_uid=settings.socketmap.clients_per_uid,
-        ),
         metrics=metrics,
         log=log,
         lookup_events=settings.log.level is LogLevel.DEBUG,
@@ -235,26 +206,9 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         clock=SystemClock(),
     )
     ingest = IngestServer(
-        path=settings.ingest.socket,
-        mode=settings.ingest.socket_mode,
-        group=settings.ingest.socket_group,
-        acl_groups=settings.ingest.socket_acl_groups,
+        settings=settings.ingest,
         store=store,
         keying=keying,
-        peers=PeerPolicy.of(
-            settings.ingest.allowed_users,
-            settings.ingest.allowed_groups,
-            operator_users=settings.ingest.operator_users,
-            operator_groups=settings.ingest.operator_groups,
-            administrator_users=settings.ingest.admin_users,
-            administrator_groups=settings.ingest.admin_groups,
-        ),
-        limits=IngestLimits(
-            timeout=settings.ingest.timeout,
-            max_clients=settings.ingest.max_clients,
-            max_clients_per_uid=settings.ingest.clients_per_uid,
-            first_byte_timeout=settings.ingest.first_byte_timeout,
-        ),
         blocklist=state.blocklist,
         ledger=state.ledger,
         metrics=metrics,
@@ -263,11 +217,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter = MilterService(
-        name=settings.milter.name,
-        spec=settings.milter.socket,
-        timeout=settings.milter.timeout,
-        mode=settings.milter.socket_mode,
-        group=settings.milter.socket_group,
+        settings=settings.milter,
         factory=lambda: RelayMilter(gate, replies, metrics, log),
         on_exit=lifecycle.stop_soon,
         log=log,

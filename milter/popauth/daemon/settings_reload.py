@@ -18,12 +18,7 @@ from popauth.config import KEYS, ConfigError, Settings, load_settings
 
 def changed_keys(running: Settings, edited: Settings) -> list[str]:
     """The settings keys whose values differ, in the order popauth.toml(5) lists them."""
-    return [
-        key.name
-        for key in KEYS.values()
-        if getattr(getattr(running, key.group), key.field)
-        != getattr(getattr(edited, key.group), key.field)
-    ]
+    return [key.name for key in KEYS.values() if key.value_in(running) != key.value_in(edited)]
 
 
 class SettingsChangeCheck:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import socket
 import stat
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+
+from popauth.basics.posixids import SystemGroup
 
 
 class SocketInUse(RuntimeError):
@@ -18,10 +19,6 @@ class SocketInUse(RuntimeError):
 
 class SocketSetupError(RuntimeError):
     """A socket's permissions cannot be set as configured; the message says why."""
-
-
-def resolve_gid(group: str) -> int:
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def clear_stale_socket(path: Path) -> None:
@@ -55,18 +52,21 @@ def prepare_directory(path: Path) -> None:
         directory.mkdir(parents=True, mode=0o755)
 
 
-def set_permissions(path: Path, mode: int, group: str, acl_groups: Iterable[str] = ()) -> None:
-    if group:
-        os.chown(path, -1, resolve_gid(group))
+def set_permissions(
+    path: Path, mode: int, group: SystemGroup | None, acl_groups: Iterable[SystemGroup] = ()
+) -> None:
+    """``group`` None: the socket keeps the group the process gave it."""
+    if group is not None:
+        os.chown(path, -1, group.gid)
     os.chmod(path, mode)
-    gids = sorted({resolve_gid(name) for name in acl_groups})
+    gids = sorted({acl_group.gid for acl_group in acl_groups})
     if gids:
         try:
             os.setxattr(path, _ACCESS_ACL, access_acl(mode, gids))
         except OSError as error:
+            names = ", ".join(map(str, acl_groups))
             raise SocketSetupError(
-                f"{path}: cannot give the groups {', '.join(acl_groups)} access by a POSIX ACL: "
-                f"{error.strerror}"
+                f"{path}: cannot give the groups {names} access by a POSIX ACL: {error.strerror}"
             ) from None
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import structlog
 
+from popauth.basics.posixids import SystemGroup
 from popauth.doors.sockets import (
     clear_stale_socket,
     prepare_directory,
@@ -129,7 +130,7 @@ class UnixStreamServer(abc.ABC):
         *,
         path: Path,
         mode: int,
-        group: str,
+        group: SystemGroup | None,
         max_clients: int,
         request_timeout: float,
         idle_timeout: float,
@@ -139,7 +140,7 @@ class UnixStreamServer(abc.ABC):
         log: structlog.typing.FilteringBoundLogger,
         max_clients_per_uid: int | None = None,
         first_byte_timeout: float | None = None,
-        acl_groups: tuple[str, ...] = (),
+        acl_groups: tuple[SystemGroup, ...] = (),
     ) -> None:
         self._path = path
         self._mode = mode

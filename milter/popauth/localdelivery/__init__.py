@@ -11,6 +11,7 @@ came from.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,12 +19,23 @@ from dataclasses import dataclass
 from popauth.relay.postfixlists import TransportRoutes
 from popauth.relay.recipients import DeliveryClass, DomainSet, LocalDeliveryRules
 
-DOMAIN_PATTERN = re.compile(r"^\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?$")
-MAILER_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+# What a domain and a mailer name may look like, here and in the settings
+# (matched whole).
+DOMAIN_NAME = re.compile(r"\.?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)\.?")
+MAILER_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 CONFIGURED_DOMAINS = "configured: local_domains"
 CONFIGURED_MAILERS = "configured: local_mailers"
 # How many transport_maps routes check-config shows by name per mailer.
 SHOWN_ROUTE_KEYS = 3
+
+
+class LearnFrom(enum.StrEnum):
+    """Which MTA local delivery is learned from (``learn_from_mta``)."""
+
+    AUTO = "auto"  # Postfix, then Sendmail
+    POSTFIX = "postfix"
+    SENDMAIL = "sendmail"
+    NONE = "none"
 
 
 class LearnError(Exception):
@@ -35,11 +47,11 @@ class MtaNotFound(LearnError):
 
 
 def is_domain_name(text: str) -> bool:
-    return bool(DOMAIN_PATTERN.match(text))
+    return DOMAIN_NAME.fullmatch(text) is not None
 
 
 def is_mailer_name(text: str) -> bool:
-    return bool(MAILER_PATTERN.match(text))
+    return MAILER_NAME.fullmatch(text) is not None
 
 
 def canonical_domain(text: str) -> str:

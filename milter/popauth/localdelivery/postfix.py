@@ -242,7 +242,7 @@ def _table_for_reading(table: str) -> str:
 class PostfixConfig:
     """One Postfix configuration, read through its own tools."""
 
-    def __init__(self, config_directory: str = "", run: Runner | None = None) -> None:
+    def __init__(self, config_directory: str | None = None, run: Runner | None = None) -> None:
         self.config_directory = config_directory
         self._run = run if run is not None else CommandRunner()
         self._where = f"-c {config_directory}" if config_directory else "MAIL_CONFIG or default"
@@ -468,7 +468,7 @@ def _parent_style(config: PostfixConfig, values: dict[str, str]) -> PostfixList:
 
 
 def learn_from_postfix(
-    config_directory: str = "",
+    config_directory: str | None = None,
     configured_domains: Sequence[str] | None = None,
     run: Runner | None = None,
     *,

@@ -6,12 +6,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-from popauth.localdelivery import LearnedClass, LearnError, LocalDelivery, MtaNotFound
+from popauth.localdelivery import LearnedClass, LearnError, LearnFrom, LocalDelivery, MtaNotFound
 from popauth.localdelivery.commands import Runner
 from popauth.localdelivery.postfix import learn_from_postfix
 from popauth.localdelivery.sendmail import learn_from_sendmail
 
-LEARN_CHOICES = ("auto", "postfix", "sendmail", "none")
 _KEYS_HINT = (
     "set local_domains and local_mailers in the settings file (e.g. local_domains ="
     ' ["example.org"], local_mailers = ["local"]), or point postfix_config_directory'
@@ -31,9 +30,9 @@ class LearnSettings(Protocol):
     @property
     def local_mailers(self) -> tuple[str, ...] | None: ...
     @property
-    def learn_from_mta(self) -> str: ...
+    def learn_from_mta(self) -> LearnFrom: ...
     @property
-    def postfix_config_directory(self) -> str: ...
+    def postfix_config_directory(self) -> str | None: ...
     @property
     def sendmail_cf(self) -> str: ...
     @property
@@ -46,7 +45,7 @@ def learn_from_mta(
     """Ask the chosen MTA; None and the reasons when there is none to ask."""
     choice = settings.learn_from_mta
     absent: list[str] = []
-    if choice in ("auto", "postfix"):
+    if choice in (LearnFrom.AUTO, LearnFrom.POSTFIX):
         try:
             learned = learn_from_postfix(
                 settings.postfix_config_directory,
@@ -56,20 +55,20 @@ def learn_from_mta(
             )
             return learned, absent
         except MtaNotFound as reason:
-            if choice == "postfix" or settings.postfix_config_directory:
+            if choice is LearnFrom.POSTFIX or settings.postfix_config_directory:
                 raise LearnError(str(reason)) from None
             absent.append(str(reason))
-    if choice in ("auto", "sendmail"):
+    if choice in (LearnFrom.AUTO, LearnFrom.SENDMAIL):
         try:
             learned = learn_from_sendmail(
                 settings.sendmail_command, settings.sendmail_cf, run, configured_domains
             )
             return learned, absent
         except MtaNotFound as reason:
-            if choice == "sendmail":
+            if choice is LearnFrom.SENDMAIL:
                 raise LearnError(str(reason)) from None
             absent.append(str(reason))
-    if choice == "none":
+    if choice is LearnFrom.NONE:
         absent.append('learn_from_mta = "none"')
     return None, absent
 

@@ -68,6 +68,9 @@ class Message:
 
     client: Client
     relayed_recipients: int = 0
+    # How its relayed recipients went out; the ledger is told at the end of
+    # the message, so that a transaction the client abandons counts nothing.
+    way: RelayWay | None = None
 
 
 class RelayGate:
@@ -135,10 +138,23 @@ class RelayGate:
             self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
         if way is not None and not is_local_recipient(recipient, policy.local_delivery):
-            first = message.relayed_recipients == 0
             message.relayed_recipients += 1
-            self._ledger.record(_account(client), way, messages=int(first), recipients=1)
+            message.way = way
         return decision
+
+    def message_sent(self, message: Message) -> None:
+        """The end of the message's data: its relayed recipients go into the books.
+
+        Only a message the client sent to its end counts; one aborted after
+        RCPT (RSET, QUIT, a dropped connection) never reaches here.
+        """
+        if message.way is not None and message.relayed_recipients:
+            self._ledger.record(
+                _account(message.client),
+                message.way,
+                messages=1,
+                recipients=message.relayed_recipients,
+            )
 
     def assess(self, address: IPAddress, auth_user: str, recipient: Recipient) -> Assessment:
         """The decision the milter would take for this recipient now, recording nothing.

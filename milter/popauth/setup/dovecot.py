@@ -73,21 +73,23 @@ def _reporter_refusals(settings: Settings, user: str) -> list[str]:
         return [f"Dovecot's internal user {user!r} does not exist"]
     ingest = settings.ingest
     groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
-    group_names = {grp.getgrgid(gid).gr_name for gid in groups}
     refusals = []
-    reporter = user in ingest.allowed_users or str(entry.pw_uid) in ingest.allowed_users
-    if not reporter and not group_names & set(ingest.allowed_groups):
+    reporter = entry.pw_uid in {allowed.uid for allowed in ingest.allowed_users}
+    if not reporter and not groups & {allowed.gid for allowed in ingest.allowed_groups}:
         refusals.append(
             f"popauth does not take logins from {user!r}: add it to ingest_allowed_users"
             f' in popauth.toml (ingest_allowed_users = ["{user}"]), restart popauth'
         )
     reachable = ingest.socket_mode & 0o006 == 0o006 or (
-        ingest.socket_mode & 0o060 == 0o060 and ingest.socket_group in group_names
+        ingest.socket_mode & 0o060 == 0o060
+        and ingest.socket_group is not None
+        and ingest.socket_group.gid in groups
     )
     if not reachable:
         refusals.append(
             f"{user!r} cannot reach the ingest socket (mode {ingest.socket_mode:04o}, group"
-            f' {ingest.socket_group or "popauth"!r}): set ingest_socket_group = "{user}"'
+            f" {str(ingest.socket_group or 'popauth')!r}): set ingest_socket_group ="
+            f' "{user}"'
             ' or ingest_socket_mode = "0666"'
         )
     return refusals

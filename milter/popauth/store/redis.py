@@ -55,8 +55,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import redis
@@ -322,39 +321,48 @@ def _pairs(flat: Sequence[bytes | str]) -> list[tuple[bytes | str, bytes | str]]
     return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
-@dataclass(frozen=True)
-class SentinelSettings:
-    """Where the sentinels are, which master to ask for, and how to talk to them.
+class SentinelOptions(Protocol):
+    """Where the sentinels are, which master to ask for, and how to talk to them
+    (the store's settings group, ``settings.store``).
 
     The credentials and TLS here are the sentinels' own; the master's come
     from the Redis URL.
     """
 
-    addresses: tuple[tuple[str, int], ...]
-    service: str
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-    tls_ca_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
+    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]: ...
+    @property
+    def redis_sentinel_service(self) -> str: ...
+    @property
+    def redis_sentinel_username(self) -> str | None: ...
+    @property
+    def redis_sentinel_password(self) -> str | None: ...
+    @property
+    def redis_sentinel_tls(self) -> bool: ...
+    @property
+    def redis_sentinel_tls_ca_file(self) -> str | None: ...
+    @property
+    def redis_sentinel_tls_cert_file(self) -> str | None: ...
+    @property
+    def redis_sentinel_tls_key_file(self) -> str | None: ...
 
-    def connection_options(self, timeout: float) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if self.username:
-            options["username"] = self.username
-        if self.password:
-            options["password"] = self.password
-        if self.tls:
-            options["ssl"] = True
-            options["ssl_ca_certs"] = self.tls_ca_file or None
-            options["ssl_certfile"] = self.tls_cert_file or None
-            options["ssl_keyfile"] = self.tls_key_file or None
-        return options
+
+def sentinel_connection_options(sentinel: SentinelOptions, timeout: float) -> dict[str, Any]:
+    """The options of a connection to a sentinel itself."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if sentinel.redis_sentinel_username:
+        options["username"] = sentinel.redis_sentinel_username
+    if sentinel.redis_sentinel_password:
+        options["password"] = sentinel.redis_sentinel_password
+    if sentinel.redis_sentinel_tls:
+        options["ssl"] = True
+        options["ssl_ca_certs"] = sentinel.redis_sentinel_tls_ca_file
+        options["ssl_certfile"] = sentinel.redis_sentinel_tls_cert_file
+        options["ssl_keyfile"] = sentinel.redis_sentinel_tls_key_file
+    return options
 
 
 def _no_retries(timeout: float) -> dict[str, Any]:
@@ -391,7 +399,7 @@ def _direct_options(url: str, timeout: float) -> dict[str, Any]:
     return options
 
 
-def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) -> redis.Redis:
+def connect(url: str, timeout: float, sentinel: SentinelOptions | None = None) -> redis.Redis:
     """A client for ``url``, or for the master the sentinels name.
 
     With sentinels, ``url`` still gives the master's password, database and
@@ -408,12 +416,12 @@ def connect(url: str, timeout: float, sentinel: SentinelSettings | None = None) 
     if parsed.get("connection_class") is SSLConnection:
         master_options["ssl"] = True  # the sentinel pool picks its TLS connection class
     manager = Sentinel(
-        list(sentinel.addresses),
-        sentinel_kwargs=sentinel.connection_options(timeout),
+        list(sentinel.sentinel_addresses()),
+        sentinel_kwargs=sentinel_connection_options(sentinel, timeout),
         **_no_retries(timeout),
         **master_options,
     )
-    client: redis.Redis = manager.master_for(sentinel.service)
+    client: redis.Redis = manager.master_for(sentinel.redis_sentinel_service)
     return client
 
 

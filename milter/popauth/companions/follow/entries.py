@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from popauth.config import FollowTrust
+
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
@@ -96,10 +98,8 @@ def _bsd(text: str, now: float) -> float:
 class EntryParser:
     """Splits lines of one envelope (``rsyslog`` or ``file``) into LogEntry values."""
 
-    def __init__(self, trust: str) -> None:
-        if trust not in ("rsyslog", "file"):
-            raise ValueError(f"unknown envelope {trust!r}")
-        self._trusted = trust == "rsyslog"
+    def __init__(self, trust: FollowTrust) -> None:
+        self._trusted = trust is FollowTrust.RSYSLOG
         self._pattern = _TRUSTED if self._trusted else _PLAIN
         self._times = TimeParser()
 

@@ -61,6 +61,7 @@ from popauth.companions.follow.formats import (
     SessionFormat,
 )
 from popauth.companions.follow.sources import LineSource
+from popauth.config import FollowTrust
 
 # Lines stamped up to this long after "now" still count (clock steps, rounding).
 FUTURE_SLACK = 5.0
@@ -152,7 +153,7 @@ class LineJudge:
         self,
         *,
         login_format: LoginFormat,
-        trust: str,
+        trust: FollowTrust,
         trusted_uids: frozenset[int],
         max_age: float,
         not_before: float,
@@ -163,14 +164,14 @@ class LineJudge:
         journald: Container[int] | None = None,
     ) -> None:
         self._format = login_format
-        if trust == "rsyslog":
+        if trust is FollowTrust.RSYSLOG:
             login_format.trusted_uids = trusted_uids
         if isinstance(login_format, SessionFormat):
             login_format.mail_uids = mail_uids
             login_format.session_timeout = session_timeout
         self._programs = login_format.programs
         self._entries = EntryParser(trust)
-        self._check_sender = trust == "rsyslog"
+        self._check_sender = trust is FollowTrust.RSYSLOG
         self._max_age = max_age
         self._not_before = not_before
         self._log = log

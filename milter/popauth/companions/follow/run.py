@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import stat
 import time
@@ -14,7 +13,7 @@ from popauth.companions.follow.follower import Counters, Follower, IngestReporte
 from popauth.companions.follow.formats import build_format
 from popauth.companions.follow.sources import MAX_LINE, FollowedFile, LineSource, StandardInput
 from popauth.companions.follow.trust import TrustReport, assess, read_pid_max, read_ptrace_scope
-from popauth.config import Settings
+from popauth.config import FollowFormat, FollowTrust, Settings
 from popauth.telemetry.logs import configure_logging
 
 
@@ -22,27 +21,23 @@ class FollowSetupError(ValueError):
     """The follower cannot start with these settings; the message says why."""
 
 
-def trusted_uids(users: tuple[str, ...]) -> frozenset[int]:
-    return frozenset(int(u) if u.isdigit() else pwd.getpwnam(u).pw_uid for u in users)
-
-
-def check_log_file(path: Path, trust: str) -> None:
+def check_log_file(path: Path, trust: FollowTrust) -> None:
     """A log trusted as a whole must not be writable by anyone but its owner."""
     try:
         status = path.stat()
     except FileNotFoundError:
         return  # created later by the server; checked again at the next start
-    if trust == "file" and status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if trust is FollowTrust.FILE and status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise FollowSetupError(
             f"{path} is writable by its group or by everyone: anyone who can write it "
             "could whitelist any address (chmod go-w)"
         )
 
 
-def trust_report(settings: Settings) -> TrustReport:
+def trust_report(settings: Settings, follow_format: FollowFormat) -> TrustReport:
     """What following ``follow_format`` means on this host's kernel (docs/follow.rst)."""
     return assess(
-        settings.follow.format,
+        follow_format.value,
         settings.follow.trust,
         read_ptrace_scope(),
         settings.follow.mail_users_run_programs,
@@ -54,12 +49,13 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
     log_name = log or settings.follow.log
     if not log_name:
         raise FollowSetupError("no log to follow: give one, or set follow_log")
-    if not settings.follow.format:
+    follow_format = settings.follow.format
+    if follow_format is None:
         raise FollowSetupError("set follow_format to the POP/IMAP server's log format")
     login_format = build_format(
-        settings.follow.format, settings.follow.programs, settings.follow.regex
+        follow_format.value, settings.follow.programs, settings.follow.regex or ""
     )
-    trust = trust_report(settings)
+    trust = trust_report(settings, follow_format)
     if trust.refusal is not None:
         raise FollowSetupError(trust.refusal)
     logger = configure_logging(settings.log.format, settings.log.level).bind(door="follow")
@@ -87,7 +83,7 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
     judge = LineJudge(
         login_format=login_format,
         trust=settings.follow.trust,
-        trusted_uids=trusted_uids(settings.follow.trusted_users),
+        trusted_uids=settings.follow.trusted_uids,
         max_age=settings.follow.max_age,
         not_before=not_before,
         log=logger,
@@ -95,7 +91,7 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         mail_uids=settings.follow.mail_uids,
         session_timeout=settings.follow.session_timeout,
     )
-    if settings.follow.trust == "rsyslog" and not os.access("/proc/1/comm", os.R_OK):
+    if settings.follow.trust is FollowTrust.RSYSLOG and not os.access("/proc/1/comm", os.R_OK):
         # hidepid, or another PID namespace than rsyslog's: journald's pid
         # on a line (its sender gone) cannot be told from the sender's.
         logger.warning(
@@ -116,7 +112,7 @@ def build_follower(settings: Settings, log: str | None = None) -> Follower:
         "follow_start",
         log=log_name,
         format=login_format.name,
-        trust=settings.follow.trust,
+        trust=settings.follow.trust.value,
         programs=sorted(login_format.programs),
         resumed=getattr(source, "resumed_from", None) is not None,
         pid=os.getpid(),

@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from popauth.config import FollowTrust
+
 YAMA_PTRACE_SCOPE = Path("/proc/sys/kernel/yama/ptrace_scope")
 PID_MAX = Path("/proc/sys/kernel/pid_max")
 COURIER_REPORTER = "contrib/courier/popauth-courier-login"
@@ -164,7 +166,7 @@ class TrustReport:
 
 def assess(
     format_name: str,
-    envelope: str,
+    envelope: FollowTrust,
     ptrace_scope: int | None,
     mail_users_run_programs: bool,
     pid_max: int | None = None,
@@ -208,7 +210,7 @@ def assess(
             "success line for it"
             + (f" (kernel.pid_max = {pid_max})" if pid_max is not None else "")
         )
-    if envelope == "file":
+    if envelope is FollowTrust.FILE:
         warnings.append(
             "follow_trust = file: every line of the file counts; only the server may write "
             "it (a file rsyslog writes takes lines from every local user's logger)"

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import enum
 import os
-import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
+from popauth.basics.posixids import SystemGroup, SystemUser
 from popauth.doors.ingest.protocol import Verb
-from popauth.doors.sockets import resolve_gid
 from popauth.doors.unixserver import Peer
 
 
@@ -71,11 +71,14 @@ class Members:
 
     @classmethod
     def of(
-        cls, users: Iterable[str], groups: Iterable[str], *, also: Iterable[int] = ()
+        cls,
+        users: Iterable[SystemUser],
+        groups: Iterable[SystemGroup],
+        *,
+        also: Iterable[int] = (),
     ) -> Members:
-        uids = set(also)
-        uids.update(int(u) if u.isdigit() else pwd.getpwnam(u).pw_uid for u in users)
-        return cls(frozenset(uids), frozenset(resolve_gid(g) for g in groups))
+        uids = {*also, *(user.uid for user in users)}
+        return cls(frozenset(uids), frozenset(group.gid for group in groups))
 
     def include(self, peer: Peer) -> bool:
         return peer.uid in self.uids or peer.in_group(self.gids)
@@ -90,6 +93,23 @@ _REFUSALS = {
 }
 
 
+class RoleOptions(Protocol):
+    """Who holds which role, as the settings say (``settings.ingest``)."""
+
+    @property
+    def allowed_users(self) -> tuple[SystemUser, ...]: ...
+    @property
+    def allowed_groups(self) -> tuple[SystemGroup, ...]: ...
+    @property
+    def operator_users(self) -> tuple[SystemUser, ...]: ...
+    @property
+    def operator_groups(self) -> tuple[SystemGroup, ...]: ...
+    @property
+    def admin_users(self) -> tuple[SystemUser, ...]: ...
+    @property
+    def admin_groups(self) -> tuple[SystemGroup, ...]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PeerPolicy:
     """The members of each role; administrators may do what every role may."""
@@ -101,13 +121,13 @@ class PeerPolicy:
     @classmethod
     def of(
         cls,
-        reporter_users: Iterable[str],
-        reporter_groups: Iterable[str],
+        reporter_users: Iterable[SystemUser],
+        reporter_groups: Iterable[SystemGroup],
         *,
-        operator_users: Iterable[str] = (),
-        operator_groups: Iterable[str] = (),
-        administrator_users: Iterable[str] = (),
-        administrator_groups: Iterable[str] = (),
+        operator_users: Iterable[SystemUser] = (),
+        operator_groups: Iterable[SystemGroup] = (),
+        administrator_users: Iterable[SystemUser] = (),
+        administrator_groups: Iterable[SystemGroup] = (),
     ) -> PeerPolicy:
         return cls(
             reporters=Members.of(reporter_users, reporter_groups),
@@ -115,6 +135,17 @@ class PeerPolicy:
             administrators=Members.of(
                 administrator_users, administrator_groups, also=(0, os.getuid())
             ),
+        )
+
+    @classmethod
+    def of_roles(cls, roles: RoleOptions) -> PeerPolicy:
+        return cls.of(
+            roles.allowed_users,
+            roles.allowed_groups,
+            operator_users=roles.operator_users,
+            operator_groups=roles.operator_groups,
+            administrator_users=roles.admin_users,
+            administrator_groups=roles.admin_groups,
         )
 
     def holds_a_role(self, peer: Peer) -> bool:

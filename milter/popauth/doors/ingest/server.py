@@ -11,16 +11,17 @@ nothing, and no client can stop the endpoint from serving the others.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
+from popauth.basics.posixids import SystemGroup
 from popauth.basics.usernames import printable_user_name
 from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
-from popauth.doors.ingest.roles import PeerPolicy
+from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.relay.explain import Explainer, Question, explanation_lines
 from popauth.store import NotConfirmed, Renewal, StoreUnavailable, UserBlocked, WhitelistStore
@@ -28,47 +29,58 @@ from popauth.store.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.telemetry.metrics import Metrics
 
 # PeerPolicy is part of what building an IngestServer takes.
-__all__ = ["IngestLimits", "IngestServer", "PeerPolicy"]
+__all__ = ["IngestOptions", "IngestServer", "PeerPolicy"]
 
 
-@dataclass(frozen=True, slots=True)
-class IngestLimits:
-    timeout: float = 5.0
-    max_clients: int = 256
+class IngestOptions(RoleOptions, Protocol):
+    """What the ingest door reads from its settings group (``settings.ingest``)."""
+
+    @property
+    def socket(self) -> Path: ...
+    @property
+    def socket_mode(self) -> int: ...
+    @property
+    def socket_group(self) -> SystemGroup | None: ...
+    @property
+    def socket_acl_groups(self) -> tuple[SystemGroup, ...]: ...
+    # Seconds a client may take for each request line, the first included.
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_clients(self) -> int: ...
     # Connections one uid without a role may hold (peers with a role: no quota).
-    max_clients_per_uid: int = 8
+    @property
+    def clients_per_uid(self) -> int: ...
     # Seconds a new connection may stay silent: the hook writes at once.
-    first_byte_timeout: float = 1.0
+    @property
+    def first_byte_timeout(self) -> float: ...
 
 
 class IngestServer(UnixStreamServer):
     def __init__(
         self,
         *,
-        path: Path,
-        mode: int,
-        group: str,
+        settings: IngestOptions,
         store: WhitelistStore,
         keying: WhitelistKeying,
-        peers: PeerPolicy,
-        limits: IngestLimits,
         blocklist: BlockList,
         ledger: UsageLedger,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
         explainer: Explainer | None = None,
-        acl_groups: tuple[str, ...] = (),
+        peers: PeerPolicy | None = None,
     ) -> None:
+        """``peers``: who holds which role; by default the settings' roles."""
         super().__init__(
-            path=path,
-            mode=mode,
-            group=group,
-            acl_groups=acl_groups,
-            max_clients=limits.max_clients,
+            path=settings.socket,
+            mode=settings.socket_mode,
+            group=settings.socket_group,
+            acl_groups=settings.socket_acl_groups,
+            max_clients=settings.max_clients,
             # Each complete line restarts the clock: a client has ``timeout``
             # seconds for every request, the first included.
-            request_timeout=limits.timeout,
-            idle_timeout=limits.timeout,
+            request_timeout=settings.timeout,
+            idle_timeout=settings.timeout,
             refusals=Refusals(
                 timeout=_TIMEOUT,
                 idle=_TIMEOUT,
@@ -79,12 +91,12 @@ class IngestServer(UnixStreamServer):
             blocking_calls=store.may_block,
             thread_name="popauth-ingest",
             log=log.bind(door="ingest"),
-            max_clients_per_uid=limits.max_clients_per_uid,
-            first_byte_timeout=min(limits.first_byte_timeout, limits.timeout),
+            max_clients_per_uid=settings.clients_per_uid,
+            first_byte_timeout=min(settings.first_byte_timeout, settings.timeout),
         )
         self._store = store
         self._keying = keying
-        self._peers = peers
+        self._peers = peers if peers is not None else PeerPolicy.of_roles(settings)
         self._blocklist = blocklist
         self._ledger = ledger
         self._metrics = metrics

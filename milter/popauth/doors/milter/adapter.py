@@ -166,11 +166,21 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         return _TEMPFAIL if verdict is Verdict.TEMPFAIL else _REJECT
 
     def abort(self) -> int:
+        # The transaction ended without its data: nothing of it is counted.
         self._message = None
-        return int(Milter.CONTINUE)
+        return _CONTINUE
 
     def eom(self) -> int:
-        return int(Milter.CONTINUE)
+        message, self._message = self._message, None
+        if message is not None:
+            # The recipients were judged already: a failure to count must not
+            # hold the message up, only be seen.
+            try:
+                self._gate.message_sent(message)
+            except Exception:
+                self.metrics.errors.labels("milter_callback").inc()
+                self.log.exception("milter_callback_failed", callback="eom")
+        return _CONTINUE
 
     def close(self) -> int:
         return int(Milter.CONTINUE)

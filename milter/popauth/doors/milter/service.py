@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
+from popauth.basics.posixids import SystemGroup
 from popauth.doors.milter.adapter import MilterFactory, register_milter
 from popauth.doors.sockets import (
     clear_stale_socket,
@@ -85,6 +86,21 @@ class MilterSocketError(OSError):
     """libmilter could not open the milter socket."""
 
 
+class MilterOptions(Protocol):
+    """What the milter door reads from its settings group (``settings.milter``)."""
+
+    @property
+    def socket(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def timeout(self) -> int: ...
+    @property
+    def socket_mode(self) -> int: ...
+    @property
+    def socket_group(self) -> SystemGroup | None: ...
+
+
 class MilterService:
     """The milter socket: opened at :meth:`start`, served by libmilter's main()
     in a thread, closed by :meth:`stop`.
@@ -98,26 +114,22 @@ class MilterService:
     def __init__(
         self,
         *,
-        name: str,
-        spec: str,
-        timeout: int,
-        mode: int,
-        group: str,
+        settings: MilterOptions,
         factory: MilterFactory,
         on_exit: Callable[[str], None],
         log: structlog.typing.FilteringBoundLogger,
         stop_timeout: float = 10.0,
     ) -> None:
-        self._name = name
-        self._spec = spec
-        self._timeout = timeout
-        self._mode = mode
-        self._group = group
+        self._name = settings.name
+        self._spec = settings.socket
+        self._timeout = settings.timeout
+        self._mode = settings.socket_mode
+        self._group = settings.socket_group
         self._factory = factory
         self._on_exit = on_exit
         self._log = log
         self._stop_timeout = stop_timeout
-        self._path = socket_path(spec)
+        self._path = socket_path(self._spec)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 

@@ -25,31 +25,45 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from popauth.basics.addresses import AddressError, WhitelistKeying, parse_client_address
+from popauth.basics.posixids import SystemGroup
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.codec import NetstringError, RequestError, Status
-from popauth.doors.sockets import resolve_gid
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.store import StoreUnavailable, WhitelistStore
 from popauth.telemetry.metrics import Metrics
 
 
-@dataclass(frozen=True, slots=True)
-class SocketmapLimits:
+class SocketmapOptions(Protocol):
+    """What the socketmap door reads from its settings group (``settings.socketmap``)."""
+
+    @property
+    def socket_mode(self) -> int: ...
+    @property
+    def socket_group(self) -> SystemGroup | None: ...
+    # The map name the MTA sends, and the value a whitelisted client gets.
+    @property
+    def name(self) -> str: ...
+    @property
+    def ok_value(self) -> str: ...
     # Seconds to complete a request once its first byte arrived.
-    timeout: float = 5.0
+    @property
+    def timeout(self) -> float: ...
     # Seconds a persistent connection may stay idle between requests.
-    idle_timeout: float = 300.0
-    max_clients: int = 512
-    max_request: int = codec.MAX_REQUEST
+    @property
+    def idle_timeout(self) -> float: ...
+    @property
+    def max_clients(self) -> int: ...
     # Connections one uid may hold, unless it is root, popauth's user or in
     # the socket's group (the MTA); 0: no quota. Off by default: an MTA
     # that reaches the socket through its mode, not its group, must never
     # be throttled.
-    max_clients_per_uid: int = 0
+    @property
+    def clients_per_uid(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -82,25 +96,21 @@ class SocketmapServer(UnixStreamServer):
         self,
         *,
         path: Path,
-        mode: int,
-        group: str,
+        settings: SocketmapOptions,
         store: WhitelistStore,
         keying: WhitelistKeying,
-        name: str,
-        ok_value: str,
-        limits: SocketmapLimits,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
         lookup_events: bool,
     ) -> None:
         super().__init__(
             path=path,
-            mode=mode,
-            group=group,
-            max_clients=limits.max_clients,
-            request_timeout=limits.timeout,
+            mode=settings.socket_mode,
+            group=settings.socket_group,
+            max_clients=settings.max_clients,
+            request_timeout=settings.timeout,
             # An idle persistent connection is closed without a word.
-            idle_timeout=limits.idle_timeout,
+            idle_timeout=settings.idle_timeout,
             refusals=Refusals(
                 timeout=codec.reply(Status.TIMEOUT, "no complete request in time"),
                 idle=None,
@@ -111,15 +121,15 @@ class SocketmapServer(UnixStreamServer):
             blocking_calls=store.may_block,
             thread_name="popauth-socketmap",
             log=log.bind(door="socketmap"),
-            max_clients_per_uid=limits.max_clients_per_uid or None,
+            max_clients_per_uid=settings.clients_per_uid or None,
         )
-        self._mta_gid = resolve_gid(group) if group else os.getgid()
+        group = settings.socket_group
+        self._mta_gid = group.gid if group is not None else os.getgid()
         self._store = store
         self._keying = keying
-        self._name = name
-        self._ok = codec.reply(Status.OK, ok_value)
+        self._name = settings.name
+        self._ok = codec.reply(Status.OK, settings.ok_value)
         self._notfound = codec.reply(Status.NOTFOUND)
-        self._limits = limits
         self._metrics = metrics
         self.counters = SocketmapCounters()
         # Per-lookup events are debug only (the caller knows the log level:
@@ -149,7 +159,7 @@ class SocketmapServer(UnixStreamServer):
 
     def split_request(self, buffer: bytearray) -> tuple[bytes, int] | None:
         try:
-            return codec.split_first(buffer, self._limits.max_request)
+            return codec.split_first(buffer, codec.MAX_REQUEST)
         except NetstringError as problem:
             # The stream cannot be resynchronised: PERM, then close.
             raise FramingError(
