@@ -121,10 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     query = client("query", "show the whitelist entry of an address")
     query.add_argument("address")
     query.add_argument("--format", choices=("table", "raw"), default="table")
-    revoke = client("revoke", "remove an address, or every address of a user, from the whitelist")
+    revoke = client(
+        "revoke",
+        "remove an address (all its users), or a user from every address, from the whitelist",
+    )
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("address", nargs="?")
-    target.add_argument("--user", help="revoke every entry of this user")
+    target.add_argument("--user", help="revoke this user's membership of every entry")
     client("block", "refuse a user's logins and revoke their entries").add_argument("user")
     client("unblock", "accept a user's logins again").add_argument("user")
     client("blocked", "list blocked users")
