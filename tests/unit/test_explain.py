@@ -154,7 +154,9 @@ def test_a_whitelisted_client_relays_with_its_entry_shown(setup: Setup) -> None:
     )
     assert field_of(lines, "user") == "joe is not blocked"
     assert field_of(lines, "recipient").endswith("(the verdict does not depend on it)")
-    assert field_of(lines, "sender").startswith("joe@example.test is not part of the decision")
+    assert field_of(lines, "sender") == (
+        "joe@example.test belongs to a user of the entry (pop_first_sender = 'warn')"
+    )
 
 
 def test_counting_recipients_settles_a_whitelisted_client_at_rcpt(setup: Setup) -> None:

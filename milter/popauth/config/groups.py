@@ -69,7 +69,8 @@ from popauth.config.converters import (
 )
 from popauth.doors.ingest import wire
 from popauth.localdelivery import LearnFrom, LocalDelivery
-from popauth.relay.decision import PopFirst, Provenance, RelayPolicy
+from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayPolicy
+from popauth.relay.replies import DEFAULT_NULL_SENDER, DEFAULT_SENDER_NOT_OWNED
 from popauth.relay.gate import Accounting
 from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
 from popauth.telemetry.logs import LogFormat, LogLevel
@@ -387,6 +388,19 @@ class RelaySettings:
     pop_first_retired_message: str = setting(
         "pop_first_retired_message", DEFAULT_POP_FIRST_RETIRED_MESSAGE, smtp_text
     )
+    # Whether a POP-first client may send as anyone ("any"), only as one of
+    # the users who logged in from its address ("own"), or as anyone while
+    # what "own" would refuse is logged ("warn", the default: measure first).
+    pop_first_sender: PopFirstSender = setting(
+        "pop_first_sender", PopFirstSender.WARN, choice(PopFirstSender)
+    )
+    # The texts after "550 5.7.1" of the two refusals of "own".
+    pop_first_sender_message: str = setting(
+        "pop_first_sender_message", DEFAULT_SENDER_NOT_OWNED, smtp_text
+    )
+    pop_first_null_sender_message: str = setting(
+        "pop_first_null_sender_message", DEFAULT_NULL_SENDER, smtp_text
+    )
 
     def __post_init__(self) -> None:
         if self.allow_wide_trusted_networks:
@@ -407,6 +421,7 @@ class RelaySettings:
             local_delivery=local.rules(),
             pop_first=self.pop_first,
             provenance=Provenance(local.source, local.domains, local.mailers),
+            pop_first_sender=self.pop_first_sender,
         )
 
 

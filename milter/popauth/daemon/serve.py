@@ -196,7 +196,12 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
     lifecycle.on_reload("local_delivery", reloader, reloader.cancel)
     lifecycle.on_reload("settings", SettingsChangeCheck(settings_path, settings, log))
-    replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
+    replies = Replies(
+        settings.relay.reject_message,
+        settings.relay.pop_first_retired_message,
+        settings.relay.pop_first_sender_message,
+        settings.relay.pop_first_null_sender_message,
+    )
     explainer = Explainer(
         gate=gate,
         store=store,

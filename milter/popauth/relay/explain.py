@@ -16,8 +16,16 @@ from dataclasses import dataclass
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
 from popauth.basics.clock import Clock
+from popauth.basics.escaping import escape_text
 from popauth.basics.usernames import printable_user_name
-from popauth.relay.decision import Listing, PopFirst, Reason, RelayPolicy
+from popauth.relay.decision import (
+    Listing,
+    PopFirst,
+    PopFirstSender,
+    Reason,
+    RelayPolicy,
+    sender_refusal,
+)
 from popauth.relay.gate import Assessment, RelayGate
 from popauth.relay.recipients import (
     Classified,
@@ -102,7 +110,9 @@ class Explainer:
     def facts(self, question: Question) -> Facts:
         policy = self._gate.policy
         recipient, assumed = recipient_as_the_mta_gives_it(question, policy)
-        assessment = self._gate.assess(question.address, question.auth_user, recipient)
+        assessment = self._gate.assess(
+            question.address, question.auth_user, recipient, question.sender or None
+        )
         key = self._keying.key_address(question.address)
         ended = None
         if assessment.grant is None and assessment.client.listing is not Listing.UNAVAILABLE:
@@ -157,12 +167,38 @@ def explanation_lines(facts: Facts) -> list[str]:
     lines = [_verdict_line(facts), _reply_line(facts), _whitelist_line(facts)]
     lines += _user_lines(facts)
     lines.append(_recipient_line(facts))
-    if facts.question.sender:
-        lines.append(
-            f"sender: {facts.question.sender} is not part of the decision"
-            " (popauth judges the client and the recipient)"
-        )
+    sender = _sender_line(facts)
+    if sender:
+        lines.append(sender)
     return lines
+
+
+def _sender_line(facts: Facts) -> str:
+    """What pop_first_sender makes of the sender, for a whitelisted client."""
+    assessment = facts.assessment
+    policy = assessment.policy
+    shown = escape_text(facts.question.sender)
+    entry = assessment.grant
+    if policy.pop_first_sender is PopFirstSender.ANY or entry is None:
+        if not shown:
+            return ""
+        return (
+            f"sender: {shown} is not part of the decision"
+            f" (pop_first_sender = {policy.pop_first_sender.value!r}"
+            + ("" if entry is None else ": a POP-first client may send as anyone")
+            + ")"
+        )
+    mode = f"pop_first_sender = {policy.pop_first_sender.value!r}"
+    refusal = sender_refusal(policy, assessment.client)
+    if refusal is None:
+        return f"sender: {shown} belongs to a user of the entry ({mode})"
+    if not shown:
+        return f"sender: not given (--sender): {mode} judges MAIL FROM"
+    enforced = policy.pop_first_sender is PopFirstSender.OWN
+    what = "the null sender" if refusal.reason is Reason.NULL_SENDER else shown
+    owners = ", ".join(_shown(user) for user in entry.users)
+    ending = "refused" if enforced else "relayed, and logged as sender_not_owned"
+    return f"sender: {what} belongs to none of the entry's users ({owners}): {ending} ({mode})"
 
 
 def _verdict_line(facts: Facts) -> str:
