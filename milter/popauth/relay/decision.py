@@ -21,7 +21,7 @@ the per-recipient round trips. Nothing here does I/O or knows about pymilter.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from popauth.basics.addresses import IPAddress, NetworkSet
@@ -113,7 +113,7 @@ class RelayPolicy:
     pop_first: PopFirst = PopFirst.ON
     provenance: Provenance = Provenance()
     pop_first_sender: PopFirstSender = PopFirstSender.ANY
-    sender_owners: SenderOwners = SenderOwners()
+    sender_owners: SenderOwners = field(default_factory=SenderOwners)
 
 
 class Client(NamedTuple):
