@@ -1,0 +1,73 @@
+"""The sender ownership rule and the file of extra addresses."""
+
+from __future__ import annotations
+
+import pytest
+
+from popauth.relay.ownership import (
+    SenderFileError,
+    SenderOwners,
+    parse_sender_addresses,
+    sender_address,
+)
+from popauth.relay.recipients import LocalDeliveryRules
+
+LOCAL = LocalDeliveryRules.configured(["example.org", ".hosted.test"], ["local"])
+
+
+def owned(owners: SenderOwners, users: tuple[str, ...], sender: str) -> bool:
+    return owners.owners_include(users, sender, LOCAL)
+
+
+@pytest.mark.parametrize(
+    ("sender", "parsed"),
+    [
+        ("<joe@Example.ORG.>", ("joe", "example.org")),
+        ("JOE@example.org", ("joe", "example.org")),
+        ("<@relay.test:joe@example.org>", ("joe", "example.org")),
+        ("<>", None),
+        ("", None),
+        ("joe", None),
+        ("@example.org", None),
+    ],
+)
+def test_sender_addresses(sender: str, parsed: tuple[str, str] | None) -> None:
+    assert sender_address(sender) == parsed
+
+
+def test_a_plain_login_owns_its_name_at_every_local_domain() -> None:
+    owners = SenderOwners()
+    assert owned(owners, ("joe",), "<joe@example.org>")
+    assert owned(owners, ("Joe",), "<JOE@a.hosted.test>")
+    assert not owned(owners, ("joe",), "<joe@remote.example>")
+    assert not owned(owners, ("joe",), "<ann@example.org>")
+    assert owned(owners, ("ann", "joe"), "<joe@example.org>")  # any user of the entry
+    assert not owned(owners, ("joe",), "<>")
+
+
+def test_an_address_login_owns_itself_only() -> None:
+    owners = SenderOwners()
+    assert owned(owners, ("joe@remote.example",), "<Joe@Remote.Example>")
+    assert not owned(owners, ("joe@remote.example",), "<joe@example.org>")
+
+
+def test_the_file_adds_addresses_and_domains() -> None:
+    owners = parse_sender_addresses(
+        "# aliases\n"
+        "joe: joe.smith@example.org @Family.Example  # his family's domain\n"
+        "\n"
+        "JOE: j@other.example\n"
+    )
+    assert owned(owners, ("joe",), "<Joe.Smith@example.org>")
+    assert owned(owners, ("Joe",), "<anyone@family.example>")
+    assert owned(owners, ("joe",), "<j@other.example>")
+    assert not owned(owners, ("ann",), "<j@other.example>")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["joe joe@example.org", "joe:", ": joe@example.org", "joe: <joe@example.org>", "joe: nobody"],
+)
+def test_a_bad_line_is_refused_with_its_number(text: str) -> None:
+    with pytest.raises(SenderFileError, match="line 2"):
+        parse_sender_addresses("ann: ann@example.org\n" + text)
