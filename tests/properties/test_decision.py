@@ -181,9 +181,12 @@ def oracle_owned(users: tuple[str, ...], sender: str, policy: RelayPolicy) -> bo
         if "@" in user:
             if user.lower().rstrip(".") == f"{local}@{domain}".lower().rstrip("."):
                 return True
-        elif user and user.lower() == local.lower():
-            if oracle_is_local_domain(domain.rstrip(".").lower(), policy):
-                return True
+        elif (
+            user
+            and user.lower() == local.lower()
+            and oracle_is_local_domain(domain.rstrip(".").lower(), policy)
+        ):
+            return True
     return False
 
 
