@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from popauth.relay.ownership import (
@@ -71,3 +73,22 @@ def test_the_file_adds_addresses_and_domains() -> None:
 def test_a_bad_line_is_refused_with_its_number(text: str) -> None:
     with pytest.raises(SenderFileError, match="line 2"):
         parse_sender_addresses("ann: ann@example.org\n" + text)
+
+
+def test_the_file_setting_is_read_at_start_and_a_bad_one_refused(tmp_path: Path) -> None:
+    from popauth.config import ConfigError, settings_from_mapping
+    from popauth.localdelivery import LocalDelivery
+
+    good = tmp_path / "senders"
+    good.write_text("joe: @family.example\n")
+    settings = settings_from_mapping(
+        {"pop_first_sender": "own", "pop_first_sender_addresses": str(good)}
+    )
+    policy = settings.relay.policy(LocalDelivery.configured(["example.org"], ["local"]))
+    assert policy.sender_owners.owners_include(("joe",), "<x@family.example>", LOCAL)
+    bad = tmp_path / "bad"
+    bad.write_text("joe joe@example.org\n")
+    with pytest.raises(ConfigError, match=r"pop_first_sender_addresses.*line 1"):
+        settings_from_mapping({"pop_first_sender_addresses": str(bad)})
+    with pytest.raises(ConfigError, match="pop_first_sender_addresses"):
+        settings_from_mapping({"pop_first_sender_addresses": str(tmp_path / "missing")})

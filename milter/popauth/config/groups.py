@@ -71,6 +71,7 @@ from popauth.doors.ingest import wire
 from popauth.localdelivery import LearnFrom, LocalDelivery
 from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayPolicy
 from popauth.relay.gate import Accounting
+from popauth.relay.ownership import SenderOwners, parse_sender_addresses
 from popauth.relay.replies import DEFAULT_NULL_SENDER, DEFAULT_SENDER_NOT_OWNED
 from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
 from popauth.telemetry.logs import LogFormat, LogLevel
@@ -371,6 +372,27 @@ class StoreSettings:
         return WhitelistKeying(self.ipv6_prefix)
 
 
+def read_sender_addresses(path: Path | None) -> SenderOwners:
+    """The users' extra addresses in ``path`` (none without one).
+
+    Raises ValueError, saying why, when the file cannot be read or a line is bad.
+    """
+    if path is None:
+        return SenderOwners()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    return parse_sender_addresses(text)
+
+
+def _sender_addresses_file(value: Any) -> Path:
+    """A file of extra addresses, read once here so that a bad one stops popauth at start."""
+    path = file_path(value)
+    read_sender_addresses(path)
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     """Who may relay, and what a refused client is told."""
@@ -401,6 +423,11 @@ class RelaySettings:
     pop_first_null_sender_message: str = setting(
         "pop_first_null_sender_message", DEFAULT_NULL_SENDER, smtp_text
     )
+    # Extra addresses per user ("user: address @domain ..."); read at start
+    # and on reload. None: the rule alone.
+    pop_first_sender_addresses: Path | None = optional_setting(
+        "pop_first_sender_addresses", None, _sender_addresses_file
+    )
 
     def __post_init__(self) -> None:
         if self.allow_wide_trusted_networks:
@@ -422,6 +449,7 @@ class RelaySettings:
             pop_first=self.pop_first,
             provenance=Provenance(local.source, local.domains, local.mailers),
             pop_first_sender=self.pop_first_sender,
+            sender_owners=read_sender_addresses(self.pop_first_sender_addresses),
         )
 
 
