@@ -92,3 +92,24 @@ def test_the_file_setting_is_read_at_start_and_a_bad_one_refused(tmp_path: Path)
         settings_from_mapping({"pop_first_sender_addresses": str(bad)})
     with pytest.raises(ConfigError, match="pop_first_sender_addresses"):
         settings_from_mapping({"pop_first_sender_addresses": str(tmp_path / "missing")})
+
+
+def test_smtpd_sender_login_maps_is_searched_as_postfix_does() -> None:
+    from popauth.relay.ownership import login_map_entries
+
+    owners = SenderOwners(
+        login_map=login_map_entries(
+            [
+                ("Shared@Example.org", "carol, Dave"),
+                ("postmaster", "eve"),  # a bare local part: local domains only
+                ("@partner.test", "carol"),
+                ("shared@example.org", "mallory"),  # a later duplicate: the first wins
+            ]
+        )
+    )
+    assert owned(owners, ("dave",), "<shared@example.org>")
+    assert not owned(owners, ("mallory",), "<shared@example.org>")
+    assert owned(owners, ("eve",), "<postmaster@example.org>")
+    assert not owned(owners, ("eve",), "<postmaster@remote.example>")
+    assert owned(owners, ("carol",), "<anyone@partner.test>")
+    assert not owned(owners, ("dave",), "<anyone@partner.test>")

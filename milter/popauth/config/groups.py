@@ -18,6 +18,7 @@ and user and group names are already their ids.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -449,7 +450,10 @@ class RelaySettings:
             pop_first=self.pop_first,
             provenance=Provenance(local.source, local.domains, local.mailers),
             pop_first_sender=self.pop_first_sender,
-            sender_owners=read_sender_addresses(self.pop_first_sender_addresses),
+            sender_owners=dataclasses.replace(
+                read_sender_addresses(self.pop_first_sender_addresses),
+                login_map=local.sender_logins,
+            ),
         )
 
 

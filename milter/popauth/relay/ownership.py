@@ -7,7 +7,11 @@ rule, for a login name ``U`` and a sender ``local@domain``:
   delivers here (the local domains, however they were learned);
 - a login that is an address (``joe@example.org``) owns itself;
 - the file ``pop_first_sender_addresses`` adds addresses per user, and
-  ``@domain`` for every address of a domain.
+  ``@domain`` for every address of a domain;
+- Postfix's ``smtpd_sender_login_maps``, where popauth learned it, adds the
+  logins it names for a sender, looked up as Postfix does: the whole
+  address, then the local part alone when the domain is local, then
+  ``@domain``.
 
 Domains compare case-insensitively and without a root dot, as Postfix does;
 local parts compare case-insensitively too, as Postfix's table lookups and
@@ -49,12 +53,19 @@ class SenderOwners:
     (``local@domain``) and domains (``@domain``)."""
 
     extra: tuple[tuple[str, frozenset[str]], ...] = ()
+    # smtpd_sender_login_maps: folded key (address, local part, @domain) ->
+    # caseless login names that own it.
+    login_map: tuple[tuple[str, frozenset[str]], ...] = ()
     _by_user: Mapping[str, frozenset[str]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _by_sender: Mapping[str, frozenset[str]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_user", dict(self.extra))
+        object.__setattr__(self, "_by_sender", dict(self.login_map))
 
     def owns(self, user: str, sender: tuple[str, str], local: LocalDeliveryRules) -> bool:
         """Whether login ``user`` may send as ``sender`` (from :func:`sender_address`)."""
@@ -66,12 +77,39 @@ class SenderOwners:
         elif user.lower() == local_part and local.class_of(domain) is not None:
             return True
         extra = self._by_user.get(user_key(user))
-        return extra is not None and (f"{local_part}@{domain}" in extra or f"@{domain}" in extra)
+        if extra is not None and (f"{local_part}@{domain}" in extra or f"@{domain}" in extra):
+            return True
+        return bool(self._by_sender) and user_key(user) in self._map_owners(sender, local)
+
+    def _map_owners(self, sender: tuple[str, str], local: LocalDeliveryRules) -> frozenset[str]:
+        # Postfix's search order; the first key found decides.
+        local_part, domain = sender
+        keys = [f"{local_part}@{domain}"]
+        if local.class_of(domain) is not None:
+            keys.append(local_part)
+        keys.append(f"@{domain}")
+        for key in keys:
+            owners = self._by_sender.get(key)
+            if owners is not None:
+                return owners
+        return frozenset()
 
     def owners_include(self, users: Iterable[str], sender: str, local: LocalDeliveryRules) -> bool:
         """Whether ``sender`` belongs to one of ``users``; never the null sender."""
         address = sender_address(sender)
         return address is not None and any(self.owns(user, address, local) for user in users)
+
+
+def login_map_entries(entries: Iterable[tuple[str, str]]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """``smtpd_sender_login_maps`` entries (key, "login, login ...") as
+    :attr:`SenderOwners.login_map`; the first entry of a key wins, as in a table."""
+    found: dict[str, frozenset[str]] = {}
+    for key, value in entries:
+        folded = key.strip().lower().rstrip(".")
+        owners = frozenset(user_key(login) for login in value.replace(",", " ").split())
+        if folded and owners:
+            found.setdefault(folded, owners)
+    return tuple(found.items())
 
 
 class SenderFileError(ValueError):
