@@ -113,3 +113,21 @@ def test_smtpd_sender_login_maps_is_searched_as_postfix_does() -> None:
     assert not owned(owners, ("eve",), "<postmaster@remote.example>")
     assert owned(owners, ("carol",), "<anyone@partner.test>")
     assert not owned(owners, ("dave",), "<anyone@partner.test>")
+
+
+def test_check_config_names_the_sender_tables_it_cannot_list() -> None:
+    from popauth.localdelivery import LocalDelivery
+
+    learned = LocalDelivery(
+        LocalDelivery.configured(["example.org"], ["local"]).classes,
+        "postfix",
+        (),
+        (("shared@example.org", frozenset({"carol"})),),
+        ("pcre:/etc/postfix/senders.pcre",),
+    )
+    lines = learned.describe()
+    assert "smtpd_sender_login_maps: 1 senders learned" in lines
+    assert any(
+        line.startswith("smtpd_sender_login_maps: pcre:/etc/postfix/senders.pcre cannot")
+        for line in lines
+    )
