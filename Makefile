@@ -32,8 +32,8 @@ try: setup-run
 	@$(VENV)/bin/popauth serve --try-it "$(TRY_IT_DIR)"
 
 lint: setup
-	$(VENV)/bin/ruff check milter tests bench $(HOOK)
-	$(VENV)/bin/ruff format --check milter tests bench $(HOOK)
+	$(VENV)/bin/ruff check milter harness tests bench $(HOOK)
+	$(VENV)/bin/ruff format --check milter harness tests bench $(HOOK)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict --scripts-are-modules $(HOOK)
 
@@ -53,8 +53,10 @@ test: check
 test-debian13:
 	@PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test-debian13
 
+# The unit and protocol suites without the tests marked live: no root, no
+# daemon but popauth itself.
 unit: setup
-	$(PY) -m pytest tests/unit tests/protocol $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not live" tests/unit tests/protocol $(PYTEST_ARGS)
 
 # The parsers fuzzed coverage-guided for FUZZ_SECONDS (make test runs 30 s), and the
 # property tests with 10,000 examples each.

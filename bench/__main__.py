@@ -26,10 +26,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tests.support.leftovers import stop_leftovers
-
 from bench.common import Mode, machine, render_result
 from bench.registry import BENCHMARKS, NAMES, Benchmark, find
+from harness.leftovers import stop_leftovers
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

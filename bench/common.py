@@ -81,6 +81,9 @@ class Metric:
     unit: str
     samples: list[float] = field(default_factory=list)
     show_p99: bool = False
+    # A difference of two measurements (e.g. CPU beyond a baseline's): on a
+    # noisy machine a round may measure it below zero.
+    difference: bool = False
 
     def stats(self) -> Stats:
         return Stats.of(self.samples)
@@ -96,6 +99,7 @@ class Metric:
             "p99": summary.p99,
             "n": summary.count,
             "samples": self.samples if len(self.samples) <= 50 else None,
+            "difference": self.difference,
         }
 
 

@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 import structlog
-from tests.live.dovecot import pop3_login
-from tests.live.logservers import InetdServer, Jail, PrivateRsyslog, ensure_package_root
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.follower import FollowerProcess
-from tests.support.popauth_server import PopauthServer
 
 from bench.common import BenchResult, Check, Mode
+from harness.dovecot import pop3_login
+from harness.logservers import InetdServer, Jail, PrivateRsyslog, ensure_package_root
+from harness.popauth import FollowerProcess, PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, rcpt_reply
 from popauth.companions.follow.follower import Counters, Follower, IngestReporter, LineJudge
 from popauth.companions.follow.formats import build_format
 from popauth.companions.follow.sources import FollowedFile

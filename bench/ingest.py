@@ -18,11 +18,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tests.live.ports import free_port
-from tests.live.redis import RedisInstance
-from tests.support.popauth_server import PopauthServer
-
 from bench.common import BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.redis import RedisInstance
 
 REQUESTS = [
     f"LOGIN 10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256} user{n % 5000:04d}\n".encode()

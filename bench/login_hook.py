@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.support.popauth_server import PopauthServer
-from tests.support.shared_runtime import shared_runtime
-
 from bench.common import POPAUTH_BIN, BenchResult, Check, Mode, Stats
+from harness.dovecot import DovecotInstance
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.shared_runtime import shared_runtime
+from harness.smtp import rcpt_code
 
 USERS = {"alice": "{PLAIN}wonderland", "bob": "{PLAIN}builder", "carol": "{PLAIN}secret"}
 PASSWORDS = {"alice": "wonderland", "bob": "builder", "carol": "secret"}
@@ -67,31 +67,6 @@ def pop3_login(port: int, user: str, source_ip: str) -> tuple[float, float]:
         reader.readline()
         reader.close()
     return done - sent, done
-
-
-def smtp_rcpt(port: int, source_ip: str, recipient: str) -> int:
-    """A fresh SMTP session up to RCPT; the RCPT reply code."""
-    with socket.create_connection(("127.0.0.1", port), 10, (source_ip, 0)) as sock:
-        reader = sock.makefile("rb")
-
-        def reply() -> int:
-            while True:
-                line = reader.readline()
-                if len(line) < 4:
-                    raise LoginFailed(f"short SMTP reply {line!r}")
-                if line[3:4] != b"-":
-                    return int(line[:3])
-
-        reply()
-        sock.sendall(b"EHLO client.example\r\n")
-        reply()
-        sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
-        reply()
-        sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
-        code = reply()
-        sock.sendall(b"QUIT\r\n")
-        reader.close()
-    return code
 
 
 def hook_breakdown(result: BenchResult, server: PopauthServer, runs: int) -> None:
@@ -194,12 +169,12 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             if not before.startswith("NOTFOUND"):
                 raise RuntimeError(f"{source} already whitelisted: {before}")
             _, logged_in = pop3_login(hooked.pop3_port, next(users), source)
-            code = smtp_rcpt(postfix.smtp_port, source, "friend@remote.example")
+            code = rcpt_code(postfix.smtp_port, source, "friend@remote.example")
             accepted = time.perf_counter()
             if code == 250:
                 first_ok += 1
                 to_rcpt.samples.append((accepted - logged_in) * 1000)
-        stranger = smtp_rcpt(postfix.smtp_port, "127.5.250.250", "friend@remote.example")
+        stranger = rcpt_code(postfix.smtp_port, "127.5.250.250", "friend@remote.example")
 
         hook_breakdown(result, server, logins // 4)
     finally:

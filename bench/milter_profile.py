@@ -199,7 +199,7 @@ class Setup:
         self.path = ""
 
     def start(self) -> Setup:
-        from tests.support.popauth_server import PopauthServer
+        from harness.popauth import PopauthServer
 
         self.directory.mkdir(parents=True, exist_ok=True)
         wrapper = callgrind_command(self.out_file) if self.valgrind else []

@@ -38,13 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import SmtpError, open_mail_transaction, read_reply
-from tests.support.popauth_server import PopauthServer
-
 from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
 from bench.milter_protocol import NoopMilterProcess
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import SmtpError, open_mail_transaction, read_reply
 
 LOCAL_DOMAIN = "local.test"
 CLIENTS = 8

@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.live.dovecot import DovecotSyntax, dovecot_syntax
-from tests.live.ports import free_port
-from tests.live.redis import RedisInstance
-from tests.support.popauth_server import PopauthServer
-
 from bench.common import BenchResult, Check, Mode, process_cpu_seconds, rounds
+from harness.dovecot import DovecotSyntax, dovecot_syntax
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.redis import RedisInstance
 from popauth.companions.sessions import (
     EventLog,
     RenewalPlan,

@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.popauth_server import PopauthServer
-
 from bench.milter_protocol import (
     CONTINUE,
     OPTNEG,
@@ -36,6 +34,7 @@ from bench.milter_protocol import (
     read_packet,
     script,
 )
+from harness.popauth import PopauthServer
 from popauth.store.base import Grant
 from popauth.store.snapshot import write_snapshot
 

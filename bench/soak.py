@@ -1,7 +1,7 @@
 """soak: minutes of SMTP sessions through a real Postfix while logins, revokes,
 blocks and expiries churn; an oracle predicts every verdict.
 
-The workers and the oracle are ``tests/live/soak.py`` (the live tests run the
+The workers and the oracle are ``harness/soak.py`` (the live tests run the
 same soak for seconds). Here it runs for ``FULL_SECONDS``, and popauth's
 resident memory and open file descriptors are read at the start (after a
 warm-up) and at the end. A wrong verdict fails the benchmark.
@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.soak import LOCAL_DOMAIN, TTL, WORKERS, Oracle, Tally, run_workers, total
-from tests.support.popauth_server import PopauthServer
-
 from bench.common import BenchResult, Check, Mode
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.soak import LOCAL_DOMAIN, TTL, WORKERS, Oracle, Tally, run_workers, total
 
 FULL_SECONDS = 300.0
 QUICK_SECONDS = 8.0

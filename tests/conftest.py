@@ -1,28 +1,25 @@
+"""Fixtures for every suite. Nothing here needs root or a daemon: the live
+layer (tests/live/conftest.py) asks for those itself, and so does every test
+marked ``live`` elsewhere."""
+
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.leftovers import make_run_directory, run_directory, stop_leftovers
-from tests.support.shared_runtime import RuntimeUnreachable, shared_runtime
+from harness.leftovers import make_run_directory, run_directory, stop_leftovers
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Stop at once, with one line saying what to do, when the suite cannot run."""
-    if os.geteuid() != 0:
-        pytest.exit(
-            "the tests start private Postfix/Dovecot instances and switch users: "
-            "run them as root (sudo make test)",
-            returncode=2,
-        )
-    try:
-        shared_runtime()
-    except RuntimeUnreachable as problem:
-        pytest.exit(str(problem), returncode=2)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked live outside tests/live (one acting as other users, the
+    benchmark smoke test) needs what the live layer needs."""
+    if item.get_closest_marker("live") is not None:
+        from tests.live.conftest import require_live_host
+
+        require_live_host()
 
 
 @pytest.fixture(scope="session", autouse=True)

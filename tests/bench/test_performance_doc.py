@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import docutils.core
+
 from bench.registry import NAMES
 from bench.report import DOCUMENT, LATEST, figures_table, generated_part, load, publishable
 

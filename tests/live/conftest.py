@@ -1,12 +1,20 @@
-"""Private Postfix, Dovecot and popauth instances for the live tests.
+"""The live layer: real daemons, root, and the ``live`` marker.
+
+Every test under tests/live is marked ``live`` here, so that
+``pytest -m "not live"`` leaves them out and runs without root. Before the
+first live test runs, the run stops with one line saying what to do when it
+cannot start daemons (not root, or other users cannot run the shared copy
+of popauth).
 
 Postfix and Dovecot run for the whole session; each test gets a fresh
 ``popauth serve`` (an empty whitelist) on the same sockets, which Postfix
-reconnects to for every SMTP session.
+reconnects to for every SMTP session. Sendmail (on the same milter socket)
+and the two multi-host MTA hosts start when a test first asks for them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,14 +22,24 @@ from typing import Any
 
 import pytest
 
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.support.leftovers import make_run_directory
-from tests.support.popauth_server import PopauthServer
-from tests.support.shared_runtime import shared_runtime
+from harness.dovecot import DovecotInstance
+from harness.leftovers import make_run_directory
+from harness.multihost import MtaHost, MtaHosts
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.sendmail import (
+    CONTRIB_MC,
+    DEFAULT_CACHE_DIR,
+    SendmailInstance,
+    ensure_sendmail_root,
+    make_sasl_dir,
+    wrap_contrib_mc,
+)
+from harness.shared_runtime import RuntimeUnreachable, shared_runtime
 
 REPO = Path(__file__).resolve().parents[2]
+LIVE = Path(__file__).resolve().parent
 USERS = {"alice": "wonderland", "bob": "builder"}
 
 # A realistic deployment: the milter socket for the postfix group, the ingest
@@ -36,6 +54,34 @@ LIVE_SETTINGS: dict[str, Any] = {
     "local_mailers": ["local"],
     "trusted_networks": [],
 }
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of this directory ``live`` (before ``-m`` selects)."""
+    for item in items:
+        if LIVE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.live)
+
+
+def require_live_host() -> None:
+    """Stop the run, with one line saying what to do, when daemons cannot be started."""
+    if os.geteuid() != 0:
+        pytest.exit(
+            "the live tests start private Postfix/Dovecot instances and switch users: "
+            "run them as root (sudo make test), or leave them out with -m 'not live'",
+            returncode=2,
+        )
+    try:
+        shared_runtime()
+    except RuntimeUnreachable as problem:
+        pytest.exit(str(problem), returncode=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def live_host() -> None:
+    """Once, before the first live test: root, and a popauth other users can run."""
+    require_live_host()
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +161,64 @@ def start_popauth(popauth_dir: Path) -> Iterator[PopauthFactory]:
 @pytest.fixture
 def popauth(start_popauth: PopauthFactory) -> PopauthServer:
     return start_popauth()
+
+
+@pytest.fixture(scope="session")
+def mta_hosts(live_root: Path) -> Iterator[MtaHosts]:
+    """Two MTA hosts (Postfix each) for the tests of a store shared between hosts."""
+    hosts = MtaHosts(live_root / "hosts", ("host-a", "host-b"))
+    yield hosts
+    hosts.stop()
+
+
+@pytest.fixture
+def hosts(mta_hosts: MtaHosts) -> Iterator[list[MtaHost]]:
+    """The two MTA hosts; the popauth a test started on them is stopped after it."""
+    yield mta_hosts.hosts
+    mta_hosts.stop_popauth()
+
+
+# -- Sendmail ----------------------------------------------------------------
+
+SENDMAIL_SASL_USERS = {"carol": "s3cret"}
+
+
+@pytest.fixture(scope="session")
+def sendmail_root() -> Path:
+    """The unpacked Sendmail packages (downloaded once into the cache)."""
+    tools = ("apt-get", "dpkg", "m4", "unshare", "saslpasswd2")
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    assert not missing, f"missing tools {missing}: run scripts/bootstrap test"
+    return ensure_sendmail_root(DEFAULT_CACHE_DIR)
+
+
+def start_sendmail(
+    root: Path,
+    workdir: Path,
+    popauth_dir: Path,
+    *,
+    extra: str = "",
+    sasl_dir: Path | None = None,
+) -> SendmailInstance:
+    """A Sendmail from contrib/sendmail.mc, its milter popauth's socket in ``popauth_dir``."""
+    port = free_port()
+    mc = wrap_contrib_mc(
+        CONTRIB_MC.read_text(),
+        workdir,
+        port,
+        milter_socket=f"unix:{popauth_dir / 'milter.sock'}",
+        local_domains="local.test",
+        extra=extra,
+    )
+    return SendmailInstance(root, workdir, port, mc, sasl_dir=sasl_dir).start()
+
+
+@pytest.fixture(scope="session")
+def sendmail(sendmail_root: Path, live_root: Path, popauth_dir: Path) -> Iterator[SendmailInstance]:
+    """The main instance: contrib .mc as is, with SMTP AUTH (sasldb)."""
+    sasl_dir = make_sasl_dir(
+        live_root / "sendmail-sasl", SENDMAIL_SASL_USERS, realm="mx.local.test"
+    )
+    instance = start_sendmail(sendmail_root, live_root / "sendmail", popauth_dir, sasl_dir=sasl_dir)
+    yield instance
+    instance.stop()

@@ -17,8 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-from tests.live.ports import Daemon
+from typing import Self
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -34,7 +33,9 @@ def _setns(fd: int) -> None:
         raise NamespaceError(f"setns: {os.strerror(error)} (tests need root)")
 
 
-class NetworkNamespace(Daemon):
+class NetworkNamespace:
+    """A network namespace of its own, held by a sleeping process, with ``addresses`` on lo."""
+
     def __init__(self, addresses: list[str]) -> None:
         self.addresses = addresses
         self._holder: subprocess.Popen[bytes] | None = None
@@ -104,3 +105,10 @@ class NetworkNamespace(Daemon):
             self._holder.kill()
             self._holder.wait()
             self._holder = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

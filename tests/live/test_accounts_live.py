@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.dovecot import DovecotInstance, pop3_login
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance, pop3_login
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
 
 pytestmark = pytest.mark.live
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.popauth_server import PopauthServer
+from harness.popauth import PopauthServer
 
 UNSHARE = shutil.which("unshare")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.dovecot import DovecotInstance, dovecot_version, imap_login, pop3_login
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.shared_runtime import shared_runtime
 from tests.live.conftest import LIVE_SETTINGS, USERS
-from tests.live.dovecot import DovecotInstance, dovecot_version, imap_login, pop3_login
-from tests.live.ports import free_port
-from tests.support.popauth_server import PopauthServer
-from tests.support.shared_runtime import shared_runtime
 
 pytestmark = pytest.mark.live
 

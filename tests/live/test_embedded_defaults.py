@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.popauth_server import POPAUTH
+from harness.popauth import POPAUTH
 
 pytestmark = pytest.mark.live
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+from harness.dovecot import DovecotInstance, imap_login, pop3_login
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, SmtpSession
 from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, SmtpSession
 from tests.support.peers import silent_clients_as
 
 pytestmark = pytest.mark.live

@@ -9,7 +9,7 @@ Everything is what the docs and the contrib files say, run for real:
   namespace each);
 - rsyslog: Debian's own, with its stock ``/etc/rsyslog.conf``, the edit and
   the snippet of ``contrib/rsyslog/popauth-follow.conf``
-  (``tests/live/stock_rsyslog.py``); the login line is solid-pop3d's, for a
+  (``harness/stock_rsyslog.py``); the login line is solid-pop3d's, for a
   real POP3 login, through that rsyslog;
 - ``popauth serve`` as ``popauth`` with its groups, in the directories its
   unit gets (``/run/popauth``, ``/var/lib/popauth`` mode 0700), with the
@@ -36,14 +36,13 @@ from typing import Any
 
 import pytest
 
-from tests.live.dovecot import pop3_login
-from tests.live.logservers import InetdServer, Jail, ensure_package_root
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.live.stock_rsyslog import StockRsyslog
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
+from harness.dovecot import pop3_login
+from harness.logservers import InetdServer, Jail, ensure_package_root
+from harness.popauth import FollowerProcess, PopauthProcessError, PopauthServer, wait_until
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, rcpt_reply
+from harness.stock_rsyslog import StockRsyslog
 from tests.support.units import verify_unit
 
 pytestmark = pytest.mark.live
@@ -387,7 +386,7 @@ def test_popauths_own_state_directory_is_named_when_it_refuses_the_follower(
     server = deployment.serve()
     follower = deployment.follower(server, follow_state_path="/var/lib/popauth/follow.json")
     try:
-        with pytest.raises(AssertionError, match="exited"):
+        with pytest.raises(PopauthProcessError, match="exited"):
             follower.start()
         status, message = exit_message(follower)
     finally:

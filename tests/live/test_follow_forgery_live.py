@@ -1,7 +1,7 @@
 """Forged login lines, written the ways a local account really can, through real servers.
 
 Issue 18's two open relays in ``popauth follow``, replayed with the real
-servers and rsyslog of ``tests/live/logservers.py`` and the real Postfix of
+servers and rsyslog of ``harness/logservers.py`` and the real Postfix of
 ``conftest.py``; a forged address must get 550.
 
 - **Courier**: the logged-in user writes ``LOGIN, user=victim, ip=[...]`` to
@@ -33,9 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from popauth.companions.follow.trust import read_ptrace_scope, users_trace_own_processes
-from tests.live.conftest import PopauthFactory
-from tests.live.logservers import (
+from harness.logservers import (
     MAIL_UID,
     POP3_CLIENT,
     InetdServer,
@@ -44,12 +42,13 @@ from tests.live.logservers import (
     courier_pop3d,
     ensure_package_root,
 )
+from harness.popauth import FollowerProcess, PopauthProcessError, PopauthServer, wait_until
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, rcpt_reply
+from popauth.companions.follow.trust import read_ptrace_scope, users_trace_own_processes
+from tests.live.conftest import PopauthFactory
 from tests.live.pidns import PidNamespace
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
@@ -197,7 +196,7 @@ def follower_or_its_refusal(
     process = FollowerProcess(directory, popauth, str(log), follow_format=follow_format)
     try:
         process.start()
-    except AssertionError:
+    except PopauthProcessError:
         assert process.process is not None and process.process.poll() is not None
     return process
 

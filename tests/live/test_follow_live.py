@@ -1,6 +1,6 @@
 """``popauth follow`` with real POP3 servers that log through a real rsyslog.
 
-Each server runs privately (``tests/live/logservers.py``): its syslog()
+Each server runs privately (``harness/logservers.py``): its syslog()
 reaches a private rsyslog that writes the follower's log with the contrib
 template. A real POP3 login is followed, reported to ``popauth serve``, and
 the client then relays through the real Postfix of ``conftest.py``.
@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import PopauthFactory
-from tests.live.dovecot import pop3_login
-from tests.live.logservers import (
+from harness.dovecot import pop3_login
+from harness.logservers import (
     MAIL_UID,
     InetdServer,
     Jail,
@@ -31,11 +30,11 @@ from tests.live.logservers import (
     cyrus_pop3d,
     ensure_package_root,
 )
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
+from harness.popauth import FollowerProcess, PopauthServer, wait_until
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, rcpt_reply
+from tests.live.conftest import PopauthFactory
 
 pytestmark = pytest.mark.live
 

@@ -8,17 +8,17 @@ that a daemon left running is found by the end-of-run check.
 from __future__ import annotations
 
 import signal
-import smtplib
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.ports import free_port, read_banner, wait_pid_gone
-from tests.live.postfix import PostfixInstance
-from tests.support.leftovers import processes_inside, stop_leftovers
+from harness.dovecot import DovecotInstance, imap_login, pop3_login
+from harness.leftovers import processes_inside, stop_leftovers
+from harness.ports import free_port, read_banner, wait_pid_gone
+from harness.postfix import PostfixInstance
+from harness.smtp import SmtpSession
 
 # No skips: a missing daemon or missing root must fail the run, not hide it.
 pytestmark = pytest.mark.live
@@ -93,13 +93,9 @@ def test_smtp_auth_through_dovecot(open_tmp: Path) -> None:
     with (
         dovecot,
         postfix,
-        smtplib.SMTP(
-            "127.0.0.1", postfix.smtp_port, source_address=("127.0.0.2", 0), timeout=30
-        ) as client,
+        SmtpSession(postfix.smtp_port, "127.0.0.2") as session,
     ):
-        client.ehlo("client.example")
-        code, _ = client.login("alice", "secret")
-        assert code == 235
+        assert session.auth_plain("alice", "secret")[0] == 235
 
 
 def test_a_daemon_left_running_is_found_by_its_directory_and_stopped(open_tmp: Path) -> None:

@@ -18,22 +18,22 @@ from typing import Any
 
 import pytest
 
-from tests.live.conftest import LIVE_SETTINGS, USERS
-from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.netns import NetworkNamespace
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance, contrib_relay_restrictions
-from tests.live.redis import RedisInstance
-from tests.live.sendmail import (
+from harness.dovecot import DovecotInstance, imap_login, pop3_login
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance, contrib_relay_restrictions
+from harness.redis import RedisInstance
+from harness.sendmail import (
     CONTRIB_MC,
     DEFAULT_CACHE_DIR,
     SendmailInstance,
     ensure_sendmail_root,
     wrap_contrib_mc,
 )
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.popauth_server import PopauthServer
-from tests.support.shared_runtime import shared_runtime
+from harness.shared_runtime import shared_runtime
+from harness.smtp import REMOTE, rcpt_reply
+from tests.live.conftest import LIVE_SETTINGS, USERS
+from tests.live.netns import NetworkNamespace
 
 pytestmark = pytest.mark.live
 

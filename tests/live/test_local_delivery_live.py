@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.dovecot import DovecotInstance
+from harness.popauth import POPAUTH, PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import POPAUTH, PopauthServer
 
 pytestmark = pytest.mark.live
 

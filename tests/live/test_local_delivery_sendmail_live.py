@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import PopauthFactory
-from tests.live.ports import free_port
-from tests.live.sendmail import (
+from harness.popauth import POPAUTH, PopauthServer
+from harness.ports import free_port
+from harness.sendmail import (
     CONTRIB_MC,
     DEFAULT_CACHE_DIR,
     SENDMAIL_BIN,
@@ -29,8 +29,8 @@ from tests.live.sendmail import (
     ensure_sendmail_root,
     wrap_contrib_mc,
 )
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import POPAUTH, PopauthServer
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
+from tests.live.conftest import PopauthFactory
 
 pytestmark = pytest.mark.live
 

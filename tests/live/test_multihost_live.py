@@ -1,7 +1,8 @@
 """Two hosts, one Redis: a login on one relays through the other.
 
 Each "host" is a popauth serve process with its own milter and ingest
-sockets and a Postfix instance of its own, all sharing one redis-server.
+sockets and a Postfix instance of its own (the ``hosts`` fixture, shared
+with the Sentinel tests), all sharing one redis-server.
 """
 
 from __future__ import annotations
@@ -9,29 +10,18 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from harness.multihost import MtaHost
+from harness.popauth import POPAUTH
+from harness.ports import free_port
+from harness.redis import RedisInstance
+from harness.smtp import SmtpSession
 from tests.live.conftest import LIVE_SETTINGS
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance, start_host_postfix
-from tests.live.redis import RedisInstance
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import POPAUTH, PopauthServer
 
 pytestmark = pytest.mark.live
-
-
-@dataclass
-class Host:
-    directory: Path
-    postfix: PostfixInstance
-    popauth: PopauthServer | None = None
-
-    def relay(self, client: str) -> tuple[int, str]:
-        return rcpt_reply(self.postfix.smtp_port, client, REMOTE)
 
 
 @pytest.fixture(scope="module")
@@ -40,31 +30,15 @@ def redis_server(live_root: Path) -> Iterator[RedisInstance]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def hosts(live_root: Path) -> Iterator[list[Host]]:
-    made: list[Host] = []
-    for name in ("host-a", "host-b"):
-        directory = live_root / name
-        made.append(Host(directory, start_host_postfix(directory, name)))
-    yield made
-    for host in made:
-        host.postfix.stop()
-
-
 @pytest.fixture
-def cluster(redis_server: RedisInstance, hosts: list[Host]) -> Iterator[list[Host]]:
+def cluster(redis_server: RedisInstance, hosts: list[MtaHost]) -> list[MtaHost]:
     redis_server.flush()
     for host in hosts:
-        host.popauth = PopauthServer(
-            host.directory, **LIVE_SETTINGS, store="redis", redis_url=redis_server.url
-        ).start()
-    yield hosts
-    for host in hosts:
-        assert host.popauth is not None
-        host.popauth.stop()
+        host.start_popauth(**LIVE_SETTINGS, store="redis", redis_url=redis_server.url)
+    return hosts
 
 
-def test_login_on_one_host_relays_through_the_other(cluster: list[Host]) -> None:
+def test_login_on_one_host_relays_through_the_other(cluster: list[MtaHost]) -> None:
     host_a, host_b = cluster
     assert host_a.popauth is not None
     assert host_a.popauth.ask("LOGIN 127.0.0.2 alice")[0].startswith("OK ")
@@ -73,7 +47,7 @@ def test_login_on_one_host_relays_through_the_other(cluster: list[Host]) -> None
     assert host_b.relay("127.0.0.3")[0] == 550
 
 
-def test_revoke_on_one_host_stops_relaying_through_the_other(cluster: list[Host]) -> None:
+def test_revoke_on_one_host_stops_relaying_through_the_other(cluster: list[MtaHost]) -> None:
     host_a, host_b = cluster
     assert host_a.popauth is not None
     assert host_b.popauth is not None
@@ -86,7 +60,7 @@ def test_revoke_on_one_host_stops_relaying_through_the_other(cluster: list[Host]
 
 
 def test_redis_outage_means_tempfail_then_recovery(
-    redis_server: RedisInstance, cluster: list[Host]
+    redis_server: RedisInstance, cluster: list[MtaHost]
 ) -> None:
     host_a, host_b = cluster
     assert host_a.popauth is not None

@@ -1,4 +1,7 @@
-"""popauth in front of a real Postfix, fed by a real Dovecot running the contrib hook."""
+"""popauth in front of a real Postfix, fed by a real Dovecot running the contrib hook.
+
+What only Postfix does; the scenarios Postfix and Sendmail share run in test_mta_live.py.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance, imap_login, pop3_login
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import PopauthServer
+from harness.dovecot import DovecotInstance, imap_login, pop3_login
+from harness.popauth import PopauthServer
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
+from tests.live.conftest import USERS
 
 pytestmark = pytest.mark.live
 
@@ -24,18 +27,6 @@ def assert_relay_denied(reply: tuple[int, str]) -> None:
     code, text = reply
     assert code == 550, reply
     assert text.startswith(RELAYING_DENIED), reply
-
-
-def test_remote_recipient_before_any_login(
-    postfix: PostfixInstance, popauth: PopauthServer
-) -> None:
-    reply = rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)
-    assert_relay_denied(reply)
-    assert "SMTP AUTH" in reply[1]  # the default explanation reaches the client
-    decision = popauth.events("relay_decision")[-1]
-    assert decision["client_ip"] == "127.0.0.2"
-    assert decision["rcpt_mailer"] == "smtp"
-    assert decision["reason"] == "relay_denied"
 
 
 def test_local_recipient_from_anyone(postfix: PostfixInstance, popauth: PopauthServer) -> None:
@@ -85,46 +76,6 @@ def test_failed_pop_login_whitelists_nothing(
     assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.4", REMOTE))
 
 
-def test_smtp_auth_relays_from_an_unlisted_address(
-    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
-) -> None:
-    with SmtpSession(postfix.smtp_port, "127.0.0.5") as session:
-        session.login("bob", USERS["bob"])
-        assert session.mail()[0] == 250
-        assert session.rcpt(REMOTE)[0] == 250
-        assert session.send_message([REMOTE])[0] == 250
-    decision = popauth.events("relay_decision")[-1]
-    assert (decision["reason"], decision["user"], decision["stage"]) == ("smtp_auth", "bob", "mail")
-    assert popauth.cli("query", "127.0.0.5").returncode == 1
-
-
-def test_expiry(
-    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
-) -> None:
-    popauth = start_popauth(ttl=2)
-    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
-    assert rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)[0] == 250
-    deadline = time.monotonic() + 10
-    while popauth.cli("query", "127.0.0.2").returncode == 0:
-        assert time.monotonic() < deadline, "entry did not expire"
-        time.sleep(0.1)
-    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE))
-
-
-def test_revoke(postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer) -> None:
-    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
-    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
-        assert session.mail()[0] == 250
-        assert session.rcpt(REMOTE)[0] == 250
-        assert session.rset()[0] == 250
-        revoke = popauth.cli("revoke", "127.0.0.2")
-        assert revoke.returncode == 0, revoke
-        # The next message of the very same session is checked again.
-        assert session.mail()[0] == 250
-        assert_relay_denied(session.rcpt(REMOTE))
-    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE))
-
-
 def test_two_users_behind_one_address_each_keep_it_whitelisted(
     postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
 ) -> None:
@@ -163,40 +114,6 @@ def test_local_recipient_does_not_open_the_door_for_the_next(
         assert_relay_denied(session.rcpt(REMOTE))
         assert session.rcpt("bob@local.test")[0] == 250
         assert session.send_message([LOCAL, "bob@local.test"])[0] == 250
-
-
-def test_popauth_stopped_means_tempfail(postfix: PostfixInstance, popauth: PopauthServer) -> None:
-    """What README.rst says a stopped popauth gives, with contrib's milter_default_action
-    (tempfail): the greeting and EHLO as usual, then 451 at MAIL FROM, on Postfix 3.7
-    and 3.10 alike (3.10's own default would be 421 at connect)."""
-    popauth.stop()
-    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
-        assert session.mail() == (451, "4.7.1 Service unavailable - try again later")
-
-
-# Recipient forms that end in the local domain but that Postfix, with its
-# default settings, rewrites to user@remote.example and relays.
-DISGUISED_RELAYS = [
-    "someone%remote.example@local.test",
-    "remote.example!someone@local.test",
-    '"someone@remote.example"@local.test',
-    '"someone%remote.example"@local.test',
-    "someone@remote.example@local.test",
-    "@local.test:someone@remote.example",
-]
-
-
-@pytest.mark.parametrize("recipient", DISGUISED_RELAYS)
-def test_disguised_relays_are_refused(
-    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer, recipient: str
-) -> None:
-    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.3", recipient))
-    decision = popauth.events("relay_decision")[-1]
-    # Postfix itself resolved it to its outbound transport: a real relay.
-    assert decision["rcpt_mailer"] == "smtp", decision
-    # A client that logged in may send to the same address.
-    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.2")
-    assert rcpt_reply(postfix.smtp_port, "127.0.0.2", recipient)[0] == 250
 
 
 @pytest.mark.parametrize("recipient", ["alice@LOCAL.TEST", "alice@local.test.", "postmaster"])

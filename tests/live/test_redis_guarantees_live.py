@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.redis import RedisInstance
 from popauth.doors.ingest.client import IngestClient
-from tests.live.ports import free_port
-from tests.live.redis import RedisInstance
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

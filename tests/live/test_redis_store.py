@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.ports import free_port
+from harness.redis import RedisInstance
 from popauth.basics.addresses import parse_client_address
 from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked
 from popauth.store.accounts import RedisBlockList
 from popauth.store.redis import RedisStore, connect, glob_escaped
-from tests.live.ports import free_port
-from tests.live.redis import RedisInstance
 from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.live

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.stock_rsyslog import SNIPPET, operator_steps
+from harness.popauth import FollowerProcess, PopauthServer, wait_until
+from harness.stock_rsyslog import SNIPPET, operator_steps
 from tests.live.systemd_host import SystemdHost
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
 
 # Each boots its own Debian host; test-debian13 leaves them to the machine's run.
 pytestmark = [pytest.mark.live, pytest.mark.debian_hosts]

@@ -2,7 +2,7 @@
 
 Debian's rsyslog package, its own ``/etc/rsyslog.conf`` (which already
 loads imuxsock), the snippet in ``/etc/rsyslog.d/``, with and without the
-edit its header tells the operator to make (``tests/live/stock_rsyslog.py``).
+edit its header tells the operator to make (``harness/stock_rsyslog.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.logservers import ensure_package_root
-from tests.live.stock_rsyslog import StockRsyslog, adm_gid, operator_steps
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
+from harness.logservers import ensure_package_root
+from harness.popauth import FollowerProcess, PopauthServer, wait_until
+from harness.stock_rsyslog import StockRsyslog, adm_gid, operator_steps
 
 pytestmark = pytest.mark.live
 

@@ -1,8 +1,9 @@
 """popauth in front of a real Sendmail whose .cf is built from contrib/sendmail.mc.
 
-The mirror of test_postfix_live.py: the same verdicts through Sendmail.  The
-.cf comes from the product's own contrib file, wrapped only by test-only m4
-defines (tests/live/sendmail.py), so a broken contrib file fails here.
+What only Sendmail does; the scenarios both MTAs share run in
+test_mta_live.py. The .cf comes from the product's own contrib file,
+wrapped only by test-only m4 defines (harness/sendmail.py), so a broken
+contrib file fails here.
 
 Sendmail checks a local recipient itself before the milter sees it
 (``550 5.1.1 User unknown``), so the local recipients used here exist on
@@ -11,33 +12,23 @@ every Debian system: ``root`` (passwd) and ``postmaster`` (the test aliases).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import PopauthFactory
-from tests.live.ports import free_port
-from tests.live.sendmail import (
+from harness.popauth import PopauthServer
+from harness.sendmail import (
     CONTRIB_MC,
-    DEFAULT_CACHE_DIR,
     SendmailInstance,
     build_cf,
-    ensure_sendmail_root,
-    make_sasl_dir,
-    wrap_contrib_mc,
 )
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import PopauthServer
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
+from tests.live.conftest import PopauthFactory, start_sendmail
 
 pytestmark = pytest.mark.live
 
 LOCAL = "root@local.test"
-SASL_USERS = {"carol": "s3cret"}
 # popauth answers "550 5.7.1 Relaying denied. <text>"; Sendmail puts the
 # recipient between the status code and the text: "5.7.1 <rcpt>... Relaying...".
 RELAYING_DENIED = "... Relaying denied. Turn on SMTP AUTH"
@@ -81,47 +72,6 @@ def cf_options(cf_text: str) -> dict[str, str]:
 def macro_list(cf_text: str, stage: str) -> list[str]:
     value = cf_options(cf_text)[f"Milter.macros.{stage}"]
     return [name.strip() for name in value.split(",")]
-
-
-@pytest.fixture(scope="session")
-def sendmail_root() -> Path:
-    assert os.geteuid() == 0, "the Sendmail live tests run as root (unshare, queue)"
-    missing = [
-        t for t in ("apt-get", "dpkg", "m4", "unshare", "saslpasswd2") if not shutil.which(t)
-    ]
-    assert not missing, f"missing tools: {missing}"
-    return ensure_sendmail_root(DEFAULT_CACHE_DIR)
-
-
-def start_sendmail(
-    root: Path,
-    workdir: Path,
-    popauth_dir: Path,
-    *,
-    extra: str = "",
-    sasl_dir: Path | None = None,
-) -> SendmailInstance:
-    port = free_port()
-    mc = wrap_contrib_mc(
-        CONTRIB_MC.read_text(),
-        workdir,
-        port,
-        milter_socket=f"unix:{popauth_dir / 'milter.sock'}",
-        local_domains="local.test",
-        extra=extra,
-    )
-    instance = SendmailInstance(root, workdir, port, mc, sasl_dir=sasl_dir)
-    instance.start()
-    return instance
-
-
-@pytest.fixture(scope="session")
-def sendmail(sendmail_root: Path, live_root: Path, popauth_dir: Path) -> Iterator[SendmailInstance]:
-    """The main instance: contrib .mc as is, with SMTP AUTH (sasldb)."""
-    sasl_dir = make_sasl_dir(live_root / "sendmail-sasl", SASL_USERS, realm="mx.local.test")
-    instance = start_sendmail(sendmail_root, live_root / "sendmail", popauth_dir, sasl_dir=sasl_dir)
-    yield instance
-    instance.stop()
 
 
 # ------------------------------------------------------------------ the .cf
@@ -176,17 +126,6 @@ def test_test_cf_is_the_contrib_cf_plus_test_settings(sendmail: SendmailInstance
 # ------------------------------------------------------------------ verdicts
 
 
-def test_remote_recipient_before_any_login(
-    sendmail: SendmailInstance, popauth: PopauthServer
-) -> None:
-    reply = rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE)
-    assert_relay_denied(reply)
-    decision = popauth.events("relay_decision")[-1]
-    assert decision["client_ip"] == "127.0.0.2"
-    assert decision["rcpt_mailer"] == "esmtp"
-    assert decision["reason"] == "relay_denied"
-
-
 def test_local_recipients_from_anyone(sendmail: SendmailInstance, popauth: PopauthServer) -> None:
     recipients = [
         LOCAL,
@@ -228,84 +167,6 @@ def test_login_whitelists_that_client_only(
     whitelisted = [d for d in popauth.events("relay_decision") if d["reason"] == "whitelisted"]
     assert whitelisted[-1]["user"] == "alice"
     assert whitelisted[-1]["client_ip"] == "127.0.0.2"
-
-
-def test_revoke(sendmail: SendmailInstance, popauth: PopauthServer) -> None:
-    assert popauth.ask("LOGIN 127.0.0.2 alice")[0].startswith("OK")
-    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
-        assert session.mail()[0] == 250
-        assert session.rcpt(REMOTE)[0] == 250
-        assert session.rset()[0] == 250
-        revoke = popauth.cli("revoke", "127.0.0.2")
-        assert revoke.returncode == 0, revoke
-        # The next message of the very same session is checked again.
-        assert session.mail()[0] == 250
-        assert_relay_denied(session.rcpt(REMOTE))
-    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE))
-
-
-def test_expiry(sendmail: SendmailInstance, start_popauth: PopauthFactory) -> None:
-    popauth = start_popauth(ttl=2)
-    assert popauth.cli("login", "127.0.0.2", "alice").returncode == 0
-    assert rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE)[0] == 250
-    deadline = time.monotonic() + 10
-    while popauth.cli("query", "127.0.0.2").returncode == 0:
-        assert time.monotonic() < deadline, "entry did not expire"
-        time.sleep(0.1)
-    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE))
-
-
-def test_popauth_stopped_means_tempfail(sendmail: SendmailInstance, popauth: PopauthServer) -> None:
-    assert popauth.cli("login", "127.0.0.2", "alice").returncode == 0
-    popauth.stop()
-    # F=T: Sendmail cannot reach the filter and refuses the transaction with
-    # 4xx at MAIL; no recipient, remote or local, gets 250 afterwards.
-    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
-        assert session.mail() == (451, "4.3.2 Please try again later")
-        for recipient in (REMOTE, LOCAL):
-            code, text = session.rcpt(recipient)
-            assert code == 503, (recipient, code, text)
-
-
-# Addresses that end in the local domain but that Sendmail, with the contrib
-# .mc, rewrites to someone@remote.example and hands to esmtp: relaying.
-DISGUISED_RELAYS = [
-    "someone%remote.example@local.test",
-    "remote.example!someone@local.test",
-    '"someone@remote.example"@local.test',
-    "@local.test:someone@remote.example",
-]
-
-
-@pytest.mark.parametrize("recipient", DISGUISED_RELAYS)
-def test_disguised_relays_are_refused(
-    sendmail: SendmailInstance, popauth: PopauthServer, recipient: str
-) -> None:
-    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.3", recipient))
-    decision = popauth.events("relay_decision")[-1]
-    assert decision["rcpt_mailer"] == "esmtp", decision
-    # A client that logged in may send to the same address.
-    assert popauth.ask("LOGIN 127.0.0.2 bob")[0].startswith("OK")
-    assert rcpt_reply(sendmail.smtp_port, "127.0.0.2", recipient)[0] == 250
-
-
-def test_smtp_auth_relays_from_an_unlisted_address(
-    sendmail: SendmailInstance, popauth: PopauthServer
-) -> None:
-    with SmtpSession(sendmail.smtp_port, "127.0.0.5") as session:
-        session.login("carol", SASL_USERS["carol"])
-        assert session.mail()[0] == 250
-        assert session.rcpt(REMOTE)[0] == 250
-        assert session.send_message([REMOTE])[0] == 250
-    decision = popauth.events("relay_decision")[-1]
-    assert (decision["reason"], decision["user"], decision["stage"]) == (
-        "smtp_auth",
-        "carol",
-        "mail",
-    )
-    assert popauth.cli("query", "127.0.0.5").returncode == 1
-    # The next, unauthenticated session from there is a stranger again.
-    assert_relay_denied(rcpt_reply(sendmail.smtp_port, "127.0.0.5", REMOTE))
 
 
 def test_failed_smtp_auth_relays_nothing(

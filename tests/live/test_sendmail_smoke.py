@@ -8,35 +8,20 @@ can be given.
 
 from __future__ import annotations
 
-import os
-import shutil
-import smtplib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.live.ports import free_port
-from tests.live.sendmail import (
+from harness.ports import free_port
+from harness.sendmail import (
     CONTRIB_MC,
-    DEFAULT_CACHE_DIR,
     SendmailInstance,
-    ensure_sendmail_root,
     wrap_contrib_mc,
 )
+from harness.smtp import SmtpSession
 
 pytestmark = pytest.mark.live
-
-_TOOLS = ("apt-get", "dpkg", "m4", "unshare")
-
-
-@pytest.fixture(scope="session")
-def sendmail_root() -> Path:
-    # No skips: a machine that cannot run Sendmail fails these tests.
-    assert os.geteuid() == 0, "Sendmail live tests run as root (unshare, queue ownership)"
-    missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
-    assert not missing, f"missing tools: {', '.join(missing)}"
-    return ensure_sendmail_root(DEFAULT_CACHE_DIR)
 
 
 @pytest.fixture
@@ -59,14 +44,11 @@ def sendmail_no_milter(sendmail_root: Path, tmp_path: Path) -> Iterator[Sendmail
 def test_banner_and_fail_closed_without_milter(sendmail_no_milter: SendmailInstance) -> None:
     mta = sendmail_no_milter
     assert mta.banner.startswith("220 mx.local.test ESMTP Sendmail")
-    with smtplib.SMTP(
-        "127.0.0.1", mta.smtp_port, source_address=("127.0.0.2", 0), timeout=30
-    ) as client:
-        code, _ = client.ehlo("client.example")
+    with SmtpSession(mta.smtp_port, "127.0.0.2") as session:
+        code, _ = session.ehlo
         assert code == 250
-        mail_code, mail_text = client.mail("sender@client.example")
-        assert (mail_code, mail_text) == (451, b"4.3.2 Please try again later")
+        assert session.mail("sender@client.example") == (451, "4.3.2 Please try again later")
         # Nothing may be accepted after that, remote or local.
         for rcpt in ("user@remote.example", "root@local.test"):
-            rcpt_code, _ = client.rcpt(rcpt)
+            rcpt_code, _ = session.rcpt(rcpt)
             assert rcpt_code // 100 in (4, 5), rcpt

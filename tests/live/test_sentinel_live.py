@@ -24,12 +24,11 @@ from typing import Any
 import pytest
 import redis
 
+from harness.multihost import MtaHost
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.redis import RedisInstance, SentinelInstance
 from tests.live.conftest import LIVE_SETTINGS
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance, start_host_postfix
-from tests.live.redis import RedisInstance, SentinelInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
@@ -110,31 +109,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         made.stop()
 
 
-@dataclass
-class Host:
-    directory: Path
-    postfix: PostfixInstance
-    popauth: PopauthServer | None = None
-
-    def relay(self, client: str) -> tuple[int, str]:
-        return rcpt_reply(self.postfix.smtp_port, client, REMOTE)
-
-    def login(self, client: str, user: str) -> str:
-        assert self.popauth is not None
-        return self.popauth.ask(f"LOGIN {client} {user}")[0]
-
-
-@pytest.fixture(scope="module")
-def hosts(live_root: Path) -> Iterator[list[Host]]:
-    made: list[Host] = []
-    for name in ("sentinel-host-a", "sentinel-host-b"):
-        directory = live_root / name
-        made.append(Host(directory, start_host_postfix(directory, name)))
-    yield made
-    for host in made:
-        host.postfix.stop()
-
-
 def sentinel_settings(cluster: Cluster, **settings: Any) -> dict[str, Any]:
     return {
         **LIVE_SETTINGS,
@@ -149,19 +123,9 @@ def sentinel_settings(cluster: Cluster, **settings: Any) -> dict[str, Any]:
     }
 
 
-def start_popauth(hosts: list[Host], cluster: Cluster, **settings: Any) -> None:
+def start_popauth(hosts: list[MtaHost], cluster: Cluster, **settings: Any) -> None:
     for host in hosts:
-        host.popauth = PopauthServer(host.directory, **sentinel_settings(cluster, **settings))
-        host.popauth.start()
-
-
-@pytest.fixture
-def stop_popauth(hosts: list[Host]) -> Iterator[None]:
-    yield
-    for host in hosts:
-        if host.popauth is not None:
-            host.popauth.stop()
-            host.popauth = None
+        host.start_popauth(**sentinel_settings(cluster, **settings))
 
 
 def replicated(cluster: Cluster) -> None:
@@ -171,7 +135,7 @@ def replicated(cluster: Cluster) -> None:
 
 
 def test_hosts_find_the_master_through_the_sentinels(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
+    cluster: Cluster, hosts: list[MtaHost]
 ) -> None:
     start_popauth(hosts, cluster)
     host_a, host_b = hosts
@@ -183,9 +147,7 @@ def test_hosts_find_the_master_through_the_sentinels(
         assert client.exists("popauth:127.0.0.2") == 1
 
 
-def test_a_wrong_sentinel_password_fails_closed(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
-) -> None:
+def test_a_wrong_sentinel_password_fails_closed(cluster: Cluster, hosts: list[MtaHost]) -> None:
     start_popauth(hosts[:1], cluster, redis_sentinel_password="wrong")
     host = hosts[0]
     assert host.login("127.0.0.2", "alice").startswith("ERR unavailable")
@@ -197,7 +159,7 @@ def test_a_wrong_sentinel_password_fails_closed(
 class Probe:
     """Relays from one client through one host, over and over, noting each reply."""
 
-    host: Host
+    host: MtaHost
     client: str
     replies: list[tuple[float, int, str]] = field(default_factory=list)
 
@@ -208,7 +170,7 @@ class Probe:
 
 
 def failover_under_load(
-    cluster: Cluster, hosts: list[Host], *, wait_replicas: int
+    cluster: Cluster, hosts: list[MtaHost], *, wait_replicas: int
 ) -> tuple[float, int, int]:
     """Kill the master while both hosts relay and host A takes logins.
 
@@ -284,7 +246,7 @@ def check_replies(probes: list[Probe], refused: list[Probe], killed_at: float) -
         assert 250 not in {code for _, code, _ in probe.replies}, probe.client
 
 
-def logins_work_again(cluster: Cluster, hosts: list[Host], wait_replicas: int) -> None:
+def logins_work_again(cluster: Cluster, hosts: list[MtaHost], wait_replicas: int) -> None:
     """After the failover the hosts work as before, without a restart."""
     host_a, host_b = hosts
     if wait_replicas:
@@ -311,9 +273,7 @@ def last_tempfail(probe: Probe, killed_at: float) -> float:
     return max(t for t, code, _ in probe.replies if t >= killed_at and code == 451)
 
 
-def test_failover_gives_tempfails_then_relays_again(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
-) -> None:
+def test_failover_gives_tempfails_then_relays_again(cluster: Cluster, hosts: list[MtaHost]) -> None:
     window, acknowledged, lost = failover_under_load(cluster, hosts, wait_replicas=0)
     assert acknowledged >= 20
     assert 0 < window < FAILOVER_DEADLINE
@@ -321,7 +281,7 @@ def test_failover_gives_tempfails_then_relays_again(
 
 
 def test_failover_with_wait_loses_no_acknowledged_login(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
+    cluster: Cluster, hosts: list[MtaHost]
 ) -> None:
     window, acknowledged, lost = failover_under_load(cluster, hosts, wait_replicas=1)
     assert 0 < window < FAILOVER_DEADLINE
@@ -330,7 +290,7 @@ def test_failover_with_wait_loses_no_acknowledged_login(
 
 
 def test_a_cut_off_replica_loses_logins_unless_they_wait(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
+    cluster: Cluster, hosts: list[MtaHost]
 ) -> None:
     """The replica is cut off while logins come in, then the master dies.
 
@@ -380,7 +340,7 @@ def wait_for_failover(cluster: Cluster) -> None:
         time.sleep(0.1)
 
 
-def relay_after_failover(host: Host, client: str) -> int:
+def relay_after_failover(host: MtaHost, client: str) -> int:
     """The first reply that is not a tempfail, once the hosts follow the new master."""
     deadline = time.monotonic() + FAILOVER_DEADLINE
     while (code := host.relay(client)[0]) == 451:
@@ -393,7 +353,7 @@ ADMIN_CHANGES = ("BLOCK alice", "REVOKE 127.0.0.41", "REVOKEUSER carol", "UNBLOC
 
 
 def test_changes_no_replica_confirms_are_answered_as_such(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
+    cluster: Cluster, hosts: list[MtaHost]
 ) -> None:
     """With the replica cut off, a block, a revoke and an unblock are not
     acknowledged: each is answered ``ERR incomplete`` and says it is in force
@@ -450,9 +410,7 @@ def test_changes_no_replica_confirms_are_answered_as_such(
     assert [host_b.relay(f"127.0.0.{n}")[0] for n in (40, 41, 42)] == [550, 550, 550]
 
 
-def test_confirmed_changes_survive_a_failover(
-    cluster: Cluster, hosts: list[Host], stop_popauth: None
-) -> None:
+def test_confirmed_changes_survive_a_failover(cluster: Cluster, hosts: list[MtaHost]) -> None:
     start_popauth(hosts, cluster, redis_wait_replicas=1, redis_wait_timeout=0.2)
     host_a, host_b = hosts
     assert host_a.popauth is not None

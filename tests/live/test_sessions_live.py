@@ -20,16 +20,15 @@ from typing import Any
 import pytest
 import redis
 
+from harness.dovecot import DovecotInstance, ImapSession
+from harness.popauth import PopauthServer, SessionsProcess
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.redis import RedisInstance
+from harness.smtp import REMOTE, rcpt_reply
 from popauth.companions.sessions import RenewalCounts, Session, renew_sessions
 from popauth.doors.ingest.client import IngestClient
 from tests.live.conftest import LIVE_SETTINGS, USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance, ImapSession
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.redis import RedisInstance
-from tests.live.sessions import SessionsProcess
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

@@ -8,19 +8,18 @@ through the milter protocol directly: tests/protocol/test_eight_bit_macros.py.)
 
 from __future__ import annotations
 
-import base64
 import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from harness.dovecot import DovecotInstance
+from harness.leftovers import make_run_directory
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import SmtpSession
 from tests.live.conftest import LIVE_SETTINGS
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import SmtpSession
-from tests.support.leftovers import make_run_directory
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 
@@ -33,22 +32,6 @@ class Utf8Dovecot(DovecotInstance):
 
     def config(self) -> str:
         return super().config() + "auth_username_chars =\n"
-
-
-class Utf8Session(SmtpSession):
-    """SMTP with raw UTF-8 commands (smtplib's docmd and login are ASCII only)."""
-
-    def raw(self, line: str) -> tuple[int, str]:
-        self.client.send(line.encode("utf-8") + b"\r\n")
-        code, text = self.client.getreply()
-        return code, text.decode("utf-8", "replace")
-
-    def __enter__(self) -> Utf8Session:
-        return self
-
-    def auth_plain(self, user: str, password: str) -> tuple[int, str]:
-        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
-        return self.raw(f"AUTH PLAIN {token}")
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +72,13 @@ def site() -> Iterator[tuple[PostfixInstance, PopauthServer]]:
 
 def test_postfix_offers_smtputf8(site: tuple[PostfixInstance, PopauthServer]) -> None:
     postfix, _ = site
-    with Utf8Session(postfix.smtp_port, "127.0.0.2") as session:
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
         assert session.client.has_extn("smtputf8")
 
 
 def test_utf8_local_recipient_is_accepted(site: tuple[PostfixInstance, PopauthServer]) -> None:
     postfix, popauth = site
-    with Utf8Session(postfix.smtp_port, "127.0.0.2") as session:
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
         assert session.raw("MAIL FROM:<sender@example.org> SMTPUTF8")[0] == 250
         reply = session.raw(f"RCPT TO:<{UTF8_USER}@local.test>")
         assert reply[0] == 250, reply
@@ -108,7 +91,7 @@ def test_utf8_local_recipient_is_accepted(site: tuple[PostfixInstance, PopauthSe
 
 def test_utf8_remote_recipient_is_refused(site: tuple[PostfixInstance, PopauthServer]) -> None:
     postfix, popauth = site
-    with Utf8Session(postfix.smtp_port, "127.0.0.2") as session:
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
         assert session.raw("MAIL FROM:<sender@example.org> SMTPUTF8")[0] == 250
         code, text = session.raw(f"RCPT TO:<{UTF8_USER}@bücher.example>")
     assert code == 550, (code, text)
@@ -124,7 +107,7 @@ def test_smtp_auth_user_with_a_utf8_name_relays(
     site: tuple[PostfixInstance, PopauthServer],
 ) -> None:
     postfix, popauth = site
-    with Utf8Session(postfix.smtp_port, "127.0.0.3") as session:
+    with SmtpSession(postfix.smtp_port, "127.0.0.3") as session:
         assert session.auth_plain(UTF8_USER, PASSWORD)[0] == 235
         assert session.raw("MAIL FROM:<sender@example.org> SMTPUTF8")[0] == 250
         reply = session.raw(f"RCPT TO:<{UTF8_USER}@bücher.example>")

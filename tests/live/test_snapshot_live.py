@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.dovecot import DovecotInstance, pop3_login
+from harness.popauth import PopauthServer
+from harness.postfix import PostfixInstance
+from harness.smtp import REMOTE, rcpt_reply
 from popauth.doors.ingest.protocol import parse_fields
 from popauth.store.snapshot import read_snapshot
 from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance, pop3_login
-from tests.live.postfix import PostfixInstance
-from tests.live.smtp import REMOTE, rcpt_reply
-from tests.support.popauth_server import PopauthServer
 
 pytestmark = pytest.mark.live
 

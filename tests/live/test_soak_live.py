@@ -1,7 +1,7 @@
 """The soak, bounded: seconds of SMTP sessions through real Postfix while logins,
 revokes, blocks and expiries churn, and not one verdict differs from the oracle's.
 
-The workers and the oracle are ``tests/live/soak.py``; ``make bench`` runs the
+The workers and the oracle are ``harness/soak.py``; ``make bench`` runs the
 same soak for minutes (the ``soak`` benchmark).
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from harness.postfix import PostfixInstance
+from harness.soak import TTL, WORKERS, Oracle, Tally, run_workers, total
 from tests.live.conftest import PopauthFactory
-from tests.live.postfix import PostfixInstance
-from tests.live.soak import TTL, WORKERS, Oracle, Tally, run_workers, total
 
 pytestmark = pytest.mark.live
 

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from popauth.doors.socketmap import codec
-from tests.live.conftest import USERS, PopauthFactory
-from tests.live.dovecot import DovecotInstance
-from tests.live.ports import free_port
-from tests.live.postfix import PostfixInstance, contrib_relay_restrictions
-from tests.live.redis import RedisInstance
-from tests.live.sendmail import (
+from harness.dovecot import DovecotInstance
+from harness.popauth import PopauthServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance, contrib_relay_restrictions
+from harness.redis import RedisInstance
+from harness.sendmail import (
     DEFAULT_CACHE_DIR,
     REPO,
     SendmailInstance,
@@ -34,8 +33,9 @@ from tests.live.sendmail import (
     mc_test_postlude,
     mc_test_prelude,
 )
-from tests.live.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.support.popauth_server import PopauthServer
+from harness.smtp import REMOTE, SmtpSession, rcpt_reply
+from popauth.doors.socketmap import codec
+from tests.live.conftest import USERS, PopauthFactory
 
 pytestmark = pytest.mark.live
 

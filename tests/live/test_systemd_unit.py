@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import toml_value
 from tests.support.peers import ask_as
-from tests.support.popauth_server import toml_value
 from tests.support.units import verify_unit
 
 REPO = Path(__file__).resolve().parents[2]

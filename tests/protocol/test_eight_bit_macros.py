@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from miltertest import constants as mc
 
+from harness.popauth import PopauthServer
 from tests.support.milter_mta import CONTINUE, Mta, is_relay_denied
-from tests.support.popauth_server import PopauthServer
 
 LATIN1_USER = "jörg".encode("latin-1")  # b"j\xf6rg": not UTF-8
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import PopauthServer
 from tests.support.milter_mta import ACCEPT, CONTINUE, REPLY, Mta
-from tests.support.peers import ask_as
-from tests.support.popauth_server import PopauthServer
+from tests.support.peers import ask_as, needs_root
 
 REMOTE = "friend@remote.example"
 LOCAL = "joe@local.test"
@@ -144,6 +144,7 @@ def test_an_expired_entry_is_told_when(tmp_path: Path) -> None:
         assert lines["reply"] == [milter_reply(server, "192.0.2.13", REMOTE, "smtp")]
 
 
+@needs_root
 def test_an_operator_may_explain_and_a_stranger_may_not(open_tmp: Path) -> None:
     with PopauthServer(open_tmp, ingest_operator_users=["daemon"]) as server:
         line = f"EXPLAIN 192.0.2.1 {REMOTE}"

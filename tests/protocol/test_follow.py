@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import FollowerProcess, PopauthProcessError, PopauthServer, wait_until
 from popauth.companions.follow.sources import MAX_LINE
-from tests.support.follower import FollowerProcess, wait_until
-from tests.support.popauth_server import PopauthServer
 
 
 def stamp(offset: float = 0.0) -> str:
@@ -136,7 +135,7 @@ def test_a_group_writable_trusted_file_is_refused(tmp_path: Path, server: Popaut
         tmp_path, server, str(log), follow_format="dovecot", follow_trust="file"
     )
     follower.config_path.write_text("")
-    with pytest.raises(AssertionError, match="writable by its group"):
+    with pytest.raises(PopauthProcessError, match="writable by its group"):
         follower.start()
     assert follower.process is not None and follower.process.wait(10) == 2
 
@@ -147,7 +146,7 @@ def test_courier_is_refused_where_a_mail_user_can_forge_its_line(
     """Courier's LOGIN line comes from the logged-in user's own process: the
     follower does not start, and says why and what to use instead."""
     follower = FollowerProcess(tmp_path, server, str(log), follow_format="courier")
-    with pytest.raises(AssertionError, match="popauth follow exited"):
+    with pytest.raises(PopauthProcessError, match="popauth follow exited"):
         follower.start()
     assert follower.process is not None and follower.process.wait(10) == 2
     said = follower.output()

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from miltertest import constants as mc
 
+from harness.popauth import PopauthProcessError, PopauthServer
 from tests.support.milter_mta import ACCEPT, CONTINUE, REPLY, Mta, is_relay_denied
-from tests.support.popauth_server import PopauthServer
 
 
 @pytest.fixture
@@ -177,5 +177,5 @@ def test_sigterm_stops_cleanly_and_removes_sockets(tmp_path: Path) -> None:
 
 
 def test_bad_config_stops_start_with_the_key_named(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="'ttl'"):
+    with pytest.raises(PopauthProcessError, match="'ttl'"):
         PopauthServer(tmp_path, ttl="soon").start()

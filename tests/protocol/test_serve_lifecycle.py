@@ -15,7 +15,7 @@ import pytest
 from miltertest import MilterConnection
 from miltertest import constants as mc
 
-from tests.support.popauth_server import POPAUTH, PopauthServer
+from harness.popauth import POPAUTH, PopauthServer
 
 
 def accepts(path: Path) -> bool:

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.popauth_server import POPAUTH, PopauthServer
+from harness.popauth import POPAUTH, PopauthServer
 from tests.support.settled import write_settled
 
 

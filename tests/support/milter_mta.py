@@ -8,7 +8,7 @@ from typing import Any
 from miltertest import MilterConnection
 from miltertest import constants as mc
 
-from tests.support.popauth_server import PopauthServer
+from harness.popauth import PopauthServer
 
 CONTINUE, ACCEPT, REPLY = mc.SMFIR_CONTINUE, mc.SMFIR_ACCEPT, mc.SMFIR_REPLYCODE
 RELAYING_DENIED = "5.7.1 Relaying denied."

@@ -16,6 +16,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
+
+# A test that acts as another user (setuid, chown) needs root, as the live
+# tests do: it is marked live, so that ``-m "not live"`` runs without root,
+# and a run without root stops with one line saying so (tests/conftest.py).
+needs_root = pytest.mark.live
+
 
 def _become(user: str, group: int | None, supplementary: Sequence[int] = ()) -> None:
     entry = pwd.getpwnam(user)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.support.popauth_server import POPAUTH
+from harness.popauth import POPAUTH
 
 INSTALLED_POPAUTH = "/usr/local/bin/popauth"
 

@@ -25,7 +25,7 @@ from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import capturing_logger
-from tests.support.peers import ask_as, silent_clients_as
+from tests.support.peers import ask_as, needs_root, silent_clients_as
 
 FLOOD = 500
 
@@ -39,6 +39,7 @@ def ingest(open_tmp: Path) -> Iterator[Endpoint]:
     served.server.stop()
 
 
+@needs_root
 def test_logins_get_through_while_nobody_floods_the_ingest_socket(ingest: Endpoint) -> None:
     with (
         silent_clients_as("nobody", ingest.path, FLOOD) as silent,
@@ -59,6 +60,7 @@ def test_a_silent_client_is_dropped_after_the_first_byte_timeout(ingest: Endpoin
         assert silent.recv(100).startswith(b"ERR timeout")
 
 
+@needs_root
 def test_the_mta_is_answered_while_nobody_floods_the_socketmap(open_tmp: Path) -> None:
     path = open_tmp / "socketmap.sock"
     store = MemoryStore(ttl=900, max_entries=10, clock=FakeClock())
@@ -93,6 +95,7 @@ def test_the_mta_is_answered_while_nobody_floods_the_socketmap(open_tmp: Path) -
         server.stop()
 
 
+@needs_root
 def test_by_default_an_mta_reaching_the_socketmap_by_its_mode_is_not_throttled(
     open_tmp: Path,
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from harness.shared_runtime import shared_runtime
 from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.basics.posixids import system_user
 from popauth.doors.ingest.protocol import MAX_LINE, parse_fields
@@ -26,7 +27,7 @@ from popauth.store.accounts import RelayWay
 from popauth.store.memory import MemoryStore
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.logs import events
-from tests.support.shared_runtime import shared_runtime
+from tests.support.peers import needs_root
 
 A = parse_client_address("192.0.2.1")
 
@@ -205,6 +206,7 @@ def test_state_changes_need_an_allowed_peer(tmp_path: Path) -> None:
         strict.server.stop()
 
 
+@needs_root
 def test_peer_credentials_of_other_users(open_tmp: Path) -> None:
     allowed = pwd.getpwnam("nobody")
     peers = PeerPolicy.of([system_user("nobody")], [])
@@ -290,6 +292,7 @@ def test_report_lists_pop_first_users(endpoint: Endpoint) -> None:
     assert reply[1].startswith("user=alice pop_messages=3 pop_recipients=4 ")
 
 
+@needs_root
 def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
     hook_user = pwd.getpwnam("nobody")
     server = Endpoint(open_tmp, peers=PeerPolicy.of([system_user("nobody")], []))

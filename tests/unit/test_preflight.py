@@ -13,6 +13,7 @@ import pytest
 from popauth.config import Settings, settings_from_mapping
 from popauth.daemon.preflight import Occupancy, Occupant, occupant, socket_holder
 from tests.support.ingest_endpoint import Endpoint
+from tests.support.peers import needs_root
 
 
 def settings_in(directory: Path) -> Settings:
@@ -69,6 +70,7 @@ def test_a_popauth_on_the_ingest_socket_is_named_as_such(tmp_path: Path) -> None
     assert found.text.endswith(f"and serves {tmp_path / 'ingest.sock'}")
 
 
+@needs_root
 def test_a_state_directory_of_another_user(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -79,6 +81,7 @@ def test_a_state_directory_of_another_user(tmp_path: Path) -> None:
     assert found.text.startswith(f"{state} belongs to user nobody: another popauth keeps its state")
 
 
+@needs_root
 def test_a_socket_directory_this_user_cannot_write(open_tmp: Path) -> None:
     # As nobody, in a directory of root's: the sockets could not be made.
     reader, writer = os.pipe()

@@ -24,7 +24,10 @@ from popauth.doors.ingest.protocol import Verb
 from popauth.doors.ingest.roles import VERB_ROLES, PeerPolicy, Role
 from popauth.doors.unixserver import _peer_groups, peer_of
 from tests.support.ingest_endpoint import Endpoint
-from tests.support.peers import ask_as
+from tests.support.peers import ask_as, needs_root
+
+# Every test here asks as another user.
+pytestmark = needs_root
 
 ADDRESS = parse_client_address("192.0.2.7")
 REQUESTS = {

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.popauth import POPAUTH, toml_value
 from popauth.basics.addresses import parse_client_address
 from popauth.companions.sessions import (
     DoveadmError,
@@ -28,7 +29,6 @@ from popauth.companions.sessions import (
 from popauth.config import ConfigError, Settings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
 from tests.support.ingest_endpoint import Endpoint
-from tests.support.popauth_server import POPAUTH, toml_value
 from tests.support.units import verify_unit
 
 SERVICES = frozenset({"imap", "pop3"})

@@ -18,6 +18,7 @@ import pytest
 
 from popauth.basics.posixids import system_group
 from popauth.doors.sockets import SocketSetupError, access_acl, set_permissions
+from tests.support.peers import needs_root
 
 
 def test_the_acl_is_the_mode_plus_each_group_in_the_kernel_order() -> None:
@@ -45,6 +46,7 @@ def open_directory() -> Iterator[Path]:
     shutil.rmtree(directory)
 
 
+@needs_root
 def test_a_socket_admits_its_acl_groups_and_no_one_else(open_directory: Path) -> None:
     path = open_directory / "ingest.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:

@@ -35,6 +35,7 @@ from popauth.store.statefile import (
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
+from tests.support.peers import needs_root
 
 DOCUMENT = {"format": "popauth-whitelist", "version": 1, "saved_at": 1.0, "entries": []}
 
@@ -71,6 +72,7 @@ def test_missing_file_is_a_type_not_a_message(tmp_path: Path) -> None:
         read_json_document(tmp_path / "absent.json", "popauth-whitelist", 1)
 
 
+@needs_root
 @pytest.mark.parametrize(
     ("mode", "owner", "reason"),
     [

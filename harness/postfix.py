@@ -31,15 +31,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.live.ports import (
-    Daemon,
-    free_port,
-    log_tail,
-    pid_alive,
-    read_log,
-    wait_for_banner,
-    wait_pid_gone,
-)
+from harness.daemon import DaemonError, ForegroundDaemon
+from harness.ports import log_tail, pid_alive, read_banner, read_log, wait_pid_gone
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -74,11 +67,11 @@ _INTERNAL_SERVICES: tuple[tuple[str, str, str, str, str, str], ...] = (
 )
 
 
-class PostfixError(RuntimeError):
+class PostfixError(DaemonError):
     """Postfix failed to start or stop; the message carries the log tail."""
 
 
-class PostfixInstance(Daemon):
+class PostfixInstance(ForegroundDaemon):
     """Run a private Postfix (``postfix -c ROOT/etc``) listening on 127.0.0.1.
 
     ``root`` must be a fresh directory owned by this instance. ``milter`` is a
@@ -117,8 +110,6 @@ class PostfixInstance(Daemon):
         # master.cf: another command for a service (e.g. {"lmtp": "lmtp"}, a
         # real LMTP client instead of discard), or a new unix service.
         self.service_commands = dict(service_commands or {})
-        self._pid: int | None = None
-        self._prepared = False
 
     # -- layout --------------------------------------------------------------
 
@@ -293,55 +284,50 @@ class PostfixInstance(Daemon):
         (Dovecot's ``auth_socket_for_postfix``), then start(): with
         ``sasl_path`` set, smtpd exits at the first connection if the socket is
         missing ("fatal: no SASL authentication mechanisms") and master then
-        throttles smtpd for 60 s.
+        throttles smtpd for 60 s. start() prepares again: the same files.
         """
         self._write_config()
         result = self._postfix("check")
         if result.returncode != 0:
             raise PostfixError(f"postfix check failed ({result.returncode}):\n{result.stdout}")
-        self._prepared = True
 
-    def start(self) -> None:
-        """Start Postfix (prepare() first if needed) and wait for the 220 banner.
+    # Postfix runs as ``postfix start-fg``: the master stays in the foreground,
+    # a child of the postfix-script, in our session. ``postfix reload`` and
+    # the like still reach it through its pid file.
 
-        Fails early when master starts throttling smtpd (a fatal smtpd error),
-        instead of waiting out the whole timeout.
-        """
-        if not self._prepared:
-            self.prepare()
-        deadline = time.monotonic() + START_TIMEOUT
-        result = self._postfix("start")
-        if result.returncode != 0:
-            raise PostfixError(
-                f"postfix start failed ({result.returncode}):\n{result.stdout}\n"
-                f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
-            )
-        self._pid = self._master_pid()
-        while not wait_for_banner(
-            self.probe_host, self.smtp_port, b"220", min(deadline, time.monotonic() + 0.5)
-        ):
-            if time.monotonic() >= deadline or "-- throttling" in self.log_text():
-                self.stop()
-                raise PostfixError(
-                    f"no 220 banner on {self._listen_endpoint()}\n{result.stdout}\n"
-                    f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
-                )
+    def command(self) -> list[str]:
+        return ["postfix", "-c", str(self.config_dir), "start-fg"]
 
-    def stop(self) -> None:
-        """``postfix stop`` and wait until the master process is really gone."""
-        pid = self._pid or self._master_pid()
-        if pid is None or not pid_alive(pid):
-            self._pid = None
-            return
-        self._postfix("stop")
-        if not wait_pid_gone(pid, time.monotonic() + STOP_TIMEOUT):
-            raise PostfixError(f"postfix master {pid} still alive after stop")
-        self._pid = None
+    @property
+    def output_path(self) -> Path:
+        return self.root / "postfix.out"
+
+    def ready(self) -> bool:
+        """A 220 banner; gives up at once when master throttles smtpd (a fatal smtpd error)."""
+        if "-- throttling" in self.log_text():
+            raise PostfixError(f"postfix throttles smtpd:\n{self.diagnostics()}")
+        banner = read_banner(self.probe_host, self.smtp_port, timeout=0.5)
+        return banner is not None and banner.startswith(b"220")
+
+    def diagnostics(self) -> str:
+        return (
+            f"on {self._listen_endpoint()}:\n{log_tail(self.output_path)}\n"
+            f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
+        )
+
+    def terminate(self, process: subprocess.Popen[bytes]) -> None:
+        """``postfix stop`` (SIGTERM to the master, which stops its children); wait for it."""
+        pid = self._master_pid()
+        if pid is not None and pid_alive(pid):
+            self._postfix("stop")
+            if not wait_pid_gone(pid, time.monotonic() + self.stop_timeout):
+                raise PostfixError(f"postfix master {pid} still alive after stop")
+        super().terminate(process)
 
 
 # The contrib examples (milter door, socketmap door), and the socket path written in them.
-MILTER_MAIN_CF = Path(__file__).parents[2] / "contrib" / "postfix" / "main.cf"
-SOCKETMAP_MAIN_CF = Path(__file__).parents[2] / "contrib" / "postfix" / "socketmap-main.cf"
+MILTER_MAIN_CF = Path(__file__).parents[1] / "contrib" / "postfix" / "main.cf"
+SOCKETMAP_MAIN_CF = Path(__file__).parents[1] / "contrib" / "postfix" / "socketmap-main.cf"
 PRODUCTION_SOCKETMAP = "/var/spool/postfix/popauth/socketmap.sock"
 
 
@@ -360,18 +346,3 @@ def contrib_relay_restrictions(socket_path: Path) -> str:
     value = " ".join(line.strip() for line in match.group(1).splitlines())
     assert PRODUCTION_SOCKETMAP in value
     return value.replace(PRODUCTION_SOCKETMAP, str(socket_path))
-
-
-def start_host_postfix(directory: Path, name: str) -> PostfixInstance:
-    """A running Postfix for one MTA host of a multi-host test: its own
-    directory, the milter at ``directory/milter.sock``, domain local.test."""
-    directory.mkdir(mode=0o755)
-    postfix = PostfixInstance(
-        root=directory / "postfix",
-        smtp_port=free_port(),
-        milter=f"unix:{directory / 'milter.sock'}",
-        local_domain="local.test",
-        extra_main_cf={"myhostname": f"{name}.local.test", "myorigin": "local.test"},
-    )
-    postfix.start()
-    return postfix

@@ -1,7 +1,18 @@
-"""An SMTP client for live tests: raw commands, so odd addresses go out verbatim."""
+"""The SMTP client of the tests and benchmarks, from a chosen loopback address.
+
+Two faces over the same dialogue:
+
+- :class:`SmtpSession`, on smtplib, for scenario tests: every command's
+  reply code and text; addresses go out exactly as given (odd forms, UTF-8
+  with :meth:`SmtpSession.raw`), SMTP AUTH through smtplib's login.
+- raw sockets (:func:`open_mail_transaction`, :func:`read_reply`,
+  :func:`rcpt_code`) for benchmarks and the soak: reply codes only, no
+  smtplib overhead, no retry, one connection per call.
+"""
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 from types import TracebackType
@@ -9,10 +20,15 @@ from typing import BinaryIO
 
 # A recipient outside every local domain: any RCPT to it is relaying.
 REMOTE = "someone@remote.example"
+SENDER = "sender@example.org"
+HELO_NAME = "client.example"
 
 
 class SmtpError(RuntimeError):
     """The server broke the dialogue a raw-socket client expected."""
+
+
+# -- raw sockets ------------------------------------------------------------
 
 
 def read_reply(reader: BinaryIO) -> int:
@@ -30,24 +46,38 @@ def open_mail_transaction(sock: socket.socket) -> BinaryIO:
     reader = sock.makefile("rb")
     if read_reply(reader) != 220:
         raise SmtpError("no 220 banner")
-    sock.sendall(b"EHLO client.example\r\n")
+    sock.sendall(f"EHLO {HELO_NAME}\r\n".encode())
     if read_reply(reader) != 250:
         raise SmtpError("EHLO refused")
-    sock.sendall(b"MAIL FROM:<sender@example.org>\r\n")
+    sock.sendall(f"MAIL FROM:<{SENDER}>\r\n".encode())
     code = read_reply(reader)
     if code != 250:
         raise SmtpError(f"MAIL got {code}")
     return reader
 
 
+def rcpt_code(port: int, source_ip: str, recipient: str, server: str = "127.0.0.1") -> int:
+    """A fresh connection up to one RCPT (raw, no retry); the RCPT reply code."""
+    with socket.create_connection((server, port), 10, (source_ip, 0)) as sock:
+        reader = open_mail_transaction(sock)
+        sock.sendall(f"RCPT TO:<{recipient}>\r\n".encode())
+        code = read_reply(reader)
+        sock.sendall(b"QUIT\r\n")
+        reader.close()
+    return code
+
+
+# -- sessions ---------------------------------------------------------------
+
+
 class SmtpSession:
-    """One SMTP session from a chosen loopback address (127.0.0.x)."""
+    """One SMTP session from a chosen loopback address (127.0.0.x), EHLO sent."""
 
     def __init__(self, port: int, source_ip: str, server: str = "127.0.0.1") -> None:
         self.client = smtplib.SMTP(server, port, source_address=(source_ip, 0), timeout=30)
-        self.client.ehlo("client.example")
+        self.ehlo = self.client.ehlo(HELO_NAME)
 
-    def mail(self, sender: str = "sender@example.org") -> tuple[int, str]:
+    def mail(self, sender: str = SENDER) -> tuple[int, str]:
         return self._command(f"MAIL FROM:<{sender}>")
 
     def rcpt(self, recipient: str) -> tuple[int, str]:
@@ -59,6 +89,17 @@ class SmtpSession:
 
     def login(self, user: str, password: str) -> None:
         self.client.login(user, password)
+
+    def raw(self, line: str) -> tuple[int, str]:
+        """Any command line, sent as UTF-8 (smtplib's docmd and login are ASCII only)."""
+        self.client.send(line.encode("utf-8") + b"\r\n")
+        code, text = self.client.getreply()
+        return code, text.decode("utf-8", "replace")
+
+    def auth_plain(self, user: str, password: str) -> tuple[int, str]:
+        """AUTH PLAIN with UTF-8 credentials; the reply."""
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        return self.raw(f"AUTH PLAIN {token}")
 
     def send_message(self, recipients: list[str]) -> tuple[int, str]:
         """DATA for the accepted recipients; returns the reply to the final dot."""

@@ -28,8 +28,8 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
-from tests.live.smtp import open_mail_transaction, read_reply
-from tests.support.popauth_server import PopauthServer
+from harness.popauth import PopauthServer
+from harness.smtp import open_mail_transaction, read_reply
 
 LOCAL_DOMAIN = "local.test"
 WORKERS = 8

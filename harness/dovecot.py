@@ -40,27 +40,17 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.live.ports import (
-    Daemon,
-    grant_traversal,
-    group_members,
-    log_tail,
-    read_log,
-    wait_for_banner,
-    wait_group_gone,
-)
+from harness.daemon import DaemonError, ForegroundDaemon
+from harness.ports import grant_traversal, log_tail, read_banner, read_log
 
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 20.0
 MAIL_USER = "nobody"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ENV_VALUE = re.compile(r"[^\s\"'\\#]*\Z")
 
 
-class DovecotError(RuntimeError):
+class DovecotError(DaemonError):
     """Dovecot failed to start or stop; the message carries the log tail."""
 
 
@@ -174,7 +164,7 @@ def _login_service(proto: str, port: int, listen: str, syntax: DovecotSyntax) ->
     ]
 
 
-class DovecotInstance(Daemon):
+class DovecotInstance(ForegroundDaemon):
     """Run a private Dovecot (``dovecot -F -c ROOT/dovecot.conf``) on 127.0.0.1.
 
     ``users`` maps user names to passwd-file passwords (``{PLAIN}secret``).
@@ -185,6 +175,10 @@ class DovecotInstance(Daemon):
     by ``postfix``. ``lmtp_socket`` adds Dovecot LMTP (dovecot-lmtpd) on that
     UNIX socket, delivering ``user@any.domain`` into ``ROOT/mail/user/Maildir``.
     """
+
+    name = "dovecot"
+    error = DovecotError
+    stop_timeout = 20.0
 
     def __init__(
         self,
@@ -209,7 +203,6 @@ class DovecotInstance(Daemon):
         self.hook_env = dict(hook_env or {})
         self.auth_socket_for_postfix = auth_socket_for_postfix
         self.lmtp_socket = lmtp_socket
-        self._process: subprocess.Popen[bytes] | None = None
         for name, value in self.hook_env.items():
             if not _ENV_NAME.match(name) or not _ENV_VALUE.match(value):
                 raise ValueError(
@@ -321,73 +314,48 @@ class DovecotInstance(Daemon):
         os.chmod(users_file, 0o644)  # read by the auth process (user dovecot)
         self.config_file.write_text(self.config(), encoding="utf-8")
 
-    # -- lifecycle -----------------------------------------------------------
-
     def _master_pid(self) -> int | None:
         try:
             return int((self.base_dir / "master.pid").read_text(encoding="ascii").split()[0])
         except (FileNotFoundError, IndexError, ValueError):
             return None
 
-    def start(self) -> None:
-        """Write the configuration, start Dovecot, wait for the POP3 ``+OK``.
+    # -- lifecycle -----------------------------------------------------------
+    #
+    # Dovecot runs in the foreground (``-F``) as our child in a new session,
+    # so a failed start shows up as an exit status, and stop() finds every
+    # process of the instance by its process group. Its stdout and stderr go
+    # to ``ROOT/dovecot.stderr``, not to a pipe: processes that outlive the
+    # master would hold a pipe open. The master exits within about a second
+    # of SIGTERM, but its auth, log, anvil and stats children linger while a
+    # client (Postfix smtpd's SASL connection) stays connected to auth; the
+    # base class ends them through the process group.
 
-        Dovecot runs in the foreground (``-F``) as our child in a new session,
-        so a failed start shows up as an exit status, and stop() can find
-        every process of the instance by its process group. Its stdout and
-        stderr go to ``ROOT/dovecot.stderr``, not to a pipe: processes that
-        outlive the master would hold a pipe open.
-        """
+    def prepare(self) -> None:
         self._write_config()
-        deadline = time.monotonic() + START_TIMEOUT
-        with self.stderr_file.open("ab") as output:
-            self._process = subprocess.Popen(
-                ["dovecot", "-F", "-c", str(self.config_file)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        while self._process.poll() is None:
-            probe = self.listen.split(",")[0].strip()
-            if wait_for_banner(
-                probe, self.pop3_port, b"+OK", min(deadline, time.monotonic() + 0.5)
-            ):
-                return
-            if time.monotonic() >= deadline:
-                break
-        self.stop()
-        raise DovecotError(
-            f"dovecot not ready on {self.listen} port {self.pop3_port}:\n"
-            f"{log_tail(self.stderr_file)}\n"
+
+    def command(self) -> list[str]:
+        return ["dovecot", "-F", "-c", str(self.config_file)]
+
+    @property
+    def output_path(self) -> Path:
+        return self.stderr_file
+
+    def ready(self) -> bool:
+        """The POP3 listener greets with ``+OK``."""
+        banner = read_banner(self.listen.split(",")[0].strip(), self.pop3_port, timeout=0.5)
+        return banner is not None and banner.startswith(b"+OK")
+
+    def diagnostics(self) -> str:
+        return (
+            f"on {self.listen} port {self.pop3_port}:\n{log_tail(self.stderr_file)}\n"
             f"--- {self.log_file} ---\n{log_tail(self.log_file)}"
         )
 
-    def stop(self) -> None:
-        """SIGTERM the master (pid from ``base_dir/master.pid``); wait until all is gone.
-
-        The master exits within about a second, but its auth, log, anvil and
-        stats children linger while a client (Postfix smtpd's SASL connection)
-        stays connected to auth; they are terminated through the process group.
-        """
-        process, self._process = self._process, None
-        if process is None:
-            return
-        pid = self._master_pid() or process.pid
+    def terminate(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGTERM to the master (pid from ``base_dir/master.pid``)."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            if wait_group_gone(process.pid, min(deadline, time.monotonic() + 5)):
-                return
-        raise DovecotError(f"dovecot processes left: {group_members(process.pid)}")
+            os.kill(self._master_pid() or process.pid, signal.SIGTERM)
 
 
 def pop3_login(

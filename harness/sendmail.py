@@ -27,82 +27,34 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.live.ports import Daemon
+from harness.daemon import DaemonError, ForegroundDaemon
+from harness.debs import unpacked_root
 
 PACKAGES: tuple[str, ...] = ("sendmail-bin", "sendmail-cf", "sendmail-base")
 SENDMAIL_BIN = Path("usr/libexec/sendmail/sendmail")
 CF_DIR = Path("usr/share/sendmail/cf")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CONTRIB_MC = REPO / "contrib" / "sendmail.mc"
 # Where the live tests keep the downloaded .debs and the unpacked root
 # (/.cache/ is in .gitignore); override with POPAUTH_SENDMAIL_CACHE.
 DEFAULT_CACHE_DIR = Path(os.environ.get("POPAUTH_SENDMAIL_CACHE", REPO / ".cache" / "sendmail"))
 
-_APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 # A directory on libsasl2's built-in config path (Debian 12) that exists.
 SASL_CONF_DIR = "/usr/lib/sasl2"
 
 
-class SendmailError(RuntimeError):
+class SendmailError(DaemonError):
     """Sendmail could not be fetched, configured or started."""
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **_APT_ENV},
-    )
-
-
-def _debs(cache_dir: Path, package: str) -> list[Path]:
-    return sorted(cache_dir.glob(f"{package}_*.deb"))
-
-
 def ensure_sendmail_root(cache_dir: Path) -> Path:
-    """Download and unpack the Sendmail packages once; return the root.
-
-    Idempotent: .debs already in ``cache_dir`` are not fetched again and an
-    existing unpacked root (with the sendmail binary and cf.m4) is reused.
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    root = cache_dir / "root"
-    if (root / SENDMAIL_BIN).is_file() and (root / CF_DIR / "m4" / "cf.m4").is_file():
-        return root
-    missing = [p for p in PACKAGES if not _debs(cache_dir, p)]
-    if missing:
-        result = _run(["apt-get", "download", *missing], cwd=cache_dir)
-        if result.returncode != 0:
-            update = _run(["apt-get", "update"])
-            if update.returncode != 0:
-                raise SendmailError(f"apt-get update failed:\n{update.stderr}")
-            result = _run(["apt-get", "download", *missing], cwd=cache_dir)
-            if result.returncode != 0:
-                raise SendmailError(f"apt-get download failed:\n{result.stderr}")
-    staging = cache_dir / "root.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    for package in PACKAGES:
-        debs = _debs(cache_dir, package)
-        if not debs:
-            raise SendmailError(f"no .deb for {package} in {cache_dir}")
-        result = _run(["dpkg", "-x", str(debs[-1]), str(staging)])
-        if result.returncode != 0:
-            raise SendmailError(f"dpkg -x {debs[-1]} failed:\n{result.stderr}")
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
-    return root
+    """The Sendmail packages downloaded once and unpacked under ``cache_dir``; the root."""
+    return unpacked_root(PACKAGES, cache_dir, cache_dir / "root")
 
 
 def build_cf(root: Path, mc_text: str, out: Path) -> Path:
@@ -179,7 +131,7 @@ def mc_test_postlude(workdir: Path, extra: str = "") -> str:
     """
     w = workdir
     lines = [
-        "dnl ---- test-only overrides (tests/live/sendmail.py)",
+        "dnl ---- test-only overrides (harness/sendmail.py)",
         f"define(`QUEUE_DIR', {_q(str(w / 'mqueue'))})dnl",
         f"define(`confPID_FILE', {_q(str(w / 'sendmail.pid'))})dnl",
         f"define(`STATUS_FILE', {_q(str(w / 'sendmail.st'))})dnl",
@@ -280,8 +232,15 @@ def _banner(port: int, timeout: float, host: str = "127.0.0.1") -> bytes:
         return data
 
 
-class SendmailInstance(Daemon):
-    """A foreground Sendmail daemon (``-bD``) in a private directory."""
+class SendmailInstance(ForegroundDaemon):
+    """A foreground Sendmail daemon (``-bD``) in a private directory.
+
+    It leads its own session: stopping it signals the whole group, so that
+    SMTP children still running go too.
+    """
+
+    name = "sendmail"
+    error = SendmailError
 
     def __init__(
         self,
@@ -305,11 +264,8 @@ class SendmailInstance(Daemon):
         self.start_timeout = start_timeout
         self.sasl_dir = sasl_dir
         self.cf_path = workdir / "sendmail.cf"
-        self.stdout_path = workdir / "sendmail.stdout"
-        self.stderr_path = workdir / "sendmail.stderr"
         self.traffic_path = workdir / "traffic.log"
         self.banner = ""
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def prepare(self) -> None:
         """Create the private directories and files and build the .cf."""
@@ -350,62 +306,27 @@ class SendmailInstance(Daemon):
             argv.append(str(self.sasl_dir))
         return argv
 
-    def start(self) -> None:
-        if self.proc is not None:
-            raise SendmailError("already started")
-        self.prepare()
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + self.start_timeout
-        last_error = "no attempt"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SendmailError(
-                    f"sendmail exited with {self.proc.returncode}:\n{self.diagnostics()}"
-                )
-            try:
-                banner = _banner(self.smtp_port, timeout=2.0, host=self.listen)
-            except OSError as exc:
-                last_error = repr(exc)
-                time.sleep(0.05)
-                continue
-            if banner.startswith(b"220"):
-                self.banner = banner.decode("ascii", "replace").strip()
-                return
-            last_error = f"unexpected banner {banner!r}"
-            time.sleep(0.05)
-        self.stop()
-        raise SendmailError(
-            f"no 220 banner on {self.listen} port {self.smtp_port} within "
-            f"{self.start_timeout} s ({last_error}):\n{self.diagnostics()}"
-        )
+    @property
+    def output_path(self) -> Path:
+        return self.workdir / "sendmail.out"
+
+    def working_directory(self) -> Path:
+        return self.workdir
+
+    def ready(self) -> bool:
+        """A 220 banner on the listen address (kept in :attr:`banner`)."""
+        try:
+            banner = _banner(self.smtp_port, timeout=2.0, host=self.listen)
+        except OSError:
+            return False
+        if not banner.startswith(b"220"):
+            return False
+        self.banner = banner.decode("ascii", "replace").strip()
+        return True
 
     def diagnostics(self) -> str:
-        parts = []
-        for path in (self.stderr_path, self.stdout_path, self.traffic_path):
+        parts = [f"on {self.listen} port {self.smtp_port}"]
+        for path in (self.output_path, self.traffic_path):
             if path.exists():
                 parts.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
         return "\n".join(parts)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        self.proc = None
-        # The daemon leads its own session (start_new_session): signal the
-        # whole group so that SMTP children still running go too.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue

@@ -4,33 +4,28 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.live.ports import Daemon, read_log
+from harness.daemon import DaemonError, ForegroundDaemon
+from harness.ports import log_tail
 
 
-class RedisError(RuntimeError):
+class RedisError(DaemonError):
     """redis-server failed to start or stop."""
 
 
-def stop_process(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM, and SIGKILL if it is still there after 10 s."""
-    if process is None:
-        return
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def redis_server() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RedisError("redis-server is not installed: run scripts/bootstrap test")
+    return binary
 
 
-class RedisInstance(Daemon):
+class RedisInstance(ForegroundDaemon):
     """``redis-server`` on 127.0.0.1:``port``, no persistence, data under ``root``.
 
     ``stop()`` and ``start()`` may be repeated to simulate an outage; the
@@ -56,42 +51,39 @@ class RedisInstance(Daemon):
         self.socket_path = root / "redis.sock"
         self.unix_url = f"unix://{self.socket_path}?db=0"
         self.log_file = root / "redis.log"
-        self._process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RedisError("redis-server is not installed (make setup installs it)")
-        self._process = subprocess.Popen(
-            [
-                binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--unixsocket", str(self.socket_path),
-                "--unixsocketperm", "700",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.root),
-                "--logfile", str(self.log_file),
-                "--daemonize", "no",
-                # Lets tests stall the server (DEBUG SLEEP) to play a slow Redis.
-                "--enable-debug-command", "local",
-                *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
-                *self.options,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RedisError(f"redis-server exited:\n{read_log(self.log_file)}")
-            if self.ping():
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RedisError(f"redis-server not ready:\n{read_log(self.log_file)}")
+    name = "redis-server"
+    error = RedisError
+    start_timeout = 15.0
+
+    @property
+    def output_path(self) -> Path:
+        return self.root / "redis.out"
+
+    def diagnostics(self) -> str:
+        return f"{log_tail(self.output_path)}\n--- {self.log_file}\n{log_tail(self.log_file)}"
+
+    def command(self) -> list[str]:
+        return [
+            redis_server(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.root),
+            "--logfile", str(self.log_file),
+            "--daemonize", "no",
+            # Lets tests stall the server (DEBUG SLEEP) to play a slow Redis.
+            "--enable-debug-command", "local",
+            *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
+            *self.options,
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        return self.ping()
 
     def ping(self) -> bool:
         try:
@@ -100,16 +92,6 @@ class RedisInstance(Daemon):
                 return connection.recv(64).startswith(b"+PONG")
         except OSError:
             return False
-
-    def stop(self) -> None:
-        stop_process(self._process)
-        self._process = None
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RedisError("redis-server is not running")
-        return self._process.pid
 
     def has_replica_in_sync(self) -> bool:
         """Whether a replica has finished its first sync with this master:
@@ -125,13 +107,6 @@ class RedisInstance(Daemon):
                 raise RedisError(f"no replica in sync with :{self.port} within {timeout}s")
             time.sleep(0.02)
 
-    def kill(self) -> None:
-        """SIGKILL: the server vanishes at once, as in a crash."""
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-
     def flush(self) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
             connection.sendall(b"FLUSHALL\r\n")
@@ -139,7 +114,7 @@ class RedisInstance(Daemon):
                 raise RedisError("FLUSHALL failed")
 
 
-class SentinelInstance(Daemon):
+class SentinelInstance(ForegroundDaemon):
     """``redis-server --sentinel`` on 127.0.0.1:``port`` watching one master.
 
     Short timers (down after 1 s) so a test sees a failover in seconds; the
@@ -164,13 +139,20 @@ class SentinelInstance(Daemon):
         self.down_after_ms = down_after_ms
         self.config_file = root / "sentinel.conf"
         self.log_file = root / "sentinel.log"
-        self._process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RedisError("redis-server is not installed (make setup installs it)")
+    name = "redis sentinel"
+    error = RedisError
+    start_timeout = 15.0
+
+    @property
+    def output_path(self) -> Path:
+        return self.root / "sentinel.out"
+
+    def diagnostics(self) -> str:
+        return f"{log_tail(self.output_path)}\n--- {self.log_file}\n{log_tail(self.log_file)}"
+
+    def prepare(self) -> None:
         lines = [
             "bind 127.0.0.1",
             f"port {self.port}",
@@ -186,20 +168,12 @@ class SentinelInstance(Daemon):
             # Clients and the other sentinels must all authenticate.
             lines += [f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
         self.config_file.write_text("\n".join(lines) + "\n")
-        self._process = subprocess.Popen(
-            [binary, str(self.config_file), "--sentinel"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RedisError(f"sentinel exited:\n{read_log(self.log_file)}")
-            if self.master_info() is not None:
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RedisError(f"sentinel not ready:\n{read_log(self.log_file)}")
+
+    def command(self) -> list[str]:
+        return [redis_server(), str(self.config_file), "--sentinel"]
+
+    def ready(self) -> bool:
+        return self.master_info() is not None
 
     def client(self) -> redis.Redis:
         return redis.Redis(
@@ -214,7 +188,3 @@ class SentinelInstance(Daemon):
                 return info
         except redis.RedisError:
             return None
-
-    def stop(self) -> None:
-        stop_process(self._process)
-        self._process = None

@@ -34,9 +34,11 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.live.ports import grant_traversal, wait_for_banner
+from harness.daemon import DaemonError, ForegroundDaemon
+from harness.debs import unpacked_root
+from harness.ports import grant_traversal, read_banner, read_log
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CONTRIB_RSYSLOG = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
 ACCEPTOR = Path(__file__).with_name("inetd_acceptor.py")
 POP3_CLIENT = Path(__file__).with_name("pop3_client.py")
@@ -47,7 +49,7 @@ MAIL_UID = 64_101  # the private users' uids: unused on the host
 START_TIMEOUT = 20.0
 
 
-class LogServerError(RuntimeError):
+class LogServerError(DaemonError):
     """A private server or rsyslog could not be fetched or started."""
 
 
@@ -70,34 +72,7 @@ def ensure_package_root(destination: Path, cache_dir: Path = CACHE_DIR) -> Path:
     privileges before they exec their helpers, and a checkout may sit in a
     directory only its owner can enter (root's home, ``mktemp -d``).
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    root = destination
-    stamp = root / ".unpacked"
-    if stamp.is_file() and stamp.read_text() == " ".join(PACKAGES):
-        return root
-    missing = [p for p in PACKAGES if not list(cache_dir.glob(f"{p}_*.deb"))]
-    if missing:
-        result = _run(["apt-get", "download", *missing], cwd=cache_dir)
-        if result.returncode != 0:
-            _run(["apt-get", "update"])
-            result = _run(["apt-get", "download", *missing], cwd=cache_dir)
-            if result.returncode != 0:
-                raise LogServerError(
-                    f"apt-get download {' '.join(missing)} failed (run scripts/bootstrap):\n"
-                    f"{result.stderr}"
-                )
-    staging = root.with_name(root.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for package in PACKAGES:
-        deb = sorted(cache_dir.glob(f"{package}_*.deb"))[-1]
-        result = _run(["dpkg", "-x", str(deb), str(staging)])
-        if result.returncode != 0:
-            raise LogServerError(f"dpkg -x {deb} failed:\n{result.stderr}")
-    (staging / ".unpacked").write_text(" ".join(PACKAGES))
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
-    return root
+    return unpacked_root(PACKAGES, cache_dir, destination)
 
 
 def rsyslog_template() -> str:
@@ -107,10 +82,23 @@ def rsyslog_template() -> str:
     return text[start : text.index(")\n", start) + 2]
 
 
-class SyslogSink(abc.ABC):
-    """An rsyslog under test: a /dev/log socket, and the text it has written."""
+class SyslogSink(ForegroundDaemon):
+    """An rsyslog under test: a /dev/log socket, and the text it has written.
+
+    Ready once the socket exists and a message sent to it has been written.
+    """
 
     socket_path: Path
+    name = "rsyslogd"
+    error = LogServerError
+    start_timeout = START_TIMEOUT
+
+    def ready(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        self.socket_path.chmod(0o666)  # every local user may log, as with /dev/log
+        self.sync()
+        return True
 
     def send(self, tag: str, message: str, *, path: Path | None = None) -> None:
         """One mail.info message to /dev/log (or ``path``), from this process (root)."""
@@ -146,7 +134,6 @@ class PrivateRsyslog(SyslogSink):
         self.socket_path = root / "log.sock"
         self.log_path = root / "logins.log"
         self.pid_path = root / "rsyslogd.pid"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
         modules = self.package_root / RSYSLOG_MODULES
@@ -159,37 +146,27 @@ class PrivateRsyslog(SyslogSink):
             'fileCreateMode="0640")\n'
         )
 
-    def start(self) -> PrivateRsyslog:
+    @property
+    def output_path(self) -> Path:
+        return self.root / "rsyslogd.out"
+
+    def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         grant_traversal(self.root)
-        config = self.root / "rsyslog.conf"
-        config.write_text(self.config())
-        output = (self.root / "rsyslogd.out").open("ab")
-        self.process = subprocess.Popen(
-            [
-                *self.prefix,
-                str(self.package_root / "usr/sbin/rsyslogd"),
-                "-n",
-                "-f",
-                str(config),
-                "-i",
-                str(self.pid_path),
-                "-M",
-                str(self.package_root / RSYSLOG_MODULES),
-            ],
-            stdout=output,
-            stderr=output,
-            start_new_session=True,
-        )
-        output.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket_path.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise LogServerError(f"rsyslogd did not start:\n{self.diagnostics()}")
-            time.sleep(0.02)
-        self.socket_path.chmod(0o666)  # every local user may log, as with /dev/log
-        self.sync()
-        return self
+        (self.root / "rsyslog.conf").write_text(self.config())
+
+    def command(self) -> list[str]:
+        return [
+            *self.prefix,
+            str(self.package_root / "usr/sbin/rsyslogd"),
+            "-n",
+            "-f",
+            str(self.root / "rsyslog.conf"),
+            "-i",
+            str(self.pid_path),
+            "-M",
+            str(self.package_root / RSYSLOG_MODULES),
+        ]
 
     def text(self) -> str:
         texts = []
@@ -203,19 +180,7 @@ class PrivateRsyslog(SyslogSink):
         self.process.send_signal(signal.SIGHUP)
 
     def diagnostics(self) -> str:
-        out = self.root / "rsyslogd.out"
-        return out.read_text(errors="replace") if out.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        return read_log(self.output_path)
 
 
 def _hash(password: str) -> str:
@@ -303,44 +268,36 @@ class Jail:
         return ["unshare", "-m", "--propagation", "private", "sh", "-c", prelude, "jail", *argv]
 
 
-class InetdServer:
+class InetdServer(ForegroundDaemon):
     """A POP3 server inside a Jail on 127.0.0.1:port: run per connection (as from
     inetd), or, with ``inetd=False``, a daemon that listens itself."""
+
+    name = "the POP3 server"
+    error = LogServerError
+    start_timeout = START_TIMEOUT
 
     def __init__(self, jail: Jail, port: int, argv: list[str], *, inetd: bool = True) -> None:
         self.jail = jail
         self.port = port
         self.argv = argv
         self.inetd = inetd
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> InetdServer:
+    @property
+    def output_path(self) -> Path:
+        return self.jail.root / "inetd.out"
+
+    def command(self) -> list[str]:
         argv = self.argv
         if self.inetd:
             argv = ["/usr/bin/python3", "-I", str(ACCEPTOR), str(self.port), "--", *argv]
-        command = self.jail.command(argv)
-        output = (self.jail.root / "inetd.out").open("ab")
-        self.process = subprocess.Popen(
-            command, stdout=output, stderr=output, start_new_session=True
-        )
-        output.close()
-        if not wait_for_banner("127.0.0.1", self.port, b"+OK", time.monotonic() + START_TIMEOUT):
-            self.stop()
-            text = (self.jail.root / "inetd.out").read_text(errors="replace")
-            raise LogServerError(f"{self.argv[0]} not ready on port {self.port}:\n{text}")
-        return self
+        return self.jail.command(argv)
 
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
+    def ready(self) -> bool:
+        banner = read_banner("127.0.0.1", self.port, timeout=0.5)
+        return banner is not None and banner.startswith(b"+OK")
+
+    def diagnostics(self) -> str:
+        return f"{self.argv[0]} on port {self.port}:\n{read_log(self.output_path)}"
 
 
 COURIER_BIN = Path("usr/lib/courier/courier")

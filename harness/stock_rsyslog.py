@@ -1,6 +1,6 @@
 """Debian's own rsyslog, with its stock ``/etc/rsyslog.conf``, in a private mount namespace.
 
-The package is the one ``tests/live/logservers.py`` unpacks (``dpkg -x``).
+The package is the one ``harness/logservers.py`` unpacks (``harness.debs``).
 Inside the namespace rsyslogd sees the paths it has on a Debian host:
 
 - ``/etc`` is an overlay of this machine's ``/etc``: ``/etc/rsyslog.conf``
@@ -23,17 +23,13 @@ from __future__ import annotations
 import grp
 import os
 import shlex
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-from tests.live.logservers import RSYSLOG_MODULES, LogServerError, SyslogSink
+from harness.logservers import RSYSLOG_MODULES, SyslogSink
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SNIPPET = REPO / "contrib" / "rsyslog" / "popauth-follow.conf"
 LOG_NAME = "popauth-logins.log"
-START_TIMEOUT = 20.0
 # The Postfix package's drop-in: a socket in the chroot of Postfix's daemons.
 POSTFIX_DROP_IN = Path("/etc/rsyslog.d/postfix.conf")
 
@@ -51,6 +47,10 @@ def operator_steps() -> list[str]:
 
 
 class StockRsyslog(SyslogSink):
+    """rsyslogd -n with the package's own configuration, in a private mount namespace."""
+
+    name = "the stock rsyslogd"
+
     def __init__(self, root: Path, package_root: Path, *, edit_imuxsock: bool) -> None:
         self.root = root
         self.package_root = package_root
@@ -61,13 +61,16 @@ class StockRsyslog(SyslogSink):
         # Postfix's chrooted daemons log here (the Postfix package's drop-in).
         self.postfix_socket_path = root / "spool" / "postfix" / "dev" / "log"
         self.check_output = root / "check.out"
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def rsyslogd(self) -> str:
         return f"{self.package_root}/usr/sbin/rsyslogd -M {self.package_root / RSYSLOG_MODULES}"
 
-    def _prepare(self) -> None:
+    @property
+    def output_path(self) -> Path:
+        return self.root / "rsyslogd.out"
+
+    def prepare(self) -> None:
         etc = self.root / "etc-up"
         (etc / "rsyslog.d").mkdir(parents=True, exist_ok=True)
         (self.root / "etc-work").mkdir(exist_ok=True)
@@ -116,31 +119,23 @@ class StockRsyslog(SyslogSink):
             ]
         )
 
-    def start(self) -> StockRsyslog:
-        self._prepare()
-        output = (self.root / "rsyslogd.out").open("ab")
-        self.process = subprocess.Popen(
-            [
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                self._namespace_script(f"exec {self.rsyslogd} -n"),
-            ],
-            stdout=output,
-            stderr=output,
-            start_new_session=True,
-        )
-        output.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket_path.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise LogServerError(f"the stock rsyslogd did not start:\n{self.diagnostics()}")
-            time.sleep(0.02)
+    def command(self) -> list[str]:
+        return [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            self._namespace_script(f"exec {self.rsyslogd} -n"),
+        ]
+
+    def ready(self) -> bool:
+        """The socket exists and a message sent to it is written (no chmod: the stock file's)."""
+        if not self.socket_path.exists():
+            return False
         self.sync()
-        return self
+        return True
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -164,18 +159,6 @@ class StockRsyslog(SyslogSink):
         # imklog is blinded on purpose (/proc/kmsg is /dev/null, which a root
         # whose /dev is mounted nodev may not even open): not the snippet's doing.
         return [line for line in text.splitlines() if "rsyslogd:" in line and "imklog" not in line]
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with_group = self.process.pid
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(with_group, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
 
 
 def adm_gid() -> int:

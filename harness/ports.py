@@ -1,4 +1,4 @@
-"""Small helpers shared by the live-daemon harness: ports, readiness, processes.
+"""Small helpers of the harness: ports, readiness, processes, log files.
 
 Readiness is always polled against a deadline; nothing here sleeps a guessed time.
 """
@@ -10,7 +10,6 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Self
 
 POLL_INTERVAL = 0.02
 
@@ -139,23 +138,6 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-class Daemon:
-    """A private test daemon: ``start()`` waits for readiness, ``stop()`` for exit."""
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def read_log(path: Path) -> str:
