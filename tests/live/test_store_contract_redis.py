@@ -16,8 +16,8 @@ from harness.redis import RedisInstance
 from popauth.store import MAX_USERS_PER_ADDRESS, WhitelistStore
 from popauth.store.accounts import RedisBlockList
 from popauth.store.redis import RedisStore, connect
-from tests.support.store_contract import *  # noqa: F403 - the contract's tests run here
 from tests.support.clock import FakeClock
+from tests.support.store_contract import *  # noqa: F403 - the contract's tests run here
 from tests.support.store_contract import Factory, Subject
 
 
