@@ -44,7 +44,6 @@ from harness.popauth import PopauthServer
 from harness.ports import free_port
 from harness.redis import RedisInstance
 from popauth.companions.sessions import (
-    EventLog,
     RenewalPlan,
     SessionRenewer,
     doveadm_command,
@@ -53,6 +52,7 @@ from popauth.companions.sessions import (
 )
 from popauth.doors.ingest import wire
 from popauth.doors.ingest.client import IngestClient
+from popauth.telemetry.logs import LogFormat, LogLevel, logger_writing_to
 
 SIZES = (10_000, 100_000)
 QUICK_SIZES = (2_000,)
@@ -179,7 +179,7 @@ class CycleBench:
         log = io.StringIO()
         plan = RenewalPlan(str(server.ingest_path), tuple(listing.command), SERVICES, 600)
         started = time.monotonic()
-        if not SessionRenewer(plan, EventLog("json", "info", log)).cycle():
+        if not SessionRenewer(plan, logger_writing_to(log, LogFormat.JSON, LogLevel.INFO)).cycle():
             raise RuntimeError(f"session-renewals: cycle failed: {log.getvalue()[-500:]}")
         whole = time.monotonic() - started
         summary = json.loads(log.getvalue().splitlines()[-1])

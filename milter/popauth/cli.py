@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from popauth.basics.errors import ConfigError, InputError, PopauthError, StoppedError
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable, UnsafeRequest
 from popauth.doors.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
 
@@ -30,7 +31,7 @@ DEFAULT_CONFIG = Path("/etc/popauth/popauth.toml")
 CONFIG_HELP = f"TOML settings (default: {DEFAULT_CONFIG} if it exists, else the embedded defaults)"
 
 
-class SettingsFileError(Exception):
+class SettingsFileError(ConfigError):
     """The settings file was named twice, differently."""
 
 
@@ -142,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class BlankInArgument(ValueError):
+class BlankInArgument(InputError):
     """A blank would split one argument into two words on the wire."""
 
 
@@ -245,8 +246,6 @@ def _client_socket(arguments: argparse.Namespace) -> str:
 
 
 def _run_client(arguments: argparse.Namespace) -> int:
-    from popauth.config import ConfigError
-
     try:
         line = _request_line(arguments)
     except BlankInArgument:
@@ -254,7 +253,7 @@ def _run_client(arguments: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         socket_path = _client_socket(arguments)
-    except (ConfigError, SettingsFileError) as error:
+    except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     try:
@@ -286,20 +285,19 @@ def _run_client(arguments: argparse.Namespace) -> int:
 
 
 def _run_sessions(arguments: argparse.Namespace) -> int:
-    # Standard library only, like the client commands: no server modules.
     from popauth.companions.sessions import (
-        EventLog,
         RenewalPlan,
         SessionRenewer,
         doveadm_command,
         run_until_signalled,
     )
-    from popauth.config import ConfigError, load_settings
+    from popauth.config import load_settings
     from popauth.daemon.notify import NotifyError, notify
+    from popauth.telemetry.logs import configure_logging
 
     try:
         settings = load_settings(settings_file(arguments))
-    except (ConfigError, SettingsFileError) as error:
+    except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     sessions = settings.sessions
@@ -310,7 +308,7 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
         services=frozenset(sessions.protocols),
         interval=settings.session_interval(),
     )
-    log = EventLog(settings.log.format.value, settings.log.level.value)
+    log = configure_logging(settings.log.format, settings.log.level)
     renewer = SessionRenewer(plan, log)
     if arguments.once:
         return EXIT_OK if renewer.cycle() else EXIT_ERROR
@@ -320,23 +318,19 @@ def _run_sessions(arguments: argparse.Namespace) -> int:
         try:
             notify("READY=1")
         except NotifyError as error:
-            log("error", "not_notified", error=str(error))
+            log.error("not_notified", error=str(error))
 
     run_until_signalled(renewer, ready)
     return EXIT_OK
 
 
 def _run_follow(arguments: argparse.Namespace) -> int:
-    from popauth.companions.follow.follower import FollowError
-    from popauth.companions.follow.formats import FormatError
-    from popauth.companions.follow.run import FollowSetupError, build_follower, run_until_signalled
-    from popauth.companions.follow.sources import SourceError
-    from popauth.config import ConfigError, load_settings
-    from popauth.store.statefile import StateFileError
+    from popauth.companions.follow.run import build_follower, run_until_signalled
+    from popauth.config import load_settings
 
     try:
         settings = load_settings(settings_file(arguments))
-    except (ConfigError, SettingsFileError) as error:
+    except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     if arguments.log not in (None, "-") and not arguments.log.startswith("/"):
@@ -344,11 +338,11 @@ def _run_follow(arguments: argparse.Namespace) -> int:
     try:
         follower = build_follower(settings, arguments.log)
         run_until_signalled(follower)
-    except (FollowSetupError, FormatError, SourceError, StateFileError, OSError) as error:
-        print(f"popauth: cannot follow: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except FollowError as error:
+    except StoppedError as error:
         print(f"popauth: follow stopped: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except (PopauthError, OSError) as error:
+        print(f"popauth: cannot follow: {error}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -394,15 +388,15 @@ _ADVICE = {
 
 
 def _check_config(arguments: argparse.Namespace) -> int:
-    from popauth.config import ConfigError, load_settings
-    from popauth.localdelivery.resolve import LocalDeliveryError, resolve_local_delivery
+    from popauth.config import load_settings
+    from popauth.localdelivery.resolve import resolve_local_delivery
 
     if arguments.show:
         return _show_config(arguments)
     try:
         settings = load_settings(settings_file(arguments))
         local = resolve_local_delivery(settings.local)
-    except (ConfigError, SettingsFileError, LocalDeliveryError) as error:
+    except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as error:
@@ -434,7 +428,7 @@ def _show_config(arguments: argparse.Namespace) -> int:
 def _run_server(arguments: argparse.Namespace) -> int:
     if arguments.command == "check-config":
         return _check_config(arguments)
-    from popauth.config import ConfigError, load_settings
+    from popauth.config import load_settings
     from popauth.daemon.tryit import SETTINGS_NAME, Mode, choose_mode, host_has_mta
 
     if arguments.try_it and (arguments.config or arguments.try_it_if_no_mta):
@@ -443,7 +437,7 @@ def _run_server(arguments: argparse.Namespace) -> int:
     try:
         settings_path = None if arguments.try_it else settings_file(arguments)
         settings = load_settings(settings_path)
-    except (ConfigError, SettingsFileError) as error:
+    except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR
     started_by, why = "serve", "asked for with --try-it"
@@ -477,10 +471,6 @@ def _serve_with(
 ) -> int:
     from popauth.daemon.preflight import occupant
     from popauth.daemon.serve import serve, state_file_paths
-    from popauth.doors.sockets import SocketInUse, SocketSetupError
-    from popauth.localdelivery.resolve import LocalDeliveryError
-    from popauth.store import StoreSetupError
-    from popauth.store.statefile import StateFileError
 
     problem = occupant(settings, state_file_paths(settings))
     if problem is not None:
@@ -491,10 +481,7 @@ def _serve_with(
         print("\n".join(banner), flush=True)
     try:
         stopped = serve(settings, settings_path)
-    except LocalDeliveryError as error:
-        print(f"popauth: cannot start: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except (SocketInUse, SocketSetupError, StateFileError, StoreSetupError, OSError) as error:
+    except (PopauthError, OSError) as error:
         print(f"popauth: cannot start: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = EXIT_OK

@@ -11,9 +11,13 @@ from harness.dovecot import DovecotInstance, pop3_login
 from harness.popauth import PopauthServer
 from harness.postfix import PostfixInstance
 from harness.smtp import REMOTE, rcpt_reply
+from popauth.basics.clock import SystemClock
 from popauth.doors.ingest.protocol import parse_fields
-from popauth.store.snapshot import read_snapshot
+from popauth.store.base import Grant
+from popauth.store.memory import MemoryStore
+from popauth.store.snapshot import Snapshotter
 from tests.live.conftest import USERS, PopauthFactory
+from tests.support.logs import capturing_logger
 
 pytestmark = pytest.mark.live
 
@@ -23,6 +27,13 @@ def snapshot(popauth_dir: Path) -> Path:
     path = popauth_dir / "whitelist.json"
     path.unlink(missing_ok=True)
     return path
+
+
+def read_snapshot(path: Path) -> list[Grant]:
+    """The entries a restart would restore from ``path`` (none if it is unusable)."""
+    store = MemoryStore(ttl=86400, max_entries=1000, clock=SystemClock())
+    Snapshotter(store=store, path=path, clock=SystemClock(), log=capturing_logger()[0]).restore()
+    return [grant for chunk in store.entry_chunks() for grant in chunk]
 
 
 def listed(server: PopauthServer) -> dict[str, str]:

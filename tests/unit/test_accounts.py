@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from popauth.basics.errors import StateFileError
 from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
-from popauth.store.statefile import StateFileError
 from tests.support.clock import FakeClock
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from popauth.basics.addresses import parse_client_address
+from popauth.basics.errors import ConfigError
 from popauth.config import (
     KEYS,
     LEARNED_UNLESS_SET,
-    ConfigError,
     ListenAddress,
     Settings,
     load_settings,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from popauth.basics.errors import StateFileError
 from popauth.companions.follow.sources import (
     MAX_LINE,
     READ_CHUNK,
@@ -15,7 +16,6 @@ from popauth.companions.follow.sources import (
     SourceError,
     StandardInput,
 )
-from popauth.store.statefile import StateFileError
 
 
 def append(path: Path, *lines: str) -> None:

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from popauth.companions.sessions import EventLog
 from popauth.config import settings_from_mapping
 from popauth.daemon.settings_reload import SettingsChangeCheck, changed_keys
 from popauth.telemetry.journal import is_journal, with_priority
-from popauth.telemetry.logs import LogFormat, LogLevel, configure_logging
+from popauth.telemetry.logs import LogFormat, LogLevel, configure_logging, logger_writing_to
 
 
 @pytest.fixture(autouse=True)
@@ -64,11 +63,13 @@ def test_sessions_lines_for_the_journal() -> None:
         status = os.fstat(stream.fileno())
         os.environ["JOURNAL_STREAM"] = f"{status.st_dev}:{status.st_ino}"
         try:
-            EventLog("console", "info", stream)("warning", "sessions_unlisted", error="x")
+            log = logger_writing_to(stream, LogFormat.CONSOLE, LogLevel.INFO)
+            log.warning("sessions_unlisted", error="x")
         finally:
             del os.environ["JOURNAL_STREAM"]
         stream.seek(0)
-        assert stream.read() == '<4>warning sessions_unlisted error="x"\n'
+        # The same line as popauth serve's (no quotes around a plain value).
+        assert stream.read() == "<4>warning sessions_unlisted error=x\n"
 
 
 def test_a_reload_names_the_changed_keys_that_need_a_restart(

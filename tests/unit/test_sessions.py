@@ -15,9 +15,9 @@ import pytest
 
 from harness.popauth import POPAUTH, toml_value
 from popauth.basics.addresses import parse_client_address
+from popauth.basics.errors import ConfigError
 from popauth.companions.sessions import (
     DoveadmError,
-    EventLog,
     RenewalPlan,
     Session,
     SessionRenewer,
@@ -26,8 +26,9 @@ from popauth.companions.sessions import (
     parse_doveadm_who,
     renew_sessions,
 )
-from popauth.config import ConfigError, Settings, settings_from_mapping
+from popauth.config import Settings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
+from popauth.telemetry.logs import LogFormat, LogLevel, logger_writing_to
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.units import verify_unit
 
@@ -256,7 +257,7 @@ def make_renewer(
         services=SERVICES,
         interval=interval,
     )
-    return SessionRenewer(plan, EventLog("json", "info", stream)), stream
+    return SessionRenewer(plan, logger_writing_to(stream, LogFormat.JSON, LogLevel.INFO)), stream
 
 
 def logged(stream: io.StringIO) -> list[dict[str, object]]:
@@ -361,9 +362,9 @@ def test_the_loop_is_ready_after_its_first_cycle(endpoint: Endpoint, tmp_path: P
 
 def test_console_log_lines() -> None:
     stream = io.StringIO()
-    log = EventLog("console", "info", stream)
-    log("debug", "hidden")
-    log("error", "sessions_unlisted", error="doveadm exited")
+    log = logger_writing_to(stream, LogFormat.CONSOLE, LogLevel.INFO)
+    log.debug("hidden")
+    log.error("sessions_unlisted", error="doveadm exited")
     (line,) = stream.getvalue().splitlines()
     assert line.endswith(' error   sessions_unlisted error="doveadm exited"')
 

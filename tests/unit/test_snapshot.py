@@ -2,20 +2,45 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 from popauth.basics.addresses import parse_client_address
+from popauth.basics.errors import StateFileError
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import CHUNK
-from popauth.store.snapshot import SnapshotError, Snapshotter, read_snapshot, write_snapshot
+from popauth.store.snapshot import Snapshotter, write_snapshot
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
 
 A = parse_client_address("192.0.2.1")
 B = parse_client_address("2001:db8::")
+
+
+class RecordingStore(MemoryStore):
+    """A store that keeps the grants a restore hands it, expired ones included."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl=900, max_entries=10, clock=FakeClock())
+        self.handed: list[Grant] | None = None
+
+    def restore(self, grants: Iterable[Grant]) -> int:
+        self.handed = list(grants)
+        return len(self.handed)
+
+
+def read_snapshot(path: Path) -> list[Grant]:
+    """What restoring the snapshot at ``path`` hands the store; StateFileError if none."""
+    log, sink = capturing_logger()
+    store = RecordingStore()
+    Snapshotter(store=store, path=path, clock=FakeClock(), log=log).restore()
+    if store.handed is None:
+        (refused,) = [c for c in sink.calls if c.kwargs.get("event") == "snapshot_not_restored"]
+        raise StateFileError(refused.kwargs["reason"])
+    return store.handed
 
 
 def test_round_trip_is_private_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -76,7 +101,7 @@ def test_unusable_files(tmp_path: Path, content: bytes | None, reason: str) -> N
     path = tmp_path / "whitelist.json"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(SnapshotError, match=reason):
+    with pytest.raises(StateFileError, match=reason):
         read_snapshot(path)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from popauth.basics.addresses import WhitelistKeying, parse_client_address
-from popauth.config import ConfigError, Settings, settings_from_mapping
+from popauth.basics.errors import ConfigError
+from popauth.config import Settings, settings_from_mapping
 from popauth.daemon.serve import socketmap_server
 from popauth.doors.socketmap import codec
 from popauth.store.memory import MemoryStore

@@ -217,7 +217,7 @@ def test_well_framed_nonsense_gets_perm_and_the_connection_stays(endpoint: Endpo
         assert connection.ask(b"popauth \xff\xfe").startswith(b"PERM ")
         assert connection.ask(b"popauth 192.0.2.1\x00").startswith(b"PERM ")
         assert connection.ask(b"popauth 192.0.2.1") == b"NOTFOUND "
-    assert endpoint.server.counters.perm == 6
+    assert endpoint.metrics.socketmap_totals()["perm"] == 6
 
 
 @pytest.mark.parametrize(
@@ -315,7 +315,7 @@ def test_many_concurrent_persistent_clients(tmp_path: Path, store_class: type[Fl
     finally:
         busy.server.stop()
     assert failures == []
-    assert busy.server.counters.requests == 64 * 100
+    assert busy.metrics.socketmap_totals()["requests"] == 64 * 100
 
 
 def test_too_many_clients_get_temp(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from popauth.basics.errors import InputError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,7 +30,7 @@ _UNSPECIFIED_V4 = bytes(4)
 _BROADCAST_V4 = _BROADCAST.packed
 
 
-class AddressError(ValueError):
+class AddressError(InputError):
     """The text is not a usable client IP address."""
 
 

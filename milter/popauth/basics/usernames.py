@@ -65,25 +65,3 @@ def is_valid_user_name(user: object) -> bool:
         # lower case) is exactly as plain as the name.
         return 0 < len(user) <= MAX_USER and user.isprintable() and " " not in user
     return _is_plain_name(user) and _is_plain_name(user_key(user))
-
-
-def printable_user_name(user: str) -> str:
-    """``user`` as one blank-free, printable field: anything else is escaped.
-
-    Names come from the MTA too (SMTP AUTH), so a reply or a log line must
-    never carry one raw.
-    """
-    if not user or is_valid_user_name(user):
-        return user
-    return "".join(_escaped(character) for character in user)
-
-
-def _escaped(character: str) -> str:
-    if character.isprintable() and not character.isspace() and character != "\\":
-        return character
-    code = ord(character)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"

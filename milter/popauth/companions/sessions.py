@@ -15,35 +15,34 @@ It talks to the ingest socket like the login hook does, so it works with
 either store: with Redis, the local popauth writes the renewal to the
 shared whitelist that every MTA host reads.
 
-Standard library only (plus popauth's own stdlib-only modules): it is a
-small loop beside Dovecot, and every step has a deadline.
+A small loop beside Dovecot, and every step has a deadline. It logs as
+``popauth serve`` does (:mod:`popauth.telemetry.logs`), in the same format.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TextIO
+
+import structlog
 
 from popauth.basics.addresses import AddressError, parse_client_address
+from popauth.basics.errors import UnavailableError
 from popauth.basics.usernames import is_valid_user_name
 from popauth.doors.ingest import wire
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
-from popauth.telemetry.journal import is_journal, with_priority
 
 # Column titles in ``doveadm -f tab who -1`` output (Dovecot 2.3 says
 # "proto"; the field's name, and its title in later versions, is "service").
 _SERVICE_COLUMNS = ("proto", "service")
 
 
-class DoveadmError(RuntimeError):
+class DoveadmError(UnavailableError, RuntimeError):
     """doveadm could not be run, failed, or printed something else than a listing."""
 
 
@@ -152,11 +151,6 @@ class RenewalCounts:
     first_error: str = ""
 
 
-_RENEWED = f"{wire.OK} "
-_NOT_FOUND = f"{wire.NOT_FOUND} "
-_BLOCKED = f"{wire.ERR} {wire.ErrorCode.BLOCKED.value} "
-
-
 def renew_sessions(client: IngestClient, sessions: Sequence[Session]) -> RenewalCounts:
     """Send one RENEW per session over one connection; count the replies.
 
@@ -172,49 +166,17 @@ def renew_sessions(client: IngestClient, sessions: Sequence[Session]) -> Renewal
     renewed = not_found = blocked = errors = 0
     first_error = ""
     for reply in replies:
-        if reply.startswith(_RENEWED):
+        status, code = wire.reply_status(reply)
+        if status == wire.OK:
             renewed += 1
-        elif reply.startswith(_NOT_FOUND):
+        elif status == wire.NOT_FOUND:
             not_found += 1
-        elif reply.startswith(_BLOCKED):
+        elif code is wire.ErrorCode.BLOCKED:
             blocked += 1
         else:
             errors += 1
             first_error = first_error or reply
     return RenewalCounts(renewed, not_found, blocked, errors, first_error)
-
-
-class EventLog:
-    """Key/value events on a stream, as console lines or JSON (like ``popauth serve``).
-
-    A few lines per cycle: the standard library is enough.
-    """
-
-    _LEVELS = ("debug", "info", "warning", "error")
-
-    def __init__(self, log_format: str, level: str, stream: TextIO | None = None) -> None:
-        self._json = log_format == "json"
-        self._threshold = self._LEVELS.index(level)
-        self._stream = stream
-
-    def __call__(self, level: str, event: str, **fields: Any) -> None:
-        if self._LEVELS.index(level) < self._threshold:
-            return
-        stream = self._stream or sys.stderr
-        # The journal stamps each line itself and reads its priority prefix.
-        journal = is_journal(stream)
-        stamp = ""
-        if not journal:
-            now = time.time()
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            stamp += f".{int(now % 1 * 1000):03d}Z"
-        if self._json:
-            stamped = {"timestamp": stamp} if stamp else {}
-            line = json.dumps({**fields, "event": event, "level": level, **stamped})
-        else:
-            words = " ".join(f"{key}={json.dumps(value)}" for key, value in fields.items())
-            line = f"{stamp} {level:<7} {event} {words}".strip()
-        print(with_priority(level, line) if journal else line, file=stream, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +192,7 @@ class RenewalPlan:
 class SessionRenewer:
     """One cycle: list sessions, renew them; each cycle ends within the interval."""
 
-    def __init__(self, plan: RenewalPlan, log: EventLog) -> None:
+    def __init__(self, plan: RenewalPlan, log: structlog.typing.FilteringBoundLogger) -> None:
         self._plan = plan
         self._log = log
 
@@ -242,24 +204,22 @@ class SessionRenewer:
         try:
             listing = list_sessions(plan.command, plan.services, budget)
         except DoveadmError as problem:
-            self._log("error", "sessions_unlisted", error=str(problem))
+            self._log.error("sessions_unlisted", error=str(problem))
             return False
         listed = time.monotonic()
         remaining = max(0.1, budget - (listed - started))
         try:
             counts = renew_sessions(IngestClient(plan.ingest_socket, remaining), listing.sessions)
         except IngestUnreachable as problem:
-            self._log(
-                "error",
+            self._log.error(
                 "sessions_not_renewed",
                 sessions=len(listing.sessions),
                 error=str(problem),
             )
             return False
         done = time.monotonic()
-        level = "error" if counts.errors else "info"
-        self._log(
-            level,
+        level = self._log.error if counts.errors else self._log.info
+        level(
             "sessions_renewed",
             sessions=len(listing.sessions),
             renewed=counts.renewed,
@@ -281,8 +241,7 @@ class SessionRenewer:
         the settings were usable and the renewer is cycling.
         """
         plan = self._plan
-        self._log(
-            "info",
+        self._log.info(
             "sessions_started",
             interval=plan.interval,
             command=" ".join(plan.command),
@@ -299,7 +258,7 @@ class SessionRenewer:
             # A late cycle starts the next one at once, never a burst of them.
             due = max(due, time.monotonic())
             stop.wait(due - time.monotonic())
-        self._log("info", "sessions_stopped")
+        self._log.info("sessions_stopped")
 
 
 def run_until_signalled(

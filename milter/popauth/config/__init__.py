@@ -17,6 +17,7 @@ the code that asks the MTA), so that the stdlib-only commands (``popauth
 sessions``) can read the settings.
 """
 
+from popauth.basics.errors import ConfigError
 from popauth.config.converters import ListenAddress
 from popauth.config.groups import (
     DEFAULT_INGEST_SOCKET,
@@ -27,7 +28,6 @@ from popauth.config.groups import (
     STATE_DIRECTORY,
     WIDEST_TRUSTED_PREFIX,
     AccountsSettings,
-    ConfigError,
     FollowFormat,
     FollowSettings,
     FollowTrust,

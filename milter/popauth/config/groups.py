@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from popauth.basics.addresses import NetworkSet, WhitelistKeying, parse_network
+from popauth.basics.errors import ConfigError
 from popauth.basics.posixids import ROOT, SystemGroup, SystemUser
 from popauth.config.converters import (
     Converter,
@@ -104,10 +105,6 @@ WIDEST_TRUSTED_PREFIX = {4: 8, 6: 16}
 
 # Keys whose absence means "learn from the MTA": no default value to write down.
 LEARNED_UNLESS_SET = ("local_domains", "local_mailers")
-
-
-class ConfigError(ValueError):
-    """A setting is unknown or has a bad value; the message names the key."""
 
 
 class FollowFormat(enum.StrEnum):

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from popauth.basics.errors import ConfigError
 from popauth.config.converters import Converter
-from popauth.config.groups import CONVERT, KEY, SHOWN, ConfigError, Settings
+from popauth.config.groups import CONVERT, KEY, SHOWN, Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,10 @@ import os
 import socket
 from collections.abc import Mapping
 
+from popauth.basics.errors import UnavailableError
 
-class NotifyError(OSError):
+
+class NotifyError(UnavailableError, OSError):
     """The notification socket could not be reached."""
 
 

@@ -18,6 +18,7 @@ import structlog
 
 from popauth.basics.addresses import WhitelistKeying
 from popauth.basics.clock import Clock, SystemClock
+from popauth.basics.errors import StateFileError, StateFileMissing
 from popauth.config import Settings
 from popauth.daemon.lifecycle import Lifecycle, Step, Stopped
 from popauth.daemon.settings_reload import SettingsChangeCheck
@@ -34,12 +35,7 @@ from popauth.store.accounts import BlockList, FileBlockList, RedisBlockList, Usa
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import SWITCH_INTERVAL
 from popauth.store.snapshot import Snapshotter
-from popauth.store.statefile import (
-    PeriodicSaver,
-    StateFileError,
-    StateFileMissing,
-    prepare_state_directory,
-)
+from popauth.store.statefile import PeriodicSaver, prepare_state_directory
 from popauth.telemetry.logs import LogLevel, configure_logging
 from popauth.telemetry.metrics import Metrics
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import structlog
 
-from popauth.config import KEYS, ConfigError, Settings, load_settings
+from popauth.basics.errors import ConfigError
+from popauth.config import KEYS, Settings, load_settings
 
 
 def changed_keys(running: Settings, edited: Settings) -> list[str]:

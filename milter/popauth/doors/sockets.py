@@ -10,14 +10,15 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from popauth.basics.errors import StartupError
 from popauth.basics.posixids import SystemGroup
 
 
-class SocketInUse(RuntimeError):
+class SocketInUse(StartupError, RuntimeError):
     """Another process is already serving on the socket path."""
 
 
-class SocketSetupError(RuntimeError):
+class SocketSetupError(StartupError, RuntimeError):
     """A socket's permissions cannot be set as configured; the message says why."""
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import structlog
 
+from popauth.basics.errors import InputError
 from popauth.basics.posixids import SystemGroup
 from popauth.doors.sockets import (
     clear_stale_socket,
@@ -97,7 +98,7 @@ def _peer_groups(connection: socket.socket) -> frozenset[int]:
     return frozenset(gid for (gid,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
 
 
-class FramingError(ValueError):
+class FramingError(InputError):
     """The client broke the framing: answer ``reply`` and close the connection."""
 
     def __init__(self, reply: bytes, reason: str) -> None:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from popauth.basics.errors import UnavailableError
 from popauth.relay.postfixlists import TransportRoutes
 from popauth.relay.recipients import DeliveryClass, DomainSet, LocalDeliveryRules
 
@@ -38,7 +39,7 @@ class LearnFrom(enum.StrEnum):
     NONE = "none"
 
 
-class LearnError(Exception):
+class LearnError(UnavailableError):
     """The MTA's configuration was found but could not be read whole."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from popauth.basics.errors import UnavailableError
+
 # Where the MTA tools live when PATH (a service's PATH, say) lacks them.
 SYSTEM_TOOL_DIRECTORIES = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/sbin")
 # Sendmail waits 60 s for an unqualified host name; never let a start hang that long.
@@ -47,11 +49,11 @@ class CommandResult:
         return text[-1] if text else f"exit status {self.returncode}"
 
 
-class CommandUnavailable(Exception):
+class CommandUnavailable(UnavailableError):
     """The tool is missing, did not finish in time, or the runner was cancelled."""
 
 
-class CommandFailed(Exception):
+class CommandFailed(UnavailableError):
     """A streamed tool exited with an error; ``result`` has its complaint."""
 
     def __init__(self, result: CommandResult) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
+from popauth.basics.errors import ConfigError
 from popauth.localdelivery import LearnedClass, LearnError, LearnFrom, LocalDelivery, MtaNotFound
 from popauth.localdelivery.commands import Runner
 from popauth.localdelivery.postfix import learn_from_postfix
@@ -18,7 +19,7 @@ _KEYS_HINT = (
 )
 
 
-class LocalDeliveryError(Exception):
+class LocalDeliveryError(ConfigError):
     """Nothing says which mail is delivered here: popauth must not start."""
 
 

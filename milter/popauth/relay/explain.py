@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
 from popauth.basics.clock import Clock
-from popauth.basics.escaping import escape_text
-from popauth.basics.usernames import printable_user_name
+from popauth.basics.escaping import escape_text, escape_user_name
 from popauth.relay.decision import (
     Listing,
     PopFirst,
@@ -228,7 +227,7 @@ def _whitelist_line(facts: Facts) -> str:
         network = _trusted_network(assessment.policy, address)
         return f"whitelist: not consulted: {address} is in trusted_networks ({network})"
     if client.listing is Listing.NOT_CONSULTED:
-        user = printable_user_name(facts.question.auth_user)
+        user = escape_user_name(facts.question.auth_user)
         return f"whitelist: not consulted: the client authenticated with SMTP AUTH as {user}"
     if client.listing is Listing.UNAVAILABLE:
         return (
@@ -266,14 +265,14 @@ def _entry(entry: Entry, now: float) -> str:
 
 
 def _shown(user: str) -> str:
-    return printable_user_name(user) or "(no user name)"
+    return escape_user_name(user) or "(no user name)"
 
 
 def _why_none(facts: Facts) -> str:
     ended = facts.ended
     if ended is not None:
         grant = ended.grant
-        user = printable_user_name(grant.user) or "(no user name)"
+        user = escape_user_name(grant.user) or "(no user name)"
         ending = _ENDINGS[ended.reason].format(at=_moment(ended.ended_at, facts.now))
         return f"{ending}; it was {user}'s, from a login at {_moment(grant.granted_at, facts.now)}"
     if facts.ends_remembered:
@@ -291,7 +290,7 @@ def _user_lines(facts: Facts) -> list[str]:
     lines = []
     question = facts.question
     for user in sorted(facts.blocked):
-        shown = printable_user_name(user)
+        shown = escape_user_name(user)
         if user == question.auth_user and user != question.user:
             lines.append(
                 f"user: {shown} is blocked, but a block refuses POP/IMAP logins only:"
@@ -303,14 +302,14 @@ def _user_lines(facts: Facts) -> list[str]:
                 f" nothing (popauth unblock {shown})"
             )
     if question.user and question.user not in facts.blocked:
-        lines.append(f"user: {printable_user_name(question.user)} is not blocked")
+        lines.append(f"user: {escape_user_name(question.user)} is not blocked")
     live = facts.assessment.grant
     users = (
         live.users if live is not None else () if facts.ended is None else (facts.ended.grant.user,)
     )
     if question.user and users and question.user not in users:
         owners = " and ".join(f"{_shown(user)}'s" for user in users)
-        lines.append(f"user: the entry is {owners}, not {printable_user_name(question.user)}'s")
+        lines.append(f"user: the entry is {owners}, not {escape_user_name(question.user)}'s")
     return lines
 
 

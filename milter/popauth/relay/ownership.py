@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from popauth.basics.errors import InputError
 from popauth.basics.usernames import is_valid_user_name, user_key
 from popauth.relay.recipients import LocalDeliveryRules, normalise_domain
 
@@ -112,7 +113,7 @@ def login_map_entries(entries: Iterable[tuple[str, str]]) -> tuple[tuple[str, fr
     return tuple(found.items())
 
 
-class SenderFileError(ValueError):
+class SenderFileError(InputError):
     """A line of the addresses file is not ``user: address ...``; the message says which."""
 
 

@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from popauth.basics.errors import PopauthError
 
-class SetupError(Exception):
+
+class SetupError(PopauthError):
     """A step of --apply failed; what was changed so far has been put back."""
 
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from popauth.config import ConfigError, load_settings
+from popauth.basics.errors import ConfigError
+from popauth.config import load_settings
 from popauth.setup import Plan, SetupError, apply, run
 from popauth.setup.postfix import PostfixUnreadable
 

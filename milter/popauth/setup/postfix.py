@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from popauth.basics.addresses import NetworkSet
+from popauth.basics.errors import UnavailableError
 from popauth.config import Settings
 from popauth.localdelivery.postfix import split_list
 from popauth.setup import FileChange, Plan, run
@@ -90,7 +91,7 @@ def read_postconf(command: Sequence[str]) -> Callable[[Sequence[str]], dict[str,
     return read
 
 
-class PostfixUnreadable(Exception):
+class PostfixUnreadable(UnavailableError):
     """postconf could not be run or read."""
 
 

@@ -28,15 +28,10 @@ import structlog
 from cachetools import LRUCache
 
 from popauth.basics.clock import Clock
+from popauth.basics.errors import StateFileError, StateFileMissing, StateWriteError
 from popauth.basics.usernames import is_valid_user_name, user_key
 from popauth.store.base import StoreUnavailable
-from popauth.store.statefile import (
-    StateFileError,
-    StateFileMissing,
-    StateWriteError,
-    read_json_document,
-    write_json_atomically,
-)
+from popauth.store.statefile import read_json_document, write_json_atomically
 
 
 class RelayWay(enum.Enum):

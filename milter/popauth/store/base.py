@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 from popauth.basics.addresses import IPAddress
+from popauth.basics.errors import InputError, StartupError, UnavailableError
 
 
 class StoreKind(enum.Enum):
@@ -20,16 +21,16 @@ class StoreKind(enum.Enum):
     REDIS = "redis"
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(UnavailableError, RuntimeError):
     """The backend cannot answer now; callers must fail closed."""
 
 
-class StoreSetupError(RuntimeError):
+class StoreSetupError(StartupError, RuntimeError):
     """The backend answers, but is set up so that popauth cannot keep its
     promises (e.g. Redis may evict the block list): popauth does not start."""
 
 
-class UserBlocked(Exception):
+class UserBlocked(InputError):
     """The user is on the block list: nothing was written."""
 
 

@@ -3,7 +3,7 @@
 The file is JSON (see :mod:`popauth.store.statefile`: atomic, mode 0600, because
 it names users and their addresses). Reading is strict: a file that is
 missing, truncated, corrupt or not a popauth snapshot raises
-:class:`SnapshotError`; the caller logs it and starts empty, it never
+:class:`~popauth.store.statefile.StateFileError`; the caller logs it and starts empty, it never
 guesses. A single entry that is not a valid address, user name and pair of
 finite times is dropped and logged; the others are restored.
 
@@ -28,29 +28,17 @@ import structlog
 
 from popauth.basics.addresses import AddressError, parse_stored_key
 from popauth.basics.clock import Clock
+from popauth.basics.errors import InputError, StateFileError, StateFileMissing
 from popauth.basics.usernames import is_valid_user_name
 from popauth.store.base import Grant
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import CHUNK, let_others_run
-from popauth.store.statefile import (
-    StateFileError,
-    StateFileMissing,
-    read_json_document,
-    write_atomically,
-)
+from popauth.store.statefile import read_json_document, write_atomically
 
 FORMAT = "popauth-whitelist"
 VERSION = 2
 # Read still: one row per address.
 OLDER_VERSIONS = (1,)
-
-
-class SnapshotError(ValueError):
-    """The snapshot file cannot be used; the message says why."""
-
-
-class SnapshotMissing(SnapshotError):
-    """There is no snapshot yet."""
 
 
 def write_snapshot(path: Path, grants: Iterable[Grant], saved_at: float) -> int:
@@ -89,26 +77,17 @@ class SnapshotContents:
     dropped: list[tuple[int, str]]
 
 
-def read_snapshot(path: Path) -> list[Grant]:
-    """Every usable grant in the snapshot at ``path``, expired ones included."""
-    return read_snapshot_contents(path).grants
-
-
 def read_snapshot_contents(path: Path) -> SnapshotContents:
     """The usable grants at ``path``, and which entries were dropped and why.
 
-    A file that cannot be read as a snapshot at all raises SnapshotError
-    (SnapshotMissing when there is none); a single bad entry is dropped.
+    A file that cannot be read as a snapshot at all raises StateFileError
+    (StateFileMissing when there is none); a single bad entry is dropped.
+    Every grant is returned, expired ones included: the store drops those.
     """
-    try:
-        document = read_json_document(path, FORMAT, VERSION, older_versions=OLDER_VERSIONS)
-    except StateFileMissing as problem:
-        raise SnapshotMissing(str(problem)) from None
-    except StateFileError as problem:
-        raise SnapshotError(str(problem)) from None
+    document = read_json_document(path, FORMAT, VERSION, older_versions=OLDER_VERSIONS)
     entries = document.get("entries")
     if not isinstance(entries, list):
-        raise SnapshotError("no entry list")
+        raise StateFileError("no entry list")
     grants: list[Grant] = []
     dropped: list[tuple[int, str]] = []
     for number, entry in enumerate(entries):
@@ -119,7 +98,7 @@ def read_snapshot_contents(path: Path) -> SnapshotContents:
     return SnapshotContents(grants, dropped)
 
 
-class _BadEntry(ValueError):
+class _BadEntry(InputError):
     pass
 
 
@@ -164,10 +143,10 @@ class Snapshotter:
         """Load the snapshot into the (empty) store; a bad file means starting empty."""
         try:
             contents = read_snapshot_contents(self._path)
-        except SnapshotMissing as problem:
+        except StateFileMissing as problem:
             self._log.info("snapshot_not_restored", path=str(self._path), reason=str(problem))
             return
-        except SnapshotError as problem:
+        except StateFileError as problem:
             self._log.error("snapshot_not_restored", path=str(self._path), reason=str(problem))
             return
         for number, reason in contents.dropped:

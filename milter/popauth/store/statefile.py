@@ -21,21 +21,12 @@ from typing import Any
 
 import structlog
 
-
-class StateFileError(ValueError):
-    """A state file cannot be used; the message says why."""
-
-
-class StateFileMissing(StateFileError):
-    """The state file does not exist (yet): a first start, not damage."""
-
-
-class StateDirectoryUnsafe(StateFileError):
-    """Someone other than root and popauth's own user could replace our files there."""
-
-
-class StateWriteError(OSError):
-    """A state file could not be written; the old version is still in place."""
+from popauth.basics.errors import (
+    StateDirectoryUnsafe,
+    StateFileError,
+    StateFileMissing,
+    StateWriteError,
+)
 
 
 def check_state_directory(directory: Path) -> None:

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -175,16 +175,7 @@ class JournalLines:
         return with_priority(level, str(self._render(logger, method, event)))
 
 
-def configure_logging(
-    log_format: LogFormat, level: LogLevel, journal: bool | None = None
-) -> structlog.typing.FilteringBoundLogger:
-    """Configure structlog once at start and return the root logger.
-
-    ``journal``: lines for systemd's journal (priorities, no timestamp);
-    None decides by whether stderr is the journal.
-    """
-    if journal is None:
-        journal = is_journal(sys.stderr)
+def _processors(log_format: LogFormat, journal: bool) -> list[structlog.typing.Processor]:
     processors: list[structlog.typing.Processor]
     if log_format is LogFormat.JSON:
         processors = [structlog.processors.add_log_level]
@@ -201,11 +192,40 @@ def configure_logging(
         ]
     else:
         processors = [ConsoleRenderer()]
+    return processors
+
+
+def configure_logging(
+    log_format: LogFormat, level: LogLevel, journal: bool | None = None
+) -> structlog.typing.FilteringBoundLogger:
+    """Configure structlog once at start and return the root logger.
+
+    ``journal``: lines for systemd's journal (priorities, no timestamp);
+    None decides by whether stderr is the journal.
+    """
+    if journal is None:
+        journal = is_journal(sys.stderr)
     structlog.configure(
-        processors=processors,
+        processors=_processors(log_format, journal),
         wrapper_class=structlog.make_filtering_bound_logger(level.number),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+    return logger
+
+
+def logger_writing_to(
+    stream: TextIO, log_format: LogFormat, level: LogLevel
+) -> structlog.typing.FilteringBoundLogger:
+    """A logger of the same lines as :func:`configure_logging`'s, on ``stream``.
+
+    Nothing global is configured: for a caller that writes somewhere else
+    than stderr (a test, a benchmark); the journal is detected on ``stream``.
+    """
+    logger: structlog.typing.FilteringBoundLogger = structlog.wrap_logger(
+        structlog.WriteLogger(stream),
+        processors=_processors(log_format, is_journal(stream)),
+        wrapper_class=structlog.make_filtering_bound_logger(level.number),
+    )
     return logger

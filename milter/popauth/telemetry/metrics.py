@@ -30,6 +30,18 @@ _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05,
 
 
 _REQUESTS = ("requests",)
+# The socketmap's results: every answered request counts under "requests"
+# too; "perm", "busy" and "timeouts" also count refusals before a request.
+SOCKETMAP_RESULTS = (
+    "requests",
+    "hits",
+    "misses",
+    "not_an_address",
+    "temp",
+    "perm",
+    "busy",
+    "timeouts",
+)
 
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
@@ -69,6 +81,11 @@ class CountsByLabels:
                     self._counts[values] = [amount, time.time()]
                 else:
                     entry[0] += amount
+
+    def totals(self) -> dict[tuple[str, ...], int]:
+        """Every count so far, by its label values."""
+        with self._lock:
+            return {values: int(entry[0]) for values, entry in self._counts.items()}
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
@@ -164,6 +181,11 @@ class Metrics:
     def socketmap_answer(self, result: str) -> None:
         """Count one answered socketmap request and its outcome."""
         self.socketmap_requests.count(_REQUESTS, (result,))
+
+    def socketmap_totals(self) -> dict[str, int]:
+        """The socketmap's counts so far, one per result, zeros included."""
+        totals = self.socketmap_requests.totals()
+        return {result: totals.get((result,), 0) for result in SOCKETMAP_RESULTS}
 
     def ingest_request(self, verb: str, result: str, amount: int = 1) -> None:
         """Count ``amount`` ingest requests (one by default) by verb and result."""

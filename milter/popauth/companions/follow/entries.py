@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from popauth.basics.errors import InputError
 from popauth.config import FollowTrust
 
 
@@ -43,7 +44,7 @@ class LogEntry:
     pid: int | None = None
 
 
-class EntryError(ValueError):
+class EntryError(InputError):
     """The line is not in the expected envelope; the message says why."""
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import structlog
 
+from popauth.basics.errors import StoppedError
 from popauth.companions.follow.entries import EntryError, EntryParser
 from popauth.companions.follow.formats import (
     DEFAULT_MAIL_UIDS,
@@ -131,7 +132,7 @@ class JournaldPids:
             os.close(descriptor)
 
 
-class FollowError(RuntimeError):
+class FollowError(StoppedError, RuntimeError):
     """The follower cannot go on (the ingest socket refuses it); the message says why."""
 
 

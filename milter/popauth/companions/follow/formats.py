@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
+from popauth.basics.errors import ConfigError
 from popauth.companions.follow.entries import LogEntry
 
 MAX_USER = 256
@@ -66,7 +67,7 @@ class Refused:
     details: Mapping[str, object]
 
 
-class FormatError(ValueError):
+class FormatError(ConfigError):
     """A format cannot be built from the settings; the message says why."""
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from popauth.basics.errors import StartupError
 from popauth.companions.follow.follower import Counters, Follower, IngestReporter, LineJudge
 from popauth.companions.follow.formats import build_format
 from popauth.companions.follow.sources import MAX_LINE, FollowedFile, LineSource, StandardInput
@@ -17,7 +18,7 @@ from popauth.config import FollowFormat, FollowTrust, Settings
 from popauth.telemetry.logs import configure_logging
 
 
-class FollowSetupError(ValueError):
+class FollowSetupError(StartupError, ValueError):
     """The follower cannot start with these settings; the message says why."""
 
 

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from popauth.store.statefile import (
+from popauth.basics.errors import (
     StateFileError,
     StateFileMissing,
     StateWriteError,
-    read_json_document,
-    write_json_atomically,
+    UnavailableError,
 )
+from popauth.store.statefile import read_json_document, write_json_atomically
 
 STATE_FORMAT = "popauth-follow-position"
 STATE_VERSION = 1
@@ -115,7 +115,7 @@ class LineSplitter:
         self._partial, self._skipped, self._skipping = b"", 0, False
 
 
-class SourceError(RuntimeError):
+class SourceError(UnavailableError, RuntimeError):
     """The log or the position file cannot be used; the message names the path."""
 
 

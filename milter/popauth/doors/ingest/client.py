@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Sequence
 
+from popauth.basics.errors import InputError, UnavailableError
 from popauth.doors.ingest import wire
 
 # A connection refused for a full listen queue (EAGAIN) or a busy endpoint
@@ -20,11 +21,11 @@ _RETRY_DELAY = 0.1
 _BUSY_ERRNOS = frozenset({errno.EAGAIN, errno.ECONNREFUSED})
 
 
-class IngestUnreachable(OSError):
+class IngestUnreachable(UnavailableError, OSError):
     """The endpoint is missing, refused, or did not answer in time."""
 
 
-class UnsafeRequest(ValueError):
+class UnsafeRequest(InputError):
     """A request with a control character (a line break could smuggle in a
     second request); nothing was sent."""
 

@@ -14,7 +14,9 @@ from dataclasses import asdict
 from typing import NamedTuple
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
-from popauth.basics.usernames import MAX_USER, is_valid_user_name, printable_user_name
+from popauth.basics.errors import InputError
+from popauth.basics.escaping import escape_user_name
+from popauth.basics.usernames import MAX_USER, is_valid_user_name
 from popauth.doors.ingest.wire import (
     EXPLAIN_OPTIONS,
     MAX_LINE,
@@ -75,7 +77,7 @@ _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
 MAX_ADDRESS = 320
 
 
-class ProtocolError(Exception):
+class ProtocolError(InputError):
     def __init__(self, code: ErrorCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
@@ -202,7 +204,7 @@ _GRAMMARS: dict[str, tuple[Verb, tuple[Argument, ...], int, dict[str, Callable[[
 
 def format_grant(grant: Grant, described_address: str) -> str:
     return (
-        f"address={described_address} user={printable_user_name(grant.user)} "
+        f"address={described_address} user={escape_user_name(grant.user)} "
         f"granted={int(grant.granted_at)} expires={int(grant.expires_at)}"
     )
 
@@ -212,7 +214,7 @@ def format_entry(entry: Entry, described_address: str) -> str:
     (as before entries held several users), the expiry of the address, and
     ``users=`` every member, oldest login first, comma-separated."""
     return (
-        f"address={described_address} user={printable_user_name(entry.user)} "
+        f"address={described_address} user={escape_user_name(entry.user)} "
         f"granted={int(entry.granted_at)} expires={int(entry.expires_at)} "
         f"users={format_user_list(entry.users)}"
     )
@@ -222,13 +224,13 @@ def format_user_list(users: Iterable[str]) -> str:
     """Names joined by commas; a comma or backslash in a name is escaped
     (``\\x2c``, ``\\x5c``), so that the list splits back unambiguously."""
     return ",".join(
-        printable_user_name(user).replace("\\", "\\x5c").replace(",", "\\x2c") for user in users
+        escape_user_name(user).replace("\\", "\\x5c").replace(",", "\\x2c") for user in users
     )
 
 
 def format_usage(user: str, usage: Usage) -> str:
     fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
-    return f"user={printable_user_name(user)} {fields}"
+    return f"user={escape_user_name(user)} {fields}"
 
 
 def stats_fields(stats: StoreStats) -> str:

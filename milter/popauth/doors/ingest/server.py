@@ -17,8 +17,8 @@ from typing import Protocol
 import structlog
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
+from popauth.basics.escaping import escape_user_name
 from popauth.basics.posixids import SystemGroup
-from popauth.basics.usernames import printable_user_name
 from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
@@ -132,8 +132,10 @@ class IngestServer(UnixStreamServer):
             self._log.warning("ingest_busy", peer_uid=peer.uid, clients=self.clients)
         elif event == "framing_error":
             self._log.warning("ingest_rejected", peer_uid=peer.uid, error="too-long")
+        elif event == "partial_request":
+            self._log.warning("ingest_partial_request", peer_uid=peer.uid)
         else:
-            self._log.warning(f"ingest_{event}", peer_uid=peer.uid)
+            super().note(event, peer)
 
     def answer_request(self, line: bytes, peer: Peer) -> tuple[bytes, bool]:
         """The reply to one request line, and whether to keep the connection."""
@@ -302,7 +304,7 @@ class IngestServer(UnixStreamServer):
             )
         if verb is Verb.BLOCKED:
             return protocol.multi_line(
-                f"user={printable_user_name(user)}" for user in self._blocklist.users()
+                f"user={escape_user_name(user)}" for user in self._blocklist.users()
             )
         if verb is Verb.REPORT:
             return protocol.multi_line(

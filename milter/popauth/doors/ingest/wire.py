@@ -101,6 +101,15 @@ def has_control_characters(text: str) -> bool:
     return CONTROL_CHARACTER.search(text) is not None
 
 
+def reply_status(line: str) -> tuple[str, ErrorCode | None]:
+    """A reply line's first word (OK, NOTFOUND, ERR), and an ERR line's code."""
+    status, _, rest = line.partition(" ")
+    if status != ERR:
+        return status, None
+    word = rest.partition(" ")[0]
+    return status, next((code for code in ErrorCode if code.value == word), None)
+
+
 def is_multi_line(request: str) -> bool:
     """Whether the reply to ``request`` is ``OK count=N`` and N more lines."""
     verb = request.split(" ", 1)[0].upper()

@@ -15,8 +15,10 @@ import ctypes
 import functools
 from typing import Any, Protocol
 
+from popauth.basics.errors import InputError
 
-class MacroUnavailable(RuntimeError):
+
+class MacroUnavailable(InputError, RuntimeError):
     """The milter context is gone (the connection closed) or is not libmilter's."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from popauth.basics.errors import StartupError
 from popauth.basics.posixids import SystemGroup
 from popauth.doors.milter.adapter import MilterFactory, register_milter
 from popauth.doors.sockets import (
@@ -82,7 +83,7 @@ def quit_answered(spec: str, timeout: float) -> bool:
             return False
 
 
-class MilterSocketError(OSError):
+class MilterSocketError(StartupError, OSError):
     """libmilter could not open the milter socket."""
 
 
@@ -108,8 +109,6 @@ class MilterService:
     ``on_exit`` is called if libmilter stops by itself (not through
     :meth:`stop`), so that the rest of popauth does not go on without it.
     """
-
-    name = "milter"
 
     def __init__(
         self,

@@ -12,19 +12,21 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from popauth.basics.errors import InputError
+
 # Longest request payload accepted. Postfix and Sendmail send ``NAME KEY`` with
 # a host name or an address as the key, far below this.
 MAX_REQUEST = 1000
 
 
-class NetstringError(ValueError):
+class NetstringError(InputError):
     """The bytes are not a well-formed netstring (or exceed the limit).
 
     The stream's framing is lost after one: the connection must be closed.
     """
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A well-framed request that makes no sense (``PERM``); framing survives."""
 
 

@@ -21,9 +21,7 @@ request size, time and number.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -66,31 +64,6 @@ class SocketmapOptions(Protocol):
     def clients_per_uid(self) -> int: ...
 
 
-@dataclass(slots=True)
-class SocketmapCounters:
-    """What the endpoint answered, logged at stop.
-
-    Counted without a lock: exact with the memory store (every answer runs in
-    the event loop's thread), approximate when a blocking store's answers run
-    in worker threads.
-    """
-
-    requests: int = 0
-    hits: int = 0
-    misses: int = 0
-    not_an_address: int = 0
-    temp: int = 0
-    perm: int = 0
-    busy: int = 0
-    timeouts: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    def bump(self, name: str) -> None:
-        setattr(self, name, getattr(self, name) + 1)
-
-
 class SocketmapServer(UnixStreamServer):
     def __init__(
         self,
@@ -131,7 +104,6 @@ class SocketmapServer(UnixStreamServer):
         self._ok = codec.reply(Status.OK, settings.ok_value)
         self._notfound = codec.reply(Status.NOTFOUND)
         self._metrics = metrics
-        self.counters = SocketmapCounters()
         # Per-lookup events are debug only (the caller knows the log level:
         # structlog 22.3's bound loggers cannot be asked); not building them
         # otherwise keeps a lookup cheap.
@@ -141,19 +113,8 @@ class SocketmapServer(UnixStreamServer):
         running = self._thread is not None
         super().stop(timeout)
         if running:
-            self._log.info("socketmap_stopped", **self.counters.as_dict())
-
-    def _count(self, outcome: str) -> None:
-        """Count for the stop log and for Prometheus alike."""
-        self.counters.bump(outcome)
-        self._metrics.socketmap_request(outcome)
-
-    def _answered(self, outcome: str) -> None:
-        """Count one answered request and its outcome, in one step."""
-        counters = self.counters
-        counters.requests += 1
-        counters.bump(outcome)
-        self._metrics.socketmap_answer(outcome)
+            # The counts Prometheus reads (this server is the only socketmap).
+            self._log.info("socketmap_stopped", **self._metrics.socketmap_totals())
 
     # --- framing -----------------------------------------------------------
 
@@ -176,13 +137,13 @@ class SocketmapServer(UnixStreamServer):
         if event == "evicted":
             self._log.debug("socketmap_idle_client_closed", peer_uid=peer.uid)
         elif event == "framing_error":
-            self._count("perm")
+            self._metrics.socketmap_request("perm")
             self._log.warning("socketmap_rejected", error="bad netstring")
         elif event == "busy":
-            self._count("busy")
+            self._metrics.socketmap_request("busy")
             self._log.warning("socketmap_busy", clients=self.clients)
         elif event == "timeout":
-            self._count("timeouts")
+            self._metrics.socketmap_request("timeouts")
             self._log.warning("socketmap_timeout")
         elif event == "partial_request":
             self._log.warning("socketmap_partial_request")
@@ -193,36 +154,36 @@ class SocketmapServer(UnixStreamServer):
         try:
             request = codec.parse_request(payload)
         except RequestError as problem:
-            self._answered("perm")
+            self._metrics.socketmap_answer("perm")
             self._log.warning("socketmap_rejected", error=str(problem))
             return codec.reply(Status.PERM, str(problem))
         if request.name != self._name:
-            self._answered("perm")
+            self._metrics.socketmap_answer("perm")
             self._log.warning("socketmap_rejected", error="unknown map", map=request.name[:64])
             return codec.reply(Status.PERM, "unknown map")
         try:
             address = parse_client_address(request.key)
         except AddressError:
             # A host name, "unknown", or anything else that is no address.
-            self._answered("not_an_address")
+            self._metrics.socketmap_answer("not_an_address")
             return self._notfound
         key = self._keying.key_address(address)
         try:
             grant = self._store.lookup(key)
         except StoreUnavailable as failure:
-            self._answered("temp")
+            self._metrics.socketmap_answer("temp")
             self._log.warning("socketmap_store_unavailable", error=str(failure))
             return codec.reply(Status.TEMP, "whitelist store unavailable")
         except Exception:
-            self._answered("temp")
+            self._metrics.socketmap_answer("temp")
             self._log.exception("socketmap_lookup_failed")
             return codec.reply(Status.TEMP, "lookup failed")
         if grant is None:
-            self._answered("misses")
+            self._metrics.socketmap_answer("misses")
             if self._lookup_events:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
-        self._answered("hits")
+        self._metrics.socketmap_answer("hits")
         if self._lookup_events:
             self._log.debug(
                 "socketmap_lookup",
