@@ -14,7 +14,8 @@ the allocator's own overhead on top):
 - popauth's entry (``_Entry``: the expiry float with who logged in, the key
   and its two neighbours in login order);
 - the user names, one per two entries, interned;
-- the whole ``MemoryStore``, for comparison with the sum.
+- the whole ``MemoryStore``, for comparison with the sum;
+- a ``MemoryStore`` of as many users, four behind each address.
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def breakdown(size: int) -> dict[str, Any]:
         return built
 
     per_entry("MemoryStore, all of it", store)
+
+    # Several users behind one address: a quarter as many addresses, each
+    # with four users (as many memberships as above), per address and per
+    # membership.
+    def shared_store() -> Any:
+        built = memory.MemoryStore(ttl=900, max_entries=size, clock=SystemClock())
+        for n in range(size):
+            built.grant(ipaddress.IPv4Address(BASE + n // 4), user_name(n))
+        return built
+
+    per_entry("MemoryStore, 4 users per address, per user", shared_store)
+    parts["MemoryStore, 4 users per address, per address"] = (
+        parts["MemoryStore, 4 users per address, per user"] * 4
+    )
     return {"cachetools": cachetools.__version__, "size": size, "bytes_per_entry": parts}
 
 

@@ -85,8 +85,8 @@ def _remove_macros() -> None:
     from popauth.relay.recipients import Recipient
 
     @fail_closed
-    def mail(self: RelayMilter) -> int:
-        decision, self._message = self._gate.message(self._address, "")
+    def mail(self: RelayMilter, sender: str | None = None) -> int:
+        decision, self._message = self._gate.message(self._address, "", sender)
         return int(Milter.ACCEPT) if decision is not None else int(Milter.CONTINUE)
 
     @fail_closed
@@ -126,7 +126,7 @@ def _remove_gate() -> None:
     def connection(self: RelayGate, address: Any) -> None:
         return None
 
-    def message(self: RelayGate, address: Any, auth_user: str) -> Any:
+    def message(self: RelayGate, address: Any, auth_user: str, sender: str | None = None) -> Any:
         decision = ACCEPT_WHITELISTED if str(address) in whitelisted else None
         return decision, Message(Client(address))
 

@@ -122,10 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     query = client("query", "show the whitelist entry of an address")
     query.add_argument("address")
     query.add_argument("--format", choices=("table", "raw"), default="table")
-    revoke = client("revoke", "remove an address, or every address of a user, from the whitelist")
+    revoke = client(
+        "revoke",
+        "remove an address (all its users), or a user from every address, from the whitelist",
+    )
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("address", nargs="?")
-    target.add_argument("--user", help="revoke every entry of this user")
+    target.add_argument("--user", help="revoke this user's membership of every entry")
     client("block", "refuse a user's logins and revoke their entries").add_argument("user")
     client("unblock", "accept a user's logins again").add_argument("user")
     client("blocked", "list blocked users")
@@ -190,9 +193,15 @@ def _print_table(columns: list[str], rows: list[dict[str, str]]) -> None:
 
 
 def _print_grants(reply: list[str], command: str) -> None:
-    """list, query, revoke: one row per entry, dates as in report (UTC)."""
-    lines = reply[1:] if command == "list" else [reply[0].split(" ", 1)[1]]
-    _print_table(["address", "user", "granted", "expires"], _rows(lines, ("granted", "expires")))
+    """list: one row per user of each entry; query: the entry, with all its
+    users (user and granted: the newest login); dates as in report (UTC)."""
+    columns = ["address", "user", "granted", "expires"]
+    if command == "list":
+        lines = reply[1:]
+    else:
+        lines = [reply[0].split(" ", 1)[1]]
+        columns.append("users")
+    _print_table(columns, _rows(lines, ("granted", "expires")))
 
 
 def _print_report(lines: list[str], style: str) -> None:

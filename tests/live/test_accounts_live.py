@@ -165,3 +165,47 @@ def test_metrics_endpoint(
     assert samples['popauth_ingest_requests_total{result="syntax",verb="invalid"}'] == 1
     assert samples["popauth_decision_seconds_count"] >= 2
     assert "popauth_errors_total" in text
+
+
+def test_pop_first_sender_own_binds_the_sender_to_the_entrys_users(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    """Two users behind one address, each sending as themselves; anyone else is refused."""
+    popauth = start_popauth(pop_first_sender="own")
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.2")
+    for user in ("alice", "bob"):
+        with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+            assert session.mail(f"{user}@local.test")[0] == 250
+            assert session.rcpt(REMOTE)[0] == 250, user
+            assert session.send_message([REMOTE])[0] == 250
+    # A stranger behind the same address, sending as someone else.
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail("carol@local.test")[0] == 250
+        code, text = session.rcpt(REMOTE)
+        assert code == 550
+        assert text.startswith("5.7.1 Sender address is not yours: check your mail"), text
+        assert session.rcpt("bob@local.test")[0] == 250  # local mail from anyone
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail("")[0] == 250  # MAIL FROM:<>
+        code, text = session.rcpt(REMOTE)
+        assert code == 550
+        assert text.startswith("5.7.1 A null sender (<>) may not relay"), text
+    reasons = [d["reason"] for d in popauth.events("relay_decision")]
+    assert "sender_not_owned" in reasons
+    assert "null_sender" in reasons
+    explained = popauth.cli("explain", "127.0.0.2", REMOTE, "--sender", "carol@local.test")
+    assert "reply: 550 5.7.1 Sender address is not yours" in explained.stdout, explained
+    # One user's revoke leaves the other's relaying intact, as themselves only.
+    assert popauth.cli("revoke", "--user", "bob").returncode == 0
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail("alice@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rset()[0] == 250
+        assert session.mail("bob@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 550
+    # SMTP AUTH is never asked whose sender it is.
+    with SmtpSession(postfix.smtp_port, "127.0.0.3") as session:
+        session.login("bob", USERS["bob"])
+        assert session.mail("")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250

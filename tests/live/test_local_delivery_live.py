@@ -9,6 +9,7 @@ for the inbound recipient is asserted, so a change in Postfix shows here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -422,5 +423,37 @@ def test_sighup_with_an_unreadable_configuration_keeps_the_old_lists(
         assert_inbound_accepted(postfix.smtp_port, "someone@mx.stock.test")
         assert popauth.events("relay_decision")[-1]["reason"] == "local_recipient"
         assert_relay_denied(rcpt_reply(postfix.smtp_port, STRANGER, REMOTE))
+    finally:
+        postfix.stop()
+
+
+def test_smtpd_sender_login_maps_is_learned_for_pop_first_sender(
+    live_root: Path, popauth_dir: Path, start_popauth: PopauthFactory
+) -> None:
+    """The owners Postfix's own table names may send as those senders (own)."""
+    stock = LAYOUTS[0]
+    root = live_root / f"postfix-senders-{time.monotonic_ns()}"
+    table = "shared@mx.stock.test carol, dave\n@partner.test carol\n"
+    layout = dataclasses.replace(stock, files={**stock.files, "senders": table})
+    postfix = start_layout_postfix(
+        root, popauth_dir, layout, {"smtpd_sender_login_maps": f"hash:{root}/senders"}
+    )
+    try:
+        popauth = start_popauth(
+            **LEARNED_ONLY,
+            postfix_config_directory=str(postfix.config_dir),
+            pop_first_sender="own",
+        )
+        assert "smtpd_sender_login_maps: 2 senders learned" in check_config(popauth)
+        assert popauth.cli("login", "127.0.0.2", "carol").returncode == 0
+        for sender, code in (
+            ("shared@mx.stock.test", 250),
+            ("Someone@Partner.test", 250),
+            ("carol@mx.stock.test", 250),  # the rule: her name at a local domain
+            ("other@mx.stock.test", 550),
+        ):
+            with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+                assert session.mail(sender)[0] == 250
+                assert session.rcpt(REMOTE)[0] == code, sender
     finally:
         postfix.stop()

@@ -76,6 +76,35 @@ def test_failed_pop_login_whitelists_nothing(
     assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.4", REMOTE))
 
 
+def test_two_users_behind_one_address_each_keep_it_whitelisted(
+    postfix: PostfixInstance, dovecot: DovecotInstance, popauth: PopauthServer
+) -> None:
+    """Both log in from one NAT address; revoking one leaves the other relaying."""
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert imap_login(dovecot.imap_port, "bob", USERS["bob"], "127.0.0.2")  # type: ignore[arg-type]
+    query = popauth.cli("query", "--format", "raw", "127.0.0.2")
+    assert query.returncode == 0, query
+    assert "user=bob" in query.stdout
+    assert "users=alice,bob" in query.stdout
+    listing = popauth.cli("list", "--format", "raw")
+    assert [line.split()[:2] for line in listing.stdout.splitlines()[1:]] == [
+        ["address=127.0.0.2", "user=alice"],
+        ["address=127.0.0.2", "user=bob"],
+    ]
+    revoke = popauth.cli("revoke", "--user", "bob")
+    assert revoke.returncode == 0, revoke
+    assert "revoked=1" in revoke.stdout
+    # alice's login still whitelists the address.
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.send_message([REMOTE])[0] == 250
+    whitelisted = [d for d in popauth.events("relay_decision") if d["reason"] == "whitelisted"]
+    assert whitelisted[-1]["user"] == "alice"
+    assert popauth.cli("revoke", "--user", "alice").returncode == 0
+    assert_relay_denied(rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE))
+
+
 def test_local_recipient_does_not_open_the_door_for_the_next(
     postfix: PostfixInstance, popauth: PopauthServer
 ) -> None:

@@ -16,6 +16,7 @@ from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked
 from popauth.store.accounts import RedisBlockList
 from popauth.store.redis import RedisStore, connect, glob_escaped
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.live
 
@@ -228,3 +229,45 @@ def test_a_block_list_member_from_before_caseless_names_still_counts(
     assert blocks.remove("Alice")
     assert blocks.users() == []
     assert not store.grant(A, "alice").renewed
+
+
+def test_the_keys_own_expiry_is_its_last_members(redis_server: RedisInstance) -> None:
+    clock = FakeClock(wall=time.time())
+    store = RedisStore(
+        client=connect(redis_server.url, 0.5), ttl=900, key_prefix="popauth:", clock=clock
+    )
+    key = "popauth:192.0.2.1"
+    store.grant(A, "alice")
+    clock.advance(300)
+    store.grant(A, "bob")
+    assert store._client.type(key) == b"hash"
+    assert 899_000 < store._client.pttl(key) <= 900_000
+    store.revoke_user("bob")  # now alice's membership, 600 s left, is the last
+    assert 599_000 < store._client.pttl(key) <= 600_000
+    store.revoke_user("alice")
+    assert store._client.exists(key) == 0
+
+
+def test_entries_of_the_one_user_format_are_read_and_converted(
+    redis_server: RedisInstance,
+) -> None:
+    """An entry as earlier releases wrote it, "granted expires user", still counts."""
+    store = make_store(redis_server)
+    key = "popauth:192.0.2.1"
+    now = time.time()
+    store._client.set(key, f"{now - 100:.3f} {now + 800:.3f} alice with spaces", ex=800)
+    found = store.lookup(A)
+    assert found is not None
+    assert found.users == ("alice with spaces",)
+    assert found.expires_at == pytest.approx(now + 800, abs=0.01)
+    assert [(g.address, g.user) for g in store.entries()] == [(A, "alice with spaces")]
+    assert store.renew(A, "bob") is None
+    assert store._client.type(key) == b"hash"  # a change converts it
+    assert 799 <= store._client.ttl(key) <= 800
+    assert not store.grant(A, "bob").renewed
+    found = store.lookup(A)
+    assert found is not None
+    assert found.users == ("alice with spaces", "bob")
+    store._client.set("popauth:192.0.2.2", f"{now:.3f} {now + 800:.3f} carol", ex=800)
+    assert [g.user for g in store.revoke_user("carol")] == ["carol"]
+    assert store._client.exists("popauth:192.0.2.2") == 0

@@ -236,3 +236,36 @@ def test_sendmail_honours_the_milters_symbol_list(
         bare.stop()
     mailers = [(d["reason"], d["rcpt_mailer"]) for d in popauth.events("relay_decision")]
     assert mailers == [("local_recipient", "local"), ("relay_denied", "esmtp")]
+
+
+def test_pop_first_sender_own_binds_the_sender_to_the_entrys_users(
+    sendmail: SendmailInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth(pop_first_sender="own")
+    for user in ("alice", "bob"):
+        assert popauth.cli("login", "127.0.0.2", user).returncode == 0
+    for user in ("alice", "bob"):
+        with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+            assert session.mail(f"{user}@local.test")[0] == 250
+            assert session.rcpt(REMOTE)[0] == 250, user
+            assert session.send_message([REMOTE])[0] == 250
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail("carol@local.test")[0] == 250
+        code, text = session.rcpt(REMOTE)
+        assert code == 550
+        # Sendmail puts the recipient before the milter's text.
+        assert text.startswith("5.7.1 "), text
+        assert "Sender address is not yours: check your mail" in text, text
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail("")[0] == 250
+        code, text = session.rcpt(REMOTE)
+        assert code == 550
+        assert text.startswith("5.7.1 "), text
+        assert "A null sender (<>) may not relay" in text, text
+    assert popauth.cli("revoke", "--user", "bob").returncode == 0
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail("alice@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rset()[0] == 250
+        assert session.mail("bob@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 550

@@ -13,10 +13,10 @@ import pytest
 
 from harness.ports import free_port
 from harness.redis import RedisInstance
-from popauth.basics.clock import SystemClock
-from popauth.store import WhitelistStore
+from popauth.store import MAX_USERS_PER_ADDRESS, WhitelistStore
 from popauth.store.accounts import RedisBlockList
 from popauth.store.redis import RedisStore, connect
+from tests.support.clock import FakeClock
 from tests.support.store_contract import *  # noqa: F403 - the contract's tests run here
 from tests.support.store_contract import Factory, Subject
 
@@ -35,11 +35,19 @@ def make_subject(tmp_path: Path) -> Iterator[Factory]:
             server.stop()
             return True
 
-        def make(ttl: int) -> Subject:
+        def make(ttl: int, max_users: int = MAX_USERS_PER_ADDRESS) -> Subject:
+            # A clock of its own, near the real one: the members' expiry is
+            # read on the store's clock, so a test moves it (advance) without
+            # waiting. ``outlive`` also waits for Redis to drop the keys.
+            clock = FakeClock(wall=time.time())
             store = RedisStore(
-                client=connect(server.url, 0.5), ttl=ttl, key_prefix="popauth:", clock=SystemClock()
+                client=connect(server.url, 0.5),
+                ttl=ttl,
+                key_prefix="popauth:",
+                clock=clock,
+                max_users_per_address=max_users,
             )
             blocklist = RedisBlockList(store.client, store.blocklist_key)
-            return Subject(store, blocklist, ttl, lambda: outlive(store), cut_off)
+            return Subject(store, blocklist, ttl, lambda: outlive(store), clock.advance, cut_off)
 
         yield make

@@ -9,6 +9,7 @@ local domain.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 from hypothesis import assume, given
@@ -17,8 +18,10 @@ from hypothesis import strategies as st
 from popauth.basics.addresses import NetworkSet
 from popauth.relay.decision import (
     Client,
+    Decision,
     Listing,
     PopFirst,
+    PopFirstSender,
     Reason,
     RelayPolicy,
     Verdict,
@@ -152,3 +155,81 @@ def test_a_local_recipient_has_a_local_mailer_and_no_routing(
         local_part = address.strip().strip("<>").rsplit("@", 1)[0]
         assert not set(local_part) & set('@%!"\\'), address
         assert not address.strip().startswith("<@")
+
+
+USERS = st.sampled_from(["joe", "Joe", "ann", "joe@remote.example", "ann@LOCAL.test", ""])
+SENDERS = st.builds(
+    "{}{}@{}{}".format,
+    st.sampled_from(["", "<"]),
+    st.sampled_from(["joe", "JOE", "ann", "max", "jo e"]),
+    DOMAINS,
+    st.sampled_from(["", ">"]),
+) | st.sampled_from(["", "<>", "joe", "<joe>", "@x:joe@local.test", "joe@", "@local.test"])
+
+
+def oracle_owned(users: tuple[str, ...], sender: str, policy: RelayPolicy) -> bool:
+    """The documented rule, written out without popauth's code."""
+    text = sender.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    if text.startswith("@") and ":" in text:
+        text = text.split(":", 1)[1]
+    if "@" not in text or text.startswith("@") or text.endswith("@"):
+        return False
+    local, domain = text.rsplit("@", 1)
+    for user in users:
+        if "@" in user:
+            if user.lower().rstrip(".") == f"{local}@{domain}".lower().rstrip("."):
+                return True
+        elif (
+            user
+            and user.lower() == local.lower()
+            and oracle_is_local_domain(domain.rstrip(".").lower(), policy)
+        ):
+            return True
+    return False
+
+
+@given(
+    policies(),
+    client_addresses(),
+    st.lists(USERS, min_size=1, max_size=3).map(tuple),
+    SENDERS,
+    recipients(),
+)
+def test_own_relays_by_pop_first_only_a_sender_of_the_entrys_users(
+    drawn: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    users: tuple[str, ...],
+    sender: str,
+    recipient: Recipient,
+) -> None:
+    assume(address not in drawn.trusted_networks)
+    policy = dataclasses.replace(drawn, pop_first_sender=PopFirstSender.OWN)
+    client = Client(address, "", Listing.LISTED, users[-1], users, sender)
+    decision = decide_recipient(policy, client, recipient)
+    owned = oracle_owned(users, sender, policy)
+    if oracle_relayed(recipient, policy) and not owned:
+        assert decision.verdict is Verdict.REJECT, (users, sender, recipient, decision)
+    if sender.strip() in ("", "<>") and oracle_relayed(recipient, policy):
+        assert decision.reason in (Reason.NULL_SENDER, Reason.POP_FIRST_RETIRED)
+    if owned and policy.pop_first is not PopFirst.OFF:
+        assert decision == Decision(Verdict.ACCEPT, Reason.WHITELISTED)
+    # "warn" and "any" relay whatever the sender, as before.
+    for mode in (PopFirstSender.WARN, PopFirstSender.ANY):
+        relaxed = dataclasses.replace(policy, pop_first_sender=mode)
+        if policy.pop_first is not PopFirst.OFF:
+            assert decide_recipient(relaxed, client, recipient).verdict is Verdict.ACCEPT
+
+
+@given(policies(), client_addresses() | st.none(), st.text(min_size=1), SENDERS, recipients())
+def test_smtp_auth_is_never_asked_for_its_sender(
+    drawn: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    user: str,
+    sender: str,
+    recipient: Recipient,
+) -> None:
+    policy = dataclasses.replace(drawn, pop_first_sender=PopFirstSender.OWN)
+    client = Client(address, auth_user=user, sender=sender)
+    assert decide_recipient(policy, client, recipient).reason is Reason.SMTP_AUTH

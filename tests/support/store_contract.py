@@ -13,11 +13,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import pytest
 
 from popauth.basics.addresses import IPAddress, parse_client_address
-from popauth.store import StoreUnavailable, UserBlocked, WhitelistStore
+from popauth.store import MAX_USERS_PER_ADDRESS, StoreUnavailable, UserBlocked, WhitelistStore
 from popauth.store.accounts import BlockList
 from popauth.store.redis import RENEWALS_PER_CALL
 
@@ -37,11 +38,14 @@ class Subject:
     ttl: int
     # Let more than ``ttl`` seconds pass for every entry.
     outlive: Callable[[], None]
+    # Let this many seconds pass on the store's clock.
+    advance: Callable[[float], None]
     # Make the backend unreachable; False for a store that has nothing to lose.
     cut_off: Callable[[], bool]
 
 
-Factory = Callable[[int], Subject]
+class Factory(Protocol):
+    def __call__(self, ttl: int, max_users: int = MAX_USERS_PER_ADDRESS) -> Subject: ...
 
 
 @pytest.fixture
@@ -306,3 +310,159 @@ def test_an_unreachable_store_raises_and_never_answers_wrongly(subject: Subject)
     ):
         with pytest.raises(StoreUnavailable):
             call()
+
+
+# --- several users behind one address -------------------------------------
+
+
+def users_at(subject: Subject, address: IPAddress) -> tuple[str, ...]:
+    found = subject.store.lookup(address)
+    return () if found is None else found.users
+
+
+def test_every_user_who_logged_in_is_a_member_with_their_own_expiry(subject: Subject) -> None:
+    store = subject.store
+    first = store.grant(A, "alice")
+    subject.advance(30)
+    second = store.grant(A, "bob")
+    assert not second.renewed
+    assert second.displaced is None
+    found = store.lookup(A)
+    assert found is not None
+    assert found.users == ("alice", "bob")
+    assert found.user == "bob"  # the newest login
+    alice, bob = found.grants
+    assert alice.expires_at == pytest.approx(first.grant.expires_at, abs=0.01)
+    assert bob.expires_at == pytest.approx(second.grant.expires_at, abs=0.01)
+    assert found.expires_at == pytest.approx(bob.expires_at, abs=0.01)
+    assert bob.expires_at - alice.expires_at == pytest.approx(30, abs=0.01)
+    assert store.stats().entries == 1
+    subject.advance(40)  # alice's login is over, bob's is not
+    assert users_at(subject, A) == ("bob",)
+    assert [(g.address, g.user) for g in store.entries()] == [(A, "bob")]
+    assert store.renew(A, "alice") is None  # an expired membership is not brought back
+    assert users_at(subject, A) == ("bob",)
+    subject.advance(25)  # bob's too: the entry is gone with its last user
+    assert store.lookup(A) is None
+    assert store.entries() == []
+    assert store.renew(A, "bob") is None
+
+
+def test_a_login_renews_only_that_users_membership(subject: Subject) -> None:
+    store = subject.store
+    store.grant(A, "alice")
+    subject.advance(10)
+    store.grant(A, "bob")
+    subject.advance(40)
+    again = store.grant(A, "alice")
+    assert again.renewed
+    assert again.displaced is None
+    subject.advance(30)  # bob's membership (from t=10) is over; alice's renewed one is not
+    found = store.lookup(A)
+    assert found is not None
+    assert found.users == ("alice",)
+    assert found.expires_at == pytest.approx(again.grant.expires_at, abs=0.01)
+
+
+def test_renew_extends_only_that_users_membership(subject: Subject) -> None:
+    store = subject.store
+    store.grant(A, "alice")
+    subject.advance(10)
+    store.grant(A, "bob")
+    subject.advance(40)
+    renewed = store.renew(A, "alice")
+    assert renewed is not None
+    assert renewed.user == "alice"
+    assert store.renew(A, "carol") is None  # a renewal never adds a user
+    assert users_at(subject, A) == ("bob", "alice")  # alice's renewal is the newest write
+    subject.advance(30)
+    assert users_at(subject, A) == ("alice",)
+    outcomes = store.renew_many([(A, "bob"), (A, "alice")])
+    assert [o.grant is not None for o in outcomes] == [False, True]
+
+
+def test_revoking_a_user_leaves_the_other_users_of_the_address(subject: Subject) -> None:
+    store = subject.store
+    store.grant(A, "alice")
+    subject.advance(10)
+    store.grant(A, "bob")
+    store.grant(B, "bob")
+    store.grant(B, "carol")
+    # bob is A's newest member: A now lasts as long as alice's membership.
+    removed = store.revoke_user("BOB")
+    assert sorted((g.address, g.user) for g in removed) == sorted([(A, "bob"), (B, "bob")])
+    found = store.lookup(A)
+    assert found is not None
+    assert found.users == ("alice",)
+    subject.advance(TTL - 15)  # at TTL - 5: alice's membership (from 0) ends at TTL
+    assert users_at(subject, A) == ("alice",)
+    subject.advance(10)
+    assert store.lookup(A) is None
+    assert users_at(subject, B) == ("carol",)
+    assert store.revoke_user("carol")[0].address == B
+    assert store.lookup(B) is None
+    assert store.entries() == []
+
+
+def test_revoking_an_address_removes_every_user(subject: Subject) -> None:
+    store = subject.store
+    store.grant(A, "alice")
+    store.grant(A, "bob")
+    removed = store.revoke(A)
+    assert removed is not None
+    assert sorted(removed.users) == ["alice", "bob"]
+    assert store.lookup(A) is None
+    assert store.renew(A, "alice") is None
+    assert store.entries() == []
+
+
+def test_a_full_address_pushes_out_the_member_expiring_soonest(make_subject: Factory) -> None:
+    subject = make_subject(TTL, max_users=3)
+    store = subject.store
+    for user in ("u1", "u2", "u3"):
+        store.grant(A, user)
+        subject.advance(1)
+    store.renew(A, "u1")  # now u2's membership expires soonest
+    subject.advance(1)
+    outcome = store.grant(A, "u4")
+    assert outcome.displaced is not None
+    assert (outcome.displaced.address, outcome.displaced.user) == (A, "u2")
+    assert users_at(subject, A) == ("u3", "u1", "u4")
+    # A member's own login never pushes anyone out.
+    assert store.grant(A, "u3").displaced is None
+    assert sorted(users_at(subject, A)) == ["u1", "u3", "u4"]
+    assert store.renew(A, "u2") is None
+
+
+def test_one_user_per_address_is_the_last_login_only(make_subject: Factory) -> None:
+    subject = make_subject(TTL, max_users=1)
+    subject.store.grant(A, "alice")
+    outcome = subject.store.grant(A, "bob")
+    assert outcome.displaced is not None
+    assert outcome.displaced.user == "alice"
+    assert users_at(subject, A) == ("bob",)
+    assert subject.store.renew(A, "alice") is None
+
+
+def test_listing_holds_every_user_of_every_entry(subject: Subject) -> None:
+    store = subject.store
+    store.grant(A, "alice")
+    subject.advance(1)
+    store.grant(A, "bob")
+    subject.advance(1)
+    store.grant(B, "carol")
+    subject.advance(1)
+    store.grant(A, "")  # a login reported without a user name is a member too
+    listed = [(g.address, g.user) for g in store.entries()]
+    assert listed == [(A, "alice"), (A, "bob"), (B, "carol"), (A, "")]
+    assert store.stats().entries == 2
+
+
+def test_many_users_logging_in_at_once_from_one_address(subject: Subject) -> None:
+    users = [f"user{n}" for n in range(40)]
+    with ThreadPoolExecutor(4) as workers:
+        list(workers.map(lambda user: subject.store.grant(A, user), users))
+    assert sorted(users_at(subject, A)) == sorted(users)
+    with ThreadPoolExecutor(4) as workers:
+        list(workers.map(subject.store.revoke_user, users[::2]))
+    assert sorted(users_at(subject, A)) == sorted(users[1::2])

@@ -15,7 +15,7 @@ from popauth.config import settings_from_mapping
 from popauth.doors.milter.adapter import RelayMilter, Replies, client_address_of
 from popauth.localdelivery import LocalDelivery
 from popauth.relay.gate import Accounting, RelayGate
-from popauth.store import Grant
+from popauth.store import Entry
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
@@ -26,7 +26,7 @@ from tests.support.logs import capturing_logger
 class BrokenStore(MemoryStore):
     """A store with a bug: not a StoreUnavailable, just an exception."""
 
-    def lookup(self, address: IPAddress) -> Grant | None:
+    def lookup(self, address: IPAddress) -> Entry | None:
         raise RuntimeError("bug in the store")
 
 

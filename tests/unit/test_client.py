@@ -71,10 +71,23 @@ def test_cli_exit_codes(endpoint: Endpoint, capsys: pytest.CaptureFixture[str]) 
     assert main(["list", "--socket", sock]) == EXIT_OK
     # Dates as report prints them; the protocol's lines with --format raw.
     shown = capsys.readouterr().out.splitlines()
-    assert shown[0].split() == ["address", "user", "granted", "expires"]
+    # query: the entry with all its users; list: a row per user.
+    assert shown[0].split() == ["address", "user", "granted", "expires", "users"]
     assert shown[1].split()[:2] == ["192.0.2.1", "alice"]
+    assert shown[1].split()[-1] == "alice"
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", " ".join(shown[1].split()[2:4]))
-    assert shown[2:] == shown[:2]  # list: the same row
+    assert shown[2].split() == ["address", "user", "granted", "expires"]
+    assert shown[3].split() == shown[1].split()[:-1]
+    assert main(["login", "--socket", sock, "192.0.2.1", "bob"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["query", "--socket", sock, "192.0.2.1", "--format", "raw"]) == EXIT_OK
+    assert "user=bob" in (queried := capsys.readouterr().out)
+    assert "users=alice,bob" in queried
+    assert main(["list", "--socket", sock]) == EXIT_OK
+    listed = capsys.readouterr().out.splitlines()
+    assert [row.split()[:2] for row in listed[1:]] == [["192.0.2.1", "alice"], ["192.0.2.1", "bob"]]
+    assert main(["revoke", "--socket", sock, "--user", "bob"]) == EXIT_OK
+    capsys.readouterr()
     assert main(["list", "--socket", sock, "--format", "raw"]) == EXIT_OK
     raw = capsys.readouterr().out
     assert "count=1" in raw
@@ -211,7 +224,10 @@ def test_cli_explain_prints_the_explanation_only(
         == "verdict: accept (whitelisted), at MAIL FROM, for every recipient of the message"
     )
     assert not any(line.startswith("OK") for line in lines)
-    assert "sender: <> is not part of the decision" in "\n".join(lines)
+    assert (
+        "sender: the null sender belongs to none of the entry's users (alice): relayed,"
+        " and logged as sender_not_owned (pop_first_sender = 'warn')"
+    ) in lines
     # A refusal is an explanation too: exit 0, whatever the verdict.
     assert main(["explain", "--socket", sock, "192.0.2.2", "bob@remote.test"]) == EXIT_OK
     assert capsys.readouterr().out.startswith("verdict: reject (relay_denied)")

@@ -15,7 +15,7 @@ from popauth.relay.gate import Accounting, RelayGate
 from popauth.relay.postfixlists import ListKind, ListPattern, PostfixList
 from popauth.relay.recipients import DeliveryClass, DomainSet
 from popauth.relay.replies import Replies
-from popauth.store import Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
+from popauth.store import Entry, Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
@@ -154,7 +154,9 @@ def test_a_whitelisted_client_relays_with_its_entry_shown(setup: Setup) -> None:
     )
     assert field_of(lines, "user") == "joe is not blocked"
     assert field_of(lines, "recipient").endswith("(the verdict does not depend on it)")
-    assert field_of(lines, "sender").startswith("joe@example.test is not part of the decision")
+    assert field_of(lines, "sender") == (
+        "joe@example.test belongs to a user of the entry (pop_first_sender = 'warn')"
+    )
 
 
 def test_counting_recipients_settles_a_whitelisted_client_at_rcpt(setup: Setup) -> None:
@@ -254,7 +256,7 @@ class UnreachableStore(WhitelistStore):
     def __init__(self, reachable: bool) -> None:
         self.reachable = reachable
 
-    def lookup(self, address: IPAddress) -> Grant | None:
+    def lookup(self, address: IPAddress) -> Entry | None:
         if not self.reachable:
             raise StoreUnavailable("connection refused")
         return None
@@ -265,7 +267,7 @@ class UnreachableStore(WhitelistStore):
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         raise NotImplementedError
 
-    def revoke(self, address: IPAddress) -> Grant | None:
+    def revoke(self, address: IPAddress) -> Entry | None:
         raise NotImplementedError
 
     def revoke_user(self, user: str) -> list[Grant]:
@@ -368,4 +370,22 @@ def test_an_excluded_domain_of_a_learned_class_is_relayed(setup: Setup) -> None:
     assert local.startswith(
         "anyone@sub.backup.test is local: domain backup.test [postfix relay_domains]"
         " (delivery class relay), mailer relay"
+    )
+
+
+def test_every_user_of_the_entry_is_shown_with_their_own_expiry(setup: Setup) -> None:
+    setup.store.grant(CLIENT, "joe")
+    setup.clock.advance(60)
+    setup.store.grant(CLIENT, "ann")
+    lines = setup.lines(CLIENT, REMOTE, user="max")
+    assert field_of(lines, "whitelist") == (
+        f"192.0.2.10: 2 users logged in: joe (logged in at {START} (1 min ago),"
+        " until 2027-01-15 08:15:00 UTC (in 14 min)), ann (logged in at"
+        " 2027-01-15 08:01:00 UTC (now), until 2027-01-15 08:16:00 UTC (in 15 min));"
+        " the entry expires at 2027-01-15 08:16:00 UTC (in 15 min), with its last user"
+    )
+    assert "user: the entry is joe's and ann's, not max's" in lines
+    setup.store.revoke_user("ann")
+    assert field_of(setup.lines(CLIENT, REMOTE), "whitelist").startswith(
+        f"192.0.2.10: joe logged in at {START}"
     )

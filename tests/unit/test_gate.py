@@ -22,10 +22,15 @@ LOCAL = Recipient("<y@local.test>", "local", "y@local.test")
 
 
 def make(
-    accounting: Accounting, pop_first: str = "on"
+    accounting: Accounting, pop_first: str = "on", pop_first_sender: str = "warn"
 ) -> tuple[RelayGate, UsageLedger, Metrics, CapturingLogger]:
     settings = settings_from_mapping(
-        {"trusted_networks": [], "local_domains": ["local.test"], "pop_first": pop_first}
+        {
+            "trusted_networks": [],
+            "local_domains": ["local.test"],
+            "pop_first": pop_first,
+            "pop_first_sender": pop_first_sender,
+        }
     )
     clock = FakeClock()
     store = MemoryStore(ttl=900, max_entries=10, clock=clock)
@@ -161,3 +166,40 @@ def test_a_replaced_policy_applies_to_the_next_recipient() -> None:
         settings.relay.policy(LocalDelivery.configured(["local.test"], ["local", "lmtp"]))
     )
     assert gate.recipient(message, lmtp).reason is Reason.LOCAL_RECIPIENT
+
+
+def test_own_relays_the_entrys_users_own_senders_only() -> None:
+    gate, _, _, logged = make(Accounting.MESSAGES, pop_first_sender="own")
+    decision, _ = gate.message(CLIENT, "", "<alice@local.test>")
+    assert decision is not None
+    assert decision.reason is Reason.WHITELISTED
+    for sender, reason in (
+        ("<bob@local.test>", Reason.SENDER_NOT_OWNED),
+        ("<alice@remote.example>", Reason.SENDER_NOT_OWNED),
+        ("<>", Reason.NULL_SENDER),
+    ):
+        settled, message = gate.message(CLIENT, "", sender)
+        assert settled is None  # every RCPT is judged: local ones are accepted
+        refused = gate.recipient(message, REMOTE)
+        assert (refused.verdict, refused.reason) == (Verdict.REJECT, reason)
+        assert gate.recipient(message, LOCAL).reason is Reason.LOCAL_RECIPIENT
+    # SMTP AUTH is never asked for its sender.
+    decision, _ = gate.message(CLIENT, "bob", "<>")
+    assert decision is not None
+    assert decision.reason is Reason.SMTP_AUTH
+    assert "sender_not_owned" not in events(logged)
+
+
+def test_warn_relays_any_sender_and_logs_what_own_would_refuse() -> None:
+    gate, _, _, logged = make(Accounting.MESSAGES, pop_first_sender="warn")
+    assert gate.message(CLIENT, "", "<alice@local.test>")[0] is not None
+    assert "sender_not_owned" not in events(logged)
+    decision, _ = gate.message(CLIENT, "", "<mallory@local.test>")
+    assert decision is not None
+    assert decision.reason is Reason.WHITELISTED
+    (warning,) = [c.kwargs for c in logged.calls if c.kwargs.get("event") == "sender_not_owned"]
+    assert (warning["sender"], warning["users"], warning["client_ip"]) == (
+        "<mallory@local.test>",
+        ["alice"],
+        "198.51.100.7",
+    )

@@ -709,3 +709,32 @@ def test_blocks_match_names_caselessly(endpoint: Endpoint) -> None:
     assert endpoint.ask("QUERY 192.0.2.3") == ["NOTFOUND address=192.0.2.3"]
     assert endpoint.ask("UNBLOCK ALICE") == ["OK user=ALICE"]
     assert endpoint.ask("LOGIN 192.0.2.3 alice")[0].startswith("OK ")
+
+
+def test_every_user_of_an_address_is_shown_and_revoked_alone(endpoint: Endpoint) -> None:
+    assert endpoint.ask("LOGIN 192.0.2.1 alice")[0].endswith("renewed=no")
+    assert endpoint.ask("LOGIN 192.0.2.1 bob")[0].endswith("renewed=no")
+    assert endpoint.ask("LOGIN 192.0.2.1 alice")[0].endswith("renewed=yes")
+    # QUERY: the fields as before (the newest login), and users= all of them.
+    fields = parse_fields(endpoint.ask("QUERY 192.0.2.1")[0])
+    assert (fields["user"], fields["users"]) == ("alice", "bob,alice")
+    # LIST: the same line format, a line per user.
+    listing = endpoint.ask("LIST")
+    assert listing[0] == "OK count=2"
+    assert [parse_fields(line)["user"] for line in listing[1:]] == ["bob", "alice"]
+    assert {parse_fields(line)["address"] for line in listing[1:]} == {"192.0.2.1"}
+    assert endpoint.ask("RENEW 192.0.2.1 carol") == ["NOTFOUND address=192.0.2.1"]
+    assert endpoint.ask("RENEW 192.0.2.1 bob")[0].startswith("OK address=192.0.2.1 user=bob")
+    assert endpoint.ask("REVOKEUSER bob") == ["OK user=bob revoked=1"]
+    fields = parse_fields(endpoint.ask("QUERY 192.0.2.1")[0])
+    assert (fields["user"], fields["users"]) == ("alice", "alice")
+    assert endpoint.ask("STATS")[0].startswith("OK entries=1 ")
+    assert endpoint.ask("REVOKEUSER alice") == ["OK user=alice revoked=1"]
+    assert endpoint.ask("QUERY 192.0.2.1") == ["NOTFOUND address=192.0.2.1"]
+
+
+def test_a_comma_in_a_user_name_is_escaped_in_the_user_list(endpoint: Endpoint) -> None:
+    endpoint.ask("LOGIN 192.0.2.1 doe,jane")
+    endpoint.ask("LOGIN 192.0.2.1 back\\slash")
+    fields = parse_fields(endpoint.ask("QUERY 192.0.2.1")[0])
+    assert fields["users"] == "doe\\x2cjane,back\\x5cslash"

@@ -38,19 +38,19 @@ def test_grant_lookup_and_expiry() -> None:
     assert store.stats().entries == 0
 
 
-def test_new_login_renews() -> None:
+def test_a_new_login_of_the_same_user_renews_and_another_user_joins() -> None:
     store, clock = make(ttl=900)
     store.grant(A, "alice")
     clock.advance(800)
-    outcome = store.grant(A, "alice2")
-    assert outcome.renewed
+    assert store.grant(A, "alice").renewed
+    assert not store.grant(A, "alice2").renewed
     clock.advance(800)
     grant = store.lookup(A)
     assert grant is not None
-    assert grant.user == "alice2"
+    assert grant.users == ("alice", "alice2")
     assert grant.expires_at == clock.time() + 100
     stats = store.stats()
-    assert (stats.grants, stats.renewals) == (2, 1)
+    assert (stats.grants, stats.renewals, stats.entries) == (3, 1, 1)
 
 
 def test_ipv4_and_ipv6_keys_do_not_collide() -> None:
@@ -319,3 +319,38 @@ def test_a_restored_entry_of_a_user_blocked_since_is_dropped() -> None:
     assert store.restore(saved.entries()) == 1
     assert store.lookup(A) is None
     assert store.lookup(B) is not None
+
+
+def test_a_full_store_evicts_an_address_with_all_its_users() -> None:
+    store, clock = make(max_entries=2)
+    store.grant(A, "alice")
+    store.grant(A, "bob")
+    clock.advance(1)
+    store.grant(V6, "carol")
+    outcome = store.grant(parse_client_address("198.51.100.9"), "dave")
+    assert outcome.evicted is not None
+    assert (outcome.evicted.address, outcome.evicted.users) == (A, ("alice", "bob"))
+    assert store.lookup(A) is None
+    assert [g.user for g in store.entries()] == ["carol", "dave"]
+    assert store.stats().entries == 2
+
+
+def test_the_recent_end_of_an_entry_of_several_users() -> None:
+    store, clock = make(ttl=900)
+    store.grant(A, "alice")
+    clock.advance(100)
+    store.grant(A, "bob")
+    store.revoke_user("bob")  # alice's membership remains: no end yet
+    assert store.recent_end(A) is None
+    clock.advance(850)  # alice's ended at 900
+    ended = store.recent_end(A)
+    assert ended is not None
+    assert (ended.grant.user, ended.reason.value) == ("alice", "expired")
+    assert ended.ended_at == pytest.approx(clock.time() - 50)
+    store.grant(A, "carol")
+    store.grant(A, "dave")
+    store.revoke_user("carol")
+    store.revoke_user("dave")
+    ended = store.recent_end(A)
+    assert ended is not None
+    assert (ended.grant.user, ended.reason.value) == ("dave", "revoked_with_user")

@@ -23,3 +23,15 @@ def test_each_refusal_has_its_reply_and_an_accept_has_none() -> None:
 
 def test_an_empty_explanation_leaves_no_trailing_blank() -> None:
     assert str(Replies("", "").refusal(REJECT_RELAY)) == "550 5.7.1 Relaying denied."
+
+
+def test_the_sender_refusals_have_texts_of_their_own() -> None:
+    from popauth.relay.decision import REJECT_NULL_SENDER, REJECT_SENDER_NOT_OWNED
+
+    replies = Replies("Use SMTP AUTH.", "Retired.", "Not yours.", "No <> here.")
+    assert str(replies.refusal(REJECT_SENDER_NOT_OWNED)) == "550 5.7.1 Not yours."
+    assert str(replies.refusal(REJECT_NULL_SENDER)) == "550 5.7.1 No <> here."
+    assert str(Replies("", "").refusal(REJECT_SENDER_NOT_OWNED)) == (
+        "550 5.7.1 Sender address is not yours: check your mail (POP/IMAP) with the account"
+        " that owns it, or turn on SMTP AUTH."
+    )

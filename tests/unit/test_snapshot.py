@@ -175,3 +175,60 @@ def test_snapshotter_restores_and_saves(tmp_path: Path) -> None:
     errors = [c for c in sink.calls if c.kwargs.get("event") == "snapshot_not_restored"]
     assert errors[-1].method_name == "error"
     assert "corrupt" in errors[-1].kwargs["reason"]
+
+
+OLD_FORMAT = Path(__file__).parents[1] / "support" / "snapshots" / "whitelist-v1.json"
+
+
+def test_a_snapshot_of_the_one_user_format_still_loads(tmp_path: Path) -> None:
+    """Version 1 (earlier releases, one row per address) restores as one user each."""
+    clock = FakeClock()  # 1800000000: every entry of the file is live
+    assert json.loads(OLD_FORMAT.read_text())["version"] == 1
+    store = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    log, sink = capturing_logger()
+    path = tmp_path / "whitelist.json"
+    path.write_bytes(OLD_FORMAT.read_bytes())
+    path.chmod(0o600)
+    Snapshotter(store=store, path=path, clock=clock, log=log).restore()
+    alice = store.lookup(A)
+    assert alice is not None
+    assert (alice.users, alice.expires_at) == (("alice",), 1800000600.0)
+    bob = store.lookup(B)
+    assert bob is not None
+    assert bob.users == ("bob",)
+    anonymous = store.lookup(parse_client_address("198.51.100.7"))
+    assert anonymous is not None
+    assert anonymous.users == ("",)  # a login reported without a user name
+    assert store.stats().entries == 3
+    (restored,) = [c for c in sink.calls if c.kwargs.get("event") == "snapshot_restored"]
+    assert restored.kwargs["restored"] == 3
+    # Saved again, it is version 2.
+    Snapshotter(store=store, path=path, clock=clock, log=log).save()
+    assert json.loads(path.read_text())["version"] == 2
+
+
+def test_every_user_of_an_entry_survives_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "whitelist.json"
+    log, _ = capturing_logger()
+    first = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    first.grant(A, "alice")
+    clock.advance(100)
+    first.grant(A, "bob")
+    first.grant(B, "carol")
+    Snapshotter(store=first, path=path, clock=clock, log=log).save()
+    rows = json.loads(path.read_text())["entries"]
+    assert [row[:2] for row in rows] == [[str(A), "alice"], [str(A), "bob"], [str(B), "carol"]]
+    clock.advance(100)
+    second = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    Snapshotter(store=second, path=path, clock=clock, log=log).restore()
+    found = second.lookup(A)
+    assert found is not None
+    assert found.users == ("alice", "bob")
+    assert [g.expires_at - clock.time() for g in found.grants] == pytest.approx([700, 800])
+    clock.advance(750)  # alice's membership is over, bob's is not
+    found = second.lookup(A)
+    assert found is not None
+    assert found.users == ("bob",)
+    clock.advance(100)
+    assert second.lookup(A) is None

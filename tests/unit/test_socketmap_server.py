@@ -16,7 +16,7 @@ from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_ad
 from popauth.config import SocketmapSettings
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.server import SocketmapServer
-from popauth.store import Grant, StoreUnavailable
+from popauth.store import Entry, StoreUnavailable
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
@@ -28,7 +28,7 @@ class FlakyStore(MemoryStore):
 
     down = False
 
-    def lookup(self, address: IPAddress) -> Grant | None:
+    def lookup(self, address: IPAddress) -> Entry | None:
         if self.down:
             raise StoreUnavailable("redis is down")
         return super().lookup(address)
@@ -145,7 +145,7 @@ def test_each_lookup_is_logged_when_asked_to(endpoint: Endpoint) -> None:
     assert endpoint.ask("192.0.2.1") == b"OK OK"
     assert endpoint.ask("192.0.2.2") == b"NOTFOUND "
     assert lookup_events(endpoint.sink) == [
-        {"client_ip": "192.0.2.1", "hit": True, "user": "alice"},
+        {"client_ip": "192.0.2.1", "hit": True, "user": "alice", "users": ["alice"]},
         {"client_ip": "192.0.2.2", "hit": False},
     ]
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from popauth.store import MAX_USERS_PER_ADDRESS
 from popauth.store.accounts import FileBlockList
 from popauth.store.memory import MemoryStore
 from tests.support.clock import FakeClock
@@ -18,12 +19,18 @@ from tests.support.store_contract import Factory, Subject
 
 @pytest.fixture
 def make_subject() -> Iterator[Factory]:
-    def make(ttl: int) -> Subject:
+    def make(ttl: int, max_users: int = MAX_USERS_PER_ADDRESS) -> Subject:
         clock = FakeClock()
         blocklist = FileBlockList(None)
         store = MemoryStore(
-            ttl=ttl, max_entries=1000, clock=clock, is_blocked=blocklist.__contains__
+            ttl=ttl,
+            max_entries=1000,
+            clock=clock,
+            is_blocked=blocklist.__contains__,
+            max_users_per_address=max_users,
         )
-        return Subject(store, blocklist, ttl, lambda: clock.advance(ttl + 1), lambda: False)
+        return Subject(
+            store, blocklist, ttl, lambda: clock.advance(ttl + 1), clock.advance, lambda: False
+        )
 
     yield make

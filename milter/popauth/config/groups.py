@@ -18,6 +18,7 @@ and user and group names are already their ids.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,9 +71,11 @@ from popauth.config.converters import (
 )
 from popauth.doors.ingest import wire
 from popauth.localdelivery import LearnFrom, LocalDelivery
-from popauth.relay.decision import PopFirst, Provenance, RelayPolicy
+from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayPolicy
 from popauth.relay.gate import Accounting
-from popauth.store import StoreKind
+from popauth.relay.ownership import SenderOwners, parse_sender_addresses
+from popauth.relay.replies import DEFAULT_NULL_SENDER, DEFAULT_SENDER_NOT_OWNED
+from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
 from popauth.telemetry.logs import LogFormat, LogLevel
 
 T = TypeVar("T")
@@ -294,6 +297,11 @@ class StoreSettings:
 
     ttl: int = setting("ttl", 900, integer(1, 7 * 86_400))
     max_entries: int = setting("max_entries", 100_000, integer(1, 100_000_000))
+    # Users one entry (address) holds at once; one more pushes out the one
+    # expiring soonest. 1 = the entry is only its last login's.
+    max_users_per_address: int = setting(
+        "max_users_per_address", MAX_USERS_PER_ADDRESS, integer(1, 10_000)
+    )
     ipv6_prefix: int = setting("ipv6_prefix", 128, integer(0, 128))
     kind: StoreKind = setting("store", StoreKind.MEMORY, choice(StoreKind))
     # The embedded store's snapshot; None disables it.
@@ -362,6 +370,27 @@ class StoreSettings:
         return WhitelistKeying(self.ipv6_prefix)
 
 
+def read_sender_addresses(path: Path | None) -> SenderOwners:
+    """The users' extra addresses in ``path`` (none without one).
+
+    Raises ValueError, saying why, when the file cannot be read or a line is bad.
+    """
+    if path is None:
+        return SenderOwners()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    return parse_sender_addresses(text)
+
+
+def _sender_addresses_file(value: Any) -> Path:
+    """A file of extra addresses, read once here so that a bad one stops popauth at start."""
+    path = file_path(value)
+    read_sender_addresses(path)
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     """Who may relay, and what a refused client is told."""
@@ -378,6 +407,24 @@ class RelaySettings:
     pop_first: PopFirst = setting("pop_first", PopFirst.ON, choice(PopFirst))
     pop_first_retired_message: str = setting(
         "pop_first_retired_message", DEFAULT_POP_FIRST_RETIRED_MESSAGE, smtp_text
+    )
+    # Whether a POP-first client may send as anyone ("any"), only as one of
+    # the users who logged in from its address ("own"), or as anyone while
+    # what "own" would refuse is logged ("warn", the default: measure first).
+    pop_first_sender: PopFirstSender = setting(
+        "pop_first_sender", PopFirstSender.WARN, choice(PopFirstSender)
+    )
+    # The texts after "550 5.7.1" of the two refusals of "own".
+    pop_first_sender_message: str = setting(
+        "pop_first_sender_message", DEFAULT_SENDER_NOT_OWNED, smtp_text
+    )
+    pop_first_null_sender_message: str = setting(
+        "pop_first_null_sender_message", DEFAULT_NULL_SENDER, smtp_text
+    )
+    # Extra addresses per user ("user: address @domain ..."); read at start
+    # and on reload. None: the rule alone.
+    pop_first_sender_addresses: Path | None = optional_setting(
+        "pop_first_sender_addresses", None, _sender_addresses_file
     )
 
     def __post_init__(self) -> None:
@@ -399,6 +446,11 @@ class RelaySettings:
             local_delivery=local.rules(),
             pop_first=self.pop_first,
             provenance=Provenance(local.source, local.domains, local.mailers),
+            pop_first_sender=self.pop_first_sender,
+            sender_owners=dataclasses.replace(
+                read_sender_addresses(self.pop_first_sender_addresses),
+                login_map=local.sender_logins,
+            ),
         )
 
 

@@ -88,6 +88,7 @@ def open_state(
             clock=clock,
             wait_replicas=settings.store.redis_wait_replicas,
             wait_timeout=settings.store.redis_wait_timeout,
+            max_users_per_address=stored.max_users_per_address,
         )
         try:
             problem = redis_store.eviction_policy_problem()
@@ -112,6 +113,7 @@ def open_state(
         memory = MemoryStore(
             ttl=stored.ttl,
             max_entries=stored.max_entries,
+            max_users_per_address=stored.max_users_per_address,
             clock=clock,
             is_blocked=blocklist.__contains__,
         )
@@ -190,7 +192,12 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
     lifecycle.on_reload("local_delivery", reloader, reloader.cancel)
     lifecycle.on_reload("settings", SettingsChangeCheck(settings_path, settings, log))
-    replies = Replies(settings.relay.reject_message, settings.relay.pop_first_retired_message)
+    replies = Replies(
+        settings.relay.reject_message,
+        settings.relay.pop_first_retired_message,
+        settings.relay.pop_first_sender_message,
+        settings.relay.pop_first_null_sender_message,
+    )
     explainer = Explainer(
         gate=gate,
         store=store,

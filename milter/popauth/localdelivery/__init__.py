@@ -103,6 +103,11 @@ class LocalDelivery:
     source: str = ""
     # transport_maps routes the classes follow, summarised per mailer.
     routes: tuple[RouteSummary, ...] = ()
+    # Postfix's smtpd_sender_login_maps, learned where its tables can be
+    # listed: (key, owners) as popauth.relay.ownership keeps them; and the
+    # tables that could not be listed (their owners are not known).
+    sender_logins: tuple[tuple[str, frozenset[str]], ...] = ()
+    sender_logins_unlisted: tuple[str, ...] = ()
 
     @classmethod
     def configured(cls, domains: Iterable[str], mailers: Iterable[str]) -> LocalDelivery:
@@ -124,6 +129,13 @@ class LocalDelivery:
     def describe(self) -> list[str]:
         """Lines for ``popauth check-config``: every class, name and origin."""
         lines = [f"learned from: {self.source or 'nothing (both lists are configured)'}"]
+        if self.sender_logins or self.sender_logins_unlisted:
+            lines.append(f"smtpd_sender_login_maps: {len(self.sender_logins)} senders learned")
+        for table in self.sender_logins_unlisted:
+            lines.append(
+                f"smtpd_sender_login_maps: {table} cannot be listed: pop_first_sender"
+                " does not know its owners (list them in pop_first_sender_addresses)"
+            )
         for learned in self.classes:
             lines.append(f"delivery class {learned.heading}")
             lines.append(" mailers:")

@@ -36,6 +36,7 @@ The values come from ``postconf -x`` (``$name`` expanded, ``-c DIR`` or
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ from popauth.localdelivery.commands import (
     Runner,
     find_tool,
 )
+from popauth.relay.ownership import login_map_entries
 from popauth.relay.postfixlists import (
     ListKind,
     ListPattern,
@@ -96,6 +98,7 @@ PARAMETERS = (
     "transport_maps",
     "parent_domain_matches_subdomains",
     "recipient_delimiter",
+    "smtpd_sender_login_maps",
     "owner_request_special",
     "double_bounce_sender",
 )
@@ -490,8 +493,10 @@ def learn_from_postfix(
         values = {**values, "transport_maps": ""}
     transports = TransportLearner(config, values, parent_features.matches("transport_maps"))
     specs = [spec for spec in ADDRESS_CLASSES if split_list(values.get(spec.parameter, ""))]
+    logins, unlisted = learn_sender_logins(config, values.get("smtpd_sender_login_maps", ""))
     if configured_domains is not None:
-        return _with_configured_domains(source, specs, values, transports, configured_domains)
+        learned = _with_configured_domains(source, specs, values, transports, configured_domains)
+        return dataclasses.replace(learned, sender_logins=logins, sender_logins_unlisted=unlisted)
     compiled = {
         spec.name: compile_list(
             config,
@@ -518,7 +523,29 @@ def learn_from_postfix(
         heading = _class_heading(spec, matcher)
         shown = tuple(compiled[spec.name].shown)
         classes.append(LearnedClass(rule, heading, shown, (mailer,) if mailer else ()))
-    return LocalDelivery(tuple(classes), source, tuple(summaries))
+    return LocalDelivery(tuple(classes), source, tuple(summaries), logins, unlisted)
+
+
+def learn_sender_logins(
+    config: PostfixConfig, value: str
+) -> tuple[tuple[tuple[str, frozenset[str]], ...], tuple[str, ...]]:
+    """smtpd_sender_login_maps' entries from its listable tables, and the
+    tables that cannot be listed (regexp, pcre, SQL, LDAP...: only Postfix can
+    ask them, one sender at a time)."""
+    entries: list[tuple[str, str]] = []
+    unlisted: list[str] = []
+    for table in split_list(value):
+        if not is_table(table):
+            continue
+        kind = _table_for_reading(table).split(":", 1)[0]
+        if kind not in LISTABLE_TABLE_TYPES:
+            unlisted.append(table)
+            continue
+        for line in config.table_lines(table, fold_keys=True):
+            entry = table_entry(line)
+            if entry is not None:
+                entries.append(entry)
+    return login_map_entries(entries), tuple(unlisted)
 
 
 def _with_configured_domains(

@@ -70,6 +70,8 @@ class LocalDeliveryReloader:
         """True when the policy was replaced."""
         try:
             local = self._resolve(self._settings, self._runner)
+            # The policy re-reads the users' extra addresses too.
+            policy = self._build_policy(local)
         except LocalDeliveryError as problem:
             if self._runner.cancelled:
                 self._log.info("local_delivery_reload_cancelled", error=str(problem))
@@ -81,6 +83,6 @@ class LocalDeliveryReloader:
             return False
         if self._runner.cancelled:
             return False
-        self._gate.replace_policy(self._build_policy(local))
+        self._gate.replace_policy(policy)
         log_local_delivery(self._log, "local_delivery_reloaded", local)
         return True

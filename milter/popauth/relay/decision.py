@@ -6,7 +6,10 @@ The steps, in order, for every recipient:
 2. accept a client inside ``trusted_networks``;
 3. accept a client whose POP/IMAP login is still on the whitelist (unless
    ``pop_first`` is "off": then it is refused with its own reason, so that
-   its user learns that POP-before-SMTP has been retired);
+   its user learns that POP-before-SMTP has been retired), and, with
+   ``pop_first_sender = "own"``, only when the envelope sender belongs to
+   one of the entry's users (:mod:`popauth.relay.ownership`): otherwise it
+   is refused with its own reason, ``null_sender`` for ``<>``;
 4. accept a recipient that the MTA delivers locally;
 5. otherwise refuse: tempfail if the whitelist could not be read, else reject.
 
@@ -18,10 +21,11 @@ the per-recipient round trips. Nothing here does I/O or knows about pymilter.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from popauth.basics.addresses import IPAddress, NetworkSet
+from popauth.relay.ownership import SenderOwners
 from popauth.relay.recipients import LocalDeliveryRules, Recipient, is_local_recipient
 
 
@@ -39,6 +43,10 @@ class Reason(enum.Enum):
     RELAY_DENIED = "relay_denied"
     WHITELIST_UNAVAILABLE = "whitelist_unavailable"
     POP_FIRST_RETIRED = "pop_first_retired"
+    # pop_first_sender = "own": a whitelisted client whose sender is none of
+    # the entry's users' addresses, or the null sender.
+    SENDER_NOT_OWNED = "sender_not_owned"
+    NULL_SENDER = "null_sender"
 
 
 class PopFirst(enum.Enum):
@@ -49,6 +57,16 @@ class PopFirst(enum.Enum):
     WARN = "warn"
     # SMTP AUTH only; whitelisted clients get a distinct explanation.
     OFF = "off"
+
+
+class PopFirstSender(enum.Enum):
+    """Whether a POP-first client may send as anyone, or only as its users."""
+
+    ANY = "any"
+    # Relays, but the gate logs sender_not_owned: measure before enforcing.
+    WARN = "warn"
+    # Relays only when the sender belongs to one of the entry's users.
+    OWN = "own"
 
 
 class Listing(enum.Enum):
@@ -94,6 +112,8 @@ class RelayPolicy:
     local_delivery: LocalDeliveryRules
     pop_first: PopFirst = PopFirst.ON
     provenance: Provenance = Provenance()
+    pop_first_sender: PopFirstSender = PopFirstSender.ANY
+    sender_owners: SenderOwners = field(default_factory=SenderOwners)
 
 
 class Client(NamedTuple):
@@ -106,8 +126,12 @@ class Client(NamedTuple):
     address: IPAddress | None
     auth_user: str = ""
     listing: Listing = Listing.NOT_CONSULTED
-    # Who logged in to POP/IMAP from this client; for the log only.
+    # Who logged in to POP/IMAP from this client last; for the log only.
     login_user: str = ""
+    # Every user of the client's whitelist entry, and the envelope sender
+    # ("" the null sender; None not known, which "own" refuses).
+    login_users: tuple[str, ...] = ()
+    sender: str | None = None
 
 
 ACCEPT_AUTHENTICATED = Decision(Verdict.ACCEPT, Reason.SMTP_AUTH)
@@ -117,6 +141,8 @@ ACCEPT_LOCAL = Decision(Verdict.ACCEPT, Reason.LOCAL_RECIPIENT)
 REJECT_RELAY = Decision(Verdict.REJECT, Reason.RELAY_DENIED)
 TEMPFAIL_UNAVAILABLE = Decision(Verdict.TEMPFAIL, Reason.WHITELIST_UNAVAILABLE)
 REJECT_POP_FIRST_RETIRED = Decision(Verdict.REJECT, Reason.POP_FIRST_RETIRED)
+REJECT_SENDER_NOT_OWNED = Decision(Verdict.REJECT, Reason.SENDER_NOT_OWNED)
+REJECT_NULL_SENDER = Decision(Verdict.REJECT, Reason.NULL_SENDER)
 
 
 def decide_connection(policy: RelayPolicy, address: IPAddress | None) -> Decision | None:
@@ -149,11 +175,35 @@ def decide_sender(policy: RelayPolicy, client: Client) -> Decision | None:
 
 
 def _pop_first_grants(policy: RelayPolicy, client: Client) -> bool:
+    return _pop_first_listed(policy, client) and (
+        policy.pop_first_sender is not PopFirstSender.OWN or sender_refusal(policy, client) is None
+    )
+
+
+def _pop_first_listed(policy: RelayPolicy, client: Client) -> bool:
     return (
         client.address is not None
         and client.listing is Listing.LISTED
         and policy.pop_first is not PopFirst.OFF
     )
+
+
+def sender_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
+    """The refusal the sender earns a POP-first client, were it enforced; None:
+    the sender is one of the entry's users' (or ``pop_first_sender`` is "any").
+
+    With "warn" the gate logs it and relays; with "own" it refuses.
+    """
+    if policy.pop_first_sender is PopFirstSender.ANY:
+        return None
+    sender = client.sender
+    if sender is not None and sender.strip() in ("", "<>"):
+        return REJECT_NULL_SENDER
+    if sender is not None and policy.sender_owners.owners_include(
+        client.login_users, sender, policy.local_delivery
+    ):
+        return None
+    return REJECT_SENDER_NOT_OWNED
 
 
 def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) -> Decision:
@@ -165,6 +215,11 @@ def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) 
         return ACCEPT_LOCAL
     if client.listing is Listing.UNAVAILABLE:
         return TEMPFAIL_UNAVAILABLE
+    if _pop_first_listed(policy, client):
+        # Listed, and pop_first relays, but not this sender ("own").
+        refusal = sender_refusal(policy, client)
+        if refusal is not None:
+            return refusal
     if client.address is not None and client.listing is Listing.LISTED:
         return REJECT_POP_FIRST_RETIRED
     return REJECT_RELAY

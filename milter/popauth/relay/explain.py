@@ -16,8 +16,15 @@ from dataclasses import dataclass
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
 from popauth.basics.clock import Clock
-from popauth.basics.escaping import escape_user_name
-from popauth.relay.decision import Listing, PopFirst, Reason, RelayPolicy
+from popauth.basics.escaping import escape_text, escape_user_name
+from popauth.relay.decision import (
+    Listing,
+    PopFirst,
+    PopFirstSender,
+    Reason,
+    RelayPolicy,
+    sender_refusal,
+)
 from popauth.relay.gate import Assessment, RelayGate
 from popauth.relay.recipients import (
     Classified,
@@ -27,7 +34,7 @@ from popauth.relay.recipients import (
     plain_address_parts,
 )
 from popauth.relay.replies import Replies, SmtpReply
-from popauth.store import EndedGrant, EndReason, Grant, WhitelistStore
+from popauth.store import EndedGrant, EndReason, Entry, WhitelistStore
 
 # How many local domains a line names before "and N more".
 _SHOWN_DOMAINS = 5
@@ -102,15 +109,18 @@ class Explainer:
     def facts(self, question: Question) -> Facts:
         policy = self._gate.policy
         recipient, assumed = recipient_as_the_mta_gives_it(question, policy)
-        assessment = self._gate.assess(question.address, question.auth_user, recipient)
+        assessment = self._gate.assess(
+            question.address, question.auth_user, recipient, question.sender or None
+        )
         key = self._keying.key_address(question.address)
         ended = None
         if assessment.grant is None and assessment.client.listing is not Listing.UNAVAILABLE:
             ended = self._store.recent_end(key)
         concerned = {question.user, question.auth_user}
-        for grant in (assessment.grant, None if ended is None else ended.grant):
-            if grant is not None:
-                concerned.add(grant.user)
+        if assessment.grant is not None:
+            concerned.update(assessment.grant.users)
+        if ended is not None:
+            concerned.add(ended.grant.user)
         blocked = frozenset(user for user in concerned if user and user in self._blocked)
         return Facts(
             question=question,
@@ -156,12 +166,38 @@ def explanation_lines(facts: Facts) -> list[str]:
     lines = [_verdict_line(facts), _reply_line(facts), _whitelist_line(facts)]
     lines += _user_lines(facts)
     lines.append(_recipient_line(facts))
-    if facts.question.sender:
-        lines.append(
-            f"sender: {facts.question.sender} is not part of the decision"
-            " (popauth judges the client and the recipient)"
-        )
+    sender = _sender_line(facts)
+    if sender:
+        lines.append(sender)
     return lines
+
+
+def _sender_line(facts: Facts) -> str:
+    """What pop_first_sender makes of the sender, for a whitelisted client."""
+    assessment = facts.assessment
+    policy = assessment.policy
+    shown = escape_text(facts.question.sender)
+    entry = assessment.grant
+    if policy.pop_first_sender is PopFirstSender.ANY or entry is None:
+        if not shown:
+            return ""
+        return (
+            f"sender: {shown} is not part of the decision"
+            f" (pop_first_sender = {policy.pop_first_sender.value!r}"
+            + ("" if entry is None else ": a POP-first client may send as anyone")
+            + ")"
+        )
+    mode = f"pop_first_sender = {policy.pop_first_sender.value!r}"
+    refusal = sender_refusal(policy, assessment.client)
+    if refusal is None:
+        return f"sender: {shown} belongs to a user of the entry ({mode})"
+    if not shown:
+        return f"sender: not given (--sender): {mode} judges MAIL FROM"
+    enforced = policy.pop_first_sender is PopFirstSender.OWN
+    what = "the null sender" if refusal.reason is Reason.NULL_SENDER else shown
+    owners = ", ".join(_shown(user) for user in entry.users)
+    ending = "refused" if enforced else "relayed, and logged as sender_not_owned"
+    return f"sender: {what} belongs to none of the entry's users ({owners}): {ending} ({mode})"
 
 
 def _verdict_line(facts: Facts) -> str:
@@ -209,11 +245,27 @@ def _whitelist_line(facts: Facts) -> str:
     return f"whitelist: {subject} has no entry: {_why_none(facts)}"
 
 
-def _entry(grant: Grant, now: float) -> str:
-    return (
-        f"{escape_user_name(grant.user) or '(no user name)'} logged in at"
-        f" {_moment(grant.granted_at, now)}; the entry expires at {_moment(grant.expires_at, now)}"
+def _entry(entry: Entry, now: float) -> str:
+    """Every user of the entry, oldest login first, each with their own expiry."""
+    if len(entry.grants) == 1:
+        grant = entry.newest
+        return (
+            f"{_shown(grant.user)} logged in at {_moment(grant.granted_at, now)};"
+            f" the entry expires at {_moment(grant.expires_at, now)}"
+        )
+    members = ", ".join(
+        f"{_shown(grant.user)} (logged in at {_moment(grant.granted_at, now)},"
+        f" until {_moment(grant.expires_at, now)})"
+        for grant in entry.grants
     )
+    return (
+        f"{len(entry.grants)} users logged in: {members};"
+        f" the entry expires at {_moment(entry.expires_at, now)}, with its last user"
+    )
+
+
+def _shown(user: str) -> str:
+    return escape_user_name(user) or "(no user name)"
 
 
 def _why_none(facts: Facts) -> str:
@@ -251,12 +303,13 @@ def _user_lines(facts: Facts) -> list[str]:
             )
     if question.user and question.user not in facts.blocked:
         lines.append(f"user: {escape_user_name(question.user)} is not blocked")
-    grant = facts.assessment.grant or (None if facts.ended is None else facts.ended.grant)
-    if question.user and grant is not None and grant.user != question.user:
-        lines.append(
-            f"user: the entry is {escape_user_name(grant.user) or '(no user name)'}'s,"
-            f" not {escape_user_name(question.user)}'s"
-        )
+    live = facts.assessment.grant
+    users = (
+        live.users if live is not None else () if facts.ended is None else (facts.ended.grant.user,)
+    )
+    if question.user and users and question.user not in users:
+        owners = " and ".join(f"{_shown(user)}'s" for user in users)
+        lines.append(f"user: the entry is {owners}, not {escape_user_name(question.user)}'s")
     return lines
 
 

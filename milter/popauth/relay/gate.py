@@ -19,16 +19,18 @@ from popauth.relay.decision import (
     Decision,
     Listing,
     PopFirst,
+    PopFirstSender,
     Reason,
     RelayPolicy,
     decide_connection,
     decide_recipient,
     decide_sender,
     needs_whitelist,
+    sender_refusal,
 )
 from popauth.relay.mismatch import MailerMismatchWarner
 from popauth.relay.recipients import Recipient, is_local_recipient
-from popauth.store import Grant, StoreUnavailable, WhitelistStore
+from popauth.store import Entry, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import RelayWay, UsageLedger
 from popauth.telemetry.metrics import Metrics
 
@@ -50,7 +52,7 @@ _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_
 class Assessment:
     """What the gate would decide for one recipient, and what it decided from.
 
-    ``grant`` is the whitelist entry that was read (None when there is none
+    ``grant`` is the whitelist entry that was read, all its users (None when there is none
     or the store was not asked); ``stage`` is where the milter settles it:
     ``connect``, ``mail`` (for the whole message) or ``rcpt``.
     """
@@ -58,7 +60,7 @@ class Assessment:
     decision: Decision
     client: Client
     policy: RelayPolicy
-    grant: Grant | None
+    grant: Entry | None
     stage: str
 
 
@@ -109,16 +111,23 @@ class RelayGate:
             self._record(decision, "connect", Client(address), None, None)
         return decision
 
-    def message(self, address: IPAddress | None, auth_user: str) -> tuple[Decision | None, Message]:
-        """A verdict for every recipient of one message (or None), and its state."""
+    def message(
+        self, address: IPAddress | None, auth_user: str, sender: str | None = None
+    ) -> tuple[Decision | None, Message]:
+        """A verdict for every recipient of one message (or None), and its state.
+
+        ``sender`` is MAIL FROM as the MTA gives it (None: not known).
+        """
         started = time.perf_counter()
         policy = self._policy
         listing, grant = self._consult(policy, address, auth_user)
-        client = Client(address, auth_user, listing, "" if grant is None else grant.user)
+        client = _client(address, auth_user, listing, grant, sender)
         decision = decide_sender(policy, client)
         message = Message(client)
         if decision is None:
             return None, message
+        if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
+            self._warn_unless_owned(policy, client)
         way = _WAYS.get(decision.reason)
         if way is not None and self._accounting is Accounting.RECIPIENTS:
             # Settled, but each RCPT must be seen to count relayed recipients.
@@ -156,7 +165,13 @@ class RelayGate:
                 recipients=message.relayed_recipients,
             )
 
-    def assess(self, address: IPAddress, auth_user: str, recipient: Recipient) -> Assessment:
+    def assess(
+        self,
+        address: IPAddress,
+        auth_user: str,
+        recipient: Recipient,
+        sender: str | None = None,
+    ) -> Assessment:
         """The decision the milter would take for this recipient now, recording nothing.
 
         The same steps as connection(), message() and recipient() in turn,
@@ -167,7 +182,7 @@ class RelayGate:
         if decision is not None:
             return Assessment(decision, Client(address), policy, None, "connect")
         listing, grant = self._consult(policy, address, auth_user)
-        client = Client(address, auth_user, listing, "" if grant is None else grant.user)
+        client = _client(address, auth_user, listing, grant, sender)
         decision = decide_sender(policy, client)
         if decision is not None:
             # Counting recipients keeps the milter asking at every RCPT.
@@ -178,7 +193,7 @@ class RelayGate:
 
     def _consult(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
-    ) -> tuple[Listing, Grant | None]:
+    ) -> tuple[Listing, Entry | None]:
         if address is None or not needs_whitelist(policy, address, auth_user):
             return Listing.NOT_CONSULTED, None
         try:
@@ -190,6 +205,19 @@ class RelayGate:
         if grant is None:
             return Listing.NOT_LISTED, None
         return Listing.LISTED, grant
+
+    def _warn_unless_owned(self, policy: RelayPolicy, client: Client) -> None:
+        """pop_first_sender = "warn": relayed, but what "own" would refuse is logged."""
+        refusal = sender_refusal(policy, client)
+        if refusal is not None:
+            self._log.warning(
+                "sender_not_owned",
+                client_ip=None if client.address is None else address_text(client.address),
+                sender=escape_text(client.sender or ""),
+                users=list(client.login_users),
+                reason=refusal.reason.value,
+                hint='pop_first_sender = "own" would refuse this message',
+            )
 
     def _record(
         self,
@@ -232,6 +260,18 @@ class RelayGate:
                 user=client.login_user or None,
                 hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
             )
+
+
+def _client(
+    address: IPAddress | None,
+    auth_user: str,
+    listing: Listing,
+    grant: Entry | None,
+    sender: str | None,
+) -> Client:
+    if grant is None:
+        return Client(address, auth_user, listing, "", (), sender)
+    return Client(address, auth_user, listing, grant.user, grant.users, sender)
 
 
 def _user(client: Client) -> str:

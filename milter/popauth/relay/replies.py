@@ -28,19 +28,33 @@ UNAVAILABLE = SmtpReply("451", "4.3.0", "Relay check unavailable, try again late
 CHECK_FAILED = SmtpReply("451", "4.3.0", "Relay check failed, try again later")
 
 
+DEFAULT_SENDER_NOT_OWNED = (
+    "Sender address is not yours: check your mail (POP/IMAP) with the account"
+    " that owns it, or turn on SMTP AUTH."
+)
+DEFAULT_NULL_SENDER = "A null sender (<>) may not relay by a POP/IMAP login: turn on SMTP AUTH."
+
+
 @dataclass(frozen=True, slots=True)
 class Replies:
-    """The texts after ``550 5.7.1 Relaying denied.``"""
+    """The texts after ``550 5.7.1 Relaying denied.``, and the whole texts
+    after ``550 5.7.1`` of the sender refusals (``pop_first_sender = "own"``)."""
 
     reject: str
     pop_first_retired: str
+    sender_not_owned: str = DEFAULT_SENDER_NOT_OWNED
+    null_sender: str = DEFAULT_NULL_SENDER
     # Built once: a refusal costs the milter no formatting per recipient.
     _denied: SmtpReply = field(init=False, repr=False, compare=False)
     _retired: SmtpReply = field(init=False, repr=False, compare=False)
+    _not_owned: SmtpReply = field(init=False, repr=False, compare=False)
+    _null: SmtpReply = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_denied", _relaying_denied(self.reject))
         object.__setattr__(self, "_retired", _relaying_denied(self.pop_first_retired))
+        object.__setattr__(self, "_not_owned", SmtpReply("550", "5.7.1", self.sender_not_owned))
+        object.__setattr__(self, "_null", SmtpReply("550", "5.7.1", self.null_sender))
 
     def refusal(self, decision: Decision) -> SmtpReply | None:
         """What the MTA answers for a refused recipient; None when popauth accepts."""
@@ -50,6 +64,10 @@ class Replies:
             return UNAVAILABLE
         if decision.reason is Reason.POP_FIRST_RETIRED:
             return self._retired
+        if decision.reason is Reason.SENDER_NOT_OWNED:
+            return self._not_owned
+        if decision.reason is Reason.NULL_SENDER:
+            return self._null
         return self._denied
 
 

@@ -5,8 +5,10 @@ ingest socket and the CLI never see how entries are kept.
 """
 
 from popauth.store.base import (
+    MAX_USERS_PER_ADDRESS,
     EndedGrant,
     EndReason,
+    Entry,
     Grant,
     GrantOutcome,
     NotConfirmed,
@@ -20,8 +22,10 @@ from popauth.store.base import (
 )
 
 __all__ = [
+    "MAX_USERS_PER_ADDRESS",
     "EndReason",
     "EndedGrant",
+    "Entry",
     "Grant",
     "GrantOutcome",
     "NotConfirmed",

@@ -6,7 +6,7 @@ import abc
 import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from popauth.basics.addresses import IPAddress
 from popauth.basics.errors import InputError, StartupError, UnavailableError
@@ -50,18 +50,71 @@ class NotConfirmed(StoreUnavailable):
         self.undone = undone
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """One whitelisted client: who logged in, when, and until when it may relay.
+class Grant(NamedTuple):
+    """One user's membership of a whitelist entry: who logged in from the
+    address, when, and until when that login keeps the address whitelisted.
 
     ``address`` is the whitelist key (for IPv6 the network address of the
-    configured prefix). Times are seconds since the epoch.
+    configured prefix). Times are seconds since the epoch. A named tuple,
+    as :class:`Entry` is: a lookup makes one per user of the entry.
     """
 
     address: IPAddress
     user: str
     granted_at: float
     expires_at: float
+
+
+# How many users one address holds at most unless configured otherwise
+# (``max_users_per_address``): a household, an office or a hotel behind one
+# NAT address rarely has more checking mail within one ttl, and the bound
+# keeps one busy carrier-grade NAT address from growing without end.
+MAX_USERS_PER_ADDRESS = 64
+
+
+class Entry(NamedTuple):
+    """A whitelisted address and every user whose login keeps it whitelisted.
+
+    ``grants`` holds one membership per user, oldest login first (so the
+    first expires soonest and the last is the newest login); never empty.
+    The address is whitelisted until its last member expires.
+
+    A named tuple, not a frozen dataclass: as immutable, and made for every
+    lookup (every message) at a fraction of the cost.
+    """
+
+    address: IPAddress
+    grants: tuple[Grant, ...]
+
+    @property
+    def newest(self) -> Grant:
+        return self.grants[-1]
+
+    @property
+    def user(self) -> str:
+        """Who logged in last (logs that name one user)."""
+        return self.grants[-1].user
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        return tuple(grant.user for grant in self.grants)
+
+    @property
+    def granted_at(self) -> float:
+        """The newest login."""
+        return self.grants[-1].granted_at
+
+    @property
+    def expires_at(self) -> float:
+        """When the address stops being whitelisted: its last member's expiry."""
+        return max(grant.expires_at for grant in self.grants)
+
+    def member(self, user: str) -> Grant | None:
+        """``user``'s membership (the name exactly as logged in), if any."""
+        for grant in self.grants:
+            if grant.user == user:
+                return grant
+        return None
 
 
 class EndReason(enum.Enum):
@@ -78,7 +131,8 @@ class EndReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class EndedGrant:
-    """The last entry of an address, and how and when (epoch seconds) it ended."""
+    """The last member of an address's last entry, and how and when (epoch
+    seconds) the entry ended."""
 
     grant: Grant
     reason: EndReason
@@ -87,17 +141,22 @@ class EndedGrant:
 
 @dataclass(frozen=True, slots=True)
 class GrantOutcome:
+    # The user's membership, as this login wrote it.
     grant: Grant
+    # The user was a member of the address already (a renewal).
     renewed: bool
-    # The entry pushed out to make room when the store was full.
-    evicted: Grant | None = None
+    # The entry (another address) pushed out to make room when the store was full.
+    evicted: Entry | None = None
+    # The member pushed out of this address to make room for the user when it
+    # held max_users_per_address users already: the one expiring soonest.
+    displaced: Grant | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Renewal:
     """What one renewal of a batch did (see :meth:`WhitelistStore.renew_many`)."""
 
-    # The extended entry; None when there was none of that user (left alone).
+    # The user's extended membership; None when the user was no member (left alone).
     grant: Grant | None = None
     # The user is blocked: nothing was changed.
     blocked: bool = False
@@ -132,6 +191,13 @@ class StoreStats:
 class WhitelistStore(abc.ABC):
     """Grant, renew, look up and revoke whitelisted clients.
 
+    An entry holds every user who logged in from its address within ttl,
+    each with an expiry of their own (see :class:`Entry`), up to
+    ``max_users_per_address`` users: a login of one more pushes out the
+    member that expires soonest (every member is live, so "longest
+    expired" is the one nearest its end). Users are members by their name
+    exactly as logged in; the address is whitelisted while any member is.
+
     Implementations are safe to call from many threads at once and raise
     :class:`StoreUnavailable` (never return a made-up answer) when they cannot
     reach their data.
@@ -151,19 +217,23 @@ class WhitelistStore(abc.ABC):
 
     @abc.abstractmethod
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
-        """Whitelist ``address`` for the configured TTL, renewing an entry.
+        """Make ``user`` a member of ``address``'s entry for the configured TTL.
+
+        Adds the user (making the entry if there is none) or renews the
+        user's own membership; other members are left as they are.
 
         Raises :class:`UserBlocked` (and writes nothing) when ``user`` is blocked.
         """
 
     @abc.abstractmethod
     def renew(self, address: IPAddress, user: str) -> Grant | None:
-        """Extend the live entry of ``address`` by a full TTL if it belongs to ``user``.
+        """Extend ``user``'s live membership of ``address`` by a full TTL.
 
-        Never creates an entry: returns None when there is none (expired,
-        revoked, never granted) or when it belongs to someone else, and then
-        changes nothing. So a revoke stays in force until the next login.
-        The returned entry's ``granted_at`` is the time of this renewal.
+        Never creates an entry nor a membership: returns None when the user
+        is no live member (expired, revoked, never granted, or only others
+        logged in there), and then changes nothing. So a revoke stays in
+        force until the next login. Other members are left as they are.
+        The returned membership's ``granted_at`` is the time of this renewal.
         Raises :class:`UserBlocked` (and changes nothing) when ``user`` is blocked.
         """
 
@@ -186,20 +256,23 @@ class WhitelistStore(abc.ABC):
         return outcomes
 
     @abc.abstractmethod
-    def lookup(self, address: IPAddress) -> Grant | None:
-        """The live entry for ``address``, or None."""
+    def lookup(self, address: IPAddress) -> Entry | None:
+        """The live entry for ``address`` with every live member, or None."""
 
     @abc.abstractmethod
-    def revoke(self, address: IPAddress) -> Grant | None:
-        """Remove ``address``; returns the entry that was removed, if any."""
+    def revoke(self, address: IPAddress) -> Entry | None:
+        """Remove ``address`` with all its members; returns the entry removed, if any."""
 
     @abc.abstractmethod
     def revoke_user(self, user: str) -> list[Grant]:
-        """Remove every entry of ``user`` (matched caselessly); returns the removed entries."""
+        """Remove ``user``'s (matched caselessly) membership of every entry;
+        returns the memberships removed. Other members stay; an entry whose
+        last member this was is gone."""
 
     @abc.abstractmethod
     def entries(self) -> list[Grant]:
-        """Every live entry, oldest login first."""
+        """Every live membership of every entry, oldest login first (an
+        address with several users appears once per user)."""
 
     def entry_chunks(self) -> Iterator[list[Grant]]:
         """:meth:`entries` in chunks, in the same order; a store may make each

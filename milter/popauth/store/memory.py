@@ -42,12 +42,23 @@ from the remembered entry itself. Only logins, renewals and removals write
 it; a lookup (the milter's per-message path) never touches it. It is not
 saved in the snapshot.
 
+Several users behind one address: each member of an entry is an entry of
+the list in login order of its own, so each expires on its own time. The
+cache holds, per address, its newest member, whose expiry is the latest
+(one TTL for all), so the cache drops the address when its last member
+expires. An address with more than one member is also in a plain dict,
+its members oldest first; an address of one user (the common case) costs
+nothing more than before. When an address holds ``max_users_per_address``
+members, a login of another user pushes out the oldest: the one that
+expires soonest.
+
 The block list is checked under the same lock as the write (``is_blocked``),
 so a login and a block of the same user are ordered: see WhitelistStore.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import sys
@@ -61,8 +72,10 @@ from popauth.basics.addresses import IPAddress
 from popauth.basics.clock import Clock
 from popauth.basics.usernames import user_key
 from popauth.store.base import (
+    MAX_USERS_PER_ADDRESS,
     EndedGrant,
     EndReason,
+    Entry,
     Grant,
     GrantOutcome,
     StoreStats,
@@ -98,7 +111,7 @@ _MARK = -1
 
 
 class _Entry(float):
-    """A whitelist entry: its expiry on the store's timer, as the float itself.
+    """One member of a whitelist entry: its expiry on the store's timer, as the float itself.
 
     TTLCache keeps its own expiry per key but does not publish it, so the
     entry carries it too. Being that float (rather than an object holding
@@ -149,6 +162,19 @@ def _nobody_is_blocked(_: str) -> bool:
     return False
 
 
+# Grant and Entry are named tuples, made on every lookup: made straight from
+# their fields, skipping the generated __new__, they cost half as much.
+_make = tuple.__new__
+
+
+def _remove(members: list[_Entry], member: _Entry) -> None:
+    # By identity: entries are floats, and two members may expire at once.
+    for index, candidate in enumerate(members):
+        if candidate is member:
+            del members[index]
+            return
+
+
 Visit = Callable[[_Entry, bool], None]
 
 
@@ -161,9 +187,11 @@ class MemoryStore(WhitelistStore):
         clock: Clock,
         is_blocked: Callable[[str], bool] = _nobody_is_blocked,
         remembered_ends: int = REMEMBERED_ENDS,
+        max_users_per_address: int = MAX_USERS_PER_ADDRESS,
     ) -> None:
         self._ttl = ttl
         self._max_entries = max_entries
+        self._max_users = max_users_per_address
         self._clock = clock
         # The block list's membership test; it must not take this store's lock.
         self._is_blocked = is_blocked
@@ -174,7 +202,10 @@ class MemoryStore(WhitelistStore):
         self._cache: TTLCache[int, _Entry] = TTLCache(
             maxsize=max_entries, ttl=ttl, timer=self._timer
         )
-        # Every entry in the cache, oldest login first, and bookmarks.
+        # Per address of more than one member, its members oldest first (the
+        # last is the one in the cache). Addresses of one member are not here.
+        self._shared: dict[int, list[_Entry]] = {}
+        # Every member of every entry, oldest login first, and bookmarks.
         self._root = _mark()
         self._lock = threading.Lock()
         # Per address, its last entry (live or expired) or how it was removed.
@@ -213,7 +244,11 @@ class MemoryStore(WhitelistStore):
             if entry.key != _MARK:
                 if now < entry:
                     return
-                self._unlink(entry)
+                if self._leave(entry):
+                    # Its address's last member: the cache has dropped it
+                    # already, unless a revoke moved its place (_leave).
+                    with contextlib.suppress(KeyError):
+                        del self._cache[entry.key]
             entry = following
 
     def _unlink(self, entry: _Entry) -> None:
@@ -223,15 +258,72 @@ class MemoryStore(WhitelistStore):
         # its old neighbours, and theirs, alive.
         entry.older = entry.newer = self._root
 
-    def _put(self, key: int, user: str, now: float, replacing: _Entry | None) -> _Entry:
+    def _members(self, key: int, newest: _Entry) -> list[_Entry]:
+        """The members of the address whose newest member is ``newest``, oldest first."""
+        return self._shared.get(key) or [newest]
+
+    def _put(
+        self, key: int, user: str, now: float, newest: _Entry | None
+    ) -> tuple[_Entry, _Entry | None, _Entry | None]:
+        """Write ``user``'s membership of ``key``, whose newest member is ``newest``.
+
+        Returns the new member, the member it replaced (the user's own) and
+        the one it pushed out to stay within the bound per address.
+        """
         entry = _Entry(now + self._ttl)
         entry.key, entry.user = key, sys.intern(user)
         self._cache[key] = entry
-        if replacing is not None:
-            self._unlink(replacing)
         _link_before(entry, self._root)
         self._remember(key, entry)
-        return entry
+        if newest is None:
+            return entry, None, None
+        members = self._members(key, newest)
+        replaced = next((member for member in members if member.user == user), None)
+        displaced = None
+        if replaced is not None:
+            _remove(members, replaced)
+            self._unlink(replaced)
+        elif len(members) >= self._max_users:
+            displaced = members.pop(0)  # the oldest login expires soonest
+            self._unlink(displaced)
+        members.append(entry)
+        if len(members) > 1:
+            self._shared[key] = members
+        else:
+            self._shared.pop(key, None)
+        return entry, replaced, displaced
+
+    def _leave(self, member: _Entry) -> bool:
+        """Take ``member`` out of the list and of its address's members.
+
+        True when it was the address's last member (the caller removes the
+        address from the cache). When it was the newest of several, the
+        next newest takes its place in the cache, with its own expiry: the
+        store's timer is set back for that write, as a restore does.
+        """
+        self._unlink(member)
+        key = member.key
+        members = self._shared.get(key)
+        if members is None:
+            return True
+        newest = members[-1]
+        _remove(members, member)
+        if member is newest:
+            now = self._now
+            self._now = float(members[-1]) - self._ttl
+            self._cache[key] = members[-1]
+            self._now = now
+            self._remember(key, members[-1])
+        if len(members) == 1:
+            del self._shared[key]
+        return False
+
+    def _drop_address(self, key: int, newest: _Entry) -> list[_Entry]:
+        """Unlink every member of an address already taken out of the cache."""
+        members = self._shared.pop(key, None) or [newest]
+        for member in members:
+            self._unlink(member)
+        return members
 
     def _remember(self, key: int, past: _Entry | _End) -> None:
         remembered = self._past
@@ -283,7 +375,10 @@ class MemoryStore(WhitelistStore):
         # Wall-clock times are derived on the way out, so a clock step
         # changes what is displayed, never how long an entry lives.
         expires_at = float(entry) + self._clock.time() - self._clock.monotonic()
-        return Grant(address, entry.user, expires_at - self._ttl, expires_at)
+        return _make(Grant, (address, entry.user, expires_at - self._ttl, expires_at))
+
+    def _entry_of(self, address: IPAddress, members: list[_Entry]) -> Entry:
+        return _make(Entry, (address, tuple([self._grant_of(address, m) for m in members])))
 
     def _grant_chunks(self, entries: list[_Entry]) -> Iterator[list[Grant]]:
         """The grants of ``entries``, a chunk at a time, made only when asked.
@@ -312,23 +407,28 @@ class MemoryStore(WhitelistStore):
 
     def grant(self, address: IPAddress, user: str) -> GrantOutcome:
         key = _key(address)
-        evicted: Grant | None = None
+        evicted: Entry | None = None
         with self._lock:
             if user and self._is_blocked(user):
                 raise UserBlocked(user)
             cache = self._cache
             now = self._start()
-            current = cache.get(key)  # a use (LRU); expired entries are gone
-            if current is None and len(cache) >= self._max_entries:
+            newest = cache.get(key)  # a use (LRU); expired entries are gone
+            if newest is None and len(cache) >= self._max_entries:
                 victim_key, victim = cache.popitem()  # the least recently used
-                self._unlink(victim)
-                evicted = self._grant_of(_address(victim_key), victim)
+                victims = self._drop_address(victim_key, victim)
+                evicted = self._entry_of(_address(victim_key), victims)
                 self._remember(victim_key, _End(victim, EndReason.EVICTED, now))
                 self._evictions += 1
-            entry = self._put(key, user, now, current)
+            entry, replaced, displaced = self._put(key, user, now, newest)
             self._grants += 1
-            self._renewals += current is not None
-        return GrantOutcome(self._grant_of(address, entry), current is not None, evicted)
+            self._renewals += replaced is not None
+        return GrantOutcome(
+            self._grant_of(address, entry),
+            replaced is not None,
+            evicted,
+            None if displaced is None else self._grant_of(address, displaced),
+        )
 
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         key = _key(address)
@@ -338,42 +438,45 @@ class MemoryStore(WhitelistStore):
             # One reading of the timer for the check and the update: an
             # entry found expired is never brought back.
             now = self._start()
-            current = self._cache.get(key)
-            if current is None or current.user != user:
+            newest = self._cache.get(key)
+            if newest is None or not any(m.user == user for m in self._members(key, newest)):
                 return None
-            entry = self._put(key, current.user, now, current)
+            entry, _, _ = self._put(key, user, now, newest)
         return self._grant_of(address, entry)
 
-    def lookup(self, address: IPAddress) -> Grant | None:
+    def lookup(self, address: IPAddress) -> Entry | None:
         key = _key(address)
         with self._lock:
             self._lookups += 1
             self._start()
-            entry = self._cache.get(key)
-            if entry is None:
+            newest = self._cache.get(key)
+            if newest is None:
                 return None
             self._hits += 1
-        return self._grant_of(address, entry)
+            shared = self._shared.get(key)
+            if shared is not None:
+                return self._entry_of(address, shared)
+        return _make(Entry, (address, (self._grant_of(address, newest),)))
 
-    def revoke(self, address: IPAddress) -> Grant | None:
+    def revoke(self, address: IPAddress) -> Entry | None:
         key = _key(address)
         with self._lock:
             now = self._start()
-            entry = self._cache.pop(key, None)
-            if entry is None:
+            newest = self._cache.pop(key, None)
+            if newest is None:
                 return None
-            self._unlink(entry)
-            self._remember(key, _End(entry, EndReason.REVOKED, now))
+            members = self._drop_address(key, newest)
+            self._remember(key, _End(newest, EndReason.REVOKED, now))
             self._revocations += 1
-        return self._grant_of(address, entry)
+        return self._entry_of(address, members)
 
     def revoke_user(self, user_name: str) -> list[Grant]:
-        """Remove every entry of the user, a chunk at a time.
+        """Remove every membership of the user, a chunk at a time.
 
         Atomic for that user's logins all the same: the walk goes on to the
-        newest end as it is when the walk ends, so an entry of the user
+        newest end as it is when the walk ends, so a membership of the user
         written while it went on is removed too. A BLOCK adds the user to
-        the block list first, so no such entry can be written at all.
+        the block list first, so no such membership can be written at all.
         """
         wanted = user_key(user_name)
         matches: dict[str, bool] = {}  # per distinct name: casefolding costs
@@ -385,9 +488,9 @@ class MemoryStore(WhitelistStore):
             if matching is None:
                 matching = matches[name] = user_key(name) == wanted
             if matching:
-                del self._cache[entry.key]
-                self._unlink(entry)
-                self._remember(entry.key, _End(entry, EndReason.REVOKED_WITH_USER, self._now))
+                if self._leave(entry):
+                    del self._cache[entry.key]
+                    self._remember(entry.key, _End(entry, EndReason.REVOKED_WITH_USER, self._now))
                 self._revocations += 1
                 removed.append(entry)
 
@@ -399,19 +502,20 @@ class MemoryStore(WhitelistStore):
 
     def entry_chunks(self) -> Iterator[list[Grant]]:
         listed: list[_Entry] = []
-        # Written while the walk went on: by key, the newest write last.
-        rewritten: dict[int, _Entry] = {}
+        # Written while the walk went on: by member, the newest write last.
+        rewritten: dict[tuple[int, str], _Entry] = {}
 
         def visit(entry: _Entry, late: bool) -> None:
             if late:
-                rewritten.pop(entry.key, None)
-                rewritten[entry.key] = entry
+                member = (entry.key, entry.user)
+                rewritten.pop(member, None)
+                rewritten[member] = entry
             else:
                 listed.append(entry)
 
         self._walk(visit)
         if rewritten:
-            listed = [entry for entry in listed if entry.key not in rewritten]
+            listed = [entry for entry in listed if (entry.key, entry.user) not in rewritten]
             listed += rewritten.values()
         return self._grant_chunks(listed)
 
@@ -446,10 +550,11 @@ class MemoryStore(WhitelistStore):
             return EndedGrant(self._grant_of(address, past), EndReason.EXPIRED, self._wall(past))
 
     def restore(self, grants: Iterable[Grant]) -> int:
-        """Re-insert saved entries with their remaining time; returns how many.
+        """Re-insert saved memberships with their remaining time; returns how many.
 
-        Expired entries are dropped, and so are those of users on the block
+        Expired ones are dropped, and so are those of users on the block
         list now (fail closed: a block made after the snapshot still holds).
+        Several memberships of one address make one entry of several users.
         Only for an empty store at start: the cache and the list keep their
         expiry order by inserting oldest first.
         """
@@ -460,14 +565,15 @@ class MemoryStore(WhitelistStore):
             for grant in sorted(grants, key=lambda g: g.expires_at):
                 # A snapshot never outlives the TTL now in force.
                 remaining = min(grant.expires_at - now_wall, self._ttl)
-                if remaining <= 0 or len(self._cache) >= self._max_entries:
+                if remaining <= 0 or (grant.user and self._is_blocked(grant.user)):
                     continue
-                if grant.user and self._is_blocked(grant.user):
+                key = _key(grant.address)
+                newest = self._cache.get(key)
+                if newest is None and len(self._cache) >= self._max_entries:
                     continue
                 # Inserted "ttl - remaining" seconds ago, it expires on time.
                 self._now = shifted = now + remaining - self._ttl
-                key = _key(grant.address)
-                self._put(key, grant.user, shifted, self._cache.get(key))
+                self._put(key, grant.user, shifted, newest)
                 restored += 1
             self._now = now
         return restored

@@ -1,8 +1,22 @@
 """A whitelist in Redis, shared by every POP and MTA host.
 
-Each entry is one key, ``PREFIX + address``, whose value holds the user and
-the login and expiry times, and which carries its own expiry (``SET ... EX``),
-so Redis drops it on time for every host at once. A new login renews it.
+Each entry is one key, ``PREFIX + address``: a hash with a field per user
+who logged in from the address, whose value holds that user's login and
+expiry times ("granted expires", epoch seconds). The key carries its own
+expiry, its last member's (``PEXPIRE``), so Redis drops the address on time
+for every host at once. Every change is a Lua script that first drops the
+members that have expired (on the writing host's clock, as the times in
+the values are: keep the hosts' clocks in step), so a login, a renewal, a
+revoke of a user and the bound per address (``max_users_per_address``: a
+new user pushes out the member that expires soonest) are each one atomic
+step. A lookup reads the hash (``HGETALL``) and counts only the members
+still live.
+
+An entry written by earlier releases (one user) is one string "granted expires
+user". A lookup or listing reads it as an entry of that one user, and the
+first change to it turns it into a hash; so an upgrade keeps every client
+whitelisted. A host still running the old release reads a hash as an
+error and fails closed (tempfail): upgrade every host together.
 
 There is no local cache: every lookup asks Redis, so a revoke on one host is
 seen by the very next lookup on every other host (staleness bound: zero).
@@ -54,6 +68,8 @@ from popauth.basics.addresses import AddressError, IPAddress, parse_stored_key
 from popauth.basics.clock import Clock
 from popauth.basics.usernames import user_key
 from popauth.store.base import (
+    MAX_USERS_PER_ADDRESS,
+    Entry,
     Grant,
     GrantOutcome,
     NotConfirmed,
@@ -74,29 +90,124 @@ local function blocked(blocklist, folded, user)
 end
 """
 
-# LOGIN in one step on the server: refuse a blocked user, else write the
-# entry with its expiry and return the value it replaced (0: none).
+# An entry's live members, on the server: {user, value, expiry} each.
+# Expired members are deleted on the way. An entry in the format of earlier
+# releases (a string "granted expires user", one user) becomes a hash of
+# that one member first. A value that is not popauth's is left alone,
+# except by a login (``replace_foreign``), which writes over it. ``now`` is
+# the caller's clock, as in the values. ``settle`` gives the key its last
+# member's expiry as its own (so Redis drops the address when its last
+# member expires), or deletes it.
+_MEMBERS = """
+local function expiry_of(value)
+  return tonumber(string.match(value, '^[^ ]+ ([^ ]+)$'))
+end
+local function settle(key, now)
+  local latest = nil
+  for _, value in ipairs(redis.call('HVALS', key)) do
+    local expires = expiry_of(value)
+    if expires and (latest == nil or expires > latest) then latest = expires end
+  end
+  if latest == nil or latest <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('PEXPIRE', key, math.ceil((latest - now) * 1000))
+  end
+end
+local function members(key, now, replace_foreign)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'string' then
+    local raw = redis.call('GET', key)
+    local granted, expires, user = string.match(raw, '^([^ ]+) ([^ ]+) (.*)$')
+    if user and tonumber(expires) and tonumber(granted) then
+      redis.call('DEL', key)
+      redis.call('HSET', key, user, granted .. ' ' .. expires)
+      settle(key, now)
+    elseif replace_foreign then
+      redis.call('DEL', key)
+      return {}
+    else
+      return {}
+    end
+  elseif kind ~= 'hash' then
+    if replace_foreign and kind ~= 'none' then redis.call('DEL', key) end
+    return {}
+  end
+  local all = redis.call('HGETALL', key)
+  local live = {}
+  for i = 1, #all, 2 do
+    local expires = expiry_of(all[i + 1])
+    if expires and expires > now then
+      live[#live + 1] = {all[i], all[i + 1], expires}
+    else
+      redis.call('HDEL', key, all[i])
+    end
+  end
+  return live
+end
+"""
+
+# LOGIN in one step on the server: refuse a blocked user (-1), else write
+# the user's membership and return {the value it replaced, the member
+# pushed out for room and its value} ('' for none). When the address holds
+# max_users members already, a new user pushes out the one expiring soonest.
 # KEYS[1] the entry, KEYS[2] the block list; ARGV[1] the user's caseless
-# form, ARGV[2] the user, ARGV[3] the new value, ARGV[4] the ttl.
+# form, ARGV[2] the user, ARGV[3] the new value, ARGV[4] now, ARGV[5] max_users.
 _GRANT_SCRIPT = (
     _BLOCKED
+    + _MEMBERS
     + """
 if blocked(KEYS[2], ARGV[1], ARGV[2]) then return -1 end
-local previous = redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4], 'GET')
-if previous then return previous end
-return 0
+local now = tonumber(ARGV[4])
+local live = members(KEYS[1], now, true)
+local previous, displaced, displaced_value = '', '', ''
+local soonest = nil
+for _, member in ipairs(live) do
+  if member[1] == ARGV[2] then previous = member[2] end
+  if soonest == nil or member[3] < soonest[3] then soonest = member end
+end
+if previous == '' and #live >= tonumber(ARGV[5]) and soonest then
+  displaced, displaced_value = soonest[1], soonest[2]
+  redis.call('HDEL', KEYS[1], displaced)
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+settle(KEYS[1], now)
+return {previous, displaced, displaced_value}
+"""
+)
+
+# Undo a login that the replicas did not confirm: put back the user's
+# membership as it was (or remove it) and the member it pushed out.
+# KEYS[1] the entry; ARGV[1] the user, ARGV[2] the value it replaced ('':
+# none), ARGV[3] the member pushed out ('': none), ARGV[4] its value, ARGV[5] now.
+_UNDO_GRANT_SCRIPT = (
+    _MEMBERS
+    + """
+local now = tonumber(ARGV[5])
+members(KEYS[1], now, true)
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
+members(KEYS[1], now)
+settle(KEYS[1], now)
+return 1
 """
 )
 
 # RENEW of a batch of sessions in one step, each on its own terms: refuse a
-# blocked user (-1); extend the key only while it exists and belongs to the
-# user (never create it, so a revoke wins), with a new value and a new
-# expiry (1); else change nothing (0). One result per session, in order.
-# KEYS[1] the block list, KEYS[1 + i] the entry of session i; ARGV[1] the
-# ttl, then three per session: the user's caseless form, the user, the new value.
+# blocked user (-1); extend the user's membership only while it is live
+# (never create it, so a revoke wins), with a new value (1); else change
+# nothing (0). Other members are left alone. One result per session, in order.
+# KEYS[1] the block list, KEYS[1 + i] the entry of session i; ARGV[1] now,
+# then three per session: the user's caseless form, the user, the new value.
 _RENEW_SCRIPT = (
     _BLOCKED
+    + _MEMBERS
     + """
+local now = tonumber(ARGV[1])
 local results = {}
 for i = 2, #KEYS do
   local at = 3 * i - 4
@@ -105,10 +216,13 @@ for i = 2, #KEYS do
   if blocked(KEYS[1], ARGV[at], user) then
     result = -1
   else
-    local raw = redis.call('GET', KEYS[i])
-    if raw and string.match(raw, '^[^ ]+ [^ ]+ (.*)$') == user then
-      redis.call('SET', KEYS[i], ARGV[at + 2], 'EX', ARGV[1])
-      result = 1
+    for _, member in ipairs(members(KEYS[i], now)) do
+      if member[1] == user then
+        redis.call('HSET', KEYS[i], user, ARGV[at + 2])
+        settle(KEYS[i], now)
+        result = 1
+        break
+      end
     end
   end
   results[i - 1] = result
@@ -116,20 +230,44 @@ end
 return results
 """
 )
-# Sessions per script call: a call holds Redis for its whole length (about
-# a microsecond per session), and its arguments are sent in one piece.
+# Sessions per script call: a call holds Redis for its whole length (a few
+# microseconds per session), and its arguments are sent in one piece.
 RENEWALS_PER_CALL = 500
 
-# Revoke one entry of a user found by a listing, only if it is still that
-# user's: another user may have logged in from the address since. Returns
-# the removed value or false. KEYS[1] the entry; ARGV[1] the user as stored.
-_REVOKE_IF_USER_SCRIPT = """
-local raw = redis.call('GET', KEYS[1])
-if not raw then return false end
-if string.match(raw, '^[^ ]+ [^ ]+ (.*)$') ~= ARGV[1] then return false end
+# REVOKE of an address: every live member as {user, value, ...}, and the
+# entry gone. KEYS[1] the entry; ARGV[1] now.
+_REVOKE_SCRIPT = (
+    _MEMBERS
+    + """
+local live = members(KEYS[1], tonumber(ARGV[1]))
 redis.call('DEL', KEYS[1])
-return raw
+local removed = {}
+for _, member in ipairs(live) do
+  removed[#removed + 1] = member[1]
+  removed[#removed + 1] = member[2]
+end
+return removed
 """
+)
+
+# Remove one user's membership found by a listing, if it is still live;
+# the other members stay, and the entry goes with its last member. Returns
+# the removed value or false. KEYS[1] the entry; ARGV[1] the user as
+# stored, ARGV[2] now.
+_REVOKE_MEMBER_SCRIPT = (
+    _MEMBERS
+    + """
+local now = tonumber(ARGV[2])
+for _, member in ipairs(members(KEYS[1], now)) do
+  if member[1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    settle(KEYS[1], now)
+    return member[2]
+  end
+end
+return false
+"""
+)
 
 # Policies that evict only keys with an expiry (the entries, never the block
 # list), or nothing. Anything else, allkeys-* and whatever comes next, may
@@ -148,20 +286,39 @@ def glob_escaped(text: str) -> str:
 
 
 def _encode(grant: Grant) -> str:
-    # The user goes last: it is the only field that may contain anything.
-    return f"{grant.granted_at:.3f} {grant.expires_at:.3f} {grant.user}"
+    """A member's value in its entry's hash (the user is the field)."""
+    return f"{grant.granted_at:.3f} {grant.expires_at:.3f}"
 
 
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _decode(address: IPAddress, raw: bytes | str) -> Grant | None:
+def _member(address: IPAddress, user: bytes | str, raw: bytes | str) -> Grant | None:
+    try:
+        granted, expires = _text(raw).split(" ")
+        return Grant(address, _text(user), float(granted), float(expires))
+    except (UnicodeDecodeError, ValueError):
+        return None  # not ours or damaged: never counts as whitelisted
+
+
+def _legacy(address: IPAddress, raw: bytes | str) -> Grant | None:
+    """An entry as earlier releases wrote it: one string "granted expires user"."""
     try:
         granted, expires, user = _text(raw).split(" ", 2)
         return Grant(address, user, float(granted), float(expires))
     except (UnicodeDecodeError, ValueError):
-        return None  # not ours or damaged: never counts as whitelisted
+        return None
+
+
+def _entry_of(address: IPAddress, members: list[Grant], now: float) -> Entry | None:
+    """The live ``members`` as an entry, oldest login first; None when none is live."""
+    live = sorted((m for m in members if m.expires_at > now), key=lambda m: m.granted_at)
+    return Entry(address, tuple(live)) if live else None
+
+
+def _pairs(flat: Sequence[bytes | str]) -> list[tuple[bytes | str, bytes | str]]:
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 class SentinelOptions(Protocol):
@@ -280,14 +437,18 @@ class RedisStore(WhitelistStore):
         clock: Clock,
         wait_replicas: int = 0,
         wait_timeout: float = 0.1,
+        max_users_per_address: int = MAX_USERS_PER_ADDRESS,
     ) -> None:
         self._ttl = ttl
+        self._max_users = max_users_per_address
         self._prefix = key_prefix
         self._clock = clock
         self._client = client
         self._renew_script = self._client.register_script(_RENEW_SCRIPT)
-        self._revoke_if_user_script = self._client.register_script(_REVOKE_IF_USER_SCRIPT)
+        self._revoke_member_script = self._client.register_script(_REVOKE_MEMBER_SCRIPT)
+        self._revoke_script = self._client.register_script(_REVOKE_SCRIPT)
         self._grant_script = self._client.register_script(_GRANT_SCRIPT)
+        self._undo_grant_script = self._client.register_script(_UNDO_GRANT_SCRIPT)
         self._wait_replicas = wait_replicas
         self._wait_milliseconds = max(1, round(wait_timeout * 1000))
         # Set once maxmemory-policy has been seen to be safe; until then
@@ -371,32 +532,55 @@ class RedisStore(WhitelistStore):
         grant = Grant(address, user, now, now + self._ttl)
         key = self._key(address)
         keys = [key, self.blocklist_key]
-        args: list[str | int] = [*self._user_arguments(user), _encode(grant), self._ttl]
+        args: list[str | int | float] = [
+            *self._user_arguments(user),
+            _encode(grant),
+            f"{now:.3f}",
+            self._max_users,
+        ]
         self._refuse_unless_eviction_is_safe()
         try:
             if self._wait_replicas:
-                previous = self._grant_on_replicas(address, keys, args)
+                result = self._grant_on_replicas(key, user, keys, args)
             else:
-                previous = self._grant_script(keys=keys, args=args)
+                result = self._grant_script(keys=keys, args=args)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
-        if previous == -1:
+        if result == -1:
             raise UserBlocked(user)
-        renewed = previous != 0
+        previous, displaced_user, displaced_value = self._grant_result(result)
+        renewed = previous != ""
+        displaced = None
+        if displaced_user or displaced_value:
+            displaced = _member(address, displaced_user, displaced_value)
         self._count(grants=1, renewals=int(renewed))
-        return GrantOutcome(grant, renewed)
+        return GrantOutcome(grant, renewed, displaced=displaced)
 
-    def _grant_on_replicas(self, address: IPAddress, keys: list[str], args: list[str | int]) -> Any:
+    @staticmethod
+    def _grant_result(result: Any) -> tuple[str, str, str]:
+        if not isinstance(result, list) or len(result) != 3:
+            raise StoreUnavailable(f"redis: the login script answered {result!r:.100}")
+        previous, displaced_user, displaced_value = (_text(part) for part in result)
+        return previous, displaced_user, displaced_value
+
+    def _grant_on_replicas(
+        self, key: str, user: str, keys: list[str], args: list[str | int | float]
+    ) -> Any:
         """The login script, then WAIT on the same connection (one round trip for both)."""
         pipe = self._client.pipeline(transaction=False)
         # EVAL, not EVALSHA: a pipeline cannot reload a script the server lost.
         pipe.eval(_GRANT_SCRIPT, len(keys), *keys, *args)
         pipe.wait(self._wait_replicas, self._wait_milliseconds)
-        previous, acknowledged = pipe.execute()
-        if previous != -1 and acknowledged < self._wait_replicas:
-            self._undo(keys[0], address, None if previous == 0 else previous)
+        result, acknowledged = pipe.execute()
+        if result != -1 and acknowledged < self._wait_replicas:
+            previous, displaced_user, displaced_value = self._grant_result(result)
+            # The master keeps serving lookups: leave it as it was before this login.
+            self._undo_grant_script(
+                keys=[key],
+                args=[user, previous, displaced_user, displaced_value, f"{self._clock.time():.3f}"],
+            )
             raise NotConfirmed(acknowledged, self._wait_replicas, undone=True)
-        return previous
+        return result
 
     def renew(self, address: IPAddress, user: str) -> Grant | None:
         (outcome,) = self.renew_many([(address, user)])
@@ -416,7 +600,7 @@ class RedisStore(WhitelistStore):
         expires = now + self._ttl
         grants = [Grant(address, user, now, expires) for address, user in sessions]
         keys = [self.blocklist_key]
-        args: list[str | int] = [self._ttl]
+        args: list[str | int] = [f"{now:.3f}"]
         for grant in grants:
             keys.append(self._key(grant.address))
             args += [*self._user_arguments(grant.user), _encode(grant)]
@@ -430,14 +614,6 @@ class RedisStore(WhitelistStore):
             _BLOCKED_RENEWAL if result == -1 else Renewal(grant if result == 1 else None)
             for grant, result in zip(grants, results, strict=True)
         ]
-
-    def _undo(self, key: str, address: IPAddress, previous: bytes | str | None) -> None:
-        # The master keeps serving lookups: leave it as it was before this login.
-        earlier = None if previous is None else _decode(address, previous)
-        if previous is None or earlier is None or earlier.expires_at <= self._clock.time():
-            self._client.delete(key)
-        else:
-            self._client.set(key, previous, pxat=int(earlier.expires_at * 1000))
 
     def confirm_changes(self) -> None:
         if not self._wait_replicas:
@@ -453,23 +629,43 @@ class RedisStore(WhitelistStore):
         if acknowledged < self._wait_replicas:
             raise NotConfirmed(acknowledged, self._wait_replicas, undone=False)
 
-    def lookup(self, address: IPAddress) -> Grant | None:
+    def lookup(self, address: IPAddress) -> Entry | None:
+        key = self._key(address)
         try:
-            raw = self._client.get(self._key(address))
+            try:
+                members = [
+                    member
+                    for user, raw in self._client.hgetall(key).items()
+                    if (member := _member(address, user, raw)) is not None
+                ]
+            except redis.exceptions.ResponseError:
+                # WRONGTYPE: an entry of the one-user format, until a change converts it.
+                members = self._legacy_members(address, key)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
-        grant = None if raw is None else _decode(address, raw)
-        self._count(lookups=1, hits=int(grant is not None))
-        return grant
+        entry = _entry_of(address, members, self._clock.time())
+        self._count(lookups=1, hits=int(entry is not None))
+        return entry
 
-    def revoke(self, address: IPAddress) -> Grant | None:
+    def _legacy_members(self, address: IPAddress, key: str) -> list[Grant]:
+        raw = self._client.get(key)
+        legacy = None if raw is None else _legacy(address, raw)
+        return [] if legacy is None else [legacy]
+
+    def revoke(self, address: IPAddress) -> Entry | None:
+        now = self._clock.time()
         try:
-            raw = self._client.getdel(self._key(address))
+            flat = self._revoke_script(keys=[self._key(address)], args=[f"{now:.3f}"])
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
-        grant = None if raw is None else _decode(address, raw)
-        self._count(revocations=int(grant is not None))
-        return grant
+        members = [
+            member
+            for user, raw in _pairs(flat)
+            if (member := _member(address, user, raw)) is not None
+        ]
+        entry = _entry_of(address, members, now)
+        self._count(revocations=int(entry is not None))
+        return entry
 
     def revoke_user(self, user: str) -> list[Grant]:
         wanted = user_key(user)
@@ -478,44 +674,65 @@ class RedisStore(WhitelistStore):
             if user_key(grant.user) != wanted:
                 continue
             try:
-                raw = self._revoke_if_user_script(
-                    keys=[self._key(grant.address)], args=[grant.user]
+                raw = self._revoke_member_script(
+                    keys=[self._key(grant.address)],
+                    args=[grant.user, f"{self._clock.time():.3f}"],
                 )
             except redis.RedisError as error:
                 raise StoreUnavailable(f"redis: {error}") from error
-            gone = None if raw is None else _decode(grant.address, raw)
+            gone = None if raw is None else _member(grant.address, grant.user, raw)
             if gone is not None:
                 removed.append(gone)
         self._count(revocations=len(removed))
         return removed
 
     def entries(self) -> list[Grant]:
-        grants: list[Grant] = []
+        grants = [grant for entry in self._entries() for grant in entry.grants]
+        return sorted(grants, key=lambda grant: grant.granted_at)
+
+    def _entries(self) -> list[Entry]:
+        found: list[Entry] = []
         # The prefix is a literal: "mail[1]:" must not match "mail1:...".
         pattern = f"{glob_escaped(self._prefix)}*"
         try:
-            keys = list(self._client.scan_iter(match=pattern, count=1000))
-            for start in range(0, len(keys), 1000):
-                batch = keys[start : start + 1000]
-                for key, raw in zip(batch, self._client.mget(batch), strict=True):
-                    grant = self._entry(key, raw)
-                    if grant is not None:
-                        grants.append(grant)
+            addressed = [
+                (key, address)
+                for key in self._client.scan_iter(match=pattern, count=1000)
+                if (address := self._address_of(key)) is not None
+            ]
+            for start in range(0, len(addressed), 1000):
+                batch = addressed[start : start + 1000]
+                pipe = self._client.pipeline(transaction=False)
+                for key, _ in batch:
+                    pipe.hgetall(key)
+                replies = pipe.execute(raise_on_error=False)
+                now = self._clock.time()
+                for (key, address), reply in zip(batch, replies, strict=True):
+                    if isinstance(reply, redis.exceptions.ResponseError):
+                        members = self._legacy_members(address, _text(key))
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        members = [
+                            member
+                            for user, raw in reply.items()
+                            if (member := _member(address, user, raw)) is not None
+                        ]
+                    entry = _entry_of(address, members, now)
+                    if entry is not None:
+                        found.append(entry)
         except redis.RedisError as error:
             raise StoreUnavailable(f"redis: {error}") from error
-        return sorted(grants, key=lambda g: g.granted_at)
+        return sorted(found, key=lambda entry: entry.grants[0].granted_at)
 
-    def _entry(self, key: bytes | str, raw: bytes | str | None) -> Grant | None:
-        if raw is None:  # expired between SCAN and MGET
-            return None
+    def _address_of(self, key: bytes | str) -> IPAddress | None:
         try:
-            address = parse_stored_key(_text(key)[len(self._prefix) :])
+            return parse_stored_key(_text(key)[len(self._prefix) :])
         except (UnicodeDecodeError, AddressError):
-            return None
-        return _decode(address, raw)
+            return None  # the block list and other state beside the entries
 
     def stats(self) -> StoreStats:
-        entries = len(self.entries())
+        entries = len(self._entries())
         with self._counts_lock:
             counts = dict(self._counts)
         return StoreStats(

@@ -6,6 +6,12 @@ missing, truncated, corrupt or not a popauth snapshot raises
 :class:`~popauth.store.statefile.StateFileError`; the caller logs it and starts empty, it never
 guesses. A single entry that is not a valid address, user name and pair of
 finite times is dropped and logged; the others are restored.
+
+Version 2 holds one row ``[address, user, granted, expires]`` per user of
+each entry, so an address with several users has several rows. Version 1
+(earlier releases) had the same rows, one per address (its last login):
+it is still read, each row an entry of one user. An older popauth refuses
+a version 2 file (and starts empty) rather than keep one user per address.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from popauth.store.pacing import CHUNK, let_others_run
 from popauth.store.statefile import read_json_document, write_atomically
 
 FORMAT = "popauth-whitelist"
-VERSION = 1
+VERSION = 2
+# Read still: one row per address.
+OLDER_VERSIONS = (1,)
 
 
 def write_snapshot(path: Path, grants: Iterable[Grant], saved_at: float) -> int:
-    """Write every grant to ``path`` atomically; returns how many.
+    """Write every membership to ``path`` atomically; returns how many.
 
     The document is made and written a chunk of entries at a time, letting
     other threads run between chunks: encoding a large whitelist in one go
@@ -76,7 +84,7 @@ def read_snapshot_contents(path: Path) -> SnapshotContents:
     (StateFileMissing when there is none); a single bad entry is dropped.
     Every grant is returned, expired ones included: the store drops those.
     """
-    document = read_json_document(path, FORMAT, VERSION)
+    document = read_json_document(path, FORMAT, VERSION, older_versions=OLDER_VERSIONS)
     entries = document.get("entries")
     if not isinstance(entries, list):
         raise StateFileError("no entry list")

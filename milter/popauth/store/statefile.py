@@ -15,7 +15,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,11 @@ def write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
         raise
 
 
-def read_json_document(path: Path, kind: str, version: int) -> dict[str, Any]:
-    """The document at ``path``, checked to be of ``kind`` and ``version``."""
+def read_json_document(
+    path: Path, kind: str, version: int, *, older_versions: Collection[int] = ()
+) -> dict[str, Any]:
+    """The document at ``path``, checked to be of ``kind`` and ``version``
+    (or one of ``older_versions``, which the caller still reads)."""
     try:
         # A state file is never a link: one there was planted.
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -128,7 +131,8 @@ def read_json_document(path: Path, kind: str, version: int) -> dict[str, Any]:
         raise StateFileError("not JSON: truncated or corrupt") from None
     if not isinstance(document, dict) or document.get("format") != kind:
         raise StateFileError(f"not a {kind} file")
-    if document.get("version") != version:
+    found = document.get("version")
+    if isinstance(found, bool) or (found != version and found not in older_versions):
         raise StateFileError(f"unsupported version {document.get('version')!r}")
     return document
 

@@ -9,7 +9,7 @@ and formatting grants, usage and statistics.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import NamedTuple
 
@@ -31,7 +31,7 @@ from popauth.doors.ingest.wire import (
     parse_fields,
 )
 from popauth.localdelivery import is_mailer_name
-from popauth.store import Grant, StoreStats
+from popauth.store import Entry, Grant, StoreStats
 from popauth.store.accounts import Usage
 
 # The wire's names are re-exported: the server formats its replies from here.
@@ -206,6 +206,25 @@ def format_grant(grant: Grant, described_address: str) -> str:
     return (
         f"address={described_address} user={escape_user_name(grant.user)} "
         f"granted={int(grant.granted_at)} expires={int(grant.expires_at)}"
+    )
+
+
+def format_entry(entry: Entry, described_address: str) -> str:
+    """An entry as QUERY and REVOKE show it: the fields of its newest login
+    (as before entries held several users), the expiry of the address, and
+    ``users=`` every member, oldest login first, comma-separated."""
+    return (
+        f"address={described_address} user={escape_user_name(entry.user)} "
+        f"granted={int(entry.granted_at)} expires={int(entry.expires_at)} "
+        f"users={format_user_list(entry.users)}"
+    )
+
+
+def format_user_list(users: Iterable[str]) -> str:
+    """Names joined by commas; a comma or backslash in a name is escaped
+    (``\\x2c``, ``\\x5c``), so that the list splits back unambiguously."""
+    return ",".join(
+        escape_user_name(user).replace("\\", "\\x5c").replace(",", "\\x2c") for user in users
     )
 
 

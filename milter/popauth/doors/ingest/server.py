@@ -328,11 +328,11 @@ class IngestServer(UnixStreamServer):
             self._store.confirm_changes()
             if removed is None:
                 return protocol.not_found(described)
-            return protocol.ok(protocol.format_grant(removed, described))
-        grant = self._store.lookup(key)
-        if grant is None:
+            return protocol.ok(protocol.format_entry(removed, described))
+        entry = self._store.lookup(key)
+        if entry is None:
             return protocol.not_found(described)
-        return protocol.ok(protocol.format_grant(grant, described))
+        return protocol.ok(protocol.format_entry(entry, described))
 
     def _login(self, key: IPAddress, described: str, user: str, peer: Peer) -> bytes:
         try:
@@ -346,6 +346,16 @@ class IngestServer(UnixStreamServer):
                 "whitelist_full_evicted",
                 evicted=self._keying.describe(outcome.evicted.address),
                 evicted_user=outcome.evicted.user,
+                evicted_users=list(outcome.evicted.users),
+            )
+        if outcome.displaced is not None:
+            # The address held max_users_per_address users: the one expiring
+            # soonest made room, and may relay from there no longer.
+            self._log.warning(
+                "address_full_user_displaced",
+                client_ip=described,
+                user=user or None,
+                displaced_user=outcome.displaced.user or None,
             )
         self._log.info(
             "login",

@@ -135,14 +135,14 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         return _CONTINUE
 
     def envfrom(self, sender: str, *parameters: str) -> int:
-        return self.mail()
+        return self.mail(sender)
 
     @fail_closed
-    def mail(self) -> int:
-        """MAIL FROM: the sender and its parameters are not needed, only who sends."""
+    def mail(self, sender: str | None = None) -> int:
+        """MAIL FROM: who sends, and as whom (``pop_first_sender``); not the parameters."""
         # Macros as the MTA sent them: pymilter's getsymval fails on 8-bit text.
         auth_user = macro_text(self._ctx, "{auth_authen}") or ""
-        decision, self._message = self._gate.message(self._address, auth_user)
+        decision, self._message = self._gate.message(self._address, auth_user, sender)
         return _ACCEPT if decision is not None else _CONTINUE
 
     @fail_closed
@@ -223,9 +223,9 @@ def register_milter(*, name: str, spec: str, timeout: int, factory: MilterFactor
     libmilter.set_flags(libmilter.SETSYMLIST)
     libmilter.set_connect_callback(connect)
     # Milter.Base's envfrom_bytes and envrcpt_bytes decode every argument;
-    # the sender and the ESMTP parameters are never read, so only the
-    # recipient is decoded (losslessly, like the macros).
-    libmilter.set_envfrom_callback(lambda ctx, *args: ctx.getpriv().mail())
+    # the ESMTP parameters are never read, so only the sender and the
+    # recipient are decoded (losslessly, like the macros).
+    libmilter.set_envfrom_callback(lambda ctx, sender, *args: ctx.getpriv().mail(as_text(sender)))
     libmilter.set_envrcpt_callback(
         lambda ctx, recipient, *args: ctx.getpriv().envrcpt(as_text(recipient))
     )

@@ -186,6 +186,10 @@ class SocketmapServer(UnixStreamServer):
         self._metrics.socketmap_answer("hits")
         if self._lookup_events:
             self._log.debug(
-                "socketmap_lookup", client_ip=self._keying.describe(key), hit=True, user=grant.user
+                "socketmap_lookup",
+                client_ip=self._keying.describe(key),
+                hit=True,
+                user=grant.user,
+                users=list(grant.users),
             )
         return self._ok
