@@ -119,7 +119,7 @@ def test_make_run_serves_the_try_it_mode_and_its_commands_work_as_printed(
         assert outcomes[2][1].startswith("OK address=192.0.2.10 user=joe ")
         # query prints a table: a header, then the entry with its dates.
         query_rows = results[3][1].splitlines()
-        assert query_rows[0].split() == ["address", "user", "granted", "expires"]
+        assert query_rows[0].split() == ["address", "user", "granted", "expires", "users"]
         assert query_rows[1].split()[:2] == ["192.0.2.10", "joe"]
         assert "never granted since popauth started" in results[0][1]
         assert "a REVOKE of the address removed it at " in results[6][1]
