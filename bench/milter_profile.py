@@ -80,8 +80,6 @@ def _remove_macros() -> None:
     import Milter
 
     from popauth.doors.milter.adapter import RelayMilter, fail_closed
-    from popauth.relay.decision import Client
-    from popauth.relay.gate import Message
     from popauth.relay.recipients import Recipient
 
     @fail_closed
@@ -91,7 +89,7 @@ def _remove_macros() -> None:
 
     @fail_closed
     def envrcpt(self: RelayMilter, recipient: str, *parameters: str) -> int:
-        message = self._message or Message(Client(self._address))
+        message = self._message or self._gate.message_without_mail(self._address)
         address = recipient.strip("<>")
         mailer = "local" if address.endswith("@" + LOCAL_DOMAIN) else "smtp"
         rcpt = Recipient(envelope=recipient, mailer=mailer, resolved=address)

@@ -52,7 +52,8 @@ from popauth.companions.sessions import (
 )
 from popauth.doors.ingest import wire
 from popauth.doors.ingest.client import IngestClient
-from popauth.telemetry.logs import LogFormat, LogLevel, logger_writing_to
+from popauth.telemetry.levels import LogFormat, LogLevel
+from popauth.telemetry.logs import logger_writing_to
 
 SIZES = (10_000, 100_000)
 QUICK_SIZES = (2_000,)

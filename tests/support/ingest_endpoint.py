@@ -10,8 +10,9 @@ from popauth.config import IngestSettings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient
 from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.localdelivery import LocalDelivery
+from popauth.relay.accounting import Accounting
 from popauth.relay.explain import Explainer
-from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.gate import RelayGate
 from popauth.relay.replies import Replies
 from popauth.store.accounts import FileBlockList, UsageLedger
 from popauth.store.memory import MemoryStore

@@ -14,7 +14,8 @@ from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_ad
 from popauth.config import settings_from_mapping
 from popauth.doors.milter.adapter import RelayMilter, Replies, client_address_of
 from popauth.localdelivery import LocalDelivery
-from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.accounting import Accounting
+from popauth.relay.gate import RelayGate
 from popauth.store import Entry
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore

@@ -20,10 +20,10 @@ from popauth.config import (
 from popauth.config.effective import toml_of
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import resolve_local_delivery
+from popauth.relay.accounting import Accounting
 from popauth.relay.decision import PopFirst
-from popauth.relay.gate import Accounting
 from popauth.store import StoreKind
-from popauth.telemetry.logs import LogFormat, LogLevel
+from popauth.telemetry.levels import LogFormat, LogLevel
 
 CONTRIB = Path(__file__).parents[2] / "contrib" / "popauth.toml"
 

@@ -9,9 +9,10 @@ import pytest
 from popauth.basics.addresses import IPAddress, parse_client_address
 from popauth.config import settings_from_mapping
 from popauth.localdelivery import LearnedClass, LocalDelivery
+from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Reason, Verdict
 from popauth.relay.explain import Explainer, Question, _relative, recipient_as_the_mta_gives_it
-from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.gate import RelayGate
 from popauth.relay.postfixlists import ListKind, ListPattern, PostfixList
 from popauth.relay.recipients import DeliveryClass, DomainSet
 from popauth.relay.replies import Replies

@@ -7,8 +7,9 @@ from structlog.testing import CapturingLogger
 from popauth.basics.addresses import WhitelistKeying, parse_client_address
 from popauth.config import settings_from_mapping
 from popauth.localdelivery import LocalDelivery
+from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Reason, Verdict
-from popauth.relay.gate import Accounting, RelayGate
+from popauth.relay.gate import RelayGate
 from popauth.relay.recipients import Recipient
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore

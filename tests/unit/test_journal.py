@@ -14,7 +14,8 @@ import structlog
 from popauth.config import settings_from_mapping
 from popauth.daemon.settings_reload import SettingsChangeCheck, changed_keys
 from popauth.telemetry.journal import is_journal, with_priority
-from popauth.telemetry.logs import LogFormat, LogLevel, configure_logging, logger_writing_to
+from popauth.telemetry.levels import LogFormat, LogLevel
+from popauth.telemetry.logs import configure_logging, logger_writing_to
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,8 @@ import re
 import pytest
 import structlog
 
-from popauth.telemetry.logs import LogFormat, LogLevel, configure_logging
+from popauth.telemetry.levels import LogFormat, LogLevel
+from popauth.telemetry.logs import configure_logging
 
 
 @pytest.fixture(autouse=True)

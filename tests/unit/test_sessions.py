@@ -28,7 +28,8 @@ from popauth.companions.sessions import (
 )
 from popauth.config import Settings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
-from popauth.telemetry.logs import LogFormat, LogLevel, logger_writing_to
+from popauth.telemetry.levels import LogFormat, LogLevel
+from popauth.telemetry.logs import logger_writing_to
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.units import verify_unit
 

@@ -71,12 +71,12 @@ from popauth.config.converters import (
 )
 from popauth.doors.ingest import wire
 from popauth.localdelivery import LearnFrom, LocalDelivery
+from popauth.relay.accounting import Accounting
 from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayPolicy
-from popauth.relay.gate import Accounting
 from popauth.relay.ownership import SenderOwners, parse_sender_addresses
 from popauth.relay.replies import DEFAULT_NULL_SENDER, DEFAULT_SENDER_NOT_OWNED
 from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
-from popauth.telemetry.logs import LogFormat, LogLevel
+from popauth.telemetry.levels import LogFormat, LogLevel
 
 T = TypeVar("T")
 

@@ -36,7 +36,8 @@ from popauth.store.memory import MemoryStore
 from popauth.store.pacing import SWITCH_INTERVAL
 from popauth.store.snapshot import Snapshotter
 from popauth.store.statefile import PeriodicSaver, prepare_state_directory
-from popauth.telemetry.logs import LogLevel, configure_logging
+from popauth.telemetry.levels import LogLevel
+from popauth.telemetry.logs import configure_logging
 from popauth.telemetry.metrics import Metrics
 
 

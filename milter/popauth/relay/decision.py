@@ -211,6 +211,17 @@ def decide_recipient(policy: RelayPolicy, client: Client, recipient: Recipient) 
     settled = decide_sender(policy, client)
     if settled is not None:
         return settled
+    return decide_unsettled_recipient(policy, client, recipient)
+
+
+def decide_unsettled_recipient(
+    policy: RelayPolicy, client: Client, recipient: Recipient
+) -> Decision:
+    """Steps 4-5, for a client that :func:`decide_sender` did not settle.
+
+    The milter judges the sender once per message at MAIL FROM and only this
+    part at each RCPT TO.
+    """
     if is_local_recipient(recipient, policy.local_delivery):
         return ACCEPT_LOCAL
     if client.listing is Listing.UNAVAILABLE:

@@ -6,7 +6,6 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import structlog
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying, address_text
 from popauth.basics.escaping import escape_text
+from popauth.relay.accounting import Accounting
 from popauth.relay.decision import (
     Client,
     Decision,
@@ -23,8 +23,8 @@ from popauth.relay.decision import (
     Reason,
     RelayPolicy,
     decide_connection,
-    decide_recipient,
     decide_sender,
+    decide_unsettled_recipient,
     needs_whitelist,
     sender_refusal,
 )
@@ -33,17 +33,6 @@ from popauth.relay.recipients import Recipient, is_local_recipient
 from popauth.store import Entry, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import RelayWay, UsageLedger
 from popauth.telemetry.metrics import Metrics
-
-
-class Accounting(enum.Enum):
-    """What the usage ledger counts for authenticated and whitelisted clients."""
-
-    # Messages only: the milter accepts them at MAIL FROM, the cheapest way.
-    MESSAGES = "messages"
-    # Messages and relayed recipients: the milter must see every RCPT,
-    # which costs the MTA one round trip per recipient and one per message.
-    RECIPIENTS = "recipients"
-
 
 _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
 
@@ -69,6 +58,8 @@ class Message:
     """What the gate remembers about the message in progress."""
 
     client: Client
+    # decide_sender()'s verdict at MAIL FROM: the same for every recipient.
+    settled: Decision | None = None
     relayed_recipients: int = 0
     # How its relayed recipients went out; the ledger is told at the end of
     # the message, so that a transaction the client abandons counts nothing.
@@ -123,7 +114,7 @@ class RelayGate:
         listing, grant = self._consult(policy, address, auth_user)
         client = _client(address, auth_user, listing, grant, sender)
         decision = decide_sender(policy, client)
-        message = Message(client)
+        message = Message(client, decision)
         if decision is None:
             return None, message
         if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
@@ -141,7 +132,9 @@ class RelayGate:
         started = time.perf_counter()
         policy = self._policy
         client = message.client
-        decision = decide_recipient(policy, client, recipient)
+        decision = message.settled
+        if decision is None:
+            decision = decide_unsettled_recipient(policy, client, recipient)
         self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
@@ -150,6 +143,12 @@ class RelayGate:
             message.relayed_recipients += 1
             message.way = way
         return decision
+
+    def message_without_mail(self, address: IPAddress | None) -> Message:
+        """RCPT TO with no MAIL FROM before it (no MTA sends that): the client
+        is judged on its address alone, so it may relay only if trusted."""
+        client = Client(address)
+        return Message(client, decide_sender(self._policy, client))
 
     def message_sent(self, message: Message) -> None:
         """The end of the message's data: its relayed recipients go into the books.
@@ -188,7 +187,7 @@ class RelayGate:
             # Counting recipients keeps the milter asking at every RCPT.
             counted = decision.reason in _WAYS and self._accounting is Accounting.RECIPIENTS
             return Assessment(decision, client, policy, grant, "rcpt" if counted else "mail")
-        decision = decide_recipient(policy, client, recipient)
+        decision = decide_unsettled_recipient(policy, client, recipient)
         return Assessment(decision, client, policy, grant, "rcpt")
 
     def _consult(

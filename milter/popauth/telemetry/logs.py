@@ -17,8 +17,6 @@ timestamp: see :mod:`popauth.telemetry.journal`.
 
 from __future__ import annotations
 
-import enum
-import logging
 import re
 import sys
 import time
@@ -29,25 +27,7 @@ import structlog
 
 from popauth.basics.escaping import escape_text
 from popauth.telemetry.journal import is_journal, with_priority
-
-
-class LogFormat(enum.Enum):
-    CONSOLE = "console"
-    JSON = "json"
-
-
-class LogLevel(enum.Enum):
-    """The least severe events written; each is a :mod:`logging` level."""
-
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-    @property
-    def number(self) -> int:
-        level: int = getattr(logging, self.name)
-        return level
+from popauth.telemetry.levels import LogFormat, LogLevel
 
 
 class UtcTimestamp:

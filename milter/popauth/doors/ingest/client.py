@@ -7,10 +7,11 @@ whatever the endpoint does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from popauth.basics.errors import InputError, UnavailableError
 from popauth.doors.ingest import wire
@@ -78,16 +79,16 @@ class IngestClient:
             return connection
         raise AssertionError("unreachable")
 
-    def _exchange(self, line: str, deadline: float, is_list: bool) -> list[str]:
+    @contextlib.contextmanager
+    def _talking(self, deadline: float, timed_out: Callable[[], str]) -> Iterator[socket.socket]:
+        """A connection for one exchange, its failures as IngestUnreachable;
+        ``timed_out`` says what was missing when the deadline passed."""
         connection: socket.socket | None = None
         try:
             connection = self._connect(deadline)
-            connection.sendall(line.encode() + b"\n")
-            return self._read_reply(connection, deadline, is_list)
+            yield connection
         except TimeoutError:
-            raise IngestUnreachable(
-                f"no answer from {self._path} within {self._timeout}s"
-            ) from None
+            raise IngestUnreachable(timed_out()) from None
         except IngestUnreachable:
             raise
         except OSError as error:
@@ -95,6 +96,13 @@ class IngestClient:
         finally:
             if connection is not None:
                 connection.close()
+
+    def _exchange(self, line: str, deadline: float, is_list: bool) -> list[str]:
+        with self._talking(
+            deadline, lambda: f"no answer from {self._path} within {self._timeout}s"
+        ) as connection:
+            connection.sendall(line.encode() + b"\n")
+            return self._read_reply(connection, deadline, is_list)
 
     def request_many(self, lines: Sequence[str], window: int = 256) -> list[str]:
         """Send requests with one-line replies over one connection; their replies.
@@ -107,9 +115,12 @@ class IngestClient:
             check_request(line)
         deadline = time.monotonic() + self._timeout
         replies: list[str] = []
-        connection: socket.socket | None = None
-        try:
-            connection = self._connect(deadline)
+        with self._talking(
+            deadline,
+            lambda: (
+                f"{len(replies)} of {len(lines)} replies from {self._path} within {self._timeout}s"
+            ),
+        ) as connection:
             buffer = b""
             for start in range(0, len(lines), window):
                 in_flight = lines[start : start + window]
@@ -129,17 +140,6 @@ class IngestClient:
                     raw, buffer = buffer.split(b"\n", 1)
                     replies.append(raw.decode("utf-8", "replace"))
             return replies
-        except TimeoutError:
-            raise IngestUnreachable(
-                f"{len(replies)} of {len(lines)} replies from {self._path} within {self._timeout}s"
-            ) from None
-        except IngestUnreachable:
-            raise
-        except OSError as error:
-            raise self._cannot_talk(error) from None
-        finally:
-            if connection is not None:
-                connection.close()
 
     def _cannot_talk(self, error: OSError) -> IngestUnreachable:
         return IngestUnreachable(f"cannot talk to {self._path}: {error.strerror or error}")

@@ -26,7 +26,7 @@ import structlog
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
 from popauth.doors.milter.macros import as_text, macro_text
-from popauth.relay.decision import Client, Decision, Verdict, decides_at_connection
+from popauth.relay.decision import Decision, Verdict, decides_at_connection
 from popauth.relay.gate import Message, RelayGate
 from popauth.relay.recipients import Recipient
 from popauth.relay.replies import CHECK_FAILED, Replies
@@ -147,7 +147,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
 
     @fail_closed
     def envrcpt(self, recipient: str, *parameters: str) -> int:
-        message = self._message or Message(Client(self._address))
+        message = self._message or self._gate.message_without_mail(self._address)
         context = self._ctx
         rcpt = Recipient(
             recipient, macro_text(context, "{rcpt_mailer}"), macro_text(context, "{rcpt_addr}")
