@@ -8,6 +8,7 @@ control characters.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import ipaddress
 import re
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from popauth.basics.addresses import AddressError, IPNetwork, NetworkSet, parse_network
+from popauth.basics.clock import parse_moment
 from popauth.basics.posixids import SystemGroup, SystemUser, system_group, system_user
 from popauth.doors.ingest import wire
 from popauth.localdelivery import DOMAIN_NAME, MAILER_NAME
@@ -75,6 +77,20 @@ def text(value: Any) -> str:
             f"must not contain control characters ({control.group()!r} at {control.start()})"
         )
     return value
+
+
+def moment(value: Any) -> float:
+    """An RFC 3339 time with its offset (``2027-03-01T00:00:00Z``), or a date
+    (``2027-03-01``: its midnight UTC), quoted or as a TOML date-time; as epoch seconds."""
+    if isinstance(value, datetime.datetime):
+        stamp = value
+    elif isinstance(value, datetime.date):
+        stamp = datetime.datetime.combine(value, datetime.time(), datetime.UTC)
+    else:
+        stamp = parse_moment(text(value))
+    if stamp.tzinfo is None or stamp.utcoffset() is None:
+        raise ValueError("must give its offset from UTC, e.g. 2027-03-01T00:00:00Z")
+    return stamp.timestamp()
 
 
 def matching(pattern: str, requirement: str) -> Converter[str]:

@@ -31,7 +31,15 @@ from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.relay.explain import Explainer
 from popauth.relay.gate import RelayGate
 from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
-from popauth.store.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedger
+from popauth.store.accounts import (
+    BlockList,
+    FileBlockList,
+    FileGraduates,
+    Graduates,
+    RedisBlockList,
+    RedisGraduates,
+    UsageLedger,
+)
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import SWITCH_INTERVAL
 from popauth.store.snapshot import Snapshotter
@@ -48,6 +56,7 @@ class State:
     store: WhitelistStore
     blocklist: BlockList
     ledger: UsageLedger
+    graduates: Graduates = field(default_factory=lambda: FileGraduates(None))
     restores: list[Callable[[], None]] = field(default_factory=list)
     saves: list[Callable[[], None]] = field(default_factory=list)
 
@@ -60,7 +69,11 @@ def state_file_paths(settings: Settings) -> list[Path]:
     """Every state file popauth will write with these settings."""
     paths = [settings.accounts.usage_path]
     if settings.store.kind is StoreKind.MEMORY:
-        paths += [settings.store.snapshot_path, settings.accounts.blocklist_path]
+        paths += [
+            settings.store.snapshot_path,
+            settings.accounts.blocklist_path,
+            settings.accounts.graduates_path,
+        ]
     return [path for path in paths if path is not None]
 
 
@@ -108,7 +121,8 @@ def open_state(
                 redis_store.close()
                 raise StoreSetupError(problem)
         blocks = RedisBlockList(redis_store.client, redis_store.blocklist_key)
-        state = State(redis_store, blocks, ledger)
+        graduates: Graduates = RedisGraduates(redis_store.client, redis_store.graduates_key)
+        state = State(redis_store, blocks, ledger, graduates)
     else:
         blocklist = FileBlockList(settings.accounts.blocklist_path, log)
         memory = MemoryStore(
@@ -118,7 +132,9 @@ def open_state(
             clock=clock,
             is_blocked=blocklist.__contains__,
         )
-        state = State(memory, blocklist, ledger)
+        state = State(
+            memory, blocklist, ledger, FileGraduates(settings.accounts.graduates_path, log)
+        )
         if stored.snapshot_path is not None:
             snapshotter = Snapshotter(store=memory, path=stored.snapshot_path, clock=clock, log=log)
             state.restores.append(snapshotter.restore)
@@ -188,6 +204,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         accounting=settings.accounts.accounting,
         metrics=metrics,
         log=log,
+        graduates=state.graduates,
     )
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
     reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
@@ -198,6 +215,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         settings.relay.pop_first_retired_message,
         settings.relay.pop_first_sender_message,
         settings.relay.pop_first_null_sender_message,
+        settings.relay.pop_first_graduated_message,
     )
     explainer = Explainer(
         gate=gate,
@@ -216,6 +234,8 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         metrics=metrics,
         log=log,
         explainer=explainer,
+        graduates=state.graduates,
+        campaign=lambda: gate.policy.campaign,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter = MilterService(
