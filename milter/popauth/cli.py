@@ -523,7 +523,21 @@ def _check_config(arguments: argparse.Namespace) -> int:
     if not arguments.quiet:
         print(f"{settings_file(arguments) or 'embedded defaults'}: OK")
         print("\n".join(local.describe()))
+        print("\n".join(_campaign_lines(settings)))
     return _check_follow(settings)
+
+
+def _campaign_lines(settings: Settings) -> list[str]:
+    """The phase-out of POP-first as check-config says it: the date, how long, who is spared."""
+    from popauth.relay.explain import retirement_line
+
+    campaign = settings.relay.campaign()
+    lines = [retirement_line(campaign, time.time())]
+    if campaign.exempt_users:
+        lines.append(f"pop_first_exempt_users: {len(campaign.exempt_users)} users exempt")
+    if campaign.graduate:
+        lines.append("pop_first_graduate: users seen relaying by SMTP AUTH lose POP-first")
+    return [line for line in lines if line]
 
 
 def _show_config(arguments: argparse.Namespace) -> int:
@@ -539,6 +553,8 @@ def _show_config(arguments: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"# effective settings of {path or 'embedded defaults'}")
     print("\n".join(effective_lines(settings)))
+    for line in _campaign_lines(settings):
+        print(f"# {line}")
     return EXIT_OK
 
 
