@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.dovecot import DovecotInstance, pop3_login
-from harness.popauth import POPAUTH
+from harness.popauth import POPAUTH, PopauthServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.smtp import REMOTE, SmtpSession, rcpt_reply
@@ -281,6 +281,17 @@ def test_report_retire_at_is_the_dry_run_of_a_retirement(
     assert "bob" in spared.split("not affected: relayed by SMTP AUTH")[0]
 
 
+def _reinstate(popauth: PopauthServer, user: str) -> subprocess.CompletedProcess[str]:
+    """``popauth pop-first reinstate USER`` against this server."""
+    return subprocess.run(
+        [POPAUTH, "pop-first", "reinstate", "--socket", str(popauth.ingest_path), user],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
 def test_graduation_refuses_pop_first_after_smtp_auth_and_reinstate_restores_it(
     postfix: PostfixInstance,
     dovecot: DovecotInstance,
@@ -308,21 +319,9 @@ def test_graduation_refuses_pop_first_after_smtp_auth_and_reinstate_restores_it(
     assert alice["graduated"] != "-"
     # Written before it took effect: the file holds it.
     assert json.loads(graduates.read_text())["users"]["alice"]["reinstated_at"] == 0
-    reinstate = subprocess.run(
-        [POPAUTH, "pop-first", "reinstate", "--socket", str(popauth.ingest_path), "alice"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
+    reinstate = _reinstate(popauth, "alice")
     assert reinstate.returncode == 0, reinstate
     assert reinstate.stdout.startswith("OK user=alice graduated="), reinstate
     assert relays(postfix, "127.0.0.2")
-    again = subprocess.run(
-        [POPAUTH, "pop-first", "reinstate", "--socket", str(popauth.ingest_path), "alice"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
+    again = _reinstate(popauth, "alice")
     assert (again.returncode, again.stdout.strip()) == (1, "NOTFOUND user=alice")
