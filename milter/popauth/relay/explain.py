@@ -182,7 +182,10 @@ def retirement_line(campaign: Campaign, now: float) -> str:
     moment = f"{stamp} ({how_long(campaign.retire_at - now)})"
     if campaign.retired(now):
         return f"pop_first_retire_at: retired at {moment}: POP-first relays only for exempt users"
-    return f"pop_first_retire_at: retires at {moment}: until then it relays, each relay logged (pop_first_deprecated)"
+    return (
+        f"pop_first_retire_at: retires at {moment}: until then it relays,"
+        " each relay logged (pop_first_deprecated)"
+    )
 
 
 def _campaign_lines(facts: Facts) -> list[str]:
