@@ -8,6 +8,7 @@ the dry run of ``popauth report --retire-at``.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from popauth.basics.clock import how_long, rfc3339
 from popauth.basics.errors import ConfigError, StateFileError
 from popauth.cli import main
 from popauth.config import settings_from_mapping
+from popauth.daemon.serve import socketmap_server
 from popauth.doors.ingest.report import Standing, dry_run, report_rows
+from popauth.doors.socketmap import codec
 from popauth.localdelivery import LocalDelivery
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Campaign, Reason, Verdict
@@ -389,3 +392,47 @@ def test_popauth_report_retire_at_prints_the_dry_run(
     refused = out.split("would be refused (")[1].split("not affected: exempt")[0]
     assert "alice" in refused and "carol" not in refused
     assert "not affected: exempt (pop_first_exempt_users): 1\nuser" in out
+
+
+def _socketmap_answers(server: Any, path: Path, *addresses: str) -> list[bytes]:
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(path))
+            answers = []
+            for address in addresses:
+                client.sendall(codec.encode(f"popauth {address}".encode()))
+                answers.append(client.recv(200))
+            return answers
+    finally:
+        server.stop()
+
+
+def test_the_socketmap_answers_notfound_for_what_pop_first_no_longer_relays(
+    tmp_path: Path,
+) -> None:
+    books = _books(
+        tmp_path,
+        pop_first_retire_at=rfc3339(START + 60),
+        pop_first_exempt_users=["bob"],
+        pop_first_graduate=True,
+        pop_first_sender="own",
+    )
+    books.store.grant(CLIENT, "alice")
+    books.store.grant(NEIGHBOUR, "bob")
+    books.store.grant(parse_client_address("198.51.100.9"), "carol")
+    books.verdict(parse_client_address("203.0.113.1"), auth="carol")  # carol graduates
+    path = tmp_path / "s.sock"
+    settings = settings_from_mapping({"socketmap_socket": str(path)})
+    server = socketmap_server(
+        settings, books.store, WhitelistKeying(), Metrics(), books.log, gate=books.gate
+    )
+    addresses = ("198.51.100.7", "198.51.100.8", "198.51.100.9")
+    ok, notfound = codec.encode(b"OK OK"), codec.encode(b"NOTFOUND ")
+    assert _socketmap_answers(server, path, *addresses) == [ok, ok, notfound]
+    books.clock.advance(60)
+    server = socketmap_server(
+        settings, books.store, WhitelistKeying(), Metrics(), books.log, gate=books.gate
+    )
+    assert _socketmap_answers(server, path, *addresses) == [notfound, ok, notfound]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from popauth.basics.addresses import WhitelistKeying
+from popauth.basics.addresses import IPAddress, WhitelistKeying
 from popauth.basics.clock import Clock, SystemClock
 from popauth.basics.errors import StateFileError, StateFileMissing
 from popauth.config import Settings
@@ -30,7 +30,7 @@ from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delive
 from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.relay.explain import Explainer
 from popauth.relay.gate import RelayGate
-from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
+from popauth.store import Entry, StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import (
     BlockList,
     FileBlockList,
@@ -161,10 +161,18 @@ def socketmap_server(
     keying: WhitelistKeying,
     metrics: Metrics,
     log: structlog.typing.FilteringBoundLogger,
+    *,
+    gate: RelayGate | None = None,
 ) -> SocketmapServer | None:
-    """The socketmap door, when ``socketmap_socket`` is set."""
+    """The socketmap door, when ``socketmap_socket`` is set; ``gate`` says
+    which listed addresses POP-first no longer relays (retired, graduated)."""
     if settings.socketmap.socket is None:
         return None
+
+    def refusal(address: IPAddress, grant: Entry) -> str | None:
+        decision = None if gate is None else gate.address_refusal(address, grant)
+        return None if decision is None else decision.reason.value
+
     return SocketmapServer(
         path=settings.socketmap.socket,
         settings=settings.socketmap,
@@ -173,6 +181,7 @@ def socketmap_server(
         metrics=metrics,
         log=log,
         lookup_events=settings.log.level is LogLevel.DEBUG,
+        refusal=refusal,
     )
 
 
@@ -237,7 +246,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         graduates=state.graduates,
         campaign=lambda: gate.policy.campaign,
     )
-    socketmap = socketmap_server(settings, store, keying, metrics, log)
+    socketmap = socketmap_server(settings, store, keying, metrics, log, gate=gate)
     milter = MilterService(
         settings=settings.milter,
         factory=lambda: RelayMilter(gate, replies, metrics, log),

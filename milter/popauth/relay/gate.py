@@ -6,6 +6,7 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from popauth.relay.decision import (
     decide_sender,
     decide_unsettled_recipient,
     needs_whitelist,
+    pop_first_refusal,
     sender_refusal,
 )
 from popauth.relay.mismatch import MailerMismatchWarner
@@ -196,6 +198,24 @@ class RelayGate:
             return Assessment(decision, client, policy, grant, "rcpt" if counted else "mail")
         decision = decide_unsettled_recipient(policy, client, recipient)
         return Assessment(decision, client, policy, grant, "rcpt")
+
+    def address_refusal(self, address: IPAddress, grant: Entry) -> Decision | None:
+        """For a door that asks by the client address alone (the socketmap): the
+        refusal POP-first earns this entry now (``pop_first = "off"``, retired,
+        graduated), judged without a sender, which that door never sees.
+
+        Raises StoreUnavailable when the graduates cannot be read.
+        """
+        policy = self._policy
+        if policy.pop_first_sender is PopFirstSender.OWN:
+            policy = dataclasses.replace(policy, pop_first_sender=PopFirstSender.ANY)
+        graduated: frozenset[str] = frozenset()
+        if policy.campaign.graduate and self._graduates is not None:
+            graduated = self._graduates.graduated_among(grant.users)
+        client = _client(address, "", Listing.LISTED, grant, None)
+        return pop_first_refusal(
+            policy, client._replace(now=self._clock.time(), graduated_users=graduated)
+        )
 
     def _judged_client(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str, sender: str | None
