@@ -197,26 +197,15 @@ class SocketmapServer(UnixStreamServer):
             if self._lookup_events:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
-        if refused is not None:
-            # Listed, but POP-first no longer relays it: the MTA's own refusal.
-            self._metrics.socketmap_answer("misses")
-            if self._lookup_events:
-                self._log.debug(
-                    "socketmap_lookup",
-                    client_ip=self._keying.describe(key),
-                    hit=False,
-                    user=grant.user,
-                    users=list(grant.users),
-                    reason=refused,
-                )
-            return self._notfound
-        self._metrics.socketmap_answer("hits")
+        # Listed, but POP-first may no longer relay it: then the MTA's own refusal.
+        self._metrics.socketmap_answer("hits" if refused is None else "misses")
         if self._lookup_events:
             self._log.debug(
                 "socketmap_lookup",
                 client_ip=self._keying.describe(key),
-                hit=True,
+                hit=refused is None,
                 user=grant.user,
                 users=list(grant.users),
+                reason=refused,
             )
-        return self._ok
+        return self._ok if refused is None else self._notfound
