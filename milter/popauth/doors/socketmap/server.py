@@ -206,6 +206,6 @@ class SocketmapServer(UnixStreamServer):
                 hit=refused is None,
                 user=grant.user,
                 users=list(grant.users),
-                reason=refused,
+                **({} if refused is None else {"reason": refused}),
             )
         return self._ok if refused is None else self._notfound
