@@ -69,14 +69,17 @@ def _client_options(sub: argparse.ArgumentParser) -> None:
 
 
 def _moment(written: str) -> float:
-    stamp = parse_moment(written)
+    try:
+        stamp = parse_moment(written)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if stamp.utcoffset() is None:
         raise argparse.ArgumentTypeError("give its offset from UTC, e.g. 2027-03-01T00:00:00Z")
     return stamp.timestamp()
 
 
 def _positive_days(written: str) -> int:
-    days = int(written)
+    days = int(written) if written.isdigit() else 0
     if not 1 <= days <= 3660:
         raise argparse.ArgumentTypeError("1 to 3660 days")
     return days

@@ -26,6 +26,7 @@ from popauth.doors.socketmap import codec
 from popauth.localdelivery import LocalDelivery
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Campaign, Reason, Verdict
+from popauth.relay.explain import Explainer, Question
 from popauth.relay.gate import RelayGate
 from popauth.relay.recipients import Recipient
 from popauth.relay.replies import Replies
@@ -436,3 +437,73 @@ def test_the_socketmap_answers_notfound_for_what_pop_first_no_longer_relays(
         settings, books.store, WhitelistKeying(), Metrics(), books.log, gate=books.gate
     )
     assert _socketmap_answers(server, path, *addresses) == [notfound, ok, notfound]
+
+
+def test_explain_says_the_date_the_exempt_and_the_graduated(tmp_path: Path) -> None:
+    books = _books(
+        tmp_path,
+        pop_first_retire_at=rfc3339(START + 3 * 86_400),
+        pop_first_exempt_users=["bob"],
+        pop_first_graduate=True,
+    )
+    books.store.grant(CLIENT, "alice")
+    books.store.grant(CLIENT, "bob")
+    books.verdict(NEIGHBOUR, auth="alice")
+    explainer = Explainer(
+        gate=books.gate,
+        store=books.store,
+        keying=WhitelistKeying(),
+        blocked=frozenset(),
+        replies=books.replies,
+        clock=books.clock,
+    )
+    lines = explainer.explain(Question(CLIENT, "x@remote.example"))
+    assert lines[0].startswith("verdict: accept (whitelisted)")
+    assert "pop_first_retire_at: retires at 2027-01-18 08:00:00 UTC (in 3 days)" in lines[-3]
+    assert lines[-2].startswith("exempt: bob keep POP-first after the date")
+    assert lines[-1].startswith("graduated: alice has relayed by SMTP AUTH")
+    assert "popauth pop-first reinstate alice" in lines[-1]
+    books.clock.advance(3 * 86_400 + 7_200)
+    books.store.revoke(CLIENT)
+    books.store.grant(CLIENT, "carol")
+    lines = explainer.explain(Question(CLIENT, "x@remote.example"))
+    assert lines[0].startswith("verdict: reject (pop_first_retired)")
+    assert "pop_first_retire_at has passed: a POP/IMAP login lets only exempt" in lines[2]
+    assert "retired at 2027-01-18 08:00:00 UTC (2 h ago)" in lines[-1]
+
+
+def test_check_config_shows_the_date_and_how_long_is_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "popauth.toml"
+    config.write_text(
+        'pop_first = "warn"\npop_first_retire_at = 2000-01-01T00:00:00Z\n'
+        'pop_first_exempt_users = ["bob"]\nlocal_domains = ["local.test"]\n'
+        'local_mailers = ["local"]\n'
+    )
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "pop_first_retire_at: retired at 2000-01-01 00:00:00 UTC (" in out
+    assert " days " in out and "ago): POP-first relays only for exempt users" in out
+    assert "pop_first_exempt_users: 1 users exempt" in out
+    assert main(["check-config", "--show", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert 'pop_first_retire_at = "2000-01-01T00:00:00Z"  # changed; default: ""' in out
+    assert "# pop_first_retire_at: retired at 2000-01-01 00:00:00 UTC (" in out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "complaint"),
+    [
+        (["--retire-at", "next tuesday"], "must be an RFC 3339 time"),
+        (["--retire-at", "2027-03-01T00:00"], "give its offset from UTC"),
+        (["--retire-at", "2027-03-01", "--days", "0"], "1 to 3660 days"),
+    ],
+)
+def test_report_retire_at_refuses_bad_arguments(
+    arguments: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["report", "--socket", "/nonexistent", *arguments])
+    assert stopped.value.code == 2
+    assert complaint in capsys.readouterr().err
