@@ -329,8 +329,8 @@ class RelayGate:
                 "pop_first_deprecated",
                 client_ip=str(client.address),
                 user=client.login_user or None,
-                retire_at=None if retire_at is None else rfc3339(retire_at),
                 hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
+                **({} if retire_at is None else {"retire_at": rfc3339(retire_at)}),
             )
 
 
