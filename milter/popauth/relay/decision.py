@@ -229,13 +229,16 @@ def pop_first_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
     """
     if policy.pop_first is PopFirst.OFF:
         return REJECT_POP_FIRST_RETIRED
-    users = client.login_users or (client.login_user,)
     if policy.pop_first_sender is PopFirstSender.OWN:
         refusal = sender_refusal(policy, client)
         if refusal is not None:
             return refusal
-        users = sender_owners_among(policy, client)
     campaign = policy.campaign
+    if not campaign.graduate and campaign.retire_at is None:
+        return None  # no campaign: nothing more to ask, at no cost per message
+    users = client.login_users or (client.login_user,)
+    if policy.pop_first_sender is PopFirstSender.OWN:
+        users = sender_owners_among(policy, client)
     if campaign.graduate:
         users = tuple(user for user in users if user not in client.graduated_users)
         if not users:
