@@ -8,6 +8,9 @@ milter's SMTP port: a local submission is not relayed mail.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -102,6 +105,9 @@ class Sendmail:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     close_fds=True,
+                    # Its own process group: a kill reaches what it started too
+                    # (Postfix's postdrop), which would hold the pipes open.
+                    start_new_session=True,
                 )
             except OSError as error:
                 raise SubmissionFailed(f"cannot run {argv[0]}: {error.strerror}") from None
@@ -109,7 +115,7 @@ class Sendmail:
         try:
             _, stderr = process.communicate(message, timeout=self._timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            _kill_group(process)
             process.communicate()
             raise SubmissionFailed(f"{argv[0]} took longer than {self._timeout:g} s") from None
         finally:
@@ -124,4 +130,9 @@ class Sendmail:
         with self._lock:
             self._cancelled = True
             if self._running is not None:
-                self._running.kill()
+                _kill_group(self._running)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
