@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from harness.maildir import delivered, maildir_postfix, prepare_mail_root, wait_for_delivery
-from harness.popauth import PopauthServer
+from harness.popauth import POPAUTH, PopauthServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.redis import RedisInstance
@@ -110,7 +112,9 @@ def test_a_notice_arrives_in_the_users_maildir_through_postfix(single_site: Site
     postfix = single_site.postfixes[0]
     directory = single_site.popauth_dirs[0]
     ledger = directory / "notices.json"
-    settings = notice_settings(postfix, pop_first_notice_path=str(ledger))
+    settings = notice_settings(
+        postfix, pop_first_notice_path=str(ledger), usage_path=str(directory / "usage.json")
+    )
     with PopauthServer(directory, **settings) as popauth:
         assert popauth.ask(f"LOGIN {CLIENT} alice")[0].startswith("OK ")
         assert rcpt_reply(postfix.smtp_port, CLIENT, REMOTE)[0] == 250
@@ -130,6 +134,19 @@ def test_a_notice_arrives_in_the_users_maildir_through_postfix(single_site: Site
         not_due = popauth.wait_for_event("notice_not_due")
         assert not_due[0]["user"] == "alice"
     assert len(delivered(single_site.mail_root, "alice")) == 1
+    # The dry run reads the saved usage and the ledger: alice was told, bob never relayed.
+    shown = subprocess.run(
+        [POPAUTH, "notices", "--dry-run", "--config", str(popauth.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0].startswith("alice: told ")
+    assert shown.stdout.splitlines()[-1] == (
+        "0 of 1 users who relayed by POP-first recently would be sent a notice"
+    )
     print(f"--- the notice as delivered, {found[0].name} ---\n{text}")
     message = email.message_from_string(text, policy=email.policy.default)
     assert message["To"] == "alice@local.test"
@@ -196,8 +213,10 @@ def test_two_hosts_on_one_redis_tell_a_user_once(
             )
             == 1
         )
-        key = redis_server.client().get("popauth:notice:bob")
-        assert key is not None
+        client = redis.Redis.from_url(redis_server.url)
+        sent_at, due_at = (float(part) for part in client.get("popauth:notice:bob").split())
+        assert due_at - sent_at == 7 * 86_400
+        assert 7 * 86_400_000 - 60_000 < client.pttl("popauth:notice:bob") <= 7 * 86_400_000
     finally:
         for server in servers:
             server.stop()
