@@ -214,7 +214,9 @@ def test_two_hosts_on_one_redis_tell_a_user_once(
             == 1
         )
         client = redis.Redis.from_url(redis_server.url)
-        sent_at, due_at = (float(part) for part in client.get("popauth:notice:bob").split())
+        value = client.get("popauth:notice:bob")
+        assert isinstance(value, bytes)
+        sent_at, due_at = (float(part) for part in value.split())
         assert due_at - sent_at == 7 * 86_400
         assert 7 * 86_400_000 - 60_000 < client.pttl("popauth:notice:bob") <= 7 * 86_400_000
     finally:

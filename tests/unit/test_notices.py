@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import stat
 import time
 from pathlib import Path
@@ -461,17 +460,22 @@ def test_the_final_week_brings_one_more_notice(tmp_path: Path) -> None:
     assert harness.count("sent") == 2
 
 
-def test_nothing_is_sent_after_the_date_nor_without_one(tmp_path: Path) -> None:
-    harness = Harness(tmp_path, schedule=NoticeSchedule(WEEK, retire_at=NOW - 1))
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        NoticeSchedule(WEEK, retire_at=NOW - 1),
+        NoticeSchedule(WEEK),
+        NoticeSchedule(WEEK, warn=True, retired=True),
+    ],
+    ids=["after-the-date", "on-without-a-date", "off"],
+)
+def test_nothing_is_sent_when_notices_do_not_apply(
+    tmp_path: Path, schedule: NoticeSchedule
+) -> None:
+    harness = Harness(tmp_path, schedule=schedule)
     harness.worker.offer("alice")
-    harness.drain()
-    quiet = Harness(
-        tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path,
-        schedule=NoticeSchedule(WEEK),
-    )
-    quiet.worker.offer("alice")
-    quiet.drain()
-    assert harness.count("sent") == quiet.count("sent") == 0
+    assert harness.drain() == 1
+    assert harness.count("sent") == 0
     assert not (tmp_path / "message").exists()
 
 
@@ -490,8 +494,9 @@ def test_a_full_queue_drops_counts_and_logs_once(tmp_path: Path) -> None:
 
 def test_a_failed_submission_is_retried_with_a_growing_wait(tmp_path: Path) -> None:
     # Fails twice, then takes the message.
+    tries = tmp_path / "tries"
     script = (
-        f'n=$(cat "{tmp_path}/tries" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "{tmp_path}/tries"\n'
+        f'n=$(cat "{tries}" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "{tries}"\n'
         'if [ "$n" -lt 3 ]; then echo "queue file write error" >&2; exit 75; fi\nexit 0'
     )
     harness = Harness(tmp_path, script=script)
@@ -499,9 +504,8 @@ def test_a_failed_submission_is_retried_with_a_growing_wait(tmp_path: Path) -> N
     assert harness.drain() == 1
     assert harness.count("failed") == 1
     failed = harness.logged("notice_failed")
-    assert (
-        failed[-1]["retry_in"] == 60
-        and "exited with 75: queue file write error" in failed[-1]["error"]
+    assert failed[-1]["retry_in"] == 60 and "exited with 75: queue file write error" in str(
+        failed[-1]["error"]
     )
     # Its claim was given back; the retry waits its time.
     assert harness.ledger.records(["alice"], NOW) == {}
@@ -584,3 +588,47 @@ def test_the_gate_offers_the_login_user_of_each_pop_first_message() -> None:
     gate.message(parse_client_address("198.51.100.7"), "carol", "<carol@local.test>")
     gate.message(parse_client_address("198.51.100.8"), "", "<x@local.test>")
     assert offered == ["alice"]
+
+
+# -- popauth notices --dry-run ------------------------------------------------------------------
+
+
+def test_the_dry_run_shows_who_is_due_and_their_text(tmp_path: Path) -> None:
+    from popauth.daemon.notices import dry_run_lines
+    from popauth.store.accounts import RelayWay
+
+    clock = FakeClock(NOW)
+    usage = UsageLedger(max_users=10, clock=clock)
+    for user in ("alice", "bob"):
+        usage.record(user, RelayWay.POP_FIRST, messages=1, recipients=1)
+    usage.record("carol", RelayWay.SMTP_AUTH, messages=1, recipients=1)
+    usage.save(tmp_path / "usage.json")
+    FileNoticeLedger(tmp_path / "notices.json").claim("bob", Sent(NOW - DAY, NOW + 6 * DAY), NOW)
+    settings = settings_from_mapping(
+        {
+            "pop_first": "warn",
+            "pop_first_notices": True,
+            "usage_path": str(tmp_path / "usage.json"),
+            "pop_first_notice_path": str(tmp_path / "notices.json"),
+        }
+    )
+    local = LocalDelivery.configured(["local.test"], ["local"])
+    lines = list(dry_run_lines(settings, local, now=NOW + 60))
+    assert "alice: would be sent a notice now, to alice@local.test:" in lines
+    assert "    To: alice@local.test" in lines
+    assert "    Hello alice," in lines
+    assert any(line.startswith("bob: told 2027-") and "next notice due" in line for line in lines)
+    assert not any(line.startswith("carol") for line in lines)
+    assert lines[-1] == "1 of 2 users who relayed by POP-first recently would be sent a notice"
+    # A week on, with no notice since, both are due; nothing was written.
+    later = list(dry_run_lines(settings, local, now=NOW + WEEK))
+    assert later[-1] == "2 of 2 users who relayed by POP-first recently would be sent a notice"
+
+
+def test_the_dry_run_says_when_no_notices_go_out(tmp_path: Path) -> None:
+    from popauth.daemon.notices import dry_run_lines
+
+    settings = settings_from_mapping({"usage_path": str(tmp_path / "usage.json")})
+    lines = list(dry_run_lines(settings, LocalDelivery.configured(["local.test"], ["local"]), NOW))
+    assert lines[0] == "pop_first_notices is off: nothing is sent; were it on:"
+    assert lines[1].startswith("no notices now:")
