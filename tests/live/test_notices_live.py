@@ -133,6 +133,7 @@ def test_a_notice_arrives_in_the_users_maildir_through_postfix(single_site: Site
         assert rcpt_reply(postfix.smtp_port, CLIENT, REMOTE)[0] == 250
         not_due = popauth.wait_for_event("notice_not_due")
         assert not_due[0]["user"] == "alice"
+        assert popauth.stop() == 0
     assert len(delivered(single_site.mail_root, "alice")) == 1
     # The dry run reads the saved usage and the ledger: alice was told, bob never relayed.
     shown = subprocess.run(
@@ -219,6 +220,8 @@ def test_two_hosts_on_one_redis_tell_a_user_once(
         sent_at, due_at = (float(part) for part in value.split())
         assert due_at - sent_at == 7 * 86_400
         assert 7 * 86_400_000 - 60_000 < client.pttl("popauth:notice:bob") <= 7 * 86_400_000
+        # SIGTERM stops both cleanly, the notice workers with them.
+        assert [server.stop() for server in servers] == [0, 0]
     finally:
         for server in servers:
             server.stop()

@@ -20,6 +20,7 @@ from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
+from popauth.basics.errors import UnavailableError
 from popauth.basics.usernames import is_valid_user_name
 from popauth.notices.schedule import NoticeSchedule
 from popauth.notices.template import NoticeTemplate
@@ -78,7 +79,7 @@ class NoticeMail:
         return message.as_bytes()
 
 
-class SubmissionFailed(Exception):
+class SubmissionFailed(UnavailableError):
     """sendmail did not take the message: missing, non-zero exit or too slow."""
 
 

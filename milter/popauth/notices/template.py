@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from popauth.basics.errors import InputError
+
 PLACEHOLDERS = ("user", "date", "days_left", "smtp_auth_instructions")
 HEADERS = ("Subject",)
 DEFAULT_SMTP_AUTH_INSTRUCTIONS = (
@@ -42,7 +44,7 @@ each user whose mail program sent mail the old way recently.
 """
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     """The template cannot be used; the message says why, in one line."""
 
 
