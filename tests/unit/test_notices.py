@@ -6,6 +6,7 @@ import email
 import email.policy
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -381,6 +382,7 @@ class Harness:
         schedule: NoticeSchedule | None = None,
         queue_size: int = 10,
         script: str = "exit 0",
+        submit: Callable[[str, str, bytes], None] | None = None,
     ) -> None:
         self.clock = FakeClock(NOW)
         self.metrics = Metrics()
@@ -392,7 +394,7 @@ class Harness:
             schedule=schedule or NoticeSchedule(WEEK, warn=True),
             ledger=self.ledger,
             mail=NoticeMail(read_template(None), SENDER, "local.test"),
-            submit=self.sendmail.submit,
+            submit=submit or self.sendmail.submit,
             options=NoticeOptions(
                 instructions="Port 587.", domain="local.test", queue_size=queue_size, retry=60
             ),
@@ -632,3 +634,29 @@ def test_the_dry_run_says_when_no_notices_go_out(tmp_path: Path) -> None:
     lines = list(dry_run_lines(settings, LocalDelivery.configured(["local.test"], ["local"]), NOW))
     assert lines[0] == "pop_first_notices is off: nothing is sent; were it on:"
     assert lines[1].startswith("no notices now:")
+
+
+def test_an_unexpected_error_is_logged_and_the_user_offered_again_later(tmp_path: Path) -> None:
+    def broken(sender: str, recipient: str, message: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    harness = Harness(tmp_path, submit=broken)
+    harness.worker.offer("alice")
+    assert harness.drain() == 1
+    assert [call["user"] for call in harness.logged("notice_worker_failed")] == ["alice"]
+    harness.worker.offer("alice")
+    assert harness.drain() == 0
+    harness.clock.advance(60)
+    harness.worker.offer("alice")
+    assert harness.drain() == 1
+
+
+def test_notices_need_a_domain_for_their_sender(tmp_path: Path) -> None:
+    from popauth.daemon.notices import notice_parts
+
+    settings = settings_from_mapping({"pop_first_notices": True})
+    with pytest.raises(ConfigError, match="pop_first_notices needs a local domain"):
+        notice_parts(settings, LocalDelivery.configured([], ["local"]))
+    chosen = settings_from_mapping({"pop_first_notice_domain": "example.org"})
+    parts = notice_parts(chosen, LocalDelivery.configured([], ["local"]))
+    assert (parts.mail.sender, parts.options.domain) == ("postmaster@example.org", "example.org")

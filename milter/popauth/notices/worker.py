@@ -127,13 +127,7 @@ class NoticeWorker:
     def _run(self) -> None:
         pause = 60.0 / self._options.per_minute
         while not self._stopping.is_set():
-            try:
-                handled = self.work_once(_IDLE_WAIT)
-            except Exception:
-                # A bug must not end the notices for good, nor reach the milter.
-                self._log.exception("notice_worker_failed")
-                handled = True
-            if handled:
+            if self.work_once(_IDLE_WAIT):
                 self._stopping.wait(pause)
 
     def work_once(self, wait: float = 0.0) -> bool:
@@ -147,13 +141,20 @@ class NoticeWorker:
             if retry is not None:
                 heapq.heappop(self._retries)
         if retry is not None:
-            self._handle(retry[1], retry[2])
-            return True
+            user, attempt = retry[1], retry[2]
+        else:
+            try:
+                user = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            attempt = 0
         try:
-            user = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-        except queue.Empty:
-            return False
-        self._handle(user, 0)
+            self._handle(user, attempt)
+        except Exception:
+            # A bug must not end the notices for good, nor reach the milter;
+            # the user is offered again after the usual wait.
+            self._log.exception("notice_worker_failed", user=escape_text(user))
+            self._quiet(user, now + self._options.retry)
         return True
 
     def _handle(self, user: str, attempt: int) -> None:
