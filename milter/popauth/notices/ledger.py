@@ -142,7 +142,7 @@ def _record(user: object, fields: object) -> Sent | None:
 class RedisNoticeLedger(NoticeLedger):
     """Every host's ledger: a key per user, ``PREFIX notice:USER``, that expires when due.
 
-    Its value is ``SENT_AT DUE_AT``. Commands: SET (NX PX), GET, DEL.
+    Its value is ``SENT_AT DUE_AT``. Commands: SET (NX PX), MGET, DEL.
     """
 
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:

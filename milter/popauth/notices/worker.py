@@ -98,16 +98,18 @@ class NoticeWorker:
             try:
                 self._queue.put_nowait(user)
             except queue.Full:
-                self._metrics.notices.labels("dropped").inc()
-                if not self._dropping:
-                    self._dropping = True
-                    self._log.warning(
-                        "notice_queue_full", size=self._options.queue_size, user=escape_text(user)
-                    )
+                first_drop, self._dropping = not self._dropping, True
+            else:
+                self._dropping = first_drop = False
+                # Until the thread has handled it; it sets the real time then.
+                self._quiet_until[key] = float("inf")
                 return
-            self._dropping = False
-            # Until the thread has handled it; it sets the real time then.
-            self._quiet_until[key] = float("inf")
+        # Dropped: counted, and logged outside the lock once per full spell.
+        self._metrics.notices.labels("dropped").inc()
+        if first_drop:
+            self._log.warning(
+                "notice_queue_full", size=self._options.queue_size, user=escape_text(user)
+            )
 
     # -- the thread ------------------------------------------------------------
 
