@@ -164,7 +164,7 @@ def test_retire_at_with_pop_first_off_is_refused() -> None:
 )
 def test_retire_at_reads_rfc_3339_and_dates(written: str, epoch: float) -> None:
     settings = settings_from_mapping({"pop_first": "warn", "pop_first_retire_at": written})
-    assert settings.relay.pop_first_retire_at == epoch
+    assert settings.relay.campaign().retire_at == epoch
 
 
 @pytest.mark.parametrize("written", ["2027-03-01T00:00:00", "March 1st", "2027-13-01", 5])
@@ -488,7 +488,7 @@ def test_check_config_shows_the_date_and_how_long_is_left(
     assert "pop_first_exempt_users: 1 users exempt" in out
     assert main(["check-config", "--show", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert 'pop_first_retire_at = "2000-01-01T00:00:00Z"  # changed; default: ""' in out
+    assert 'pop_first_retire_at = "2000-01-01T00:00:00+00:00"  # changed; default: ""' in out
     assert "# pop_first_retire_at: retired at 2000-01-01 00:00:00 UTC (" in out
 
 

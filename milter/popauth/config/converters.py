@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from popauth.basics.addresses import AddressError, IPNetwork, NetworkSet, parse_network
-from popauth.basics.clock import parse_moment
 from popauth.basics.posixids import SystemGroup, SystemUser, system_group, system_user
 from popauth.doors.ingest import wire
 from popauth.localdelivery import DOMAIN_NAME, MAILER_NAME
@@ -77,20 +76,6 @@ def text(value: Any) -> str:
             f"must not contain control characters ({control.group()!r} at {control.start()})"
         )
     return value
-
-
-def moment(value: Any) -> float:
-    """An RFC 3339 time with its offset (``2027-03-01T00:00:00Z``), or a date
-    (``2027-03-01``: its midnight UTC), quoted or as a TOML date-time; as epoch seconds."""
-    if isinstance(value, datetime.datetime):
-        stamp = value
-    elif isinstance(value, datetime.date):
-        stamp = datetime.datetime.combine(value, datetime.time(), datetime.UTC)
-    else:
-        stamp = parse_moment(text(value))
-    if stamp.tzinfo is None or stamp.utcoffset() is None:
-        raise ValueError("must give its offset from UTC, e.g. 2027-03-01T00:00:00Z")
-    return stamp.timestamp()
 
 
 def matching(pattern: str, requirement: str) -> Converter[str]:
@@ -377,3 +362,26 @@ networks = then(string_list(then(_network_text, _network)), NetworkSet.of)
 domains = string_list(then(_domain, str.lower))
 mailers = nonempty(string_list(then(_mailer, str.lower)))
 directory = matching(r"/.*", "must be an absolute path")
+
+
+def rfc3339_time(value: Any) -> datetime.datetime:
+    """An RFC 3339 time with its offset (a TOML date-time, or one as a string), or
+    a date alone (midnight UTC); returned with its time zone."""
+    if isinstance(value, str):
+        try:
+            value = (
+                datetime.date.fromisoformat(value)
+                if len(value) == 10
+                else datetime.datetime.fromisoformat(value)
+            )
+        except ValueError:
+            raise ValueError(
+                "must be an RFC 3339 time, e.g. 2027-03-01T00:00:00Z, or a date, 2027-03-01"
+            ) from None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ValueError("must carry its offset from UTC, e.g. 2027-03-01T00:00:00Z")
+        return value
+    if isinstance(value, datetime.date):
+        return datetime.datetime.combine(value, datetime.time(), datetime.UTC)
+    raise ValueError("must be an RFC 3339 time, e.g. 2027-03-01T00:00:00Z, or a date, 2027-03-01")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -86,10 +87,13 @@ class RelayGate:
         log: structlog.typing.FilteringBoundLogger,
         graduates: Graduates | None = None,
         clock: Clock | None = None,
+        pop_first_relayed: Callable[[str], None] | None = None,
     ) -> None:
         """``graduates``: where pop_first_graduate keeps who moved on (None: it
         cannot, and no one graduates); ``clock``: the time retire_at is compared with."""
         self._policy = policy
+        # Told the login user of each message relayed by POP-first (the notices); must not block.
+        self._pop_first_relayed = pop_first_relayed
         self._store = store
         self._keying = keying
         self._ledger = ledger
@@ -132,6 +136,8 @@ class RelayGate:
             return None, message
         if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
             self._warn_unless_owned(policy, client)
+        if decision.reason is Reason.WHITELISTED and self._pop_first_relayed is not None:
+            self._pop_first_relayed(client.login_user)
         way = _WAYS.get(decision.reason)
         if way is not None and self._accounting is Accounting.RECIPIENTS:
             # Settled, but each RCPT must be seen to count relayed recipients.
