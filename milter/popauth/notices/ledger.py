@@ -9,6 +9,13 @@ claim is ``SET key NX PX`` (:class:`RedisNoticeLedger`): of two MTA hosts
 that see the same user at once, one sets the key and sends, the other finds
 it set. The key expires when the next notice is due. A submission that
 fails gives its claim back (:meth:`NoticeLedger.release`) to be retried.
+
+Apart from the claims, the ledger keeps each user's history for
+``popauth report --campaign``: how many notices were sent and when the last
+one went (:meth:`NoticeLedger.note_sent`, after a submission succeeded). It
+outlives the claims, which are dropped (or expire) once due again: in the
+state file under ``history`` (a file without it loads with none), in Redis
+in one hash, ``PREFIX notice-history``, user -> ``COUNT LAST_SENT_AT``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ class Sent:
     due_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class NoticeHistory:
+    """How many notices one user was sent, and when the last went."""
+
+    count: int
+    last_sent_at: float
+
+
 class NoticeLedger(abc.ABC):
     @abc.abstractmethod
     def claim(self, user: str, record: Sent, now: float) -> bool:
@@ -58,6 +73,14 @@ class NoticeLedger(abc.ABC):
     def records(self, users: list[str], now: float) -> dict[str, Sent]:
         """The current records of ``users`` (by the names given); for ``notices --dry-run``."""
 
+    @abc.abstractmethod
+    def note_sent(self, user: str, sent_at: float) -> None:
+        """Count a notice sent to ``user``; raises LedgerUnavailable."""
+
+    @abc.abstractmethod
+    def history(self) -> dict[str, NoticeHistory]:
+        """Every user ever sent a notice (by the caseless name); raises LedgerUnavailable."""
+
 
 class FileNoticeLedger(NoticeLedger):
     """One host's ledger: in memory, and in a state file written before memory changes."""
@@ -65,6 +88,7 @@ class FileNoticeLedger(NoticeLedger):
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._records: dict[str, Sent] = {}
+        self._history: dict[str, NoticeHistory] = {}
         self._lock = threading.Lock()
 
     def load(self) -> int:
@@ -81,12 +105,26 @@ class FileNoticeLedger(NoticeLedger):
             if record is None:
                 raise StateFileError(f"malformed record for {user!r:.80}")
             loaded[user] = record
+        saved_history = document.get("history", {})
+        if not isinstance(saved_history, dict):
+            raise StateFileError("malformed history")
+        history: dict[str, NoticeHistory] = {}
+        for user, fields in saved_history.items():
+            told = _history(user, fields)
+            if told is None:
+                raise StateFileError(f"malformed history of {user!r:.80}")
+            history[user] = told
         with self._lock:
             self._records = loaded
+            self._history = history
         return len(loaded)
 
-    def _write(self, records: dict[str, Sent]) -> None:
-        """Save ``records`` then make them the ledger (the caller holds the lock)."""
+    def _write(
+        self, records: dict[str, Sent], history: dict[str, NoticeHistory] | None = None
+    ) -> None:
+        """Save ``records`` (and ``history``, None: as it is) then make them the
+        ledger (the caller holds the lock)."""
+        history = self._history if history is None else history
         if self._path is not None:
             document = {
                 "format": NOTICES_FORMAT,
@@ -95,12 +133,28 @@ class FileNoticeLedger(NoticeLedger):
                     user: {"sent_at": sent.sent_at, "due_at": sent.due_at}
                     for user, sent in records.items()
                 },
+                "history": {
+                    user: {"count": told.count, "last_sent_at": told.last_sent_at}
+                    for user, told in history.items()
+                },
             }
             try:
                 write_json_atomically(self._path, document)
             except StateWriteError as error:
                 raise LedgerUnavailable(f"notices not saved: {error.strerror}") from None
         self._records = records
+        self._history = history
+
+    def note_sent(self, user: str, sent_at: float) -> None:
+        key = user_key(user)
+        with self._lock:
+            before = self._history.get(key)
+            count = 1 if before is None else before.count + 1
+            self._write(self._records, {**self._history, key: NoticeHistory(count, sent_at)})
+
+    def history(self) -> dict[str, NoticeHistory]:
+        with self._lock:
+            return dict(self._history)
 
     def claim(self, user: str, record: Sent, now: float) -> bool:
         key = user_key(user)
@@ -139,15 +193,41 @@ def _record(user: object, fields: object) -> Sent | None:
     return Sent(float(values[0]), float(values[1]))
 
 
+def _history(user: object, fields: object) -> NoticeHistory | None:
+    if not is_valid_user_name(user) or not isinstance(fields, dict):
+        return None
+    if set(fields) != {"count", "last_sent_at"}:
+        return None
+    count, last = fields["count"], fields["last_sent_at"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return None
+    if isinstance(last, bool) or not isinstance(last, int | float) or not math.isfinite(last):
+        return None
+    return NoticeHistory(count, float(last))
+
+
+# One step: two hosts that send at once count two notices.
+_NOTE_SENT_SCRIPT = """
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+local count = 0
+if before then count = tonumber(string.match(before, '^(%d+) ')) or 0 end
+redis.call('HSET', KEYS[1], ARGV[1], (count + 1) .. ' ' .. ARGV[2])
+return count + 1
+"""
+
+
 class RedisNoticeLedger(NoticeLedger):
     """Every host's ledger: a key per user, ``PREFIX notice:USER``, that expires when due.
 
-    Its value is ``SENT_AT DUE_AT``. Commands: SET (NX PX), MGET, DEL.
+    Its value is ``SENT_AT DUE_AT``. Commands: SET (NX PX), MGET, DEL; and
+    for the history (``PREFIX notice-history``) a script (HGET, HSET) and HGETALL.
     """
 
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._client = client
         self._prefix = f"{key_prefix}notice:"
+        self.history_key = f"{key_prefix}notice-history"
+        self._note_sent = client.register_script(_NOTE_SENT_SCRIPT)
 
     def key(self, user: str) -> str:
         return self._prefix + user_key(user)
@@ -179,6 +259,29 @@ class RedisNoticeLedger(NoticeLedger):
             if record is not None:
                 found[user] = record
         return found
+
+
+    def note_sent(self, user: str, sent_at: float) -> None:
+        try:
+            self._note_sent(keys=[self.history_key], args=[user_key(user), f"{sent_at:.3f}"])
+        except redis.RedisError as error:
+            raise LedgerUnavailable(f"redis: {error}") from error
+
+    def history(self) -> dict[str, NoticeHistory]:
+        try:
+            found = self._client.hgetall(self.history_key)
+        except redis.RedisError as error:
+            raise LedgerUnavailable(f"redis: {error}") from error
+        history = {}
+        for user, value in found.items():
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            try:
+                count, last = text.split()
+                told = NoticeHistory(int(count), float(last))
+            except ValueError:
+                continue
+            history[user.decode() if isinstance(user, bytes) else str(user)] = told
+        return history
 
 
 def _value(record: Sent) -> str:

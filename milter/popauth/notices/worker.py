@@ -63,7 +63,10 @@ class NoticeWorker:
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
         cancel: Callable[[], None] = lambda: None,
+        sent: Callable[[str], None] = lambda user: None,
     ) -> None:
+        """``sent``: told the user of each notice sent (the usage ledger's weekly trend)."""
+        self._sent = sent
         self._schedule = schedule
         self._ledger = ledger
         self._mail = mail
@@ -196,6 +199,12 @@ class NoticeWorker:
             self._failed(user, attempt, address, str(failure))
             return
         self._metrics.notices.labels("sent").inc()
+        try:
+            self._ledger.note_sent(user, now)
+        except LedgerUnavailable as failure:
+            # Sent and claimed: only popauth report --campaign counts one fewer.
+            self._log.error("notice_history_not_saved", user=escape_text(user), error=str(failure))
+        self._sent(user)
         self._log.info(
             "notice_sent",
             user=escape_text(user),

@@ -36,7 +36,7 @@ from popauth.relay.decision import (
 from popauth.relay.mismatch import MailerMismatchWarner
 from popauth.relay.recipients import Recipient, is_local_recipient
 from popauth.store import Entry, StoreUnavailable, WhitelistStore
-from popauth.store.accounts import Graduates, RelayWay, UsageLedger
+from popauth.store.accounts import Graduates, RelayWay, UsageLedger, WeekEvent
 from popauth.telemetry.metrics import Metrics
 
 _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
@@ -72,6 +72,8 @@ class Message:
     # How its relayed recipients went out; the ledger is told at the end of
     # the message, so that a transaction the client abandons counts nothing.
     way: RelayWay | None = None
+    # Whether the ledger counted this message's refusal for a retired POP-first.
+    retired_refusal_counted: bool = False
 
 
 class RelayGate:
@@ -137,7 +139,7 @@ class RelayGate:
         if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
             self._warn_unless_owned(policy, client)
         if decision.reason is Reason.WHITELISTED and self._pop_first_relayed is not None:
-            self._pop_first_relayed(client.login_user)
+            self._offer_notice(policy, client)
         way = _WAYS.get(decision.reason)
         if way is not None and self._accounting is Accounting.RECIPIENTS:
             # Settled, but each RCPT must be seen to count relayed recipients.
@@ -155,6 +157,10 @@ class RelayGate:
         if decision is None:
             decision = decide_unsettled_recipient(policy, client, recipient)
         self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
+        if decision.reason is Reason.POP_FIRST_RETIRED and not message.retired_refusal_counted:
+            # Once per message, for popauth report --campaign.
+            message.retired_refusal_counted = True
+            self._ledger.record_retired_refusal(escape_text(client.login_user))
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
@@ -249,6 +255,15 @@ class RelayGate:
         if way is RelayWay.SMTP_AUTH and self._policy.campaign.graduate:
             self._graduate(account)
 
+    def _offer_notice(self, policy: RelayPolicy, client: Client) -> None:
+        """A notice says POP-first ends: not to a user it does not end for
+        (exempt), nor to one it no longer relays for (graduated)."""
+        user = client.login_user
+        if policy.campaign.exempts(user) or user in client.graduated_users:
+            return
+        if self._pop_first_relayed is not None:
+            self._pop_first_relayed(user)
+
     def _graduate(self, user: str) -> None:
         if not user or self._graduates is None or user in self._known_graduates:
             return
@@ -260,6 +275,7 @@ class RelayGate:
             return
         self._known_graduates[user] = True
         if new:
+            self._ledger.note(WeekEvent.GRADUATED, user)
             self._log.info(
                 "pop_first_graduated",
                 user=user,

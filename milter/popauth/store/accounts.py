@@ -3,8 +3,20 @@
 The usage ledger answers the phase-out question "who still relies on POP
 first?": per user, how many messages (and recipients) were relayed because
 of a POP/IMAP login and how many because of SMTP AUTH, and when each was
-first and last seen. It is bounded (least recently active users drop out
-first) and saved like the whitelist snapshot.
+first and last seen, and how often (and when last) a POP-first relay was
+refused because POP-first was retired. It is bounded (least recently active
+users drop out first) and saved like the whitelist snapshot.
+
+It also keeps the campaign's weekly trend (:class:`WeeklyTrend`): per ISO
+week, how many users relayed by POP first, how many by SMTP AUTH, how many
+graduated and how many were sent a notice. Only the current week holds
+names (each set at most ``max_users``); a finished week is folded into four
+numbers, and at most :data:`TREND_WEEKS` finished weeks are kept.
+
+The file's version stays 1: the refusals (``refusals``) and the trend
+(``weeks``) are keys of their own beside ``users``, so that a file written
+before them loads (with none), and one written after still loads in a
+version that knows nothing of them.
 
 The block list names users whose logins the ingest endpoint refuses. It is
 written through on every change: a block must survive any restart. It holds
@@ -18,7 +30,9 @@ import abc
 import enum
 import math
 import threading
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
@@ -49,6 +63,10 @@ class Usage:
     auth_recipients: int = 0
     auth_first_seen: float = 0.0
     auth_last_seen: float = 0.0
+    # POP-first relays refused because POP-first is retired (pop_first_retire_at
+    # passed, or pop_first = "off"): messages, and the last one.
+    retired_refusals: int = 0
+    retired_last_refused: float = 0.0
 
     def add(self, way: RelayWay, messages: int, recipients: int, now: float) -> None:
         if way is RelayWay.POP_FIRST:
@@ -63,17 +81,164 @@ class Usage:
             self.auth_last_seen = now
 
 
+# The fields of a saved user record (the ledger's first version), and of a REPORT line.
+USAGE_COUNTS = (
+    "pop_messages",
+    "pop_recipients",
+    "pop_first_seen",
+    "pop_last_seen",
+    "auth_messages",
+    "auth_recipients",
+    "auth_first_seen",
+    "auth_last_seen",
+)
+
+
+def usage_counts(usage: Usage) -> dict[str, int | float]:
+    """The usage as a saved user record has it (the refusals are saved apart)."""
+    return {name: getattr(usage, name) for name in USAGE_COUNTS}
+
+
 USAGE_FORMAT = "popauth-usage"
 USAGE_VERSION = 1
+# Finished weeks the trend keeps: a year. Each is a week name and four numbers.
+TREND_WEEKS = 52
+
+
+def iso_week(epoch: float) -> str:
+    """The ISO 8601 week of ``epoch`` (UTC), e.g. ``2026-W49``."""
+    year, week, _ = datetime.fromtimestamp(epoch, UTC).isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+class WeekEvent(enum.Enum):
+    """What the weekly trend counts, once per user and week."""
+
+    POP_FIRST = "pop_first"
+    SMTP_AUTH = "smtp_auth"
+    GRADUATED = "graduated"
+    NOTIFIED = "notified"
+
+
+@dataclass(frozen=True, slots=True)
+class Week:
+    """One week of the trend: distinct users per :class:`WeekEvent`."""
+
+    week: str
+    pop_first: int = 0
+    smtp_auth: int = 0
+    graduated: int = 0
+    notified: int = 0
+
+
+@dataclass(slots=True)
+class WeeklyTrend:
+    """The current week's users per event (names: each counted once), and
+    the finished weeks as numbers, the newest last, at most ``weeks`` of them.
+
+    Memory: the current week's four sets of at most ``max_users`` names, and
+    ``weeks`` small records. A set that is full counts no more names that
+    week (a site that size sees the ledger drop users too).
+    """
+
+    max_users: int
+    weeks: int = TREND_WEEKS
+    current: str = ""
+    users: dict[WeekEvent, set[str]] = field(default_factory=dict)
+    finished: deque[Week] = field(default_factory=deque)
+
+    def note(self, event: WeekEvent, user: str, now: float) -> None:
+        """The caller holds the ledger's lock."""
+        self.turn_to(iso_week(now))
+        names = self.users.setdefault(event, set())
+        if len(names) < self.max_users:
+            names.add(user)
+
+    def turn_to(self, week: str) -> None:
+        """Make ``week`` the current one, folding the one before into numbers."""
+        if week == self.current:
+            return
+        if self.current and week > self.current:
+            self.finished.append(self._counted())
+            while len(self.finished) > self.weeks:
+                self.finished.popleft()
+        elif self.current:
+            return  # the clock went back: keep counting in the newer week
+        self.current = week
+        self.users = {}
+
+    def _counted(self) -> Week:
+        counts = {event.value: len(self.users.get(event, ())) for event in WeekEvent}
+        return Week(self.current, **counts)
+
+    def rows(self) -> list[Week]:
+        """The finished weeks, then the current one, oldest first."""
+        return [*self.finished, *([self._counted()] if self.current else [])]
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "current": self.current,
+            "users": {event.value: sorted(self.users.get(event, ())) for event in WeekEvent},
+            "finished": [asdict(week) for week in self.finished],
+        }
+
+    def load(self, document: Any) -> None:
+        """Take a saved trend; raises StateFileError when it is malformed."""
+        if not isinstance(document, dict):
+            raise StateFileError("malformed weeks")
+        current = document.get("current", "")
+        users = document.get("users", {})
+        finished = document.get("finished", [])
+        if not isinstance(current, str) or not isinstance(users, dict):
+            raise StateFileError("malformed weeks")
+        if not isinstance(finished, list):
+            raise StateFileError("malformed weeks")
+        loaded: dict[WeekEvent, set[str]] = {}
+        for event in WeekEvent:
+            names = users.get(event.value, [])
+            if not isinstance(names, list) or not all(is_valid_user_name(n) for n in names):
+                raise StateFileError(f"malformed weeks: {event.value}")
+            loaded[event] = set(names[: self.max_users])
+        weeks = [_week(record) for record in finished]
+        if any(week is None for week in weeks):
+            raise StateFileError("malformed weeks: a finished week")
+        self.current = current
+        self.users = loaded
+        self.finished = deque(week for week in weeks[-self.weeks :] if week is not None)
+
+
+def _week(record: Any) -> Week | None:
+    if not isinstance(record, dict) or set(record) != {f.name for f in fields_of(Week)}:
+        return None
+    counts = [record[event.value] for event in WeekEvent]
+    if not isinstance(record["week"], str) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+    ):
+        return None
+    return Week(**record)
 
 
 class UsageLedger:
-    def __init__(self, *, max_users: int, clock: Clock) -> None:
+    def __init__(self, *, max_users: int, clock: Clock, trend_weeks: int = TREND_WEEKS) -> None:
         self._clock = clock
         self._users: LRUCache[str, Usage] = LRUCache(maxsize=max_users)
+        self._trend = WeeklyTrend(max_users=max_users, weeks=trend_weeks)
         self._lock = threading.Lock()
 
     def record(self, user: str, way: RelayWay, *, messages: int, recipients: int) -> None:
+        if not user:
+            return
+        now = self._clock.time()
+        event = WeekEvent.POP_FIRST if way is RelayWay.POP_FIRST else WeekEvent.SMTP_AUTH
+        with self._lock:
+            usage = self._users.get(user)
+            if usage is None:
+                usage = self._users[user] = Usage()
+            usage.add(way, messages, recipients, now)
+            self._trend.note(event, user, now)
+
+    def record_retired_refusal(self, user: str) -> None:
+        """A POP-first relay of ``user`` was refused: POP-first is retired."""
         if not user:
             return
         now = self._clock.time()
@@ -81,7 +246,33 @@ class UsageLedger:
             usage = self._users.get(user)
             if usage is None:
                 usage = self._users[user] = Usage()
-            usage.add(way, messages, recipients, now)
+            usage.retired_refusals += 1
+            usage.retired_last_refused = now
+
+    def note(self, event: WeekEvent, user: str) -> None:
+        """For the weekly trend: ``user`` graduated or was sent a notice."""
+        if not user:
+            return
+        now = self._clock.time()
+        with self._lock:
+            self._trend.note(event, user, now)
+
+    def weeks(self) -> list[Week]:
+        """The weekly trend, oldest week first (the current week last)."""
+        with self._lock:
+            self._trend.turn_to(iso_week(self._clock.time()))
+            return self._trend.rows()
+
+    def users(self) -> list[tuple[str, Usage]]:
+        """Every user the ledger holds, most recently active first."""
+        with self._lock:
+            rows = [(user, Usage(**asdict(u))) for user, u in self._users.items()]
+        return sorted(rows, key=lambda row: _last_seen(row[1]), reverse=True)
+
+    def pop_first_users_since(self, since: float) -> int:
+        """How many users relayed by POP first at or after ``since``."""
+        with self._lock:
+            return sum(1 for usage in self._users.values() if usage.pop_last_seen >= since > 0)
 
     def pop_first_users(self) -> list[tuple[str, Usage]]:
         """Users who relayed by POP first, most recently seen first."""
@@ -97,9 +288,22 @@ class UsageLedger:
 
     def save(self, path: Path) -> None:
         with self._lock:
-            users = {user: asdict(usage) for user, usage in self._users.items()}
+            users = {user: usage_counts(usage) for user, usage in self._users.items()}
+            refusals = {
+                user: [usage.retired_refusals, usage.retired_last_refused]
+                for user, usage in self._users.items()
+                if usage.retired_refusals
+            }
+            weeks = self._trend.document()
         write_json_atomically(
-            path, {"format": USAGE_FORMAT, "version": USAGE_VERSION, "users": users}
+            path,
+            {
+                "format": USAGE_FORMAT,
+                "version": USAGE_VERSION,
+                "users": users,
+                "refusals": refusals,
+                "weeks": weeks,
+            },
         )
 
     def load(self, path: Path, log: structlog.typing.FilteringBoundLogger | None = None) -> int:
@@ -112,6 +316,12 @@ class UsageLedger:
         users = document.get("users")
         if not isinstance(users, dict):
             raise StateFileError("no user table")
+        refusals = document.get("refusals", {})
+        if not isinstance(refusals, dict):
+            raise StateFileError("malformed refusals")
+        trend = WeeklyTrend(max_users=self._trend.max_users, weeks=self._trend.weeks)
+        if "weeks" in document:
+            trend.load(document["weeks"])
         loaded: dict[str, Usage] = {}
         for user, fields in users.items():
             problem = _usage_problem(user, fields)
@@ -121,15 +331,32 @@ class UsageLedger:
                         "usage_record_dropped", path=str(path), user=repr(user)[:80], reason=problem
                     )
                 continue
-            loaded[user] = Usage(**fields)
+            usage = loaded[user] = Usage(**fields)
+            refused = _refusals(refusals.get(user))
+            if refused is not None:
+                usage.retired_refusals, usage.retired_last_refused = refused
         with self._lock:
             # Oldest activity first, so the LRU order matches how recent it is.
             for user, usage in sorted(loaded.items(), key=lambda kv: _last_seen(kv[1])):
                 self._users[user] = usage
+            if trend.current:
+                self._trend = trend
         return len(loaded)
 
 
-_USAGE_FIELDS = {field.name: field.type for field in fields_of(Usage)}
+_USAGE_FIELDS = {f.name: f.type for f in fields_of(Usage) if f.name in USAGE_COUNTS}
+
+
+def _refusals(saved: Any) -> tuple[int, float] | None:
+    """A saved ``[count, last]`` of retired refusals, or None (none, or malformed)."""
+    if not isinstance(saved, list) or len(saved) != 2:
+        return None
+    count, last = saved
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return None
+    if isinstance(last, bool) or not isinstance(last, int | float) or not math.isfinite(last):
+        return None
+    return count, max(0.0, float(last))
 
 
 def _usage_problem(user: str, fields: Any) -> str | None:

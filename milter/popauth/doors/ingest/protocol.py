@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from typing import NamedTuple
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
@@ -18,6 +17,7 @@ from popauth.basics.errors import InputError
 from popauth.basics.escaping import escape_user_name
 from popauth.basics.usernames import MAX_USER, is_valid_user_name
 from popauth.doors.ingest.wire import (
+    CAMPAIGN_VIEW,
     EXPLAIN_OPTIONS,
     MAX_LINE,
     MULTI_LINE,
@@ -31,11 +31,13 @@ from popauth.doors.ingest.wire import (
     parse_fields,
 )
 from popauth.localdelivery import is_mailer_name
+from popauth.notices.ledger import NoticeHistory
 from popauth.store import Entry, Grant, StoreStats
-from popauth.store.accounts import Graduation, Usage
+from popauth.store.accounts import Graduation, Usage, Week, usage_counts
 
 # The wire's names are re-exported: the server formats its replies from here.
 __all__ = [
+    "CAMPAIGN_VIEW",
     "MAX_LINE",
     "MULTI_LINE",
     "Argument",
@@ -44,8 +46,10 @@ __all__ = [
     "Request",
     "Verb",
     "error",
+    "format_campaign_user",
     "format_grant",
     "format_usage",
+    "format_week",
     "multi_line",
     "not_found",
     "not_found_user",
@@ -187,8 +191,15 @@ def _user(text: str) -> str:
     return text
 
 
+def _view(text: str) -> str:
+    if text != CAMPAIGN_VIEW:
+        raise ProtocolError(ErrorCode.SYNTAX, f"REPORT's only view is view={CAMPAIGN_VIEW}")
+    return text
+
+
 _OPTIONS: dict[Verb, dict[str, Callable[[str], str]]] = {
     Verb.EXPLAIN: dict(zip(EXPLAIN_OPTIONS, (_user, _user, _sender, _mailer), strict=True)),
+    Verb.REPORT: {"view": _view},
 }
 # Per verb word: the verb, its arguments, how many are required, its options.
 # One look-up per request instead of building an enum member and three.
@@ -234,12 +245,39 @@ def format_usage(
 ) -> str:
     """A REPORT line: the usage, then ``graduated=`` and ``reinstated=`` (epoch
     seconds, 0: not) and ``exempt=yes|no`` (pop_first_exempt_users)."""
-    fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
+    fields = " ".join(f"{name}={int(value)}" for name, value in usage_counts(usage).items())
     graduated = 0 if graduation is None else int(graduation.graduated_at)
     reinstated = 0 if graduation is None else int(graduation.reinstated_at)
     return (
         f"user={escape_user_name(user)} {fields} graduated={graduated}"
         f" reinstated={reinstated} exempt={'yes' if exempt else 'no'}"
+    )
+
+
+def format_campaign_user(
+    user: str,
+    usage: Usage,
+    graduation: Graduation | None,
+    told: NoticeHistory | None,
+    exempt: bool,
+) -> str:
+    """A ``REPORT view=campaign`` user line (times in epoch seconds, 0: never)."""
+    graduated = 0 if graduation is None or not graduation.graduated else graduation.graduated_at
+    return (
+        f"user={escape_user_name(user)} pop_last_seen={int(usage.pop_last_seen)}"
+        f" auth_last_seen={int(usage.auth_last_seen)}"
+        f" notified={0 if told is None else int(told.last_sent_at)}"
+        f" notices={0 if told is None else told.count}"
+        f" graduated={int(graduated)} exempt={'yes' if exempt else 'no'}"
+        f" refused_since_retirement={usage.retired_refusals}"
+    )
+
+
+def format_week(week: Week) -> str:
+    """A ``REPORT view=campaign`` week line: distinct users of that ISO week."""
+    return (
+        f"week={week.week} pop_first={week.pop_first} smtp_auth={week.smtp_auth}"
+        f" graduated={week.graduated} notified={week.notified}"
     )
 
 

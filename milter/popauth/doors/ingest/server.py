@@ -26,6 +26,7 @@ from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.notices.ledger import NoticeHistory
 from popauth.relay.decision import Campaign
 from popauth.relay.explain import Explainer, Question, explanation_lines
 from popauth.store import NotConfirmed, Renewal, StoreUnavailable, UserBlocked, WhitelistStore
@@ -83,10 +84,12 @@ class IngestServer(UnixStreamServer):
         graduates: Graduates | None = None,
         campaign: Callable[[], Campaign] = Campaign,
         clock: Clock | None = None,
+        notice_history: Callable[[], dict[str, NoticeHistory]] | None = None,
     ) -> None:
         """``peers``: who holds which role; by default the settings' roles.
         ``graduates`` and ``campaign`` (the live policy's, read per request):
-        what REPORT and REINSTATE see of the phase-out of POP-first."""
+        what REPORT and REINSTATE see of the phase-out of POP-first;
+        ``notice_history``: the notice ledger's, for ``REPORT view=campaign``."""
         super().__init__(
             path=settings.socket,
             mode=settings.socket_mode,
@@ -120,6 +123,7 @@ class IngestServer(UnixStreamServer):
         self._graduates = graduates if graduates is not None else FileGraduates(None)
         self._campaign = campaign
         self._clock = clock or SystemClock()
+        self._notice_history = notice_history
 
     # --- framing -----------------------------------------------------------
 
@@ -325,6 +329,8 @@ class IngestServer(UnixStreamServer):
             return protocol.multi_line(
                 f"user={escape_user_name(user)}" for user in self._blocklist.users()
             )
+        if verb is Verb.REPORT and request.option("view") == protocol.CAMPAIGN_VIEW:
+            return protocol.multi_line(self._campaign_lines())
         if verb is Verb.REPORT:
             return protocol.multi_line(self._report_lines())
         if verb is Verb.EXPLAIN:
@@ -440,6 +446,35 @@ class IngestServer(UnixStreamServer):
                 usage = self._ledger.get(key) or Usage()
                 exempt = campaign.exempts(key)
                 lines.append(protocol.format_usage(key, usage, graduation, exempt))
+        return lines
+
+    def _campaign_lines(self) -> list[str]:
+        """``REPORT view=campaign``: the retirement date, then one line per user
+        of the campaign (who relayed by POP first, graduated, is exempt or was
+        sent a notice), most recently active first, then the weekly trend."""
+        campaign = self._campaign()
+        graduations = self._graduates.records()
+        history = self._notice_history() if self._notice_history is not None else {}
+        rows: dict[str, tuple[str, Usage]] = {}
+        for user, usage in self._ledger.users():
+            if usage.pop_messages or usage.retired_refusals:
+                rows.setdefault(user_key(user), (user, usage))
+        for user in [*graduations, *sorted(campaign.exempt_users), *history]:
+            key = user_key(user)
+            if key not in rows:
+                rows[key] = (user, self._ledger.get(user) or self._ledger.get(key) or Usage())
+        lines = [f"retire_at={int(campaign.retire_at or 0)} now={int(self._clock.time())}"]
+        for key, (user, usage) in rows.items():
+            lines.append(
+                protocol.format_campaign_user(
+                    user,
+                    usage,
+                    graduations.get(key),
+                    history.get(key),
+                    campaign.exempts(user),
+                )
+            )
+        lines.extend(protocol.format_week(week) for week in self._ledger.weeks())
         return lines
 
     def _reinstate(self, user: str, peer: Peer) -> bytes:

@@ -67,6 +67,8 @@ class Verb(enum.Enum):
 MULTI_LINE = frozenset({Verb.LIST, Verb.BLOCKED, Verb.REPORT, Verb.EXPLAIN})
 # EXPLAIN's optional ``key=value`` words, after its address and recipient.
 EXPLAIN_OPTIONS = ("user", "auth", "sender", "mailer")
+# REPORT's one option, view=campaign: the phase-out's progress (popauth report --campaign).
+CAMPAIGN_VIEW = "campaign"
 
 
 class ErrorCode(enum.Enum):
