@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 
@@ -25,7 +26,7 @@ from popauth.notices.template import read_template
 from popauth.notices.worker import NoticeOptions, NoticeWorker
 from popauth.relay.decision import PopFirst
 from popauth.store import StoreKind, WhitelistStore
-from popauth.store.accounts import UsageLedger
+from popauth.store.accounts import UsageLedger, WeekEvent
 from popauth.store.statefile import prepare_state_directory
 from popauth.telemetry.metrics import Metrics
 
@@ -112,8 +113,11 @@ def notice_worker(
     metrics: Metrics,
     log: structlog.typing.FilteringBoundLogger,
     clock: Clock | None = None,
+    usage: UsageLedger | None = None,
 ) -> NoticeWorker | None:
-    """The worker when ``pop_first_notices`` is on (None otherwise); its ledger is loaded."""
+    """The worker when ``pop_first_notices`` is on (None otherwise); its ledger is loaded.
+
+    ``usage``: told of every notice sent, for its weekly trend."""
     if not settings.notices.enabled:
         return None
     parts = notice_parts(settings, local)
@@ -139,6 +143,7 @@ def notice_worker(
         clock=clock or SystemClock(),
         metrics=metrics,
         log=log,
+        sent=(lambda user: None) if usage is None else partial(usage.note, WeekEvent.NOTIFIED),
     )
 
 

@@ -10,8 +10,10 @@ closed.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -29,6 +31,7 @@ from popauth.doors.milter.service import MilterService
 from popauth.doors.socketmap.server import SocketmapServer
 from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delivery
 from popauth.localdelivery.resolve import resolve_local_delivery
+from popauth.relay.decision import Campaign
 from popauth.relay.explain import Explainer
 from popauth.relay.gate import RelayGate
 from popauth.store import Entry, StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
@@ -47,7 +50,7 @@ from popauth.store.snapshot import Snapshotter
 from popauth.store.statefile import PeriodicSaver, prepare_state_directory
 from popauth.telemetry.levels import LogLevel
 from popauth.telemetry.logs import configure_logging
-from popauth.telemetry.metrics import Metrics
+from popauth.telemetry.metrics import POP_FIRST_WINDOWS, CampaignGauges, Metrics
 
 
 @dataclass
@@ -188,6 +191,22 @@ def socketmap_server(
     )
 
 
+DAY = 86_400.0
+
+
+def campaign_gauges(
+    ledger: UsageLedger, graduates: Graduates, campaign: Callable[[], Campaign]
+) -> CampaignGauges:
+    """The phase-out's gauges now: users still on POP first, graduated, exempt."""
+    now = time.time()
+    users = {days: ledger.pop_first_users_since(now - days * DAY) for days in POP_FIRST_WINDOWS}
+    try:
+        graduated: int | None = sum(r.graduated for r in graduates.records().values())
+    except StoreUnavailable:
+        graduated = None
+    return CampaignGauges(users, graduated, len(campaign().exempt_users))
+
+
 def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback.
 
@@ -208,7 +227,9 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     policy = settings.relay.policy(local)
     if not any(learned.has_domains() for learned in local.classes):
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
-    notices = notice_worker(settings, local=local, store=store, metrics=metrics, log=log)
+    notices = notice_worker(
+        settings, local=local, store=store, metrics=metrics, log=log, usage=state.ledger
+    )
     gate = RelayGate(
         policy=policy,
         store=store,
@@ -250,6 +271,10 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         explainer=explainer,
         graduates=state.graduates,
         campaign=lambda: gate.policy.campaign,
+        notice_history=None if notices is None else notices.history,
+    )
+    metrics.track_campaign(
+        partial(campaign_gauges, state.ledger, state.graduates, lambda: gate.policy.campaign)
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log, gate=gate)
     milter = MilterService(

@@ -260,7 +260,6 @@ class RedisNoticeLedger(NoticeLedger):
                 found[user] = record
         return found
 
-
     def note_sent(self, user: str, sent_at: float) -> None:
         try:
             self._note_sent(keys=[self.history_key], args=[user_key(user), f"{sent_at:.3f}"])

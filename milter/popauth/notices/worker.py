@@ -26,7 +26,7 @@ import structlog
 from popauth.basics.clock import Clock
 from popauth.basics.escaping import escape_text
 from popauth.basics.usernames import user_key
-from popauth.notices.ledger import LedgerUnavailable, NoticeLedger, Sent
+from popauth.notices.ledger import LedgerUnavailable, NoticeHistory, NoticeLedger, Sent
 from popauth.notices.mail import NoticeMail, SubmissionFailed, notice_address, notice_values
 from popauth.notices.schedule import NoticeSchedule
 from popauth.telemetry.metrics import Metrics
@@ -234,6 +234,10 @@ class NoticeWorker:
             if len(self._quiet_until) > 4 * self._options.queue_size:
                 now = self._clock.time()
                 self._quiet_until = {k: t for k, t in self._quiet_until.items() if t > now}
+
+    def history(self) -> dict[str, NoticeHistory]:
+        """Who was sent how many notices, last when (``popauth report --campaign``)."""
+        return self._ledger.history()
 
     def pending_retries(self) -> list[tuple[float, str, int]]:
         """The failed submissions waiting, soonest first: (when, user, attempt)."""

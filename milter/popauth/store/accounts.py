@@ -32,8 +32,8 @@ import math
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from dataclasses import fields as fields_of
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +272,11 @@ class UsageLedger:
     def pop_first_users_since(self, since: float) -> int:
         """How many users relayed by POP first at or after ``since``."""
         with self._lock:
-            return sum(1 for usage in self._users.values() if usage.pop_last_seen >= since > 0)
+            return sum(
+                1
+                for usage in self._users.values()
+                if usage.pop_messages and usage.pop_last_seen >= since
+            )
 
     def pop_first_users(self) -> list[tuple[str, Usage]]:
         """Users who relayed by POP first, most recently seen first."""

@@ -18,12 +18,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 # Decisions take microseconds; the upper buckets catch a slow Redis.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.25, 1.0)
@@ -138,6 +144,57 @@ class _HotCounts:
             yield source.family()
 
 
+# The windows of popauth_pop_first_users, in days.
+POP_FIRST_WINDOWS = (7, 30)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignGauges:
+    """The phase-out's progress at one scrape, read from the usage ledger.
+
+    ``pop_first_users``: days -> users who relayed by POP first within that
+    many days; ``graduated``: None when the graduates could not be read
+    (the gauge is left out of that scrape rather than shown as 0).
+    """
+
+    pop_first_users: dict[int, int]
+    graduated: int | None
+    exempt: int
+
+
+class _CampaignCollector:
+    """``popauth_pop_first_users{days}``, ``..._graduated_users``, ``..._exempt_users``."""
+
+    def __init__(self, read: Callable[[], CampaignGauges]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = self._read()
+        users = GaugeMetricFamily(
+            "popauth_pop_first_users",
+            "Users who relayed by POP first within the last DAYS days",
+            labels=["days"],
+        )
+        for days, count in sorted(gauges.pop_first_users.items()):
+            users.add_metric([str(days)], count)
+        yield users
+        if gauges.graduated is not None:
+            yield GaugeMetricFamily(
+                "popauth_pop_first_graduated_users",
+                "Users graduated to SMTP AUTH (pop_first_graduate), not reinstated",
+                value=gauges.graduated,
+            )
+        yield GaugeMetricFamily(
+            "popauth_pop_first_exempt_users",
+            "Users who keep POP first after its retirement (pop_first_exempt_users)",
+            value=gauges.exempt,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        # Nothing to read before the first scrape: registering must not call the ledger.
+        return iter(())
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -201,6 +258,10 @@ class Metrics:
     def track_whitelist_size(self, count: Callable[[], int]) -> None:
         """Ask the store for its size at every scrape."""
         self.whitelist_entries.set_function(count)
+
+    def track_campaign(self, read: Callable[[], CampaignGauges]) -> None:
+        """Read the phase-out's gauges from the usage ledger at every scrape."""
+        self.registry.register(_CampaignCollector(read))
 
     def serve(self, host: str, port: int) -> None:
         """Serve ``/metrics`` on ``host`` (an IP address) and ``port`` in a thread.
