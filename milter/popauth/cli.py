@@ -21,8 +21,16 @@ from typing import TYPE_CHECKING, Any
 from popauth.basics.clock import how_long, parse_moment, rfc3339
 from popauth.basics.errors import ConfigError, InputError, PopauthError, StoppedError
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable, UnsafeRequest
-from popauth.doors.ingest.report import DryRun, Standing, dry_run, report_rows
-from popauth.doors.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
+from popauth.doors.ingest.report import (
+    CAMPAIGN_COLUMNS,
+    WEEK_COLUMNS,
+    DryRun,
+    Standing,
+    campaign_report,
+    dry_run,
+    report_rows,
+)
+from popauth.doors.ingest.wire import CAMPAIGN_VIEW, DEFAULT_SOCKET, NOT_FOUND, OK
 
 if TYPE_CHECKING:
     from popauth.config import Settings
@@ -98,6 +106,17 @@ def _add_campaign(report: argparse.ArgumentParser, commands: Any) -> None:
         type=_positive_days,
         default=30,
         help="with --retire-at: users who relayed by POP first in the last DAYS days (30)",
+    )
+    report.add_argument(
+        "--campaign",
+        action="store_true",
+        help="the phase-out's progress: per user and in total, then per ISO week",
+    )
+    report.add_argument(
+        "--weekly",
+        action="store_true",
+        help="the campaign's weekly trend only (users per week by POP first,"
+        " by SMTP AUTH, graduated, notified)",
     )
     pop_first = commands.add_parser("pop-first", help="the phase-out of POP-before-SMTP")
     pop_first_commands = pop_first.add_subparsers(dest="pop_first_command", required=True)
@@ -223,6 +242,8 @@ def _request_line(arguments: argparse.Namespace) -> str:
         return f"REVOKEUSER {arguments.user}"
     if arguments.command == "pop-first":
         return f"REINSTATE {arguments.user}"
+    if arguments.command == "report" and (arguments.campaign or arguments.weekly):
+        return f"REPORT view={CAMPAIGN_VIEW}"
     words = [arguments.command.upper()]
     if getattr(arguments, "address", None) is not None:
         words.append(arguments.address)
@@ -323,6 +344,44 @@ _DRY_RUN_HEADINGS = (
 )
 
 
+def _print_campaign(lines: list[str], arguments: argparse.Namespace) -> None:
+    """``report --campaign``: users and a total row, then the weekly trend."""
+    report = campaign_report(lines)
+    users = [*_rows_of(report.users), report.totals()]
+    if arguments.format == "json":
+        document = {
+            "retire_at": rfc3339(report.retire_at) if report.retire_at else None,
+            "users": _rows_of(report.users),
+            "total": report.totals(),
+            "weeks": report.weeks,
+        }
+        print(json.dumps(document, indent=2))
+        return
+    if arguments.format == "csv":
+        columns, rows = (
+            (WEEK_COLUMNS, report.weeks)
+            if arguments.weekly
+            else (
+                CAMPAIGN_COLUMNS,
+                users,
+            )
+        )
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    if not arguments.weekly:
+        if report.retire_at:
+            when = how_long(report.retire_at - report.now)
+            print(f"campaign: POP first retired at {rfc3339(report.retire_at)} ({when})")
+        else:
+            print("campaign: no retirement date (pop_first_retire_at) set")
+        _print_table(CAMPAIGN_COLUMNS, users)
+        print()
+    print("weekly trend (users per ISO week):")
+    _print_table(WEEK_COLUMNS, report.weeks)
+
+
 def _dry_run_summary(run: DryRun) -> dict[str, object]:
     return {
         "retire_at": rfc3339(run.retire_at),
@@ -344,7 +403,7 @@ def _rows_of(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     ]
 
 
-_TIMES = ("_seen", "graduated", "reinstated")
+_TIMES = ("_seen", "graduated", "reinstated", "notified")
 
 
 def _timestamp(epoch: str) -> str:
@@ -386,6 +445,9 @@ def _run_client(arguments: argparse.Namespace) -> int:
         print(f"popauth: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = reply[0].split(" ", 1)[0]
+    if status == OK and arguments.command == "report" and (arguments.campaign or arguments.weekly):
+        _print_campaign(reply[1:], arguments)
+        return EXIT_OK
     if status == OK and arguments.command == "report" and arguments.retire_at is not None:
         _print_dry_run(reply[1:], arguments)
         return EXIT_OK

@@ -26,7 +26,7 @@ from popauth.notices.template import read_template
 from popauth.notices.worker import NoticeOptions, NoticeWorker
 from popauth.relay.decision import PopFirst
 from popauth.store import StoreKind, WhitelistStore
-from popauth.store.accounts import UsageLedger, WeekEvent
+from popauth.store.accounts import FileGraduates, RedisGraduates, UsageLedger, WeekEvent
 from popauth.store.statefile import prepare_state_directory
 from popauth.telemetry.metrics import Metrics
 
@@ -155,6 +155,9 @@ def dry_run_lines(
     Reads the saved usage ledger (``usage_path``, saved every
     ``snapshot_interval``) for the users who relayed by POP-first within the
     last interval, and the notice ledger for when each was last told.
+    Exempt users (POP-first does not end for them) and, with
+    ``pop_first_graduate``, graduated users (it ended already) are named
+    and skipped, as the milter never offers them a notice.
     Sends nothing and writes nothing.
     """
     now = time.time() if now is None else now
@@ -186,8 +189,16 @@ def dry_run_lines(
         with contextlib.suppress(StateFileMissing):
             ledger.load()
     records = ledger.records(recent, now)
+    campaign = settings.relay.campaign()
+    graduated = _graduated_among(settings, tuple(recent)) if campaign.graduate else frozenset()
     due = 0
     for user in recent:
+        if campaign.exempts(user):
+            yield f"{user}: exempt (pop_first_exempt_users): POP-first does not end, no notice"
+            continue
+        if user in graduated:
+            yield f"{user}: graduated to SMTP AUTH (pop_first_graduate): no notice"
+            continue
         record = records.get(user)
         address = notice_address(user, parts.options.domain)
         if record is not None and not schedule.is_due(now, record.due_at):
@@ -202,6 +213,20 @@ def dry_run_lines(
         yield f"{user}: would be sent a notice now, to {address}:"
         yield from ("    " + line for line in text.rstrip("\n").split("\n"))
     yield f"{due} of {len(recent)} users who relayed by POP-first recently would be sent a notice"
+
+
+def _graduated_among(settings: Settings, users: tuple[str, ...]) -> frozenset[str]:
+    """Those of ``users`` the graduates' file or Redis hash holds as graduated."""
+    if settings.store.kind is StoreKind.REDIS:
+        from popauth.store.redis import connect, graduates_key_of
+
+        stored = settings.store
+        client = connect(
+            stored.redis_url, stored.redis_timeout, stored if stored.redis_sentinels else None
+        )
+        key = graduates_key_of(stored.redis_key_prefix)
+        return RedisGraduates(client, key).graduated_among(users)
+    return FileGraduates(settings.accounts.graduates_path).graduated_among(users)
 
 
 def _when(epoch: float) -> str:

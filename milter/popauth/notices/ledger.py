@@ -15,7 +15,8 @@ Apart from the claims, the ledger keeps each user's history for
 one went (:meth:`NoticeLedger.note_sent`, after a submission succeeded). It
 outlives the claims, which are dropped (or expire) once due again: in the
 state file under ``history`` (a file without it loads with none), in Redis
-in one hash, ``PREFIX notice-history``, user -> ``COUNT LAST_SENT_AT``.
+in two hashes by user, ``PREFIX notice-count`` (HINCRBY: two hosts sending
+at once count two) and ``PREFIX notice-last`` (the last time sent).
 """
 
 from __future__ import annotations
@@ -206,28 +207,18 @@ def _history(user: object, fields: object) -> NoticeHistory | None:
     return NoticeHistory(count, float(last))
 
 
-# One step: two hosts that send at once count two notices.
-_NOTE_SENT_SCRIPT = """
-local before = redis.call('HGET', KEYS[1], ARGV[1])
-local count = 0
-if before then count = tonumber(string.match(before, '^(%d+) ')) or 0 end
-redis.call('HSET', KEYS[1], ARGV[1], (count + 1) .. ' ' .. ARGV[2])
-return count + 1
-"""
-
-
 class RedisNoticeLedger(NoticeLedger):
     """Every host's ledger: a key per user, ``PREFIX notice:USER``, that expires when due.
 
     Its value is ``SENT_AT DUE_AT``. Commands: SET (NX PX), MGET, DEL; and
-    for the history (``PREFIX notice-history``) a script (HGET, HSET) and HGETALL.
+    for the history HINCRBY, HSET and HGETALL.
     """
 
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._client = client
         self._prefix = f"{key_prefix}notice:"
-        self.history_key = f"{key_prefix}notice-history"
-        self._note_sent = client.register_script(_NOTE_SENT_SCRIPT)
+        self.count_key = f"{key_prefix}notice-count"
+        self.last_key = f"{key_prefix}notice-last"
 
     def key(self, user: str) -> str:
         return self._prefix + user_key(user)
@@ -261,25 +252,28 @@ class RedisNoticeLedger(NoticeLedger):
         return found
 
     def note_sent(self, user: str, sent_at: float) -> None:
+        key = user_key(user)
         try:
-            self._note_sent(keys=[self.history_key], args=[user_key(user), f"{sent_at:.3f}"])
+            self._client.hincrby(self.count_key, key, 1)
+            self._client.hset(self.last_key, key, f"{sent_at:.3f}")
         except redis.RedisError as error:
             raise LedgerUnavailable(f"redis: {error}") from error
 
     def history(self) -> dict[str, NoticeHistory]:
         try:
-            found = self._client.hgetall(self.history_key)
+            counts = self._client.hgetall(self.count_key)
+            lasts = self._client.hgetall(self.last_key)
         except redis.RedisError as error:
             raise LedgerUnavailable(f"redis: {error}") from error
         history = {}
-        for user, value in found.items():
-            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+        last_by_user = {_text(user): _text(last) for user, last in lasts.items()}
+        for user, count in counts.items():
+            name = _text(user)
             try:
-                count, last = text.split()
-                told = NoticeHistory(int(count), float(last))
+                told = NoticeHistory(int(_text(count)), float(last_by_user.get(name, "0")))
             except ValueError:
                 continue
-            history[user.decode() if isinstance(user, bytes) else str(user)] = told
+            history[name] = told
         return history
 
 
@@ -297,3 +291,7 @@ def _parse_value(value: object) -> Sent | None:
     except ValueError:
         return None
     return Sent(sent_at, due_at)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -471,7 +471,7 @@ class RedisStore(WhitelistStore):
     @property
     def graduates_key(self) -> str:
         """The hash of users who graduated from POP-first to SMTP AUTH."""
-        return f"{self._prefix}pop-first-graduates"
+        return graduates_key_of(self._prefix)
 
     @property
     def _changes_key(self) -> str:
@@ -760,3 +760,8 @@ class RedisStore(WhitelistStore):
 
     def close(self) -> None:
         self._client.close()
+
+
+def graduates_key_of(prefix: str) -> str:
+    """The graduates' hash under the key prefix ``prefix`` (``redis_key_prefix``)."""
+    return f"{prefix}pop-first-graduates"

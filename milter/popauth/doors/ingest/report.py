@@ -82,3 +82,62 @@ def dry_run(rows: list[dict[str, str]], retire_at: float, now: float, days: int)
         if _number(row, "pop_messages") and _number(row, "pop_last_seen") >= since:
             groups[standing(row)].append(row)
     return DryRun(retire_at, now, days, groups)
+
+
+# --- popauth report --campaign ------------------------------------------------
+
+CAMPAIGN_COLUMNS = [
+    "user",
+    "pop_last_seen",
+    "auth_last_seen",
+    "notified",
+    "notices",
+    "graduated",
+    "exempt",
+    "refused_since_retirement",
+]
+WEEK_COLUMNS = ["week", "pop_first", "smtp_auth", "graduated", "notified"]
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignReport:
+    """``REPORT view=campaign`` read back: the date, the users, the weeks."""
+
+    retire_at: float
+    now: float
+    users: list[dict[str, str]]
+    weeks: list[dict[str, str]]
+
+    def totals(self) -> dict[str, str]:
+        """The total row: how many users have each fact (notices and refusals: summed)."""
+
+        def having(key: str) -> int:
+            return sum(1 for row in self.users if _number(row, key))
+
+        return {
+            "user": f"total ({len(self.users)} users)",
+            "pop_last_seen": str(having("pop_last_seen")),
+            "auth_last_seen": str(having("auth_last_seen")),
+            "notified": str(having("notified")),
+            "notices": str(sum(_number(row, "notices") for row in self.users)),
+            "graduated": str(having("graduated")),
+            "exempt": str(sum(1 for row in self.users if row.get("exempt") == "yes")),
+            "refused_since_retirement": str(
+                sum(_number(row, "refused_since_retirement") for row in self.users)
+            ),
+        }
+
+
+def campaign_report(lines: Iterable[str]) -> CampaignReport:
+    """The reply's lines: ``retire_at=`` first, ``user=`` rows, ``week=`` rows."""
+    retire_at = now = 0.0
+    users: list[dict[str, str]] = []
+    weeks: list[dict[str, str]] = []
+    for row in report_rows(lines):
+        if "user" in row:
+            users.append(row)
+        elif "week" in row:
+            weeks.append(row)
+        elif "retire_at" in row:
+            retire_at, now = float(_number(row, "retire_at")), float(_number(row, "now"))
+    return CampaignReport(retire_at, now, users, weeks)
