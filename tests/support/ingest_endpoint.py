@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from popauth.basics.addresses import WhitelistKeying
@@ -10,6 +11,7 @@ from popauth.config import IngestSettings, settings_from_mapping
 from popauth.doors.ingest.client import IngestClient
 from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.localdelivery import LocalDelivery
+from popauth.notices.ledger import NoticeHistory
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Campaign
 from popauth.relay.explain import Explainer
@@ -29,6 +31,7 @@ class Endpoint:
         peers: PeerPolicy | None = None,
         store_class: type[MemoryStore] = MemoryStore,
         campaign: Campaign | None = None,
+        notice_history: Callable[[], dict[str, NoticeHistory]] | None = None,
         **limits: float,
     ) -> None:
         self.path = directory / "ingest.sock"
@@ -77,6 +80,7 @@ class Endpoint:
             graduates=self.graduates,
             campaign=lambda: campaign or Campaign(),
             clock=self.clock,
+            notice_history=notice_history,
         )
 
     def ask(self, line: str) -> list[str]:
