@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
@@ -264,6 +266,83 @@ def test_a_campaign_retires_pop_first_at_its_time_and_spares_the_exempt(
     report = popauth.cli("report", "--format", "json")
     rows = {row["user"]: row for row in json.loads(report.stdout)}
     assert (rows["bob"]["exempt"], rows["bob"]["pop_messages"]) == ("yes", "1")
+
+
+def _campaign_rows(popauth: PopauthServer) -> tuple[str, dict[str, dict[str, str]]]:
+    """``popauth report --campaign``: the table as printed, and its CSV rows by user."""
+    table = popauth.cli("report", "--campaign")
+    assert table.returncode == 0, table
+    spreadsheet = popauth.cli("report", "--campaign", "--format", "csv")
+    assert spreadsheet.returncode == 0, spreadsheet
+    rows = {row["user"]: row for row in csv.DictReader(io.StringIO(spreadsheet.stdout))}
+    return table.stdout, rows
+
+
+def test_report_campaign_follows_a_campaign_from_warn_through_its_retirement(
+    postfix: PostfixInstance,
+    dovecot: DovecotInstance,
+    start_popauth: PopauthFactory,
+    popauth_dir: Path,
+) -> None:
+    """alice relays by POP first, is sent a notice and is refused after the date;
+    bob is exempt: never told, still relaying; the report shows both, before and after."""
+    at, written = _retire_in(10)
+    run = time.monotonic_ns()
+    port = free_port()
+    popauth = start_popauth(
+        metrics_listen=f"127.0.0.1:{port}",
+        pop_first="warn",
+        pop_first_retire_at=written,
+        pop_first_exempt_users=["bob"],
+        pop_first_notices=True,
+        pop_first_notice_sendmail=["/usr/sbin/sendmail", "-C", str(postfix.config_dir)],
+        pop_first_notices_per_minute=600.0,
+        pop_first_notice_path=str(popauth_dir / f"notices-{run}.json"),
+        usage_path=str(popauth_dir / f"usage-{run}.json"),
+    )
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.8")
+    assert relays(postfix, "127.0.0.2")
+    assert relays(postfix, "127.0.0.8")
+    sent = popauth.wait_for_event("notice_sent")
+    assert sent[0]["user"] == "alice"
+    before, rows = _campaign_rows(popauth)
+    print(f"\npopauth report --campaign, before the date:\n{before}")
+    assert time.time() < at, "the first part of the test took too long"
+    assert f"campaign: POP first retired at {written} (in " in before
+    assert (rows["alice"]["notices"], rows["alice"]["exempt"]) == ("1", "no")
+    assert rows["alice"]["notified"] != "-"
+    assert rows["alice"]["refused_since_retirement"] == "0"
+    # The exempt user keeps POP first: no notice says it ends.
+    assert (rows["bob"]["exempt"], rows["bob"]["notices"], rows["bob"]["notified"]) == (
+        "yes",
+        "0",
+        "-",
+    )
+    _sleep_until(at)
+    for _ in range(2):
+        assert not relays(postfix, "127.0.0.2")
+    assert relays(postfix, "127.0.0.8")
+    after, rows = _campaign_rows(popauth)
+    print(f"popauth report --campaign, after the date:\n{after}")
+    assert re.search(rf"campaign: POP first retired at {written} \((now|.* ago)\)", after), after
+    assert int(rows["alice"]["refused_since_retirement"]) >= 1
+    assert rows["alice"]["notices"] == "1"
+    assert (rows["bob"]["exempt"], rows["bob"]["refused_since_retirement"]) == ("yes", "0")
+    total = rows["total (2 users)"]
+    assert (total["notified"], total["exempt"]) == ("1", "1")
+    assert int(total["refused_since_retirement"]) >= 1
+    weekly = after.split("weekly trend (users per ISO week):\n")[1].splitlines()
+    assert weekly[0].split() == ["week", "pop_first", "smtp_auth", "graduated", "notified"]
+    # This week: alice and bob by POP first, alice told.
+    assert weekly[-1].split()[1:] == ["2", "0", "0", "1"]
+    # The gauges, read at the scrape: both still on POP first this week, one exempt.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        scraped = response.read().decode()
+    assert 'popauth_pop_first_users{days="7"} 2.0' in scraped, scraped
+    assert 'popauth_pop_first_users{days="30"} 2.0' in scraped
+    assert "popauth_pop_first_exempt_users 1.0" in scraped
+    assert 'popauth_pop_first_notices_total{result="sent"} 1.0' in scraped
 
 
 def test_report_retire_at_is_the_dry_run_of_a_retirement(
