@@ -15,8 +15,9 @@ Apart from the claims, the ledger keeps each user's history for
 one went (:meth:`NoticeLedger.note_sent`, after a submission succeeded). It
 outlives the claims, which are dropped (or expire) once due again: in the
 state file under ``history`` (a file without it loads with none), in Redis
-in two hashes by user, ``PREFIX notice-count`` (HINCRBY: two hosts sending
-at once count two) and ``PREFIX notice-last`` (the last time sent).
+in one hash, ``PREFIX notice-history``, user -> ``COUNT LAST_SENT_AT``,
+counted by a script (HGET, HSET in one step: two hosts sending at once
+count two) and read with HGETALL, commands popauth's ACL has already.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -207,18 +209,29 @@ def _history(user: object, fields: object) -> NoticeHistory | None:
     return NoticeHistory(count, float(last))
 
 
+# One step: of two hosts that send at once, both notices are counted.
+_NOTE_SENT_SCRIPT = """
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+local count = 0
+if before then count = tonumber(string.match(before, '^(%d+) ')) or 0 end
+redis.call('HSET', KEYS[1], ARGV[1], (count + 1) .. ' ' .. ARGV[2])
+return count + 1
+"""
+
+
 class RedisNoticeLedger(NoticeLedger):
     """Every host's ledger: a key per user, ``PREFIX notice:USER``, that expires when due.
 
     Its value is ``SENT_AT DUE_AT``. Commands: SET (NX PX), MGET, DEL; and
-    for the history HINCRBY, HSET and HGETALL.
+    for the history a script (HGET, HSET) and HGETALL.
     """
 
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._client = client
         self._prefix = f"{key_prefix}notice:"
-        self.count_key = f"{key_prefix}notice-count"
-        self.last_key = f"{key_prefix}notice-last"
+        self.history_key = f"{key_prefix}notice-history"
+        # Registered on first use: a ledger that only claims never loads it.
+        self._note_sent: Any = None
 
     def key(self, user: str) -> str:
         return self._prefix + user_key(user)
@@ -252,28 +265,26 @@ class RedisNoticeLedger(NoticeLedger):
         return found
 
     def note_sent(self, user: str, sent_at: float) -> None:
-        key = user_key(user)
+        if self._note_sent is None:
+            self._note_sent = self._client.register_script(_NOTE_SENT_SCRIPT)
         try:
-            self._client.hincrby(self.count_key, key, 1)
-            self._client.hset(self.last_key, key, f"{sent_at:.3f}")
+            self._note_sent(keys=[self.history_key], args=[user_key(user), f"{sent_at:.3f}"])
         except redis.RedisError as error:
             raise LedgerUnavailable(f"redis: {error}") from error
 
     def history(self) -> dict[str, NoticeHistory]:
         try:
-            counts = self._client.hgetall(self.count_key)
-            lasts = self._client.hgetall(self.last_key)
+            found = self._client.hgetall(self.history_key)
         except redis.RedisError as error:
             raise LedgerUnavailable(f"redis: {error}") from error
         history = {}
-        last_by_user = {_text(user): _text(last) for user, last in lasts.items()}
-        for user, count in counts.items():
-            name = _text(user)
+        for user, value in found.items():
             try:
-                told = NoticeHistory(int(_text(count)), float(last_by_user.get(name, "0")))
+                count, last = _text(value).split()
+                told = NoticeHistory(int(count), float(last))
             except ValueError:
                 continue
-            history[name] = told
+            history[_text(user)] = told
         return history
 
 
