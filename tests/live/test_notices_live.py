@@ -11,8 +11,10 @@ is told once.
 
 from __future__ import annotations
 
+import csv
 import email
 import email.policy
+import io
 import subprocess
 import threading
 import time
@@ -30,6 +32,7 @@ from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.redis import RedisInstance
 from harness.smtp import REMOTE, rcpt_reply
+from popauth.notices.ledger import RedisNoticeLedger
 from tests.live.conftest import LIVE_SETTINGS
 
 pytestmark = pytest.mark.live
@@ -165,6 +168,32 @@ def test_a_notice_arrives_in_the_users_maildir_through_postfix(single_site: Site
     assert "Hello alice," in body and INSTRUCTIONS in body and "(30 days" in body
 
 
+def test_two_hosts_count_every_notice_they_send_in_one_redis_hash(
+    redis_server: RedisInstance,
+) -> None:
+    redis_server.flush()
+    hosts = [
+        RedisNoticeLedger(redis.Redis.from_url(redis_server.url), "popauth:") for _ in range(2)
+    ]
+    barrier = threading.Barrier(len(hosts))
+
+    def send(ledger: RedisNoticeLedger, sent_at: float) -> None:
+        barrier.wait()
+        for step in range(50):
+            ledger.note_sent("Carol", sent_at + step)
+
+    threads = [
+        threading.Thread(target=send, args=(ledger, 1_000.0 * n)) for n, ledger in enumerate(hosts)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    (told,) = hosts[0].history().values()
+    assert told.count == 100
+    assert hosts[1].history() == {"carol": told}
+
+
 def test_two_hosts_on_one_redis_tell_a_user_once(
     two_host_site: Site, redis_server: RedisInstance
 ) -> None:
@@ -220,6 +249,14 @@ def test_two_hosts_on_one_redis_tell_a_user_once(
         sent_at, due_at = (float(part) for part in value.split())
         assert due_at - sent_at == 7 * 86_400
         assert 7 * 86_400_000 - 60_000 < client.pttl("popauth:notice:bob") <= 7 * 86_400_000
+        # The history is shared: either host's report --campaign says bob was told once.
+        history = client.hget("popauth:notice-history", "bob")
+        assert isinstance(history, bytes) and history.startswith(b"1 "), history
+        for server in servers:
+            shown = server.cli("report", "--campaign", "--format", "csv")
+            assert shown.returncode == 0, shown
+            rows = {row["user"]: row for row in csv.DictReader(io.StringIO(shown.stdout))}
+            assert rows["bob"]["notices"] == "1", shown.stdout
         # SIGTERM stops both cleanly, the notice workers with them.
         assert [server.stop() for server in servers] == [0, 0]
     finally:
