@@ -381,7 +381,8 @@ def _usage_problem(user: str, fields: Any) -> str | None:
 
 
 def _last_seen(usage: Usage) -> float:
-    return max(usage.pop_last_seen, usage.auth_last_seen)
+    # A refusal is activity too: a user only refused since the date stays in view.
+    return max(usage.pop_last_seen, usage.auth_last_seen, usage.retired_last_refused)
 
 
 # --- the block list ---------------------------------------------------------
