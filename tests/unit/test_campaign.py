@@ -62,6 +62,8 @@ class Books:
         self.ledger = UsageLedger(max_users=10, clock=self.clock)
         self.log, self.sink = capturing_logger()
         self.graduates = graduates
+        # The users the gate offered a notice (pop_first_relayed).
+        self.offered: list[str] = []
         self.replies = Replies(
             relay.reject_message,
             relay.pop_first_retired_message,
@@ -77,6 +79,7 @@ class Books:
             log=self.log,
             graduates=graduates,
             clock=self.clock,
+            pop_first_relayed=self.offered.append,
         )
 
     def verdict(self, address: Any = CLIENT, auth: str = "", sender: str | None = None) -> Any:

@@ -13,12 +13,10 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 
-from popauth.basics.addresses import WhitelistKeying, parse_client_address
 from popauth.basics.clock import rfc3339
 from popauth.basics.errors import StateFileError
 from popauth.cli import main
@@ -28,10 +26,7 @@ from popauth.daemon.serve import campaign_gauges
 from popauth.doors.ingest.report import campaign_report, report_rows
 from popauth.localdelivery import LocalDelivery
 from popauth.notices.ledger import FileNoticeLedger, NoticeHistory, Sent
-from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Campaign, Reason
-from popauth.relay.gate import RelayGate
-from popauth.relay.recipients import Recipient
 from popauth.store.accounts import (
     TREND_WEEKS,
     FileGraduates,
@@ -41,15 +36,12 @@ from popauth.store.accounts import (
     WeekEvent,
     iso_week,
 )
-from popauth.store.memory import MemoryStore
 from popauth.store.statefile import write_json_atomically
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.ingest_endpoint import Endpoint
-from tests.support.logs import capturing_logger
+from tests.unit.test_campaign import CLIENT, REMOTE, START, Books
 
-CLIENT = parse_client_address("198.51.100.7")
-REMOTE = Recipient("<x@remote.example>", "smtp", "x@remote.example")
 # A Monday, 00:00 UTC: 2027-01-04 starts ISO week 2027-W01.
 MONDAY = 1_799_020_800.0
 # The in-process endpoint's clock (tests.support.ingest_endpoint).
@@ -172,71 +164,56 @@ def test_a_malformed_trend_stops_the_load_and_changes_nothing(tmp_path: Path) ->
 # --- the gate: refusals counted, notices offered only to whom they concern ----
 
 
-class Books:
-    def __init__(self, tmp_path: Path, **settings: Any) -> None:
-        relay = settings_from_mapping(
-            {"trusted_networks": [], "local_domains": ["local.test"], **settings}
-        ).relay
-        self.clock = FakeClock(MONDAY)
-        self.store = MemoryStore(ttl=900, max_entries=10, clock=self.clock)
-        self.ledger = UsageLedger(max_users=10, clock=self.clock)
-        self.graduates = FileGraduates(tmp_path / "graduates.json")
-        self.offered: list[str] = []
-        log, _ = capturing_logger()
-        self.gate = RelayGate(
-            policy=relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
-            store=self.store,
-            keying=WhitelistKeying(),
-            ledger=self.ledger,
-            accounting=Accounting.MESSAGES,
-            metrics=Metrics(),
-            log=log,
-            graduates=self.graduates,
-            clock=self.clock,
-            pop_first_relayed=self.offered.append,
-        )
-
-    def send(self, auth: str = "", recipients: int = 1) -> list[Reason]:
-        decision, message = self.gate.message(CLIENT, auth)
-        reasons = [(decision or self.gate.recipient(message, REMOTE)).reason]
-        reasons += [self.gate.recipient(message, REMOTE).reason for _ in range(recipients - 1)]
-        return reasons
+def _send(books: Books, auth: str = "", recipients: int = 1) -> list[Reason]:
+    """One message from CLIENT to ``recipients`` remote recipients: each one's reason."""
+    decision, message = books.gate.message(CLIENT, auth)
+    if decision is not None:
+        return [decision.reason] * recipients
+    return [books.gate.recipient(message, REMOTE).reason for _ in range(recipients)]
 
 
 def test_a_refusal_for_retirement_is_counted_once_per_message(tmp_path: Path) -> None:
-    books = Books(tmp_path, pop_first_retire_at=rfc3339(MONDAY + 60))
+    books = Books(
+        FileGraduates(tmp_path / "graduates.json"), pop_first_retire_at=rfc3339(START + 60)
+    )
     books.store.grant(CLIENT, "alice")
-    assert books.send() == [Reason.WHITELISTED]
+    assert _send(books) == [Reason.WHITELISTED]
     books.clock.advance(60)
-    assert books.send(recipients=3) == [Reason.POP_FIRST_RETIRED] * 3
-    assert books.send() == [Reason.POP_FIRST_RETIRED]
+    assert _send(books, recipients=3) == [Reason.POP_FIRST_RETIRED] * 3
+    assert _send(books) == [Reason.POP_FIRST_RETIRED]
     alice = books.ledger.get("alice")
     assert alice is not None
-    assert (alice.retired_refusals, alice.retired_last_refused) == (2, MONDAY + 60)
+    assert (alice.retired_refusals, alice.retired_last_refused) == (2, START + 60)
 
 
 def test_an_exempt_user_is_offered_no_notice_and_another_is(tmp_path: Path) -> None:
     books = Books(
-        tmp_path, pop_first_retire_at=rfc3339(MONDAY + DAY), pop_first_exempt_users=["carol"]
+        FileGraduates(tmp_path / "graduates.json"),
+        pop_first_retire_at=rfc3339(START + DAY),
+        pop_first_exempt_users=["carol"],
     )
     books.store.grant(CLIENT, "carol")
-    assert books.send() == [Reason.WHITELISTED]
+    assert _send(books) == [Reason.WHITELISTED]
     books.store.grant(CLIENT, "alice")
-    assert books.send() == [Reason.WHITELISTED]
+    assert _send(books) == [Reason.WHITELISTED]
     assert books.offered == ["alice"]
 
 
 def test_a_graduated_user_is_offered_no_notice(tmp_path: Path) -> None:
-    books = Books(tmp_path, pop_first_retire_at=rfc3339(MONDAY + DAY), pop_first_graduate=True)
+    books = Books(
+        FileGraduates(tmp_path / "graduates.json"),
+        pop_first_retire_at=rfc3339(START + DAY),
+        pop_first_graduate=True,
+    )
     books.store.grant(CLIENT, "bob")
     books.store.grant(CLIENT, "alice")
-    assert books.send(auth="alice") == [Reason.SMTP_AUTH]
+    assert _send(books, auth="alice") == [Reason.SMTP_AUTH]
     # The entry's newest login is alice, graduated; bob still relays for it.
-    assert books.send() == [Reason.WHITELISTED]
+    assert _send(books) == [Reason.WHITELISTED]
     assert books.offered == []
     assert books.ledger.weeks()[-1].graduated == 1
     books.store.grant(CLIENT, "bob")
-    assert books.send() == [Reason.WHITELISTED]
+    assert _send(books) == [Reason.WHITELISTED]
     assert books.offered == ["bob"]
 
 
