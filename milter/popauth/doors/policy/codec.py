@@ -1,0 +1,147 @@
+"""Postfix's policy delegation protocol, requests and replies (pure: no sockets, no store).
+
+A request (SMTPD_POLICY_README) is ``name=value`` lines, each ended by a
+newline, and then an empty line; the reply is ``action=...`` and an empty
+line. Postfix keeps the connection open for further requests.
+
+What is parsed is what the door judges by, so the parsing is strict: a
+line without ``=``, a name Postfix does not send, a name given twice, a
+control character or a request longer than :data:`MAX_REQUEST` is refused
+(the door then answers a temporary failure, never a permit).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from popauth.basics.errors import InputError
+
+# Longest request accepted, the empty line included. Postfix's requests are a
+# few hundred bytes; its addresses are capped by line_length_limit (2048).
+MAX_REQUEST = 16_384
+_END = b"\n\n"
+
+# Every attribute Postfix (up to 3.10) sends, whether or not the door reads it.
+KNOWN_ATTRIBUTES = frozenset(
+    {
+        "request",
+        "protocol_state",
+        "protocol_name",
+        "helo_name",
+        "queue_id",
+        "sender",
+        "recipient",
+        "recipient_count",
+        "client_address",
+        "client_name",
+        "client_port",
+        "reverse_client_name",
+        "instance",
+        "sasl_method",
+        "sasl_username",
+        "sasl_sender",
+        "size",
+        "ccert_subject",
+        "ccert_issuer",
+        "ccert_fingerprint",
+        "ccert_pubkey_fingerprint",
+        "encryption_protocol",
+        "encryption_cipher",
+        "encryption_keysize",
+        "etrn_domain",
+        "stress",
+        "policy_context",
+        "server_address",
+        "server_port",
+        "compatibility_level",
+        "mail_version",
+    }
+)
+POLICY_REQUEST = "smtpd_access_policy"
+
+
+class RequestTooLong(InputError):
+    """No empty line within :data:`MAX_REQUEST` bytes: the stream is lost, close it."""
+
+
+class RequestError(InputError):
+    """A complete request that cannot be judged; framing survives."""
+
+
+def split_first(buffer: bytes | bytearray, max_length: int = MAX_REQUEST) -> tuple[bytes, int] | None:
+    """The first request in ``buffer`` (its lines, without the empty line) and how
+    many bytes it took; None when more bytes are needed."""
+    if buffer.startswith(b"\n"):
+        # An empty line with no attributes: a request of nothing.
+        return b"", 1
+    end = buffer.find(_END, 0, max_length)
+    if end < 0:
+        if len(buffer) >= max_length:
+            raise RequestTooLong(f"no end of request within {max_length} bytes")
+        return None
+    return bytes(buffer[: end + 1]), end + 2
+
+
+class Request(NamedTuple):
+    """The attributes the door judges by (text; 8-bit bytes kept as surrogates)."""
+
+    protocol_state: str
+    client_address: str
+    # None when not sent at all (which pop_first_sender = "own" refuses);
+    # "" is the null sender.
+    sender: str | None
+    recipient: str
+    sasl_username: str
+    instance: str
+
+
+def parse_request(payload: bytes) -> Request:
+    """The attributes of one request's lines (each ended by a newline)."""
+    if not payload:
+        raise RequestError("empty request")
+    attributes: dict[str, str] = {}
+    for line in payload.split(b"\n")[:-1]:
+        name_bytes, equals, value_bytes = line.partition(b"=")
+        if not equals:
+            raise RequestError("a line without '='")
+        try:
+            name = name_bytes.decode("ascii")
+        except UnicodeDecodeError:
+            raise RequestError("attribute name is not ASCII") from None
+        if name not in KNOWN_ATTRIBUTES:
+            raise RequestError(f"unknown attribute {_shown(name)}")
+        if name in attributes:
+            raise RequestError(f"attribute {name} given twice")
+        # Postfix sends the MTA's bytes; UTF-8 where valid, others as surrogates
+        # (as the milter door reads its macros).
+        value = value_bytes.decode("utf-8", "surrogateescape")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise RequestError(f"control character in {name}")
+        attributes[name] = value
+    if attributes.get("request") != POLICY_REQUEST:
+        raise RequestError(f"request must be {POLICY_REQUEST}")
+    state = attributes.get("protocol_state", "")
+    if not state:
+        raise RequestError("no protocol_state")
+    client = attributes.get("client_address", "")
+    if not client:
+        raise RequestError("no client_address")
+    return Request(
+        protocol_state=state.upper(),
+        client_address=client,
+        sender=attributes.get("sender"),
+        recipient=attributes.get("recipient", ""),
+        sasl_username=attributes.get("sasl_username", ""),
+        instance=attributes.get("instance", ""),
+    )
+
+
+def _shown(name: str) -> str:
+    """An attribute name for a log line: printable, and short."""
+    return "".join(c if c.isprintable() else "?" for c in name[:64])
+
+
+def reply(action: str) -> bytes:
+    """One reply: ``action=...`` and the empty line; the text printable ASCII."""
+    clean = "".join(c if c.isprintable() and c.isascii() else "?" for c in action)
+    return f"action={clean}\n\n".encode("ascii")
