@@ -202,7 +202,7 @@ def test_popauth_stopped_means_4xx_never_a_relay(
     for client in (POP_FIRST, STRANGER):
         assert rcpt_reply(postfix_policy.smtp_port, client, REMOTE) == (
             451,
-            "4.3.5 Server configuration problem",
+            f"4.3.5 <{REMOTE}>: Recipient address rejected: Server configuration problem",
         )
     # Mail to local domains never waits on popauth.
     assert rcpt_reply(postfix_policy.smtp_port, STRANGER, "postmaster@local.test")[0] == 250
