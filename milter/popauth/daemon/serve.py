@@ -163,6 +163,7 @@ def socketmap_server(
 
 def policy_server(
     settings: Settings,
+    *,
     gate: RelayGate,
     replies: Replies,
     blocking_calls: bool,
@@ -241,7 +242,14 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         explainer=explainer,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
-    policy_door = policy_server(settings, gate, replies, store.may_block, metrics, log)
+    policy_door = policy_server(
+        settings,
+        gate=gate,
+        replies=replies,
+        blocking_calls=store.may_block,
+        metrics=metrics,
+        log=log,
+    )
     milter = MilterService(
         settings=settings.milter,
         factory=lambda: RelayMilter(gate, replies, metrics, log),

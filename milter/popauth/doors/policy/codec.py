@@ -68,7 +68,9 @@ class RequestError(InputError):
     """A complete request that cannot be judged; framing survives."""
 
 
-def split_first(buffer: bytes | bytearray, max_length: int = MAX_REQUEST) -> tuple[bytes, int] | None:
+def split_first(
+    buffer: bytes | bytearray, max_length: int = MAX_REQUEST
+) -> tuple[bytes, int] | None:
     """The first request in ``buffer`` (its lines, without the empty line) and how
     many bytes it took; None when more bytes are needed."""
     if buffer.startswith(b"\n"):

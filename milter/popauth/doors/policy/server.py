@@ -137,8 +137,8 @@ class PolicyServer(UnixStreamServer):
         self._replies = replies
         self._metrics = metrics
         # Every smtpd process asks about one message at a time: a few per client.
-        self._transactions: cachetools.LRUCache[TransactionKey, Transaction] = (
-            cachetools.LRUCache(maxsize=4 * settings.max_clients)
+        self._transactions: cachetools.LRUCache[TransactionKey, Transaction] = cachetools.LRUCache(
+            maxsize=4 * settings.max_clients
         )
         self._lock = threading.Lock()
 
