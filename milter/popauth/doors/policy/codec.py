@@ -12,6 +12,7 @@ control character or a request longer than :data:`MAX_REQUEST` is refused
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from popauth.basics.errors import InputError
@@ -58,6 +59,10 @@ KNOWN_ATTRIBUTES = frozenset(
     }
 )
 POLICY_REQUEST = "smtpd_access_policy"
+_POLICY_REQUEST = POLICY_REQUEST.encode("ascii")
+_KNOWN = {name.encode("ascii"): name for name in KNOWN_ATTRIBUTES}
+# Control characters other than the newline that ends each line.
+_CONTROL = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]")
 
 
 class RequestTooLong(InputError):
@@ -101,41 +106,44 @@ def parse_request(payload: bytes) -> Request:
     """The attributes of one request's lines (each ended by a newline)."""
     if not payload:
         raise RequestError("empty request")
-    attributes: dict[str, str] = {}
+    control = _CONTROL.search(payload)
+    if control is not None:
+        line = payload[payload.rfind(b"\n", 0, control.start()) + 1 : control.start()]
+        raise RequestError(f"control character in {_shown(_text(line.partition(b'=')[0]))}")
+    attributes: dict[str, bytes] = {}
     for line in payload.split(b"\n")[:-1]:
-        name_bytes, equals, value_bytes = line.partition(b"=")
+        name_bytes, equals, value = line.partition(b"=")
         if not equals:
             raise RequestError("a line without '='")
-        try:
-            name = name_bytes.decode("ascii")
-        except UnicodeDecodeError:
-            raise RequestError("attribute name is not ASCII") from None
-        if name not in KNOWN_ATTRIBUTES:
-            raise RequestError(f"unknown attribute {_shown(name)}")
+        name = _KNOWN.get(name_bytes)
+        if name is None:
+            raise RequestError(f"unknown attribute {_shown(_text(name_bytes))}")
         if name in attributes:
             raise RequestError(f"attribute {name} given twice")
-        # Postfix sends the MTA's bytes; UTF-8 where valid, others as surrogates
-        # (as the milter door reads its macros).
-        value = value_bytes.decode("utf-8", "surrogateescape")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise RequestError(f"control character in {name}")
         attributes[name] = value
-    if attributes.get("request") != POLICY_REQUEST:
+    if attributes.get("request") != _POLICY_REQUEST:
         raise RequestError(f"request must be {POLICY_REQUEST}")
-    state = attributes.get("protocol_state", "")
+    state = attributes.get("protocol_state")
     if not state:
         raise RequestError("no protocol_state")
-    client = attributes.get("client_address", "")
+    client = attributes.get("client_address")
     if not client:
         raise RequestError("no client_address")
+    sender = attributes.get("sender")
     return Request(
-        protocol_state=state.upper(),
-        client_address=client,
-        sender=attributes.get("sender"),
-        recipient=attributes.get("recipient", ""),
-        sasl_username=attributes.get("sasl_username", ""),
-        instance=attributes.get("instance", ""),
+        protocol_state=_text(state).upper(),
+        client_address=_text(client),
+        sender=None if sender is None else _text(sender),
+        recipient=_text(attributes.get("recipient", b"")),
+        sasl_username=_text(attributes.get("sasl_username", b"")),
+        instance=_text(attributes.get("instance", b"")),
     )
+
+
+def _text(raw: bytes) -> str:
+    """Postfix sends the MTA's bytes: UTF-8 where valid, others as surrogates
+    (as the milter door reads its macros)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _shown(name: str) -> str:
