@@ -18,6 +18,7 @@ from harness.dovecot import DovecotInstance, pop3_login
 from harness.popauth import PopauthServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance, contrib_policy_relay_restrictions
+from harness.redis import RedisInstance
 from harness.smtp import REMOTE, SmtpSession, rcpt_reply
 from tests.live.conftest import USERS, PopauthFactory
 from tests.live.test_socketmap_live import DISGUISED
@@ -241,3 +242,50 @@ def test_the_door_keeps_serving_postfix_after_bad_clients(
         assert too_long.recv(4096).startswith(b"action=451 4.3.0 ")
     assert_relay_denied(rcpt_reply(postfix_policy.smtp_port, STRANGER, REMOTE))
     assert "policy_rejected" in [e["event"] for e in popauth.events()]
+
+
+def test_store_unavailable_means_4xx_never_a_relay(
+    postfix_policy: PostfixInstance,
+    start_popauth: PopauthFactory,
+    popauth_dir: Path,
+    tmp_path: Path,
+) -> None:
+    with RedisInstance(root=tmp_path / "redis", port=free_port()) as redis:
+        popauth = start_with_policy(
+            start_popauth, popauth_dir, store="redis", redis_url=redis.url, redis_timeout=0.3
+        )
+        popauth.ask(f"LOGIN {POP_FIRST} alice")
+        assert rcpt_reply(postfix_policy.smtp_port, POP_FIRST, REMOTE) == (250, "2.1.5 Ok")
+        redis.stop()
+        for client in (POP_FIRST, STRANGER):
+            assert rcpt_reply(postfix_policy.smtp_port, client, REMOTE) == (
+                451,
+                f"4.3.0 <{REMOTE}>: Recipient address rejected: Relay check unavailable,"
+                " try again later",
+            )
+        # SMTP AUTH needs no whitelist; local mail never waits on popauth.
+        with SmtpSession(postfix_policy.smtp_port, STRANGER) as session:
+            session.login("alice", USERS["alice"])
+            assert session.mail("")[0] == 250
+            assert session.rcpt(REMOTE) == (250, "2.1.5 Ok")
+        assert rcpt_reply(postfix_policy.smtp_port, STRANGER, "postmaster@local.test")[0] == 250
+    assert "whitelist_unavailable" in {e["event"] for e in popauth.events()}
+
+
+def test_usage_is_counted_at_rcpt(
+    postfix_policy: PostfixInstance, start_popauth: PopauthFactory, popauth_dir: Path
+) -> None:
+    popauth = start_with_policy(start_popauth, popauth_dir, accounting="recipients")
+    popauth.ask(f"LOGIN {POP_FIRST} alice")
+    with SmtpSession(postfix_policy.smtp_port, POP_FIRST) as session:
+        assert session.mail("alice@local.test")[0] == 250
+        for recipient in (REMOTE, "friend@elsewhere.example"):
+            assert session.rcpt(recipient) == (250, "2.1.5 Ok")
+        assert session.send_message([REMOTE, "friend@elsewhere.example"])[0] == 250
+    report = popauth.cli("report")
+    assert report.returncode == 0, report
+    header, *rows = report.stdout.splitlines()
+    (row,) = [dict(zip(header.split(), line.split(), strict=False)) for line in rows]
+    assert row["User"] == "alice"
+    # One message, both relayed recipients: counted when Postfix asked.
+    assert (row["pop_messages"], row["pop_recipients"]) == ("1", "2"), report.stdout
