@@ -110,33 +110,33 @@ def parse_request(payload: bytes) -> Request:
     if control is not None:
         line = payload[payload.rfind(b"\n", 0, control.start()) + 1 : control.start()]
         raise RequestError(f"control character in {_shown(_text(line.partition(b'=')[0]))}")
-    attributes: dict[str, bytes] = {}
+    attributes: dict[bytes, bytes] = {}
     for line in payload.split(b"\n")[:-1]:
-        name_bytes, equals, value = line.partition(b"=")
+        name, equals, value = line.partition(b"=")
         if not equals:
             raise RequestError("a line without '='")
-        name = _KNOWN.get(name_bytes)
-        if name is None:
-            raise RequestError(f"unknown attribute {_shown(_text(name_bytes))}")
         if name in attributes:
-            raise RequestError(f"attribute {name} given twice")
+            raise RequestError(f"attribute {_shown(_text(name))} given twice")
         attributes[name] = value
-    if attributes.get("request") != _POLICY_REQUEST:
+    if not _KNOWN.keys() >= attributes.keys():
+        unknown = next(name for name in attributes if name not in _KNOWN)
+        raise RequestError(f"unknown attribute {_shown(_text(unknown))}")
+    if attributes.get(b"request") != _POLICY_REQUEST:
         raise RequestError(f"request must be {POLICY_REQUEST}")
-    state = attributes.get("protocol_state")
+    state = attributes.get(b"protocol_state")
     if not state:
         raise RequestError("no protocol_state")
-    client = attributes.get("client_address")
+    client = attributes.get(b"client_address")
     if not client:
         raise RequestError("no client_address")
-    sender = attributes.get("sender")
+    sender = attributes.get(b"sender")
     return Request(
         protocol_state=_text(state).upper(),
         client_address=_text(client),
         sender=None if sender is None else _text(sender),
-        recipient=_text(attributes.get("recipient", b"")),
-        sasl_username=_text(attributes.get("sasl_username", b"")),
-        instance=_text(attributes.get("instance", b"")),
+        recipient=_text(attributes.get(b"recipient", b"")),
+        sasl_username=_text(attributes.get(b"sasl_username", b"")),
+        instance=_text(attributes.get(b"instance", b"")),
     )
 
 

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import cachetools
 import structlog
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
@@ -93,10 +92,10 @@ class Transaction:
     counted: int = 0
 
 
-# (peer pid, instance, client address, SASL user, sender): a new value of any
-# is a new message; the last three are in the key so that a request can never
-# be judged by another client's verdict.
-TransactionKey = tuple[int, str, str, str, str | None]
+# (instance, client address, SASL user, sender): a new value of any is a new
+# message; the last three are in it so that a request can never be judged by
+# another client's verdict.
+TransactionKey = tuple[str, str, str, str | None]
 
 
 class PolicyServer(UnixStreamServer):
@@ -136,10 +135,10 @@ class PolicyServer(UnixStreamServer):
         self._gate = gate
         self._replies = replies
         self._metrics = metrics
-        # Every smtpd process asks about one message at a time: a few per client.
-        self._transactions: cachetools.LRUCache[TransactionKey, Transaction] = cachetools.LRUCache(
-            maxsize=4 * settings.max_clients
-        )
+        # Every smtpd process asks about one message at a time: its latest,
+        # by peer pid, for as many processes as may be connected (and some).
+        self._transactions: dict[int, tuple[TransactionKey, Transaction]] = {}
+        self._max_transactions = 2 * settings.max_clients
         self._lock = threading.Lock()
 
     # --- framing -----------------------------------------------------------
@@ -205,22 +204,25 @@ class PolicyServer(UnixStreamServer):
     def _transaction(self, peer: Peer, request: codec.Request) -> Transaction:
         """The message this RCPT belongs to; the sender is judged at its first."""
         key: TransactionKey = (
-            peer.pid,
             request.instance,
             request.client_address,
             request.sasl_username,
             request.sender,
         )
         with self._lock:
-            transaction = self._transactions.get(key)
-        if transaction is not None and request.instance:
-            return transaction
+            latest = self._transactions.get(peer.pid)
+        if latest is not None and latest[0] == key and request.instance:
+            return latest[1]
         settled, message = self._gate.message(
             _address(request.client_address), request.sasl_username, request.sender
         )
         transaction = Transaction(message, settled)
         with self._lock:
-            self._transactions[key] = transaction
+            # Re-inserted last: the oldest entries are the processes gone quiet.
+            self._transactions.pop(peer.pid, None)
+            self._transactions[peer.pid] = (key, transaction)
+            if len(self._transactions) > self._max_transactions:
+                del self._transactions[next(iter(self._transactions))]
         return transaction
 
     def _reply(self, decision: Decision) -> bytes:
