@@ -434,3 +434,11 @@ def test_each_decision_is_logged_by_the_gate(endpoint: Endpoint) -> None:
     endpoint.ask(request())
     assert decisions(endpoint.sink)[-1]["reason"] == "relay_denied"
     assert decisions(endpoint.sink)[-1]["recipient"] == REMOTE
+
+
+def test_only_a_relay_permission_is_ok_a_local_accept_is_dunno(endpoint: Endpoint) -> None:
+    from popauth.relay.decision import ACCEPT_LOCAL, ACCEPT_WHITELISTED, REJECT_RELAY
+
+    assert endpoint.server.reply_to(ACCEPT_WHITELISTED) == PERMIT
+    assert endpoint.server.reply_to(ACCEPT_LOCAL) == b"action=DUNNO\n\n"
+    assert endpoint.server.reply_to(REJECT_RELAY) == DENIED

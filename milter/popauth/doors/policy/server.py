@@ -11,10 +11,11 @@ The replies, for ``smtpd_relay_restrictions`` placed after
 ``permit_auth_destination`` and before ``reject_unauth_destination``:
 
 - a client popauth lets relay (SMTP AUTH, trusted network, POP/IMAP
-  login) gets ``OK``: it is a relay permission, as
-  ``permit_sasl_authenticated`` is. ``DUNNO`` would hand the recipient on
-  to ``reject_unauth_destination``, which refuses every relayed one, and
-  Postfix refuses relay restrictions that could end in a permit;
+  login: every accept but a local recipient's) gets ``OK``, a relay
+  permission as ``permit_sasl_authenticated`` is. ``DUNNO`` would hand the
+  recipient on to ``reject_unauth_destination``, which refuses every
+  relayed one, and Postfix refuses relay restrictions that could end in a
+  permit;
 - an accepted local recipient gets ``DUNNO`` (Postfix's own checks judge it);
 - a refusal gets the milter's reply (``550 5.7.1 Relaying denied. ...``);
   a whitelist that cannot be read, ``451 4.3.0``.
@@ -53,8 +54,6 @@ from popauth.relay.replies import CHECK_FAILED, Replies
 from popauth.telemetry.metrics import Metrics
 
 RCPT_STATE = "RCPT"
-# Verdicts that let the client relay, answered OK; any other accept is DUNNO.
-_RELAY_GRANTS = frozenset({Reason.SMTP_AUTH, Reason.TRUSTED_NETWORK, Reason.WHITELISTED})
 _PERMIT = codec.reply("OK")
 _DUNNO = codec.reply("DUNNO")
 _FAILED = codec.reply(str(CHECK_FAILED))
@@ -199,7 +198,7 @@ class PolicyServer(UnixStreamServer):
             decision = self._gate.recipient(message, Recipient(request.recipient))
             if message.relayed_recipients > transaction.counted:
                 transaction.counted = self._gate.count_relayed_now(message, transaction.counted)
-        return self._reply(decision)
+        return self.reply_to(decision)
 
     def _transaction(self, peer: Peer, request: codec.Request) -> Transaction:
         """The message this RCPT belongs to; the sender is judged at its first."""
@@ -225,9 +224,12 @@ class PolicyServer(UnixStreamServer):
                 del self._transactions[next(iter(self._transactions))]
         return transaction
 
-    def _reply(self, decision: Decision) -> bytes:
+    def reply_to(self, decision: Decision) -> bytes:
+        """The action line for a verdict of the gate."""
         if decision.verdict is Verdict.ACCEPT:
-            return _PERMIT if decision.reason in _RELAY_GRANTS else _DUNNO
+            # Every accept but a local recipient's lets the client relay, as
+            # through the milter (whatever reasons the gate learns later).
+            return _DUNNO if decision.reason is Reason.LOCAL_RECIPIENT else _PERMIT
         refusal = self._replies.refusal(decision)
         if refusal is None:  # every refusal has its text; never a permit by accident
             return _FAILED
