@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,6 +81,7 @@ class Endpoint:
         *,
         accounting: Accounting = Accounting.RECIPIENTS,
         relay: dict[str, Any] | None = None,
+        pop_first_relayed: Callable[[str], None] | None = None,
         **limits: float,
     ) -> None:
         self.path = directory / "policy.sock"
@@ -100,6 +101,7 @@ class Endpoint:
             accounting=accounting,
             metrics=self.metrics,
             log=self.log,
+            pop_first_relayed=pop_first_relayed,
         )
         self.server = PolicyServer(
             path=self.path,
@@ -442,3 +444,17 @@ def test_only_a_relay_permission_is_ok_a_local_accept_is_dunno(endpoint: Endpoin
     assert endpoint.server.reply_to(ACCEPT_WHITELISTED) == PERMIT
     assert endpoint.server.reply_to(ACCEPT_LOCAL) == b"action=DUNNO\n\n"
     assert endpoint.server.reply_to(REJECT_RELAY) == DENIED
+
+
+def test_a_pop_first_relay_offers_its_user_a_notice_once_per_message(tmp_path: Path) -> None:
+    offered: list[str] = []
+    noticing = served(tmp_path, pop_first_relayed=offered.append)
+    try:
+        noticing.grant("192.0.2.7")
+        with noticing.connect() as connection:
+            for recipient in (REMOTE, "other@remote.example"):
+                assert connection.ask(request(recipient=recipient, instance="1")) == PERMIT
+            assert connection.ask(request(sasl="bob", instance="2")) == PERMIT
+        assert offered == ["alice"]
+    finally:
+        noticing.server.stop()
