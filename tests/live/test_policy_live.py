@@ -290,3 +290,37 @@ def test_usage_is_counted_at_rcpt(
     assert row["user"] == "alice"
     # One message, both relayed recipients: counted when Postfix asked.
     assert (row["pop_messages"], row["pop_recipients"]) == ("1", "2"), report.stdout
+
+
+@pytest.mark.parametrize("accounting", ["messages", "recipients"])
+def test_graduation_through_the_policy_door(
+    postfix_policy: PostfixInstance,
+    dovecot: DovecotInstance,
+    start_popauth: PopauthFactory,
+    popauth_dir: Path,
+    accounting: str,
+) -> None:
+    """An SMTP AUTH relay through the door graduates its user, whose POP-first
+    client is then refused with the graduate's text."""
+    graduates = popauth_dir / f"graduates-{accounting}.json"
+    popauth = start_with_policy(
+        start_popauth,
+        popauth_dir,
+        pop_first_graduate=True,
+        graduates_path=str(graduates),
+        accounting=accounting,
+    )
+    port = postfix_policy.smtp_port
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], POP_FIRST)
+    assert rcpt_reply(port, POP_FIRST, REMOTE) == (250, "2.1.5 Ok")
+    with SmtpSession(port, STRANGER) as session:
+        session.login("alice", USERS["alice"])
+        assert session.mail("alice@local.test")[0] == 250
+        assert session.rcpt(REMOTE) == (250, "2.1.5 Ok")
+    assert popauth.events("pop_first_graduated")[-1]["user"] == "alice"
+    code, text = rcpt_reply(port, POP_FIRST, REMOTE)
+    assert code == 550
+    assert text.startswith(
+        f"5.7.1 <{REMOTE}>: Recipient address rejected: Relaying denied. Your mail program"
+        " already uses SMTP AUTH"
+    ), text
