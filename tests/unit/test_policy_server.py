@@ -271,9 +271,8 @@ def test_store_unavailable_is_a_tempfail_never_a_permit(
     [
         b"garbage\n\n",
         b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=x@remote.example\n\n",
-        request().replace(b"size=0", b"x_new_attribute=1"),
         request().replace(b"size=0", b"client_address=10.9.1.1"),
-        request().replace(b"size=0", b"helo_name=a\x01b"),
+        request().replace(b"size=0", b"sasl_username=a\x01b"),
         request(recipient=""),
         request(state="END-OF-MESSAGE"),
         request(state="DATA"),
@@ -288,6 +287,21 @@ def test_what_cannot_be_judged_is_a_tempfail_and_the_connection_goes_on(
         assert connection.ask(raw) == FAILED
         assert connection.ask(request(instance="9")) == PERMIT
     assert "policy_rejected" in events(endpoint.sink)
+
+
+@pytest.mark.parametrize(
+    "extra", [b"x_attribute_of_a_newer_postfix=1", b"helo_name=a\x01b", b"size=1"]
+)
+def test_attributes_the_door_does_not_read_change_nothing(endpoint: Endpoint, extra: bytes) -> None:
+    """A newer Postfix's attribute, an odd byte or a repeat in one the door skips."""
+    with endpoint.connect() as connection:
+        assert (
+            connection.ask(request(instance="1").replace(b"size=0", b"size=0\n" + extra)) == DENIED
+        )
+        endpoint.grant("192.0.2.7")
+        assert (
+            connection.ask(request(instance="2").replace(b"size=0", b"size=0\n" + extra)) == PERMIT
+        )
 
 
 def test_a_request_too_long_is_refused_and_closed_and_others_are_served(
