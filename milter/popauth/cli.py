@@ -235,6 +235,11 @@ def _explain_line(arguments: argparse.Namespace) -> str:
     return " ".join(words)
 
 
+def _asks_campaign(arguments: argparse.Namespace) -> bool:
+    """``report --campaign`` (or ``--weekly``, its trend alone)."""
+    return arguments.command == "report" and bool(arguments.campaign or arguments.weekly)
+
+
 def _request_line(arguments: argparse.Namespace) -> str:
     if arguments.command == "explain":
         return _explain_line(arguments)
@@ -242,7 +247,7 @@ def _request_line(arguments: argparse.Namespace) -> str:
         return f"REVOKEUSER {arguments.user}"
     if arguments.command == "pop-first":
         return f"REINSTATE {arguments.user}"
-    if arguments.command == "report" and (arguments.campaign or arguments.weekly):
+    if _asks_campaign(arguments):
         return f"REPORT view={CAMPAIGN_VIEW}"
     words = [arguments.command.upper()]
     if getattr(arguments, "address", None) is not None:
@@ -426,6 +431,9 @@ def _client_socket(arguments: argparse.Namespace) -> str:
 
 
 def _run_client(arguments: argparse.Namespace) -> int:
+    if _asks_campaign(arguments) and arguments.retire_at is not None:
+        print("popauth: --campaign and --retire-at are two reports: give one", file=sys.stderr)
+        return EXIT_ERROR
     try:
         line = _request_line(arguments)
     except BlankInArgument:
@@ -445,7 +453,7 @@ def _run_client(arguments: argparse.Namespace) -> int:
         print(f"popauth: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = reply[0].split(" ", 1)[0]
-    if status == OK and arguments.command == "report" and (arguments.campaign or arguments.weekly):
+    if status == OK and _asks_campaign(arguments):
         _print_campaign(reply[1:], arguments)
         return EXIT_OK
     if status == OK and arguments.command == "report" and arguments.retire_at is not None:

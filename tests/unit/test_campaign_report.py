@@ -427,3 +427,20 @@ def test_the_notices_dry_run_names_and_skips_exempt_and_graduated_users(tmp_path
     assert "erin: graduated to SMTP AUTH (pop_first_graduate): no notice" in lines
     assert "alice: would be sent a notice now, to alice@local.test:" in text
     assert lines[-1] == "1 of 3 users who relayed by POP-first recently would be sent a notice"
+
+
+def test_report_campaign_and_the_dry_run_are_asked_one_at_a_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        [
+            "report",
+            "--socket",
+            str(tmp_path / "none.sock"),
+            "--campaign",
+            "--retire-at",
+            "2030-01-01",
+        ]
+    )
+    assert status == 2
+    assert "--campaign and --retire-at are two reports" in capsys.readouterr().err
