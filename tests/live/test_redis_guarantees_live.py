@@ -160,7 +160,7 @@ def test_an_evicting_redis_found_after_start_refuses_logins(tmp_path: Path) -> N
 # What popauth runs, as docs/design.rst gives it to operators.
 ACL_COMMANDS = (
     "+get +set +del +getdel +mget +scan +incrby +sadd +srem +sismember +smismember "
-    "+smembers +type +hset +hdel +hgetall +hvals +pexpire "
+    "+smembers +type +hset +hdel +hgetall +hvals +pexpire +hget +hincrby +hsetnx +pttl "
     "+eval +evalsha +script|load +wait +ping +info"
 )
 

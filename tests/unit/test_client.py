@@ -219,10 +219,7 @@ def test_cli_explain_prints_the_explanation_only(
     arguments = ["explain", "--socket", sock, "192.0.2.1", "bob@remote.test"]
     assert main([*arguments, "--user", "alice", "--sender", "<>"]) == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert (
-        lines[0]
-        == "verdict: accept (whitelisted), at MAIL FROM, for every recipient of the message"
-    )
+    assert lines[0] == "verdict: accept (whitelisted), at RCPT TO, for this recipient"
     assert not any(line.startswith("OK") for line in lines)
     assert (
         "sender: the null sender belongs to none of the entry's users (alice): relayed,"

@@ -11,6 +11,7 @@ from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Reason, Verdict
 from popauth.relay.gate import RelayGate
 from popauth.relay.recipients import Recipient
+from popauth.store import WhitelistStore
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
@@ -23,18 +24,26 @@ LOCAL = Recipient("<y@local.test>", "local", "y@local.test")
 
 
 def make(
-    accounting: Accounting, pop_first: str = "on", pop_first_sender: str = "warn"
+    accounting: Accounting,
+    pop_first: str = "on",
+    pop_first_sender: str = "warn",
+    max_recipients: int | str = "",
+    store: WhitelistStore | None = None,
+    clock: FakeClock | None = None,
 ) -> tuple[RelayGate, UsageLedger, Metrics, CapturingLogger]:
+    """A gate for CLIENT, whitelisted for alice; without a relay budget unless asked."""
     settings = settings_from_mapping(
         {
             "trusted_networks": [],
             "local_domains": ["local.test"],
             "pop_first": pop_first,
             "pop_first_sender": pop_first_sender,
+            "pop_first_max_recipients": max_recipients,
+            "pop_first_budget_window": 60,
         }
     )
-    clock = FakeClock()
-    store = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    clock = clock or FakeClock()
+    store = store or MemoryStore(ttl=900, max_entries=10, clock=clock)
     store.grant(CLIENT, "alice")
     ledger = UsageLedger(max_users=10, clock=clock)
     metrics = Metrics()

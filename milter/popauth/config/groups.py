@@ -72,9 +72,13 @@ from popauth.config.converters import (
 from popauth.doors.ingest import wire
 from popauth.localdelivery import LearnFrom, LocalDelivery
 from popauth.relay.accounting import Accounting
-from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayPolicy
+from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayBudget, RelayPolicy
 from popauth.relay.ownership import SenderOwners, parse_sender_addresses
-from popauth.relay.replies import DEFAULT_NULL_SENDER, DEFAULT_SENDER_NOT_OWNED
+from popauth.relay.replies import (
+    DEFAULT_BUDGET_SPENT,
+    DEFAULT_NULL_SENDER,
+    DEFAULT_SENDER_NOT_OWNED,
+)
 from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
 from popauth.telemetry.levels import LogFormat, LogLevel
 
@@ -98,6 +102,8 @@ DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
 DEFAULT_REJECT_MESSAGE = (
     "Turn on SMTP AUTH in your mail program, or check your mail (POP/IMAP) just before sending."
 )
+# The relay budget's default: docs/configuration.rst says how it was chosen.
+DEFAULT_POP_FIRST_MAX_RECIPIENTS: int | None = 1000
 # Trusted networks wider than these cover a large part of the Internet: an IPv4
 # /8 is 1/256 of all addresses, and no single provider holds an IPv6 network
 # wider than a /16 (the largest allocations are about /19).
@@ -391,6 +397,15 @@ def _sender_addresses_file(value: Any) -> Path:
     return path
 
 
+def _recipient_budget(value: Any) -> int | None:
+    """A relay budget of at least one recipient, or "" (None): off, as for every other key."""
+    if value == "":
+        return None
+    if value == 0 and not isinstance(value, bool):
+        raise ValueError('must be at least 1; "" turns the relay budget off')
+    return integer(1, 10_000_000)(value)
+
+
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     """Who may relay, and what a refused client is told."""
@@ -426,6 +441,19 @@ class RelaySettings:
     pop_first_sender_addresses: Path | None = optional_setting(
         "pop_first_sender_addresses", None, _sender_addresses_file
     )
+    # The relay budget: at most this many relayed recipients per window per
+    # POP-first address (SMTP AUTH, trusted networks and local recipients
+    # are never counted); "" turns it off. Far above what a person sends
+    # (docs/configuration.rst), far below what a hijacked client would.
+    pop_first_max_recipients: int | None = setting(
+        "pop_first_max_recipients", DEFAULT_POP_FIRST_MAX_RECIPIENTS, _recipient_budget
+    )
+    # Seconds a budget lasts from the first recipient counted in it.
+    pop_first_budget_window: int = setting("pop_first_budget_window", 3600, integer(1, 7 * 86_400))
+    # The text after "451 4.7.1" once the budget is spent.
+    pop_first_budget_message: str = setting(
+        "pop_first_budget_message", DEFAULT_BUDGET_SPENT, smtp_text
+    )
 
     def __post_init__(self) -> None:
         if self.allow_wide_trusted_networks:
@@ -451,7 +479,14 @@ class RelaySettings:
                 read_sender_addresses(self.pop_first_sender_addresses),
                 login_map=local.sender_logins,
             ),
+            pop_first_budget=self.budget,
         )
+
+    @property
+    def budget(self) -> RelayBudget | None:
+        if self.pop_first_max_recipients is None:
+            return None
+        return RelayBudget(self.pop_first_max_recipients, self.pop_first_budget_window)
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         settings.relay.pop_first_retired_message,
         settings.relay.pop_first_sender_message,
         settings.relay.pop_first_null_sender_message,
+        settings.relay.pop_first_budget_message,
     )
     explainer = Explainer(
         gate=gate,

@@ -9,7 +9,10 @@ The steps, in order, for every recipient:
    its user learns that POP-before-SMTP has been retired), and, with
    ``pop_first_sender = "own"``, only when the envelope sender belongs to
    one of the entry's users (:mod:`popauth.relay.ownership`): otherwise it
-   is refused with its own reason, ``null_sender`` for ``<>``;
+   is refused with its own reason, ``null_sender`` for ``<>``; and, with a
+   relay budget (``pop_first_max_recipients``), only while the budget of its
+   address is not spent (``client.budget``): otherwise a relayed recipient
+   is tempfailed with ``budget_spent``, a local one still goes to step 4;
 4. accept a recipient that the MTA delivers locally;
 5. otherwise refuse: tempfail if the whitelist could not be read, else reject.
 
@@ -47,6 +50,8 @@ class Reason(enum.Enum):
     # the entry's users' addresses, or the null sender.
     SENDER_NOT_OWNED = "sender_not_owned"
     NULL_SENDER = "null_sender"
+    # The relay budget of a POP-first client's address is spent for this window.
+    BUDGET_SPENT = "budget_spent"
 
 
 class PopFirst(enum.Enum):
@@ -78,6 +83,28 @@ class Listing(enum.Enum):
     # The store was not asked because an earlier step already settles the
     # verdict (or the client has no IP address); never grants anything.
     NOT_CONSULTED = "not_consulted"
+
+
+class Budget(enum.Enum):
+    """The relay budget of a POP-first client's address, for the recipient at hand."""
+
+    # No budget applies (none configured, or the gate did not need to ask).
+    NOT_COUNTED = "not_counted"
+    # The recipient was counted against the budget: it may relay.
+    LEFT = "left"
+    # None left in this window: the recipient was not counted.
+    SPENT = "spent"
+    # The store could not count it; never grants anything.
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayBudget:
+    """At most ``max_recipients`` relayed recipients per ``window`` seconds per
+    POP-first address (``pop_first_max_recipients``, ``pop_first_budget_window``)."""
+
+    max_recipients: int
+    window: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +141,8 @@ class RelayPolicy:
     provenance: Provenance = Provenance()
     pop_first_sender: PopFirstSender = PopFirstSender.ANY
     sender_owners: SenderOwners = field(default_factory=SenderOwners)
+    # None: POP-first clients relay to any number of recipients.
+    pop_first_budget: RelayBudget | None = None
 
 
 class Client(NamedTuple):
@@ -132,6 +161,8 @@ class Client(NamedTuple):
     # ("" the null sender; None not known, which "own" refuses).
     login_users: tuple[str, ...] = ()
     sender: str | None = None
+    # The relay budget for the recipient at hand (see Budget).
+    budget: Budget = Budget.NOT_COUNTED
 
 
 ACCEPT_AUTHENTICATED = Decision(Verdict.ACCEPT, Reason.SMTP_AUTH)
@@ -143,6 +174,10 @@ TEMPFAIL_UNAVAILABLE = Decision(Verdict.TEMPFAIL, Reason.WHITELIST_UNAVAILABLE)
 REJECT_POP_FIRST_RETIRED = Decision(Verdict.REJECT, Reason.POP_FIRST_RETIRED)
 REJECT_SENDER_NOT_OWNED = Decision(Verdict.REJECT, Reason.SENDER_NOT_OWNED)
 REJECT_NULL_SENDER = Decision(Verdict.REJECT, Reason.NULL_SENDER)
+TEMPFAIL_BUDGET_SPENT = Decision(Verdict.TEMPFAIL, Reason.BUDGET_SPENT)
+
+# The budget states that let a POP-first grant stand.
+_BUDGET_GRANTS = frozenset({Budget.NOT_COUNTED, Budget.LEFT})
 
 
 def decide_connection(policy: RelayPolicy, address: IPAddress | None) -> Decision | None:
@@ -175,8 +210,13 @@ def decide_sender(policy: RelayPolicy, client: Client) -> Decision | None:
 
 
 def _pop_first_grants(policy: RelayPolicy, client: Client) -> bool:
-    return _pop_first_listed(policy, client) and (
-        policy.pop_first_sender is not PopFirstSender.OWN or sender_refusal(policy, client) is None
+    return (
+        _pop_first_listed(policy, client)
+        and client.budget in _BUDGET_GRANTS
+        and (
+            policy.pop_first_sender is not PopFirstSender.OWN
+            or sender_refusal(policy, client) is None
+        )
     )
 
 
@@ -227,10 +267,23 @@ def decide_unsettled_recipient(
     if client.listing is Listing.UNAVAILABLE:
         return TEMPFAIL_UNAVAILABLE
     if _pop_first_listed(policy, client):
-        # Listed, and pop_first relays, but not this sender ("own").
+        # Listed, and pop_first relays, but not this sender ("own"; "warn"
+        # only logs it), or not past its relay budget.
         refusal = sender_refusal(policy, client)
-        if refusal is not None:
+        if refusal is not None and policy.pop_first_sender is PopFirstSender.OWN:
             return refusal
+        budget_refusal = _budget_refusal(client)
+        if budget_refusal is not None:
+            return budget_refusal
     if client.address is not None and client.listing is Listing.LISTED:
         return REJECT_POP_FIRST_RETIRED
     return REJECT_RELAY
+
+
+def _budget_refusal(client: Client) -> Decision | None:
+    """The refusal of a relayed recipient that the budget alone stands in the way of."""
+    if client.budget is Budget.SPENT:
+        return TEMPFAIL_BUDGET_SPENT
+    if client.budget is Budget.UNAVAILABLE:
+        return TEMPFAIL_UNAVAILABLE
+    return None

@@ -15,14 +15,17 @@ from popauth.basics.addresses import IPAddress, WhitelistKeying, address_text
 from popauth.basics.escaping import escape_text
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import (
+    Budget,
     Client,
     Decision,
     Listing,
     PopFirst,
     PopFirstSender,
     Reason,
+    RelayBudget,
     RelayPolicy,
     decide_connection,
+    decide_recipient,
     decide_sender,
     decide_unsettled_recipient,
     needs_whitelist,
@@ -30,7 +33,7 @@ from popauth.relay.decision import (
 )
 from popauth.relay.mismatch import MailerMismatchWarner
 from popauth.relay.recipients import Recipient, is_local_recipient
-from popauth.store import Entry, StoreUnavailable, WhitelistStore
+from popauth.store import BudgetUse, Entry, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import RelayWay, UsageLedger
 from popauth.telemetry.metrics import Metrics
 
@@ -51,6 +54,11 @@ class Assessment:
     policy: RelayPolicy
     grant: Entry | None
     stage: str
+    # Whether the relay budget applies (a POP-first grant, a budget
+    # configured), and the client's address's use of it, read, not spent
+    # (None: the store could not be read).
+    budget_applies: bool = False
+    budget: BudgetUse | None = None
 
 
 @dataclass(slots=True)
@@ -120,8 +128,11 @@ class RelayGate:
         if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
             self._warn_unless_owned(policy, client)
         way = _WAYS.get(decision.reason)
-        if way is not None and self._accounting is Accounting.RECIPIENTS:
-            # Settled, but each RCPT must be seen to count relayed recipients.
+        if way is not None and (
+            self._accounting is Accounting.RECIPIENTS or _budgeted(policy, decision)
+        ):
+            # Settled, but each RCPT must be seen to count relayed recipients
+            # (in the books, or against the relay budget).
             return None, message
         self._record(decision, "mail", client, None, time.perf_counter() - started)
         if way is not None:
@@ -135,6 +146,13 @@ class RelayGate:
         decision = message.settled
         if decision is None:
             decision = decide_unsettled_recipient(policy, client, recipient)
+        elif (
+            policy.pop_first_budget is not None
+            and _budgeted(policy, decision)
+            and not is_local_recipient(recipient, policy.local_delivery)
+        ):
+            budget = self._spend_budget(client, policy.pop_first_budget)
+            decision = decide_recipient(policy, client._replace(budget=budget), recipient)
         self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
@@ -183,12 +201,76 @@ class RelayGate:
         listing, grant = self._consult(policy, address, auth_user)
         client = _client(address, auth_user, listing, grant, sender)
         decision = decide_sender(policy, client)
+        if (
+            decision is not None
+            and policy.pop_first_budget is not None
+            and _budgeted(policy, decision)
+        ):
+            # Each relayed recipient is counted at RCPT; here only read.
+            use = self._read_budget(client)
+            if not is_local_recipient(recipient, policy.local_delivery):
+                state = _budget_state(use, policy.pop_first_budget)
+                decision = decide_recipient(policy, client._replace(budget=state), recipient)
+            return Assessment(
+                decision, client, policy, grant, "rcpt", budget_applies=True, budget=use
+            )
         if decision is not None:
             # Counting recipients keeps the milter asking at every RCPT.
             counted = decision.reason in _WAYS and self._accounting is Accounting.RECIPIENTS
             return Assessment(decision, client, policy, grant, "rcpt" if counted else "mail")
         decision = decide_unsettled_recipient(policy, client, recipient)
         return Assessment(decision, client, policy, grant, "rcpt")
+
+    def budget_use(self, address: IPAddress) -> tuple[RelayBudget, BudgetUse] | None:
+        """The relay budget and its use by ``address`` (a whitelist key) now,
+        counting nothing; None without a budget. Raises StoreUnavailable."""
+        budget = self._policy.pop_first_budget
+        if budget is None:
+            return None
+        return budget, self._store.budget_use(address)
+
+    def _spend_budget(self, client: Client, budget: RelayBudget) -> Budget:
+        """Count one relayed recipient of a POP-first client against its address's budget."""
+        address = client.address
+        assert address is not None  # only a listed client is granted
+        try:
+            spend = self._store.spend_budget(
+                self._keying.key_address(address), budget.max_recipients, budget.window
+            )
+        except StoreUnavailable as failure:
+            self._metrics.errors.labels("store_unavailable").inc()
+            self._log.error(
+                "whitelist_unavailable",
+                client_ip=address_text(address),
+                error=str(failure),
+                during="relay_budget",
+            )
+            return Budget.UNAVAILABLE
+        if spend.allowed:
+            return Budget.LEFT
+        if spend.first_refusal:
+            # Once per address and window: the refusals after it are only
+            # relay_decision lines.
+            self._metrics.relay_budget_spent()
+            self._log.warning(
+                "relay_budget_spent",
+                client_ip=address_text(address),
+                user=client.login_user or None,
+                users=list(client.login_users),
+                max_recipients=budget.max_recipients,
+                window=budget.window,
+                hint="a POP-first client relayed its budget's worth of recipients; "
+                "if it is no spammer, ask them to turn on SMTP AUTH",
+            )
+        return Budget.SPENT
+
+    def _read_budget(self, client: Client) -> BudgetUse | None:
+        """The budget of a POP-first client's address, for explain; None: unreadable."""
+        assert client.address is not None
+        try:
+            return self._store.budget_use(self._keying.key_address(client.address))
+        except StoreUnavailable:
+            return None
 
     def _consult(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
@@ -259,6 +341,18 @@ class RelayGate:
                 user=client.login_user or None,
                 hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
             )
+
+
+def _budgeted(policy: RelayPolicy, decision: Decision) -> bool:
+    """Whether the relay budget counts this message's relayed recipients."""
+    return decision.reason is Reason.WHITELISTED and policy.pop_first_budget is not None
+
+
+def _budget_state(use: BudgetUse | None, budget: RelayBudget) -> Budget:
+    """What spending one more recipient would find, from the budget as read."""
+    if use is None:
+        return Budget.UNAVAILABLE
+    return Budget.LEFT if use.used < budget.max_recipients else Budget.SPENT
 
 
 def _client(
