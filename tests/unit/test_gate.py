@@ -27,6 +27,7 @@ def make(
     accounting: Accounting,
     pop_first: str = "on",
     pop_first_sender: str = "warn",
+    *,
     max_recipients: int | str = "",
     store: WhitelistStore | None = None,
     clock: FakeClock | None = None,
