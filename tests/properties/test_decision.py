@@ -140,7 +140,9 @@ def test_a_listed_client_relays_only_while_pop_first_is_on(
 
 
 @given(
-    policies(),
+    st.tuples(policies(), st.sampled_from(list(PopFirstSender))).map(
+        lambda drawn: dataclasses.replace(drawn[0], pop_first_sender=drawn[1])
+    ),
     client_addresses(),
     st.sampled_from([Budget.SPENT, Budget.UNAVAILABLE]),
     st.tuples(
@@ -148,20 +150,17 @@ def test_a_listed_client_relays_only_while_pop_first_is_on(
         st.none() | st.sampled_from(["", "<>", "joe@local.test", "mallory@evil.test"]),
     ),
     recipients(),
-    st.sampled_from(list(PopFirstSender)),
 )
 def test_a_spent_budget_never_yields_accept_for_a_pop_first_grant(
-    drawn: RelayPolicy,
+    policy: RelayPolicy,
     address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     budget: Budget,
     login: tuple[list[str], str | None],
     recipient: Recipient,
-    mode: PopFirstSender,
 ) -> None:
     """Whatever the sender rule, the entry's users and the sender say."""
     users, sender = login
-    assume(address not in drawn.trusted_networks)
-    policy = dataclasses.replace(drawn, pop_first_sender=mode)
+    assume(address not in policy.trusted_networks)
     client = Client(address, "", Listing.LISTED, users[-1], tuple(users), sender, budget)
     decision = decide_recipient(policy, client, recipient)
     assert decision.reason is not Reason.WHITELISTED, (client, recipient, decision)
