@@ -27,8 +27,11 @@ class Endpoint:
         directory: Path,
         peers: PeerPolicy | None = None,
         store_class: type[MemoryStore] = MemoryStore,
+        *,
+        budgets: bool = False,
         **limits: float,
     ) -> None:
+        """``budgets``: QUERY shows the gate's relay budget (the default one)."""
         self.path = directory / "ingest.sock"
         self.clock = FakeClock()
         self.blocklist = FileBlockList(directory / "blocked.json")
@@ -40,7 +43,7 @@ class Endpoint:
         self.metrics = Metrics()
         keying = WhitelistKeying(64)
         relay = settings_from_mapping({}).relay
-        gate = RelayGate(
+        self.gate = gate = RelayGate(
             policy=relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
             store=self.store,
             keying=keying,
@@ -71,6 +74,7 @@ class Endpoint:
             metrics=self.metrics,
             log=self.log,
             explainer=explainer,
+            budgets=gate.budget_use if budgets else None,
         )
 
     def ask(self, line: str) -> list[str]:

@@ -217,6 +217,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         metrics=metrics,
         log=log,
         explainer=explainer,
+        budgets=gate.budget_use,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log)
     milter = MilterService(

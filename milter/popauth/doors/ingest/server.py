@@ -11,6 +11,7 @@ nothing, and no client can stop the endpoint from serving the others.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,10 +24,22 @@ from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.relay.decision import RelayBudget
 from popauth.relay.explain import Explainer, Question, explanation_lines
-from popauth.store import NotConfirmed, Renewal, StoreUnavailable, UserBlocked, WhitelistStore
+from popauth.store import (
+    BudgetUse,
+    NotConfirmed,
+    Renewal,
+    StoreUnavailable,
+    UserBlocked,
+    WhitelistStore,
+)
 from popauth.store.accounts import BlockList, BlockListUnwritable, UsageLedger
 from popauth.telemetry.metrics import Metrics
+
+# A whitelist key's relay budget and its use now, counting nothing; None:
+# no budget is configured. Raises StoreUnavailable.
+BudgetReader = Callable[[IPAddress], tuple[RelayBudget, BudgetUse] | None]
 
 # PeerPolicy is part of what building an IngestServer takes.
 __all__ = ["IngestOptions", "IngestServer", "PeerPolicy"]
@@ -69,8 +82,10 @@ class IngestServer(UnixStreamServer):
         log: structlog.typing.FilteringBoundLogger,
         explainer: Explainer | None = None,
         peers: PeerPolicy | None = None,
+        budgets: BudgetReader | None = None,
     ) -> None:
-        """``peers``: who holds which role; by default the settings' roles."""
+        """``peers``: who holds which role; by default the settings' roles.
+        ``budgets``: the relay budget of an address, for QUERY (the gate's)."""
         super().__init__(
             path=settings.socket,
             mode=settings.socket_mode,
@@ -101,6 +116,7 @@ class IngestServer(UnixStreamServer):
         self._ledger = ledger
         self._metrics = metrics
         self._explainer = explainer
+        self._budgets = budgets
 
     # --- framing -----------------------------------------------------------
 
@@ -332,7 +348,13 @@ class IngestServer(UnixStreamServer):
         entry = self._store.lookup(key)
         if entry is None:
             return protocol.not_found(described)
-        return protocol.ok(protocol.format_entry(entry, described))
+        found = None if self._budgets is None else self._budgets(key)
+        if found is None:
+            return protocol.ok(protocol.format_entry(entry, described))
+        budget, use = found
+        return protocol.ok(
+            f"{protocol.format_entry(entry, described)} {protocol.format_budget(budget, use)}"
+        )
 
     def _login(self, key: IPAddress, described: str, user: str, peer: Peer) -> bytes:
         try:
