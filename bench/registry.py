@@ -12,7 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import follow, ingest, login_hook, milter_protocol, postfix_e2e, scale, sessions, soak
+from bench import (
+    follow,
+    ingest,
+    login_hook,
+    milter_protocol,
+    postfix_e2e,
+    relay_budget,
+    scale,
+    sessions,
+    soak,
+)
 from bench.common import BenchResult, Mode
 
 Runner = Callable[[Mode, Path], BenchResult]
@@ -33,6 +43,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         milter_protocol.run,
         "B1",
         "milter decisions/s over the milter socket, popauth against a no-op pymilter milter",
+    ),
+    Benchmark(
+        "relay-budget-cost",
+        relay_budget.run,
+        "B9",
+        'POP-first sessions/s: pop_first_sender "own" with the relay budget, against "any" without',
     ),
     Benchmark(
         "postfix-throughput",

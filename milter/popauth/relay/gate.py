@@ -146,20 +146,27 @@ class RelayGate:
         decision = message.settled
         if decision is None:
             decision = decide_unsettled_recipient(policy, client, recipient)
-        elif (
-            policy.pop_first_budget is not None
-            and _budgeted(policy, decision)
-            and not is_local_recipient(recipient, policy.local_delivery)
-        ):
-            budget = self._spend_budget(client, policy.pop_first_budget)
-            decision = decide_recipient(policy, client._replace(budget=budget), recipient)
+        relayed: bool | None = None  # is_local_recipient() once, where asked
+        if decision is None:
+            decision = decide_unsettled_recipient(policy, client, recipient)
+        elif policy.pop_first_budget is not None and _budgeted(policy, decision):
+            relayed = not is_local_recipient(recipient, policy.local_delivery)
+            if relayed:
+                budget = self._spend_budget(client, policy.pop_first_budget)
+                # A budget left decides as none does (the decision's property
+                # tests): only a refusal needs the decision again.
+                if budget is not Budget.LEFT:
+                    decision = decide_recipient(policy, client._replace(budget=budget), recipient)
         self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
-        if way is not None and not is_local_recipient(recipient, policy.local_delivery):
-            message.relayed_recipients += 1
-            message.way = way
+        if way is not None:
+            if relayed is None:
+                relayed = not is_local_recipient(recipient, policy.local_delivery)
+            if relayed:
+                message.relayed_recipients += 1
+                message.way = way
         return decision
 
     def message_without_mail(self, address: IPAddress | None) -> Message:
