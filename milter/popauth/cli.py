@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         "log", nargs="?", help='the log (default: follow_log); "-" = standard input'
     )
 
+    notices = commands.add_parser(
+        "notices", help="who would be sent a POP-first notice now, and its text (docs/notices.rst)"
+    )
+    notices.add_argument("--config", type=Path, help=CONFIG_HELP)
+    notices.add_argument(
+        "--dry-run", action="store_true", required=True, help="show, send nothing (required)"
+    )
     setup = commands.add_parser("setup", help="point Postfix, Dovecot or Sendmail at popauth")
     setup.add_argument("--config", type=Path, help=CONFIG_HELP)
     from popauth.setup.command import add_arguments
@@ -433,6 +440,21 @@ def _show_config(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_notices(arguments: argparse.Namespace) -> int:
+    from popauth.config import load_settings
+    from popauth.daemon.notices import dry_run_lines
+    from popauth.localdelivery.resolve import resolve_local_delivery
+
+    try:
+        settings = load_settings(settings_file(arguments))
+        for line in dry_run_lines(settings, resolve_local_delivery(settings.local)):
+            print(line)
+    except (PopauthError, OSError) as error:
+        print(f"popauth: cannot show notices: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def _run_server(arguments: argparse.Namespace) -> int:
     if arguments.command == "check-config":
         return _check_config(arguments)
@@ -521,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_sessions(arguments)
     if arguments.command == "follow":
         return _run_follow(arguments)
+    if arguments.command == "notices":
+        return _run_notices(arguments)
     if arguments.command == "setup":
         from popauth.setup.command import run_setup
 

@@ -219,7 +219,7 @@ def failover_under_load(
 
     window = max(last_tempfail(probe, killed_at) for probe in probes) - killed_at
     before_kill = [client for at, client in acknowledged if at < killed_at]
-    new_master = cluster.master_port()
+    new_master = agreed_master(cluster, killed_at + FAILOVER_DEADLINE)
     assert new_master == cluster.replica.port
     with redis.Redis(port=new_master, socket_timeout=5) as client:
         present = client.exists(*(f"popauth:{c}" for c in before_kill))
@@ -261,6 +261,14 @@ def logins_work_again(cluster: Cluster, hosts: list[MtaHost], wait_replicas: int
     else:
         assert host_b.login("127.0.0.20", "carol").startswith("OK ")
     assert host_a.relay("127.0.0.20")[0] == 250
+
+
+def agreed_master(cluster: Cluster, deadline: float) -> int | None:
+    """The master port once every sentinel agrees on it: popauth may reach the
+    new master through one sentinel while another still marks the old one down."""
+    while (port := cluster.master_port()) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return port
 
 
 def recovered(probe: Probe, killed_at: float) -> bool:

@@ -8,6 +8,7 @@ control characters.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import ipaddress
 import re
@@ -361,3 +362,26 @@ networks = then(string_list(then(_network_text, _network)), NetworkSet.of)
 domains = string_list(then(_domain, str.lower))
 mailers = nonempty(string_list(then(_mailer, str.lower)))
 directory = matching(r"/.*", "must be an absolute path")
+
+
+def rfc3339_time(value: Any) -> datetime.datetime:
+    """An RFC 3339 time with its offset (a TOML date-time, or one as a string), or
+    a date alone (midnight UTC); returned with its time zone."""
+    if isinstance(value, str):
+        try:
+            value = (
+                datetime.date.fromisoformat(value)
+                if len(value) == 10
+                else datetime.datetime.fromisoformat(value)
+            )
+        except ValueError:
+            raise ValueError(
+                "must be an RFC 3339 time, e.g. 2027-03-01T00:00:00Z, or a date, 2027-03-01"
+            ) from None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ValueError("must carry its offset from UTC, e.g. 2027-03-01T00:00:00Z")
+        return value
+    if isinstance(value, datetime.date):
+        return datetime.datetime.combine(value, datetime.time(), datetime.UTC)
+    raise ValueError("must be an RFC 3339 time, e.g. 2027-03-01T00:00:00Z, or a date, 2027-03-01")

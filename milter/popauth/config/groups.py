@@ -19,6 +19,7 @@ and user and group names are already their ids.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from popauth.config.converters import (
     protocols,
     redis_url,
     renew_interval,
+    rfc3339_time,
     sentinel_service,
     smtp_text,
     socket_path,
@@ -70,7 +72,8 @@ from popauth.config.converters import (
     visible,
 )
 from popauth.doors.ingest import wire
-from popauth.localdelivery import LearnFrom, LocalDelivery
+from popauth.localdelivery import DOMAIN_NAME, LearnFrom, LocalDelivery
+from popauth.notices.template import DEFAULT_SMTP_AUTH_INSTRUCTIONS, TemplateError, read_template
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayBudget, RelayPolicy
 from popauth.relay.ownership import SenderOwners, parse_sender_addresses
@@ -406,6 +409,15 @@ def _recipient_budget(value: Any) -> int | None:
     return integer(1, 10_000_000)(value)
 
 
+def _isoformat(value: datetime.datetime | None) -> str:
+    return "" if value is None else value.isoformat()
+
+
+def _optional_time(value: Any) -> datetime.datetime | None:
+    """``""`` (no date), or an RFC 3339 time (a TOML date-time is no string)."""
+    return None if value == "" else rfc3339_time(value)
+
+
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
     """Who may relay, and what a refused client is told."""
@@ -422,6 +434,10 @@ class RelaySettings:
     pop_first: PopFirst = setting("pop_first", PopFirst.ON, choice(PopFirst))
     pop_first_retired_message: str = setting(
         "pop_first_retired_message", DEFAULT_POP_FIRST_RETIRED_MESSAGE, smtp_text
+    )
+    # When POP-first is retired (RFC 3339); None: no date. Notices say it.
+    pop_first_retire_at: datetime.datetime | None = setting(
+        "pop_first_retire_at", None, _optional_time, shown=_isoformat
     )
     # Whether a POP-first client may send as anyone ("any"), only as one of
     # the users who logged in from its address ("own"), or as anyone while
@@ -524,6 +540,56 @@ class AccountsSettings:
     )
 
 
+def _notice_template(value: Any) -> Path:
+    """A notice template, read and checked once here so that a bad one stops popauth at start."""
+    path = file_path(value)
+    try:
+        read_template(path)
+    except TemplateError as error:
+        raise ValueError(str(error)) from None
+    return path
+
+
+domain_name = matching(DOMAIN_NAME.pattern, "must be a domain name")
+_ADDRESS = matching(r"[^\s@<>]+@[^\s@<>]+", "must be an address, local@domain")
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeSettings:
+    """Notices to the users still relaying by POP-first, mailed to their own address."""
+
+    # Off by default: an upgrade must not start mailing users on its own.
+    enabled: bool = setting("pop_first_notices", False, boolean)
+    # Seconds between two notices to one user (and one more in the final week).
+    interval: int = setting("pop_first_notice_interval", 7 * 86_400, integer(3600, 366 * 86_400))
+    # The operator's template; None: the built-in text (contrib/pop-first-notice.txt).
+    template: Path | None = optional_setting("pop_first_notice_template", None, _notice_template)
+    smtp_auth_instructions: str = setting(
+        "pop_first_notice_smtp_auth_instructions",
+        DEFAULT_SMTP_AUTH_INSTRUCTIONS,
+        matching(".+", "must not be empty"),
+    )
+    # The domain of a login without "@" (joe -> joe@DOMAIN); None: the first local domain.
+    domain: str | None = optional_setting("pop_first_notice_domain", None, domain_name)
+    # The envelope sender and From:; None: postmaster@ the first local domain.
+    sender: str | None = optional_setting("pop_first_notice_sender", None, _ADDRESS)
+    # The MTA's sendmail command and its options; popauth adds -i -f SENDER -- RECIPIENT.
+    sendmail: tuple[str, ...] = setting(
+        "pop_first_notice_sendmail",
+        ("/usr/sbin/sendmail",),
+        nonempty(string_list(matching(".+", "must not be empty"))),
+    )
+    timeout: float = setting("pop_first_notice_timeout", 30.0, number(1, 600))
+    # Seconds before the first retry of a failed submission; each next one waits twice as long.
+    retry: float = setting("pop_first_notice_retry", 300.0, number(1, 86_400))
+    per_minute: float = setting("pop_first_notices_per_minute", 30.0, number(0.1, 6000))
+    queue_size: int = setting("pop_first_notice_queue", 1000, integer(1, 1_000_000))
+    # Who was told when, with the embedded store (a Redis site keeps it in Redis).
+    path: Path | None = optional_setting(
+        "pop_first_notice_path", STATE_DIRECTORY / "notices.json", file_path
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     # Where Prometheus metrics are served; None turns them off.
@@ -549,6 +615,7 @@ class Settings:
     sessions: SessionSettings = field(default_factory=SessionSettings)
     follow: FollowSettings = field(default_factory=FollowSettings)
     local: LocalDeliverySettings = field(default_factory=LocalDeliverySettings)
+    notices: NoticeSettings = field(default_factory=NoticeSettings)
 
     def __post_init__(self) -> None:
         # Checks that join keys of different groups.

@@ -2,7 +2,7 @@
 
 Each piece is a component with a start and a stop (:mod:`popauth.daemon.lifecycle`):
 the store (restored from disk), the saver, the ingest endpoint, the
-socketmap, the metrics endpoint and the milter, started in that order and
+socketmap, the metrics endpoint, the notice worker and the milter, started in that order and
 stopped in reverse, so the last snapshot is written after every door has
 closed.
 """
@@ -21,6 +21,7 @@ from popauth.basics.clock import Clock, SystemClock
 from popauth.basics.errors import StateFileError, StateFileMissing
 from popauth.config import Settings
 from popauth.daemon.lifecycle import Lifecycle, Step, Stopped
+from popauth.daemon.notices import notice_worker
 from popauth.daemon.settings_reload import SettingsChangeCheck
 from popauth.doors.ingest.server import IngestServer
 from popauth.doors.milter.adapter import RelayMilter, Replies
@@ -61,6 +62,8 @@ def state_file_paths(settings: Settings) -> list[Path]:
     paths = [settings.accounts.usage_path]
     if settings.store.kind is StoreKind.MEMORY:
         paths += [settings.store.snapshot_path, settings.accounts.blocklist_path]
+        if settings.notices.enabled:
+            paths.append(settings.notices.path)
     return [path for path in paths if path is not None]
 
 
@@ -180,6 +183,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     policy = settings.relay.policy(local)
     if not any(learned.has_domains() for learned in local.classes):
         log.warning("no_local_domains", hint="every recipient counts as relayed; set local_domains")
+    notices = notice_worker(settings, local=local, store=store, metrics=metrics, log=log)
     gate = RelayGate(
         policy=policy,
         store=store,
@@ -188,6 +192,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         accounting=settings.accounts.accounting,
         metrics=metrics,
         log=log,
+        pop_first_relayed=None if notices is None else notices.offer,
     )
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
     reloader = LocalDeliveryReloader(settings.local, gate, settings.relay.policy, log)
@@ -242,6 +247,9 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
                 metrics.stop,
             )
         )
+    if notices is not None:
+        # Before the milter, so that it takes users from the first message on.
+        steps.append(Step("notices", notices.start, notices.stop))
     steps.append(Step("milter", milter.start, milter.stop))
     log.info(
         "starting",

@@ -7,6 +7,7 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -85,8 +86,11 @@ class RelayGate:
         accounting: Accounting,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
+        pop_first_relayed: Callable[[str], None] | None = None,
     ) -> None:
         self._policy = policy
+        # Told the login user of each message relayed by POP-first (the notices); must not block.
+        self._pop_first_relayed = pop_first_relayed
         self._store = store
         self._keying = keying
         self._ledger = ledger
@@ -127,6 +131,8 @@ class RelayGate:
             return None, message
         if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
             self._warn_unless_owned(policy, client)
+        if decision.reason is Reason.WHITELISTED and self._pop_first_relayed is not None:
+            self._pop_first_relayed(client.login_user)
         way = _WAYS.get(decision.reason)
         if way is not None and (
             self._accounting is Accounting.RECIPIENTS or _budgeted(policy, decision)

@@ -168,6 +168,13 @@ class Metrics:
             "POP-first addresses that spent their relay budget, once per window",
             registry=self.registry,
         )
+        # Notices to users still relaying by POP-first: sent, failed, dropped (queue full).
+        self.notices = Counter(
+            "popauth_pop_first_notices",
+            "POP-first notices by result",
+            ["result"],
+            registry=self.registry,
+        )
         self.whitelist_entries = Gauge(
             "popauth_whitelist_entries", "Clients on the whitelist", registry=self.registry
         )
