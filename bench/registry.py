@@ -3,7 +3,8 @@
 Each module's ``run(mode, workdir)`` measures one benchmark; the name here
 is the one the runner, ``--only``, the results file and the performance
 table use. ``old_key`` is what it was called before it had a name (B1-B8,
-after the issue that asked for them); ``--only`` still takes it.
+after the issue that asked for them; later ones go on counting, and it
+names the benchmark's directory); ``--only`` still takes it.
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ def own_sender_scripts() -> list[Script]:
 
 
 def run(mode: Mode, workdir: Path) -> BenchResult:
-    result = BenchResult("B9", "relay budget: POP-first sessions/s, budget on against off")
+    result = BenchResult(
+        "relay-budget-cost", "relay budget: POP-first sessions/s, budget on against off"
+    )
     plans = own_sender_scripts()
     servers = {
         name: start_popauth(workdir / f"popauth-{index}", **settings)
