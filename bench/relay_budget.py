@@ -12,7 +12,10 @@ remote recipient (the sessions of the milter throughput benchmark,
   answered, one milter round trip more.
 
 The ratio asked for is ``own, budget`` against ``any, no budget``; the
-middle set-up tells the sender check's part from the budget's.
+middle set-up tells the sender check's part from the budget's. The same
+two ends are then measured through a real Postfix each (8 SMTP clients,
+whitelisted clients only, :mod:`bench.postfix_e2e`'s messages), where the
+milter's round trip is a smaller part of the whole.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench import postfix_e2e
 from bench.common import BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
 from bench.milter_protocol import (
     ACCEPT,
@@ -34,6 +38,9 @@ from bench.milter_protocol import (
     session,
     start_popauth,
 )
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.smtp import SENDER
 
 SETUPS: dict[str, dict[str, Any]] = {
     "any, no budget": {"pop_first_sender": "any", "pop_first_max_recipients": ""},
@@ -64,6 +71,12 @@ def own_sender_scripts() -> list[Script]:
 
 
 def run(mode: Mode, workdir: Path) -> BenchResult:
+    result = milter_sessions(mode, workdir)
+    through_postfix(mode, workdir / "postfix", result)
+    return result
+
+
+def milter_sessions(mode: Mode, workdir: Path) -> BenchResult:
     result = BenchResult(
         "relay-budget-cost", "relay budget: POP-first sessions/s, budget on against off"
     )
@@ -130,3 +143,78 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
         f"final replies, any, no budget: {tallies['any, no budget'].summary()}",
     ]
     return result
+
+
+POSTFIX_SETUPS = ("any, no budget", "own, budget")
+
+
+def through_postfix(mode: Mode, workdir: Path, result: BenchResult) -> None:
+    """Messages/s through Postfix, whitelisted clients only, popauth with
+    either end's settings; bench.postfix_e2e's sender is every login's own."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    owned = workdir / "sender-addresses"
+    logins = len(postfix_e2e.SOURCES["whitelisted"])
+    owned.write_text("".join(f"user{n:03d}: {SENDER}\n" for n in range(logins)), encoding="ascii")
+    servers = {
+        name: postfix_e2e.start_popauth(
+            workdir / f"popauth-{index}",
+            log_level="info",
+            pop_first_sender_addresses=str(owned),
+            **SETUPS[name],
+        )
+        for index, name in enumerate(POSTFIX_SETUPS)
+    }
+    instances = {
+        name: PostfixInstance(
+            root=workdir / f"pf-{index}",
+            smtp_port=free_port(),
+            milter=f"unix:{servers[name].milter_path}",
+            local_domain=postfix_e2e.LOCAL_DOMAIN,
+        )
+        for index, name in enumerate(POSTFIX_SETUPS)
+    }
+    codes: dict[str, dict[int, int]] = {name: {} for name in instances}
+    started: list[PostfixInstance] = []
+    clients = postfix_e2e.CLIENTS
+    try:
+        for instance in instances.values():
+            instance.start()
+            started.append(instance)
+
+        def measure(name: str, seconds: float) -> None:
+            instance, seen = instances[name], codes[name]
+            sources = postfix_e2e.SOURCES["whitelisted"]
+
+            def one(worker: int, iteration: int) -> None:
+                source = sources[(iteration * clients + worker) % len(sources)]
+                code = postfix_e2e.transaction(instance.smtp_port, source, "friend@remote.example")
+                seen[code] = seen.get(code, 0) + 1
+
+            postfix_e2e.wait_queue_empty(instance)
+            outcome = drive(clients, abs(seconds), one, max_operations=100_000)
+            if outcome.errors:
+                raise RuntimeError(f"{name} through Postfix: {outcome.first_error}")
+            if seconds > 0:
+                result.metric(f"{name}, through Postfix", "messages/s").samples.append(outcome.rate)
+            postfix_e2e.wait_queue_empty(instance)
+
+        rounds(mode, list(instances), measure)
+    finally:
+        for instance in started:
+            instance.stop()
+        for server in servers.values():
+            server.stop()
+    for name, seen in codes.items():
+        if set(seen) != {250}:
+            raise RuntimeError(f"{name} through Postfix: RCPT replies {seen}, not all 250")
+    ratio = result.ratio(
+        "own, budget / any, no budget, through Postfix",
+        "own, budget, through Postfix",
+        "any, no budget, through Postfix",
+    )
+    result.checks.append(Check(ratio.name, ratio.stats().median, ">=", TARGET))
+    result.notes.append(
+        f"through Postfix: {clients} SMTP clients, whitelisted clients only, one remote "
+        "recipient and a short message each; the sender is made every login's own "
+        "(pop_first_sender_addresses)"
+    )

@@ -150,8 +150,6 @@ class RelayGate:
         policy = self._policy
         client = message.client
         decision = message.settled
-        if decision is None:
-            decision = decide_unsettled_recipient(policy, client, recipient)
         relayed: bool | None = None  # is_local_recipient() once, where asked
         if decision is None:
             decision = decide_unsettled_recipient(policy, client, recipient)
