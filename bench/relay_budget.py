@@ -24,18 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from bench import postfix_e2e
-from bench.common import BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
+from bench.common import BenchResult, Check, Mode, drive, rounds
 from bench.milter_protocol import (
     ACCEPT,
     CONTINUE,
     WHITELISTED_IPS,
     Script,
+    Sessions,
     Tally,
     macros,
+    measure_sessions,
     packet,
     pid_of,
     script,
-    session,
     start_popauth,
 )
 from harness.ports import free_port
@@ -92,25 +93,16 @@ def milter_sessions(mode: Mode, workdir: Path) -> BenchResult:
 
         def measure(setup: str, seconds: float) -> None:
             name, clients_text = setup.split("|")
-            clients = int(clients_text)
-            server, tally = servers[name], tallies[name]
-            path = str(server.milter_path)
-
-            def one(worker: int, iteration: int) -> None:
-                session(path, plans[(iteration * clients + worker) % len(plans)], tally)
-
-            cpu_before = process_cpu_seconds(pid_of(server.process))
-            outcome = drive(clients, abs(seconds), one, max_operations=200_000)
-            cpu = process_cpu_seconds(pid_of(server.process)) - cpu_before
-            if outcome.errors:
-                raise RuntimeError(f"{setup}: {outcome.errors} errors: {outcome.first_error}")
-            if seconds > 0:
-                result.metric(f"{name}, {clients} client(s)", "sessions/s").samples.append(
-                    outcome.rate
-                )
-                result.metric(f"{name} CPU per session, {clients} client(s)", "us").samples.append(
-                    1e6 * cpu / max(1, outcome.operations)
-                )
+            server = servers[name]
+            milter = Sessions(
+                name,
+                str(server.milter_path),
+                pid_of(server.process),
+                plans,
+                tallies[name],
+                "sessions/s",
+            )
+            measure_sessions(result, milter, int(clients_text), seconds)
 
         rounds(mode, setups, measure)
     finally:
