@@ -247,6 +247,7 @@ class PopauthServer(PopauthProcess):
                 "snapshot_path": "",
                 "usage_path": "",
                 "blocklist_path": "",
+                "graduates_path": "",
                 **settings,
             },
         )

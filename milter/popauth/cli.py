@@ -16,10 +16,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from popauth.basics.clock import how_long, parse_moment, rfc3339
 from popauth.basics.errors import ConfigError, InputError, PopauthError, StoppedError
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable, UnsafeRequest
+from popauth.doors.ingest.report import DryRun, Standing, dry_run, report_rows
 from popauth.doors.ingest.wire import DEFAULT_SOCKET, NOT_FOUND, OK
 
 if TYPE_CHECKING:
@@ -56,6 +58,54 @@ def _add_explain(explain: argparse.ArgumentParser) -> None:
         default="",
         help="the MTA's {rcpt_mailer} for RECIPIENT (default: a local one for a local domain)",
     )
+
+
+def _client_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--socket", help=f"ingest socket path (default: the settings', else {DEFAULT_SOCKET})"
+    )
+    sub.add_argument("--config", type=Path, help=CONFIG_HELP + "; gives the socket")
+    sub.add_argument("--timeout", type=float, default=2.0, help="give up after SECONDS")
+
+
+def _moment(written: str) -> float:
+    try:
+        stamp = parse_moment(written)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if stamp.utcoffset() is None:
+        raise argparse.ArgumentTypeError("give its offset from UTC, e.g. 2027-03-01T00:00:00Z")
+    return stamp.timestamp()
+
+
+def _positive_days(written: str) -> int:
+    days = int(written) if written.isdigit() else 0
+    if not 1 <= days <= 3660:
+        raise argparse.ArgumentTypeError("1 to 3660 days")
+    return days
+
+
+def _add_campaign(report: argparse.ArgumentParser, commands: Any) -> None:
+    """report's dry run of a retirement, and ``popauth pop-first reinstate USER``."""
+    report.add_argument(
+        "--retire-at",
+        metavar="DATE",
+        type=_moment,
+        help="dry run: who would be refused if POP first were retired at DATE (RFC 3339)",
+    )
+    report.add_argument(
+        "--days",
+        type=_positive_days,
+        default=30,
+        help="with --retire-at: users who relayed by POP first in the last DAYS days (30)",
+    )
+    pop_first = commands.add_parser("pop-first", help="the phase-out of POP-before-SMTP")
+    pop_first_commands = pop_first.add_subparsers(dest="pop_first_command", required=True)
+    reinstate = pop_first_commands.add_parser(
+        "reinstate", help="let a graduated user relay by POP first again"
+    )
+    _client_options(reinstate)
+    reinstate.add_argument("user")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,11 +166,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument(
-            "--socket", help=f"ingest socket path (default: the settings', else {DEFAULT_SOCKET})"
-        )
-        sub.add_argument("--config", type=Path, help=CONFIG_HELP + "; gives the socket")
-        sub.add_argument("--timeout", type=float, default=2.0, help="give up after SECONDS")
+        _client_options(sub)
         return sub
 
     login = client("login", "report a POP/IMAP login (the hook client)")
@@ -141,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     client("blocked", "list blocked users")
     report = client("report", "users who still relay by POP first, most recent first")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _add_campaign(report, commands)
     _add_explain(client("explain", "the milter's verdict for a client and a recipient, and why"))
     listing = client("list", "list every whitelisted client")
     # raw: the ingest protocol's key=value lines, times in epoch seconds.
@@ -174,6 +221,8 @@ def _request_line(arguments: argparse.Namespace) -> str:
         return _explain_line(arguments)
     if arguments.command == "revoke" and arguments.user:
         return f"REVOKEUSER {arguments.user}"
+    if arguments.command == "pop-first":
+        return f"REINSTATE {arguments.user}"
     words = [arguments.command.upper()]
     if getattr(arguments, "address", None) is not None:
         words.append(arguments.address)
@@ -220,7 +269,7 @@ def _print_grants(reply: list[str], command: str) -> None:
 
 
 def _print_report(lines: list[str], style: str) -> None:
-    rows = _rows(lines, ("_seen",))
+    rows = _rows(lines, _TIMES)
     columns = [
         "user",
         "pop_messages",
@@ -230,6 +279,8 @@ def _print_report(lines: list[str], style: str) -> None:
         "auth_messages",
         "auth_recipients",
         "auth_last_seen",
+        "graduated",
+        "exempt",
     ]
     if style == "json":
         print(json.dumps(rows, indent=2))
@@ -239,6 +290,69 @@ def _print_report(lines: list[str], style: str) -> None:
         writer.writerows(rows)
     else:
         _print_table(columns, rows)
+
+
+def _print_dry_run(lines: list[str], arguments: argparse.Namespace) -> None:
+    run = dry_run(report_rows(lines), arguments.retire_at, time.time(), arguments.days)
+    if arguments.format == "json":
+        groups = {which.value: _rows_of(rows) for which, rows in run.groups.items()}
+        print(json.dumps({**_dry_run_summary(run), "users": groups}, indent=2))
+        return
+    if arguments.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=["standing", *_DRY_RUN_COLUMNS])
+        writer.writeheader()
+        for which, rows in run.groups.items():
+            for row in _rows_of(rows):
+                writer.writerow(
+                    {"standing": which.value, **{c: row.get(c, "") for c in _DRY_RUN_COLUMNS}}
+                )
+        return
+    summary = _dry_run_summary(run)
+    print(f"dry run: POP first retired at {summary['retire_at']} ({summary['retire_in']})")
+    print(f"users who relayed by POP first in the last {run.days} days: {run.users}")
+    print(
+        f"would be refused: {len(run.groups[Standing.REFUSED])} users,"
+        f" {summary['messages_refused']} of {summary['messages']} POP-first messages"
+        f" ({summary['share_refused']:.1%})"
+    )
+    for which, heading in _DRY_RUN_HEADINGS:
+        rows = run.groups[which]
+        print(f"\n{heading}: {len(rows)}")
+        if rows:
+            _print_table(_DRY_RUN_COLUMNS, _rows_of(rows))
+
+
+_DRY_RUN_COLUMNS = ["user", "pop_messages", "pop_last_seen", "auth_last_seen", "graduated"]
+_DRY_RUN_HEADINGS = (
+    (Standing.REFUSED, "would be refused (relayed by POP first, not by SMTP AUTH since)"),
+    (Standing.EXEMPT, "not affected: exempt (pop_first_exempt_users)"),
+    (Standing.SWITCHED, "not affected: relayed by SMTP AUTH since their last POP-first relay"),
+    (Standing.GRADUATED, "refused already: graduated to SMTP AUTH (pop_first_graduate)"),
+)
+
+
+def _dry_run_summary(run: DryRun) -> dict[str, object]:
+    return {
+        "retire_at": rfc3339(run.retire_at),
+        "retire_in": how_long(run.retire_at - run.now),
+        "days": run.days,
+        "users": run.users,
+        "users_refused": len(run.groups[Standing.REFUSED]),
+        "messages": run.messages(),
+        "messages_refused": run.messages(Standing.REFUSED),
+        "share_refused": run.refused_share,
+    }
+
+
+def _rows_of(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Report rows with their times as UTC dates."""
+    return [
+        {key: _timestamp(value) if key.endswith(_TIMES) else value for key, value in row.items()}
+        for row in rows
+    ]
+
+
+_TIMES = ("_seen", "graduated", "reinstated")
 
 
 def _timestamp(epoch: str) -> str:
@@ -280,8 +394,14 @@ def _run_client(arguments: argparse.Namespace) -> int:
         print(f"popauth: {error}", file=sys.stderr)
         return EXIT_ERROR
     status = reply[0].split(" ", 1)[0]
+    if status == OK and arguments.command == "report" and arguments.retire_at is not None:
+        _print_dry_run(reply[1:], arguments)
+        return EXIT_OK
     if status == OK and arguments.command == "report":
         _print_report(reply[1:], arguments.format)
+        return EXIT_OK
+    if status == OK and arguments.command == "pop-first":
+        print("\n".join(reply))
         return EXIT_OK
     if status == OK and arguments.command == "explain":
         print("\n".join(reply[1:]))
@@ -421,7 +541,21 @@ def _check_config(arguments: argparse.Namespace) -> int:
     if not arguments.quiet:
         print(f"{settings_file(arguments) or 'embedded defaults'}: OK")
         print("\n".join(local.describe()))
+        print("\n".join(_campaign_lines(settings)))
     return _check_follow(settings)
+
+
+def _campaign_lines(settings: Settings) -> list[str]:
+    """The phase-out of POP-first as check-config says it: the date, how long, who is spared."""
+    from popauth.relay.explain import retirement_line
+
+    campaign = settings.relay.campaign()
+    lines = [retirement_line(campaign, time.time())]
+    if campaign.exempt_users:
+        lines.append(f"pop_first_exempt_users: {len(campaign.exempt_users)} users exempt")
+    if campaign.graduate:
+        lines.append("pop_first_graduate: users seen relaying by SMTP AUTH lose POP-first")
+    return [line for line in lines if line]
 
 
 def _show_config(arguments: argparse.Namespace) -> int:
@@ -437,6 +571,8 @@ def _show_config(arguments: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"# effective settings of {path or 'embedded defaults'}")
     print("\n".join(effective_lines(settings)))
+    for line in _campaign_lines(settings):
+        print(f"# {line}")
     return EXIT_OK
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -9,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.dovecot import DovecotInstance, pop3_login
+from harness.popauth import POPAUTH, PopauthServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.smtp import REMOTE, SmtpSession, rcpt_reply
@@ -267,3 +271,118 @@ def test_a_relay_budget_holds_a_pop_first_address_and_nothing_else(
         assert session.mail("alice@local.test")[0] == 250
         assert session.rcpt(REMOTE)[0] == 250
     assert len(popauth.events("relay_budget_spent")) == 1
+
+
+def _retire_in(seconds: int) -> tuple[float, str]:
+    """A retirement time ``seconds`` ahead (whole seconds, as RFC 3339 says it)."""
+    at = int(time.time()) + seconds
+    return at, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def _sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()) + 0.2)
+
+
+def test_a_campaign_retires_pop_first_at_its_time_and_spares_the_exempt(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    """warn, then retired at a time a few seconds ahead, with no reload; bob is exempt."""
+    at, written = _retire_in(6)
+    popauth = start_popauth(
+        pop_first="warn", pop_first_retire_at=written, pop_first_exempt_users=["bob"]
+    )
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.8")
+    assert relays(postfix, "127.0.0.2")
+    warning = popauth.events("pop_first_deprecated")[-1]
+    assert (warning["user"], warning["retire_at"]) == ("alice", written)
+    explained = popauth.cli("explain", "127.0.0.2", REMOTE)
+    assert "pop_first_retire_at: retires at " in explained.stdout, explained
+    assert time.time() < at, "the first part of the test took too long"
+    _sleep_until(at)
+    code, text = rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)
+    assert code == 550
+    assert text.startswith("5.7.1 Relaying denied. POP before SMTP has been retired: turn on"), text
+    print(f"after the date, alice (POP first) gets: {code} {text}")
+    assert relays(postfix, "127.0.0.8")  # bob is exempt
+    assert rcpt_reply(postfix.smtp_port, "127.0.0.2", "bob@local.test")[0] == 250
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        session.login("alice", USERS["alice"])
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+    explained = popauth.cli("explain", "127.0.0.2", REMOTE)
+    assert "verdict: reject (pop_first_retired)" in explained.stdout, explained
+    # Within a second of the date it says "(now)", later "(N s ago)".
+    assert re.search(
+        r"retired at .* \((now|.* ago)\): POP-first relays only for exempt", explained.stdout
+    ), explained
+    assert popauth.events("local_delivery_reloaded") == []
+    # bob's relays are still counted, as exempt.
+    report = popauth.cli("report", "--format", "json")
+    rows = {row["user"]: row for row in json.loads(report.stdout)}
+    assert (rows["bob"]["exempt"], rows["bob"]["pop_messages"]) == ("yes", "1")
+
+
+def test_report_retire_at_is_the_dry_run_of_a_retirement(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth(pop_first="warn", pop_first_exempt_users=["bob"])
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert pop3_login(dovecot.pop3_port, "bob", USERS["bob"], "127.0.0.8")
+    for _ in range(3):
+        assert relays(postfix, "127.0.0.2")
+    assert relays(postfix, "127.0.0.8")
+    dry = popauth.cli("report", "--retire-at", "2030-03-01T00:00:00Z", "--days", "30")
+    assert dry.returncode == 0, dry
+    print(dry.stdout)
+    assert "users who relayed by POP first in the last 30 days: 2" in dry.stdout
+    assert "would be refused: 1 users, 3 of 4 POP-first messages (75.0%)" in dry.stdout
+    refused, spared = dry.stdout.split("not affected: exempt (pop_first_exempt_users): 1")
+    assert "alice" in refused.split("would be refused (")[1]
+    assert "bob" in spared.split("not affected: relayed by SMTP AUTH")[0]
+
+
+def _reinstate(popauth: PopauthServer, user: str) -> subprocess.CompletedProcess[str]:
+    """``popauth pop-first reinstate USER`` against this server."""
+    return subprocess.run(
+        [POPAUTH, "pop-first", "reinstate", "--socket", str(popauth.ingest_path), user],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
+def test_graduation_refuses_pop_first_after_smtp_auth_and_reinstate_restores_it(
+    postfix: PostfixInstance,
+    dovecot: DovecotInstance,
+    start_popauth: PopauthFactory,
+    popauth_dir: Path,
+) -> None:
+    graduates = popauth_dir / "graduates.json"
+    popauth = start_popauth(pop_first_graduate=True, graduates_path=str(graduates))
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    assert relays(postfix, "127.0.0.2")
+    # alice's other mail program sends by SMTP AUTH, from elsewhere.
+    with SmtpSession(postfix.smtp_port, "127.0.0.5") as session:
+        session.login("alice", USERS["alice"])
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.send_message([REMOTE])[0] == 250
+    assert popauth.events("pop_first_graduated")[-1]["user"] == "alice"
+    code, text = rcpt_reply(postfix.smtp_port, "127.0.0.2", REMOTE)
+    assert code == 550
+    assert text.startswith("5.7.1 Relaying denied. Your mail program already uses SMTP AUTH"), text
+    print(f"a graduate's POP-first client gets: {code} {text}")
+    assert "pop_first_graduated" in popauth.cli("explain", "127.0.0.2", REMOTE).stdout
+    report = popauth.cli("report", "--format", "json")
+    (alice,) = [row for row in json.loads(report.stdout) if row["user"] == "alice"]
+    assert alice["graduated"] != "-"
+    # Written before it took effect: the file holds it.
+    assert json.loads(graduates.read_text())["users"]["alice"]["reinstated_at"] == 0
+    reinstate = _reinstate(popauth, "alice")
+    assert reinstate.returncode == 0, reinstate
+    assert reinstate.stdout.startswith("OK user=alice graduated="), reinstate
+    assert relays(postfix, "127.0.0.2")
+    again = _reinstate(popauth, "alice")
+    assert (again.returncode, again.stdout.strip()) == (1, "NOTFOUND user=alice")

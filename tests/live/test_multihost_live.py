@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from harness.multihost import MtaHost
 from harness.popauth import POPAUTH
@@ -125,3 +126,44 @@ def test_redis_outage_means_tempfail_then_recovery(
     # Both recover on their own: no restart of popauth.
     assert host_a.popauth.ask("LOGIN 127.0.0.2 alice")[0].startswith("OK ")
     assert host_b.relay("127.0.0.2")[0] == 250
+
+
+def test_a_campaign_turns_every_host_at_once_and_graduations_are_shared(
+    redis_server: RedisInstance, hosts: list[MtaHost]
+) -> None:
+    """The date is settings and clock, the same on both hosts; a graduation
+    in Redis refuses on both, and a reinstatement on one restores both."""
+    redis_server.flush()
+    at = int(time.time()) + 5
+    campaign = {
+        "pop_first": "warn",
+        "pop_first_retire_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
+        "pop_first_exempt_users": ["bob"],
+        "pop_first_graduate": True,
+    }
+    for host in hosts:
+        host.start_popauth(**LIVE_SETTINGS, **campaign, store="redis", redis_url=redis_server.url)
+    host_a, host_b = hosts
+    assert host_a.login("127.0.0.2", "alice").startswith("OK ")
+    assert host_a.login("127.0.0.8", "bob").startswith("OK ")
+    assert host_a.login("127.0.0.9", "carol").startswith("OK ")
+    for host in hosts:
+        assert host.relay("127.0.0.2")[0] == 250
+    # carol has relayed by SMTP AUTH somewhere: the record her host wrote.
+    redis.Redis.from_url(redis_server.url).hset(
+        "popauth:pop-first-graduates", "carol", f"{time.time():.3f} 0"
+    )
+    for host in hosts:
+        code, text = host.relay("127.0.0.9")
+        assert code == 550
+        assert text.startswith("5.7.1 Relaying denied. Your mail program already uses SMTP"), text
+    assert host_b.popauth is not None
+    assert host_b.popauth.ask("REINSTATE carol")[0].startswith("OK user=carol graduated=")
+    assert host_a.relay("127.0.0.9")[0] == 250
+    assert time.time() < at, "the first part of the test took too long"
+    time.sleep(max(0.0, at - time.time()) + 0.2)
+    for host in hosts:
+        code, text = host.relay("127.0.0.2")
+        assert code == 550
+        assert text.startswith("5.7.1 Relaying denied. POP before SMTP has been retired"), text
+        assert host.relay("127.0.0.8")[0] == 250  # bob is exempt

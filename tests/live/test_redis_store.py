@@ -14,7 +14,7 @@ from harness.redis import RedisInstance
 from popauth.basics.addresses import parse_client_address
 from popauth.basics.clock import SystemClock
 from popauth.store import StoreUnavailable, UserBlocked
-from popauth.store.accounts import RedisBlockList
+from popauth.store.accounts import Graduation, RedisBlockList, RedisGraduates
 from popauth.store.redis import RedisStore, connect, glob_escaped
 from tests.support.clock import FakeClock
 
@@ -271,3 +271,33 @@ def test_entries_of_the_one_user_format_are_read_and_converted(
     store._client.set("popauth:192.0.2.2", f"{now:.3f} {now + 800:.3f} carol", ex=800)
     assert [g.user for g in store.revoke_user("carol")] == ["carol"]
     assert store._client.exists("popauth:192.0.2.2") == 0
+
+
+def test_graduates_are_shared_by_every_host_and_fail_closed_when_redis_is_down(
+    redis_server: RedisInstance,
+) -> None:
+    host_a, host_b = make_store(redis_server), make_store(redis_server)
+    on_a = RedisGraduates(host_a.client, host_a.graduates_key)
+    on_b = RedisGraduates(host_b.client, host_b.graduates_key)
+    other_site = make_store(redis_server, prefix="othersite:")
+    elsewhere = RedisGraduates(other_site.client, other_site.graduates_key)
+    assert on_a.graduate("Alice", 1000.0)
+    assert not on_b.graduate("alice", 2000.0)  # one record, the first time kept
+    assert on_b.graduated_among(("alice", "bob", "ALICE")) == {"alice", "ALICE"}
+    assert elsewhere.graduated_among(("alice",)) == frozenset()
+    assert on_b.reinstate("alice", 3000.0) == Graduation(1000.0)
+    assert on_a.reinstate("alice", 3001.0) is None  # once, from whichever host
+    assert on_a.graduated_among(("alice",)) == frozenset()
+    assert not on_a.graduate("alice", 4000.0)  # a reinstated user does not graduate again
+    assert on_a.records() == {"alice": Graduation(1000.0, 3000.0)}
+    assert on_b.reinstate("carol", 3000.0) is None
+    redis_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            on_a.graduated_among(("alice",))
+        with pytest.raises(StoreUnavailable):
+            on_a.graduate("dave", 5000.0)
+        with pytest.raises(StoreUnavailable):
+            on_a.reinstate("alice", 5000.0)
+    finally:
+        redis_server.start()

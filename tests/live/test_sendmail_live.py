@@ -13,6 +13,7 @@ every Debian system: ``root`` (passwd) and ``postmaster`` (the test aliases).
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,28 @@ def test_a_spent_relay_budget_is_451_through_sendmail(
     reasons = [d["reason"] for d in popauth.events("relay_decision")]
     assert reasons == ["whitelisted", "whitelisted", "budget_spent", "whitelisted"]
     assert len(popauth.events("relay_budget_spent")) == 1
+
+
+def test_pop_first_retire_at_through_sendmail(
+    sendmail: SendmailInstance, start_popauth: PopauthFactory
+) -> None:
+    """warn until a time a few seconds ahead, then the retired reply; bob is exempt."""
+    at = int(time.time()) + 5
+    written = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    popauth = start_popauth(
+        pop_first="warn", pop_first_retire_at=written, pop_first_exempt_users=["bob"]
+    )
+    assert popauth.cli("login", "127.0.0.2", "alice").returncode == 0
+    assert popauth.cli("login", "127.0.0.8", "bob").returncode == 0
+    assert rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE)[0] == 250
+    assert popauth.events("pop_first_deprecated")[-1]["retire_at"] == written
+    assert time.time() < at, "the first part of the test took too long"
+    time.sleep(max(0.0, at - time.time()) + 0.2)
+    code, text = rcpt_reply(sendmail.smtp_port, "127.0.0.2", REMOTE)
+    assert code == 550
+    # Sendmail puts the recipient before the milter's text.
+    assert text.startswith("5.7.1 "), text
+    assert "... Relaying denied. POP before SMTP has been retired: turn on SMTP AUTH" in text, text
+    print(f"Sendmail, after the date: {code} {text}")
+    assert rcpt_reply(sendmail.smtp_port, "127.0.0.8", REMOTE)[0] == 250
+    assert rcpt_reply(sendmail.smtp_port, "127.0.0.2", LOCAL)[0] == 250

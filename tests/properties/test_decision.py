@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from popauth.basics.addresses import NetworkSet
 from popauth.relay.decision import (
     Budget,
+    Campaign,
     Client,
     Decision,
     Listing,
@@ -161,7 +162,7 @@ def test_a_spent_budget_never_yields_accept_for_a_pop_first_grant(
     """Whatever the sender rule, the entry's users and the sender say."""
     users, sender = login
     assume(address not in policy.trusted_networks)
-    client = Client(address, "", Listing.LISTED, users[-1], tuple(users), sender, budget)
+    client = Client(address, "", Listing.LISTED, users[-1], tuple(users), sender, budget=budget)
     decision = decide_recipient(policy, client, recipient)
     assert decision.reason is not Reason.WHITELISTED, (client, recipient, decision)
     assert decide_sender(policy, client) is None
@@ -294,3 +295,144 @@ def test_smtp_auth_is_never_asked_for_its_sender(
     policy = dataclasses.replace(drawn, pop_first_sender=PopFirstSender.OWN)
     client = Client(address, auth_user=user, sender=sender)
     assert decide_recipient(policy, client, recipient).reason is Reason.SMTP_AUTH
+
+
+# --- the phase-out campaign -------------------------------------------------
+
+MOMENTS = st.sampled_from([0.0, 999.0, 1000.0, 1001.0, 5000.0])
+
+
+@st.composite
+def campaign_cases(
+    draw: st.DrawFn,
+) -> tuple[RelayPolicy, ipaddress.IPv4Address | ipaddress.IPv6Address, Client]:
+    """A policy in some campaign, and a whitelisted client at some moment of it."""
+    drawn = draw(policies())
+    address = draw(client_addresses())
+    assume(address not in drawn.trusted_networks)
+    users = draw(st.lists(USERS, min_size=1, max_size=3, unique=True).map(tuple))
+    campaign = Campaign(
+        retire_at=draw(st.none() | MOMENTS),
+        exempt_users=frozenset(draw(st.lists(USERS | st.just("max"), max_size=3))),
+        graduate=draw(st.booleans()),
+    )
+    policy = dataclasses.replace(
+        drawn,
+        pop_first=draw(st.sampled_from([PopFirst.ON, PopFirst.WARN])),
+        pop_first_sender=draw(st.sampled_from(list(PopFirstSender))),
+        campaign=campaign,
+    )
+    graduated = frozenset(draw(st.lists(st.sampled_from(users), max_size=3)))
+    client = Client(
+        address,
+        "",
+        Listing.LISTED,
+        users[-1],
+        users,
+        draw(st.none() | SENDERS),
+        now=draw(MOMENTS),
+        graduated_users=graduated,
+    )
+    return policy, address, client
+
+
+def _deciding_users(policy: RelayPolicy, client: Client) -> tuple[str, ...]:
+    """Whose grant it may be: every user of the entry, or with "own" the sender's owners."""
+    if policy.pop_first_sender is not PopFirstSender.OWN:
+        return client.login_users
+    if client.sender is None:
+        return ()
+    return tuple(u for u in client.login_users if oracle_owned((u,), client.sender, policy))
+
+
+@given(
+    campaign_cases(),
+    st.sampled_from([Listing.NOT_LISTED, Listing.UNAVAILABLE, Listing.NOT_CONSULTED]),
+    recipients(),
+)
+def test_no_campaign_setting_lets_a_stranger_relay(
+    case: tuple[RelayPolicy, ipaddress.IPv4Address | ipaddress.IPv6Address, Client],
+    listing: Listing,
+    recipient: Recipient,
+) -> None:
+    policy, _, listed = case
+    # The same facts, all of them exempt, but not on the whitelist.
+    stranger = listed._replace(listing=listing)
+    exempting = dataclasses.replace(
+        policy,
+        campaign=dataclasses.replace(policy.campaign, exempt_users=frozenset(listed.login_users)),
+    )
+    for each in (policy, exempting):
+        decision = decide_recipient(each, stranger, recipient)
+        if oracle_relayed(recipient, each):
+            assert decision.verdict is not Verdict.ACCEPT, (recipient, decision)
+        assert decide_sender(each, stranger) is None
+
+
+@given(campaign_cases(), recipients(), st.data())
+def test_an_exempt_user_is_never_refused_for_retirement(
+    case: tuple[RelayPolicy, ipaddress.IPv4Address | ipaddress.IPv6Address, Client],
+    recipient: Recipient,
+    data: st.DataObject,
+) -> None:
+    drawn, _, client = case
+    if not _deciding_users(drawn, client):
+        # "own" and a sender none of them owns: that refusal is not the campaign's.
+        drawn = dataclasses.replace(drawn, pop_first_sender=PopFirstSender.ANY)
+    deciding = _deciding_users(drawn, client)
+    candidates = [u for u in deciding if u not in client.graduated_users]
+    if drawn.campaign.graduate and not candidates:
+        # All of them graduated: that refusal is not the retirement's either.
+        drawn = dataclasses.replace(
+            drawn, campaign=dataclasses.replace(drawn.campaign, graduate=False)
+        )
+    if not drawn.campaign.graduate:
+        candidates = list(deciding)
+    exempt = drawn.campaign.exempt_users | {data.draw(st.sampled_from(candidates))}
+    policy = dataclasses.replace(
+        drawn, campaign=dataclasses.replace(drawn.campaign, exempt_users=exempt)
+    )
+    decision = decide_recipient(policy, client, recipient)
+    assert decision.reason is not Reason.POP_FIRST_RETIRED, (client, decision)
+    assert decision == Decision(Verdict.ACCEPT, Reason.WHITELISTED)
+
+
+@given(campaign_cases(), recipients())
+def test_a_graduated_user_is_never_granted_by_pop_first(
+    case: tuple[RelayPolicy, ipaddress.IPv4Address | ipaddress.IPv6Address, Client],
+    recipient: Recipient,
+) -> None:
+    drawn, _, client = case
+    policy = dataclasses.replace(drawn, campaign=dataclasses.replace(drawn.campaign, graduate=True))
+    deciding = _deciding_users(policy, client)
+    assume(all(user in client.graduated_users for user in deciding))
+    decision = decide_recipient(policy, client, recipient)
+    assert decision.reason is not Reason.WHITELISTED, (client, decision)
+    assert decide_sender(policy, client) is None
+    if oracle_relayed(recipient, policy):
+        assert decision.verdict is Verdict.REJECT
+
+
+@given(campaign_cases(), recipients())
+def test_before_the_date_and_without_graduation_the_campaign_changes_nothing(
+    case: tuple[RelayPolicy, ipaddress.IPv4Address | ipaddress.IPv6Address, Client],
+    recipient: Recipient,
+) -> None:
+    policy, _, client = case
+    assume(not policy.campaign.graduate and not policy.campaign.retired(client.now))
+    without = dataclasses.replace(policy, campaign=Campaign())
+    assert decide_recipient(policy, client, recipient) == decide_recipient(
+        without, client, recipient
+    )
+
+
+@given(campaign_cases(), recipients())
+def test_after_the_date_only_exempt_users_relay_by_pop_first(
+    case: tuple[RelayPolicy, ipaddress.IPv4Address | ipaddress.IPv6Address, Client],
+    recipient: Recipient,
+) -> None:
+    policy, _, client = case
+    assume(policy.campaign.retired(client.now))
+    decision = decide_recipient(policy, client, recipient)
+    if decision.reason is Reason.WHITELISTED:
+        assert any(u in policy.campaign.exempt_users for u in _deciding_users(policy, client))

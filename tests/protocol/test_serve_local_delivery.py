@@ -19,7 +19,7 @@ def test_serve_refuses_to_start_without_local_delivery(tmp_path: Path) -> None:
     config.write_text(
         f'milter_socket = "unix:{tmp_path}/milter.sock"\n'
         f'ingest_socket = "{tmp_path}/ingest.sock"\n'
-        'snapshot_path = ""\nusage_path = ""\nblocklist_path = ""\n'
+        'snapshot_path = ""\nusage_path = ""\nblocklist_path = ""\ngraduates_path = ""\n'
         'learn_from_mta = "none"\n'
     )
     completed = subprocess.run(

@@ -11,10 +11,11 @@ from popauth.doors.ingest.client import IngestClient
 from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.localdelivery import LocalDelivery
 from popauth.relay.accounting import Accounting
+from popauth.relay.decision import Campaign
 from popauth.relay.explain import Explainer
 from popauth.relay.gate import RelayGate
 from popauth.relay.replies import Replies
-from popauth.store.accounts import FileBlockList, UsageLedger
+from popauth.store.accounts import FileBlockList, FileGraduates, UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
@@ -27,6 +28,7 @@ class Endpoint:
         directory: Path,
         peers: PeerPolicy | None = None,
         store_class: type[MemoryStore] = MemoryStore,
+        campaign: Campaign | None = None,
         *,
         budgets: bool = False,
         **limits: float,
@@ -40,6 +42,7 @@ class Endpoint:
         )
         self.log, self.sink = capturing_logger()
         self.ledger = UsageLedger(max_users=100, clock=self.clock)
+        self.graduates = FileGraduates(directory / "graduates.json")
         self.metrics = Metrics()
         keying = WhitelistKeying(64)
         relay = settings_from_mapping({}).relay
@@ -74,6 +77,9 @@ class Endpoint:
             metrics=self.metrics,
             log=self.log,
             explainer=explainer,
+            graduates=self.graduates,
+            campaign=lambda: campaign or Campaign(),
+            clock=self.clock,
             budgets=gate.budget_use if budgets else None,
         )
 

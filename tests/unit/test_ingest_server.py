@@ -307,6 +307,7 @@ def test_block_list_changes_need_an_administrator(open_tmp: Path) -> None:
             ("UNBLOCK alice", "ERR forbidden"),
             ("LOGIN 192.0.2.1 alice", "OK "),
             ("REVOKEUSER alice", "ERR forbidden"),
+            ("REINSTATE alice", "ERR forbidden"),
         ):
             reply = subprocess.run(
                 [*shared_runtime().python(client), str(server.path), line],

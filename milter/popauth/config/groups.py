@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from popauth.basics.addresses import NetworkSet, WhitelistKeying, parse_network
 from popauth.basics.errors import ConfigError
 from popauth.basics.posixids import ROOT, SystemGroup, SystemUser
+from popauth.basics.usernames import is_valid_user_name
 from popauth.config.converters import (
     Converter,
     ListenAddress,
@@ -75,11 +76,19 @@ from popauth.doors.ingest import wire
 from popauth.localdelivery import DOMAIN_NAME, LearnFrom, LocalDelivery
 from popauth.notices.template import DEFAULT_SMTP_AUTH_INSTRUCTIONS, TemplateError, read_template
 from popauth.relay.accounting import Accounting
-from popauth.relay.decision import PopFirst, PopFirstSender, Provenance, RelayBudget, RelayPolicy
+from popauth.relay.decision import (
+    Campaign,
+    PopFirst,
+    PopFirstSender,
+    Provenance,
+    RelayBudget,
+    RelayPolicy,
+)
 from popauth.relay.ownership import SenderOwners, parse_sender_addresses
 from popauth.relay.replies import (
     DEFAULT_BUDGET_SPENT,
     DEFAULT_NULL_SENDER,
+    DEFAULT_POP_FIRST_GRADUATED,
     DEFAULT_SENDER_NOT_OWNED,
 )
 from popauth.store import MAX_USERS_PER_ADDRESS, StoreKind
@@ -409,6 +418,41 @@ def _recipient_budget(value: Any) -> int | None:
     return integer(1, 10_000_000)(value)
 
 
+def exempt_user_name(value: Any) -> str:
+    if not isinstance(value, str) or not is_valid_user_name(value):
+        raise ValueError("must be user names: 1 to 256 visible characters, no blanks")
+    return value
+
+
+def read_exempt_users(path: Path | None) -> frozenset[str]:
+    """The user names in ``path``, one a line; ``#`` starts a comment.
+
+    Raises ValueError, saying which line, when the file cannot be read or a name is bad.
+    """
+    if path is None:
+        return frozenset()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    names = set()
+    for line_number, line in enumerate(text.splitlines(), 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if not is_valid_user_name(name):
+            raise ValueError(f"{path} line {line_number}: not one user name: {name[:60]!r}")
+        names.add(name)
+    return frozenset(names)
+
+
+def _exempt_users_file(value: Any) -> Path:
+    """A file of exempt users, read once here so that a bad one stops popauth at start."""
+    path = file_path(value)
+    read_exempt_users(path)
+    return path
+
+
 def _isoformat(value: datetime.datetime | None) -> str:
     return "" if value is None else value.isoformat()
 
@@ -435,7 +479,9 @@ class RelaySettings:
     pop_first_retired_message: str = setting(
         "pop_first_retired_message", DEFAULT_POP_FIRST_RETIRED_MESSAGE, smtp_text
     )
-    # When POP-first is retired (RFC 3339); None: no date. Notices say it.
+    # When POP-first is retired (RFC 3339); None: no date. Before it, it
+    # relays as with "warn", from it on it is refused as with "off" (but for
+    # pop_first_exempt_users); the notices say it.
     pop_first_retire_at: datetime.datetime | None = setting(
         "pop_first_retire_at", None, _optional_time, shown=_isoformat
     )
@@ -457,6 +503,18 @@ class RelaySettings:
     pop_first_sender_addresses: Path | None = optional_setting(
         "pop_first_sender_addresses", None, _sender_addresses_file
     )
+    # Users who keep POP-first after the date, and a file of more (one a line).
+    pop_first_exempt_users: tuple[str, ...] = setting(
+        "pop_first_exempt_users", (), string_list(exempt_user_name)
+    )
+    pop_first_exempt_users_file: Path | None = optional_setting(
+        "pop_first_exempt_users_file", None, _exempt_users_file
+    )
+    # A user seen relaying by SMTP AUTH relays by POP-first no more.
+    pop_first_graduate: bool = setting("pop_first_graduate", False, boolean)
+    pop_first_graduated_message: str = setting(
+        "pop_first_graduated_message", DEFAULT_POP_FIRST_GRADUATED, smtp_text
+    )
     # The relay budget: at most this many relayed recipients per window per
     # POP-first address (SMTP AUTH, trusted networks and local recipients
     # are never counted); "" turns it off. Far above what a person sends
@@ -472,6 +530,18 @@ class RelaySettings:
     )
 
     def __post_init__(self) -> None:
+        if self.pop_first is PopFirst.OFF and self.pop_first_retire_at is not None:
+            raise ConfigError(
+                "bad value for 'pop_first_retire_at': pop_first = \"off\" has already retired"
+                ' POP-before-SMTP; set pop_first = "warn" to retire it at that time'
+            )
+        if self.pop_first is PopFirst.OFF and (
+            self.pop_first_exempt_users or self.pop_first_exempt_users_file
+        ):
+            raise ConfigError(
+                "bad value for 'pop_first_exempt_users': pop_first = \"off\" refuses every"
+                ' user; exemptions need pop_first = "warn" and a pop_first_retire_at'
+            )
         if self.allow_wide_trusted_networks:
             return
         for network in self.trusted_networks:
@@ -495,7 +565,18 @@ class RelaySettings:
                 read_sender_addresses(self.pop_first_sender_addresses),
                 login_map=local.sender_logins,
             ),
+            campaign=self.campaign(),
             pop_first_budget=self.budget,
+        )
+
+    def campaign(self) -> Campaign:
+        """The phase-out's data; the exempt users' file is read again each time (reload)."""
+        exempt = frozenset(self.pop_first_exempt_users)
+        retire_at = self.pop_first_retire_at
+        return Campaign(
+            retire_at=None if retire_at is None else retire_at.timestamp(),
+            exempt_users=exempt | read_exempt_users(self.pop_first_exempt_users_file),
+            graduate=self.pop_first_graduate,
         )
 
     @property
@@ -537,6 +618,10 @@ class AccountsSettings:
     # Used with the memory store; a Redis site keeps its block list in Redis.
     blocklist_path: Path | None = optional_setting(
         "blocklist_path", STATE_DIRECTORY / "blocked.json", file_path
+    )
+    # pop_first_graduate's record, with the memory store (Redis keeps it in Redis).
+    graduates_path: Path | None = optional_setting(
+        "graduates_path", STATE_DIRECTORY / "graduates.json", file_path
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from popauth.basics.addresses import WhitelistKeying
+from popauth.basics.addresses import IPAddress, WhitelistKeying
 from popauth.basics.clock import Clock, SystemClock
 from popauth.basics.errors import StateFileError, StateFileMissing
 from popauth.config import Settings
@@ -31,8 +31,16 @@ from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delive
 from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.relay.explain import Explainer
 from popauth.relay.gate import RelayGate
-from popauth.store import StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
-from popauth.store.accounts import BlockList, FileBlockList, RedisBlockList, UsageLedger
+from popauth.store import Entry, StoreKind, StoreSetupError, StoreUnavailable, WhitelistStore
+from popauth.store.accounts import (
+    BlockList,
+    FileBlockList,
+    FileGraduates,
+    Graduates,
+    RedisBlockList,
+    RedisGraduates,
+    UsageLedger,
+)
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import SWITCH_INTERVAL
 from popauth.store.snapshot import Snapshotter
@@ -49,6 +57,7 @@ class State:
     store: WhitelistStore
     blocklist: BlockList
     ledger: UsageLedger
+    graduates: Graduates = field(default_factory=lambda: FileGraduates(None))
     restores: list[Callable[[], None]] = field(default_factory=list)
     saves: list[Callable[[], None]] = field(default_factory=list)
 
@@ -61,7 +70,11 @@ def state_file_paths(settings: Settings) -> list[Path]:
     """Every state file popauth will write with these settings."""
     paths = [settings.accounts.usage_path]
     if settings.store.kind is StoreKind.MEMORY:
-        paths += [settings.store.snapshot_path, settings.accounts.blocklist_path]
+        paths += [
+            settings.store.snapshot_path,
+            settings.accounts.blocklist_path,
+            settings.accounts.graduates_path,
+        ]
         if settings.notices.enabled:
             paths.append(settings.notices.path)
     return [path for path in paths if path is not None]
@@ -111,7 +124,8 @@ def open_state(
                 redis_store.close()
                 raise StoreSetupError(problem)
         blocks = RedisBlockList(redis_store.client, redis_store.blocklist_key)
-        state = State(redis_store, blocks, ledger)
+        graduates: Graduates = RedisGraduates(redis_store.client, redis_store.graduates_key)
+        state = State(redis_store, blocks, ledger, graduates)
     else:
         blocklist = FileBlockList(settings.accounts.blocklist_path, log)
         memory = MemoryStore(
@@ -121,7 +135,9 @@ def open_state(
             clock=clock,
             is_blocked=blocklist.__contains__,
         )
-        state = State(memory, blocklist, ledger)
+        state = State(
+            memory, blocklist, ledger, FileGraduates(settings.accounts.graduates_path, log)
+        )
         if stored.snapshot_path is not None:
             snapshotter = Snapshotter(store=memory, path=stored.snapshot_path, clock=clock, log=log)
             state.restores.append(snapshotter.restore)
@@ -148,10 +164,18 @@ def socketmap_server(
     keying: WhitelistKeying,
     metrics: Metrics,
     log: structlog.typing.FilteringBoundLogger,
+    *,
+    gate: RelayGate | None = None,
 ) -> SocketmapServer | None:
-    """The socketmap door, when ``socketmap_socket`` is set."""
+    """The socketmap door, when ``socketmap_socket`` is set; ``gate`` says
+    which listed addresses POP-first no longer relays (retired, graduated)."""
     if settings.socketmap.socket is None:
         return None
+
+    def refusal(address: IPAddress, grant: Entry) -> str | None:
+        decision = None if gate is None else gate.address_refusal(address, grant)
+        return None if decision is None else decision.reason.value
+
     return SocketmapServer(
         path=settings.socketmap.socket,
         settings=settings.socketmap,
@@ -160,6 +184,7 @@ def socketmap_server(
         metrics=metrics,
         log=log,
         lookup_events=settings.log.level is LogLevel.DEBUG,
+        refusal=refusal,
     )
 
 
@@ -192,6 +217,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         accounting=settings.accounts.accounting,
         metrics=metrics,
         log=log,
+        graduates=state.graduates,
         pop_first_relayed=None if notices is None else notices.offer,
     )
     # SIGHUP: learn local delivery again; the gate's policy is swapped whole.
@@ -203,7 +229,8 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         settings.relay.pop_first_retired_message,
         settings.relay.pop_first_sender_message,
         settings.relay.pop_first_null_sender_message,
-        settings.relay.pop_first_budget_message,
+        settings.relay.pop_first_graduated_message,
+        budget_spent=settings.relay.pop_first_budget_message,
     )
     explainer = Explainer(
         gate=gate,
@@ -222,9 +249,11 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         metrics=metrics,
         log=log,
         explainer=explainer,
+        graduates=state.graduates,
+        campaign=lambda: gate.policy.campaign,
         budgets=gate.budget_use,
     )
-    socketmap = socketmap_server(settings, store, keying, metrics, log)
+    socketmap = socketmap_server(settings, store, keying, metrics, log, gate=gate)
     milter = MilterService(
         settings=settings.milter,
         factory=lambda: RelayMilter(gate, replies, metrics, log),

@@ -81,6 +81,7 @@ def settings_text(directory: Path) -> str:
         "snapshot_path": "",
         "usage_path": "",
         "blocklist_path": "",
+        "graduates_path": "",
         "local_domains": [TRY_IT_DOMAIN],
         "local_mailers": [TRY_IT_MAILER],
         "learn_from_mta": "none",

@@ -9,10 +9,13 @@ The steps, in order, for every recipient:
    its user learns that POP-before-SMTP has been retired), and, with
    ``pop_first_sender = "own"``, only when the envelope sender belongs to
    one of the entry's users (:mod:`popauth.relay.ownership`): otherwise it
-   is refused with its own reason, ``null_sender`` for ``<>``; and, with a
-   relay budget (``pop_first_max_recipients``), only while the budget of its
-   address is not spent (``client.budget``): otherwise a relayed recipient
-   is tempfailed with ``budget_spent``, a local one still goes to step 4;
+   is refused with its own reason, ``null_sender`` for ``<>``; in a
+   phase-out campaign (:class:`Campaign`), not for a user who has graduated
+   to SMTP AUTH, nor after the retirement time unless a user is exempt;
+   and, with a relay budget (``pop_first_max_recipients``), only while the
+   budget of its address is not spent (``client.budget``): otherwise a
+   relayed recipient is tempfailed with ``budget_spent``, a local one still
+   goes to step 4;
 4. accept a recipient that the MTA delivers locally;
 5. otherwise refuse: tempfail if the whitelist could not be read, else reject.
 
@@ -24,6 +27,7 @@ the per-recipient round trips. Nothing here does I/O or knows about pymilter.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -50,6 +54,9 @@ class Reason(enum.Enum):
     # the entry's users' addresses, or the null sender.
     SENDER_NOT_OWNED = "sender_not_owned"
     NULL_SENDER = "null_sender"
+    # pop_first_graduate: every user the grant could be for has relayed by
+    # SMTP AUTH, so POP-first no longer relays for them.
+    POP_FIRST_GRADUATED = "pop_first_graduated"
     # The relay budget of a POP-first client's address is spent for this window.
     BUDGET_SPENT = "budget_spent"
 
@@ -134,6 +141,29 @@ class Provenance:
 
 
 @dataclass(frozen=True, slots=True)
+class Campaign:
+    """The phase-out of POP-before-SMTP: when it ends, who keeps it, who moved on.
+
+    ``retire_at`` (epoch seconds, None: no date): before it POP-first relays
+    as with ``pop_first = "warn"``, from it on it is refused as with "off",
+    except for ``exempt_users`` (names exactly as the POP/IMAP logins give
+    them: a looser match could lend one account's exemption to another).
+    ``graduate``: a user who has relayed by SMTP AUTH (the client's
+    ``graduated_users``) relays by POP-first no more.
+    """
+
+    retire_at: float | None = None
+    exempt_users: frozenset[str] = frozenset()
+    graduate: bool = False
+
+    def retired(self, now: float) -> bool:
+        return self.retire_at is not None and now >= self.retire_at
+
+    def exempts(self, user: str) -> bool:
+        return user in self.exempt_users
+
+
+@dataclass(frozen=True, slots=True)
 class RelayPolicy:
     trusted_networks: NetworkSet
     local_delivery: LocalDeliveryRules
@@ -141,6 +171,7 @@ class RelayPolicy:
     provenance: Provenance = Provenance()
     pop_first_sender: PopFirstSender = PopFirstSender.ANY
     sender_owners: SenderOwners = field(default_factory=SenderOwners)
+    campaign: Campaign = Campaign()
     # None: POP-first clients relay to any number of recipients.
     pop_first_budget: RelayBudget | None = None
 
@@ -161,6 +192,11 @@ class Client(NamedTuple):
     # ("" the null sender; None not known, which "own" refuses).
     login_users: tuple[str, ...] = ()
     sender: str | None = None
+    # The moment of the decision (epoch seconds), compared with the campaign's
+    # retire_at; unknown counts as after any date: fail closed.
+    now: float = math.inf
+    # Those of login_users who have graduated to SMTP AUTH (pop_first_graduate).
+    graduated_users: frozenset[str] = frozenset()
     # The relay budget for the recipient at hand (see Budget).
     budget: Budget = Budget.NOT_COUNTED
 
@@ -174,6 +210,7 @@ TEMPFAIL_UNAVAILABLE = Decision(Verdict.TEMPFAIL, Reason.WHITELIST_UNAVAILABLE)
 REJECT_POP_FIRST_RETIRED = Decision(Verdict.REJECT, Reason.POP_FIRST_RETIRED)
 REJECT_SENDER_NOT_OWNED = Decision(Verdict.REJECT, Reason.SENDER_NOT_OWNED)
 REJECT_NULL_SENDER = Decision(Verdict.REJECT, Reason.NULL_SENDER)
+REJECT_POP_FIRST_GRADUATED = Decision(Verdict.REJECT, Reason.POP_FIRST_GRADUATED)
 TEMPFAIL_BUDGET_SPENT = Decision(Verdict.TEMPFAIL, Reason.BUDGET_SPENT)
 
 # The budget states that let a POP-first grant stand.
@@ -213,18 +250,53 @@ def _pop_first_grants(policy: RelayPolicy, client: Client) -> bool:
     return (
         _pop_first_listed(policy, client)
         and client.budget in _BUDGET_GRANTS
-        and (
-            policy.pop_first_sender is not PopFirstSender.OWN
-            or sender_refusal(policy, client) is None
-        )
+        and pop_first_refusal(policy, client) is None
     )
 
 
 def _pop_first_listed(policy: RelayPolicy, client: Client) -> bool:
-    return (
-        client.address is not None
-        and client.listing is Listing.LISTED
-        and policy.pop_first is not PopFirst.OFF
+    return client.address is not None and client.listing is Listing.LISTED
+
+
+def pop_first_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
+    """The refusal a whitelisted client earns, or None: POP-first relays it.
+
+    An entry may hold several users behind one address, and without
+    ``pop_first_sender = "own"`` nothing says which of them sends: the
+    grant stands while any of them could be the sender under the rules,
+    just as the address's grant stands today. With "own" the users who own
+    the sender decide, so that a stranger gains nothing from a neighbour.
+    """
+    if policy.pop_first is PopFirst.OFF:
+        return REJECT_POP_FIRST_RETIRED
+    if policy.pop_first_sender is PopFirstSender.OWN:
+        refusal = sender_refusal(policy, client)
+        if refusal is not None:
+            return refusal
+    campaign = policy.campaign
+    if not campaign.graduate and campaign.retire_at is None:
+        return None  # no campaign: nothing more to ask, at no cost per message
+    users = client.login_users or (client.login_user,)
+    if policy.pop_first_sender is PopFirstSender.OWN:
+        users = sender_owners_among(policy, client)
+    if campaign.graduate:
+        users = tuple(user for user in users if user not in client.graduated_users)
+        if not users:
+            return REJECT_POP_FIRST_GRADUATED
+    if campaign.retired(client.now) and not any(campaign.exempts(user) for user in users):
+        return REJECT_POP_FIRST_RETIRED
+    return None
+
+
+def sender_owners_among(policy: RelayPolicy, client: Client) -> tuple[str, ...]:
+    """The entry's users who own the envelope sender (none for an unknown one)."""
+    sender = client.sender
+    if sender is None:
+        return ()
+    return tuple(
+        user
+        for user in client.login_users
+        if policy.sender_owners.owners_include((user,), sender, policy.local_delivery)
     )
 
 
@@ -267,16 +339,11 @@ def decide_unsettled_recipient(
     if client.listing is Listing.UNAVAILABLE:
         return TEMPFAIL_UNAVAILABLE
     if _pop_first_listed(policy, client):
-        # Listed, and pop_first relays, but not this sender ("own"; "warn"
-        # only logs it), or not past its relay budget.
-        refusal = sender_refusal(policy, client)
-        if refusal is not None and policy.pop_first_sender is PopFirstSender.OWN:
-            return refusal
-        budget_refusal = _budget_refusal(client)
-        if budget_refusal is not None:
-            return budget_refusal
-    if client.address is not None and client.listing is Listing.LISTED:
-        return REJECT_POP_FIRST_RETIRED
+        # Listed, but refused: retired, graduated, not this sender ("own"),
+        # or past its relay budget.
+        return (
+            pop_first_refusal(policy, client) or _budget_refusal(client) or REJECT_POP_FIRST_RETIRED
+        )
     return REJECT_RELAY
 
 

@@ -15,9 +15,10 @@ from collections.abc import Container
 from dataclasses import dataclass
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
-from popauth.basics.clock import Clock
+from popauth.basics.clock import Clock, how_long
 from popauth.basics.escaping import escape_text, escape_user_name
 from popauth.relay.decision import (
+    Campaign,
     Listing,
     PopFirst,
     PopFirstSender,
@@ -172,6 +173,49 @@ def explanation_lines(facts: Facts) -> list[str]:
     budget = _budget_line(facts)
     if budget:
         lines.append(budget)
+    lines += _campaign_lines(facts)
+    return lines
+
+
+def retirement_line(campaign: Campaign, now: float) -> str:
+    """When POP-first is retired (``pop_first_retire_at``), and how long is left; "" unset."""
+    if campaign.retire_at is None:
+        return ""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(campaign.retire_at))
+    moment = f"{stamp} ({how_long(campaign.retire_at - now)})"
+    if campaign.retired(now):
+        return f"pop_first_retire_at: retired at {moment}: POP-first relays only for exempt users"
+    return (
+        f"pop_first_retire_at: retires at {moment}: until then it relays,"
+        " each relay logged (pop_first_deprecated)"
+    )
+
+
+def _campaign_lines(facts: Facts) -> list[str]:
+    """The phase-out's part: the date, and which of the entry's users it spares or refuses."""
+    policy = facts.assessment.policy
+    campaign = policy.campaign
+    lines = []
+    retirement = retirement_line(campaign, facts.now)
+    if retirement:
+        lines.append(retirement)
+    entry = facts.assessment.grant
+    if entry is None:
+        return lines
+    exempt = [user for user in entry.users if campaign.exempts(user)]
+    if exempt and campaign.retire_at is not None:
+        lines.append(
+            f"exempt: {', '.join(_shown(user) for user in exempt)} keep POP-first after the date"
+            " (pop_first_exempt_users)"
+        )
+    if campaign.graduate:
+        graduated = sorted(facts.assessment.client.graduated_users)
+        for user in graduated:
+            shown = _shown(user)
+            lines.append(
+                f"graduated: {shown} has relayed by SMTP AUTH, so POP-first no longer relays"
+                f" for them (pop_first_graduate; undo: popauth pop-first reinstate {shown})"
+            )
     return lines
 
 
@@ -265,9 +309,15 @@ def _whitelist_line(facts: Facts) -> str:
         line = f"whitelist: {subject}: {_entry(assessment.grant, facts.now)}"
         if assessment.decision.reason is Reason.POP_FIRST_RETIRED or (
             assessment.decision.reason is Reason.LOCAL_RECIPIENT
-            and not _pop_first_relays(assessment.policy)
+            and not _pop_first_relays(assessment.policy, facts.now)
         ):
-            line += '; pop_first = "off": a POP/IMAP login no longer lets anyone relay'
+            if assessment.policy.pop_first is PopFirst.OFF:
+                line += '; pop_first = "off": a POP/IMAP login no longer lets anyone relay'
+            else:
+                line += (
+                    "; pop_first_retire_at has passed: a POP/IMAP login lets only exempt"
+                    " users relay"
+                )
         return line
     return f"whitelist: {subject} has no entry: {_why_none(facts)}"
 
@@ -416,8 +466,8 @@ def _trusted_network(policy: RelayPolicy, address: IPAddress) -> str:
     return "?"
 
 
-def _pop_first_relays(policy: RelayPolicy) -> bool:
-    return policy.pop_first is not PopFirst.OFF
+def _pop_first_relays(policy: RelayPolicy, now: float) -> bool:
+    return policy.pop_first is not PopFirst.OFF and not policy.campaign.retired(now)
 
 
 def _moment(epoch: float, now: float) -> str:

@@ -6,13 +6,16 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from cachetools import LRUCache
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying, address_text
+from popauth.basics.clock import Clock, SystemClock, rfc3339
 from popauth.basics.escaping import escape_text
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import (
@@ -30,15 +33,19 @@ from popauth.relay.decision import (
     decide_sender,
     decide_unsettled_recipient,
     needs_whitelist,
+    pop_first_refusal,
     sender_refusal,
 )
 from popauth.relay.mismatch import MailerMismatchWarner
 from popauth.relay.recipients import Recipient, is_local_recipient
 from popauth.store import BudgetUse, Entry, StoreUnavailable, WhitelistStore
-from popauth.store.accounts import RelayWay, UsageLedger
+from popauth.store.accounts import Graduates, RelayWay, UsageLedger
 from popauth.telemetry.metrics import Metrics
 
 _WAYS = {Reason.SMTP_AUTH: RelayWay.SMTP_AUTH, Reason.WHITELISTED: RelayWay.POP_FIRST}
+# Users this process knows to have a graduation record: their next SMTP AUTH
+# relays write nothing. A record is never removed, only marked reinstated.
+_KNOWN_GRADUATES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +93,12 @@ class RelayGate:
         accounting: Accounting,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
+        graduates: Graduates | None = None,
+        clock: Clock | None = None,
         pop_first_relayed: Callable[[str], None] | None = None,
     ) -> None:
+        """``graduates``: where pop_first_graduate keeps who moved on (None: it
+        cannot, and no one graduates); ``clock``: the time retire_at is compared with."""
         self._policy = policy
         # Told the login user of each message relayed by POP-first (the notices); must not block.
         self._pop_first_relayed = pop_first_relayed
@@ -98,6 +109,9 @@ class RelayGate:
         self._metrics = metrics
         self._log = log.bind(door="milter")
         self._mismatches = MailerMismatchWarner(self._log)
+        self._graduates = graduates
+        self._clock = clock or SystemClock()
+        self._known_graduates: LRUCache[str, bool] = LRUCache(maxsize=_KNOWN_GRADUATES)
 
     @property
     def policy(self) -> RelayPolicy:
@@ -123,8 +137,7 @@ class RelayGate:
         """
         started = time.perf_counter()
         policy = self._policy
-        listing, grant = self._consult(policy, address, auth_user)
-        client = _client(address, auth_user, listing, grant, sender)
+        client, _ = self._judged_client(policy, address, auth_user, sender)
         decision = decide_sender(policy, client)
         message = Message(client, decision)
         if decision is None:
@@ -142,7 +155,7 @@ class RelayGate:
             return None, message
         self._record(decision, "mail", client, None, time.perf_counter() - started)
         if way is not None:
-            self._ledger.record(_account(client), way, messages=1, recipients=0)
+            self._book(client, way, messages=1, recipients=0)
         return decision, message
 
     def recipient(self, message: Message, recipient: Recipient) -> Decision:
@@ -186,11 +199,8 @@ class RelayGate:
         RCPT (RSET, QUIT, a dropped connection) never reaches here.
         """
         if message.way is not None and message.relayed_recipients:
-            self._ledger.record(
-                _account(message.client),
-                message.way,
-                messages=1,
-                recipients=message.relayed_recipients,
+            self._book(
+                message.client, message.way, messages=1, recipients=message.relayed_recipients
             )
 
     def assess(
@@ -209,8 +219,7 @@ class RelayGate:
         decision = decide_connection(policy, address)
         if decision is not None:
             return Assessment(decision, Client(address), policy, None, "connect")
-        listing, grant = self._consult(policy, address, auth_user)
-        client = _client(address, auth_user, listing, grant, sender)
+        client, grant = self._judged_client(policy, address, auth_user, sender)
         decision = decide_sender(policy, client)
         if (
             decision is not None
@@ -283,6 +292,68 @@ class RelayGate:
         except StoreUnavailable:
             return None
 
+    def address_refusal(self, address: IPAddress, grant: Entry) -> Decision | None:
+        """For a door that asks by the client address alone (the socketmap): the
+        refusal POP-first earns this entry now (``pop_first = "off"``, retired,
+        graduated), judged without a sender, which that door never sees.
+
+        Raises StoreUnavailable when the graduates cannot be read.
+        """
+        policy = self._policy
+        if policy.pop_first_sender is PopFirstSender.OWN:
+            policy = dataclasses.replace(policy, pop_first_sender=PopFirstSender.ANY)
+        graduated: frozenset[str] = frozenset()
+        if policy.campaign.graduate and self._graduates is not None:
+            graduated = self._graduates.graduated_among(grant.users)
+        client = _client(address, "", Listing.LISTED, grant, None)
+        return pop_first_refusal(
+            policy, client._replace(now=self._clock.time(), graduated_users=graduated)
+        )
+
+    def _judged_client(
+        self, policy: RelayPolicy, address: IPAddress | None, auth_user: str, sender: str | None
+    ) -> tuple[Client, Entry | None]:
+        """The client as the decision sees it: its listing, its entry's users,
+        which of them graduated (pop_first_graduate) and the time (retire_at);
+        and the entry read."""
+        listing, grant = self._consult(policy, address, auth_user)
+        graduated: frozenset[str] = frozenset()
+        if grant is not None and policy.campaign.graduate and self._graduates is not None:
+            try:
+                graduated = self._graduates.graduated_among(grant.users)
+            except StoreUnavailable as failure:
+                # Not knowing who moved on must not let them relay: fail closed.
+                self._metrics.errors.labels("store_unavailable").inc()
+                self._log.error("graduates_unavailable", client_ip=str(address), error=str(failure))
+                listing, grant = Listing.UNAVAILABLE, None
+        client = _client(address, auth_user, listing, grant, sender)
+        return client._replace(now=self._clock.time(), graduated_users=graduated), grant
+
+    def _book(self, client: Client, way: RelayWay, *, messages: int, recipients: int) -> None:
+        """The usage ledger, and with pop_first_graduate an SMTP AUTH relay's graduation."""
+        account = _account(client)
+        self._ledger.record(account, way, messages=messages, recipients=recipients)
+        if way is RelayWay.SMTP_AUTH and self._policy.campaign.graduate:
+            self._graduate(account)
+
+    def _graduate(self, user: str) -> None:
+        if not user or self._graduates is None or user in self._known_graduates:
+            return
+        try:
+            new = self._graduates.graduate(user, self._clock.time())
+        except StoreUnavailable as failure:
+            # The user relays by POP-first a while longer; the next relay tries again.
+            self._log.error("graduation_not_saved", user=user, error=str(failure))
+            return
+        self._known_graduates[user] = True
+        if new:
+            self._log.info(
+                "pop_first_graduated",
+                user=user,
+                hint="relayed by SMTP AUTH: POP-first relays for this user no more"
+                " (undo: popauth pop-first reinstate USER)",
+            )
+
     def _consult(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str
     ) -> tuple[Listing, Entry | None]:
@@ -345,12 +416,14 @@ class RelayGate:
                 rcpt_mailer=recipient.mailer,
                 rcpt_addr=recipient.resolved,
             )
-        if decision.reason is Reason.WHITELISTED and self._policy.pop_first is PopFirst.WARN:
+        if decision.reason is Reason.WHITELISTED and _deprecated(self._policy):
+            retire_at = self._policy.campaign.retire_at
             self._log.warning(
                 "pop_first_deprecated",
                 client_ip=str(client.address),
                 user=client.login_user or None,
                 hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
+                **({} if retire_at is None else {"retire_at": rfc3339(retire_at)}),
             )
 
 
@@ -364,6 +437,11 @@ def _budget_state(use: BudgetUse | None, budget: RelayBudget) -> Budget:
     if use is None:
         return Budget.UNAVAILABLE
     return Budget.LEFT if use.used < budget.max_recipients else Budget.SPENT
+
+
+def _deprecated(policy: RelayPolicy) -> bool:
+    """Whether a POP-first relay is logged: "warn", or a retirement date set."""
+    return policy.pop_first is PopFirst.WARN or policy.campaign.retire_at is not None
 
 
 def _client(

@@ -33,6 +33,10 @@ DEFAULT_SENDER_NOT_OWNED = (
     " that owns it, or turn on SMTP AUTH."
 )
 DEFAULT_NULL_SENDER = "A null sender (<>) may not relay by a POP/IMAP login: turn on SMTP AUTH."
+DEFAULT_POP_FIRST_GRADUATED = (
+    "Your mail program already uses SMTP AUTH for this account: turn it on here too,"
+    " or ask your postmaster to let this one send without it."
+)
 DEFAULT_BUDGET_SPENT = (
     "Too many recipients for a POP/IMAP login: try again later, or turn on SMTP AUTH."
 )
@@ -48,12 +52,14 @@ class Replies:
     pop_first_retired: str
     sender_not_owned: str = DEFAULT_SENDER_NOT_OWNED
     null_sender: str = DEFAULT_NULL_SENDER
+    pop_first_graduated: str = DEFAULT_POP_FIRST_GRADUATED
     budget_spent: str = DEFAULT_BUDGET_SPENT
     # Built once: a refusal costs the milter no formatting per recipient.
     _denied: SmtpReply = field(init=False, repr=False, compare=False)
     _retired: SmtpReply = field(init=False, repr=False, compare=False)
     _not_owned: SmtpReply = field(init=False, repr=False, compare=False)
     _null: SmtpReply = field(init=False, repr=False, compare=False)
+    _graduated: SmtpReply = field(init=False, repr=False, compare=False)
     _spent: SmtpReply = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +67,7 @@ class Replies:
         object.__setattr__(self, "_retired", _relaying_denied(self.pop_first_retired))
         object.__setattr__(self, "_not_owned", SmtpReply("550", "5.7.1", self.sender_not_owned))
         object.__setattr__(self, "_null", SmtpReply("550", "5.7.1", self.null_sender))
+        object.__setattr__(self, "_graduated", _relaying_denied(self.pop_first_graduated))
         # 4.7.1: a policy refusal, to be retried once the window has passed.
         object.__setattr__(self, "_spent", SmtpReply("451", "4.7.1", self.budget_spent))
 
@@ -76,6 +83,8 @@ class Replies:
             return self._not_owned
         if decision.reason is Reason.NULL_SENDER:
             return self._null
+        if decision.reason is Reason.POP_FIRST_GRADUATED:
+            return self._graduated
         return self._denied
 
 

@@ -291,3 +291,213 @@ class RedisBlockList(BlockList):
     def users(self) -> list[str]:
         members = self._call("smembers")
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+
+# --- graduates: users who moved on to SMTP AUTH ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Graduation:
+    """When a user was first seen relaying by SMTP AUTH (``pop_first_graduate``),
+    and when an operator reinstated their POP-first (0: not).
+
+    A reinstated user does not graduate again: the operator has seen that
+    one of their mail programs still needs POP-first.
+    """
+
+    graduated_at: float
+    reinstated_at: float = 0.0
+
+    @property
+    def graduated(self) -> bool:
+        return not self.reinstated_at
+
+
+class GraduatesUnwritable(StoreUnavailable):
+    """A graduation or reinstatement could not be saved; nothing changed."""
+
+
+class Graduates(abc.ABC):
+    """Graduations by caseless user name (:func:`user_key`), shared by every
+    host of a Redis site. Names are matched caselessly: the SMTP AUTH name
+    and the POP/IMAP login may differ in case, and a match errs on refusing."""
+
+    @abc.abstractmethod
+    def graduate(self, user: str, now: float) -> bool:
+        """Record ``user``'s graduation; False if they already have a record."""
+
+    @abc.abstractmethod
+    def reinstate(self, user: str, now: float) -> Graduation | None:
+        """Undo ``user``'s graduation; None if they are not graduated."""
+
+    @abc.abstractmethod
+    def graduated_among(self, users: tuple[str, ...]) -> frozenset[str]:
+        """Those of ``users`` (as given) who are graduated; StoreUnavailable if unknown."""
+
+    @abc.abstractmethod
+    def records(self) -> dict[str, Graduation]: ...
+
+
+GRADUATES_FORMAT = "popauth-graduates"
+GRADUATES_VERSION = 1
+
+
+class FileGraduates(Graduates):
+    """The embedded store's graduates: one JSON file, written before memory
+    changes, so that a reinstatement is never acknowledged and then lost."""
+
+    def __init__(
+        self, path: Path | None, log: structlog.typing.FilteringBoundLogger | None = None
+    ) -> None:
+        self._path = path
+        self._records: dict[str, Graduation] = {}
+        self._lock = threading.Lock()
+        if path is None:
+            return
+        try:
+            document = read_json_document(path, GRADUATES_FORMAT, GRADUATES_VERSION)
+        except StateFileMissing:
+            return
+        except StateFileError as problem:
+            raise StateFileError(f"graduates {path}: {problem}") from None
+        users = document.get("users")
+        if not isinstance(users, dict):
+            raise StateFileError(f"graduates {path}: malformed user table")
+        for user, fields in users.items():
+            record = _graduation(user, fields)
+            if record is None:
+                if log is not None:
+                    log.error(
+                        "graduate_record_dropped",
+                        path=str(path),
+                        user=repr(user)[:80],
+                        reason="malformed",
+                    )
+                continue
+            self._records[user] = record
+
+    def _replace(self, records: dict[str, Graduation]) -> None:
+        """Write ``records``, then make them the graduates (caller holds the lock)."""
+        if self._path is not None:
+            document = {
+                "format": GRADUATES_FORMAT,
+                "version": GRADUATES_VERSION,
+                "users": {user: asdict(record) for user, record in sorted(records.items())},
+            }
+            try:
+                write_json_atomically(self._path, document)
+            except StateWriteError as error:
+                raise GraduatesUnwritable(f"graduates not saved: {error.strerror}") from None
+        self._records = records
+
+    def graduate(self, user: str, now: float) -> bool:
+        key = user_key(user)
+        with self._lock:
+            if key in self._records:
+                return False
+            self._replace({**self._records, key: Graduation(now)})
+            return True
+
+    def reinstate(self, user: str, now: float) -> Graduation | None:
+        key = user_key(user)
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or not record.graduated:
+                return None
+            self._replace({**self._records, key: Graduation(record.graduated_at, now)})
+            return record
+
+    def graduated_among(self, users: tuple[str, ...]) -> frozenset[str]:
+        # A dict replaced whole: readers need no lock.
+        records = self._records
+        return frozenset(
+            user for user in users if (r := records.get(user_key(user))) is not None and r.graduated
+        )
+
+    def records(self) -> dict[str, Graduation]:
+        return dict(self._records)
+
+
+def _graduation(user: Any, fields: Any) -> Graduation | None:
+    if not isinstance(user, str) or not is_valid_user_name(user) or not isinstance(fields, dict):
+        return None
+    if set(fields) != {"graduated_at", "reinstated_at"}:
+        return None
+    values = list(fields.values())
+    if not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in values
+    ):
+        return None
+    return Graduation(float(fields["graduated_at"]), float(fields["reinstated_at"]))
+
+
+# HGET, and HSET with the reinstatement time only if still graduated: one
+# step, so that two hosts reinstating at once answer OK once.
+_REINSTATE_SCRIPT = """
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return false end
+local graduated, reinstated = string.match(record, '^(%S+) (%S+)$')
+if not graduated or reinstated ~= '0' then return false end
+redis.call('HSET', KEYS[1], ARGV[1], graduated .. ' ' .. ARGV[2])
+return graduated
+"""
+
+
+class RedisGraduates(Graduates):
+    """A Redis site's graduates: one hash, user key -> "graduated reinstated"."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self._client = client
+        self._key = key
+        self._reinstate = client.register_script(_REINSTATE_SCRIPT)
+
+    def graduate(self, user: str, now: float) -> bool:
+        try:
+            return bool(self._client.hsetnx(self._key, user_key(user), f"{now:.3f} 0"))
+        except redis.RedisError as error:
+            raise GraduatesUnwritable(f"redis: {error}") from error
+
+    def reinstate(self, user: str, now: float) -> Graduation | None:
+        try:
+            graduated = self._reinstate(keys=[self._key], args=[user_key(user), f"{now:.3f}"])
+        except redis.RedisError as error:
+            raise GraduatesUnwritable(f"redis: {error}") from error
+        if graduated is None:
+            return None
+        return Graduation(float(graduated))
+
+    def graduated_among(self, users: tuple[str, ...]) -> frozenset[str]:
+        if not users:
+            return frozenset()
+        try:
+            values = self._client.hmget(self._key, [user_key(user) for user in users])
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+        return frozenset(
+            user
+            for user, value in zip(users, values, strict=True)
+            if value is not None and (r := _parsed(value)) is not None and r.graduated
+        )
+
+    def records(self) -> dict[str, Graduation]:
+        try:
+            found = self._client.hgetall(self._key)
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+        records = {}
+        for user, value in found.items():
+            record = _parsed(value)
+            if record is not None:
+                name = user.decode() if isinstance(user, bytes) else str(user)
+                records[name] = record
+        return records
+
+
+def _parsed(value: bytes | str) -> Graduation | None:
+    text = value.decode() if isinstance(value, bytes) else value
+    try:
+        graduated, reinstated = (float(word) for word in text.split())
+    except ValueError:
+        return None
+    return Graduation(graduated, reinstated)

@@ -491,6 +491,11 @@ class RedisStore(WhitelistStore):
         return f"{self._prefix}blocked-users"
 
     @property
+    def graduates_key(self) -> str:
+        """The hash of users who graduated from POP-first to SMTP AUTH."""
+        return f"{self._prefix}pop-first-graduates"
+
+    @property
     def _changes_key(self) -> str:
         # Bumped before each WAIT for a block, unblock or revoke: a write that
         # always replicates, so the WAIT confirms everything the master held

@@ -33,7 +33,7 @@ from popauth.doors.ingest.wire import (
 from popauth.localdelivery import is_mailer_name
 from popauth.relay.decision import RelayBudget
 from popauth.store import BudgetUse, Entry, Grant, StoreStats
-from popauth.store.accounts import Usage
+from popauth.store.accounts import Graduation, Usage
 
 # The wire's names are re-exported: the server formats its replies from here.
 __all__ = [
@@ -72,6 +72,7 @@ _ARGUMENTS: dict[Verb, tuple[Argument, ...]] = {
     Verb.REVOKEUSER: (Argument.USER,),
     Verb.BLOCK: (Argument.USER,),
     Verb.UNBLOCK: (Argument.USER,),
+    Verb.REINSTATE: (Argument.USER,),
     Verb.EXPLAIN: (Argument.ADDRESS, Argument.RECIPIENT),
 }
 # The longest envelope address an EXPLAIN takes (RFC 5321 allows 256 with <>).
@@ -237,9 +238,18 @@ def format_user_list(users: Iterable[str]) -> str:
     )
 
 
-def format_usage(user: str, usage: Usage) -> str:
+def format_usage(
+    user: str, usage: Usage, graduation: Graduation | None = None, exempt: bool = False
+) -> str:
+    """A REPORT line: the usage, then ``graduated=`` and ``reinstated=`` (epoch
+    seconds, 0: not) and ``exempt=yes|no`` (pop_first_exempt_users)."""
     fields = " ".join(f"{name}={int(value)}" for name, value in asdict(usage).items())
-    return f"user={escape_user_name(user)} {fields}"
+    graduated = 0 if graduation is None else int(graduation.graduated_at)
+    reinstated = 0 if graduation is None else int(graduation.reinstated_at)
+    return (
+        f"user={escape_user_name(user)} {fields} graduated={graduated}"
+        f" reinstated={reinstated} exempt={'yes' if exempt else 'no'}"
+    )
 
 
 def stats_fields(stats: StoreStats) -> str:

@@ -55,6 +55,7 @@ VERB_ROLES: dict[Verb, Role | None] = {
     Verb.REVOKEUSER: Role.OPERATOR,
     Verb.BLOCK: Role.ADMINISTRATOR,
     Verb.UNBLOCK: Role.ADMINISTRATOR,
+    Verb.REINSTATE: Role.ADMINISTRATOR,
 }
 
 

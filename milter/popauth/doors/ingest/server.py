@@ -18,13 +18,15 @@ from typing import Protocol
 import structlog
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
+from popauth.basics.clock import Clock, SystemClock
 from popauth.basics.escaping import escape_user_name
 from popauth.basics.posixids import SystemGroup
+from popauth.basics.usernames import user_key
 from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
-from popauth.relay.decision import RelayBudget
+from popauth.relay.decision import Campaign, RelayBudget
 from popauth.relay.explain import Explainer, Question, explanation_lines
 from popauth.store import (
     BudgetUse,
@@ -34,7 +36,14 @@ from popauth.store import (
     UserBlocked,
     WhitelistStore,
 )
-from popauth.store.accounts import BlockList, BlockListUnwritable, UsageLedger
+from popauth.store.accounts import (
+    BlockList,
+    BlockListUnwritable,
+    FileGraduates,
+    Graduates,
+    Usage,
+    UsageLedger,
+)
 from popauth.telemetry.metrics import Metrics
 
 # A whitelist key's relay budget and its use now, counting nothing; None:
@@ -82,9 +91,14 @@ class IngestServer(UnixStreamServer):
         log: structlog.typing.FilteringBoundLogger,
         explainer: Explainer | None = None,
         peers: PeerPolicy | None = None,
+        graduates: Graduates | None = None,
+        campaign: Callable[[], Campaign] = Campaign,
+        clock: Clock | None = None,
         budgets: BudgetReader | None = None,
     ) -> None:
         """``peers``: who holds which role; by default the settings' roles.
+        ``graduates`` and ``campaign`` (the live policy's, read per request):
+        what REPORT and REINSTATE see of the phase-out of POP-first.
         ``budgets``: the relay budget of an address, for QUERY (the gate's)."""
         super().__init__(
             path=settings.socket,
@@ -116,6 +130,9 @@ class IngestServer(UnixStreamServer):
         self._ledger = ledger
         self._metrics = metrics
         self._explainer = explainer
+        self._graduates = graduates if graduates is not None else FileGraduates(None)
+        self._campaign = campaign
+        self._clock = clock or SystemClock()
         self._budgets = budgets
 
     # --- framing -----------------------------------------------------------
@@ -323,9 +340,7 @@ class IngestServer(UnixStreamServer):
                 f"user={escape_user_name(user)}" for user in self._blocklist.users()
             )
         if verb is Verb.REPORT:
-            return protocol.multi_line(
-                protocol.format_usage(user, usage) for user, usage in self._ledger.pop_first_users()
-            )
+            return protocol.multi_line(self._report_lines())
         if verb is Verb.EXPLAIN:
             return self._explain(request, peer)
         if request.address is None:
@@ -429,7 +444,42 @@ class IngestServer(UnixStreamServer):
         )
         return protocol.multi_line(explanation_lines(facts))
 
+    def _report_lines(self) -> list[str]:
+        """Users who relayed by POP first, most recent first, then graduates who never did."""
+        campaign = self._campaign()
+        graduations = self._graduates.records()
+        lines = []
+        reported = set()
+        for user, usage in self._ledger.pop_first_users():
+            key = user_key(user)
+            reported.add(key)
+            exempt = campaign.exempts(user)
+            lines.append(protocol.format_usage(user, usage, graduations.get(key), exempt))
+        for key, graduation in sorted(graduations.items()):
+            if key not in reported:
+                usage = self._ledger.get(key) or Usage()
+                exempt = campaign.exempts(key)
+                lines.append(protocol.format_usage(key, usage, graduation, exempt))
+        return lines
+
+    def _reinstate(self, user: str, peer: Peer) -> bytes:
+        """Undo a graduation; written (and confirmed by the replicas) before OK."""
+        try:
+            graduation = self._graduates.reinstate(user, self._clock.time())
+        except StoreUnavailable as failure:
+            self._log.error("reinstate_failed", user=user, error=str(failure), peer_uid=peer.uid)
+            return protocol.error(ErrorCode.UNAVAILABLE, f"not reinstated: {failure}")
+        self._log.info(
+            "pop_first_reinstated", user=user, found=graduation is not None, peer_uid=peer.uid
+        )
+        if graduation is None:
+            return protocol.not_found_user(user)
+        self._store.confirm_changes()
+        return protocol.ok(f"user={user} graduated={int(graduation.graduated_at)}")
+
     def _execute_for_user(self, verb: Verb, user: str, peer: Peer) -> bytes:
+        if verb is Verb.REINSTATE:
+            return self._reinstate(user, peer)
         if verb is Verb.UNBLOCK:
             unblocked = self._blocklist.remove(user)
             self._log.info("unblock", user=user, found=unblocked, peer_uid=peer.uid)

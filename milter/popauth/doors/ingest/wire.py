@@ -5,7 +5,8 @@ A request is one line of UTF-8 ending in LF (CRLF is accepted), at most
 by blanks. Every reply line starts with one of three words:
 
 ``OK``        the request succeeded; ``key=value`` fields follow;
-``NOTFOUND``  the address or user is not there (QUERY, REVOKE, UNBLOCK);
+``NOTFOUND``  the address or user is not there (QUERY, REVOKE, UNBLOCK,
+              REINSTATE);
 ``ERR``       the request failed and changed nothing; a code word and a
               human-readable reason follow. One code is the exception:
               ``ERR incomplete`` says a block, unblock or revoke is in force
@@ -58,6 +59,8 @@ class Verb(enum.Enum):
     PING = "PING"
     QUIT = "QUIT"
     EXPLAIN = "EXPLAIN"
+    # Undo a user's graduation to SMTP AUTH (pop_first_graduate).
+    REINSTATE = "REINSTATE"
 
 
 # Replies of these verbs are "OK count=N" and N more lines.

@@ -22,17 +22,23 @@ request size, time and number.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from popauth.basics.addresses import AddressError, WhitelistKeying, parse_client_address
+from popauth.basics.addresses import (
+    AddressError,
+    IPAddress,
+    WhitelistKeying,
+    parse_client_address,
+)
 from popauth.basics.posixids import SystemGroup
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.codec import NetstringError, RequestError, Status
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
-from popauth.store import StoreUnavailable, WhitelistStore
+from popauth.store import Entry, StoreUnavailable, WhitelistStore
 from popauth.telemetry.metrics import Metrics
 
 
@@ -75,7 +81,11 @@ class SocketmapServer(UnixStreamServer):
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
         lookup_events: bool,
+        refusal: Callable[[IPAddress, Entry], str | None] | None = None,
     ) -> None:
+        """``refusal``: the reason POP-first refuses a listed address now
+        (``pop_first_retired``, ``pop_first_graduated``; None: it relays), as
+        the milter's decision gives it."""
         super().__init__(
             path=path,
             mode=settings.socket_mode,
@@ -108,6 +118,7 @@ class SocketmapServer(UnixStreamServer):
         # structlog 22.3's bound loggers cannot be asked); not building them
         # otherwise keeps a lookup cheap.
         self._lookup_events = lookup_events
+        self._refusal = refusal
 
     def stop(self, timeout: float = 5.0) -> None:
         running = self._thread is not None
@@ -170,6 +181,9 @@ class SocketmapServer(UnixStreamServer):
         key = self._keying.key_address(address)
         try:
             grant = self._store.lookup(key)
+            refused = (
+                None if grant is None or self._refusal is None else self._refusal(address, grant)
+            )
         except StoreUnavailable as failure:
             self._metrics.socketmap_answer("temp")
             self._log.warning("socketmap_store_unavailable", error=str(failure))
@@ -183,13 +197,15 @@ class SocketmapServer(UnixStreamServer):
             if self._lookup_events:
                 self._log.debug("socketmap_lookup", client_ip=self._keying.describe(key), hit=False)
             return self._notfound
-        self._metrics.socketmap_answer("hits")
+        # Listed, but POP-first may no longer relay it: then the MTA's own refusal.
+        self._metrics.socketmap_answer("hits" if refused is None else "misses")
         if self._lookup_events:
             self._log.debug(
                 "socketmap_lookup",
                 client_ip=self._keying.describe(key),
-                hit=True,
+                hit=refused is None,
                 user=grant.user,
                 users=list(grant.users),
+                **({} if refused is None else {"reason": refused}),
             )
-        return self._ok
+        return self._ok if refused is None else self._notfound
