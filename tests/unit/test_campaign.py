@@ -54,14 +54,8 @@ START = 1_800_000_000.0
 
 class Books:
     def __init__(self, graduates: Graduates, **settings: Any) -> None:
-        # Without a relay budget: a POP-first message is settled and booked at MAIL.
         relay = settings_from_mapping(
-            {
-                "trusted_networks": [],
-                "local_domains": ["local.test"],
-                "pop_first_max_recipients": "",
-                **settings,
-            }
+            {"trusted_networks": [], "local_domains": ["local.test"], **settings}
         ).relay
         self.clock = FakeClock(START)
         self.store = MemoryStore(ttl=900, max_entries=10, clock=self.clock)

@@ -152,6 +152,9 @@ class RelayGate:
         ):
             # Settled, but each RCPT must be seen to count relayed recipients
             # (in the books, or against the relay budget).
+            if self._accounting is Accounting.MESSAGES:
+                # The budget's RCPTs only: booked now, as without a budget.
+                self._book(client, way, messages=1, recipients=0)
             return None, message
         self._record(decision, "mail", client, None, time.perf_counter() - started)
         if way is not None:
@@ -178,7 +181,7 @@ class RelayGate:
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
-        if way is not None:
+        if way is not None and self._accounting is Accounting.RECIPIENTS:
             if relayed is None:
                 relayed = not is_local_recipient(recipient, policy.local_delivery)
             if relayed:
