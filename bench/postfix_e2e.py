@@ -16,6 +16,10 @@ Set-ups, all running at once on their own ports and measured in turn:
   the client address on to popauth, not the client name;
 - ``socketmap[name-lookup]``: the same with the plain socketmap lookup
   (Postfix before 3.7): one more round trip, for the client name;
+- ``policy``: the ``smtpd_relay_restrictions`` of
+  ``contrib/postfix/policy-main.cf``: after ``permit_auth_destination``,
+  Postfix asks popauth's policy door (``check_policy_service``) to judge
+  each relayed recipient by the milter's decision;
 - ``minimal-milter``: in place of popauth, the least pymilter milter that
   gives the same verdicts (:mod:`bench.verdict_milter`: the whitelist in a
   set, a local-domain test, 550 at RCPT), for the target that popauth's
@@ -42,7 +46,7 @@ from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
 from bench.milter_protocol import NoopMilterProcess
 from harness.popauth import PopauthServer
 from harness.ports import free_port
-from harness.postfix import PostfixInstance
+from harness.postfix import PostfixInstance, contrib_policy_relay_restrictions
 from harness.smtp import SmtpError, open_mail_transaction, read_reply
 
 LOCAL_DOMAIN = "local.test"
@@ -162,6 +166,7 @@ EXPECTED = {
     "cidr": {"whitelisted": 250, "local": 250, "refused": 550},
     "socketmap": {"whitelisted": 250, "local": 250, "refused": 550},
     "socketmap[name-lookup]": {"whitelisted": 250, "local": 250, "refused": 550},
+    "policy": {"whitelisted": 250, "local": 250, "refused": 550},
     "minimal-milter": {"whitelisted": 250, "local": 250, "refused": 550},
 }
 
@@ -180,6 +185,14 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             # exempts smtpd from the per-uid connection limit.
             socketmap_socket_mode="0660",
             socketmap_socket_group="postfix",
+        ),
+        "policy": start_popauth(
+            workdir / "popauth-policy",
+            log_level="info",
+            policy_socket=str(workdir / "popauth-policy" / "policy.sock"),
+            # As contrib/postfix/policy-main.cf says: smtpd's group.
+            policy_socket_mode="0660",
+            policy_socket_group="postfix",
         ),
     }
     socketmap = workdir / "popauth-socketmap" / "socketmap.sock"
@@ -224,6 +237,15 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
             milter=None,
             local_domain=LOCAL_DOMAIN,
             relay_restrictions=joined(shipped, socketmap, f"socketmap:unix:{socketmap}:popauth"),
+        ),
+        "policy": PostfixInstance(
+            root=workdir / "pf-policy",
+            smtp_port=free_port(),
+            milter=None,
+            local_domain=LOCAL_DOMAIN,
+            relay_restrictions=contrib_policy_relay_restrictions(
+                workdir / "popauth-policy" / "policy.sock"
+            ),
         ),
         "minimal-milter": PostfixInstance(
             root=workdir / "pf-minimal-milter",
@@ -276,6 +298,7 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
         ("popauth/no-milter", "popauth", "no-milter", 0.85),
         ("popauth/cidr", "popauth", "cidr", 0.9),
         ("socketmap/cidr", "socketmap", "cidr", 0.97),
+        ("policy/cidr", "policy", "cidr", 0.95),
         ("popauth/minimal-milter", "popauth", "minimal-milter", 1.0),
     )
     for ratio_name, top, bottom, target in checks:
@@ -285,11 +308,14 @@ def run(mode: Mode, workdir: Path) -> BenchResult:
     result.ratio("popauth[warning]/cidr", "popauth[warning]", "cidr")
     result.ratio("cidr/no-milter", "cidr", "no-milter")
     result.ratio("socketmap[name-lookup]/cidr", "socketmap[name-lookup]", "cidr")
+    result.ratio("policy/socketmap", "policy", "socketmap")
     result.notes += [
         "mix per 5 connections: 2 whitelisted relaying, 2 inbound to a local recipient, "
         "1 refused relaying (ends at RCPT); no-milter accepts all (open relay baseline)",
         "cidr and socketmap: the smtpd_relay_restrictions of "
         "contrib/postfix/socketmap-main.cf (local mail is permitted before any lookup)",
+        "policy: those of contrib/postfix/policy-main.cf (likewise: local mail is "
+        "permitted before popauth is asked)",
         "SMTP AUTH not exercised (whitelist and local only)",
         "RCPT replies, popauth: "
         + ", ".join(f"{k}:{c}={n}" for (k, c), n in sorted(replies["popauth"].items())),

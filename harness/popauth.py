@@ -262,6 +262,8 @@ class PopauthServer(PopauthProcess):
         sockets = [self.milter_path]
         if self.settings.get("socketmap_socket"):
             sockets.append(Path(self.settings["socketmap_socket"]))
+        if self.settings.get("policy_socket"):
+            sockets.append(Path(self.settings["policy_socket"]))
         for path in sockets:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

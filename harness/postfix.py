@@ -329,6 +329,8 @@ class PostfixInstance(ForegroundDaemon):
 MILTER_MAIN_CF = Path(__file__).parents[1] / "contrib" / "postfix" / "main.cf"
 SOCKETMAP_MAIN_CF = Path(__file__).parents[1] / "contrib" / "postfix" / "socketmap-main.cf"
 PRODUCTION_SOCKETMAP = "/var/spool/postfix/popauth/socketmap.sock"
+POLICY_MAIN_CF = Path(__file__).parents[1] / "contrib" / "postfix" / "policy-main.cf"
+PRODUCTION_POLICY = "unix:popauth/policy.sock"
 
 
 def contrib_milter_default_action() -> str:
@@ -340,9 +342,18 @@ def contrib_milter_default_action() -> str:
 
 def contrib_relay_restrictions(socket_path: Path) -> str:
     """smtpd_relay_restrictions from the contrib file, with the test socket."""
-    text = SOCKETMAP_MAIN_CF.read_text()
+    return _contrib_restrictions(SOCKETMAP_MAIN_CF, PRODUCTION_SOCKETMAP, str(socket_path))
+
+
+def contrib_policy_relay_restrictions(socket_path: Path) -> str:
+    """smtpd_relay_restrictions from the policy door's contrib file, with the test socket."""
+    return _contrib_restrictions(POLICY_MAIN_CF, PRODUCTION_POLICY, f"unix:{socket_path}")
+
+
+def _contrib_restrictions(contrib: Path, production: str, test: str) -> str:
+    text = contrib.read_text()
     match = re.search(r"^smtpd_relay_restrictions =\n((?:[ \t]+\S.*\n)+)", text, re.M)
-    assert match, "no smtpd_relay_restrictions in the contrib file"
+    assert match, f"no smtpd_relay_restrictions in {contrib}"
     value = " ".join(line.strip() for line in match.group(1).splitlines())
-    assert PRODUCTION_SOCKETMAP in value
-    return value.replace(PRODUCTION_SOCKETMAP, str(socket_path))
+    assert production in value
+    return value.replace(production, test)

@@ -178,3 +178,92 @@ def test_setup_refuses_a_socket_a_chrooted_smtpd_cannot_reach(
     settings.write_text('milter_socket = "unix:/run/popauth/milter.sock"\n')
     assert setup(settings, site, "--apply") == EXIT_ERROR
     assert "outside Postfix's queue directory" in capsys.readouterr().out
+
+
+def policy_settings_file(tmp_path: Path, site: Path) -> Path:
+    spool = site.parent / "spool"
+    return settings_file(
+        tmp_path, site, f'policy_socket = "{spool}/popauth/policy.sock"\npolicy_socket_group = ""\n'
+    )
+
+
+def test_setup_for_the_policy_door_asks_popauth_after_local_mail_and_fails_closed(
+    tmp_path: Path, site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = policy_settings_file(tmp_path, site)
+    before = (site / "main.cf").read_text()
+    assert setup(settings, site, "--door", "policy") == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "check_policy_service unix:popauth/policy.sock" in printed
+    assert (site / "main.cf").read_text() == before
+
+    assert setup(settings, site, "--door", "policy", "--apply") == EXIT_OK
+    assert "check: OK" in capsys.readouterr().out
+    values = postconf(
+        site, "smtpd_relay_restrictions", "smtpd_milters", "smtpd_policy_service_default_action"
+    )
+    assert values["smtpd_relay_restrictions"] == (
+        "permit_auth_destination, check_policy_service unix:popauth/policy.sock,"
+        " reject_unauth_destination"
+    )
+    # The site's milter stays; popauth's milter is not asked as well.
+    assert values["smtpd_milters"] == "inet:127.0.0.1:8891"
+    assert values["smtpd_policy_service_default_action"].startswith("451 ")
+    assert not (site / "popauth-relay.cidr").exists()
+    # Idempotent.
+    assert setup(settings, site, "--door", "policy", "--apply") == EXIT_OK
+    assert "nothing changed" in capsys.readouterr().out
+
+
+def test_setup_moves_a_site_from_the_milter_door_to_the_policy_door(
+    tmp_path: Path, site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = policy_settings_file(tmp_path, site)
+    assert setup(settings, site, "--apply") == EXIT_OK
+    with (site / "main.cf").open("a") as main_cf:
+        # A site that let unreachable policy services pass.
+        main_cf.write("smtpd_policy_service_default_action = DUNNO\n")
+    assert setup(settings, site, "--door", "policy", "--apply") == EXIT_OK
+    capsys.readouterr()
+    values = postconf(
+        site, "smtpd_relay_restrictions", "smtpd_milters", "smtpd_policy_service_default_action"
+    )
+    assert values["smtpd_relay_restrictions"] == (
+        "permit_auth_destination, check_policy_service unix:popauth/policy.sock,"
+        " reject_unauth_destination"
+    )
+    assert values["smtpd_milters"] == "inet:127.0.0.1:8891"
+    assert values["smtpd_policy_service_default_action"] == "451 4.3.5 Server configuration problem"
+    # And back: the milter door drops the policy check again.
+    assert setup(settings, site, "--apply") == EXIT_OK
+    values = postconf(site, "smtpd_relay_restrictions")
+    assert values["smtpd_relay_restrictions"] == (
+        f"check_client_access cidr:{site}/popauth-relay.cidr, reject_unauth_destination"
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy_socket", "reason"),
+    [
+        ("", "the policy door is off (no policy_socket)"),
+        ('policy_socket = "/run/popauth/policy.sock"\n', "outside Postfix's queue directory"),
+    ],
+)
+def test_setup_for_the_policy_door_refuses_a_socket_smtpd_cannot_reach(
+    tmp_path: Path,
+    site: Path,
+    capsys: pytest.CaptureFixture[str],
+    policy_socket: str,
+    reason: str,
+) -> None:
+    settings = settings_file(tmp_path, site, policy_socket)
+    assert setup(settings, site, "--door", "policy", "--apply") == EXIT_ERROR
+    assert reason in capsys.readouterr().out
+
+
+def test_the_policy_door_is_for_postfix_only(
+    tmp_path: Path, site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = policy_settings_file(tmp_path, site)
+    assert main(["setup", "sendmail", "--config", str(settings), "--door", "policy"]) == EXIT_ERROR
+    assert "postfix only" in capsys.readouterr().err

@@ -171,3 +171,41 @@ def test_sighup_during_the_start_does_not_stop_the_milter(
     finally:
         assert server.stop() == 0
     assert not server.events("milter_stopped_unexpectedly")
+
+
+def test_the_policy_door_starts_after_the_socketmap_and_is_gone_at_stop(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.sock"
+    server = PopauthServer(
+        tmp_path,
+        socketmap_socket=str(tmp_path / "socketmap.sock"),
+        policy_socket=str(policy),
+        log_level="debug",
+    ).start()
+    try:
+        assert accepts(policy)
+        started = [e["component"] for e in server.events("started")]
+        assert started.index("socketmap") < started.index("policy") < started.index("milter")
+        assert server.events("starting")[0]["policy_socket"] == str(policy)
+    finally:
+        assert server.stop() == 0
+    assert not policy.exists()
+    assert [e["event"] for e in server.events() if e["event"] == "policy_stopped"]
+
+
+def test_a_blocked_policy_path_rolls_back_the_start(tmp_path: Path) -> None:
+    blocked = tmp_path / "policy.sock"
+    blocked.write_text("not a socket")
+    server = PopauthServer(tmp_path, policy_socket=str(blocked))
+    server.config_path.write_text(server.config_text())
+    completed = subprocess.run(
+        [POPAUTH, "serve", "--config", str(server.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "not a socket" in completed.stderr
+    assert not server.ingest_path.exists()
+    assert not server.milter_path.exists()
+    assert blocked.read_text() == "not a socket"

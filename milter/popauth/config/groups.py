@@ -243,6 +243,23 @@ class SocketmapSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """The Postfix policy door (``check_policy_service``); off without a socket."""
+
+    socket: Path | None = optional_setting("policy_socket", None, socket_path)
+    socket_mode: int = mode_setting("policy_socket_mode", 0o660)
+    socket_group: SystemGroup | None = optional_setting("policy_socket_group", None, group)
+    # Seconds to complete a request; seconds an idle connection is kept
+    # (Postfix closes its end after smtpd_policy_service_max_idle, 300 s).
+    timeout: float = setting("policy_timeout", 5.0, number(0.1, 300))
+    idle_timeout: float = setting("policy_idle_timeout", 330.0, number(1, 86_400))
+    max_clients: int = setting("policy_max_clients", 512, integer(1, 100_000))
+    # Connections one uid outside the socket's group may hold at once; 0: any
+    # (off by default: an MTA reaching the socket by its mode must not be held).
+    clients_per_uid: int = setting("policy_clients_per_uid", 0, integer(0, 100_000))
+
+
+@dataclass(frozen=True, slots=True)
 class SessionSettings:
     """``popauth sessions`` on the Dovecot host: renewing the entries of open sessions."""
 
@@ -692,6 +709,7 @@ class Settings:
     milter: MilterSettings = field(default_factory=MilterSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     socketmap: SocketmapSettings = field(default_factory=SocketmapSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     accounts: AccountsSettings = field(default_factory=AccountsSettings)

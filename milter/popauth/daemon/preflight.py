@@ -94,6 +94,8 @@ def socket_paths(settings: Settings) -> list[Path]:
             paths.append(Path(spec.removeprefix(prefix)))
     if settings.socketmap.socket is not None:
         paths.append(settings.socketmap.socket)
+    if settings.policy.socket is not None:
+        paths.append(settings.policy.socket)
     return paths
 
 

@@ -2,9 +2,9 @@
 
 Each piece is a component with a start and a stop (:mod:`popauth.daemon.lifecycle`):
 the store (restored from disk), the saver, the ingest endpoint, the
-socketmap, the metrics endpoint, the notice worker and the milter, started in that order and
-stopped in reverse, so the last snapshot is written after every door has
-closed.
+socketmap, the policy door, the metrics endpoint, the notice worker and the
+milter, started in that order and stopped in reverse, so the last snapshot
+is written after every door has closed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from popauth.daemon.settings_reload import SettingsChangeCheck
 from popauth.doors.ingest.server import IngestServer
 from popauth.doors.milter.adapter import RelayMilter, Replies
 from popauth.doors.milter.service import MilterService
+from popauth.doors.policy.server import PolicyServer
 from popauth.doors.socketmap.server import SocketmapServer
 from popauth.localdelivery.reload import LocalDeliveryReloader, log_local_delivery
 from popauth.localdelivery.resolve import resolve_local_delivery
@@ -188,6 +189,29 @@ def socketmap_server(
     )
 
 
+def policy_server(
+    settings: Settings,
+    *,
+    gate: RelayGate,
+    replies: Replies,
+    blocking_calls: bool,
+    metrics: Metrics,
+    log: structlog.typing.FilteringBoundLogger,
+) -> PolicyServer | None:
+    """The Postfix policy door, when ``policy_socket`` is set."""
+    if settings.policy.socket is None:
+        return None
+    return PolicyServer(
+        path=settings.policy.socket,
+        settings=settings.policy,
+        gate=gate,
+        replies=replies,
+        metrics=metrics,
+        log=log,
+        blocking_calls=blocking_calls,
+    )
+
+
 def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     """Run popauth until SIGTERM or SIGINT; a start failure is raised after rollback.
 
@@ -254,6 +278,14 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         budgets=gate.budget_use,
     )
     socketmap = socketmap_server(settings, store, keying, metrics, log, gate=gate)
+    policy_door = policy_server(
+        settings,
+        gate=gate,
+        replies=replies,
+        blocking_calls=store.may_block,
+        metrics=metrics,
+        log=log,
+    )
     milter = MilterService(
         settings=settings.milter,
         factory=lambda: RelayMilter(gate, replies, metrics, log),
@@ -267,6 +299,8 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
     ]
     if socketmap is not None:
         steps.append(Step("socketmap", socketmap.start, socketmap.stop))
+    if policy_door is not None:
+        steps.append(Step("policy", policy_door.start, policy_door.stop))
     metrics_address = settings.metrics.listen
     if metrics_address is not None:
         steps.append(
@@ -285,6 +319,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         milter_socket=settings.milter.socket,
         ingest_socket=str(settings.ingest.socket),
         socketmap_socket=settings.socketmap.socket and str(settings.socketmap.socket),
+        policy_socket=settings.policy.socket and str(settings.policy.socket),
         metrics=settings.metrics.listen and str(settings.metrics.listen),
         ttl=settings.store.ttl,
         store=settings.store.kind.value,

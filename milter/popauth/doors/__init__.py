@@ -1,1 +1,1 @@
-"""The ways in: the milter, the ingest socket, the socketmap, and their UNIX-socket server."""
+"""The ways in: the milter, the ingest, socketmap and policy sockets, their shared server."""

@@ -206,6 +206,21 @@ class RelayGate:
                 message.client, message.way, messages=1, recipients=message.relayed_recipients
             )
 
+    def count_relayed_now(self, message: Message, counted: int) -> int:
+        """For a door that never sees the end of the data (Postfix's policy
+        service): the relayed recipients of ``message`` beyond the ``counted``
+        ones go into the books now, the message itself with the first of them.
+
+        Returns how many are counted now. A transaction the client abandons
+        after RCPT is counted too: such a door cannot tell.
+        """
+        new = message.relayed_recipients - counted
+        if message.way is not None and new > 0:
+            self._book(
+                message.client, message.way, messages=1 if counted == 0 else 0, recipients=new
+            )
+        return message.relayed_recipients
+
     def assess(
         self,
         address: IPAddress,

@@ -23,9 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the MTA's configuration directory (Postfix: as postconf -c; Dovecot: /etc/dovecot)",
     )
+    parser.add_argument(
+        "--door",
+        choices=("milter", "policy"),
+        default="milter",
+        help="Postfix: judge by popauth's milter, or by its policy door (policy_socket)",
+    )
 
 
-def make_plan(target: str, settings_path: Path | None, directory: str) -> Plan:
+def make_plan(
+    target: str, settings_path: Path | None, directory: str, door: str = "milter"
+) -> Plan:
     settings = load_settings(settings_path)
     systemd = Path("/run/systemd/system").is_dir()
     if target == "postfix":
@@ -33,7 +41,11 @@ def make_plan(target: str, settings_path: Path | None, directory: str) -> Plan:
 
         status = run(["postfix", *(["-c", directory] if directory else []), "status"]).returncode
         return plan_postfix(
-            settings, config_directory=directory, systemd=systemd, postfix_running=status == 0
+            settings,
+            config_directory=directory,
+            systemd=systemd,
+            postfix_running=status == 0,
+            door=door,
         )
     if target == "dovecot":
         from popauth.setup.dovecot import plan_dovecot
@@ -46,7 +58,10 @@ def make_plan(target: str, settings_path: Path | None, directory: str) -> Plan:
 
 def run_setup(arguments: argparse.Namespace, settings_path: Path | None) -> int:
     try:
-        plan = make_plan(arguments.target, settings_path, arguments.mta_config)
+        if arguments.door != "milter" and arguments.target != "postfix":
+            print("popauth: --door policy is for postfix only", file=sys.stderr)
+            return EXIT_ERROR
+        plan = make_plan(arguments.target, settings_path, arguments.mta_config, arguments.door)
     except ConfigError as error:
         print(f"popauth: configuration error: {error}", file=sys.stderr)
         return EXIT_ERROR

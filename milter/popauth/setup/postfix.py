@@ -13,6 +13,13 @@ and master.cf's ``-o`` overrides stay as they are):
   on another default, a per-milter ``default_action=tempfail``);
 - SMTP AUTH through Dovecot, when Dovecot's listener is there.
 
+With ``--door policy`` popauth's policy door judges instead of the milter:
+``smtpd_relay_restrictions`` gets the site's rejections, then
+``permit_auth_destination`` (Postfix knows what it delivers here), then
+``check_policy_service`` on popauth's ``policy_socket``, then
+``reject_unauth_destination``; popauth's milter leaves ``smtpd_milters``,
+and ``smtpd_policy_service_default_action`` must stay a 4xx (fail closed).
+
 It refuses when the configuration lets clients relay that popauth would
 refuse (``permit_mynetworks`` with networks popauth does not trust, an
 access table or policy service that may answer OK) or would refuse what
@@ -50,7 +57,10 @@ PARAMETERS = (
     "smtpd_sasl_auth_enable",
     "smtpd_sasl_type",
     "smtpd_sasl_path",
+    "smtpd_policy_service_default_action",
 )
+# What Postfix answers when the policy door cannot be reached (its default).
+POLICY_DEFAULT_ACTION = "451 4.3.5 Server configuration problem"
 SASL = (
     ("smtpd_sasl_auth_enable", "yes"),
     ("smtpd_sasl_type", "dovecot"),
@@ -159,9 +169,19 @@ def _untrusted(mynetworks: str, trusted: NetworkSet) -> list[str] | None:
 
 
 def relay_restrictions(
-    current: str, our_check: str, mynetworks: str, trusted: NetworkSet
+    current: str,
+    our_check: str,
+    mynetworks: str,
+    trusted: NetworkSet,
+    *,
+    ours: frozenset[str] = frozenset(),
+    before: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """The new smtpd_relay_restrictions, and the reasons to refuse."""
+    """The new smtpd_relay_restrictions, and the reasons to refuse.
+
+    ``ours``: popauth's checks for the other door, dropped when switching;
+    ``before``: restrictions that go right before ``our_check``.
+    """
     items = split_list(current)
     kept: list[str] = []
     refusals: list[str] = []
@@ -172,7 +192,7 @@ def relay_restrictions(
         if item.startswith("check_") and index < len(items):
             table = items[index]
             index += 1
-            if f"{item} {table}" == our_check:
+            if f"{item} {table}" == our_check or f"{item} {table}" in ours:
                 continue
             refusals.append(
                 f"smtpd_relay_restrictions has {item} {table}, which may let clients relay that"
@@ -205,7 +225,7 @@ def relay_restrictions(
             " (or which popauth setup does not know): remove it, or set up Postfix by hand"
             " (/usr/share/doc/popauth/examples/postfix/main.cf)"
         )
-    return [*kept, our_check, "reject_unauth_destination"], refusals
+    return [*kept, *before, our_check, "reject_unauth_destination"], refusals
 
 
 def smtpd_services(fields: dict[str, str]) -> dict[str, bool]:
@@ -220,6 +240,24 @@ def smtpd_services(fields: dict[str, str]) -> dict[str, bool]:
     return services
 
 
+def policy_entry(socket: Path | None, queue_directory: str, chrooted: bool) -> tuple[str, str]:
+    """How check_policy_service names popauth's policy socket, or "" and why it cannot."""
+    suggestion = f'set policy_socket = "{queue_directory}/popauth/policy.sock"'
+    if socket is None:
+        return "", f"the policy door is off (no policy_socket): {suggestion}"
+    queue = Path(queue_directory)
+    if socket.is_relative_to(queue):
+        # Relative to the queue directory: right for a chrooted smtpd and an unchrooted one.
+        return f"unix:{socket.relative_to(queue)}", ""
+    if chrooted:
+        return "", (
+            f"popauth's policy_socket {socket} is outside Postfix's queue directory"
+            f" ({queue_directory}) and smtpd runs chrooted there, so it cannot reach it:"
+            f" {suggestion}"
+        )
+    return f"unix:{socket}", ""
+
+
 def plan_postfix(  # noqa: PLR0915 - one reading of main.cf, setting by setting
     settings: Settings,
     *,
@@ -227,26 +265,42 @@ def plan_postfix(  # noqa: PLR0915 - one reading of main.cf, setting by setting
     postconf: Sequence[str] = ("postconf",),
     systemd: bool = True,
     postfix_running: bool = True,
+    door: str = "milter",
 ) -> Plan:
-    """What ``popauth setup postfix`` would change in the Postfix of ``config_directory``."""
+    """What ``popauth setup postfix`` would change in the Postfix of ``config_directory``.
+
+    ``door``: "milter", or "policy" for popauth's policy door.
+    """
     command = [*postconf, *(["-c", config_directory] if config_directory else [])]
     read = read_postconf(command)
     values = read(["-x", *PARAMETERS])
     directory = values["config_directory"]
     queue = values["queue_directory"]
     services = smtpd_services(read(["-F"]))
+    chrooted = any(services.values())
     plan = Plan("postfix", backups=[Path(directory) / "main.cf"], postconf_command=tuple(command))
-    ours, why_not = milter_entry(settings.milter.socket, queue, any(services.values()))
-    if why_not:
-        plan.refusals.append(why_not)
-        return plan
+    ours, why_not = milter_entry(settings.milter.socket, queue, chrooted)
+    policy, policy_why_not = policy_entry(settings.policy.socket, queue, chrooted)
+    table_check = f"check_client_access cidr:{directory}/{RELAY_TABLE_NAME}"
+    policy_check = f"check_policy_service {policy}"
+    if door == "policy":
+        if policy_why_not:
+            plan.refusals.append(policy_why_not)
+            return plan
+        our_check, other_doors, before = policy_check, {table_check}, ["permit_auth_destination"]
+    else:
+        if why_not:
+            plan.refusals.append(why_not)
+            return plan
+        our_check, other_doors, before = table_check, {policy_check}, []
 
-    our_check = f"check_client_access cidr:{directory}/{RELAY_TABLE_NAME}"
     relay, refusals = relay_restrictions(
         values["smtpd_relay_restrictions"],
         our_check,
         values["mynetworks"],
         settings.relay.trusted_networks,
+        ours=frozenset(other_doors),
+        before=before,
     )
     plan.refusals += refusals
     recipient = split_list(values["smtpd_recipient_restrictions"])
@@ -261,7 +315,69 @@ def plan_postfix(  # noqa: PLR0915 - one reading of main.cf, setting by setting
         plan.postconf.append(("smtpd_relay_restrictions", ", ".join(relay)))
 
     milters = split_list(values["smtpd_milters"])
-    others = [entry for entry in milters if not _same_milter(entry, ours, queue)]
+    others = [entry for entry in milters if not ours or not _same_milter(entry, ours, queue)]
+    if door == "policy":
+        _plan_policy_door(plan, values=values, milters=milters, others=others)
+    else:
+        _plan_milter_door(plan, values=values, read=read, ours=ours, milters=milters, others=others)
+    if values["smtpd_sasl_auth_enable"] == "yes":
+        plan.notes.append(
+            f"SMTP AUTH is on (smtpd_sasl_type = {values['smtpd_sasl_type']}); those users relay"
+        )
+    elif (Path(queue) / "private" / "auth").exists():
+        plan.postconf += list(SASL)
+    else:
+        plan.notes.append(
+            "SMTP AUTH is off: `popauth setup dovecot` adds Dovecot's SASL listener and turns it on"
+        )
+
+    table = Path(directory) / RELAY_TABLE_NAME
+    if door != "policy" and (
+        not table.exists() or table.read_text(errors="replace") != RELAY_TABLE
+    ):
+        plan.files.append(FileChange(table, RELAY_TABLE))
+
+    overrides = read(["-P"]) if services else {}
+    for key, value in sorted(overrides.items()):
+        service, _, name = key.rpartition("/")
+        if service not in services:
+            continue
+        if (
+            name == "smtpd_milters"
+            and door != "policy"
+            and not any(_same_milter(item, ours, queue) for item in split_list(value))
+        ):
+            plan.notes.append(
+                f"master.cf: {service} has -o smtpd_milters={value}: popauth is not asked there"
+            )
+        elif name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions"):
+            plan.notes.append(f"master.cf: {service} has its own -o {name}={value} (kept)")
+
+    plan.check = ("postfix", "-c", directory, "check")
+    if systemd:
+        # popauth listens before Postfix asks it; a failed start changes nothing.
+        plan.before.append(("systemctl", "enable", "--now", "popauth.service"))
+    if postfix_running:
+        plan.commands.append(("postfix", "-c", directory, "reload"))
+    if not plan.postconf and not plan.files:
+        plan.before.clear()
+        plan.commands.clear()
+        plan.check = None
+        if systemd and run(["systemctl", "is-active", "popauth.service"]).returncode != 0:
+            plan.before.append(("systemctl", "enable", "--now", "popauth.service"))
+    return plan
+
+
+def _plan_milter_door(
+    plan: Plan,
+    *,
+    values: dict[str, str],
+    read: Postconf,
+    ours: str,
+    milters: list[str],
+    others: list[str],
+) -> None:
+    """smtpd_milters with popauth's milter, failing closed."""
     # Written down even where it is the default: Postfix 3.10 changed that default.
     explicit = "milter_default_action" in read(["-n", "milter_default_action"])
     tempfail = values["milter_default_action"] == "tempfail" and explicit
@@ -283,45 +399,15 @@ def plan_postfix(  # noqa: PLR0915 - one reading of main.cf, setting by setting
             " popauth's entry has its own default_action=tempfail (fail closed)"
         )
 
-    if values["smtpd_sasl_auth_enable"] == "yes":
-        plan.notes.append(
-            f"SMTP AUTH is on (smtpd_sasl_type = {values['smtpd_sasl_type']}); those users relay"
-        )
-    elif (Path(queue) / "private" / "auth").exists():
-        plan.postconf += list(SASL)
-    else:
-        plan.notes.append(
-            "SMTP AUTH is off: `popauth setup dovecot` adds Dovecot's SASL listener and turns it on"
-        )
 
-    table = Path(directory) / RELAY_TABLE_NAME
-    if not table.exists() or table.read_text(errors="replace") != RELAY_TABLE:
-        plan.files.append(FileChange(table, RELAY_TABLE))
-
-    overrides = read(["-P"]) if services else {}
-    for key, value in sorted(overrides.items()):
-        service, _, name = key.rpartition("/")
-        if service not in services:
-            continue
-        if name == "smtpd_milters" and not any(
-            _same_milter(item, ours, queue) for item in split_list(value)
-        ):
-            plan.notes.append(
-                f"master.cf: {service} has -o smtpd_milters={value}: popauth is not asked there"
-            )
-        elif name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions"):
-            plan.notes.append(f"master.cf: {service} has its own -o {name}={value} (kept)")
-
-    plan.check = ("postfix", "-c", directory, "check")
-    if systemd:
-        # popauth listens before Postfix asks it; a failed start changes nothing.
-        plan.before.append(("systemctl", "enable", "--now", "popauth.service"))
-    if postfix_running:
-        plan.commands.append(("postfix", "-c", directory, "reload"))
-    if not plan.postconf and not plan.files:
-        plan.before.clear()
-        plan.commands.clear()
-        plan.check = None
-        if systemd and run(["systemctl", "is-active", "popauth.service"]).returncode != 0:
-            plan.before.append(("systemctl", "enable", "--now", "popauth.service"))
-    return plan
+def _plan_policy_door(
+    plan: Plan, *, values: dict[str, str], milters: list[str], others: list[str]
+) -> None:
+    """No popauth milter (the policy door judges), and a policy service that fails closed."""
+    if others != milters:
+        # The milter would judge every recipient a second time.
+        plan.postconf.append(("smtpd_milters", ", ".join(others)))
+    default_action = values.get("smtpd_policy_service_default_action", "")
+    if not default_action.startswith("4"):
+        # An unreachable policy door must defer, never let a recipient through.
+        plan.postconf.append(("smtpd_policy_service_default_action", POLICY_DEFAULT_ACTION))

@@ -1,0 +1,1 @@
+"""Postfix's SMTP access policy delegation: ``check_policy_service``."""
