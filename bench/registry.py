@@ -3,7 +3,8 @@
 Each module's ``run(mode, workdir)`` measures one benchmark; the name here
 is the one the runner, ``--only``, the results file and the performance
 table use. ``old_key`` is what it was called before it had a name (B1-B8,
-after the issue that asked for them); ``--only`` still takes it.
+after the issue that asked for them; later ones go on counting, and it
+names the benchmark's directory); ``--only`` still takes it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import follow, ingest, login_hook, milter_protocol, postfix_e2e, scale, sessions, soak
+from bench import (
+    follow,
+    ingest,
+    login_hook,
+    milter_protocol,
+    postfix_e2e,
+    relay_budget,
+    scale,
+    sessions,
+    soak,
+)
 from bench.common import BenchResult, Mode
 
 Runner = Callable[[Mode, Path], BenchResult]
@@ -33,6 +44,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         milter_protocol.run,
         "B1",
         "milter decisions/s over the milter socket, popauth against a no-op pymilter milter",
+    ),
+    Benchmark(
+        "relay-budget-cost",
+        relay_budget.run,
+        "B9",
+        'POP-first sessions/s: pop_first_sender "own" with the relay budget, against "any" without',
     ),
     Benchmark(
         "postfix-throughput",

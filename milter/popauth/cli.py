@@ -276,14 +276,22 @@ def _print_table(columns: list[str], rows: list[dict[str, str]]) -> None:
 
 def _print_grants(reply: list[str], command: str) -> None:
     """list: one row per user of each entry; query: the entry, with all its
-    users (user and granted: the newest login); dates as in report (UTC)."""
+    users (user and granted: the newest login) and its relay budget, if one
+    is configured; dates as in report (UTC)."""
     columns = ["address", "user", "granted", "expires"]
     if command == "list":
         lines = reply[1:]
     else:
         lines = [reply[0].split(" ", 1)[1]]
         columns.append("users")
-    _print_table(columns, _rows(lines, ("granted", "expires")))
+        if " budget_left=" in lines[0]:
+            # The relay budget: recipients left of the limit, until the window ends.
+            columns += ["budget_left", "budget_ends"]
+    rows = _rows(lines, ("granted", "expires", "budget_ends"))
+    for row in rows:
+        if "budget_max" in row:
+            row["budget_left"] = f"{row['budget_left']}/{row['budget_max']}"
+    _print_table(columns, rows)
 
 
 def _print_report(lines: list[str], style: str) -> None:

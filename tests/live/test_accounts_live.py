@@ -218,6 +218,63 @@ def test_pop_first_sender_own_binds_the_sender_to_the_entrys_users(
         assert session.rcpt(REMOTE)[0] == 250
 
 
+def test_a_relay_budget_holds_a_pop_first_address_and_nothing_else(
+    postfix: PostfixInstance, dovecot: DovecotInstance, start_popauth: PopauthFactory
+) -> None:
+    """Three relayed recipients per 3 s window: the fourth gets 451 4.7.1, logged
+    once; local recipients and SMTP AUTH are never counted; the next window is whole."""
+    port = free_port()
+    popauth = start_popauth(
+        pop_first_max_recipients=3, pop_first_budget_window=3, metrics_listen=f"127.0.0.1:{port}"
+    )
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], "127.0.0.2")
+    remote = [f"friend{n}@remote.example" for n in range(5)]
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail("alice@local.test")[0] == 250
+        for recipient in remote[:2]:
+            assert session.rcpt(recipient)[0] == 250, recipient
+        assert session.rcpt("bob@local.test")[0] == 250  # local: not counted
+        assert session.rcpt(remote[2])[0] == 250
+        code, text = session.rcpt(remote[3])
+        assert (code, text) == (
+            451,
+            "4.7.1 Too many recipients for a POP/IMAP login: try again later,"
+            " or turn on SMTP AUTH.",
+        )
+        assert session.rcpt(remote[4])[0] == 451
+        assert session.rcpt("bob@local.test")[0] == 250  # local mail still goes
+        assert session.send_message([])[0] == 250  # the accepted ones
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail("alice@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 451  # a new message, the same window
+    # SMTP AUTH from the very address is neither counted nor refused.
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        session.login("bob", USERS["bob"])
+        assert session.mail("bob@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+    queried = popauth.cli("query", "127.0.0.2", "--format", "raw").stdout
+    assert " budget_left=0 budget_max=3 budget_ends=" in queried, queried
+    explained = popauth.cli("explain", "127.0.0.2", REMOTE).stdout
+    assert "reply: 451 4.7.1 Too many recipients" in explained, explained
+    (spent,) = popauth.events("relay_budget_spent")
+    assert (spent["client_ip"], spent["users"], spent["max_recipients"]) == (
+        "127.0.0.2",
+        ["alice"],
+        3,
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert "popauth_relay_budgets_spent_total 1.0" in text
+    assert 'popauth_decisions_total{reason="budget_spent",verdict="tempfail"} 3.0' in text
+    # After the window, a whole budget again.
+    ends = int(queried.rsplit("budget_ends=", 1)[1].split()[0])
+    time.sleep(max(0.0, ends + 1 - time.time()))
+    with SmtpSession(postfix.smtp_port, "127.0.0.2") as session:
+        assert session.mail("alice@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+    assert len(popauth.events("relay_budget_spent")) == 1
+
+
 def _retire_in(seconds: int) -> tuple[float, str]:
     """A retirement time ``seconds`` ahead (whole seconds, as RFC 3339 says it)."""
     at = int(time.time()) + seconds

@@ -48,6 +48,37 @@ def test_login_on_one_host_relays_through_the_other(cluster: list[MtaHost]) -> N
     assert host_b.relay("127.0.0.3")[0] == 550
 
 
+def test_two_hosts_share_one_relay_budget(
+    redis_server: RedisInstance, hosts: list[MtaHost]
+) -> None:
+    """Three relayed recipients per window for an address, wherever it sends through."""
+    redis_server.flush()
+    for host in hosts:
+        host.start_popauth(
+            **LIVE_SETTINGS,
+            store="redis",
+            redis_url=redis_server.url,
+            pop_first_max_recipients=3,
+            pop_first_budget_window=3,
+        )
+    host_a, host_b = hosts
+    assert host_a.login("127.0.0.2", "alice").startswith("OK ")
+    assert [host.relay("127.0.0.2")[0] for host in (host_a, host_b, host_a)] == [250, 250, 250]
+    for host in hosts:
+        code, text = host.relay("127.0.0.2")
+        assert (code, text.split(" ", 1)[0]) == (451, "4.7.1"), (host.name, text)
+    # One warning for the address and window, from the host that found it spent first.
+    assert host_a.popauth is not None
+    assert host_b.popauth is not None
+    assert len(host_a.popauth.events("relay_budget_spent")) == 1
+    assert host_b.popauth.events("relay_budget_spent") == []
+    queried = host_b.popauth.cli("query", "127.0.0.2", "--format", "raw").stdout
+    assert " budget_left=0 budget_max=3 " in queried, queried
+    # The window ends for both hosts at once (Redis expires it).
+    time.sleep(3.2)
+    assert host_b.relay("127.0.0.2")[0] == 250
+
+
 def test_revoke_on_one_host_stops_relaying_through_the_other(cluster: list[MtaHost]) -> None:
     host_a, host_b = cluster
     assert host_a.popauth is not None

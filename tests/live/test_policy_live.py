@@ -189,6 +189,36 @@ def test_pop_first_sender_own_through_the_policy_door(
         assert session.rcpt(REMOTE) == (250, "2.1.5 Ok")
 
 
+def test_a_spent_relay_budget_is_451_through_the_policy_door(
+    postfix_policy: PostfixInstance,
+    dovecot: DovecotInstance,
+    start_popauth: PopauthFactory,
+    popauth_dir: Path,
+) -> None:
+    """The door judges through the gate: the budget counts there as through the milter."""
+    popauth = start_with_policy(
+        start_popauth, popauth_dir, pop_first_max_recipients=2, pop_first_budget_window=60
+    )
+    assert pop3_login(dovecot.pop3_port, "alice", USERS["alice"], POP_FIRST)
+    with SmtpSession(postfix_policy.smtp_port, POP_FIRST) as session:
+        assert session.mail("alice@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rcpt("bob@local.test")[0] == 250  # local: not counted
+        assert session.rcpt("another@remote.example")[0] == 250
+        assert session.rcpt("third@remote.example") == (
+            451,
+            "4.7.1 <third@remote.example>: Recipient address rejected: Too many recipients"
+            " for a POP/IMAP login: try again later, or turn on SMTP AUTH.",
+        )
+        assert session.rcpt("bob@local.test")[0] == 250
+    assert len(popauth.events("relay_budget_spent")) == 1
+    # SMTP AUTH from the very address is not counted.
+    with SmtpSession(postfix_policy.smtp_port, POP_FIRST) as session:
+        session.login("bob", USERS["bob"])
+        assert session.mail("bob@local.test")[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+
+
 def test_popauth_stopped_means_4xx_never_a_relay(
     postfix_policy: PostfixInstance,
     dovecot: DovecotInstance,

@@ -21,6 +21,7 @@ from harness.popauth import PopauthServer
 from harness.ports import free_port
 from harness.redis import RedisInstance
 from popauth.doors.ingest.client import IngestClient
+from tests.support.milter_mta import CONTINUE, REPLY, Mta
 
 pytestmark = pytest.mark.live
 
@@ -160,7 +161,7 @@ def test_an_evicting_redis_found_after_start_refuses_logins(tmp_path: Path) -> N
 # What popauth runs, as docs/design.rst gives it to operators.
 ACL_COMMANDS = (
     "+get +set +del +getdel +mget +scan +incrby +sadd +srem +sismember +smismember "
-    "+smembers +type +hset +hdel +hgetall +hvals +pexpire "
+    "+smembers +type +hset +hdel +hgetall +hvals +pexpire +hget +hincrby +hsetnx +pttl "
     "+eval +evalsha +script|load +wait +ping +info"
 )
 
@@ -190,7 +191,9 @@ def test_the_documented_acl_is_enough(tmp_path: Path) -> None:
             login = popauth.ask("LOGIN 192.0.2.1 alice")[0]
             assert login == "ERR unavailable 0 of 1 replicas confirmed it; undone, nothing changed"
             assert popauth.ask("BLOCK alice")[0].startswith("ERR incomplete BLOCK is in force")
-        with PopauthServer(tmp_path, store="redis", redis_url=url) as popauth:
+        with PopauthServer(
+            tmp_path, store="redis", redis_url=url, pop_first_max_recipients=1
+        ) as popauth:
             for line, expected in (
                 # The unconfirmed block above is in force all the same.
                 ("LOGIN 192.0.2.1 alice", "ERR blocked "),
@@ -208,6 +211,17 @@ def test_the_documented_acl_is_enough(tmp_path: Path) -> None:
             ):
                 reply = popauth.ask(line)[0]
                 assert reply.startswith(expected), (line, reply)
+            # The relay budget's script: counted once, then refused (451 4.7.1).
+            assert popauth.ask("LOGIN 192.0.2.5 carol")[0].startswith("OK ")
+            session = Mta(popauth)
+            session.connect("192.0.2.5")
+            session.mail()
+            assert session.rcpt("one@remote.example", "smtp")[0] == CONTINUE
+            code, fields = session.rcpt("two@remote.example", "smtp")
+            assert (code, fields["smtpcode"]) == (REPLY, "451"), fields
+            session.close()
+            assert " budget_left=0 budget_max=1 " in popauth.ask("QUERY 192.0.2.5")[0]
+            assert not popauth.events("whitelist_unavailable")
             assert not popauth.events("ingest_store_unavailable")
     finally:
         server.stop()

@@ -272,6 +272,27 @@ def test_pop_first_sender_own_binds_the_sender_to_the_entrys_users(
         assert session.rcpt(REMOTE)[0] == 550
 
 
+def test_a_spent_relay_budget_is_451_through_sendmail(
+    sendmail: SendmailInstance, start_popauth: PopauthFactory
+) -> None:
+    popauth = start_popauth(pop_first_max_recipients=2, pop_first_budget_window=60)
+    assert popauth.cli("login", "127.0.0.2", "alice").returncode == 0
+    with SmtpSession(sendmail.smtp_port, "127.0.0.2") as session:
+        assert session.mail()[0] == 250
+        assert session.rcpt(REMOTE)[0] == 250
+        assert session.rcpt("another@remote.example")[0] == 250
+        assert session.rcpt("third@remote.example") == (
+            451,
+            "4.7.1 Too many recipients for a POP/IMAP login: try again later,"
+            " or turn on SMTP AUTH.",
+        )
+        assert session.rcpt(LOCAL)[0] == 250  # local mail from anyone, never counted
+        assert session.send_message([])[0] == 250
+    reasons = [d["reason"] for d in popauth.events("relay_decision")]
+    assert reasons == ["whitelisted", "whitelisted", "budget_spent", "whitelisted"]
+    assert len(popauth.events("relay_budget_spent")) == 1
+
+
 def test_pop_first_retire_at_through_sendmail(
     sendmail: SendmailInstance, start_popauth: PopauthFactory
 ) -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from popauth.basics.addresses import NetworkSet
 from popauth.relay.decision import (
+    Budget,
     Campaign,
     Client,
     Decision,
@@ -24,6 +25,7 @@ from popauth.relay.decision import (
     PopFirst,
     PopFirstSender,
     Reason,
+    RelayBudget,
     RelayPolicy,
     Verdict,
     decide_recipient,
@@ -63,6 +65,7 @@ def policies(draw: st.DrawFn) -> RelayPolicy:
         trusted_networks=NetworkSet.of(ipaddress.ip_network(n) for n in networks),
         local_delivery=LocalDeliveryRules.configured(domains, LOCAL_MAILERS),
         pop_first=draw(st.sampled_from(list(PopFirst))),
+        pop_first_budget=draw(st.none() | st.builds(RelayBudget, st.integers(1, 5), st.just(60.0))),
     )
 
 
@@ -103,15 +106,18 @@ def oracle_relayed(recipient: Recipient, policy: RelayPolicy) -> bool:
     client_addresses() | st.none(),
     st.sampled_from([Listing.NOT_LISTED, Listing.UNAVAILABLE, Listing.NOT_CONSULTED]),
     recipients(),
+    st.sampled_from(list(Budget)),
 )
 def test_no_relaying_for_an_unknown_client(
     policy: RelayPolicy,
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
     listing: Listing,
     recipient: Recipient,
+    budget: Budget,
 ) -> None:
+    """Whatever the relay budget says: a budget left grants nothing by itself."""
     assume(address is None or address not in policy.trusted_networks)
-    client = Client(address, auth_user="", listing=listing)
+    client = Client(address, auth_user="", listing=listing, budget=budget)
     decision = decide_recipient(policy, client, recipient)
     if oracle_relayed(recipient, policy):
         assert decision.verdict is not Verdict.ACCEPT, (recipient, decision)
@@ -132,6 +138,61 @@ def test_a_listed_client_relays_only_while_pop_first_is_on(
         assert decision.verdict is Verdict.REJECT
     if policy.pop_first is not PopFirst.OFF:
         assert decision.verdict is Verdict.ACCEPT
+
+
+@given(
+    st.tuples(policies(), st.sampled_from(list(PopFirstSender))).map(
+        lambda drawn: dataclasses.replace(drawn[0], pop_first_sender=drawn[1])
+    ),
+    client_addresses(),
+    st.sampled_from([Budget.SPENT, Budget.UNAVAILABLE]),
+    st.tuples(
+        st.lists(st.sampled_from(["joe", "ann", ""]), min_size=1, max_size=3),
+        st.none() | st.sampled_from(["", "<>", "joe@local.test", "mallory@evil.test"]),
+    ),
+    recipients(),
+)
+def test_a_spent_budget_never_yields_accept_for_a_pop_first_grant(
+    policy: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    budget: Budget,
+    login: tuple[list[str], str | None],
+    recipient: Recipient,
+) -> None:
+    """Whatever the sender rule, the entry's users and the sender say."""
+    users, sender = login
+    assume(address not in policy.trusted_networks)
+    client = Client(address, "", Listing.LISTED, users[-1], tuple(users), sender, budget=budget)
+    decision = decide_recipient(policy, client, recipient)
+    assert decision.reason is not Reason.WHITELISTED, (client, recipient, decision)
+    assert decide_sender(policy, client) is None
+    if oracle_relayed(recipient, policy):
+        assert decision.verdict is not Verdict.ACCEPT, (client, recipient, decision)
+    if is_local_recipient(recipient, policy.local_delivery):
+        # Local recipients are never the budget's to refuse.
+        assert decision.reason is Reason.LOCAL_RECIPIENT
+    if decision.reason in (Reason.BUDGET_SPENT, Reason.WHITELIST_UNAVAILABLE):
+        # Refused for the budget alone: a temporary failure, to be retried.
+        assert decision.verdict is Verdict.TEMPFAIL
+        assert (decision.reason is Reason.BUDGET_SPENT) == (budget is Budget.SPENT)
+
+
+@given(
+    policies(),
+    client_addresses(),
+    st.sampled_from([Budget.NOT_COUNTED, Budget.LEFT]),
+    recipients(),
+)
+def test_a_budget_left_relays_as_no_budget_does(
+    policy: RelayPolicy,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    budget: Budget,
+    recipient: Recipient,
+) -> None:
+    client = Client(address, listing=Listing.LISTED, sender="", login_users=("joe",))
+    assert decide_recipient(policy, client._replace(budget=budget), recipient) == (
+        decide_recipient(policy, client, recipient)
+    )
 
 
 @given(policies(), client_addresses() | st.none(), st.text(min_size=1), recipients())

@@ -59,6 +59,32 @@ def milter_reply(
         session.close()
 
 
+def test_a_spent_relay_budget_is_explained_and_explain_spends_none(tmp_path: Path) -> None:
+    with PopauthServer(tmp_path, pop_first_max_recipients=2) as server:
+        assert server.cli("login", "192.0.2.10", "joe").returncode == 0
+        for _ in range(3):
+            lines = explain(server, "192.0.2.10", REMOTE)
+            assert lines["budget"] == [
+                "2 relayed recipients left (2 per 1 h); the next one opens a window"
+            ]
+        assert milter_reply(server, "192.0.2.10", REMOTE, "smtp") == "continue at rcpt"
+        lines = explain(server, "192.0.2.10", REMOTE)
+        assert lines["budget"][0].startswith("1 relayed recipients left (2 per 1 h), until ")
+        assert milter_reply(server, "192.0.2.10", REMOTE, "smtp") == "continue at rcpt"
+        lines = explain(server, "192.0.2.10", REMOTE)
+        assert lines["verdict"] == ["tempfail (budget_spent), at RCPT TO, for this recipient"]
+        assert lines["budget"][0].startswith(
+            "spent (2 per 1 h): relayed recipients get 451 4.7.1 until "
+        )
+        assert lines["reply"] == [milter_reply(server, "192.0.2.10", REMOTE, "smtp")]
+        assert lines["reply"][0].startswith("451 4.7.1 Too many recipients")
+        # A local recipient is neither counted nor refused.
+        lines = explain(server, "192.0.2.10", LOCAL)
+        assert lines["verdict"] == ["accept (whitelisted), at RCPT TO, for this recipient"]
+        assert lines["budget"][0].startswith("spent (2 per 1 h; local recipients are not counted)")
+        assert milter_reply(server, "192.0.2.10", LOCAL, "local") == "continue at rcpt"
+
+
 def test_a_stranger_may_send_to_a_local_recipient(server: PopauthServer) -> None:
     lines = explain(server, "198.51.100.7", LOCAL)
     assert lines["verdict"] == ["accept (local_recipient), at RCPT TO, for this recipient"]
@@ -85,13 +111,14 @@ def test_a_stranger_to_a_remote_recipient_was_never_granted(server: PopauthServe
 def test_a_whitelisted_client_relays(server: PopauthServer) -> None:
     assert server.cli("login", "192.0.2.10", "joe").returncode == 0
     lines = explain(server, "192.0.2.10", REMOTE, "--user", "joe")
-    assert lines["verdict"] == [
-        "accept (whitelisted), at MAIL FROM, for every recipient of the message"
-    ]
+    assert lines["verdict"] == ["accept (whitelisted), at RCPT TO, for this recipient"]
     assert lines["whitelist"][0].startswith("192.0.2.10: joe logged in at ")
     assert "; the entry expires at " in lines["whitelist"][0]
     assert lines["user"] == ["joe is not blocked"]
-    assert milter_reply(server, "192.0.2.10", REMOTE, "smtp") == "accept at mail"
+    assert milter_reply(server, "192.0.2.10", REMOTE, "smtp") == "continue at rcpt"
+    assert lines["budget"] == [
+        "1000 relayed recipients left (1000 per 1 h); the next one opens a window"
+    ]
 
 
 def test_a_revoked_client_is_told_when(server: PopauthServer) -> None:

@@ -18,7 +18,10 @@ from tests.support.milter_mta import ACCEPT, CONTINUE, REPLY, Mta, is_relay_deni
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[PopauthServer]:
-    with PopauthServer(tmp_path, trusted_networks=["192.0.2.0/24"]) as running:
+    # Without a relay budget, a whitelisted message is settled at MAIL.
+    with PopauthServer(
+        tmp_path, trusted_networks=["192.0.2.0/24"], pop_first_max_recipients=""
+    ) as running:
         yield running
 
 
@@ -110,6 +113,33 @@ def test_whitelisted_client_is_accepted_for_the_message(server: PopauthServer, m
     assert (event["reason"], event["user"]) == ("whitelisted", "bob")
 
 
+def test_a_relay_budget_judges_each_recipient_and_tempfails_past_it(tmp_path: Path) -> None:
+    with PopauthServer(tmp_path, pop_first_max_recipients=2) as server:
+        server.ask("LOGIN 198.51.100.7 bob")
+        session = Mta(server)
+        session.connect("198.51.100.7")
+        # Not settled at MAIL: every relayed recipient is counted at RCPT.
+        assert session.mail()[0] == CONTINUE
+        assert session.rcpt("one@remote.example", "smtp")[0] == CONTINUE
+        assert session.rcpt("user@local.test", "local")[0] == CONTINUE
+        assert session.rcpt("two@remote.example", "smtp")[0] == CONTINUE
+        code, fields = session.rcpt("three@remote.example", "smtp")
+        assert (code, fields["smtpcode"]) == (REPLY, "451")
+        assert fields["text"].startswith("4.7.1 Too many recipients for a POP/IMAP login")
+        # Local recipients are never counted nor refused for the budget.
+        assert session.rcpt("other@local.test", "local")[0] == CONTINUE
+        session.close()
+        reasons = [(d["recipient"], d["reason"]) for d in server.events("relay_decision")]
+        assert reasons == [
+            ("<one@remote.example>", "whitelisted"),
+            ("<user@local.test>", "whitelisted"),
+            ("<two@remote.example>", "whitelisted"),
+            ("<three@remote.example>", "budget_spent"),
+            ("<other@local.test>", "whitelisted"),
+        ]
+        assert len(server.events("relay_budget_spent")) == 1
+
+
 def test_revoke_applies_to_the_next_message_of_the_same_session(
     server: PopauthServer, mta: Mta
 ) -> None:
@@ -150,7 +180,11 @@ def test_connection_without_ip_address_is_never_whitelisted(server: PopauthServe
 
 
 def test_ipv6_prefix_and_custom_reject_message(tmp_path: Path) -> None:
-    settings: dict[str, Any] = {"ipv6_prefix": 64, "reject_message": "See https://help.example/"}
+    settings: dict[str, Any] = {
+        "ipv6_prefix": 64,
+        "reject_message": "See https://help.example/",
+        "pop_first_max_recipients": "",
+    }
     with PopauthServer(tmp_path, **settings) as server:
         server.ask("LOGIN 2001:db8:1:2::aaaa alice")
         session = Mta(server)

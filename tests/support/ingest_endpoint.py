@@ -32,8 +32,11 @@ class Endpoint:
         store_class: type[MemoryStore] = MemoryStore,
         campaign: Campaign | None = None,
         notice_history: Callable[[], dict[str, NoticeHistory]] | None = None,
+        *,
+        budgets: bool = False,
         **limits: float,
     ) -> None:
+        """``budgets``: QUERY shows the gate's relay budget (the default one)."""
         self.path = directory / "ingest.sock"
         self.clock = FakeClock()
         self.blocklist = FileBlockList(directory / "blocked.json")
@@ -46,7 +49,7 @@ class Endpoint:
         self.metrics = Metrics()
         keying = WhitelistKeying(64)
         relay = settings_from_mapping({}).relay
-        gate = RelayGate(
+        self.gate = gate = RelayGate(
             policy=relay.policy(LocalDelivery.configured(["local.test"], ["local"])),
             store=self.store,
             keying=keying,
@@ -81,6 +84,7 @@ class Endpoint:
             campaign=lambda: campaign or Campaign(),
             clock=self.clock,
             notice_history=notice_history,
+            budgets=gate.budget_use if budgets else None,
         )
 
     def ask(self, line: str) -> list[str]:

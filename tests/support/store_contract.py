@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -307,6 +308,8 @@ def test_an_unreachable_store_raises_and_never_answers_wrongly(subject: Subject)
         lambda: subject.store.revoke(A),
         lambda: subject.store.revoke_user("alice"),
         subject.store.entries,
+        lambda: subject.store.spend_budget(A, 3, 60),
+        lambda: subject.store.budget_use(A),
     ):
         with pytest.raises(StoreUnavailable):
             call()
@@ -466,3 +469,82 @@ def test_many_users_logging_in_at_once_from_one_address(subject: Subject) -> Non
     with ThreadPoolExecutor(4) as workers:
         list(workers.map(subject.store.revoke_user, users[::2]))
     assert sorted(users_at(subject, A)) == sorted(users[1::2])
+
+
+# --- the relay budget ------------------------------------------------------------
+
+
+def pass_window(subject: Subject, seconds: float) -> None:
+    """Let a budget window of ``seconds`` end: on the store's clock, and on
+    Redis's own (which expires the window's key)."""
+    subject.advance(seconds)
+    time.sleep(seconds)
+
+
+def test_a_budget_counts_up_to_its_limit_and_not_the_refusals(subject: Subject) -> None:
+    spends = [subject.store.spend_budget(A, 3, 60) for _ in range(5)]
+    assert [(s.allowed, s.remaining) for s in spends] == [
+        (True, 2),
+        (True, 1),
+        (True, 0),
+        (False, 0),
+        (False, 0),
+    ]
+    # The first refusal of the window is told apart, once.
+    assert [s.first_refusal for s in spends] == [False, False, False, True, False]
+    use = subject.store.budget_use(A)
+    assert use.used == 3
+    assert use.ends_at is not None
+    # The window opened with the first recipient: spending does not move its end.
+    time.sleep(0.05)
+    subject.store.spend_budget(A, 3, 60)
+    later = subject.store.budget_use(A).ends_at
+    assert later == pytest.approx(use.ends_at, abs=0.2)
+
+
+def test_reading_a_budget_counts_nothing(subject: Subject) -> None:
+    assert subject.store.budget_use(A) == (0, None)
+    subject.store.spend_budget(A, 2, 60)
+    for _ in range(3):
+        assert subject.store.budget_use(A).used == 1
+    assert subject.store.spend_budget(A, 2, 60).allowed
+
+
+def test_budgets_are_per_address_and_apart_from_the_whitelist(subject: Subject) -> None:
+    subject.store.grant(A, "alice")
+    for _ in range(2):
+        subject.store.spend_budget(A, 2, 60)
+    assert not subject.store.spend_budget(A, 2, 60).allowed
+    assert subject.store.spend_budget(B, 2, 60) == (True, 1, False)
+    assert subject.store.spend_budget(C, 2, 60) == (True, 1, False)
+    # The whitelist is untouched, and lists no budget.
+    assert [(g.address, g.user) for g in subject.store.entries()] == [(A, "alice")]
+    assert subject.store.stats().entries == 1
+
+
+def test_a_budget_window_ends_on_time_and_a_new_one_is_whole(subject: Subject) -> None:
+    for _ in range(2):
+        subject.store.spend_budget(A, 2, 0.4)
+    assert subject.store.spend_budget(A, 2, 0.4) == (False, 0, True)
+    pass_window(subject, 0.6)
+    assert subject.store.budget_use(A) == (0, None)
+    assert subject.store.spend_budget(A, 2, 0.4) == (True, 1, False)
+    subject.store.spend_budget(A, 2, 0.4)
+    # A new window warns anew.
+    assert subject.store.spend_budget(A, 2, 0.4) == (False, 0, True)
+
+
+def test_a_lowered_limit_holds_within_the_window(subject: Subject) -> None:
+    for _ in range(3):
+        subject.store.spend_budget(A, 5, 60)
+    assert subject.store.spend_budget(A, 2, 60) == (False, 0, True)
+    assert subject.store.spend_budget(A, 4, 60) == (True, 0, False)
+
+
+def test_concurrent_spending_never_counts_past_the_limit(subject: Subject) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        spends = list(pool.map(lambda _: subject.store.spend_budget(A, 50, 60), range(160)))
+    assert sum(s.allowed for s in spends) == 50
+    assert sum(s.first_refusal for s in spends) == 1
+    assert sorted(s.remaining for s in spends if s.allowed) == list(range(50))
+    assert subject.store.budget_use(A).used == 50

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from popauth.basics.addresses import parse_client_address
 from popauth.cli import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, main
 from popauth.doors.ingest.client import IngestClient, IngestUnreachable
+from popauth.relay.recipients import Recipient
 from popauth.store.accounts import RelayWay
 from tests.support.ingest_endpoint import Endpoint
 from tests.support.scripted import scripted_endpoint
@@ -219,10 +221,7 @@ def test_cli_explain_prints_the_explanation_only(
     arguments = ["explain", "--socket", sock, "192.0.2.1", "bob@remote.test"]
     assert main([*arguments, "--user", "alice", "--sender", "<>"]) == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert (
-        lines[0]
-        == "verdict: accept (whitelisted), at MAIL FROM, for every recipient of the message"
-    )
+    assert lines[0] == "verdict: accept (whitelisted), at RCPT TO, for this recipient"
     assert not any(line.startswith("OK") for line in lines)
     assert (
         "sender: the null sender belongs to none of the entry's users (alice): relayed,"
@@ -242,3 +241,33 @@ def test_cli_explain_refuses_blanks_and_bad_options(
     assert "blanks" in capsys.readouterr().err
     assert main([*base, "--mailer", "no/such"]) == EXIT_ERROR
     assert "ERR syntax a mailer is" in capsys.readouterr().err
+
+
+def test_query_shows_the_relay_budget_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint = Endpoint(tmp_path, budgets=True)
+    endpoint.server.start()
+    try:
+        sock = str(endpoint.path)
+        assert endpoint.ask("LOGIN 192.0.2.1 alice")[0].startswith("OK ")
+        (line,) = endpoint.ask("QUERY 192.0.2.1")
+        # After the entry's fields, which older clients read as before.
+        assert line.startswith("OK address=192.0.2.1 user=alice granted=")
+        assert line.endswith(" users=alice budget_left=1000 budget_max=1000 budget_ends=0")
+        address = parse_client_address("192.0.2.1")
+        _, message = endpoint.gate.message(address, "")
+        for _ in range(3):
+            endpoint.gate.recipient(message, Recipient("<x@remote.example>", "smtp", None))
+        (line,) = endpoint.ask("QUERY 192.0.2.1")
+        ends = int(line.rsplit("budget_ends=", 1)[1])
+        assert " budget_left=997 budget_max=1000 " in line
+        assert ends == int(endpoint.clock.time() + 3600)
+        assert main(["query", "--socket", sock, "192.0.2.1"]) == EXIT_OK
+        header, row = capsys.readouterr().out.splitlines()
+        assert header.split() == [
+            *("address", "user", "granted", "expires", "users", "budget_left", "budget_ends")
+        ]
+        assert row.split()[-3:-1] == ["997/1000", time.strftime("%Y-%m-%d", time.gmtime(ends))]
+    finally:
+        endpoint.server.stop()

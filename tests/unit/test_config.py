@@ -21,7 +21,7 @@ from popauth.config.effective import toml_of
 from popauth.localdelivery import LocalDelivery
 from popauth.localdelivery.resolve import resolve_local_delivery
 from popauth.relay.accounting import Accounting
-from popauth.relay.decision import PopFirst
+from popauth.relay.decision import PopFirst, RelayBudget
 from popauth.store import StoreKind
 from popauth.telemetry.levels import LogFormat, LogLevel
 
@@ -363,3 +363,26 @@ def test_a_socket_path_under_a_directory_this_user_may_not_search(tmp_path: Path
     with mock.patch.object(Path, "is_dir", side_effect=PermissionError(13, "Permission denied")):
         settings = settings_from_mapping({"milter_socket": f"unix:{tmp_path}/private/milter.sock"})
     assert settings.milter.socket.endswith("milter.sock")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, 'must be at least 1; "" turns the relay budget off'),
+        (-5, "must be between 1 and 10000000"),
+        (True, "must be an integer"),
+        ("off", "must be an integer"),
+    ],
+)
+def test_a_relay_budget_is_a_count_or_off(value: object, error: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        settings_from_mapping({"pop_first_max_recipients": value})
+
+
+def test_the_relay_budget_reaches_the_policy_and_off_is_none() -> None:
+    local = LocalDelivery.configured(["local.test"], ["local"])
+    settings = settings_from_mapping({"pop_first_max_recipients": 5, "pop_first_budget_window": 60})
+    assert settings.relay.policy(local).pop_first_budget == RelayBudget(5, 60)
+    assert settings_from_mapping({}).relay.policy(local).pop_first_budget == RelayBudget(1000, 3600)
+    off = settings_from_mapping({"pop_first_max_recipients": ""})
+    assert off.relay.policy(local).pop_first_budget is None

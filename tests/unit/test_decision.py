@@ -14,7 +14,9 @@ from popauth.relay.decision import (
     ACCEPT_WHITELISTED,
     REJECT_POP_FIRST_RETIRED,
     REJECT_RELAY,
+    TEMPFAIL_BUDGET_SPENT,
     TEMPFAIL_UNAVAILABLE,
+    Budget,
     Client,
     Decision,
     Listing,
@@ -110,3 +112,38 @@ def test_pop_first_modes(
 ) -> None:
     policy = RelayPolicy(POLICY.trusted_networks, POLICY.local_delivery, mode)
     assert decide_recipient(policy, client, recipient) == expected
+
+
+@pytest.mark.parametrize(
+    ("budget", "recipient", "expected"),
+    [
+        (Budget.NOT_COUNTED, REMOTE, ACCEPT_WHITELISTED),
+        (Budget.LEFT, REMOTE, ACCEPT_WHITELISTED),
+        (Budget.SPENT, REMOTE, TEMPFAIL_BUDGET_SPENT),
+        (Budget.UNAVAILABLE, REMOTE, TEMPFAIL_UNAVAILABLE),
+        # Local recipients are never the budget's to refuse.
+        (Budget.SPENT, LOCAL, ACCEPT_LOCAL),
+        (Budget.UNAVAILABLE, LOCAL, ACCEPT_LOCAL),
+    ],
+)
+def test_the_relay_budget_of_a_pop_first_client(
+    budget: Budget, recipient: Recipient, expected: Decision
+) -> None:
+    client = Client(STRANGER, listing=Listing.LISTED, budget=budget)
+    assert decide_recipient(POLICY, client, recipient) == expected
+    # Settled for the message only while the budget lets the grant stand.
+    settled = decide_sender(POLICY, client)
+    assert settled == (ACCEPT_WHITELISTED if budget in (Budget.NOT_COUNTED, Budget.LEFT) else None)
+
+
+def test_a_spent_budget_is_no_concern_of_smtp_auth_or_trusted_clients() -> None:
+    assert decide_recipient(POLICY, Client(STRANGER, "alice", budget=Budget.SPENT), REMOTE) == (
+        ACCEPT_AUTHENTICATED
+    )
+    assert decide_recipient(POLICY, Client(TRUSTED, budget=Budget.SPENT), REMOTE) == ACCEPT_TRUSTED
+
+
+def test_a_retired_pop_first_is_refused_as_retired_whatever_the_budget() -> None:
+    policy = RelayPolicy(POLICY.trusted_networks, POLICY.local_delivery, PopFirst.OFF)
+    client = Client(STRANGER, listing=Listing.LISTED, budget=Budget.SPENT)
+    assert decide_recipient(policy, client, REMOTE) == REJECT_POP_FIRST_RETIRED

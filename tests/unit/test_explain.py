@@ -16,7 +16,16 @@ from popauth.relay.gate import RelayGate
 from popauth.relay.postfixlists import ListKind, ListPattern, PostfixList
 from popauth.relay.recipients import DeliveryClass, DomainSet
 from popauth.relay.replies import Replies
-from popauth.store import Entry, Grant, GrantOutcome, StoreStats, StoreUnavailable, WhitelistStore
+from popauth.store import (
+    BudgetSpend,
+    BudgetUse,
+    Entry,
+    Grant,
+    GrantOutcome,
+    StoreStats,
+    StoreUnavailable,
+    WhitelistStore,
+)
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
@@ -143,6 +152,8 @@ def test_a_routing_address_in_a_local_domain_is_relayed(setup: Setup) -> None:
 
 
 def test_a_whitelisted_client_relays_with_its_entry_shown(setup: Setup) -> None:
+    # Without a relay budget, a whitelisted message is settled at MAIL.
+    setup.settings["pop_first_max_recipients"] = ""
     setup.store.grant(CLIENT, "joe")
     setup.clock.advance(60)
     lines = setup.lines(CLIENT, REMOTE, user="joe", sender="joe@example.test")
@@ -280,6 +291,14 @@ class UnreachableStore(WhitelistStore):
     def stats(self) -> StoreStats:
         raise NotImplementedError
 
+    def spend_budget(self, address: IPAddress, limit: int, window: float) -> BudgetSpend:
+        raise NotImplementedError
+
+    def budget_use(self, address: IPAddress) -> BudgetUse:
+        if not self.reachable:
+            raise StoreUnavailable("connection refused")
+        return BudgetUse(0, None)
+
 
 def test_an_unreachable_store_gives_the_temporary_failure(setup: Setup) -> None:
     setup.store = UnreachableStore(reachable=False)
@@ -389,4 +408,39 @@ def test_every_user_of_the_entry_is_shown_with_their_own_expiry(setup: Setup) ->
     setup.store.revoke_user("ann")
     assert field_of(setup.lines(CLIENT, REMOTE), "whitelist").startswith(
         f"192.0.2.10: joe logged in at {START}"
+    )
+
+
+class BudgetUnreadable(MemoryStore):
+    """A store whose whitelist answers but whose relay budgets cannot be read."""
+
+    def budget_use(self, address: IPAddress) -> BudgetUse:
+        raise StoreUnavailable("connection refused")
+
+
+def test_an_unreadable_budget_gives_the_temporary_failure(setup: Setup) -> None:
+    setup.store = BudgetUnreadable(ttl=900, max_entries=3, clock=setup.clock)
+    setup.store.grant(CLIENT, "joe")
+    lines = setup.lines(CLIENT, REMOTE)
+    assert field_of(lines, "verdict") == (
+        "tempfail (whitelist_unavailable), at RCPT TO, for this recipient"
+    )
+    assert field_of(lines, "reply") == "451 4.3.0 Relay check unavailable, try again later"
+    assert field_of(lines, "budget").startswith("the store cannot be read now")
+    # A local recipient needs no budget.
+    assert field_of(setup.lines(CLIENT, LOCAL), "verdict").startswith("accept (whitelisted)")
+
+
+def test_a_spent_budget_is_explained_with_its_end(setup: Setup) -> None:
+    setup.settings["pop_first_max_recipients"] = 2
+    setup.store.grant(CLIENT, "joe")
+    for _ in range(2):
+        setup.store.spend_budget(CLIENT, 2, 3600)
+    lines = setup.lines(CLIENT, REMOTE)
+    assert field_of(lines, "verdict") == "tempfail (budget_spent), at RCPT TO, for this recipient"
+    assert field_of(lines, "reply") == (
+        "451 4.7.1 Too many recipients for a POP/IMAP login: try again later, or turn on SMTP AUTH."
+    )
+    assert field_of(lines, "budget") == (
+        "spent (2 per 1 h): relayed recipients get 451 4.7.1 until 2027-01-15 09:00:00 UTC (in 1 h)"
     )

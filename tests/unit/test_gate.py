@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from structlog.testing import CapturingLogger
 
-from popauth.basics.addresses import WhitelistKeying, parse_client_address
+from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
 from popauth.config import settings_from_mapping
 from popauth.localdelivery import LocalDelivery
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import Reason, Verdict
 from popauth.relay.gate import RelayGate
 from popauth.relay.recipients import Recipient
+from popauth.store import BudgetSpend, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
@@ -23,18 +24,27 @@ LOCAL = Recipient("<y@local.test>", "local", "y@local.test")
 
 
 def make(
-    accounting: Accounting, pop_first: str = "on", pop_first_sender: str = "warn"
+    accounting: Accounting,
+    pop_first: str = "on",
+    pop_first_sender: str = "warn",
+    *,
+    max_recipients: int | str = "",
+    store: WhitelistStore | None = None,
+    clock: FakeClock | None = None,
 ) -> tuple[RelayGate, UsageLedger, Metrics, CapturingLogger]:
+    """A gate for CLIENT, whitelisted for alice; without a relay budget unless asked."""
     settings = settings_from_mapping(
         {
             "trusted_networks": [],
             "local_domains": ["local.test"],
             "pop_first": pop_first,
             "pop_first_sender": pop_first_sender,
+            "pop_first_max_recipients": max_recipients,
+            "pop_first_budget_window": 60,
         }
     )
-    clock = FakeClock()
-    store = MemoryStore(ttl=900, max_entries=10, clock=clock)
+    clock = clock or FakeClock()
+    store = store or MemoryStore(ttl=900, max_entries=10, clock=clock)
     store.grant(CLIENT, "alice")
     ledger = UsageLedger(max_users=10, clock=clock)
     metrics = Metrics()
@@ -204,3 +214,123 @@ def test_warn_relays_any_sender_and_logs_what_own_would_refuse() -> None:
         ["alice"],
         "198.51.100.7",
     )
+
+
+# --- the relay budget ----------------------------------------------------------
+
+
+def budget_used(gate: RelayGate) -> int:
+    found = gate.budget_use(CLIENT)
+    assert found is not None
+    return found[1].used
+
+
+def test_the_budget_counts_relayed_recipients_of_pop_first_clients_only() -> None:
+    clock = FakeClock()
+    gate, _, metrics, logged = make(Accounting.MESSAGES, max_recipients=3, clock=clock)
+    decision, message = gate.message(CLIENT, "")
+    assert decision is None  # settled, but each relayed RCPT is counted
+    verdicts = [gate.recipient(message, r).reason for r in (REMOTE, LOCAL, REMOTE, LOCAL, REMOTE)]
+    assert verdicts == [Reason.WHITELISTED] * 5
+    assert budget_used(gate) == 3  # the local recipients count nothing
+    spent = gate.recipient(message, REMOTE)
+    assert (spent.verdict, spent.reason) == (Verdict.TEMPFAIL, Reason.BUDGET_SPENT)
+    # Local recipients still go through; every relayed one is refused, uncounted.
+    assert gate.recipient(message, LOCAL).verdict is Verdict.ACCEPT
+    assert gate.recipient(message, REMOTE).reason is Reason.BUDGET_SPENT
+    assert budget_used(gate) == 3
+    # One warning per address and window, counted once; every refusal is a decision.
+    assert events(logged).count("relay_budget_spent") == 1
+    assert sample(metrics, "popauth_relay_budgets_spent_total") == 1
+    assert (
+        sample(metrics, "popauth_decisions_total", verdict="tempfail", reason="budget_spent") == 2
+    )
+    # SMTP AUTH is never counted, nor refused by the budget.
+    other = parse_client_address("203.0.113.9")
+    decision, _ = gate.message(other, "bob")
+    assert decision is not None and decision.reason is Reason.SMTP_AUTH
+    found = gate.budget_use(other)
+    assert found is not None and found[1].used == 0
+    # After the window, a full budget again, and a new warning once it is spent.
+    clock.advance(61)
+    _, message = gate.message(CLIENT, "")
+    assert [gate.recipient(message, REMOTE).verdict for _ in range(4)] == [
+        Verdict.ACCEPT,
+        Verdict.ACCEPT,
+        Verdict.ACCEPT,
+        Verdict.TEMPFAIL,
+    ]
+    assert events(logged).count("relay_budget_spent") == 2
+
+
+def test_a_refused_sender_spends_no_budget() -> None:
+    gate, _, _, _ = make(Accounting.MESSAGES, pop_first_sender="own", max_recipients=3)
+    _, message = gate.message(CLIENT, "", "mallory@evil.test")
+    assert gate.recipient(message, REMOTE).reason is Reason.SENDER_NOT_OWNED
+    assert budget_used(gate) == 0
+    _, message = gate.message(CLIENT, "", "alice@local.test")
+    assert gate.recipient(message, REMOTE).reason is Reason.WHITELISTED
+    assert budget_used(gate) == 1
+
+
+class SpendingFails(MemoryStore):
+    def spend_budget(self, address: IPAddress, limit: int, window: float) -> BudgetSpend:
+        raise StoreUnavailable("connection refused")
+
+
+def test_a_store_that_cannot_count_fails_closed() -> None:
+    clock = FakeClock()
+    store = SpendingFails(ttl=900, max_entries=10, clock=clock)
+    gate, _, metrics, logged = make(Accounting.MESSAGES, max_recipients=3, store=store, clock=clock)
+    _, message = gate.message(CLIENT, "")
+    refused = gate.recipient(message, REMOTE)
+    assert (refused.verdict, refused.reason) == (Verdict.TEMPFAIL, Reason.WHITELIST_UNAVAILABLE)
+    assert gate.recipient(message, LOCAL).verdict is Verdict.ACCEPT
+    assert "whitelist_unavailable" in events(logged)
+    assert sample(metrics, "popauth_errors_total", kind="store_unavailable") == 1
+
+
+def test_recipients_accounting_counts_only_what_the_budget_let_through() -> None:
+    gate, ledger, _, _ = make(Accounting.RECIPIENTS, max_recipients=2)
+    _, message = gate.message(CLIENT, "")
+    for _ in range(4):
+        gate.recipient(message, REMOTE)
+    gate.message_sent(message)
+    alice = ledger.get("alice")
+    assert alice is not None
+    assert (alice.pop_messages, alice.pop_recipients) == (1, 2)
+
+
+def test_assess_reads_the_budget_and_spends_none() -> None:
+    gate, _, _, _ = make(Accounting.MESSAGES, max_recipients=1)
+    for _ in range(3):
+        assessment = gate.assess(CLIENT, "", REMOTE)
+        assert assessment.decision.reason is Reason.WHITELISTED
+        assert assessment.budget_applies and assessment.budget is not None
+    assert budget_used(gate) == 0
+    _, message = gate.message(CLIENT, "")
+    gate.recipient(message, REMOTE)
+    assessment = gate.assess(CLIENT, "", REMOTE)
+    assert (assessment.decision.reason, assessment.stage) == (Reason.BUDGET_SPENT, "rcpt")
+    assert gate.assess(CLIENT, "", LOCAL).decision.verdict is Verdict.ACCEPT
+    assert budget_used(gate) == 1
+
+
+def test_without_a_budget_nothing_is_counted() -> None:
+    gate, _, _, _ = make(Accounting.MESSAGES)
+    assert gate.budget_use(CLIENT) is None
+    decision, _ = gate.message(CLIENT, "")
+    assert decision is not None and decision.reason is Reason.WHITELISTED
+
+
+def test_with_a_budget_the_books_count_messages_at_mail_as_without_one() -> None:
+    gate, ledger, _, _ = make(Accounting.MESSAGES, max_recipients=10)
+    _, abandoned = gate.message(CLIENT, "")
+    gate.recipient(abandoned, REMOTE)  # then RSET or QUIT: counted, as at MAIL before
+    _, sent = gate.message(CLIENT, "")
+    for recipient in (REMOTE, LOCAL, REMOTE):
+        gate.recipient(sent, recipient)
+    gate.message_sent(sent)
+    alice = ledger.get("alice")
+    assert alice is not None
+    assert (alice.pop_messages, alice.pop_recipients) == (2, 0)

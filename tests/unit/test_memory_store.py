@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Callable
 
@@ -7,6 +8,7 @@ import pytest
 
 from popauth.basics.addresses import parse_client_address
 from popauth.store import memory
+from popauth.store.budgets import RelayBudgets
 from popauth.store.memory import MemoryStore
 from popauth.store.pacing import CHUNK
 from tests.support.clock import FakeClock
@@ -354,3 +356,38 @@ def test_the_recent_end_of_an_entry_of_several_users() -> None:
     ended = store.recent_end(A)
     assert ended is not None
     assert (ended.grant.user, ended.reason.value) == ("dave", "revoked_with_user")
+
+
+def test_budget_windows_of_addresses_that_are_gone_do_not_pile_up() -> None:
+    clock = FakeClock()
+    budgets = RelayBudgets(clock=clock, max_windows=100)
+    for n in range(50):
+        budgets.spend(ipaddress.ip_address(f"192.0.2.{n}"), 3, 60)
+    assert len(budgets) == 50
+    clock.advance(61)
+    assert len(budgets) == 0
+
+
+def test_budget_windows_are_bounded_the_one_ending_soonest_makes_room() -> None:
+    clock = FakeClock()
+    budgets = RelayBudgets(clock=clock, max_windows=3)
+    first, *others = (ipaddress.ip_address(f"192.0.2.{n}") for n in range(4))
+    budgets.spend(first, 1, 60)
+    for address in others:
+        clock.advance(1)
+        budgets.spend(address, 1, 60)
+    assert len(budgets) == 3
+    assert budgets.use(first) == (0, None)
+    assert budgets.use(others[-1]).used == 1
+
+
+def test_a_window_longer_than_the_ones_after_it_does_not_hold_them_up() -> None:
+    clock = FakeClock()
+    budgets = RelayBudgets(clock=clock, max_windows=10)
+    long, short = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    budgets.spend(long, 1, 600)  # before a reload shortened the window
+    budgets.spend(short, 1, 60)
+    clock.advance(61)
+    assert budgets.use(short) == (0, None)
+    assert budgets.spend(short, 1, 60).allowed
+    assert not budgets.spend(long, 1, 60).allowed

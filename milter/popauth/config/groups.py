@@ -76,9 +76,17 @@ from popauth.doors.ingest import wire
 from popauth.localdelivery import DOMAIN_NAME, LearnFrom, LocalDelivery
 from popauth.notices.template import DEFAULT_SMTP_AUTH_INSTRUCTIONS, TemplateError, read_template
 from popauth.relay.accounting import Accounting
-from popauth.relay.decision import Campaign, PopFirst, PopFirstSender, Provenance, RelayPolicy
+from popauth.relay.decision import (
+    Campaign,
+    PopFirst,
+    PopFirstSender,
+    Provenance,
+    RelayBudget,
+    RelayPolicy,
+)
 from popauth.relay.ownership import SenderOwners, parse_sender_addresses
 from popauth.relay.replies import (
+    DEFAULT_BUDGET_SPENT,
     DEFAULT_NULL_SENDER,
     DEFAULT_POP_FIRST_GRADUATED,
     DEFAULT_SENDER_NOT_OWNED,
@@ -106,6 +114,8 @@ DEFAULT_POP_FIRST_RETIRED_MESSAGE = (
 DEFAULT_REJECT_MESSAGE = (
     "Turn on SMTP AUTH in your mail program, or check your mail (POP/IMAP) just before sending."
 )
+# The relay budget's default: docs/configuration.rst says how it was chosen.
+DEFAULT_POP_FIRST_MAX_RECIPIENTS: int | None = 1000
 # Trusted networks wider than these cover a large part of the Internet: an IPv4
 # /8 is 1/256 of all addresses, and no single provider holds an IPv6 network
 # wider than a /16 (the largest allocations are about /19).
@@ -416,6 +426,15 @@ def _sender_addresses_file(value: Any) -> Path:
     return path
 
 
+def _recipient_budget(value: Any) -> int | None:
+    """A relay budget of at least one recipient, or "" (None): off, as for every other key."""
+    if value == "":
+        return None
+    if value == 0 and not isinstance(value, bool):
+        raise ValueError('must be at least 1; "" turns the relay budget off')
+    return integer(1, 10_000_000)(value)
+
+
 def exempt_user_name(value: Any) -> str:
     if not isinstance(value, str) or not is_valid_user_name(value):
         raise ValueError("must be user names: 1 to 256 visible characters, no blanks")
@@ -513,6 +532,19 @@ class RelaySettings:
     pop_first_graduated_message: str = setting(
         "pop_first_graduated_message", DEFAULT_POP_FIRST_GRADUATED, smtp_text
     )
+    # The relay budget: at most this many relayed recipients per window per
+    # POP-first address (SMTP AUTH, trusted networks and local recipients
+    # are never counted); "" turns it off. Far above what a person sends
+    # (docs/configuration.rst), far below what a hijacked client would.
+    pop_first_max_recipients: int | None = setting(
+        "pop_first_max_recipients", DEFAULT_POP_FIRST_MAX_RECIPIENTS, _recipient_budget
+    )
+    # Seconds a budget lasts from the first recipient counted in it.
+    pop_first_budget_window: int = setting("pop_first_budget_window", 3600, integer(1, 7 * 86_400))
+    # The text after "451 4.7.1" once the budget is spent.
+    pop_first_budget_message: str = setting(
+        "pop_first_budget_message", DEFAULT_BUDGET_SPENT, smtp_text
+    )
 
     def __post_init__(self) -> None:
         if self.pop_first is PopFirst.OFF and self.pop_first_retire_at is not None:
@@ -551,6 +583,7 @@ class RelaySettings:
                 login_map=local.sender_logins,
             ),
             campaign=self.campaign(),
+            pop_first_budget=self.budget,
         )
 
     def campaign(self) -> Campaign:
@@ -562,6 +595,12 @@ class RelaySettings:
             exempt_users=exempt | read_exempt_users(self.pop_first_exempt_users_file),
             graduate=self.pop_first_graduate,
         )
+
+    @property
+    def budget(self) -> RelayBudget | None:
+        if self.pop_first_max_recipients is None:
+            return None
+        return RelayBudget(self.pop_first_max_recipients, self.pop_first_budget_window)
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,6 +275,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         settings.relay.pop_first_sender_message,
         settings.relay.pop_first_null_sender_message,
         settings.relay.pop_first_graduated_message,
+        budget_spent=settings.relay.pop_first_budget_message,
     )
     explainer = Explainer(
         gate=gate,
@@ -296,6 +297,7 @@ def serve(settings: Settings, settings_path: Path | None = None) -> Stopped:
         graduates=state.graduates,
         campaign=lambda: gate.policy.campaign,
         notice_history=None if notices is None else notices.history,
+        budgets=gate.budget_use,
     )
     metrics.track_campaign(
         partial(campaign_gauges, state.ledger, state.graduates, lambda: gate.policy.campaign)

@@ -9,9 +9,13 @@ The steps, in order, for every recipient:
    its user learns that POP-before-SMTP has been retired), and, with
    ``pop_first_sender = "own"``, only when the envelope sender belongs to
    one of the entry's users (:mod:`popauth.relay.ownership`): otherwise it
-   is refused with its own reason, ``null_sender`` for ``<>``; and, in a
+   is refused with its own reason, ``null_sender`` for ``<>``; in a
    phase-out campaign (:class:`Campaign`), not for a user who has graduated
    to SMTP AUTH, nor after the retirement time unless a user is exempt;
+   and, with a relay budget (``pop_first_max_recipients``), only while the
+   budget of its address is not spent (``client.budget``): otherwise a
+   relayed recipient is tempfailed with ``budget_spent``, a local one still
+   goes to step 4;
 4. accept a recipient that the MTA delivers locally;
 5. otherwise refuse: tempfail if the whitelist could not be read, else reject.
 
@@ -53,6 +57,8 @@ class Reason(enum.Enum):
     # pop_first_graduate: every user the grant could be for has relayed by
     # SMTP AUTH, so POP-first no longer relays for them.
     POP_FIRST_GRADUATED = "pop_first_graduated"
+    # The relay budget of a POP-first client's address is spent for this window.
+    BUDGET_SPENT = "budget_spent"
 
 
 class PopFirst(enum.Enum):
@@ -84,6 +90,28 @@ class Listing(enum.Enum):
     # The store was not asked because an earlier step already settles the
     # verdict (or the client has no IP address); never grants anything.
     NOT_CONSULTED = "not_consulted"
+
+
+class Budget(enum.Enum):
+    """The relay budget of a POP-first client's address, for the recipient at hand."""
+
+    # No budget applies (none configured, or the gate did not need to ask).
+    NOT_COUNTED = "not_counted"
+    # The recipient was counted against the budget: it may relay.
+    LEFT = "left"
+    # None left in this window: the recipient was not counted.
+    SPENT = "spent"
+    # The store could not count it; never grants anything.
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayBudget:
+    """At most ``max_recipients`` relayed recipients per ``window`` seconds per
+    POP-first address (``pop_first_max_recipients``, ``pop_first_budget_window``)."""
+
+    max_recipients: int
+    window: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +172,8 @@ class RelayPolicy:
     pop_first_sender: PopFirstSender = PopFirstSender.ANY
     sender_owners: SenderOwners = field(default_factory=SenderOwners)
     campaign: Campaign = Campaign()
+    # None: POP-first clients relay to any number of recipients.
+    pop_first_budget: RelayBudget | None = None
 
 
 class Client(NamedTuple):
@@ -167,6 +197,8 @@ class Client(NamedTuple):
     now: float = math.inf
     # Those of login_users who have graduated to SMTP AUTH (pop_first_graduate).
     graduated_users: frozenset[str] = frozenset()
+    # The relay budget for the recipient at hand (see Budget).
+    budget: Budget = Budget.NOT_COUNTED
 
 
 ACCEPT_AUTHENTICATED = Decision(Verdict.ACCEPT, Reason.SMTP_AUTH)
@@ -179,6 +211,10 @@ REJECT_POP_FIRST_RETIRED = Decision(Verdict.REJECT, Reason.POP_FIRST_RETIRED)
 REJECT_SENDER_NOT_OWNED = Decision(Verdict.REJECT, Reason.SENDER_NOT_OWNED)
 REJECT_NULL_SENDER = Decision(Verdict.REJECT, Reason.NULL_SENDER)
 REJECT_POP_FIRST_GRADUATED = Decision(Verdict.REJECT, Reason.POP_FIRST_GRADUATED)
+TEMPFAIL_BUDGET_SPENT = Decision(Verdict.TEMPFAIL, Reason.BUDGET_SPENT)
+
+# The budget states that let a POP-first grant stand.
+_BUDGET_GRANTS = frozenset({Budget.NOT_COUNTED, Budget.LEFT})
 
 
 def decide_connection(policy: RelayPolicy, address: IPAddress | None) -> Decision | None:
@@ -211,7 +247,11 @@ def decide_sender(policy: RelayPolicy, client: Client) -> Decision | None:
 
 
 def _pop_first_grants(policy: RelayPolicy, client: Client) -> bool:
-    return _pop_first_listed(policy, client) and pop_first_refusal(policy, client) is None
+    return (
+        _pop_first_listed(policy, client)
+        and client.budget in _BUDGET_GRANTS
+        and pop_first_refusal(policy, client) is None
+    )
 
 
 def _pop_first_listed(policy: RelayPolicy, client: Client) -> bool:
@@ -299,6 +339,18 @@ def decide_unsettled_recipient(
     if client.listing is Listing.UNAVAILABLE:
         return TEMPFAIL_UNAVAILABLE
     if _pop_first_listed(policy, client):
-        # Listed, but refused: retired, graduated or not this sender ("own").
-        return pop_first_refusal(policy, client) or REJECT_POP_FIRST_RETIRED
+        # Listed, but refused: retired, graduated, not this sender ("own"),
+        # or past its relay budget.
+        return (
+            pop_first_refusal(policy, client) or _budget_refusal(client) or REJECT_POP_FIRST_RETIRED
+        )
     return REJECT_RELAY
+
+
+def _budget_refusal(client: Client) -> Decision | None:
+    """The refusal of a relayed recipient that the budget alone stands in the way of."""
+    if client.budget is Budget.SPENT:
+        return TEMPFAIL_BUDGET_SPENT
+    if client.budget is Budget.UNAVAILABLE:
+        return TEMPFAIL_UNAVAILABLE
+    return None

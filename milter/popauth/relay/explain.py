@@ -170,6 +170,9 @@ def explanation_lines(facts: Facts) -> list[str]:
     sender = _sender_line(facts)
     if sender:
         lines.append(sender)
+    budget = _budget_line(facts)
+    if budget:
+        lines.append(budget)
     lines += _campaign_lines(facts)
     return lines
 
@@ -214,6 +217,30 @@ def _campaign_lines(facts: Facts) -> list[str]:
                 f" for them (pop_first_graduate; undo: popauth pop-first reinstate {shown})"
             )
     return lines
+
+
+def _budget_line(facts: Facts) -> str:
+    """The relay budget of a POP-first client's address, as read (explain spends none)."""
+    assessment = facts.assessment
+    limit = assessment.policy.pop_first_budget
+    if not assessment.budget_applies or limit is None:
+        return ""
+    use = assessment.budget
+    if use is None:
+        return (
+            "budget: the store cannot be read now, so relayed recipients get a temporary"
+            " failure (see popauth's log: whitelist_unavailable)"
+        )
+    left = max(limit.max_recipients - use.used, 0)
+    terms = f"{limit.max_recipients} per {_relative(limit.window)[3:]}"
+    if is_local_recipient(facts.recipient, assessment.policy.local_delivery):
+        terms += "; local recipients are not counted"
+    if use.ends_at is None:
+        return f"budget: {left} relayed recipients left ({terms}); the next one opens a window"
+    until = _moment(use.ends_at, facts.now)
+    if left:
+        return f"budget: {left} relayed recipients left ({terms}), until {until}"
+    return f"budget: spent ({terms}): relayed recipients get 451 4.7.1 until {until}"
 
 
 def _sender_line(facts: Facts) -> str:

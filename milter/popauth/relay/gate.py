@@ -19,14 +19,17 @@ from popauth.basics.clock import Clock, SystemClock, rfc3339
 from popauth.basics.escaping import escape_text
 from popauth.relay.accounting import Accounting
 from popauth.relay.decision import (
+    Budget,
     Client,
     Decision,
     Listing,
     PopFirst,
     PopFirstSender,
     Reason,
+    RelayBudget,
     RelayPolicy,
     decide_connection,
+    decide_recipient,
     decide_sender,
     decide_unsettled_recipient,
     needs_whitelist,
@@ -35,7 +38,7 @@ from popauth.relay.decision import (
 )
 from popauth.relay.mismatch import MailerMismatchWarner
 from popauth.relay.recipients import Recipient, is_local_recipient
-from popauth.store import Entry, StoreUnavailable, WhitelistStore
+from popauth.store import BudgetUse, Entry, StoreUnavailable, WhitelistStore
 from popauth.store.accounts import Graduates, RelayWay, UsageLedger, WeekEvent
 from popauth.telemetry.metrics import Metrics
 
@@ -59,6 +62,11 @@ class Assessment:
     policy: RelayPolicy
     grant: Entry | None
     stage: str
+    # Whether the relay budget applies (a POP-first grant, a budget
+    # configured), and the client's address's use of it, read, not spent
+    # (None: the store could not be read).
+    budget_applies: bool = False
+    budget: BudgetUse | None = None
 
 
 @dataclass(slots=True)
@@ -141,8 +149,14 @@ class RelayGate:
         if decision.reason is Reason.WHITELISTED and self._pop_first_relayed is not None:
             self._offer_notice(policy, client)
         way = _WAYS.get(decision.reason)
-        if way is not None and self._accounting is Accounting.RECIPIENTS:
-            # Settled, but each RCPT must be seen to count relayed recipients.
+        if way is not None and (
+            self._accounting is Accounting.RECIPIENTS or _budgeted(policy, decision)
+        ):
+            # Settled, but each RCPT must be seen to count relayed recipients
+            # (in the books, or against the relay budget).
+            if self._accounting is Accounting.MESSAGES:
+                # The budget's RCPTs only: booked now, as without a budget.
+                self._book(client, way, messages=1, recipients=0)
             return None, message
         self._record(decision, "mail", client, None, time.perf_counter() - started)
         if way is not None:
@@ -154,8 +168,17 @@ class RelayGate:
         policy = self._policy
         client = message.client
         decision = message.settled
+        relayed: bool | None = None  # is_local_recipient() once, where asked
         if decision is None:
             decision = decide_unsettled_recipient(policy, client, recipient)
+        elif policy.pop_first_budget is not None and _budgeted(policy, decision):
+            relayed = not is_local_recipient(recipient, policy.local_delivery)
+            if relayed:
+                budget = self._spend_budget(client, policy.pop_first_budget)
+                # A budget left decides as none does (the decision's property
+                # tests): only a refusal needs the decision again.
+                if budget is not Budget.LEFT:
+                    decision = decide_recipient(policy, client._replace(budget=budget), recipient)
         self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
         if decision.reason is Reason.POP_FIRST_RETIRED and not message.retired_refusal_counted:
             # Once per message, for popauth report --campaign.
@@ -164,9 +187,12 @@ class RelayGate:
         if decision.reason is not Reason.LOCAL_RECIPIENT:
             self._mismatches.check(policy, recipient)
         way = _WAYS.get(decision.reason)
-        if way is not None and not is_local_recipient(recipient, policy.local_delivery):
-            message.relayed_recipients += 1
-            message.way = way
+        if way is not None and self._accounting is Accounting.RECIPIENTS:
+            if relayed is None:
+                relayed = not is_local_recipient(recipient, policy.local_delivery)
+            if relayed:
+                message.relayed_recipients += 1
+                message.way = way
         return decision
 
     def message_without_mail(self, address: IPAddress | None) -> Message:
@@ -219,12 +245,76 @@ class RelayGate:
             return Assessment(decision, Client(address), policy, None, "connect")
         client, grant = self._judged_client(policy, address, auth_user, sender)
         decision = decide_sender(policy, client)
+        if (
+            decision is not None
+            and policy.pop_first_budget is not None
+            and _budgeted(policy, decision)
+        ):
+            # Each relayed recipient is counted at RCPT; here only read.
+            use = self._read_budget(client)
+            if not is_local_recipient(recipient, policy.local_delivery):
+                state = _budget_state(use, policy.pop_first_budget)
+                decision = decide_recipient(policy, client._replace(budget=state), recipient)
+            return Assessment(
+                decision, client, policy, grant, "rcpt", budget_applies=True, budget=use
+            )
         if decision is not None:
             # Counting recipients keeps the milter asking at every RCPT.
             counted = decision.reason in _WAYS and self._accounting is Accounting.RECIPIENTS
             return Assessment(decision, client, policy, grant, "rcpt" if counted else "mail")
         decision = decide_unsettled_recipient(policy, client, recipient)
         return Assessment(decision, client, policy, grant, "rcpt")
+
+    def budget_use(self, address: IPAddress) -> tuple[RelayBudget, BudgetUse] | None:
+        """The relay budget and its use by ``address`` (a whitelist key) now,
+        counting nothing; None without a budget. Raises StoreUnavailable."""
+        budget = self._policy.pop_first_budget
+        if budget is None:
+            return None
+        return budget, self._store.budget_use(address)
+
+    def _spend_budget(self, client: Client, budget: RelayBudget) -> Budget:
+        """Count one relayed recipient of a POP-first client against its address's budget."""
+        address = client.address
+        assert address is not None  # only a listed client is granted
+        try:
+            spend = self._store.spend_budget(
+                self._keying.key_address(address), budget.max_recipients, budget.window
+            )
+        except StoreUnavailable as failure:
+            self._metrics.errors.labels("store_unavailable").inc()
+            self._log.error(
+                "whitelist_unavailable",
+                client_ip=address_text(address),
+                error=str(failure),
+                during="relay_budget",
+            )
+            return Budget.UNAVAILABLE
+        if spend.allowed:
+            return Budget.LEFT
+        if spend.first_refusal:
+            # Once per address and window: the refusals after it are only
+            # relay_decision lines.
+            self._metrics.relay_budget_spent()
+            self._log.warning(
+                "relay_budget_spent",
+                client_ip=address_text(address),
+                user=client.login_user or None,
+                users=list(client.login_users),
+                max_recipients=budget.max_recipients,
+                window=budget.window,
+                hint="a POP-first client relayed its budget's worth of recipients; "
+                "if it is no spammer, ask them to turn on SMTP AUTH",
+            )
+        return Budget.SPENT
+
+    def _read_budget(self, client: Client) -> BudgetUse | None:
+        """The budget of a POP-first client's address, for explain; None: unreadable."""
+        assert client.address is not None
+        try:
+            return self._store.budget_use(self._keying.key_address(client.address))
+        except StoreUnavailable:
+            return None
 
     def address_refusal(self, address: IPAddress, grant: Entry) -> Decision | None:
         """For a door that asks by the client address alone (the socketmap): the
@@ -369,6 +459,18 @@ class RelayGate:
                 hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
                 **({} if retire_at is None else {"retire_at": rfc3339(retire_at)}),
             )
+
+
+def _budgeted(policy: RelayPolicy, decision: Decision) -> bool:
+    """Whether the relay budget counts this message's relayed recipients."""
+    return decision.reason is Reason.WHITELISTED and policy.pop_first_budget is not None
+
+
+def _budget_state(use: BudgetUse | None, budget: RelayBudget) -> Budget:
+    """What spending one more recipient would find, from the budget as read."""
+    if use is None:
+        return Budget.UNAVAILABLE
+    return Budget.LEFT if use.used < budget.max_recipients else Budget.SPENT
 
 
 def _deprecated(policy: RelayPolicy) -> bool:

@@ -6,6 +6,8 @@ ingest socket and the CLI never see how entries are kept.
 
 from popauth.store.base import (
     MAX_USERS_PER_ADDRESS,
+    BudgetSpend,
+    BudgetUse,
     EndedGrant,
     EndReason,
     Entry,
@@ -23,6 +25,8 @@ from popauth.store.base import (
 
 __all__ = [
     "MAX_USERS_PER_ADDRESS",
+    "BudgetSpend",
+    "BudgetUse",
     "EndReason",
     "EndedGrant",
     "Entry",

@@ -162,6 +162,26 @@ class Renewal:
     blocked: bool = False
 
 
+class BudgetSpend(NamedTuple):
+    """What :meth:`WhitelistStore.spend_budget` did with one recipient."""
+
+    # The recipient was counted: it may relay.
+    allowed: bool
+    # Recipients left in the window after this one (0 when refused).
+    remaining: int
+    # The first refusal of the window: the one to tell the operator about.
+    first_refusal: bool
+
+
+class BudgetUse(NamedTuple):
+    """An address's relay budget now, as :meth:`WhitelistStore.budget_use` reads it."""
+
+    # Recipients counted in the window open now (0: none open).
+    used: int
+    # When that window ends, seconds since the epoch; None: none is open.
+    ends_at: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     entries: int
@@ -281,6 +301,24 @@ class WhitelistStore(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...
+
+    @abc.abstractmethod
+    def spend_budget(self, address: IPAddress, limit: int, window: float) -> BudgetSpend:
+        """Count one relayed recipient against ``address``'s budget, in one atomic step.
+
+        A window opens with the first recipient counted and lasts ``window``
+        seconds; within it at most ``limit`` recipients are counted. One
+        over that is refused and not counted; ``first_refusal`` is True for
+        the first refusal of a window only. Every host sharing the store
+        shares the budget. A window ends on time whether or not the address
+        is still whitelisted, so budgets of addresses that are gone do not
+        pile up. Raises :class:`StoreUnavailable` (and counts nothing) when
+        the backend cannot be asked: the caller fails closed.
+        """
+
+    @abc.abstractmethod
+    def budget_use(self, address: IPAddress) -> BudgetUse:
+        """``address``'s budget now, counting nothing (``popauth query`` and ``explain``)."""
 
     @property
     def ends_remembered(self) -> int:

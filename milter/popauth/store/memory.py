@@ -73,6 +73,8 @@ from popauth.basics.clock import Clock
 from popauth.basics.usernames import user_key
 from popauth.store.base import (
     MAX_USERS_PER_ADDRESS,
+    BudgetSpend,
+    BudgetUse,
     EndedGrant,
     EndReason,
     Entry,
@@ -82,6 +84,7 @@ from popauth.store.base import (
     UserBlocked,
     WhitelistStore,
 )
+from popauth.store.budgets import RelayBudgets
 from popauth.store.pacing import CHUNK, let_others_run
 
 # IPv6 keys are tagged above bit 127 so that ::c000:201 never collides with
@@ -217,6 +220,8 @@ class MemoryStore(WhitelistStore):
         self._lookups = 0
         self._hits = 0
         self._evictions = 0
+        # The relay budgets, under a lock of their own (popauth.store.budgets).
+        self._budgets = RelayBudgets(clock=clock, max_windows=max_entries)
 
     def _timer(self) -> float:
         return self._now
@@ -533,6 +538,12 @@ class MemoryStore(WhitelistStore):
                 hits=self._hits,
                 evictions=self._evictions,
             )
+
+    def spend_budget(self, address: IPAddress, limit: int, window: float) -> BudgetSpend:
+        return self._budgets.spend(address, limit, window)
+
+    def budget_use(self, address: IPAddress) -> BudgetUse:
+        return self._budgets.use(address)
 
     @property
     def ends_remembered(self) -> int:

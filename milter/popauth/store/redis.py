@@ -69,6 +69,8 @@ from popauth.basics.clock import Clock
 from popauth.basics.usernames import user_key
 from popauth.store.base import (
     MAX_USERS_PER_ADDRESS,
+    BudgetSpend,
+    BudgetUse,
     Entry,
     Grant,
     GrantOutcome,
@@ -280,6 +282,25 @@ SAFE_EVICTION_POLICIES = frozenset(
 _BLOCKED_RENEWAL = Renewal(blocked=True)
 
 
+# One relayed recipient against an address's budget: a hash of "used" and,
+# once a recipient was refused, "warned". The window opens with the first
+# recipient counted (PEXPIRE), so Redis ends it on time for every host. One
+# over the limit is not counted; HSETNX tells the first refusal of a window.
+_SPEND_BUDGET_SCRIPT = """
+local key, limit, window = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+local used = tonumber(redis.call('HGET', key, 'used') or '0')
+local allowed, first = 0, 0
+if used < limit then
+  used = redis.call('HINCRBY', key, 'used', 1)
+  allowed = 1
+else
+  first = redis.call('HSETNX', key, 'warned', '1')
+end
+if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, window) end
+return {allowed, math.max(limit - used, 0), first}
+"""
+
+
 def glob_escaped(text: str) -> str:
     """``text`` as a literal in a Redis glob pattern (SCAN MATCH)."""
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
@@ -449,6 +470,7 @@ class RedisStore(WhitelistStore):
         self._revoke_script = self._client.register_script(_REVOKE_SCRIPT)
         self._grant_script = self._client.register_script(_GRANT_SCRIPT)
         self._undo_grant_script = self._client.register_script(_UNDO_GRANT_SCRIPT)
+        self._spend_budget_script = self._client.register_script(_SPEND_BUDGET_SCRIPT)
         self._wait_replicas = wait_replicas
         self._wait_milliseconds = max(1, round(wait_timeout * 1000))
         # Set once maxmemory-policy has been seen to be safe; until then
@@ -483,6 +505,10 @@ class RedisStore(WhitelistStore):
 
     def _key(self, address: IPAddress) -> str:
         return f"{self._prefix}{address}"
+
+    def _budget_key(self, address: IPAddress) -> str:
+        # Not an address after the prefix: listings pass it by.
+        return f"{self._prefix}budget:{address}"
 
     def _count(self, **increments: int) -> None:
         with self._counts_lock:
@@ -751,6 +777,29 @@ class RedisStore(WhitelistStore):
             hits=counts.get("hits", 0),
             evictions=0,
         )
+
+    def spend_budget(self, address: IPAddress, limit: int, window: float) -> BudgetSpend:
+        milliseconds = max(1, round(window * 1000))
+        try:
+            allowed, remaining, first = self._spend_budget_script(
+                keys=[self._budget_key(address)], args=[limit, milliseconds]
+            )
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+        return BudgetSpend(bool(allowed), int(remaining), bool(first))
+
+    def budget_use(self, address: IPAddress) -> BudgetUse:
+        key = self._budget_key(address)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hget(key, "used")
+            pipe.pttl(key)
+            used, milliseconds = pipe.execute()
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+        if used is None or milliseconds < 0:
+            return BudgetUse(0, None)
+        return BudgetUse(int(used), self._clock.time() + milliseconds / 1000)
 
     def ping(self) -> bool:
         try:

@@ -220,6 +220,11 @@ class Metrics:
             )
         )
         self.errors = Counter("popauth_errors", "Errors by kind", ["kind"], registry=self.registry)
+        self.relay_budgets_spent = Counter(
+            "popauth_relay_budgets_spent",
+            "POP-first addresses that spent their relay budget, once per window",
+            registry=self.registry,
+        )
         # Notices to users still relaying by POP-first: sent, failed, dropped (queue full).
         self.notices = Counter(
             "popauth_pop_first_notices",
@@ -237,6 +242,10 @@ class Metrics:
         self.decisions.count((verdict, reason))
         if seconds is not None:
             self.decision_seconds.observe(seconds)
+
+    def relay_budget_spent(self) -> None:
+        """Count one address whose relay budget ran out (its first refusal in a window)."""
+        self.relay_budgets_spent.inc()
 
     def socketmap_request(self, result: str) -> None:
         """Count one socketmap outcome."""

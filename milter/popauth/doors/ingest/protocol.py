@@ -32,7 +32,8 @@ from popauth.doors.ingest.wire import (
 )
 from popauth.localdelivery import is_mailer_name
 from popauth.notices.ledger import NoticeHistory
-from popauth.store import Entry, Grant, StoreStats
+from popauth.relay.decision import RelayBudget
+from popauth.store import BudgetUse, Entry, Grant, StoreStats
 from popauth.store.accounts import Graduation, Usage, Week, usage_counts
 
 # The wire's names are re-exported: the server formats its replies from here.
@@ -230,6 +231,14 @@ def format_entry(entry: Entry, described_address: str) -> str:
         f"granted={int(entry.granted_at)} expires={int(entry.expires_at)} "
         f"users={format_user_list(entry.users)}"
     )
+
+
+def format_budget(budget: RelayBudget, use: BudgetUse) -> str:
+    """QUERY's relay budget fields, after the entry's (old clients read past them):
+    recipients left, the limit, and when the window ends (0: none is open)."""
+    ends = 0 if use.ends_at is None else int(use.ends_at)
+    left = max(budget.max_recipients - use.used, 0)
+    return f"budget_left={left} budget_max={budget.max_recipients} budget_ends={ends}"
 
 
 def format_user_list(users: Iterable[str]) -> str:

@@ -27,9 +27,16 @@ from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Ver
 from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
 from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
 from popauth.notices.ledger import NoticeHistory
-from popauth.relay.decision import Campaign
+from popauth.relay.decision import Campaign, RelayBudget
 from popauth.relay.explain import Explainer, Question, explanation_lines
-from popauth.store import NotConfirmed, Renewal, StoreUnavailable, UserBlocked, WhitelistStore
+from popauth.store import (
+    BudgetUse,
+    NotConfirmed,
+    Renewal,
+    StoreUnavailable,
+    UserBlocked,
+    WhitelistStore,
+)
 from popauth.store.accounts import (
     BlockList,
     BlockListUnwritable,
@@ -39,6 +46,10 @@ from popauth.store.accounts import (
     UsageLedger,
 )
 from popauth.telemetry.metrics import Metrics
+
+# A whitelist key's relay budget and its use now, counting nothing; None:
+# no budget is configured. Raises StoreUnavailable.
+BudgetReader = Callable[[IPAddress], tuple[RelayBudget, BudgetUse] | None]
 
 # PeerPolicy is part of what building an IngestServer takes.
 __all__ = ["IngestOptions", "IngestServer", "PeerPolicy"]
@@ -85,11 +96,13 @@ class IngestServer(UnixStreamServer):
         campaign: Callable[[], Campaign] = Campaign,
         clock: Clock | None = None,
         notice_history: Callable[[], dict[str, NoticeHistory]] | None = None,
+        budgets: BudgetReader | None = None,
     ) -> None:
         """``peers``: who holds which role; by default the settings' roles.
         ``graduates`` and ``campaign`` (the live policy's, read per request):
         what REPORT and REINSTATE see of the phase-out of POP-first;
-        ``notice_history``: the notice ledger's, for ``REPORT view=campaign``."""
+        ``notice_history``: the notice ledger's, for ``REPORT view=campaign``;
+        ``budgets``: the relay budget of an address, for QUERY (the gate's)."""
         super().__init__(
             path=settings.socket,
             mode=settings.socket_mode,
@@ -124,6 +137,7 @@ class IngestServer(UnixStreamServer):
         self._campaign = campaign
         self._clock = clock or SystemClock()
         self._notice_history = notice_history
+        self._budgets = budgets
 
     # --- framing -----------------------------------------------------------
 
@@ -355,7 +369,13 @@ class IngestServer(UnixStreamServer):
         entry = self._store.lookup(key)
         if entry is None:
             return protocol.not_found(described)
-        return protocol.ok(protocol.format_entry(entry, described))
+        found = None if self._budgets is None else self._budgets(key)
+        if found is None:
+            return protocol.ok(protocol.format_entry(entry, described))
+        budget, use = found
+        return protocol.ok(
+            f"{protocol.format_entry(entry, described)} {protocol.format_budget(budget, use)}"
+        )
 
     def _login(self, key: IPAddress, described: str, user: str, peer: Peer) -> bytes:
         try:
