@@ -9,9 +9,11 @@ each worker sees its own history in order and can predict every verdict
 without asking popauth anything.
 
 The oracle (written apart from popauth's code): an address may relay while
-its last LOGIN, for a user not blocked at the time, is younger than ``ttl``
-and was not revoked since, neither by REVOKE nor by BLOCK of that user; a
-local recipient is always accepted; everything else is refused with 550.
+one of its users' last LOGIN from it, for a user not blocked at the time,
+is younger than ``ttl`` and was not revoked since, neither by REVOKE of the
+address nor by BLOCK of that user (an entry holds every user who logged in
+from its address, docs/sessions.rst); a local recipient is always
+accepted; everything else is refused with 550.
 The instant of expiry is only known within the LOGIN's round trip, so a
 session that overlaps that window (plus a margin) is counted as
 indeterminate and left out; every other session is judged.
@@ -86,14 +88,15 @@ class Oracle:
     """What popauth must answer, from the history of one worker's requests."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, Entry] = {}
+        # Per address, each user's own membership.
+        self.entries: dict[str, dict[str, Entry]] = {}
         self.blocked: set[str] = set()
 
     def login(self, address: str, user: str, sent: float, answered: float) -> bool:
         """Whether the LOGIN must succeed; records it."""
         if user in self.blocked:
             return False
-        self.entries[address] = Entry(user, sent + TTL, answered + TTL)
+        self.entries.setdefault(address, {})[user] = Entry(user, sent + TTL, answered + TTL)
         return True
 
     def revoke(self, address: str) -> None:
@@ -101,21 +104,25 @@ class Oracle:
 
     def block(self, user: str) -> None:
         self.blocked.add(user)
-        for address in [a for a, e in self.entries.items() if e.user == user]:
-            del self.entries[address]
+        for address, members in list(self.entries.items()):
+            members.pop(user, None)
+            if not members:
+                del self.entries[address]
 
     def unblock(self, user: str) -> None:
         self.blocked.discard(user)
 
     def may_relay(self, address: str, started: float, decided: float) -> bool | None:
-        """True or False, or None when the entry may expire during the session."""
-        entry = self.entries.get(address)
-        if entry is None:
-            return False
-        if decided < entry.expires_not_before - MARGIN:
+        """True or False, or None when the last live membership may expire during
+        the session."""
+        members = self.entries.get(address, {})
+        if any(decided < entry.expires_not_before - MARGIN for entry in members.values()):
             return True
-        if started > entry.expires_not_after + MARGIN:
-            del self.entries[address]
+        for user, entry in list(members.items()):
+            if started > entry.expires_not_after + MARGIN:
+                del members[user]
+        if not members:
+            self.entries.pop(address, None)
             return False
         return None
 
