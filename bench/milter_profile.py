@@ -124,7 +124,13 @@ def _remove_gate() -> None:
     def connection(self: RelayGate, address: Any) -> None:
         return None
 
-    def message(self: RelayGate, address: Any, auth_user: str, sender: str | None = None) -> Any:
+    def message(
+        self: RelayGate,
+        address: Any,
+        auth_user: str,
+        sender: str | None = None,
+        door: str = "milter",
+    ) -> Any:
         decision = ACCEPT_WHITELISTED if str(address) in whitelisted else None
         return decision, Message(Client(address))
 

@@ -450,6 +450,7 @@ def test_each_decision_is_logged_by_the_gate(endpoint: Endpoint) -> None:
     endpoint.ask(request())
     assert decisions(endpoint.sink)[-1]["reason"] == "relay_denied"
     assert decisions(endpoint.sink)[-1]["recipient"] == REMOTE
+    assert decisions(endpoint.sink)[-1]["door"] == "policy"
 
 
 def test_only_a_relay_permission_is_ok_a_local_accept_is_dunno(endpoint: Endpoint) -> None:

@@ -82,6 +82,8 @@ class Message:
     way: RelayWay | None = None
     # Whether the ledger counted this message's refusal for a retired POP-first.
     retired_refusal_counted: bool = False
+    # The door that asked (the ``door`` of its relay_decision lines).
+    door: str = "milter"
 
 
 class RelayGate:
@@ -109,7 +111,9 @@ class RelayGate:
         self._ledger = ledger
         self._accounting = accounting
         self._metrics = metrics
-        self._log = log.bind(door="milter")
+        # One bound logger per door that judges through the gate.
+        self._door_logs = {door: log.bind(door=door) for door in _DOORS}
+        self._log = self._door_logs["milter"]
         self._mismatches = MailerMismatchWarner(self._log)
         self._graduates = graduates
         self._clock = clock or SystemClock()
@@ -131,17 +135,22 @@ class RelayGate:
         return decision
 
     def message(
-        self, address: IPAddress | None, auth_user: str, sender: str | None = None
+        self,
+        address: IPAddress | None,
+        auth_user: str,
+        sender: str | None = None,
+        door: str = "milter",
     ) -> tuple[Decision | None, Message]:
         """A verdict for every recipient of one message (or None), and its state.
 
-        ``sender`` is MAIL FROM as the MTA gives it (None: not known).
+        ``sender`` is MAIL FROM as the MTA gives it (None: not known); ``door``
+        names the asking door in the log ("milter" or "policy").
         """
         started = time.perf_counter()
         policy = self._policy
         client, _ = self._judged_client(policy, address, auth_user, sender)
         decision = decide_sender(policy, client)
-        message = Message(client, decision)
+        message = Message(client, decision, door=door)
         if decision is None:
             return None, message
         if decision.reason is Reason.WHITELISTED and policy.pop_first_sender is PopFirstSender.WARN:
@@ -158,7 +167,7 @@ class RelayGate:
                 # The budget's RCPTs only: booked now, as without a budget.
                 self._book(client, way, messages=1, recipients=0)
             return None, message
-        self._record(decision, "mail", client, None, time.perf_counter() - started)
+        self._record(decision, "mail", client, None, time.perf_counter() - started, door=door)
         if way is not None:
             self._book(client, way, messages=1, recipients=0)
         return decision, message
@@ -179,7 +188,9 @@ class RelayGate:
                 # tests): only a refusal needs the decision again.
                 if budget is not Budget.LEFT:
                     decision = decide_recipient(policy, client._replace(budget=budget), recipient)
-        self._record(decision, "rcpt", client, recipient, time.perf_counter() - started)
+        self._record(
+            decision, "rcpt", client, recipient, time.perf_counter() - started, door=message.door
+        )
         if decision.reason is Reason.POP_FIRST_RETIRED and not message.retired_refusal_counted:
             # Once per message, for popauth report --campaign.
             message.retired_refusal_counted = True
@@ -423,14 +434,17 @@ class RelayGate:
         client: Client,
         recipient: Recipient | None,
         seconds: float | None,
+        *,
+        door: str = "milter",
     ) -> None:
         verdict = decision.verdict.value
+        log = self._door_logs[door]
         reason = decision.reason.value
         self._metrics.decision(verdict, reason, seconds)
         address = client.address
         # Only the fields that have a value: every one costs on each line.
         if recipient is None:
-            self._log.info(
+            log.info(
                 "relay_decision",
                 verdict=verdict,
                 reason=reason,
@@ -439,7 +453,7 @@ class RelayGate:
                 user=client.auth_user or client.login_user or None,
             )
         else:
-            self._log.info(
+            log.info(
                 "relay_decision",
                 verdict=verdict,
                 reason=reason,
@@ -452,13 +466,16 @@ class RelayGate:
             )
         if decision.reason is Reason.WHITELISTED and _deprecated(self._policy):
             retire_at = self._policy.campaign.retire_at
-            self._log.warning(
+            log.warning(
                 "pop_first_deprecated",
                 client_ip=str(client.address),
                 user=client.login_user or None,
                 hint="this user relays by POP-before-SMTP; ask them to turn on SMTP AUTH",
                 **({} if retire_at is None else {"retire_at": rfc3339(retire_at)}),
             )
+
+
+_DOORS = ("milter", "policy")
 
 
 def _budgeted(policy: RelayPolicy, decision: Decision) -> bool:

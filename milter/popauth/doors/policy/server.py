@@ -213,7 +213,7 @@ class PolicyServer(UnixStreamServer):
         if latest is not None and latest[0] == key and request.instance:
             return latest[1]
         settled, message = self._gate.message(
-            _address(request.client_address), request.sasl_username, request.sender
+            _address(request.client_address), request.sasl_username, request.sender, door="policy"
         )
         transaction = Transaction(message, settled)
         with self._lock:
