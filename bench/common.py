@@ -42,6 +42,16 @@ class Mode:
 # -- statistics ----------------------------------------------------------------
 
 
+def own_senders_file(directory: Path, logins: int, sender: str) -> Path:
+    """A ``pop_first_sender_addresses`` file that makes ``sender`` the own
+    address of every ``userNNN`` the benchmarks log in: users send as
+    themselves, so the default ``pop_first_sender = "warn"`` logs nothing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sender-addresses"
+    path.write_text("".join(f"user{n:03d}: {sender}\n" for n in range(logins)), encoding="ascii")
+    return path
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """The nearest-rank percentile (``fraction`` in 0..1) of non-empty ``values``."""
     ordered = sorted(values)

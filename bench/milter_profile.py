@@ -48,10 +48,10 @@ from bench.common import REPO, Stats, drive, format_number, process_cpu_seconds,
 from bench.milter_protocol import (
     EXPECTED_POPAUTH,
     LOCAL_DOMAIN,
-    POPAUTH_SETTINGS,
     WHITELISTED_IPS,
     NoopMilterProcess,
     Tally,
+    popauth_settings,
     scripts,
     session,
 )
@@ -214,7 +214,9 @@ class Setup:
             return self
         parts = list(removals_of(self.name))
         launcher = [sys.executable, "-m", "bench.milter_profile", "--launch", ",".join(parts)]
-        settings = {**POPAUTH_SETTINGS, "log_level": "warning" if "log" in parts else "info"}
+        settings = popauth_settings(
+            self.directory, log_level="warning" if "log" in parts else "info"
+        )
         server = PopauthServer(self.directory, wrapper=[*wrapper, *launcher], **settings)
         server.environment["PYTHONPATH"] = str(REPO)
         server.start(timeout=300)

@@ -29,12 +29,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, BenchResult, Check, Mode, drive, process_cpu_seconds, rounds
+from bench.common import (
+    REPO,
+    BenchResult,
+    Check,
+    Mode,
+    drive,
+    own_senders_file,
+    process_cpu_seconds,
+    rounds,
+)
 from harness.popauth import PopauthServer
 
 # Milter protocol (version 6) constants, from libmilter's mfdef.h.
 VERSION = 6
 PROTOCOL_ALL = 0x1FFFFF
+# The MAIL FROM of every session.
+MAIL_SENDER = "sender@example.org"
 P_NOCONNECT, P_NOMAIL, P_NORCPT = 0x1, 0x4, 0x8
 P_NR_CONN, P_NR_MAIL, P_NR_RCPT = 0x1000, 0x4000, 0x8000
 ACCEPT, CONTINUE, REJECT, TEMPFAIL, REPLYCODE = b"a", b"c", b"r", b"t", b"y"
@@ -89,8 +100,8 @@ def script(kind: str, ip: str, port: int) -> Script:
         },
     ) + packet(b"C", b"client.example\0" + b"4" + struct.pack("!H", port) + ip.encode() + b"\0")
     mail = macros(
-        b"M", {"i": "4ABCDEF", "{mail_addr}": "sender@example.org", "{mail_mailer}": "smtp"}
-    ) + packet(b"M", b"<sender@example.org>\0")
+        b"M", {"i": "4ABCDEF", "{mail_addr}": MAIL_SENDER, "{mail_mailer}": "smtp"}
+    ) + packet(b"M", f"<{MAIL_SENDER}>\0".encode())
     if kind == "local":
         recipient, mailer = f"user@{LOCAL_DOMAIN}", "local"
     else:
@@ -245,9 +256,16 @@ POPAUTH_SETTINGS: dict[str, Any] = {
 }
 
 
+def popauth_settings(directory: Path, **overrides: Any) -> dict[str, Any]:
+    """POPAUTH_SETTINGS, with the whitelisted sessions' sender (MAIL_SENDER)
+    their user's own, as a user's is."""
+    owned = own_senders_file(directory, len(WHITELISTED_IPS), MAIL_SENDER)
+    return {"pop_first_sender_addresses": str(owned), **POPAUTH_SETTINGS, **overrides}
+
+
 def start_popauth(directory: Path, **overrides: Any) -> PopauthServer:
     directory.mkdir(parents=True, exist_ok=True)
-    server = PopauthServer(directory, **{**POPAUTH_SETTINGS, **overrides}).start()
+    server = PopauthServer(directory, **popauth_settings(directory, **overrides)).start()
     for index, ip in enumerate(WHITELISTED_IPS):
         reply = server.ask(f"LOGIN {ip} user{index:03d}")
         if not reply or not reply[0].startswith("OK"):

@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, Check, Deadline, Mode, drive, rounds
+from bench.common import BenchResult, Check, Deadline, Mode, drive, own_senders_file, rounds
 from bench.milter_protocol import NoopMilterProcess
 from harness.popauth import PopauthServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance, contrib_policy_relay_restrictions
-from harness.smtp import SmtpError, open_mail_transaction, read_reply
+from harness.smtp import SENDER, SmtpError, open_mail_transaction, read_reply
 
 LOCAL_DOMAIN = "local.test"
 CLIENTS = 8
@@ -133,14 +133,23 @@ def joined(restrictions: list[str], socket_path: Path, client_check: str | None 
 
 
 def start_popauth(directory: Path, **settings: Any) -> PopauthServer:
+    """popauth on the product defaults but two: every login's sender is its
+    own (as a user's is), and no relay budget, so that a whitelisted message
+    is accepted at MAIL as the minimal milter accepts it (relay-budget-cost
+    measures the budget through Postfix side by side)."""
     directory.mkdir(parents=True, exist_ok=True)
+    owned = own_senders_file(directory, len(SOURCES["whitelisted"]), SENDER)
     server = PopauthServer(
         directory,
-        trusted_networks=[],
-        local_domains=[LOCAL_DOMAIN],
-        local_mailers=["local"],
-        log_format="console",
-        **settings,
+        **{
+            "trusted_networks": [],
+            "local_domains": [LOCAL_DOMAIN],
+            "local_mailers": ["local"],
+            "log_format": "console",
+            "pop_first_sender_addresses": str(owned),
+            "pop_first_max_recipients": "",
+            **settings,
+        },
     ).start()
     for index, ip in enumerate(SOURCES["whitelisted"]):
         reply = server.ask(f"LOGIN {ip} user{index:03d}")

@@ -41,7 +41,6 @@ from bench.milter_protocol import (
 )
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
-from harness.smtp import SENDER
 
 SETUPS: dict[str, dict[str, Any]] = {
     "any, no budget": {"pop_first_sender": "any", "pop_first_max_recipients": ""},
@@ -143,16 +142,9 @@ POSTFIX_SETUPS = ("any, no budget", "own, budget")
 def through_postfix(mode: Mode, workdir: Path, result: BenchResult) -> None:
     """Messages/s through Postfix, whitelisted clients only, popauth with
     either end's settings; bench.postfix_e2e's sender is every login's own."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    owned = workdir / "sender-addresses"
-    logins = len(postfix_e2e.SOURCES["whitelisted"])
-    owned.write_text("".join(f"user{n:03d}: {SENDER}\n" for n in range(logins)), encoding="ascii")
     servers = {
         name: postfix_e2e.start_popauth(
-            workdir / f"popauth-{index}",
-            log_level="info",
-            pop_first_sender_addresses=str(owned),
-            **SETUPS[name],
+            workdir / f"popauth-{index}", log_level="info", **SETUPS[name]
         )
         for index, name in enumerate(POSTFIX_SETUPS)
     }
