@@ -105,10 +105,9 @@ def test_make_run_serves_the_try_it_mode_and_its_commands_work_as_printed(
             ("explain", "verdict: accept (local_recipient), at RCPT TO, for this recipient"),
             ("login", outcomes[2][1]),
             ("query", outcomes[3][1]),
-            (
-                "explain",
-                "verdict: accept (whitelisted), at MAIL FROM, for every recipient of the message",
-            ),
+            # The relay budget (on by default) counts each relayed recipient,
+            # so the milter settles a POP-first message at RCPT.
+            ("explain", "verdict: accept (whitelisted), at RCPT TO, for this recipient"),
             ("revoke", outcomes[5][1]),
             ("explain", "verdict: reject (relay_denied), at RCPT TO, for this recipient"),
             (
@@ -117,9 +116,19 @@ def test_make_run_serves_the_try_it_mode_and_its_commands_work_as_printed(
             ),
         ], outcomes
         assert outcomes[2][1].startswith("OK address=192.0.2.10 user=joe ")
-        # query prints a table: a header, then the entry with its dates.
+        # query prints a table: a header, then the entry with its dates and
+        # what is left of its relay budget (on by default).
         query_rows = results[3][1].splitlines()
-        assert query_rows[0].split() == ["address", "user", "granted", "expires", "users"]
+        assert query_rows[0].split() == [
+            "address",
+            "user",
+            "granted",
+            "expires",
+            "users",
+            "budget_left",
+            "budget_ends",
+        ]
+        assert "1000/1000" in query_rows[1].split(), query_rows
         assert query_rows[1].split()[:2] == ["192.0.2.10", "joe"]
         assert "never granted since popauth started" in results[0][1]
         assert "a REVOKE of the address removed it at " in results[6][1]
