@@ -25,9 +25,10 @@ from __future__ import annotations
 import abc
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -99,24 +100,14 @@ class FileNoticeLedger(NoticeLedger):
         if self._path is None:
             raise StateFileMissing("no notices_path")
         document = read_json_document(self._path, NOTICES_FORMAT, NOTICES_VERSION)
-        users = document.get("users")
-        if not isinstance(users, dict):
+        if not isinstance(document.get("users"), dict):
             raise StateFileError("no user table")
-        loaded: dict[str, Sent] = {}
-        for user, fields in users.items():
-            record = _record(user, fields)
-            if record is None:
-                raise StateFileError(f"malformed record for {user!r:.80}")
-            loaded[user] = record
+        loaded = _table(document["users"], _record, "malformed record for")
+        # A file from before the history has none.
         saved_history = document.get("history", {})
         if not isinstance(saved_history, dict):
             raise StateFileError("malformed history")
-        history: dict[str, NoticeHistory] = {}
-        for user, fields in saved_history.items():
-            told = _history(user, fields)
-            if told is None:
-                raise StateFileError(f"malformed history of {user!r:.80}")
-            history[user] = told
+        history = _table(saved_history, _history, "malformed history of")
         with self._lock:
             self._records = loaded
             self._history = history
@@ -180,6 +171,22 @@ class FileNoticeLedger(NoticeLedger):
         with self._lock:
             found = {user: self._records.get(user_key(user)) for user in users}
         return {user: sent for user, sent in found.items() if sent is not None}
+
+
+_Entry = TypeVar("_Entry")
+
+
+def _table(
+    saved: dict[str, object], parse: Callable[[object, object], _Entry | None], problem: str
+) -> dict[str, _Entry]:
+    """Every user's entry of a saved table; one malformed entry refuses the file."""
+    table: dict[str, _Entry] = {}
+    for user, fields in saved.items():
+        entry = parse(user, fields)
+        if entry is None:
+            raise StateFileError(f"{problem} {user!r:.80}")
+        table[user] = entry
+    return table
 
 
 def _record(user: object, fields: object) -> Sent | None:
