@@ -96,7 +96,7 @@ class CommandRunner:
         # Only the kill: the thread that runs the tool sees it end, then reaps
         # it and closes its pipes (closing them here would pull them from under it).
         for process in running:
-            _kill_group(process)
+            kill_process_group(process)
 
     @property
     def cancelled(self) -> bool:
@@ -127,7 +127,7 @@ class CommandRunner:
     def _release(self, process: subprocess.Popen[bytes]) -> None:
         with self._lock:
             self._running.discard(process)
-        _kill_group(process)
+        kill_process_group(process)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=COMMAND_TIMEOUT)
         for stream in (process.stdin, process.stdout, process.stderr):
@@ -208,7 +208,8 @@ class CommandRunner:
             yield pending.decode("utf-8", "replace")
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
+def kill_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the group of ``process``, started with ``start_new_session``."""
     # Not yet reaped, so its pid (the group's id) cannot belong to anyone else.
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

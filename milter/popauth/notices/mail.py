@@ -8,9 +8,6 @@ milter's SMTP port: a local submission is not relayed mail.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,6 +19,7 @@ from email.utils import format_datetime, make_msgid
 
 from popauth.basics.errors import UnavailableError
 from popauth.basics.usernames import is_valid_user_name
+from popauth.localdelivery.commands import kill_process_group
 from popauth.notices.schedule import NoticeSchedule
 from popauth.notices.template import NoticeTemplate
 from popauth.relay.ownership import sender_address
@@ -116,7 +114,7 @@ class Sendmail:
         try:
             _, stderr = process.communicate(message, timeout=self._timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(process)
+            kill_process_group(process)
             process.communicate()
             raise SubmissionFailed(f"{argv[0]} took longer than {self._timeout:g} s") from None
         finally:
@@ -131,9 +129,4 @@ class Sendmail:
         with self._lock:
             self._cancelled = True
             if self._running is not None:
-                _kill_group(self._running)
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+                kill_process_group(self._running)
