@@ -35,6 +35,7 @@ from popauth.store.accounts import (
     Week,
     WeekEvent,
     iso_week,
+    week_start,
 )
 from popauth.store.statefile import write_json_atomically
 from popauth.telemetry.metrics import Metrics
@@ -57,6 +58,26 @@ def test_iso_week_names_the_week_of_a_moment() -> None:
     assert iso_week(MONDAY) == "2027-W01"
     assert iso_week(MONDAY - 1) == "2026-W53"
     assert iso_week(MONDAY + WEEK) == "2027-W02"
+
+
+def test_week_start_is_the_monday_at_midnight_utc_that_began_the_week() -> None:
+    assert week_start(MONDAY) == MONDAY
+    # Sunday 2027-01-03 23:59:59 is in the week of Monday 2026-12-28.
+    assert week_start(MONDAY - 1) == 1_798_416_000
+    # Friday 2027-01-15 08:00: the week of Monday 2027-01-11.
+    assert week_start(1_800_000_000) == 1_799_625_600
+    # The epoch's own day, a Thursday: the week began Monday 1969-12-29.
+    assert week_start(0) == -259_200
+
+
+def test_the_trend_turns_its_week_at_monday_midnight_however_often_it_is_told() -> None:
+    clock = FakeClock(MONDAY + WEEK - 1)
+    ledger = UsageLedger(max_users=10, clock=clock)
+    ledger.record("alice", RelayWay.POP_FIRST, messages=1, recipients=0)
+    clock.advance(1)
+    ledger.record("bob", RelayWay.POP_FIRST, messages=1, recipients=0)
+    ledger.record("carol", RelayWay.POP_FIRST, messages=1, recipients=0)
+    assert ledger.weeks() == [Week("2027-W01", pop_first=1), Week("2027-W02", pop_first=2)]
 
 
 def test_the_trend_counts_each_user_once_a_week_and_folds_finished_weeks() -> None:

@@ -111,6 +111,17 @@ def iso_week(epoch: float) -> str:
     return f"{year}-W{week:02d}"
 
 
+_DAY = 86_400
+# Day 0 of the epoch, 1970-01-01, was a Thursday: ISO weekday 4, Monday being 1.
+_EPOCH_WEEKDAY = 3
+
+
+def week_start(epoch: float) -> float:
+    """When the ISO week of ``epoch`` began: its Monday, 00:00 UTC."""
+    day = math.floor(epoch / _DAY)
+    return float((day - (day + _EPOCH_WEEKDAY) % 7) * _DAY)
+
+
 class WeekEvent(enum.Enum):
     """What the weekly trend counts, once per user and week."""
 
@@ -146,13 +157,23 @@ class WeeklyTrend:
     current: str = ""
     users: dict[WeekEvent, set[str]] = field(default_factory=dict)
     finished: deque[Week] = field(default_factory=deque)
+    # The week last named, and when it began: every message is noted, and
+    # naming a moment's week costs as much again as the rest of the note.
+    _named: str = field(default="", init=False, repr=False, compare=False)
+    _named_starts: float = field(default=math.inf, init=False, repr=False, compare=False)
 
     def note(self, event: WeekEvent, user: str, now: float) -> None:
         """The caller holds the ledger's lock."""
-        self.turn_to(iso_week(now))
+        self.turn(now)
         names = self.users.setdefault(event, set())
         if len(names) < self.max_users:
             names.add(user)
+
+    def turn(self, now: float) -> None:
+        """Make the week of ``now`` the current one."""
+        if not self._named_starts <= now < self._named_starts + 7 * _DAY:
+            self._named, self._named_starts = iso_week(now), week_start(now)
+        self.turn_to(self._named)
 
     def turn_to(self, week: str) -> None:
         """Make ``week`` the current one, folding the one before into numbers."""
@@ -260,7 +281,7 @@ class UsageLedger:
     def weeks(self) -> list[Week]:
         """The weekly trend, oldest week first (the current week last)."""
         with self._lock:
-            self._trend.turn_to(iso_week(self._clock.time()))
+            self._trend.turn(self._clock.time())
             return self._trend.rows()
 
     def users(self) -> list[tuple[str, Usage]]:
