@@ -444,6 +444,28 @@ def test_a_user_is_told_once_per_interval(tmp_path: Path) -> None:
     assert harness.events().count("notice_sent") == 2
 
 
+def test_the_worker_forgets_ended_spells_rarely_and_keeps_current_ones(tmp_path: Path) -> None:
+    # Queue size 1: ended spells are dropped past 4 users remembered.
+    harness = Harness(tmp_path, queue_size=1)
+    users = [f"user{number}" for number in range(10)]
+    for user in users:
+        harness.worker.offer(user)
+        assert harness.drain() == 1
+    # All ten are told until next week: the pass at the fifth kept them all,
+    # and the next one waits for twice as many users as it left.
+    assert len(harness.worker._quiet_until) == 10
+    assert harness.worker._forget_past == 10
+    for user in users:
+        harness.worker.offer(user)
+    assert harness.drain() == 0
+    harness.clock.advance(WEEK)
+    harness.worker.offer("another")
+    assert harness.drain() == 1
+    # Their week ended: only the newest is remembered, and the bound is back at 4.
+    assert harness.worker._quiet_until == {"another": NOW + 2 * WEEK}
+    assert harness.worker._forget_past == 4
+
+
 def test_the_final_week_brings_one_more_notice(tmp_path: Path) -> None:
     schedule = NoticeSchedule(30 * DAY, retire_at=NOW + 10 * DAY)
     harness = Harness(tmp_path, schedule=schedule)

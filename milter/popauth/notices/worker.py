@@ -80,6 +80,10 @@ class NoticeWorker:
         # Caseless user -> time before which an offer is not worth queueing
         # (already queued, retrying, or told until then).
         self._quiet_until: dict[str, float] = {}
+        # Past this many, the ended spells are dropped; then twice as many as
+        # are left, so that the pass (under the lock offer() takes) stays rare
+        # however many users are told within an interval.
+        self._forget_past = self._least_forget_past = 4 * options.queue_size
         self._lock = threading.Lock()
         self._dropping = False
         # (when, user, attempt) of failed submissions.
@@ -231,9 +235,10 @@ class NoticeWorker:
     def _quiet(self, user: str, until: float) -> None:
         with self._lock:
             self._quiet_until[user_key(user)] = until
-            if len(self._quiet_until) > 4 * self._options.queue_size:
+            if len(self._quiet_until) > self._forget_past:
                 now = self._clock.time()
                 self._quiet_until = {k: t for k, t in self._quiet_until.items() if t > now}
+                self._forget_past = max(self._least_forget_past, 2 * len(self._quiet_until))
 
     def history(self) -> dict[str, NoticeHistory]:
         """Who was sent how many notices, last when (``popauth report --campaign``)."""
