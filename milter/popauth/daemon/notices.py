@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,6 +30,9 @@ from popauth.store import StoreKind, WhitelistStore
 from popauth.store.accounts import FileGraduates, RedisGraduates, UsageLedger, WeekEvent
 from popauth.store.statefile import prepare_state_directory
 from popauth.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    import redis
 
 # Delivery classes whose domains are no mailboxes of this site's users.
 _NOT_MAILBOXES = frozenset({"relay"})
@@ -92,17 +96,21 @@ def notice_parts(settings: Settings, local: LocalDelivery) -> NoticeParts:
 def notice_ledger(settings: Settings, store: WhitelistStore | None) -> NoticeLedger:
     """Redis's with a Redis store (``store`` None: connect anew), else the state file's."""
     if settings.store.kind is StoreKind.REDIS:
-        from popauth.store.redis import RedisStore, connect
+        from popauth.store.redis import RedisStore
 
-        if isinstance(store, RedisStore):
-            client = store.client
-        else:
-            stored = settings.store
-            client = connect(
-                stored.redis_url, stored.redis_timeout, stored if stored.redis_sentinels else None
-            )
+        client = store.client if isinstance(store, RedisStore) else _redis_client(settings)
         return RedisNoticeLedger(client, settings.store.redis_key_prefix)
     return FileNoticeLedger(settings.notices.path)
+
+
+def _redis_client(settings: Settings) -> redis.Redis:
+    """A connection of its own to the store's Redis (through the sentinels, if set)."""
+    from popauth.store.redis import connect
+
+    stored = settings.store
+    return connect(
+        stored.redis_url, stored.redis_timeout, stored if stored.redis_sentinels else None
+    )
 
 
 def notice_worker(
@@ -218,14 +226,10 @@ def dry_run_lines(
 def _graduated_among(settings: Settings, users: tuple[str, ...]) -> frozenset[str]:
     """Those of ``users`` the graduates' file or Redis hash holds as graduated."""
     if settings.store.kind is StoreKind.REDIS:
-        from popauth.store.redis import connect, graduates_key_of
+        from popauth.store.redis import graduates_key_of
 
-        stored = settings.store
-        client = connect(
-            stored.redis_url, stored.redis_timeout, stored if stored.redis_sentinels else None
-        )
-        key = graduates_key_of(stored.redis_key_prefix)
-        return RedisGraduates(client, key).graduated_among(users)
+        key = graduates_key_of(settings.store.redis_key_prefix)
+        return RedisGraduates(_redis_client(settings), key).graduated_among(users)
     return FileGraduates(settings.accounts.graduates_path).graduated_among(users)
 
 
