@@ -135,6 +135,47 @@ def test_retired_refusals_and_the_trend_survive_a_save(tmp_path: Path) -> None:
     assert again.weeks() == ledger.weeks()
 
 
+def test_the_saved_trend_holds_counts_and_only_the_notified_by_name(tmp_path: Path) -> None:
+    clock = FakeClock(MONDAY)
+    ledger = UsageLedger(max_users=10, clock=clock)
+    ledger.record("alice", RelayWay.POP_FIRST, messages=1, recipients=0)
+    ledger.record("bob", RelayWay.SMTP_AUTH, messages=1, recipients=0)
+    ledger.note(WeekEvent.NOTIFIED, "alice")
+    ledger.save(tmp_path / "usage.json")
+    weeks = json.loads((tmp_path / "usage.json").read_text())["weeks"]
+    assert weeks["counts"] == {"pop_first": 1, "smtp_auth": 1}
+    assert weeks["users"] == {"notified": ["alice"]}
+    # Restarted the same week: alice's relays and notice are hers already.
+    again = UsageLedger(max_users=10, clock=clock)
+    again.load(tmp_path / "usage.json")
+    again.record("alice", RelayWay.POP_FIRST, messages=1, recipients=0)
+    again.note(WeekEvent.NOTIFIED, "alice")
+    again.record("carol", RelayWay.POP_FIRST, messages=1, recipients=0)
+    assert again.weeks() == [Week("2027-W01", pop_first=2, smtp_auth=1, notified=1)]
+
+
+def test_a_trend_saved_with_every_event_by_name_loads_them_counted(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+    names = {"pop_first": ["alice", "bob"], "smtp_auth": ["bob"], "graduated": ["bob"]}
+    write_json_atomically(
+        path,
+        {
+            "format": "popauth-usage",
+            "version": 1,
+            "users": {},
+            "weeks": {
+                "current": "2027-W01",
+                "users": {**names, "notified": ["alice"]},
+                "finished": [],
+            },
+        },
+    )
+    ledger = UsageLedger(max_users=10, clock=FakeClock(MONDAY))
+    ledger.load(path)
+    ledger.note(WeekEvent.NOTIFIED, "alice")
+    assert ledger.weeks() == [Week("2027-W01", pop_first=2, smtp_auth=1, graduated=1, notified=1)]
+
+
 def test_a_usage_file_written_before_the_campaign_report_loads(tmp_path: Path) -> None:
     path = tmp_path / "usage.json"
     record = {

@@ -9,9 +9,11 @@ users drop out first) and saved like the whitelist snapshot.
 
 It also keeps the campaign's weekly trend (:class:`WeeklyTrend`): per ISO
 week, how many users relayed by POP first, how many by SMTP AUTH, how many
-graduated and how many were sent a notice. Only the current week holds
-names (each set at most ``max_users``); a finished week is folded into four
-numbers, and at most :data:`TREND_WEEKS` finished weeks are kept.
+graduated and how many were sent a notice. The current week holds counts
+(a relay counts when the user's last relay that way was before the week
+began) and only the names of the users sent a notice (at most
+``max_users``); a finished week is four numbers, and at most
+:data:`TREND_WEEKS` finished weeks are kept.
 
 The file's version stays 1: the refusals (``refusals``) and the trend
 (``weeks``) are keys of their own beside ``users``, so that a file written
@@ -144,30 +146,46 @@ class Week:
 
 @dataclass(slots=True)
 class WeeklyTrend:
-    """The current week's users per event (names: each counted once), and
-    the finished weeks as numbers, the newest last, at most ``weeks`` of them.
+    """The current week's counts, and the finished weeks, the newest last,
+    at most ``weeks`` of them.
 
-    Memory: the current week's four sets of at most ``max_users`` names, and
-    ``weeks`` small records. A set that is full counts no more names that
-    week (a site that size sees the ledger drop users too).
+    A user is counted once a week per event without a set of names where
+    the ledger knows already: a relay counts when the user's last relay that
+    way (their :class:`Usage`) was before this week began, and a user
+    graduates once ever. Only those sent a notice (twice in a week, in the
+    final week) are kept by name. Each count stops at ``max_users`` (a site
+    that size sees the ledger drop users too, and a user dropped and seen
+    again that week would count twice).
     """
 
     max_users: int
     weeks: int = TREND_WEEKS
     current: str = ""
-    users: dict[WeekEvent, set[str]] = field(default_factory=dict)
+    counts: dict[WeekEvent, int] = field(default_factory=dict)
+    notified: set[str] = field(default_factory=set)
     finished: deque[Week] = field(default_factory=deque)
     # The week last named, and when it began: every message is noted, and
     # naming a moment's week costs as much again as the rest of the note.
     _named: str = field(default="", init=False, repr=False, compare=False)
     _named_starts: float = field(default=math.inf, init=False, repr=False, compare=False)
 
-    def note(self, event: WeekEvent, user: str, now: float) -> None:
-        """The caller holds the ledger's lock."""
+    def relayed(self, event: WeekEvent, last_before: float, now: float) -> None:
+        """A relay at ``now`` of a user whose last one that way was at
+        ``last_before`` (0: none). The caller holds the ledger's lock."""
         self.turn(now)
-        names = self.users.setdefault(event, set())
-        if len(names) < self.max_users:
-            names.add(user)
+        if last_before < self._named_starts:
+            self._count(event)
+
+    def note(self, event: WeekEvent, user: str, now: float) -> None:
+        """A graduation or a notice sent. The caller holds the ledger's lock."""
+        self.turn(now)
+        if event is not WeekEvent.NOTIFIED:
+            self._count(event)
+        elif len(self.notified) < self.max_users:
+            self.notified.add(user)
+
+    def _count(self, event: WeekEvent) -> None:
+        self.counts[event] = min(self.counts.get(event, 0) + 1, self.max_users)
 
     def turn(self, now: float) -> None:
         """Make the week of ``now`` the current one."""
@@ -186,11 +204,17 @@ class WeeklyTrend:
         elif self.current:
             return  # the clock went back: keep counting in the newer week
         self.current = week
-        self.users = {}
+        self.counts = {}
+        self.notified = set()
 
     def _counted(self) -> Week:
-        counts = {event.value: len(self.users.get(event, ())) for event in WeekEvent}
-        return Week(self.current, **counts)
+        return Week(
+            self.current,
+            pop_first=self.counts.get(WeekEvent.POP_FIRST, 0),
+            smtp_auth=self.counts.get(WeekEvent.SMTP_AUTH, 0),
+            graduated=self.counts.get(WeekEvent.GRADUATED, 0),
+            notified=len(self.notified),
+        )
 
     def rows(self) -> list[Week]:
         """The finished weeks, then the current one, oldest first."""
@@ -199,32 +223,45 @@ class WeeklyTrend:
     def document(self) -> dict[str, Any]:
         return {
             "current": self.current,
-            "users": {event.value: sorted(self.users.get(event, ())) for event in WeekEvent},
+            "counts": {event.value: count for event, count in self.counts.items()},
+            "users": {WeekEvent.NOTIFIED.value: sorted(self.notified)},
             "finished": [asdict(week) for week in self.finished],
         }
 
     def load(self, document: Any) -> None:
-        """Take a saved trend; raises StateFileError when it is malformed."""
+        """Take a saved trend; raises StateFileError when it is malformed.
+
+        A trend saved with every event's names (before the counts) loads
+        with each event's names counted."""
         if not isinstance(document, dict):
             raise StateFileError("malformed weeks")
         current = document.get("current", "")
+        counts = document.get("counts", {})
         users = document.get("users", {})
         finished = document.get("finished", [])
         if not isinstance(current, str) or not isinstance(users, dict):
             raise StateFileError("malformed weeks")
-        if not isinstance(finished, list):
+        if not isinstance(finished, list) or not isinstance(counts, dict):
             raise StateFileError("malformed weeks")
-        loaded: dict[WeekEvent, set[str]] = {}
+        loaded: dict[WeekEvent, int] = {}
+        notified: set[str] = set()
         for event in WeekEvent:
             names = users.get(event.value, [])
             if not isinstance(names, list) or not all(is_valid_user_name(n) for n in names):
                 raise StateFileError(f"malformed weeks: {event.value}")
-            loaded[event] = set(names[: self.max_users])
+            count = counts.get(event.value, 0)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise StateFileError(f"malformed weeks: {event.value}")
+            if event is WeekEvent.NOTIFIED:
+                notified = set(names[: self.max_users])
+            elif count or names:
+                loaded[event] = min(count + len(set(names)), self.max_users)
         weeks = [_week(record) for record in finished]
         if any(week is None for week in weeks):
             raise StateFileError("malformed weeks: a finished week")
         self.current = current
-        self.users = loaded
+        self.counts = loaded
+        self.notified = notified
         self.finished = deque(week for week in weeks[-self.weeks :] if week is not None)
 
 
@@ -250,13 +287,13 @@ class UsageLedger:
         if not user:
             return
         now = self._clock.time()
-        event = WeekEvent.POP_FIRST if way is RelayWay.POP_FIRST else WeekEvent.SMTP_AUTH
         with self._lock:
-            usage = self._users.get(user)
-            if usage is None:
-                usage = self._users[user] = Usage()
+            usage = self._usage_of(user)
+            if way is RelayWay.POP_FIRST:
+                self._trend.relayed(WeekEvent.POP_FIRST, usage.pop_last_seen, now)
+            else:
+                self._trend.relayed(WeekEvent.SMTP_AUTH, usage.auth_last_seen, now)
             usage.add(way, messages, recipients, now)
-            self._trend.note(event, user, now)
 
     def record_retired_refusal(self, user: str) -> None:
         """A POP-first relay of ``user`` was refused: POP-first is retired."""
@@ -264,16 +301,21 @@ class UsageLedger:
             return
         now = self._clock.time()
         with self._lock:
-            usage = self._users.get(user)
-            if usage is None:
-                usage = self._users[user] = Usage()
+            usage = self._usage_of(user)
             usage.retired_refusals += 1
             usage.retired_last_refused = now
 
+    def _usage_of(self, user: str) -> Usage:
+        """``user``'s usage, a new one if the ledger holds none (the caller holds the lock)."""
+        usage = self._users.get(user)
+        if usage is None:
+            usage = self._users[user] = Usage()
+        return usage
+
     def note(self, event: WeekEvent, user: str) -> None:
         """For the weekly trend: ``user`` graduated or was sent a notice."""
-        if not user:
-            return
+        if not user or event in (WeekEvent.POP_FIRST, WeekEvent.SMTP_AUTH):
+            return  # relays are counted by record()
         now = self._clock.time()
         with self._lock:
             self._trend.note(event, user, now)
