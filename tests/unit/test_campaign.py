@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import CapturingLogger
 
 from popauth.basics.addresses import WhitelistKeying, parse_client_address
-from popauth.basics.clock import how_long, rfc3339
+from popauth.basics.clock import how_long, rfc3339, utc_text
 from popauth.basics.errors import ConfigError, StateFileError
 from popauth.cli import main
 from popauth.config import settings_from_mapping
@@ -193,6 +193,11 @@ def test_how_long_says_days_hours_and_ago() -> None:
     assert how_long(-(2 * 3_600 + 5 * 60)) == "2 h 5 min ago"
     assert how_long(86_400) == "in 1 day"
     assert how_long(0) == "now"
+
+
+def test_utc_text_is_a_moment_in_utc_to_the_second() -> None:
+    assert utc_text(1_800_000_000.4) == "2027-01-15 08:00:00 UTC"
+    assert utc_text(0) == "1970-01-01 00:00:00 UTC"
 
 
 # --- graduation ---------------------------------------------------------------

@@ -642,6 +642,7 @@ def test_the_dry_run_shows_who_is_due_and_their_text(tmp_path: Path) -> None:
     assert "    To: alice@local.test" in lines
     assert "    Hello alice," in lines
     assert any(line.startswith("bob: told 2027-") and "next notice due" in line for line in lines)
+    assert "bob: told 2027-01-14 08:00:00 UTC, next notice due 2027-01-21 08:00:00 UTC" in lines
     assert not any(line.startswith("carol") for line in lines)
     assert lines[-1] == "1 of 2 users who relayed by POP-first recently would be sent a notice"
     # A week on, with no notice since, both are due; nothing was written.

@@ -28,6 +28,11 @@ def rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+def utc_text(epoch: float) -> str:
+    """A moment for people, in UTC to the second: ``2027-03-01 00:00:00 UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
 def how_long(seconds: float) -> str:
     """A span for people, to its two largest units: "in 3 days 4 h", "2 h 5 min ago"."""
     whole = round(seconds)

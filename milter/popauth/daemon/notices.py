@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from popauth.basics.clock import Clock, SystemClock
+from popauth.basics.clock import Clock, SystemClock, utc_text
 from popauth.basics.errors import ConfigError, StateFileError, StateFileMissing
 from popauth.config import Settings
 from popauth.localdelivery import LocalDelivery, is_domain_name
@@ -210,7 +210,8 @@ def dry_run_lines(
         record = records.get(user)
         address = notice_address(user, parts.options.domain)
         if record is not None and not schedule.is_due(now, record.due_at):
-            yield f"{user}: told {_when(record.sent_at)}, next notice due {_when(record.due_at)}"
+            told, due_at = utc_text(record.sent_at), utc_text(record.due_at)
+            yield f"{user}: told {told}, next notice due {due_at}"
             continue
         if address is None:
             yield f"{user}: no address can be made for this login"
@@ -231,7 +232,3 @@ def _graduated_among(settings: Settings, users: tuple[str, ...]) -> frozenset[st
         key = graduates_key_of(settings.store.redis_key_prefix)
         return RedisGraduates(_redis_client(settings), key).graduated_among(users)
     return FileGraduates(settings.accounts.graduates_path).graduated_among(users)
-
-
-def _when(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))

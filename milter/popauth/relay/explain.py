@@ -10,12 +10,11 @@ domain and mailer came from) and says it in plain lines.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Container
 from dataclasses import dataclass
 
 from popauth.basics.addresses import IPAddress, WhitelistKeying
-from popauth.basics.clock import Clock, how_long
+from popauth.basics.clock import Clock, how_long, utc_text
 from popauth.basics.escaping import escape_text, escape_user_name
 from popauth.relay.decision import (
     Campaign,
@@ -181,7 +180,7 @@ def retirement_line(campaign: Campaign, now: float) -> str:
     """When POP-first is retired (``pop_first_retire_at``), and how long is left; "" unset."""
     if campaign.retire_at is None:
         return ""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(campaign.retire_at))
+    stamp = utc_text(campaign.retire_at)
     moment = f"{stamp} ({how_long(campaign.retire_at - now)})"
     if campaign.retired(now):
         return f"pop_first_retire_at: retired at {moment}: POP-first relays only for exempt users"
@@ -471,7 +470,7 @@ def _pop_first_relays(policy: RelayPolicy, now: float) -> bool:
 
 
 def _moment(epoch: float, now: float) -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    stamp = utc_text(epoch)
     return f"{stamp} ({_relative(epoch - now)})"
 
 
