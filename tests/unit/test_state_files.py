@@ -31,7 +31,13 @@ from popauth.doors.ingest.server import IngestServer, PeerPolicy
 from popauth.store.accounts import FileBlockList, RelayWay, UsageLedger
 from popauth.store.memory import MemoryStore
 from popauth.store.snapshot import Snapshotter
-from popauth.store.statefile import read_json_document, write_json_atomically
+from popauth.store.statefile import (
+    read_json_document,
+    saved_count,
+    saved_number,
+    saved_time,
+    write_json_atomically,
+)
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger
@@ -245,3 +251,30 @@ def test_damaged_state_files_keep_list_blocked_and_report_framed(tmp_path: Path)
         assert client.request("PING") == ["OK pong"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "number", "moment", "count"),
+    [
+        (3, 3.0, 3.0, 3),
+        (2.5, 2.5, 2.5, None),
+        (-1, -1.0, None, None),
+        (0, 0.0, 0.0, 0),
+        (True, None, None, None),
+        (float("inf"), None, None, None),
+        (float("nan"), None, None, None),
+        ("3", None, None, None),
+        (None, None, None, None),
+    ],
+)
+def test_saved_numbers_are_finite_and_never_booleans(
+    value: object, number: float | None, moment: float | None, count: int | None
+) -> None:
+    assert saved_number(value) == number
+    assert saved_time(value) == moment
+    assert saved_count(value) == count
+
+
+def test_a_saved_count_may_ask_for_at_least_one() -> None:
+    assert saved_count(0, least=1) is None
+    assert saved_count(1, least=1) == 1

@@ -35,7 +35,13 @@ import redis
 from popauth.basics.errors import StateFileError, StateFileMissing, StateWriteError
 from popauth.basics.usernames import is_valid_user_name, user_key
 from popauth.store.base import StoreUnavailable
-from popauth.store.statefile import read_json_document, write_json_atomically
+from popauth.store.statefile import (
+    read_json_document,
+    saved_count,
+    saved_number,
+    saved_time,
+    write_json_atomically,
+)
 
 NOTICES_FORMAT = "popauth-notices"
 NOTICES_VERSION = 1
@@ -194,13 +200,10 @@ def _record(user: object, fields: object) -> Sent | None:
         return None
     if set(fields) != {"sent_at", "due_at"}:
         return None
-    values = [fields["sent_at"], fields["due_at"]]
-    if not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-        for v in values
-    ):
+    sent_at, due_at = saved_time(fields["sent_at"]), saved_time(fields["due_at"])
+    if sent_at is None or due_at is None:
         return None
-    return Sent(float(values[0]), float(values[1]))
+    return Sent(sent_at, due_at)
 
 
 def _history(user: object, fields: object) -> NoticeHistory | None:
@@ -208,12 +211,10 @@ def _history(user: object, fields: object) -> NoticeHistory | None:
         return None
     if set(fields) != {"count", "last_sent_at"}:
         return None
-    count, last = fields["count"], fields["last_sent_at"]
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    count, last = saved_count(fields["count"], least=1), saved_number(fields["last_sent_at"])
+    if count is None or last is None:
         return None
-    if isinstance(last, bool) or not isinstance(last, int | float) or not math.isfinite(last):
-        return None
-    return NoticeHistory(count, float(last))
+    return NoticeHistory(count, last)
 
 
 # One step: of two hosts that send at once, both notices are counted.

@@ -47,7 +47,13 @@ from popauth.basics.clock import Clock
 from popauth.basics.errors import StateFileError, StateFileMissing, StateWriteError
 from popauth.basics.usernames import is_valid_user_name, user_key
 from popauth.store.base import StoreUnavailable
-from popauth.store.statefile import read_json_document, write_json_atomically
+from popauth.store.statefile import (
+    read_json_document,
+    saved_count,
+    saved_number,
+    saved_time,
+    write_json_atomically,
+)
 
 
 class RelayWay(enum.Enum):
@@ -249,8 +255,8 @@ class WeeklyTrend:
             names = users.get(event.value, [])
             if not isinstance(names, list) or not all(is_valid_user_name(n) for n in names):
                 raise StateFileError(f"malformed weeks: {event.value}")
-            count = counts.get(event.value, 0)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            count = saved_count(counts.get(event.value, 0))
+            if count is None:
                 raise StateFileError(f"malformed weeks: {event.value}")
             if event is WeekEvent.NOTIFIED:
                 notified = set(names[: self.max_users])
@@ -269,9 +275,7 @@ def _week(record: Any) -> Week | None:
     if not isinstance(record, dict) or set(record) != {f.name for f in fields_of(Week)}:
         return None
     counts = [record[event.value] for event in WeekEvent]
-    if not isinstance(record["week"], str) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
-    ):
+    if not isinstance(record["week"], str) or None in map(saved_count, counts):
         return None
     return Week(**record)
 
@@ -418,12 +422,10 @@ def _refusals(saved: Any) -> tuple[int, float] | None:
     """A saved ``[count, last]`` of retired refusals, or None (none, or malformed)."""
     if not isinstance(saved, list) or len(saved) != 2:
         return None
-    count, last = saved
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    count, last = saved_count(saved[0]), saved_number(saved[1])
+    if count is None or last is None:
         return None
-    if isinstance(last, bool) or not isinstance(last, int | float) or not math.isfinite(last):
-        return None
-    return count, max(0.0, float(last))
+    return count, max(0.0, last)
 
 
 def _usage_problem(user: str, fields: Any) -> str | None:
@@ -718,13 +720,10 @@ def _graduation(user: Any, fields: Any) -> Graduation | None:
         return None
     if set(fields) != {"graduated_at", "reinstated_at"}:
         return None
-    values = list(fields.values())
-    if not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-        for v in values
-    ):
+    graduated, reinstated = saved_time(fields["graduated_at"]), saved_time(fields["reinstated_at"])
+    if graduated is None or reinstated is None:
         return None
-    return Graduation(float(fields["graduated_at"]), float(fields["reinstated_at"]))
+    return Graduation(graduated, reinstated)
 
 
 # HGET, and HSET with the reinstatement time only if still graduated: one

@@ -1,4 +1,4 @@
-"""Small JSON state files, written atomically, and a periodic saver.
+"""Small JSON state files: written atomically, their numbers checked; a periodic saver.
 
 Used for the whitelist snapshot, the usage ledger and the block list: the
 file is replaced whole (temporary file, fsync, rename, fsync of the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 import tempfile
@@ -135,6 +136,26 @@ def read_json_document(
     if isinstance(found, bool) or (found != version and found not in older_versions):
         raise StateFileError(f"unsupported version {document.get('version')!r}")
     return document
+
+
+def saved_number(value: object) -> float | None:
+    """A saved finite number, as a float; None for anything else (a boolean too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def saved_time(value: object) -> float | None:
+    """A saved moment or span: a finite number, not negative; None for anything else."""
+    number = saved_number(value)
+    return None if number is None or number < 0 else number
+
+
+def saved_count(value: object, least: int = 0) -> int | None:
+    """A saved whole number of at least ``least``; None for anything else (a boolean too)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        return None
+    return value
 
 
 class PeriodicSaver:
