@@ -360,12 +360,12 @@ _DRY_RUN_HEADINGS = (
 def _print_campaign(lines: list[str], arguments: argparse.Namespace) -> None:
     """``report --campaign``: users and a total row, then the weekly trend."""
     report = campaign_report(lines)
-    users = [*_rows_of(report.users), report.totals()]
+    users, total = _rows_of(report.users), report.totals()
     if arguments.format == "json":
         document = {
             "retire_at": rfc3339(report.retire_at) if report.retire_at else None,
-            "users": _rows_of(report.users),
-            "total": report.totals(),
+            "users": users,
+            "total": total,
             "weeks": report.weeks,
         }
         print(json.dumps(document, indent=2))
@@ -374,10 +374,7 @@ def _print_campaign(lines: list[str], arguments: argparse.Namespace) -> None:
         columns, rows = (
             (WEEK_COLUMNS, report.weeks)
             if arguments.weekly
-            else (
-                CAMPAIGN_COLUMNS,
-                users,
-            )
+            else (CAMPAIGN_COLUMNS, [*users, total])
         )
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -389,7 +386,7 @@ def _print_campaign(lines: list[str], arguments: argparse.Namespace) -> None:
             print(f"campaign: POP first retired at {rfc3339(report.retire_at)} ({when})")
         else:
             print("campaign: no retirement date (pop_first_retire_at) set")
-        _print_table(CAMPAIGN_COLUMNS, users)
+        _print_table(CAMPAIGN_COLUMNS, [*users, total])
         print()
     print("weekly trend (users per ISO week):")
     _print_table(WEEK_COLUMNS, report.weeks)
