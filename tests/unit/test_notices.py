@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import CapturingLogger
 
 from popauth.basics.addresses import WhitelistKeying, parse_client_address
-from popauth.basics.errors import ConfigError
+from popauth.basics.errors import ConfigError, StateFileError
 from popauth.config import settings_from_mapping
 from popauth.daemon.notices import first_local_domain, notice_schedule
 from popauth.localdelivery import LocalDelivery
@@ -319,7 +319,7 @@ def test_a_claim_that_cannot_be_saved_sends_nothing_and_changes_nothing(tmp_path
 def test_a_damaged_ledger_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notices.json"
     path.write_text('{"format": "popauth-notices", "version": 1, "users": {"a b": {}}}')
-    with pytest.raises(Exception, match="malformed record"):
+    with pytest.raises(StateFileError, match="malformed record"):
         FileNoticeLedger(path).load()
 
 
@@ -415,6 +415,12 @@ class Harness:
         while self.worker.work_once():
             handled += 1
         return handled
+
+    def offer_after(self, seconds: float, user: str) -> int:
+        """Offer ``user`` ``seconds`` on; how many the worker then handles."""
+        self.clock.advance(seconds)
+        self.worker.offer(user)
+        return self.drain()
 
     def events(self) -> list[str]:
         return events(self.sink)
@@ -550,6 +556,30 @@ def test_a_failed_submission_is_retried_with_a_growing_wait(tmp_path: Path) -> N
     }
 
 
+def test_a_claim_that_cannot_be_given_back_stands_until_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = Harness(tmp_path, script="exit 75")
+
+    def unavailable(user: str, record: Sent) -> None:
+        raise LedgerUnavailable("redis: connection refused")
+
+    monkeypatch.setattr(harness.ledger, "release", unavailable)
+    harness.worker.offer("alice")
+    assert harness.drain() == 1
+    (release_failed,) = harness.logged("notice_release_failed")
+    assert (release_failed["user"], release_failed["error"]) == (
+        "alice",
+        "redis: connection refused",
+    )
+    assert harness.count("failed") == 1
+    # No retry: alice is told again only when her claim is due, a week on.
+    assert harness.worker.pending_retries() == []
+    assert "notice_failed" not in harness.events()
+    assert harness.offer_after(WEEK - 1, "alice") == 0
+    assert harness.offer_after(1, "alice") == 1
+
+
 def test_a_user_without_an_address_is_logged_not_mailed(tmp_path: Path) -> None:
     harness = Harness(tmp_path)
     harness.worker.offer("joe@")
@@ -667,11 +697,8 @@ def test_an_unexpected_error_is_logged_and_the_user_offered_again_later(tmp_path
     harness.worker.offer("alice")
     assert harness.drain() == 1
     assert [call["user"] for call in harness.logged("notice_worker_failed")] == ["alice"]
-    harness.worker.offer("alice")
-    assert harness.drain() == 0
-    harness.clock.advance(60)
-    harness.worker.offer("alice")
-    assert harness.drain() == 1
+    assert harness.offer_after(0, "alice") == 0
+    assert harness.offer_after(60, "alice") == 1
 
 
 def test_notices_need_a_domain_for_their_sender(tmp_path: Path) -> None:

@@ -190,17 +190,8 @@ class NoticeWorker:
         try:
             self._submit(self._mail.sender, address, self._mail.compose(address, values, now))
         except SubmissionFailed as failure:
-            try:
-                self._ledger.release(user, record)
-            except LedgerUnavailable as release_failure:
-                # The claim stands: this user is told again only when it expires.
-                self._log.error(
-                    "notice_release_failed", user=escape_text(user), error=str(release_failure)
-                )
-                self._metrics.notices.labels("failed").inc()
-                self._quiet(user, record.due_at)
-                return
-            self._failed(user, attempt, address, str(failure))
+            if self._gave_back(user, record):
+                self._failed(user, attempt, address, str(failure))
             return
         self._metrics.notices.labels("sent").inc()
         try:
@@ -216,6 +207,18 @@ class NoticeWorker:
             next_due=round(record.due_at),
         )
         self._quiet(user, record.due_at)
+
+    def _gave_back(self, user: str, record: Sent) -> bool:
+        """Release the claim of a notice not sent; False (logged, counted) if it stands."""
+        try:
+            self._ledger.release(user, record)
+        except LedgerUnavailable as failure:
+            # The claim stands: this user is told again only when it expires.
+            self._log.error("notice_release_failed", user=escape_text(user), error=str(failure))
+            self._metrics.notices.labels("failed").inc()
+            self._quiet(user, record.due_at)
+            return False
+        return True
 
     def _failed(self, user: str, attempt: int, address: str, error: str) -> None:
         wait = min(self._options.retry * 2**attempt, LONGEST_RETRY)
