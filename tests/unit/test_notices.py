@@ -270,32 +270,33 @@ class FakeRedis:
         return 1 if self.values.pop(key, None) is not None else 0
 
 
-def ledgers(tmp_path: Path, clock: FakeClock) -> list[NoticeLedger]:
-    return [FileNoticeLedger(tmp_path / "notices.json"), RedisNoticeLedger(FakeRedis(clock), "p:")]  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("kind", ["file", "redis"])
-def test_a_claim_holds_until_the_next_notice_is_due(tmp_path: Path, kind: str) -> None:
+@pytest.fixture(params=["file", "redis"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[NoticeLedger, FakeClock]:
+    """The file ledger or the Redis one, and the clock the fake Redis expires keys by."""
     clock = FakeClock(NOW)
-    ledger = ledgers(tmp_path, clock)[kind == "redis"]
+    if request.param == "file":
+        return FileNoticeLedger(tmp_path / "notices.json"), clock
+    return RedisNoticeLedger(FakeRedis(clock), "p:"), clock  # type: ignore[arg-type]
+
+
+def test_a_claim_holds_until_the_next_notice_is_due(ledger: tuple[NoticeLedger, FakeClock]) -> None:
+    notices, clock = ledger
     record = Sent(NOW, NOW + WEEK)
-    assert ledger.claim("Alice", record, NOW)
+    assert notices.claim("Alice", record, NOW)
     # Another host, or the same one: the user is told once.
-    assert not ledger.claim("alice", Sent(NOW, NOW + WEEK), NOW)
-    assert ledger.records(["alice", "bob"], NOW) == {"alice": record}
+    assert not notices.claim("alice", Sent(NOW, NOW + WEEK), NOW)
+    assert notices.records(["alice", "bob"], NOW) == {"alice": record}
     clock.advance(WEEK)
-    assert ledger.claim("alice", Sent(NOW + WEEK, NOW + 2 * WEEK), NOW + WEEK)
+    assert notices.claim("alice", Sent(NOW + WEEK, NOW + 2 * WEEK), NOW + WEEK)
 
 
-@pytest.mark.parametrize("kind", ["file", "redis"])
-def test_a_released_claim_can_be_taken_again(tmp_path: Path, kind: str) -> None:
-    clock = FakeClock(NOW)
-    ledger = ledgers(tmp_path, clock)[kind == "redis"]
+def test_a_released_claim_can_be_taken_again(ledger: tuple[NoticeLedger, FakeClock]) -> None:
+    notices, _ = ledger
     record = Sent(NOW, NOW + WEEK)
-    assert ledger.claim("alice", record, NOW)
-    ledger.release("alice", record)
-    assert ledger.records(["alice"], NOW) == {}
-    assert ledger.claim("alice", record, NOW)
+    assert notices.claim("alice", record, NOW)
+    notices.release("alice", record)
+    assert notices.records(["alice"], NOW) == {}
+    assert notices.claim("alice", record, NOW)
 
 
 def test_the_file_ledger_is_remembered_across_restarts(tmp_path: Path) -> None:
