@@ -38,6 +38,33 @@ def test_ledger_is_bounded_by_recent_activity() -> None:
     assert {user for user, _ in ledger.pop_first_users()} == {"a", "c"}
 
 
+def test_reading_the_ledger_is_not_activity(tmp_path: Path) -> None:
+    ledger = UsageLedger(max_users=3, clock=FakeClock())
+    for user in ("a", "b", "c", "a"):
+        ledger.record(user, RelayWay.POP_FIRST, messages=1, recipients=1)
+    # Listings, a save, a scrape's count and a look-up read every user; b stays
+    # the least recently active, and is the one dropped for d.
+    ledger.users()
+    ledger.pop_first_users()
+    ledger.pop_first_users_since(0)
+    ledger.save(tmp_path / "usage.json")
+    assert ledger.get("b") is not None
+    ledger.record("d", RelayWay.POP_FIRST, messages=1, recipients=1)
+    assert {user for user, _ in ledger.users()} == {"a", "c", "d"}
+
+
+def test_a_loaded_ledger_keeps_the_most_recently_active(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ledger = UsageLedger(max_users=3, clock=clock)
+    for user in ("a", "b", "c"):
+        ledger.record(user, RelayWay.POP_FIRST, messages=1, recipients=1)
+        clock.advance(10)
+    ledger.save(tmp_path / "usage.json")
+    smaller = UsageLedger(max_users=2, clock=clock)
+    assert smaller.load(tmp_path / "usage.json") == 3
+    assert [user for user, _ in smaller.users()] == ["c", "b"]
+
+
 def test_ledger_persists(tmp_path: Path) -> None:
     clock = FakeClock()
     ledger = UsageLedger(max_users=10, clock=clock)

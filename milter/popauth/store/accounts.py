@@ -32,7 +32,7 @@ import abc
 import enum
 import math
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as fields_of
 from datetime import UTC, datetime
@@ -41,7 +41,6 @@ from typing import Any
 
 import redis
 import structlog
-from cachetools import LRUCache
 
 from popauth.basics.clock import Clock
 from popauth.basics.errors import StateFileError, StateFileMissing, StateWriteError
@@ -283,7 +282,11 @@ def _week(record: Any) -> Week | None:
 class UsageLedger:
     def __init__(self, *, max_users: int, clock: Clock, trend_weeks: int = TREND_WEEKS) -> None:
         self._clock = clock
-        self._users: LRUCache[str, Usage] = LRUCache(maxsize=max_users)
+        # Least recently active first. Not a cachetools LRUCache: reading
+        # every value of one (a listing, a save, a scrape) counts as using
+        # each, and leaves them in the order they were first added.
+        self._users: OrderedDict[str, Usage] = OrderedDict()
+        self._max_users = max_users
         self._trend = WeeklyTrend(max_users=max_users, weeks=trend_weeks)
         self._lock = threading.Lock()
 
@@ -310,11 +313,21 @@ class UsageLedger:
             usage.retired_last_refused = now
 
     def _usage_of(self, user: str) -> Usage:
-        """``user``'s usage, a new one if the ledger holds none (the caller holds the lock)."""
+        """``user``'s usage, made the most recent; a new one if the ledger holds
+        none (the caller holds the lock)."""
         usage = self._users.get(user)
         if usage is None:
-            usage = self._users[user] = Usage()
+            usage = Usage()
+        self._keep(user, usage)
         return usage
+
+    def _keep(self, user: str, usage: Usage) -> None:
+        """Hold ``usage`` as the most recent, dropping the least recent past
+        ``max_users`` (the caller holds the lock)."""
+        self._users[user] = usage
+        self._users.move_to_end(user)
+        if len(self._users) > self._max_users:
+            self._users.popitem(last=False)
 
     def note(self, event: WeekEvent, user: str) -> None:
         """For the weekly trend: ``user`` graduated or was sent a notice."""
@@ -333,7 +346,8 @@ class UsageLedger:
     def users(self) -> list[tuple[str, Usage]]:
         """Every user the ledger holds, most recently active first."""
         with self._lock:
-            rows = [(user, Usage(**asdict(u))) for user, u in self._users.items()]
+            # Most recent first already: users seen in the same second stay so.
+            rows = [(user, Usage(**asdict(u))) for user, u in reversed(self._users.items())]
         return sorted(rows, key=lambda row: _last_seen(row[1]), reverse=True)
 
     def pop_first_users_since(self, since: float) -> int:
@@ -348,7 +362,7 @@ class UsageLedger:
     def pop_first_users(self) -> list[tuple[str, Usage]]:
         """Users who relayed by POP first, most recently seen first."""
         with self._lock:
-            rows = [(user, Usage(**asdict(u))) for user, u in self._users.items()]
+            rows = [(user, Usage(**asdict(u))) for user, u in reversed(self._users.items())]
         relying = [(user, usage) for user, usage in rows if usage.pop_messages]
         return sorted(relying, key=lambda row: row[1].pop_last_seen, reverse=True)
 
@@ -390,7 +404,7 @@ class UsageLedger:
         refusals = document.get("refusals", {})
         if not isinstance(refusals, dict):
             raise StateFileError("malformed refusals")
-        trend = WeeklyTrend(max_users=self._trend.max_users, weeks=self._trend.weeks)
+        trend = WeeklyTrend(max_users=self._max_users, weeks=self._trend.weeks)
         if "weeks" in document:
             trend.load(document["weeks"])
         loaded: dict[str, Usage] = {}
@@ -409,7 +423,7 @@ class UsageLedger:
         with self._lock:
             # Oldest activity first, so the LRU order matches how recent it is.
             for user, usage in sorted(loaded.items(), key=lambda kv: _last_seen(kv[1])):
-                self._users[user] = usage
+                self._keep(user, usage)
             if trend.current:
                 self._trend = trend
         return len(loaded)
