@@ -34,7 +34,6 @@ relayed recipient), including those of a transaction the client abandons.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +42,9 @@ from typing import Protocol
 import structlog
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
-from popauth.basics.posixids import SystemGroup
 from popauth.doors.policy import codec
 from popauth.doors.policy.codec import RequestError, RequestTooLong
-from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.doors.unixserver import FramingError, MtaDoor, MtaSocketOptions, Peer
 from popauth.relay.decision import Decision, Reason, Verdict
 from popauth.relay.gate import Message, RelayGate
 from popauth.relay.recipients import Recipient
@@ -59,25 +57,8 @@ _DUNNO = codec.reply("DUNNO")
 _FAILED = codec.reply(str(CHECK_FAILED))
 
 
-class PolicyOptions(Protocol):
+class PolicyOptions(MtaSocketOptions, Protocol):
     """What the policy door reads from its settings group (``settings.policy``)."""
-
-    @property
-    def socket_mode(self) -> int: ...
-    @property
-    def socket_group(self) -> SystemGroup | None: ...
-    # Seconds to complete a request once its first byte arrived.
-    @property
-    def timeout(self) -> float: ...
-    # Seconds a persistent connection may stay idle between requests.
-    @property
-    def idle_timeout(self) -> float: ...
-    @property
-    def max_clients(self) -> int: ...
-    # Connections one uid may hold unless it is root, popauth's user or in
-    # the socket's group (the MTA); 0: no quota.
-    @property
-    def clients_per_uid(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -97,7 +78,7 @@ class Transaction:
 TransactionKey = tuple[str, str, str, str | None]
 
 
-class PolicyServer(UnixStreamServer):
+class PolicyServer(MtaDoor):
     def __init__(
         self,
         *,
@@ -111,26 +92,14 @@ class PolicyServer(UnixStreamServer):
     ) -> None:
         super().__init__(
             path=path,
-            mode=settings.socket_mode,
-            group=settings.socket_group,
-            max_clients=settings.max_clients,
-            request_timeout=settings.timeout,
-            idle_timeout=settings.idle_timeout,
-            refusals=Refusals(
-                timeout=_FAILED,
-                idle=None,
-                busy=_FAILED,
-                # Postfix asks first and reads one reply per request.
-                busy_answers_a_request=True,
-                internal=_FAILED,
-            ),
+            settings=settings,
+            timeout_reply=_FAILED,
+            busy_reply=_FAILED,
+            internal_reply=_FAILED,
             blocking_calls=blocking_calls,
             thread_name="popauth-policy",
             log=log.bind(door="policy"),
-            max_clients_per_uid=settings.clients_per_uid or None,
         )
-        group = settings.socket_group
-        self._mta_gid = group.gid if group is not None else os.getgid()
         self._gate = gate
         self._replies = replies
         self._metrics = metrics
@@ -151,9 +120,6 @@ class PolicyServer(UnixStreamServer):
 
     def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
         return self.answer(request, peer), True
-
-    def privileged(self, peer: Peer) -> bool:
-        return peer.gid == self._mta_gid or super().privileged(peer)
 
     def note(self, event: str, peer: Peer) -> None:
         if event == "evicted":
@@ -235,11 +201,8 @@ class PolicyServer(UnixStreamServer):
             return _FAILED
         return codec.reply(str(refusal))
 
-    def stop(self, timeout: float = 5.0) -> None:
-        running = self._thread is not None
-        super().stop(timeout)
-        if running:
-            self._log.info("policy_stopped")
+    def stopped(self) -> None:
+        self._log.info("policy_stopped")
 
 
 def _address(text: str) -> IPAddress | None:
