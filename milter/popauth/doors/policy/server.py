@@ -48,7 +48,7 @@ from popauth.doors.unixserver import FramingError, MtaDoor, MtaSocketOptions, Pe
 from popauth.relay.decision import Decision, Reason, Verdict
 from popauth.relay.gate import Message, RelayGate
 from popauth.relay.recipients import Recipient
-from popauth.relay.replies import CHECK_FAILED, Replies
+from popauth.relay.replies import CHECK_FAILED, Replies, SmtpReply
 from popauth.telemetry.metrics import Metrics
 
 RCPT_STATE = "RCPT"
@@ -102,7 +102,10 @@ class PolicyServer(MtaDoor):
         )
         self._gate = gate
         self._replies = replies
-        self._metrics = metrics
+        self._bad_requests = metrics.errors.labels("policy_bad_request")
+        # The action line of each refusal the gate gives (a handful of
+        # replies, fixed by the settings): formatted at its first use only.
+        self._refusal_lines: dict[SmtpReply, bytes] = {}
         # Every smtpd process asks about one message at a time: its latest,
         # by peer pid, for as many processes as may be connected (and some).
         self._transactions: dict[int, tuple[TransactionKey, Transaction]] = {}
@@ -125,8 +128,7 @@ class PolicyServer(MtaDoor):
         if event == "evicted":
             self._log.debug("policy_idle_client_closed", peer_uid=peer.uid)
         elif event == "framing_error":
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning("policy_rejected", error="request too long", peer_uid=peer.uid)
+            self._rejected("request too long", peer_uid=peer.uid)
         elif event == "busy":
             self._log.warning("policy_busy", clients=self.clients)
         elif event == "timeout":
@@ -141,22 +143,15 @@ class PolicyServer(MtaDoor):
         try:
             request = codec.parse_request(payload)
         except RequestError as problem:
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning("policy_rejected", error=str(problem), peer_uid=peer.uid)
-            return _FAILED
+            return self._rejected(str(problem), peer_uid=peer.uid)
         if request.protocol_state != RCPT_STATE:
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning(
-                "policy_rejected",
-                error="not a RCPT request",
+            return self._rejected(
+                "not a RCPT request",
                 protocol_state=request.protocol_state[:32],
                 hint="use check_policy_service for popauth in smtpd_relay_restrictions only",
             )
-            return _FAILED
         if not request.recipient:
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning("policy_rejected", error="no recipient", peer_uid=peer.uid)
-            return _FAILED
+            return self._rejected("no recipient", peer_uid=peer.uid)
         transaction = self._transaction(peer, request)
         decision = transaction.settled
         if decision is None:
@@ -165,6 +160,12 @@ class PolicyServer(MtaDoor):
             if message.relayed_recipients > transaction.counted:
                 transaction.counted = self._gate.count_relayed_now(message, transaction.counted)
         return self.reply_to(decision)
+
+    def _rejected(self, error: str, **fields: object) -> bytes:
+        """A request that cannot be judged: counted, logged, and a tempfail."""
+        self._bad_requests.inc()
+        self._log.warning("policy_rejected", error=error, **fields)
+        return _FAILED
 
     def _transaction(self, peer: Peer, request: codec.Request) -> Transaction:
         """The message this RCPT belongs to; the sender is judged at its first."""
@@ -199,7 +200,10 @@ class PolicyServer(MtaDoor):
         refusal = self._replies.refusal(decision)
         if refusal is None:  # every refusal has its text; never a permit by accident
             return _FAILED
-        return codec.reply(str(refusal))
+        line = self._refusal_lines.get(refusal)
+        if line is None:
+            line = self._refusal_lines[refusal] = codec.reply(str(refusal))
+        return line
 
     def stopped(self) -> None:
         self._log.info("policy_stopped")
