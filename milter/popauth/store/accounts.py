@@ -105,6 +105,9 @@ USAGE_VERSION = 1
 TREND_WEEKS = 52
 
 
+_DAY = 86_400.0
+
+
 def iso_week(epoch: float) -> str:
     """The ISO 8601 week of ``epoch`` (UTC), e.g. ``2026-W49``."""
     year, week, _ = datetime.fromtimestamp(epoch, UTC).isocalendar()
@@ -146,10 +149,18 @@ class WeeklyTrend:
     current: str = ""
     users: dict[WeekEvent, set[str]] = field(default_factory=dict)
     finished: deque[Week] = field(default_factory=deque)
+    # The UTC day last noted and its ISO week: every relayed message is
+    # noted, and the week only changes at a day's start (ISO weeks begin at
+    # Monday 00:00 UTC), so iso_week() runs once a day, not per message.
+    _day: float = field(default=-1.0, init=False, repr=False, compare=False)
+    _day_week: str = field(default="", init=False, repr=False, compare=False)
 
     def note(self, event: WeekEvent, user: str, now: float) -> None:
         """The caller holds the ledger's lock."""
-        self.turn_to(iso_week(now))
+        day = now // _DAY
+        if day != self._day:
+            self._day, self._day_week = day, iso_week(now)
+        self.turn_to(self._day_week)
         names = self.users.setdefault(event, set())
         if len(names) < self.max_users:
             names.add(user)
