@@ -205,10 +205,9 @@ def test_a_request_that_stalls_times_out(endpoint: Endpoint) -> None:
 
 
 def test_idle_connections_are_closed_quietly(tmp_path: Path) -> None:
-    with serving(Endpoint(tmp_path, idle_timeout=1.0)) as idle:
-        with idle.connect() as connection:
-            assert connection.ask(b"popauth unknown") == b"NOTFOUND "
-            assert connection.closed()  # after idle_timeout, with no reply
+    with serving(Endpoint(tmp_path, idle_timeout=1.0)) as idle, idle.connect() as connection:
+        assert connection.ask(b"popauth unknown") == b"NOTFOUND "
+        assert connection.closed()  # after idle_timeout, with no reply
 
 
 def test_client_hangs_up_mid_request(endpoint: Endpoint) -> None:
