@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from harness.sendmail import (
     wrap_contrib_mc,
 )
 from harness.shared_runtime import RuntimeUnreachable, shared_runtime
+from harness.smtp import REMOTE
 
 REPO = Path(__file__).resolve().parents[2]
 LIVE = Path(__file__).resolve().parent
@@ -122,22 +124,69 @@ def dovecot(live_root: Path, popauth_dir: Path) -> Iterator[DovecotInstance]:
     instance.stop()
 
 
+def mx_postfix(
+    root: Path,
+    dovecot: DovecotInstance,
+    *,
+    milter: str | None = None,
+    relay_restrictions: str | None = None,
+) -> PostfixInstance:
+    """An unstarted Postfix for local.test with Dovecot's SASL, asking popauth
+    through ``milter`` or a door in its ``relay_restrictions``."""
+    return PostfixInstance(
+        root=root,
+        smtp_port=free_port(),
+        milter=milter,
+        local_domain="local.test",
+        sasl_path=str(dovecot.auth_socket_for_postfix),
+        relay_restrictions=relay_restrictions,
+        # Bare names such as <postmaster> get @myorigin: make that local.
+        extra_main_cf={"myhostname": "mx.local.test", "myorigin": "local.test"},
+    )
+
+
 @pytest.fixture(scope="session")
 def postfix(
     live_root: Path, popauth_dir: Path, dovecot: DovecotInstance
 ) -> Iterator[PostfixInstance]:
-    instance = PostfixInstance(
-        root=live_root / "postfix",
-        smtp_port=free_port(),
-        milter=f"unix:{popauth_dir / 'milter.sock'}",
-        local_domain="local.test",
-        sasl_path=str(dovecot.auth_socket_for_postfix),
-        # Bare names such as <postmaster> get @myorigin: make that local.
-        extra_main_cf={"myhostname": "mx.local.test", "myorigin": "local.test"},
-    )
-    instance.start()
-    yield instance
-    instance.stop()
+    with mx_postfix(
+        live_root / "postfix", dovecot, milter=f"unix:{popauth_dir / 'milter.sock'}"
+    ) as instance:
+        yield instance
+
+
+# Recipients at a local domain that route elsewhere (%-hack, bang path,
+# quoted local part, source route): a door must refuse them as relays.
+DISGUISED = (
+    "someone%remote.example@local.test",
+    "remote.example!someone@local.test",
+    '"someone@remote.example"@local.test',
+    "@local.test:someone@remote.example",
+)
+
+
+def assert_postfix_relay_denied(reply: tuple[int, str], recipient: str = REMOTE) -> None:
+    """Postfix's refusal of a relay when a door (socketmap, policy) said no."""
+    assert reply == (
+        550,
+        f"5.7.1 <{recipient}>: Recipient address rejected: Relaying denied. Turn on SMTP AUTH "
+        "in your mail program, or check your mail (POP/IMAP) just before sending.",
+    ), reply
+
+
+def ask_by_hand(path: Path, raw: bytes, reply: Callable[[bytes], bytes | None]) -> bytes:
+    """Send ``raw`` over the UNIX socket ``path``; what ``reply`` cuts from what
+    arrives (None: not all of it yet)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(5)
+        connection.connect(str(path))
+        connection.sendall(raw)
+        buffer = b""
+        while (answer := reply(buffer)) is None:
+            chunk = connection.recv(4096)
+            assert chunk, f"{path.name}: the door closed the connection"
+            buffer += chunk
+        return answer
 
 
 PopauthFactory = Callable[..., PopauthServer]

@@ -20,8 +20,14 @@ from harness.ports import free_port
 from harness.postfix import PostfixInstance, contrib_policy_relay_restrictions
 from harness.redis import RedisInstance
 from harness.smtp import REMOTE, SmtpSession, rcpt_reply
-from tests.live.conftest import USERS, PopauthFactory
-from tests.live.test_socketmap_live import DISGUISED
+from tests.live.conftest import (
+    DISGUISED,
+    USERS,
+    PopauthFactory,
+    ask_by_hand,
+    assert_postfix_relay_denied,
+    mx_postfix,
+)
 
 pytestmark = pytest.mark.live
 
@@ -36,16 +42,7 @@ def policy_path(popauth_dir: Path) -> Path:
 
 def ask(path: Path, raw: bytes) -> bytes:
     """One policy request by hand; the reply up to its empty line."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(5)
-        connection.connect(str(path))
-        connection.sendall(raw)
-        buffer = b""
-        while b"\n\n" not in buffer:
-            chunk = connection.recv(4096)
-            assert chunk, "the policy door closed the connection"
-            buffer += chunk
-        return buffer
+    return ask_by_hand(path, raw, lambda buffer: buffer if b"\n\n" in buffer else None)
 
 
 def start_with_policy(
@@ -62,33 +59,19 @@ def start_with_policy(
 def postfix_policy(
     live_root: Path, popauth_dir: Path, dovecot: DovecotInstance
 ) -> Iterator[PostfixInstance]:
-    instance = PostfixInstance(
-        root=live_root / "postfix-policy",
-        smtp_port=free_port(),
-        milter=None,
-        local_domain="local.test",
-        sasl_path=str(dovecot.auth_socket_for_postfix),
+    with mx_postfix(
+        live_root / "postfix-policy",
+        dovecot,
         relay_restrictions=contrib_policy_relay_restrictions(policy_path(popauth_dir)),
-        extra_main_cf={"myhostname": "mx.local.test", "myorigin": "local.test"},
-    )
-    instance.start()
-    yield instance
-    instance.stop()
-
-
-def assert_relay_denied(reply: tuple[int, str], recipient: str = REMOTE) -> None:
-    assert reply == (
-        550,
-        f"5.7.1 <{recipient}>: Recipient address rejected: Relaying denied. Turn on SMTP AUTH "
-        "in your mail program, or check your mail (POP/IMAP) just before sending.",
-    ), reply
+    ) as instance:
+        yield instance
 
 
 def test_a_stranger_is_refused_and_local_mail_accepted(
     postfix_policy: PostfixInstance, start_popauth: PopauthFactory, popauth_dir: Path
 ) -> None:
     popauth = start_with_policy(start_popauth, popauth_dir)
-    assert_relay_denied(rcpt_reply(postfix_policy.smtp_port, STRANGER, REMOTE))
+    assert_postfix_relay_denied(rcpt_reply(postfix_policy.smtp_port, STRANGER, REMOTE))
     assert rcpt_reply(postfix_policy.smtp_port, STRANGER, "postmaster@local.test") == (
         250,
         "2.1.5 Ok",
@@ -270,7 +253,7 @@ def test_the_door_keeps_serving_postfix_after_bad_clients(
         too_long.connect(str(path))
         too_long.sendall(b"helo_name=" + b"x" * 20_000)
         assert too_long.recv(4096).startswith(b"action=451 4.3.0 ")
-    assert_relay_denied(rcpt_reply(postfix_policy.smtp_port, STRANGER, REMOTE))
+    assert_postfix_relay_denied(rcpt_reply(postfix_policy.smtp_port, STRANGER, REMOTE))
     assert "policy_rejected" in [e["event"] for e in popauth.events()]
 
 

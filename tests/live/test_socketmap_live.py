@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,18 +34,19 @@ from harness.sendmail import (
 )
 from harness.smtp import REMOTE, SmtpSession, rcpt_reply
 from popauth.doors.socketmap import codec
-from tests.live.conftest import USERS, PopauthFactory
+from tests.live.conftest import (
+    DISGUISED,
+    USERS,
+    PopauthFactory,
+    ask_by_hand,
+    assert_postfix_relay_denied,
+    mx_postfix,
+)
 
 pytestmark = pytest.mark.live
 
 SENDMAIL_MC = REPO / "contrib" / "sendmail-socketmap.mc"
 
-DISGUISED = (
-    "someone%remote.example@local.test",
-    "remote.example!someone@local.test",
-    '"someone@remote.example"@local.test',
-    "@local.test:someone@remote.example",
-)
 WHITELISTED = "127.0.0.2"
 STRANGER = "127.0.0.3"
 
@@ -57,16 +57,12 @@ def socketmap_path(popauth_dir: Path) -> Path:
 
 def lookup(path: Path, key: str, name: str = "popauth") -> bytes:
     """One socketmap request by hand; the reply payload."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(5)
-        connection.connect(str(path))
-        connection.sendall(codec.encode(f"{name} {key}".encode()))
-        buffer = b""
-        while (decoded := codec.decode(buffer, 100_000)) is None:
-            chunk = connection.recv(4096)
-            assert chunk, "socketmap closed the connection"
-            buffer += chunk
-        return decoded[0]
+    return ask_by_hand(path, codec.encode(f"{name} {key}".encode()), _netstring)
+
+
+def _netstring(buffer: bytes) -> bytes | None:
+    decoded = codec.decode(buffer, 100_000)
+    return None if decoded is None else decoded[0]
 
 
 def start_with_socketmap(
@@ -89,26 +85,12 @@ def start_with_socketmap(
 def postfix_socketmap(
     live_root: Path, popauth_dir: Path, dovecot: DovecotInstance
 ) -> Iterator[PostfixInstance]:
-    instance = PostfixInstance(
-        root=live_root / "postfix-socketmap",
-        smtp_port=free_port(),
-        milter=None,
-        local_domain="local.test",
-        sasl_path=str(dovecot.auth_socket_for_postfix),
+    with mx_postfix(
+        live_root / "postfix-socketmap",
+        dovecot,
         relay_restrictions=contrib_relay_restrictions(socketmap_path(popauth_dir)),
-        extra_main_cf={"myhostname": "mx.local.test", "myorigin": "local.test"},
-    )
-    instance.start()
-    yield instance
-    instance.stop()
-
-
-def assert_postfix_relay_denied(reply: tuple[int, str], recipient: str = REMOTE) -> None:
-    assert reply == (
-        550,
-        f"5.7.1 <{recipient}>: Recipient address rejected: Relaying denied. Turn on SMTP AUTH "
-        "in your mail program, or check your mail (POP/IMAP) just before sending.",
-    ), reply
+    ) as instance:
+        yield instance
 
 
 def test_postfix_whitelisted_client_relays(

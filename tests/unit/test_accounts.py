@@ -127,3 +127,19 @@ def test_damaged_block_list_stops_start(tmp_path: Path, content: bytes) -> None:
 def test_missing_block_list_is_empty(tmp_path: Path) -> None:
     assert FileBlockList(tmp_path / "absent.json").users() == []
     assert FileBlockList(None).add("x")
+
+
+def test_the_weekly_trend_turns_at_monday_midnight_utc_to_the_second() -> None:
+    """The trend names a week again only when a note leaves the week last
+    named: the second after Sunday's last one is already the new ISO week,
+    however many notes came that week."""
+    from popauth.store.accounts import WeekEvent, WeeklyTrend
+
+    trend = WeeklyTrend(max_users=10)
+    sunday_last_second = 1_796_601_599.0  # 2026-12-06T23:59:59Z, a Sunday of 2026-W49
+    for user in ("alice", "bob"):
+        trend.note(WeekEvent.POP_FIRST, user, sunday_last_second - 3600)
+    trend.note(WeekEvent.POP_FIRST, "carol", sunday_last_second)
+    trend.note(WeekEvent.POP_FIRST, "dave", sunday_last_second + 1)
+    rows = trend.rows()
+    assert [(week.week, week.pop_first) for week in rows] == [("2026-W49", 3), ("2026-W50", 1)]

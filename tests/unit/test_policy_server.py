@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from structlog.testing import CapturingLogger
 
-from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.basics.addresses import WhitelistKeying, parse_client_address
 from popauth.config import PolicySettings, settings_from_mapping
 from popauth.doors.policy import codec
 from popauth.doors.policy.server import PolicyServer
@@ -19,33 +18,17 @@ from popauth.localdelivery import LocalDelivery
 from popauth.relay.accounting import Accounting
 from popauth.relay.gate import RelayGate
 from popauth.relay.replies import Replies
-from popauth.store import Entry, StoreUnavailable
 from popauth.store.accounts import UsageLedger
-from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger, events
+from tests.support.mta_door import BlockingStore, FlakyStore, PersistentClient, serving
 
 REMOTE = "someone@remote.example"
 DENIED = b"action=550 5.7.1 Relaying denied. Use SMTP AUTH.\n\n"
 FAILED = b"action=451 4.3.0 Relay check failed, try again later\n\n"
 UNAVAILABLE = b"action=451 4.3.0 Relay check unavailable, try again later\n\n"
 PERMIT = b"action=OK\n\n"
-
-
-class FlakyStore(MemoryStore):
-    """A memory store whose lookups fail while ``down`` is set."""
-
-    down = False
-
-    def lookup(self, address: IPAddress) -> Entry | None:
-        if self.down:
-            raise StoreUnavailable("redis is down")
-        return super().lookup(address)
-
-
-class BlockingStore(FlakyStore):
-    may_block: ClassVar[bool] = True
 
 
 def request(
@@ -124,53 +107,21 @@ class Endpoint:
             return connection.ask(raw)
 
 
-class Connection:
+class Connection(PersistentClient):
     """A persistent policy client, as each smtpd process keeps one."""
 
-    def __init__(self, path: Path) -> None:
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.socket.settimeout(5)
-        self.socket.connect(str(path))
-        self.buffer = b""
+    def frame(self, payload: bytes) -> bytes:
+        return payload
 
-    def send(self, raw: bytes) -> None:
-        self.socket.sendall(raw)
-
-    def reply(self) -> bytes:
-        while b"\n\n" not in self.buffer:
-            chunk = self.socket.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
-        reply, _, self.buffer = self.buffer.partition(b"\n\n")
-        return reply + b"\n\n"
-
-    def ask(self, raw: bytes) -> bytes:
-        self.send(raw)
-        return self.reply()
-
-    def closed(self) -> bool:
-        return self.buffer == b"" and self.socket.recv(100) == b""
-
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.socket.close()
+    def split_reply(self, buffer: bytes) -> tuple[bytes, bytes] | None:
+        reply, end, rest = buffer.partition(b"\n\n")
+        return (reply + end, rest) if end else None
 
 
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
-    server = Endpoint(tmp_path, timeout=0.5)
-    server.server.start()
-    yield server
-    server.server.stop()
-
-
-def served(tmp_path: Path, **options: Any) -> Endpoint:
-    server = Endpoint(tmp_path, **options)
-    server.server.start()
-    return server
+    with serving(Endpoint(tmp_path, timeout=0.5)) as server:
+        yield server
 
 
 def test_a_stranger_is_denied_with_the_milters_text(endpoint: Endpoint) -> None:
@@ -195,19 +146,15 @@ def test_a_client_of_no_known_address_is_a_stranger(endpoint: Endpoint) -> None:
 
 
 def test_pop_first_retired_gets_its_own_text(tmp_path: Path) -> None:
-    retired = served(tmp_path, relay={"pop_first": "off"})
-    try:
+    with serving(Endpoint(tmp_path, relay={"pop_first": "off"})) as retired:
         retired.grant("192.0.2.7")
         assert retired.ask(request()) == (
             b"action=550 5.7.1 Relaying denied. POP-before-SMTP is retired.\n\n"
         )
-    finally:
-        retired.server.stop()
 
 
 def test_pop_first_sender_own_binds_each_sender_to_the_entrys_users(tmp_path: Path) -> None:
-    own = served(tmp_path, relay={"pop_first_sender": "own"})
-    try:
+    with serving(Endpoint(tmp_path, relay={"pop_first_sender": "own"})) as own:
         own.grant("192.0.2.7", "alice")
         own.grant("192.0.2.7", "bob")
         with own.connect() as connection:
@@ -225,18 +172,13 @@ def test_pop_first_sender_own_binds_each_sender_to_the_entrys_users(tmp_path: Pa
             assert connection.ask(request(sender=None, instance="5")).startswith(
                 b"action=550 5.7.1 Sender address is not yours"
             )
-    finally:
-        own.server.stop()
 
 
 def test_pop_first_sender_warn_relays_and_logs(tmp_path: Path) -> None:
-    warn = served(tmp_path, relay={"pop_first_sender": "warn"})
-    try:
+    with serving(Endpoint(tmp_path, relay={"pop_first_sender": "warn"})) as warn:
         warn.grant("192.0.2.7", "alice")
         assert warn.ask(request(sender="mallory@local.test")) == PERMIT
         assert "sender_not_owned" in events(warn.sink)
-    finally:
-        warn.server.stop()
 
 
 def test_the_sender_of_one_message_is_not_reused_for_another(endpoint: Endpoint) -> None:
@@ -251,8 +193,7 @@ def test_the_sender_of_one_message_is_not_reused_for_another(endpoint: Endpoint)
 def test_store_unavailable_is_a_tempfail_never_a_permit(
     tmp_path: Path, store_class: type[FlakyStore]
 ) -> None:
-    flaky = served(tmp_path, store_class=store_class)
-    try:
+    with serving(Endpoint(tmp_path, store_class=store_class)) as flaky:
         flaky.grant("192.0.2.7")
         with flaky.connect() as connection:
             assert connection.ask(request(instance="1")) == PERMIT
@@ -262,8 +203,6 @@ def test_store_unavailable_is_a_tempfail_never_a_permit(
             flaky.store.down = False
             assert connection.ask(request(instance="4")) == PERMIT
         assert "whitelist_unavailable" in events(flaky.sink)
-    finally:
-        flaky.server.stop()
 
 
 @pytest.mark.parametrize(
@@ -357,35 +296,31 @@ def test_pipelined_requests_get_one_reply_each_in_order(endpoint: Endpoint) -> N
 
 @pytest.mark.parametrize("store_class", [FlakyStore, BlockingStore])
 def test_many_concurrent_persistent_clients(tmp_path: Path, store_class: type[FlakyStore]) -> None:
-    busy = served(tmp_path, store_class=store_class)
-    for n in range(0, 32, 2):
-        busy.grant(f"10.0.0.{n}")
     failures: list[str] = []
     start = threading.Barrier(32)
+    with serving(Endpoint(tmp_path, store_class=store_class)) as busy:
+        for n in range(0, 32, 2):
+            busy.grant(f"10.0.0.{n}")
 
-    def client(n: int) -> None:
-        with busy.connect() as connection:
-            start.wait()
-            for message in range(30):
-                want = PERMIT if n % 2 == 0 else DENIED
-                reply = connection.ask(request(f"10.0.0.{n}", instance=f"{n}.{message}"))
-                if reply != want:
-                    failures.append(f"{n}: {reply!r}")
+        def client(n: int) -> None:
+            with busy.connect() as connection:
+                start.wait()
+                for message in range(30):
+                    want = PERMIT if n % 2 == 0 else DENIED
+                    reply = connection.ask(request(f"10.0.0.{n}", instance=f"{n}.{message}"))
+                    if reply != want:
+                        failures.append(f"{n}: {reply!r}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
-    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    finally:
-        busy.server.stop()
     assert failures == []
 
 
 def test_too_many_clients_get_a_tempfail(tmp_path: Path) -> None:
-    capped = served(tmp_path, max_clients=2)
-    try:
+    with serving(Endpoint(tmp_path, max_clients=2)) as capped:
         held = [capped.connect(), capped.connect()]
         for connection in held:  # both served, and both in the middle of a request
             connection.send(request(sasl="bob") + b"request=smtpd")
@@ -395,8 +330,6 @@ def test_too_many_clients_get_a_tempfail(tmp_path: Path) -> None:
             assert third.closed()
         for connection in held:
             connection.socket.close()
-    finally:
-        capped.server.stop()
     assert "policy_busy" in events(capped.sink)
 
 
@@ -407,8 +340,7 @@ def relayed(ledger: UsageLedger, user: str) -> tuple[int, int]:
 
 
 def test_relayed_recipients_are_counted_when_accepted(tmp_path: Path) -> None:
-    counting = served(tmp_path, accounting=Accounting.RECIPIENTS)
-    try:
+    with serving(Endpoint(tmp_path, accounting=Accounting.RECIPIENTS)) as counting:
         counting.grant("192.0.2.7")
         with counting.connect() as connection:
             for recipient in (REMOTE, "other@remote.example"):
@@ -416,24 +348,20 @@ def test_relayed_recipients_are_counted_when_accepted(tmp_path: Path) -> None:
             assert relayed(counting.ledger, "alice") == (1, 2)
             assert connection.ask(request(instance="2")) == PERMIT
         assert relayed(counting.ledger, "alice") == (2, 3)
-    finally:
-        counting.server.stop()
 
 
 def test_messages_are_counted_once_each(tmp_path: Path) -> None:
-    counting = served(tmp_path, accounting=Accounting.MESSAGES)
-    try:
+    with serving(Endpoint(tmp_path, accounting=Accounting.MESSAGES)) as counting:
         counting.grant("192.0.2.7")
         with counting.connect() as connection:
             for recipient in (REMOTE, "other@remote.example"):
                 assert connection.ask(request(recipient=recipient, instance="1")) == PERMIT
         assert relayed(counting.ledger, "alice") == (1, 0)
-    finally:
-        counting.server.stop()
 
 
 def test_stop_ends_persistent_connections_and_removes_the_socket(tmp_path: Path) -> None:
-    server = served(tmp_path)
+    server = Endpoint(tmp_path)
+    server.server.start()
     connection = server.connect()
     assert connection.ask(request()) == DENIED
     server.server.stop()
@@ -463,13 +391,10 @@ def test_only_a_relay_permission_is_ok_a_local_accept_is_dunno(endpoint: Endpoin
 
 def test_a_pop_first_relay_offers_its_user_a_notice_once_per_message(tmp_path: Path) -> None:
     offered: list[str] = []
-    noticing = served(tmp_path, pop_first_relayed=offered.append)
-    try:
+    with serving(Endpoint(tmp_path, pop_first_relayed=offered.append)) as noticing:
         noticing.grant("192.0.2.7")
         with noticing.connect() as connection:
             for recipient in (REMOTE, "other@remote.example"):
                 assert connection.ask(request(recipient=recipient, instance="1")) == PERMIT
             assert connection.ask(request(sasl="bob", instance="2")) == PERMIT
         assert offered == ["alice"]
-    finally:
-        noticing.server.stop()

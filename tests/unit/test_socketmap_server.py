@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import socket
 import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from structlog.testing import CapturingLogger
 
-from popauth.basics.addresses import IPAddress, WhitelistKeying, parse_client_address
+from popauth.basics.addresses import WhitelistKeying, parse_client_address
 from popauth.config import SocketmapSettings
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.server import SocketmapServer
-from popauth.store import Entry, StoreUnavailable
 from popauth.store.memory import MemoryStore
 from popauth.telemetry.metrics import Metrics
 from tests.support.clock import FakeClock
 from tests.support.logs import capturing_logger, events
-
-
-class FlakyStore(MemoryStore):
-    """A memory store whose lookups fail while ``down`` is set."""
-
-    down = False
-
-    def lookup(self, address: IPAddress) -> Entry | None:
-        if self.down:
-            raise StoreUnavailable("redis is down")
-        return super().lookup(address)
-
-
-class BlockingStore(FlakyStore):
-    may_block: ClassVar[bool] = True
+from tests.support.mta_door import BlockingStore, FlakyStore, PersistentClient, serving
 
 
 class Endpoint:
@@ -69,47 +52,20 @@ class Endpoint:
             return connection.ask(f"{name} {key}".encode())
 
 
-class Connection:
+class Connection(PersistentClient):
     """A persistent socketmap client, as Postfix and Sendmail keep one."""
 
-    def __init__(self, path: Path) -> None:
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.socket.settimeout(5)
-        self.socket.connect(str(path))
-        self.buffer = b""
+    def frame(self, payload: bytes) -> bytes:
+        return codec.encode(payload)
 
-    def send(self, raw: bytes) -> None:
-        self.socket.sendall(raw)
-
-    def reply(self) -> bytes:
-        while (decoded := codec.decode(self.buffer, 100_000)) is None:
-            chunk = self.socket.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
-        payload, self.buffer = decoded
-        return payload
-
-    def ask(self, payload: bytes) -> bytes:
-        self.send(codec.encode(payload))
-        return self.reply()
-
-    def closed(self) -> bool:
-        return self.buffer == b"" and self.socket.recv(100) == b""
-
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.socket.close()
+    def split_reply(self, buffer: bytes) -> tuple[bytes, bytes] | None:
+        return codec.decode(buffer, 100_000)
 
 
 @pytest.fixture
 def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
-    server = Endpoint(tmp_path, timeout=0.5)
-    server.server.start()
-    yield server
-    server.server.stop()
+    with serving(Endpoint(tmp_path, timeout=0.5)) as server:
+        yield server
 
 
 def grant(endpoint: Endpoint, address: str) -> None:
@@ -153,14 +109,10 @@ def test_each_lookup_is_logged_when_asked_to(endpoint: Endpoint) -> None:
 def test_lookups_are_not_logged_otherwise_even_by_a_logger_that_takes_debug(
     tmp_path: Path,
 ) -> None:
-    quiet = Endpoint(tmp_path, lookup_events=False)
-    quiet.server.start()
-    try:
+    with serving(Endpoint(tmp_path, lookup_events=False)) as quiet:
         grant(quiet, "192.0.2.1")
         assert quiet.ask("192.0.2.1") == b"OK OK"
         assert quiet.ask("192.0.2.2") == b"NOTFOUND "
-    finally:
-        quiet.server.stop()
     assert lookup_events(quiet.sink) == []
     assert "socketmap_stopped" in events(quiet.sink)
 
@@ -253,14 +205,9 @@ def test_a_request_that_stalls_times_out(endpoint: Endpoint) -> None:
 
 
 def test_idle_connections_are_closed_quietly(tmp_path: Path) -> None:
-    idle = Endpoint(tmp_path, idle_timeout=1.0)
-    idle.server.start()
-    try:
-        with idle.connect() as connection:
-            assert connection.ask(b"popauth unknown") == b"NOTFOUND "
-            assert connection.closed()  # after idle_timeout, with no reply
-    finally:
-        idle.server.stop()
+    with serving(Endpoint(tmp_path, idle_timeout=1.0)) as idle, idle.connect() as connection:
+        assert connection.ask(b"popauth unknown") == b"NOTFOUND "
+        assert connection.closed()  # after idle_timeout, with no reply
 
 
 def test_client_hangs_up_mid_request(endpoint: Endpoint) -> None:
@@ -271,9 +218,7 @@ def test_client_hangs_up_mid_request(endpoint: Endpoint) -> None:
 
 @pytest.mark.parametrize("store_class", [FlakyStore, BlockingStore])
 def test_store_unavailable_is_temp_never_ok(tmp_path: Path, store_class: type[FlakyStore]) -> None:
-    flaky = Endpoint(tmp_path, store_class=store_class)
-    flaky.server.start()
-    try:
+    with serving(Endpoint(tmp_path, store_class=store_class)) as flaky:
         grant(flaky, "192.0.2.1")
         with flaky.connect() as connection:
             assert connection.ask(b"popauth 192.0.2.1") == b"OK OK"
@@ -283,8 +228,6 @@ def test_store_unavailable_is_temp_never_ok(tmp_path: Path, store_class: type[Fl
             flaky.store.down = False
             assert connection.ask(b"popauth 192.0.2.1") == b"OK OK"
         assert "socketmap_store_unavailable" in events(flaky.sink)
-    finally:
-        flaky.server.stop()
 
 
 @pytest.mark.parametrize("store_class", [FlakyStore, BlockingStore])
@@ -319,9 +262,7 @@ def test_many_concurrent_persistent_clients(tmp_path: Path, store_class: type[Fl
 
 
 def test_too_many_clients_get_temp(tmp_path: Path) -> None:
-    capped = Endpoint(tmp_path, max_clients=2)
-    capped.server.start()
-    try:
+    with serving(Endpoint(tmp_path, max_clients=2)) as capped:
         held = [capped.connect(), capped.connect()]
         for connection in held:  # both served, and both in the middle of a request
             connection.send(codec.encode(b"popauth unknown") + b"15:popauth")
@@ -338,8 +279,6 @@ def test_too_many_clients_get_temp(tmp_path: Path) -> None:
         else:
             pytest.fail("the freed slot never came back")
         held[1].socket.close()
-    finally:
-        capped.server.stop()
 
 
 def test_ok_value_and_name_are_configurable(tmp_path: Path) -> None:

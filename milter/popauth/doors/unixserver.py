@@ -1,9 +1,11 @@
 """A UNIX stream socket served by asyncio in a thread of its own.
 
 Every door that listens on a UNIX socket beside libmilter (the ingest
-endpoint, the socketmap endpoint) shares this lifecycle: libmilter owns the
-main thread and the signals, so each door runs its own event loop in a
-daemon thread and is stopped explicitly after the milter returns.
+endpoint, the socketmap endpoint, the policy door) shares this lifecycle:
+libmilter owns the main thread and the signals, so each door runs its own
+event loop in a daemon thread and is stopped explicitly after the milter
+returns. The doors the MTA asks (socketmap, policy) share more:
+:class:`MtaDoor`.
 
 The base class binds the socket at ``start()`` (so that errors surface at
 start, never in the thread), sets its mode and group, counts clients against
@@ -34,6 +36,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -123,6 +126,32 @@ class Refusals:
     internal: bytes
 
 
+class SocketOptions(Protocol):
+    """What every door on a UNIX socket reads from its settings group."""
+
+    @property
+    def socket_mode(self) -> int: ...
+    @property
+    def socket_group(self) -> SystemGroup | None: ...
+    # Seconds to complete a request once its first byte arrived.
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_clients(self) -> int: ...
+    # Connections one uid may hold unless the door counts it privileged
+    # (root, popauth's user, and whom the door names); 0: no quota.
+    @property
+    def clients_per_uid(self) -> int: ...
+
+
+class MtaSocketOptions(SocketOptions, Protocol):
+    """A door the MTA keeps persistent connections to (socketmap, policy)."""
+
+    # Seconds a persistent connection may stay idle between requests.
+    @property
+    def idle_timeout(self) -> float: ...
+
+
 class UnixStreamServer(abc.ABC):
     """Serve ``path`` with asyncio in a thread; subclasses speak the protocol."""
 
@@ -130,25 +159,23 @@ class UnixStreamServer(abc.ABC):
         self,
         *,
         path: Path,
-        mode: int,
-        group: SystemGroup | None,
-        max_clients: int,
-        request_timeout: float,
+        settings: SocketOptions,
         idle_timeout: float,
         refusals: Refusals,
         blocking_calls: bool,
         thread_name: str,
         log: structlog.typing.FilteringBoundLogger,
-        max_clients_per_uid: int | None = None,
         first_byte_timeout: float | None = None,
         acl_groups: tuple[SystemGroup, ...] = (),
     ) -> None:
+        """The socket's mode, group, client cap and per-uid quota and the
+        request timeout are ``settings``'."""
         self._path = path
-        self._mode = mode
-        self._group = group
+        self._mode = settings.socket_mode
+        self._group = settings.socket_group
         self._acl_groups = acl_groups
-        self._max_clients = max_clients
-        self.request_timeout = request_timeout
+        self._max_clients = settings.max_clients
+        self.request_timeout = settings.timeout
         self.idle_timeout = idle_timeout
         self.refusals = refusals
         self._blocking_calls = blocking_calls
@@ -161,7 +188,7 @@ class UnixStreamServer(abc.ABC):
         self._connections: set[FramedConnection] = set()
         self._admitted: set[FramedConnection] = set()
         # Connections per unprivileged uid, bounded by max_clients_per_uid.
-        self._max_clients_per_uid = max_clients_per_uid
+        self._max_clients_per_uid = settings.clients_per_uid or None
         self._per_uid: collections.Counter[int] = collections.Counter()
         # A client that connects and says nothing is dropped this soon.
         self.first_byte_timeout = idle_timeout if first_byte_timeout is None else first_byte_timeout
@@ -374,6 +401,59 @@ class UnixStreamServer(abc.ABC):
         if connection in self._admitted:
             self._admitted.discard(connection)
             self._release_quota(connection)
+
+
+class MtaDoor(UnixStreamServer):
+    """A door the MTA asks over persistent connections (socketmap, policy).
+
+    An idle connection is closed without a word; a client refused as busy
+    gets its refusal as the answer to its first request (the MTA asks
+    first); the MTA itself (the socket's group, else popauth's own) is never
+    held to the per-uid quota.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        settings: MtaSocketOptions,
+        timeout_reply: bytes,
+        busy_reply: bytes,
+        internal_reply: bytes,
+        blocking_calls: bool,
+        thread_name: str,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        super().__init__(
+            path=path,
+            settings=settings,
+            idle_timeout=settings.idle_timeout,
+            refusals=Refusals(
+                timeout=timeout_reply,
+                idle=None,
+                busy=busy_reply,
+                busy_answers_a_request=True,
+                internal=internal_reply,
+            ),
+            blocking_calls=blocking_calls,
+            thread_name=thread_name,
+            log=log,
+        )
+        group = settings.socket_group
+        self._mta_gid = group.gid if group is not None else os.getgid()
+
+    def privileged(self, peer: Peer) -> bool:
+        return peer.gid == self._mta_gid or super().privileged(peer)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        running = self._thread is not None
+        super().stop(timeout)
+        if running:
+            self.stopped()
+
+    @abc.abstractmethod
+    def stopped(self) -> None:
+        """The door has stopped serving, once per start: say so in the log."""
 
 
 class FramedConnection(asyncio.Protocol):

@@ -269,16 +269,40 @@ def pop_first_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
     """
     if policy.pop_first is PopFirst.OFF:
         return REJECT_POP_FIRST_RETIRED
-    if policy.pop_first_sender is PopFirstSender.OWN:
-        refusal = sender_refusal(policy, client)
-        if refusal is not None:
-            return refusal
-    campaign = policy.campaign
+    if policy.pop_first_sender is not PopFirstSender.OWN:
+        return _campaign_refusal(policy.campaign, _entry_users(client), client)
+    sender = client.sender
+    if sender is not None and _is_null_sender(sender):
+        return REJECT_NULL_SENDER
+    owners = (
+        ()
+        if sender is None
+        else policy.sender_owners.owners_among(client.login_users, sender, policy.local_delivery)
+    )
+    if not owners:
+        return REJECT_SENDER_NOT_OWNED
+    return _campaign_refusal(policy.campaign, owners, client)
+
+
+def address_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
+    """:func:`pop_first_refusal` for a door that never sees the sender (the
+    socketmap): ``pop_first = "off"`` and the campaign, over every user of
+    the entry."""
+    if policy.pop_first is PopFirst.OFF:
+        return REJECT_POP_FIRST_RETIRED
+    return _campaign_refusal(policy.campaign, _entry_users(client), client)
+
+
+def _entry_users(client: Client) -> tuple[str, ...]:
+    return client.login_users or (client.login_user,)
+
+
+def _campaign_refusal(
+    campaign: Campaign, users: tuple[str, ...], client: Client
+) -> Decision | None:
+    """The phase-out's refusal of a grant that ``users`` could be sending by."""
     if not campaign.graduate and campaign.retire_at is None:
         return None  # no campaign: nothing more to ask, at no cost per message
-    users = client.login_users or (client.login_user,)
-    if policy.pop_first_sender is PopFirstSender.OWN:
-        users = sender_owners_among(policy, client)
     if campaign.graduate:
         users = tuple(user for user in users if user not in client.graduated_users)
         if not users:
@@ -288,16 +312,8 @@ def pop_first_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
     return None
 
 
-def sender_owners_among(policy: RelayPolicy, client: Client) -> tuple[str, ...]:
-    """The entry's users who own the envelope sender (none for an unknown one)."""
-    sender = client.sender
-    if sender is None:
-        return ()
-    return tuple(
-        user
-        for user in client.login_users
-        if policy.sender_owners.owners_include((user,), sender, policy.local_delivery)
-    )
+def _is_null_sender(sender: str) -> bool:
+    return sender.strip() in ("", "<>")
 
 
 def sender_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
@@ -309,7 +325,7 @@ def sender_refusal(policy: RelayPolicy, client: Client) -> Decision | None:
     if policy.pop_first_sender is PopFirstSender.ANY:
         return None
     sender = client.sender
-    if sender is not None and sender.strip() in ("", "<>"):
+    if sender is not None and _is_null_sender(sender):
         return REJECT_NULL_SENDER
     if sender is not None and policy.sender_owners.owners_include(
         client.login_users, sender, policy.local_delivery

@@ -6,7 +6,6 @@ callbacks into calls here and verdicts into milter replies, nothing more.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +27,12 @@ from popauth.relay.decision import (
     Reason,
     RelayBudget,
     RelayPolicy,
+    address_refusal,
     decide_connection,
     decide_recipient,
     decide_sender,
     decide_unsettled_recipient,
     needs_whitelist,
-    pop_first_refusal,
     sender_refusal,
 )
 from popauth.relay.mismatch import MailerMismatchWarner
@@ -335,15 +334,13 @@ class RelayGate:
         Raises StoreUnavailable when the graduates cannot be read.
         """
         policy = self._policy
-        if policy.pop_first_sender is PopFirstSender.OWN:
-            policy = dataclasses.replace(policy, pop_first_sender=PopFirstSender.ANY)
         graduated: frozenset[str] = frozenset()
         if policy.campaign.graduate and self._graduates is not None:
             graduated = self._graduates.graduated_among(grant.users)
-        client = _client(address, "", Listing.LISTED, grant, None)
-        return pop_first_refusal(
-            policy, client._replace(now=self._clock.time(), graduated_users=graduated)
+        client = _client(
+            address, "", Listing.LISTED, grant, None, now=self._clock.time(), graduated=graduated
         )
+        return address_refusal(policy, client)
 
     def _judged_client(
         self, policy: RelayPolicy, address: IPAddress | None, auth_user: str, sender: str | None
@@ -361,8 +358,10 @@ class RelayGate:
                 self._metrics.errors.labels("store_unavailable").inc()
                 self._log.error("graduates_unavailable", client_ip=str(address), error=str(failure))
                 listing, grant = Listing.UNAVAILABLE, None
-        client = _client(address, auth_user, listing, grant, sender)
-        return client._replace(now=self._clock.time(), graduated_users=graduated), grant
+        now = self._clock.time()
+        return _client(
+            address, auth_user, listing, grant, sender, now=now, graduated=graduated
+        ), grant
 
     def _book(self, client: Client, way: RelayWay, *, messages: int, recipients: int) -> None:
         """The usage ledger, and with pop_first_graduate an SMTP AUTH relay's graduation."""
@@ -501,10 +500,14 @@ def _client(
     listing: Listing,
     grant: Entry | None,
     sender: str | None,
+    *,
+    now: float,
+    graduated: frozenset[str],
 ) -> Client:
+    """The decision's client, made once per message."""
     if grant is None:
-        return Client(address, auth_user, listing, "", (), sender)
-    return Client(address, auth_user, listing, grant.user, grant.users, sender)
+        return Client(address, auth_user, listing, "", (), sender, now, graduated)
+    return Client(address, auth_user, listing, grant.user, grant.users, sender, now, graduated)
 
 
 def _user(client: Client) -> str:

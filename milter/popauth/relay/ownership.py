@@ -100,6 +100,16 @@ class SenderOwners:
         address = sender_address(sender)
         return address is not None and any(self.owns(user, address, local) for user in users)
 
+    def owners_among(
+        self, users: Iterable[str], sender: str, local: LocalDeliveryRules
+    ) -> tuple[str, ...]:
+        """Those of ``users`` who own ``sender`` (none for the null sender),
+        the sender parsed once for all of them."""
+        address = sender_address(sender)
+        if address is None:
+            return ()
+        return tuple(user for user in users if self.owns(user, address, local))
+
 
 def login_map_entries(entries: Iterable[tuple[str, str]]) -> tuple[tuple[str, frozenset[str]], ...]:
     """``smtpd_sender_login_maps`` entries (key, "login, login ...") as

@@ -25,7 +25,13 @@ from popauth.basics.usernames import user_key
 from popauth.doors.ingest import protocol, wire
 from popauth.doors.ingest.protocol import ErrorCode, ProtocolError, Request, Verb
 from popauth.doors.ingest.roles import PeerPolicy, RoleOptions
-from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.doors.unixserver import (
+    FramingError,
+    Peer,
+    Refusals,
+    SocketOptions,
+    UnixStreamServer,
+)
 from popauth.notices.ledger import NoticeHistory
 from popauth.relay.decision import Campaign, RelayBudget
 from popauth.relay.explain import Explainer, Question, explanation_lines
@@ -55,25 +61,18 @@ BudgetReader = Callable[[IPAddress], tuple[RelayBudget, BudgetUse] | None]
 __all__ = ["IngestOptions", "IngestServer", "PeerPolicy"]
 
 
-class IngestOptions(RoleOptions, Protocol):
-    """What the ingest door reads from its settings group (``settings.ingest``)."""
+class IngestOptions(RoleOptions, SocketOptions, Protocol):
+    """What the ingest door reads from its settings group (``settings.ingest``).
+
+    ``timeout`` is for every request line, the first included;
+    ``clients_per_uid`` binds the uids without a role (peers with a role:
+    no quota).
+    """
 
     @property
     def socket(self) -> Path: ...
     @property
-    def socket_mode(self) -> int: ...
-    @property
-    def socket_group(self) -> SystemGroup | None: ...
-    @property
     def socket_acl_groups(self) -> tuple[SystemGroup, ...]: ...
-    # Seconds a client may take for each request line, the first included.
-    @property
-    def timeout(self) -> float: ...
-    @property
-    def max_clients(self) -> int: ...
-    # Connections one uid without a role may hold (peers with a role: no quota).
-    @property
-    def clients_per_uid(self) -> int: ...
     # Seconds a new connection may stay silent: the hook writes at once.
     @property
     def first_byte_timeout(self) -> float: ...
@@ -105,13 +104,10 @@ class IngestServer(UnixStreamServer):
         ``budgets``: the relay budget of an address, for QUERY (the gate's)."""
         super().__init__(
             path=settings.socket,
-            mode=settings.socket_mode,
-            group=settings.socket_group,
+            settings=settings,
             acl_groups=settings.socket_acl_groups,
-            max_clients=settings.max_clients,
             # Each complete line restarts the clock: a client has ``timeout``
             # seconds for every request, the first included.
-            request_timeout=settings.timeout,
             idle_timeout=settings.timeout,
             refusals=Refusals(
                 timeout=_TIMEOUT,
@@ -123,7 +119,6 @@ class IngestServer(UnixStreamServer):
             blocking_calls=store.may_block,
             thread_name="popauth-ingest",
             log=log.bind(door="ingest"),
-            max_clients_per_uid=settings.clients_per_uid,
             first_byte_timeout=min(settings.first_byte_timeout, settings.timeout),
         )
         self._store = store

@@ -34,7 +34,6 @@ relayed recipient), including those of a transaction the client abandons.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,13 @@ from typing import Protocol
 import structlog
 
 from popauth.basics.addresses import AddressError, IPAddress, parse_client_address
-from popauth.basics.posixids import SystemGroup
 from popauth.doors.policy import codec
 from popauth.doors.policy.codec import RequestError, RequestTooLong
-from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.doors.unixserver import FramingError, MtaDoor, MtaSocketOptions, Peer
 from popauth.relay.decision import Decision, Reason, Verdict
 from popauth.relay.gate import Message, RelayGate
 from popauth.relay.recipients import Recipient
-from popauth.relay.replies import CHECK_FAILED, Replies
+from popauth.relay.replies import CHECK_FAILED, Replies, SmtpReply
 from popauth.telemetry.metrics import Metrics
 
 RCPT_STATE = "RCPT"
@@ -59,25 +57,8 @@ _DUNNO = codec.reply("DUNNO")
 _FAILED = codec.reply(str(CHECK_FAILED))
 
 
-class PolicyOptions(Protocol):
+class PolicyOptions(MtaSocketOptions, Protocol):
     """What the policy door reads from its settings group (``settings.policy``)."""
-
-    @property
-    def socket_mode(self) -> int: ...
-    @property
-    def socket_group(self) -> SystemGroup | None: ...
-    # Seconds to complete a request once its first byte arrived.
-    @property
-    def timeout(self) -> float: ...
-    # Seconds a persistent connection may stay idle between requests.
-    @property
-    def idle_timeout(self) -> float: ...
-    @property
-    def max_clients(self) -> int: ...
-    # Connections one uid may hold unless it is root, popauth's user or in
-    # the socket's group (the MTA); 0: no quota.
-    @property
-    def clients_per_uid(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -97,7 +78,7 @@ class Transaction:
 TransactionKey = tuple[str, str, str, str | None]
 
 
-class PolicyServer(UnixStreamServer):
+class PolicyServer(MtaDoor):
     def __init__(
         self,
         *,
@@ -111,29 +92,20 @@ class PolicyServer(UnixStreamServer):
     ) -> None:
         super().__init__(
             path=path,
-            mode=settings.socket_mode,
-            group=settings.socket_group,
-            max_clients=settings.max_clients,
-            request_timeout=settings.timeout,
-            idle_timeout=settings.idle_timeout,
-            refusals=Refusals(
-                timeout=_FAILED,
-                idle=None,
-                busy=_FAILED,
-                # Postfix asks first and reads one reply per request.
-                busy_answers_a_request=True,
-                internal=_FAILED,
-            ),
+            settings=settings,
+            timeout_reply=_FAILED,
+            busy_reply=_FAILED,
+            internal_reply=_FAILED,
             blocking_calls=blocking_calls,
             thread_name="popauth-policy",
             log=log.bind(door="policy"),
-            max_clients_per_uid=settings.clients_per_uid or None,
         )
-        group = settings.socket_group
-        self._mta_gid = group.gid if group is not None else os.getgid()
         self._gate = gate
         self._replies = replies
-        self._metrics = metrics
+        self._bad_requests = metrics.errors.labels("policy_bad_request")
+        # The action line of each refusal the gate gives (a handful of
+        # replies, fixed by the settings): formatted at its first use only.
+        self._refusal_lines: dict[SmtpReply, bytes] = {}
         # Every smtpd process asks about one message at a time: its latest,
         # by peer pid, for as many processes as may be connected (and some).
         self._transactions: dict[int, tuple[TransactionKey, Transaction]] = {}
@@ -152,15 +124,11 @@ class PolicyServer(UnixStreamServer):
     def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
         return self.answer(request, peer), True
 
-    def privileged(self, peer: Peer) -> bool:
-        return peer.gid == self._mta_gid or super().privileged(peer)
-
     def note(self, event: str, peer: Peer) -> None:
         if event == "evicted":
             self._log.debug("policy_idle_client_closed", peer_uid=peer.uid)
         elif event == "framing_error":
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning("policy_rejected", error="request too long", peer_uid=peer.uid)
+            self._rejected("request too long", peer_uid=peer.uid)
         elif event == "busy":
             self._log.warning("policy_busy", clients=self.clients)
         elif event == "timeout":
@@ -175,22 +143,15 @@ class PolicyServer(UnixStreamServer):
         try:
             request = codec.parse_request(payload)
         except RequestError as problem:
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning("policy_rejected", error=str(problem), peer_uid=peer.uid)
-            return _FAILED
+            return self._rejected(str(problem), peer_uid=peer.uid)
         if request.protocol_state != RCPT_STATE:
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning(
-                "policy_rejected",
-                error="not a RCPT request",
+            return self._rejected(
+                "not a RCPT request",
                 protocol_state=request.protocol_state[:32],
                 hint="use check_policy_service for popauth in smtpd_relay_restrictions only",
             )
-            return _FAILED
         if not request.recipient:
-            self._metrics.errors.labels("policy_bad_request").inc()
-            self._log.warning("policy_rejected", error="no recipient", peer_uid=peer.uid)
-            return _FAILED
+            return self._rejected("no recipient", peer_uid=peer.uid)
         transaction = self._transaction(peer, request)
         decision = transaction.settled
         if decision is None:
@@ -199,6 +160,12 @@ class PolicyServer(UnixStreamServer):
             if message.relayed_recipients > transaction.counted:
                 transaction.counted = self._gate.count_relayed_now(message, transaction.counted)
         return self.reply_to(decision)
+
+    def _rejected(self, error: str, **fields: object) -> bytes:
+        """A request that cannot be judged: counted, logged, and a tempfail."""
+        self._bad_requests.inc()
+        self._log.warning("policy_rejected", error=error, **fields)
+        return _FAILED
 
     def _transaction(self, peer: Peer, request: codec.Request) -> Transaction:
         """The message this RCPT belongs to; the sender is judged at its first."""
@@ -233,13 +200,13 @@ class PolicyServer(UnixStreamServer):
         refusal = self._replies.refusal(decision)
         if refusal is None:  # every refusal has its text; never a permit by accident
             return _FAILED
-        return codec.reply(str(refusal))
+        line = self._refusal_lines.get(refusal)
+        if line is None:
+            line = self._refusal_lines[refusal] = codec.reply(str(refusal))
+        return line
 
-    def stop(self, timeout: float = 5.0) -> None:
-        running = self._thread is not None
-        super().stop(timeout)
-        if running:
-            self._log.info("policy_stopped")
+    def stopped(self) -> None:
+        self._log.info("policy_stopped")
 
 
 def _address(text: str) -> IPAddress | None:

@@ -21,7 +21,6 @@ request size, time and number.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -34,43 +33,28 @@ from popauth.basics.addresses import (
     WhitelistKeying,
     parse_client_address,
 )
-from popauth.basics.posixids import SystemGroup
 from popauth.doors.socketmap import codec
 from popauth.doors.socketmap.codec import NetstringError, RequestError, Status
-from popauth.doors.unixserver import FramingError, Peer, Refusals, UnixStreamServer
+from popauth.doors.unixserver import FramingError, MtaDoor, MtaSocketOptions, Peer
 from popauth.store import Entry, StoreUnavailable, WhitelistStore
 from popauth.telemetry.metrics import Metrics
 
 
-class SocketmapOptions(Protocol):
-    """What the socketmap door reads from its settings group (``settings.socketmap``)."""
+class SocketmapOptions(MtaSocketOptions, Protocol):
+    """What the socketmap door reads from its settings group (``settings.socketmap``).
 
-    @property
-    def socket_mode(self) -> int: ...
-    @property
-    def socket_group(self) -> SystemGroup | None: ...
+    ``clients_per_uid`` is off by default: an MTA that reaches the socket
+    through its mode, not its group, must never be throttled.
+    """
+
     # The map name the MTA sends, and the value a whitelisted client gets.
     @property
     def name(self) -> str: ...
     @property
     def ok_value(self) -> str: ...
-    # Seconds to complete a request once its first byte arrived.
-    @property
-    def timeout(self) -> float: ...
-    # Seconds a persistent connection may stay idle between requests.
-    @property
-    def idle_timeout(self) -> float: ...
-    @property
-    def max_clients(self) -> int: ...
-    # Connections one uid may hold, unless it is root, popauth's user or in
-    # the socket's group (the MTA); 0: no quota. Off by default: an MTA
-    # that reaches the socket through its mode, not its group, must never
-    # be throttled.
-    @property
-    def clients_per_uid(self) -> int: ...
 
 
-class SocketmapServer(UnixStreamServer):
+class SocketmapServer(MtaDoor):
     def __init__(
         self,
         *,
@@ -88,26 +72,14 @@ class SocketmapServer(UnixStreamServer):
         the milter's decision gives it."""
         super().__init__(
             path=path,
-            mode=settings.socket_mode,
-            group=settings.socket_group,
-            max_clients=settings.max_clients,
-            request_timeout=settings.timeout,
-            # An idle persistent connection is closed without a word.
-            idle_timeout=settings.idle_timeout,
-            refusals=Refusals(
-                timeout=codec.reply(Status.TIMEOUT, "no complete request in time"),
-                idle=None,
-                busy=codec.reply(Status.TEMP, "too many clients, try again"),
-                busy_answers_a_request=True,
-                internal=codec.reply(Status.TEMP, "lookup failed"),
-            ),
+            settings=settings,
+            timeout_reply=codec.reply(Status.TIMEOUT, "no complete request in time"),
+            busy_reply=codec.reply(Status.TEMP, "too many clients, try again"),
+            internal_reply=codec.reply(Status.TEMP, "lookup failed"),
             blocking_calls=store.may_block,
             thread_name="popauth-socketmap",
             log=log.bind(door="socketmap"),
-            max_clients_per_uid=settings.clients_per_uid or None,
         )
-        group = settings.socket_group
-        self._mta_gid = group.gid if group is not None else os.getgid()
         self._store = store
         self._keying = keying
         self._name = settings.name
@@ -120,12 +92,9 @@ class SocketmapServer(UnixStreamServer):
         self._lookup_events = lookup_events
         self._refusal = refusal
 
-    def stop(self, timeout: float = 5.0) -> None:
-        running = self._thread is not None
-        super().stop(timeout)
-        if running:
-            # The counts Prometheus reads (this server is the only socketmap).
-            self._log.info("socketmap_stopped", **self._metrics.socketmap_totals())
+    def stopped(self) -> None:
+        # The counts Prometheus reads (this server is the only socketmap).
+        self._log.info("socketmap_stopped", **self._metrics.socketmap_totals())
 
     # --- framing -----------------------------------------------------------
 
@@ -140,9 +109,6 @@ class SocketmapServer(UnixStreamServer):
 
     def answer_request(self, request: bytes, peer: Peer) -> tuple[bytes, bool]:
         return self.answer(request), True
-
-    def privileged(self, peer: Peer) -> bool:
-        return peer.gid == self._mta_gid or super().privileged(peer)
 
     def note(self, event: str, peer: Peer) -> None:
         if event == "evicted":
